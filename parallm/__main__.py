@@ -1,0 +1,5 @@
+import sys
+
+from parallm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""Command-line flags shared by every command that builds an engine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from parallm.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
+    """Flags for the model, precision, device and KV cache."""
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        required=model_required,
+        default=None,
+        help="Hugging Face model directory (config.json, safetensors, tokenizer)",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        help="a config.json alone; implies --load-format dummy (random weights)",
+    )
+    g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "safetensors", "dummy"],
+        help="where weights come from; 'dummy' makes random ones (benchmarks)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype; auto = checkpoint dtype on CUDA, float32 on CPU",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context limit in tokens (default: the model's)",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=None,
+        help="KV cache size in bytes (overrides --gpu-memory-utilization)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of the GPU that weights, activations and KV cache may use",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="token budget of one step (prompt chunks + decodes)",
+    )
+    g.add_argument(
+        "--no-prefix-caching", action="store_true", help="turn automatic prefix caching off"
+    )
+    g.add_argument("--no-chunked-prefill", action="store_true", help="schedule whole prompts only")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "reference", "triton"],
+        help="attention kernels: triton on CUDA, reference elsewhere",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for ``LLM(...)`` from parsed flags."""
+    model = args.model
+    load_format = args.load_format
+    if args.config is not None:
+        model, load_format = args.config, "dummy"
+    if model is None:
+        from parallm.bundled import default_model_path
+
+        model = default_model_path()
+    kwargs = dict(
+        model=model, dtype=args.dtype, device=args.device, load_format=load_format,
+        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
+    )  # fmt: skip
+    EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
+    return kwargs

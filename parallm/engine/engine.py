@@ -1,0 +1,191 @@
+"""The engine: owns the scheduler, the KV cache manager and the runner, and drives the step loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from parallm.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from parallm.engine.kv_cache import KVCacheManager
+from parallm.engine.output_processor import OutputProcessor
+from parallm.engine.request import Request, Sequence
+from parallm.engine.runner import ModelRunner
+from parallm.engine.scheduler import Scheduler
+from parallm.layers.backends import select_backend
+from parallm.models.loader import load_model
+from parallm.sampling_params import SamplingParams
+from parallm.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger("parallm")
+
+
+class LLMEngine:
+    """Continuous-batching engine: add requests, call ``step()`` until none are left."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        self.model_config = model_config or ModelConfig.from_path(_require(config.model))
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
+        started = time.perf_counter()
+        self.tokenizer = self._load_tokenizer()
+        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
+        model = load_model(
+            config.model, self.model_config, self.dtype, self.device,
+            max_positions=self.max_model_len + 1, load_format=config.load_format, seed=config.seed,
+        )  # fmt: skip
+        cache_cfg = config.cache_config()
+        sched_cfg = config.scheduler_config(self.max_model_len)
+        backend = select_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(
+            model, self.model_config, cache_cfg, self.device, self.dtype, backend,
+            self.eos_token_ids,
+        )  # fmt: skip
+        num_blocks = self.runner.plan_num_blocks(
+            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs
+        )
+        _check_capacity(num_blocks, cache_cfg.block_size, self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.load_seconds = time.perf_counter() - started
+        self.num_steps = 0
+
+    def _load_tokenizer(self) -> Any | None:
+        path = self.config.tokenizer or self.config.model
+        if path is None:
+            return None
+        return load_tokenizer(path)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    def summary(self) -> str:
+        """One line for start-up: model, dtype, device, attention backend and KV capacity."""
+        cfg = self.model_config
+        return (
+            f"parallm: {self.config.model or 'dummy'} ({cfg.architecture}, "
+            f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
+            f"device={self.device} attention={self.runner.backend.name} "
+            f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
+            f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
+            f"loaded in {self.load_seconds:.1f}s"
+        )
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """ValueError naming the problem: empty, too long, or ids outside the vocabulary."""
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, more than max_model_len "
+                f"({self.max_model_len})"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {bad[:5]}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        """Queue a request; ``stream=True`` reports its new tokens every step."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        seqs = self._make_sequences(request_id, list(prompt_token_ids), params)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, seqs)
+        self.requests[request_id] = request
+        self.outputs.register(request, stream)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _make_sequences(
+        self, request_id: str, ids: list[int], params: SamplingParams
+    ) -> list[Sequence]:
+        now = time.monotonic()
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            parent = seqs[0] if seqs else None
+            seqs.append(
+                Sequence(request_id, i, ids, params, now, generator,
+                         share_prefix=parent is not None, wait_for=parent)
+            )  # fmt: skip
+        return seqs
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and return its blocks; unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        self.outputs.forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list:
+        """Schedule, execute and post-process one step; returns outputs of progressed requests."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        result = self.runner.execute(batch)
+        self.num_steps += 1
+        sampled = [item.seq for item in batch.seqs if item.samples]
+        finished = self.outputs.process(sampled, result)
+        for seq in finished:
+            self.scheduler.finish(seq)
+        outputs = self.outputs.collect(self.requests, sampled)
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+                self.outputs.forget(out.request_id)
+        return outputs
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters for tests and metrics."""
+        s = asdict(self.scheduler.stats)
+        s.update(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_cached_blocks=self.kv.num_cached_blocks,
+            num_steps=self.num_steps,
+        )
+        return s
+
+
+def _require(model: str | None) -> str:
+    if model is None:
+        raise ValueError("model: a model directory is required (or pass a ModelConfig for dummy)")
+    return model
+
+
+def _check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "
+            f"({max_model_len}); raise kv_cache_memory / gpu_memory_utilization or lower "
+            "max_model_len"
+        )

@@ -1,0 +1,164 @@
+"""Paged KV cache bookkeeping: block allocator, reference counts and the prefix cache.
+
+Blocks hold ``block_size`` tokens. A full block is identified by a hash of its tokens chained
+with its parent block's hash, so equal hashes mean equal prefixes. Blocks whose reference count
+drops to zero stay cached (and reusable) in the free queue until they are evicted, least
+recently freed first. This module only does bookkeeping; the tensors live in the runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from parallm.engine.request import Sequence
+
+_ROOT_HASH = b""
+
+
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """Chained, collision-resistant hash of one full block of tokens."""
+    payload = np.asarray(tokens, dtype=np.int64).tobytes()
+    return hashlib.blake2b(parent + payload, digest_size=16).digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+
+
+class KVCacheManager:
+    """Hands out blocks to sequences and shares full blocks between equal prefixes."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Insertion order is eviction order: the front is reused first.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[bytes, int] = {}
+        self.hit_tokens = 0
+        self.queried_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of the sequence's longest cached prefix (leaving at least one token)."""
+        if not (self.enable_prefix_caching or seq.share_prefix):
+            return []
+        # The last token must be computed to produce logits, so never match the whole sequence.
+        num_full = (seq.num_tokens - 1) // self.block_size
+        hashes = self._full_block_hashes(seq, num_full)
+        hits = []
+        for h in hashes:
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.queried_tokens += seq.num_tokens
+        self.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix_hits: list[int] = ()) -> bool:
+        """Give ``seq`` room for ``num_new_tokens`` more tokens; False (and no change) if full."""
+        if prefix_hits and seq.block_table:
+            raise RuntimeError("prefix hits apply only to a sequence that holds no blocks")
+        reviving = sum(1 for b in prefix_hits if self.blocks[b].ref_count == 0)
+        computed = len(prefix_hits) * self.block_size or seq.num_computed_tokens
+        total = -(-(computed + num_new_tokens) // self.block_size)
+        need = max(0, total - len(seq.block_table) - len(prefix_hits))
+        if need > self.num_free_blocks - reviving:
+            return False
+        for b in prefix_hits:
+            self._acquire(b)
+        seq.block_table.extend(prefix_hits)
+        seq.num_computed_tokens += len(prefix_hits) * self.block_size
+        seq.num_cached_tokens = max(seq.num_cached_tokens, len(prefix_hits) * self.block_size)
+        for _ in range(need):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def commit_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that the first ``num_tokens`` tokens fill, for later reuse."""
+        num_full = num_tokens // self.block_size
+        hashes = self._full_block_hashes(seq, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            # A twin computed concurrently may already own this hash; keep the first.
+            if block.hash is None and hashes[i] not in self.cached:
+                block.hash = hashes[i]
+                self.cached[hashes[i]] = block.block_id
+        seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+
+    def free(self, seq: Sequence) -> None:
+        """Return a sequence's blocks; cached full blocks stay reusable until evicted."""
+        # Tail blocks are the least shareable, so queue them for eviction before the head.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._release(block)
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence holds."""
+        for block_id in list(self.free_queue):
+            self._forget(self.blocks[block_id])
+
+    def _release(self, block: Block) -> None:
+        if block.hash is not None and self.enable_prefix_caching:
+            self.free_queue[block.block_id] = None
+        else:
+            self._forget(block)
+            self.free_queue[block.block_id] = None
+            self.free_queue.move_to_end(block.block_id, last=False)
+
+    def _forget(self, block: Block) -> None:
+        if block.hash is not None and self.cached.get(block.hash) == block.block_id:
+            del self.cached[block.hash]
+        block.hash = None
+
+    def _acquire(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        self._forget(block)
+        block.ref_count = 1
+        return block_id
+
+    def _full_block_hashes(self, seq: Sequence, num_full: int) -> list[bytes]:
+        hashes = seq.block_hashes
+        tokens = seq.token_ids
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            hashes.append(
+                block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            )
+        return hashes[:num_full]

@@ -1,0 +1,157 @@
+"""After each step: append sampled tokens, record logprobs, detect stops, build outputs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from parallm.detokenizer import IncrementalDetokenizer
+from parallm.engine.request import Request, Sequence
+from parallm.engine.sampler import SamplerOutput
+from parallm.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+class OutputProcessor:
+    """Turns sampler results into sequence state and ``RequestOutput`` objects."""
+
+    def __init__(self, tokenizer: Any | None, eos_token_ids: tuple[int, ...], max_model_len: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.streaming: dict[str, bool] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.num_sent: dict[int, int] = {}
+
+    def register(self, request: Request, stream: bool) -> None:
+        self.streaming[request.request_id] = stream
+        # Detokenize as we go only when someone needs text before the end.
+        if self.tokenizer is None or not (stream or request.params.stop):
+            return
+        for seq in request.seqs:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, request.params
+            )
+
+    def forget(self, request_id: str) -> None:
+        self.streaming.pop(request_id, None)
+
+    def process(self, sampled: list[Sequence], result: SamplerOutput | None) -> list[Sequence]:
+        """Append one token to each sampling sequence; return those that finished."""
+        if result is None or not sampled:
+            return []
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        ranks = result.ranks.tolist() if result.ranks is not None else None
+        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        finished = []
+        for i, seq in enumerate(sampled):
+            token = token_ids[i]
+            seq.append_token(token)
+            if logprobs is not None:
+                seq.cumulative_logprob += logprobs[i]
+                if seq.logprobs is not None:
+                    k = seq.params.logprobs or 0
+                    top = (top_ids[i][:k], top_lps[i][:k]) if top_ids else ([], [])
+                    seq.logprobs.append(self._logprob_entry(token, logprobs[i], ranks[i], top))
+            if self._check_stop(seq, token):
+                seq.finish_time = time.monotonic()
+                finished.append(seq)
+        return finished
+
+    def _logprob_entry(
+        self, token: int, logprob: float, rank: int, top: tuple[list[int], list[float]]
+    ) -> dict[int, Logprob]:
+        entry = {
+            tid: Logprob(lp, r + 1, self._decode_one(tid))
+            for r, (tid, lp) in enumerate(zip(*top, strict=True))
+        }
+        entry[token] = Logprob(logprob, rank, self._decode_one(token))
+        return entry
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        detok = self.detokenizers.get(seq.seq_id)
+        stop_str = detok.add_tokens([token]) if detok is not None else None
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return _finish(seq, "stop", None)
+            if token in p.stop_token_ids:
+                return _finish(seq, "stop", token)
+            if stop_str is not None:
+                return _finish(seq, "stop", stop_str)
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return _finish(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return _finish(seq, "length", None)
+        return False
+
+    def collect(self, requests: dict[str, Request], sampled: list[Sequence]) -> list[RequestOutput]:
+        """Outputs for requests that finished this step, and for streaming ones that progressed."""
+        outputs = []
+        for request_id in dict.fromkeys(seq.request_id for seq in sampled):
+            request = requests.get(request_id)
+            if request is None:
+                continue
+            stream = self.streaming.get(request_id, False)
+            if stream or request.is_finished:
+                outputs.append(self._build(request, stream))
+        return outputs
+
+    def _build(self, request: Request, delta: bool) -> RequestOutput:
+        completions = [self._completion(seq, delta) for seq in request.seqs]
+        first = min((s.first_token_time for s in request.seqs if s.first_token_time), default=None)
+        metrics = {"arrival_time": request.arrival_time}
+        if first is not None:
+            metrics["first_token_time"] = first
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=request.is_finished,
+            num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
+            metrics=metrics,
+        )
+
+    def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:
+        start = self.num_sent.get(seq.seq_id, 0) if delta else 0
+        token_ids = seq.output_token_ids[start:]
+        logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
+        if delta:
+            self.num_sent[seq.seq_id] = seq.num_output_tokens
+        text = self._text(seq, delta)
+        if seq.is_finished or seq.finish_reason is not None:
+            self.detokenizers.pop(seq.seq_id, None)
+            if delta:
+                self.num_sent.pop(seq.seq_id, None)
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+    def _text(self, seq: Sequence, delta: bool) -> str:
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is not None:
+            if seq.finish_reason is not None:
+                detok.finish()
+            return detok.take_delta() if delta else detok.text
+        if self.tokenizer is None or (delta and seq.finish_reason is None):
+            return ""
+        return self.tokenizer.decode(
+            seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+        )
+
+
+def _finish(seq: Sequence, reason: str, stop_reason: int | str | None) -> bool:
+    seq.finish_reason = reason
+    seq.stop_reason = stop_reason
+    return True

@@ -1,0 +1,126 @@
+"""Attention over the paged KV cache: metadata, the backend interface and the reference backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged cache (see docs/INTERFACES.md)."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Writes the step's k/v into the cache, then attends over each sequence's context."""
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class ForwardContext:
+    """What the attention layers need for one step; the model passes it through untouched."""
+
+    meta: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+    backend: AttentionBackend
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new keys and values at their slots (kv_cache: [2, blocks, block_size, Hkv, D])."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Slots of positions 0..seq_len-1 of one sequence."""
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    offsets = torch.arange(block_size, device=block_table.device)
+    return (blocks[:, None] * block_size + offsets).flatten()[:seq_len]
+
+
+class ReferenceAttention:
+    """Plain PyTorch attention, one sequence at a time: the correctness baseline on any device."""
+
+    name = "reference"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+        flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        out = torch.empty_like(q)
+        group = q.shape[1] // num_kv_heads
+        for b in range(meta.num_seqs):
+            start, end = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
+            seq_len = meta.seq_lens_cpu[b]
+            slots = context_slots(meta.block_tables[b], seq_len, block_size)
+            keys = flat_k[slots].repeat_interleave(group, dim=1).transpose(0, 1)
+            values = flat_v[slots].repeat_interleave(group, dim=1).transpose(0, 1)
+            query = q[start:end].transpose(0, 1)
+            mask = causal_mask(end - start, seq_len, q.device)
+            attn = F.scaled_dot_product_attention(
+                query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
+            )
+            out[start:end] = attn.transpose(0, 1)
+        return out
+
+
+def causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [q_len, seq_len]: query i (at position seq_len-q_len+i) sees keys up to itself."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+
+
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Training/no-cache path. q: [B, S, Hq, D], k/v: [B, S, Hkv, D] -> [B, S, Hq, D]."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    )
+    return out.transpose(1, 2)

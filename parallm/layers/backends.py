@@ -1,0 +1,58 @@
+"""Attention backend selection, and the Triton backend for CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from parallm.layers.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    ReferenceAttention,
+    write_kv,
+)
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+class TritonAttention:
+    """Paged attention kernels written in Triton: one prefill kernel, one split-K decode kernel."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from parallm.layers import triton_attention
+
+        self.kernels = triton_attention
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.is_pure_decode:
+            return self.kernels.paged_decode_attention(
+                q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
+                meta.max_seq_len,
+            )  # fmt: skip
+        return self.kernels.paged_prefill_attention(
+            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            meta.max_query_len, scale,
+        )  # fmt: skip
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto``: Triton on CUDA, the reference path elsewhere."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {list(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "reference"
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("attention_backend='triton' needs device='cuda'")
+        return TritonAttention()
+    return ReferenceAttention()

@@ -1,0 +1,529 @@
+"""Paged attention kernels in Triton: prefill (packed variable-length queries) and decode.
+
+Both kernels read keys/values from the paged KV cache ``[num_blocks, block_size, Hkv, D]``
+through per-sequence block tables (see docs/INTERFACES.md). Softmax runs online in float32 in
+base 2 (the scale is pre-multiplied by log2(e)).
+
+CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
+first imported).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = math.log2(math.e)
+
+# Decode: aim for this many programs per SM so that HBM stays busy while some programs stall.
+_DECODE_PROGRAMS_PER_SM = 2
+# Decode: every split covers at least this many keys, so the partial-result traffic and the
+# reduction stay small next to the K/V bytes a split reads.
+_DECODE_MIN_KEYS_PER_SPLIT = 256
+_DECODE_MAX_SPLITS = 64
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    qk_scale,
+    NUM_GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    m_block = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = seq_len - q_len
+    kv_head = head // NUM_GROUPS
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    d_valid = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = prefix_len + offs_m
+
+    # Keys past the tile's last query position are invisible to every row; keys before its
+    # first query position are visible to every row, so only tiles after that need a mask.
+    kv_end = tl.minimum(seq_len, prefix_len + (m_block + 1) * BLOCK_M)
+    unmasked_end = prefix_len + m_block * BLOCK_M
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_end
+        pages = tl.load(table + offs_n // PAGE_SIZE, mask=n_valid, other=0).to(tl.int64)
+        in_page = offs_n % PAGE_SIZE
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k_ptrs = (
+            k_ptr
+            + pages[:, None] * stride_kb
+            + in_page[:, None] * stride_kt
+            + kv_head * stride_kh
+            + offs_d[None, :]
+        )
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if start_n + BLOCK_N > unmasked_end:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = (
+            v_ptr
+            + pages[:, None] * stride_vb
+            + in_page[:, None] * stride_vt
+            + kv_head * stride_vh
+            + offs_d[None, :]
+        )
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    qk_scale,
+    split_len,
+    num_splits,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_len
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_valid = offs_g < NUM_GROUPS
+    d_valid = offs_d < HEAD_DIM
+    heads = kv_head * NUM_GROUPS + offs_g
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < end
+        pages = tl.load(table + offs_n // PAGE_SIZE, mask=n_valid, other=0).to(tl.int64)
+        in_page = offs_n % PAGE_SIZE
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k_ptrs = (
+            k_ptr
+            + pages[:, None] * stride_kb
+            + in_page[:, None] * stride_kt
+            + kv_head * stride_kh
+            + offs_d[None, :]
+        )
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = (
+            v_ptr
+            + pages[:, None] * stride_vb
+            + in_page[:, None] * stride_vt
+            + kv_head * stride_vh
+            + offs_d[None, :]
+        )
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    store_mask = g_valid[:, None] & d_valid[None, :]
+    if not SPLIT:
+        out_ptrs = (
+            out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        )
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Partials are [B, Hq, num_splits, BLOCK_D] float32 and the lse is [B, Hq, num_splits].
+        part_rows = (seq.to(tl.int64) * (NUM_GROUPS * tl.num_programs(1)) + heads) * num_splits
+        part_rows += split
+        part_ptrs = part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :]
+        tl.store(part_ptrs, acc, mask=store_mask)
+        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    seq_lens_ptr,
+    stride_ob,
+    stride_oh,
+    split_len,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    used_splits = tl.cdiv(seq_len, split_len)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_valid = offs_s < used_splits
+    rows = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + rows, mask=s_valid, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, 0))
+    weights = tl.where(s_valid, weights, 0.0)
+    parts = tl.load(
+        part_out_ptr + rows[:, None] * BLOCK_D + offs_d[None, :],
+        mask=s_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Plain fp32 stays exact (tests compare to 1e-3); tf32 is the NVIDIA default otherwise.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(index)
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(
+            f"k/v cache shapes differ or are not 4-D: {k_cache.shape}, {v_cache.shape}"
+        )
+    if q.dim() != 3 or q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} does not match cache head dim {k_cache.shape[-1]}")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]}")
+    page_size = k_cache.shape[1]
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {page_size}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head) dim")
+
+
+def _output_buffer(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} must match q {tuple(q.shape)}, unit last stride")
+    return out
+
+
+@dataclass(frozen=True)
+class _PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _prefill_config(head_dim: int, max_query_len: int) -> _PrefillConfig:
+    if head_dim <= 64:
+        cfg = _PrefillConfig(128, 64, 4, 3)
+    elif head_dim <= 128:
+        cfg = _PrefillConfig(128, 64, 8, 3)
+    else:
+        cfg = _PrefillConfig(64, 32, 4, 2)
+    # Decode-like rows (mixed batches) would waste most of a 128-row tile.
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(max(max_query_len, 1))))
+    return _PrefillConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens over their sequences' paged KV cache.
+
+    Args:
+        q: ``[T, Hq, D]`` queries of the new tokens of B sequences, packed.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; the new tokens' keys/values
+            must already be written. ``Hq`` must be a multiple of ``Hkv`` (GQA).
+        block_tables: ``[B, max_blocks]`` int32 block ids of each sequence.
+        query_start_loc: ``[B+1]`` int32 cumulative query lengths.
+        seq_lens: ``[B]`` int32 context lengths including the new tokens.
+        max_query_len: an upper bound of the per-sequence query lengths.
+        scale: softmax scale, usually ``D ** -0.5``.
+        out: optional ``[T, Hq, D]`` buffer to write into (contiguous in D).
+
+    Returns:
+        ``[T, Hq, D]`` in q's dtype. Query ``i`` of sequence ``b`` sits at position
+        ``seq_lens[b] - q_len_b + i`` and attends to keys ``0..`` that position.
+    """
+    _check_inputs(q, k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    out = _output_buffer(q, out)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0 or batch == 0 or max_query_len <= 0:
+        return out
+    cfg = _prefill_config(head_dim, max_query_len)
+    grid = (num_heads, triton.cdiv(max_query_len, cfg.block_m), batch)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        scale * _LOG2E,
+        NUM_GROUPS=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE_SIZE=k_cache.shape[1],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """How many context splits decode uses so that ``batch * num_kv_heads * splits`` fills the GPU."""
+    programs = batch * num_kv_heads
+    target = _DECODE_PROGRAMS_PER_SM * num_sms
+    if programs >= target:
+        return 1
+    splits = triton.cdiv(target, programs)
+    splits = min(splits, max(1, max_seq_len // _DECODE_MIN_KEYS_PER_SPLIT))
+    return max(1, min(splits, _DECODE_MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    *,
+    num_splits: int | None = None,
+    use_dot: bool | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged KV cache (flash decoding).
+
+    The context is cut into ``num_splits`` ranges handled by separate programs, whose partial
+    results a second kernel merges; all ``Hq / Hkv`` query heads of a KV head share one
+    program, so each K/V block is read once per KV head.
+
+    Args:
+        q: ``[B, Hq, D]``; the query of sequence ``b`` sits at position ``seq_lens[b] - 1``.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` holding the new token's k/v.
+        block_tables: ``[B, max_blocks]`` int32.
+        seq_lens: ``[B]`` int32 context lengths including the new token.
+        scale: softmax scale.
+        max_seq_len: an upper bound of ``seq_lens`` (keys past it are ignored).
+        num_splits: override the split count (keep it and ``max_seq_len`` fixed when the call
+            is captured in a CUDA graph, since both shape the launch grid).
+        use_dot: use tensor-core dots with the query heads padded to 16 rows (default), or a
+            broadcast multiply-reduce.
+        out: optional ``[B, Hq, D]`` buffer to write into (contiguous in D).
+
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
+    """
+    _check_inputs(q, k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    groups = num_heads // num_kv_heads
+    out = _output_buffer(q, out)
+    if batch == 0:
+        return out
+    use_dot = True if use_dot is None else use_dot
+    block_d = triton.next_power_of_2(head_dim)
+    block_g = max(16, triton.next_power_of_2(groups)) if use_dot else triton.next_power_of_2(groups)
+    block_n = 64 if use_dot else max(16, 4096 // (block_g * block_d))
+    max_seq_len = max(int(max_seq_len), 1)
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _device_sms(q.device))
+    split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_seq_len, split_len)
+
+    if num_splits > 1:
+        part_out = torch.empty(
+            (batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused: the split kernel writes `out` directly
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        block_tables,
+        seq_lens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        scale * _LOG2E,
+        split_len,
+        num_splits,
+        NUM_GROUPS=groups,
+        BLOCK_G=block_g,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        SPLIT=num_splits > 1,
+        USE_DOT=use_dot,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            seq_lens,
+            out.stride(0),
+            out.stride(1),
+            split_len,
+            num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,188 @@
+"""The offline front end: ``LLM(model=...).generate(prompts, sampling_params)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from parallm.config import EngineConfig, ModelConfig
+from parallm.engine.engine import LLMEngine
+from parallm.outputs import RequestOutput
+from parallm.sampling_params import SamplingParams
+
+logger = logging.getLogger("parallm")
+
+PromptType = str | list[int] | dict[str, Any]
+Message = dict[str, str]
+
+
+class LLM:
+    """Generate text for many prompts at once with continuous batching.
+
+    ``model`` is a Hugging Face model directory, or a ``config.json`` path together with
+    ``load_format="dummy"`` (random weights, for benchmarks). Other keywords are the fields
+    of :class:`parallm.config.EngineConfig` (dtype, device, kv_cache_memory,
+    gpu_memory_utilization, block_size, max_num_seqs, max_num_batched_tokens,
+    enable_prefix_caching, enable_chunked_prefill, max_model_len, seed, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        config = EngineConfig.from_kwargs(model=model, **kwargs)
+        model_config = None
+        if model is not None and Path(model).is_file():
+            if config.load_format != "dummy":
+                raise ValueError("model: a config file alone needs load_format='dummy'")
+            model_config = ModelConfig.from_path(model)
+            config.model = None
+        self.engine = LLMEngine(config, model_config)
+        self._ids = itertools.count()
+        logger.info(self.engine.summary())
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in order. Bad input raises before anything runs."""
+        batch = _as_batch(prompts)
+        params = _params_for(batch, sampling_params)
+        encoded = [self._encode(p) for p in batch]
+        for ids, _ in encoded:
+            self.engine.validate_prompt(ids)
+        request_ids = [str(next(self._ids)) for _ in batch]
+        try:
+            for rid, (ids, text), sp in zip(request_ids, encoded, params, strict=True):
+                self.engine.add_request(rid, ids, sp, prompt=text)
+            finished = self._run(request_ids, use_tqdm)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            raise
+        return [finished[rid] for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        tokenizer = self._require_tokenizer()
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            _check_messages(conversation)
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+            )  # fmt: skip
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt_token_ids": ids, "prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(
+        self, prompt: PromptType, params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield deltas (new text and token ids) of one request as they are produced."""
+        (ids, text), sp = self._encode(prompt), params or SamplingParams()
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, ids, sp, prompt=text, stream=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm, unit="req")
+        generated = 0
+        with bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        rate = generated / max(bar.format_dict["elapsed"], 1e-9)
+                        bar.set_postfix_str(f"{rate:.0f} out tok/s")
+        return finished
+
+    def _encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self._require_tokenizer()(prompt)["input_ids"], prompt
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+            if "prompt" in prompt:
+                return self._encode(prompt["prompt"])
+            raise ValueError(
+                f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}"
+            )
+        if isinstance(prompt, list):
+            return list(prompt), None
+        raise ValueError(
+            f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}"
+        )
+
+    def _require_tokenizer(self) -> Any:
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+        return self.engine.tokenizer
+
+
+def _as_batch(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    return prompts
+
+
+def _params_for(
+    batch: list[PromptType], params: SamplingParams | Sequence[SamplingParams] | None
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * len(batch)
+    if isinstance(params, SamplingParams):
+        return [params] * len(batch)
+    params = list(params)
+    if len(params) != len(batch):
+        raise ValueError(
+            f"sampling_params has {len(params)} entries for {len(batch)} prompts; "
+            "pass one SamplingParams or one per prompt"
+        )
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(
+                f"sampling_params entries must be SamplingParams, got {type(p).__name__}"
+            )
+    return params
+
+
+def _check_messages(conversation: list[Message]) -> None:
+    if not conversation:
+        raise ValueError("messages must not be empty")
+    for m in conversation:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"each message needs 'role' and 'content', got {m!r}")

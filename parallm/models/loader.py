@@ -1,0 +1,115 @@
+"""Build a model and fill it from a Hugging Face directory (safetensors) or with dummy weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from parallm.config import ModelConfig
+from parallm.models.registry import model_class
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# Checkpoint entries that are derived state, never parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> nn.Module:
+    """Instantiate the architecture directly on ``device`` in ``dtype`` (no CPU round trip)."""
+    cls = model_class(cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def load_model(
+    path: str | Path | None,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> nn.Module:
+    """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
+    torch.manual_seed(seed)
+    model = build_model(cfg, dtype, device, max_positions)
+    if load_format == "dummy":
+        _init_dummy(model)
+    else:
+        if path is None:
+            raise ValueError("model: a path is needed unless load_format='dummy'")
+        load_safetensors(model, Path(path))
+    return model
+
+
+def _init_dummy(model: nn.Module) -> None:
+    # Small weights keep activations finite in low precision; norms stay at one.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.uniform_(-0.02, 0.02)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory, sharded or not."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise ValueError(f"model: no .safetensors weights in {path}")
+    return found
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor in the checkpoint, shard by shard."""
+    files = checkpoint_files(path)
+    for file in tqdm(files, desc="Loading shards", disable=len(files) < 2, leave=False):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
+def load_safetensors(model: nn.Module, path: Path) -> None:
+    """Copy checkpoint tensors into the model; missing, unknown or misshapen tensors are errors."""
+    params = dict(model.named_parameters())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in iter_checkpoint(path):
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+            param = params[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"model expects {tuple(param.shape)}"
+                )
+            param.copy_(tensor)
+            loaded.add(name)
+    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")

@@ -1,0 +1,30 @@
+"""Tokenizer and end-of-sequence ids of a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A fast tokenizer through ``transformers.AutoTokenizer`` (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer: cannot load a tokenizer from {path}: {e}") from e
+
+
+def eos_token_ids(path: str | Path | None, tokenizer: Any | None) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name if path is not None else None
+        if file is not None and file.exists():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            if value is not None:
+                return tuple(value) if isinstance(value, list) else (int(value),)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),)
+    return ()
