@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from parallm.commands import generate, tiny_model
+from parallm.commands import bench, export, generate, serve, tiny_model, train
 
-_COMMANDS = [generate, tiny_model]
+_COMMANDS = [generate, serve, bench, tiny_model, train, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

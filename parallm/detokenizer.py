@@ -3,8 +3,9 @@
 Text comes from the prefix/read-offset algorithm: each new token is decoded together with a few
 tokens before it, and only the text beyond the context's own decoding is new. The context makes
 leading spaces come out as they do in the full decode (sentencepiece decoders strip the space of
-the first token they see), and a delta that ends in U+FFFD is held back because its last bytes
-may still be the start of a multi-byte character.
+the first token they see). New text is held back while it ends in U+FFFD (its last bytes may
+start a multi-byte character) and, for ByteFallback decoders, while a run of ``<0xNN>`` tokens
+is still open (an invalid run turns all of its bytes into U+FFFD, retroactively).
 
 The result matches ``tokenizer.decode(prompt + output)`` past the prompt's own text, which is
 ``tokenizer.decode(output)`` except that a leading space of the first output token is kept. Like
@@ -47,6 +48,8 @@ class IncrementalDetokenizer:
         self._stops = tuple(params.stop)
         self._tail_len = max((len(s) for s in self._stops), default=1) - 1
         self._include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0
         self._sent: list[str] = []  # text already returned by take_delta
         self._unsent: list[str] = []  # decoded text not yet returned
         self._tail = ""  # last _tail_len chars of the text, where a stop may have begun
@@ -73,11 +76,13 @@ class IncrementalDetokenizer:
 
         On a match the text is cut before the stop string (after it with
         ``include_stop_str_in_output``), the detokenizer is finished, and tokens after the one
-        that completed the match are ignored. Calls after finishing are ignored.
+        that completed the match are ignored. Like vLLM, stop strings are only looked for once
+        there are ``min_tokens`` output tokens. Calls after finishing are ignored.
         """
         if self._finished:
             return None
         for token_id in token_ids:
+            self._num_tokens += 1
             delta = self._decoder.step(token_id)
             if delta and self._append(delta):
                 return self._stop_str
@@ -115,7 +120,8 @@ class IncrementalDetokenizer:
         """Add decoded text; on a stop match, truncate, finish and return True."""
         window = self._tail + delta
         self._unsent.append(delta)
-        match = _earliest_stop(window, self._stops)
+        searching = self._num_tokens >= self._min_tokens
+        match = _earliest_stop(window, self._stops) if searching else None
         if match is None:
             self._tail = window[max(len(window) - self._tail_len, 0) :]
             return False
@@ -159,7 +165,7 @@ class _OffsetDecoder:
 
     ``ids[prefix:read]`` is context already emitted (``prefix_text`` is its decoding);
     ``ids[read:]`` are tokens whose text is pending. A step decodes ``ids[prefix:]`` and emits
-    what lies beyond ``prefix_text`` unless it ends in U+FFFD.
+    what lies beyond ``prefix_text`` unless that text is not final yet.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special: bool):
@@ -258,3 +264,19 @@ def _context(ids: list[int], decode: DecodeFn) -> tuple[int, str]:
         if not text.startswith(_REPLACEMENT):
             return i, text
     return start, first
+
+
+def decode_in_context(
+    tokenizer: Any, prompt_ids: Sequence[int], output_ids: Sequence[int], skip_special_tokens: bool
+) -> str:
+    """One-shot decode of a finished output, giving the same text as the incremental path.
+
+    Decoding after a few prompt tokens keeps the first output token's leading space the way
+    the incremental detokenizer (and a full decode of prompt + output) has it.
+    """
+    context = list(prompt_ids[-_PROMPT_CONTEXT:])
+    prefix = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(context + list(output_ids), skip_special_tokens=skip_special_tokens)
+    if full.startswith(prefix) and not prefix.endswith(_REPLACEMENT):
+        return full[len(prefix) :]
+    return tokenizer.decode(list(output_ids), skip_special_tokens=skip_special_tokens)

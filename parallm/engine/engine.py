@@ -47,16 +47,23 @@ class LLMEngine:
             self.eos_token_ids,
         )  # fmt: skip
         num_blocks = self.runner.plan_num_blocks(
-            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs
+            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
         )
         _check_capacity(num_blocks, cache_cfg.block_size, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
+        self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
         self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
+
+    def _capture_graphs(self, max_num_seqs: int) -> float | None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        sizes = [s for s in self.config.cuda_graph_sizes if s <= max_num_seqs] or [1]
+        return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
 
     def _load_tokenizer(self) -> Any | None:
         path = self.config.tokenizer or self.config.model
@@ -71,13 +78,17 @@ class LLMEngine:
     def summary(self) -> str:
         """One line for start-up: model, dtype, device, attention backend and KV capacity."""
         cfg = self.model_config
+        graphs = "CUDA graphs off"
+        if self.graph_capture_seconds is not None:
+            sizes = self.runner.graphs.sizes
+            graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]} in {self.graph_capture_seconds:.1f}s"
         return (
             f"parallm: {self.config.model or 'dummy'} ({cfg.architecture}, "
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
             f"device={self.device} attention={self.runner.backend.name} "
             f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
-            f"loaded in {self.load_seconds:.1f}s"
+            f"loaded in {self.load_seconds:.1f}s; {graphs}"
         )
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:

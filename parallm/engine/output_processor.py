@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from parallm.detokenizer import IncrementalDetokenizer
+from parallm.detokenizer import IncrementalDetokenizer, decode_in_context
 from parallm.engine.request import Request, Sequence
 from parallm.engine.sampler import SamplerOutput
 from parallm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -74,15 +74,16 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
+        min_reached = seq.num_output_tokens >= p.min_tokens
+        # The token that ends a sequence (EOS, a stop id) is kept in token_ids, not in the text.
+        if min_reached and not p.ignore_eos and token in self.eos_token_ids:
+            return _finish(seq, "stop", None)
+        if min_reached and token in p.stop_token_ids:
+            return _finish(seq, "stop", token)
         detok = self.detokenizers.get(seq.seq_id)
         stop_str = detok.add_tokens([token]) if detok is not None else None
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return _finish(seq, "stop", None)
-            if token in p.stop_token_ids:
-                return _finish(seq, "stop", token)
-            if stop_str is not None:
-                return _finish(seq, "stop", stop_str)
+        if stop_str is not None:
+            return _finish(seq, "stop", stop_str)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return _finish(seq, "length", None)
         if seq.num_tokens >= self.max_model_len:
@@ -146,8 +147,11 @@ class OutputProcessor:
             return detok.take_delta() if delta else detok.text
         if self.tokenizer is None or (delta and seq.finish_reason is None):
             return ""
-        return self.tokenizer.decode(
-            seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+        ids = seq.output_token_ids
+        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            ids = ids[:-1]  # the EOS or stop token
+        return decode_in_context(
+            self.tokenizer, seq.prompt_token_ids, ids, seq.params.skip_special_tokens
         )
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig
+from parallm.engine.cuda_graph import DecodeGraphs
 from parallm.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
 from parallm.engine.scheduler import ScheduledBatch
 from parallm.layers.attention import (
@@ -67,47 +68,52 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def block_size(self) -> int:
         return self.cache_cfg.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer."""
+        """One ``[2, num_blocks + 1, block_size, Hkv, D]`` tensor per layer.
+
+        The extra last block is scratch space that padded CUDA-graph rows write into.
+        """
         cfg = self.model_cfg
-        shape = (2, num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (2, num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [
             torch.empty(shape, dtype=self.dtype, device=self.device)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.cache_cfg.num_blocks = num_blocks
 
-    def plan_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    def plan_num_blocks(
+        self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
+    ) -> int:
         """How many blocks fit: a byte budget on CPU, the measured free card on CUDA."""
         per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype)
         if self.cache_cfg.kv_cache_memory is not None:
-            return int(self.cache_cfg.kv_cache_memory // per_block)
+            return int(self.cache_cfg.kv_cache_memory // per_block) - 1
         if self.device.type != "cuda":
-            return _CPU_DEFAULT_KV_BYTES // per_block
-        peak = self.profile_peak_memory(max_num_batched_tokens, max_num_seqs)
+            return _CPU_DEFAULT_KV_BYTES // per_block - 1
+        peak = self.profile_peak_memory(max_num_batched_tokens, max_num_seqs, max_model_len)
         free, total = torch.cuda.mem_get_info(self.device)
         # Memory that other processes or the CUDA context hold counts against the fraction.
         others = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.cache_cfg.gpu_memory_utilization - peak - others
-        return max(0, int(budget // per_block))
+        return max(0, int(budget // per_block) - 1)
 
     @torch.inference_mode()
-    def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int:
+    def profile_peak_memory(self, num_tokens: int, num_seqs: int, max_model_len: int) -> int:
         """Peak bytes of weights plus the activations of the largest step we may run."""
         num_tokens = max(num_tokens, num_seqs)
-        blocks = -(-num_tokens // self.block_size) + 1
-        self.allocate_kv_cache(blocks)
+        inputs = self._dummy_inputs(num_tokens, max_model_len)
+        self.allocate_kv_cache(int(inputs.block_tables.max()) + 1)
         torch.cuda.reset_peak_memory_stats(self.device)
-        meta = self._build_metadata(self._dummy_inputs(num_tokens))
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
+        meta = self._build_metadata(inputs)
+        ids = self._to_device(inputs.input_ids)
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        hidden = self.model(ids, positions, ctx)
+        hidden = self.model(ids, self._to_device(inputs.positions), ctx)
         self.model.compute_logits(hidden[:num_seqs]).float()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -116,16 +122,24 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak - kv
 
-    def _dummy_inputs(self, num_tokens: int) -> StepInputs:
-        num_blocks = -(-num_tokens // self.block_size)
+    def _dummy_inputs(self, num_tokens: int, max_model_len: int) -> StepInputs:
+        """``num_tokens`` split into sequences no longer than the model's context."""
+        lengths = [max_model_len] * (num_tokens // max_model_len)
+        if num_tokens % max_model_len:
+            lengths.append(num_tokens % max_model_len)
+        blocks_per_seq = -(-max(lengths) // self.block_size)
+        tables = np.arange(len(lengths) * blocks_per_seq, dtype=np.int32).reshape(len(lengths), -1)
+        positions = np.concatenate([np.arange(n) for n in lengths])
+        seq_index = np.repeat(np.arange(len(lengths)), lengths)
+        slots = tables[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
         return StepInputs(
             input_ids=np.zeros(num_tokens, dtype=np.int64),
-            positions=np.arange(num_tokens, dtype=np.int64),
-            slot_mapping=np.arange(num_tokens, dtype=np.int64),
-            query_start_loc=np.array([0, num_tokens], dtype=np.int32),
-            seq_lens=np.array([num_tokens], dtype=np.int32),
-            block_tables=np.arange(num_blocks, dtype=np.int32)[None, :],
-            sample_indices=np.array([num_tokens - 1], dtype=np.int64),
+            positions=positions.astype(np.int64),
+            slot_mapping=slots + positions % self.block_size,
+            query_start_loc=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+            seq_lens=np.asarray(lengths, dtype=np.int32),
+            block_tables=tables,
+            sample_indices=np.cumsum(lengths) - 1,
         )
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -174,16 +188,54 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
+    def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> float:
+        """Capture decode graphs for ``sizes``; returns the seconds it took."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(
+            self._graph_forward, sizes, max_blocks, max_model_len,
+            scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size, device=self.device,
+        )  # fmt: skip
+        self.graphs.capture()
+        return self.graphs.capture_seconds
+
+    def _graph_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        ctx = ForwardContext(meta, self.kv_caches, self.backend)
+        return self.model.compute_logits(self.model(ids, positions, ctx)).float()
+
+    def _use_graph(self, batch: ScheduledBatch) -> bool:
+        if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
+            return False
+        return all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Run one step; returns one sampled token per sampling sequence, in batch order."""
-        inputs = self.prepare(batch)
-        logits = self.forward_logits(inputs)
+        if self._use_graph(batch):
+            logits = self.graphs.run(*self.prepare_decode(batch))
+        else:
+            logits = self.forward_logits(self.prepare(batch))
         if logits is None:
             return None
         rows = [self._sampling_row(item.seq) for item in batch.seqs if item.samples]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
         return self.sampler(logits, tensors)
+
+    def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
+        """Inputs of a pure decode step, with as little per-sequence Python as possible."""
+        seqs = [item.seq for item in batch.seqs]
+        tables = [s.block_table for s in seqs]
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, : len(table)] = table
+        positions = np.fromiter((s.num_tokens - 1 for s in seqs), np.int64, len(seqs))
+        ids = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, len(seqs))
+        blocks = block_tables[np.arange(len(seqs)), positions // self.block_size]
+        slots = blocks.astype(np.int64) * self.block_size + positions % self.block_size
+        seq_lens = (positions + 1).astype(np.int32)
+        return ids, positions, slots, seq_lens, block_tables
 
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits (float32) at the sampling rows, or None when no sequence samples."""

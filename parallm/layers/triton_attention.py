@@ -26,6 +26,9 @@ _DECODE_PROGRAMS_PER_SM = 2
 # reduction stay small next to the K/V bytes a split reads.
 _DECODE_MIN_KEYS_PER_SPLIT = 256
 _DECODE_MAX_SPLITS = 64
+# Prefill: give one program all query heads of a KV head (rows = tokens x heads), so each K/V
+# tile is loaded once per KV head instead of once per query head.
+_PREFILL_PACK_GQA = True
 
 
 @triton.jit
@@ -50,6 +53,7 @@ def _prefill_kernel(
     stride_bt,
     qk_scale,
     NUM_GROUPS: tl.constexpr,
+    HEADS_PER_PROG: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -57,31 +61,36 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    # A tile's BLOCK_M rows are BLOCK_T tokens x HEADS_PER_PROG query heads (token-major), all
+    # of one KV head, so with GQA packing each K/V tile is loaded once for all its query heads.
+    BLOCK_T: tl.constexpr = BLOCK_M // HEADS_PER_PROG
+    head_base = tl.program_id(0) * HEADS_PER_PROG
     m_block = tl.program_id(1)
     seq = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
+    if m_block * BLOCK_T >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - q_len
-    kv_head = head // NUM_GROUPS
+    kv_head = head_base // NUM_GROUPS
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_t = m_block * BLOCK_T + offs_r // HEADS_PER_PROG
+    heads = head_base + offs_r % HEADS_PER_PROG
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_len
+    row_valid = (offs_r < BLOCK_T * HEADS_PER_PROG) & (offs_t < q_len)
     d_valid = offs_d < HEAD_DIM
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    q_pos = prefix_len + offs_m
+    q_rows = (q_start + offs_t).to(tl.int64)
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = prefix_len + offs_t
 
     # Keys past the tile's last query position are invisible to every row; keys before its
     # first query position are visible to every row, so only tiles after that need a mask.
-    kv_end = tl.minimum(seq_len, prefix_len + (m_block + 1) * BLOCK_M)
-    unmasked_end = prefix_len + m_block * BLOCK_M
+    kv_end = tl.minimum(seq_len, prefix_len + (m_block + 1) * BLOCK_T)
+    unmasked_end = prefix_len + m_block * BLOCK_T
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -122,8 +131,8 @@ def _prefill_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    out_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    out_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -321,18 +330,22 @@ class _PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    heads_per_prog: int = 1
 
 
-def _prefill_config(head_dim: int, max_query_len: int) -> _PrefillConfig:
+def _prefill_config(head_dim: int, max_query_len: int, groups: int) -> _PrefillConfig:
     if head_dim <= 64:
-        cfg = _PrefillConfig(128, 64, 4, 3)
+        block_m, block_n, warps, stages = 128, 64, 4, 3
     elif head_dim <= 128:
-        cfg = _PrefillConfig(128, 64, 8, 3)
+        block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
-        cfg = _PrefillConfig(64, 32, 4, 2)
-    # Decode-like rows (mixed batches) would waste most of a 128-row tile.
-    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(max(max_query_len, 1))))
-    return _PrefillConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    heads_per_prog = groups if _PREFILL_PACK_GQA else 1
+    # Short queries (decode rows of mixed batches) would leave most of a big tile empty.
+    rows = max(max_query_len, 1) * heads_per_prog
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    block_m = max(block_m, triton.next_power_of_2(heads_per_prog))
+    return _PrefillConfig(block_m, block_n, warps, stages, heads_per_prog)
 
 
 def paged_prefill_attention(
@@ -371,8 +384,10 @@ def paged_prefill_attention(
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
-    cfg = _prefill_config(head_dim, max_query_len)
-    grid = (num_heads, triton.cdiv(max_query_len, cfg.block_m), batch)
+    groups = num_heads // num_kv_heads
+    cfg = _prefill_config(head_dim, max_query_len, groups)
+    tokens_per_tile = cfg.block_m // cfg.heads_per_prog
+    grid = (num_heads // cfg.heads_per_prog, triton.cdiv(max_query_len, tokens_per_tile), batch)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -393,7 +408,8 @@ def paged_prefill_attention(
         v_cache.stride(2),
         block_tables.stride(0),
         scale * _LOG2E,
-        NUM_GROUPS=num_heads // num_kv_heads,
+        NUM_GROUPS=groups,
+        HEADS_PER_PROG=cfg.heads_per_prog,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=k_cache.shape[1],
@@ -404,6 +420,25 @@ def paged_prefill_attention(
         num_stages=cfg.num_stages,
     )
     return out
+
+
+@dataclass(frozen=True)
+class _DecodeConfig:
+    use_dot: bool
+    block_g: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _decode_config(head_dim: int, groups: int, use_dot: bool) -> _DecodeConfig:
+    if use_dot:
+        # tl.dot needs at least 16 rows: pad the query heads of a KV head up to that.
+        return _DecodeConfig(True, max(16, triton.next_power_of_2(groups)), 64, 4, 2)
+    block_g = triton.next_power_of_2(groups)
+    # The multiply-reduce holds a [G, N, D] float32 product in registers.
+    block_n = max(16, 4096 // (block_g * triton.next_power_of_2(head_dim)))
+    return _DecodeConfig(False, block_g, block_n, 4, 2)
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
@@ -459,10 +494,8 @@ def paged_decode_attention(
     out = _output_buffer(q, out)
     if batch == 0:
         return out
-    use_dot = True if use_dot is None else use_dot
-    block_d = triton.next_power_of_2(head_dim)
-    block_g = max(16, triton.next_power_of_2(groups)) if use_dot else triton.next_power_of_2(groups)
-    block_n = 64 if use_dot else max(16, 4096 // (block_g * block_d))
+    cfg = _decode_config(head_dim, groups, True if use_dot is None else use_dot)
+    block_d, block_n = triton.next_power_of_2(head_dim), cfg.block_n
     max_seq_len = max(int(max_seq_len), 1)
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _device_sms(q.device))
@@ -500,16 +533,16 @@ def paged_decode_attention(
         split_len,
         num_splits,
         NUM_GROUPS=groups,
-        BLOCK_G=block_g,
+        BLOCK_G=cfg.block_g,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
-        USE_DOT=use_dot,
+        USE_DOT=cfg.use_dot,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -1,0 +1,91 @@
+"""``parallm bench latency``: decode speed at fixed batch sizes against the bandwidth roofline."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from parallm.bench.common import (
+    copy_bandwidth_gbps,
+    environment,
+    print_table,
+    random_prompts,
+    weight_bytes_per_step,
+    write_json,
+)
+from parallm.engine.runner import kv_bytes_per_block
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions (median is kept)")
+
+
+def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> float:
+    from parallm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(batch, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
+    """Decode time per step = (full run - prefill-only run) / (output_len - 1)."""
+    vocab = llm.engine.model_config.vocab_size
+    full, prefill = [], []
+    for i in range(iters + 1):  # the first run warms up
+        prompts = random_prompts(batch, [input_len] * batch, vocab, seed=i)
+        llm.engine.kv.reset_prefix_cache()
+        t_full = _timed_generate(llm, prompts, output_len)
+        llm.engine.kv.reset_prefix_cache()
+        t_prefill = _timed_generate(llm, prompts, 1)
+        if i:
+            full.append(t_full)
+            prefill.append(t_prefill)
+    step_s = max(_median(full) - _median(prefill), 1e-9) / (output_len - 1)
+    return {"batch_size": batch, "step_ms": step_s * 1e3, "prefill_ms": _median(prefill) * 1e3,
+            "tokens_per_s": batch / step_s}  # fmt: skip
+
+
+def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
+    engine = llm.engine
+    weights = weight_bytes_per_step(engine.runner.model)
+    kv_per_token = kv_bytes_per_block(engine.model_config, 1, engine.dtype)
+    copy_gbps = copy_bandwidth_gbps(engine.device)
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        row = measure(llm, batch, args.input_len, args.output_len, args.iters)
+        avg_context = args.input_len + args.output_len / 2
+        row["bytes_per_step"] = weights + batch * avg_context * kv_per_token
+        row["achieved_gbps"] = row["bytes_per_step"] / (row["step_ms"] / 1e3) / 1e9
+        if copy_gbps:
+            row["roofline_pct"] = 100 * row["achieved_gbps"] / copy_gbps
+        row["ms_per_token"] = row["step_ms"]
+        rows.append(row)
+    print(engine.summary())
+    print(f"copy bandwidth (read+write): {copy_gbps or 0:.0f} GB/s; weights read per step: "
+          f"{weights / 1e9:.3f} GB; input {args.input_len}, output {args.output_len} tokens")  # fmt: skip
+    print_table(rows, [
+        ("batch_size", "batch", "d"), ("ms_per_token", "ms/token", ".3f"),
+        ("tokens_per_s", "tok/s", ".0f"), ("bytes_per_step", "GB/step", ".3e"),
+        ("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
+        ("prefill_ms", "prefill ms", ".1f"),
+    ])  # fmt: skip
+    payload = {"benchmark": "latency", "env": environment(), "summary": engine.summary(),
+               "copy_bandwidth_gbps": copy_gbps, "weight_bytes": weights, "args": vars(args) | {"func": None},
+               "results": rows}  # fmt: skip
+    write_json(args.out, payload)
+    return payload

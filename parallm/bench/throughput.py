@@ -1,0 +1,120 @@
+"""``parallm bench throughput``: the standard offline workload, optionally against transformers.
+
+256 requests, prompt and output lengths uniform in [100, 1024], random token ids, EOS ignored,
+seed 0: the workload nano-vllm publishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+import torch
+
+from parallm.bench.common import environment, print_table, random_prompts, write_json
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-requests", type=int, default=256, help="requests in the workload")
+    p.add_argument("--min-len", type=int, default=100, help="shortest prompt and output")
+    p.add_argument("--max-len", type=int, default=1024, help="longest prompt and output")
+    p.add_argument("--workload-seed", type=int, default=0, help="seed of lengths and token ids")
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also run transformers' generate_batch on the same prompts (mean output length each)",
+    )
+
+
+def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(args.workload_seed)
+    n = args.num_requests
+    in_lens = [rng.randint(args.min_len, args.max_len) for _ in range(n)]
+    out_lens = [rng.randint(args.min_len, args.max_len) for _ in range(n)]
+    return random_prompts(n, in_lens, vocab_size, args.workload_seed), out_lens
+
+
+def run_parallm(llm: Any, prompts: list[list[int]], out_lens: list[int]) -> dict[str, Any]:
+    from parallm import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(batch[:8], params[:8], use_tqdm=False)  # warm up kernels outside the timing
+    llm.engine.kv.reset_prefix_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return _rates("parallm", len(prompts), sum(map(len, prompts)), generated, seconds)
+
+
+def run_hf(model_path: str | None, config_path: str | None, dtype: torch.dtype,
+           prompts: list[list[int]], out_len: int) -> dict[str, Any]:  # fmt: skip
+    """transformers' continuous batching on the same prompts, each generating ``out_len``."""
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_path is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    else:
+        cfg = transformers.AutoConfig.from_pretrained(config_path)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to(device).eval()
+    gen = transformers.GenerationConfig(
+        max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, eos_token_id=None,
+        pad_token_id=0,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=True)
+    seconds = time.perf_counter() - start
+    generated = sum(len(r.generated_tokens) for r in results.values())
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return _rates(
+        "transformers generate_batch", len(prompts), sum(map(len, prompts)), generated, seconds
+    )
+
+
+def _rates(name: str, n: int, prompt_tokens: int, generated: int, seconds: float) -> dict[str, Any]:
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "engine": name, "requests": n, "seconds": seconds, "requests_per_s": n / seconds,
+        "output_tokens": generated, "output_tokens_per_s": generated / seconds,
+        "total_tokens_per_s": (prompt_tokens + generated) / seconds, "peak_gpu_mem_gib": peak,
+    }  # fmt: skip
+
+
+def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
+    engine = llm.engine
+    prompts, out_lens = workload(args, engine.model_config.vocab_size)
+    rows = [run_parallm(llm, prompts, out_lens)]
+    summary = engine.summary()
+    if args.compare_hf:
+        del llm, engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        mean_out = round(sum(out_lens) / len(out_lens))
+        hf = run_hf(args.model, args.config, _dtype(args.dtype), prompts, mean_out)
+        rows.append(hf)
+        rows[0]["speedup_vs_hf"] = rows[0]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+    print(summary)
+    print_table(rows, [
+        ("engine", "engine", "s"), ("requests_per_s", "req/s", ".2f"),
+        ("output_tokens_per_s", "out tok/s", ".0f"), ("total_tokens_per_s", "total tok/s", ".0f"),
+        ("seconds", "seconds", ".1f"), ("peak_gpu_mem_gib", "peak GiB", ".1f"),
+        ("speedup_vs_hf", "x HF", ".1f"),
+    ])  # fmt: skip
+    payload = {"benchmark": "throughput", "env": environment(), "summary": summary,
+               "args": vars(args) | {"func": None}, "results": rows}  # fmt: skip
+    write_json(args.out, payload)
+    return payload
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)

@@ -1,0 +1,68 @@
+"""``parallm serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) around one engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from parallm.commands.engine_args import add_engine_args, engine_kwargs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
+        "/health and /metrics. One engine loop batches all connections. SIGTERM stops "
+        "accepting, lets running requests finish (up to --drain-timeout), then exits.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: --model)"
+    )
+    p.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=1024,
+        help="most requests queued beyond the running ones; more get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds that SIGTERM waits for running requests before aborting them",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level",
+    )
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_num_waiting < 0:
+        raise ValueError(f"--max-num-waiting must be >= 0, got {args.max_num_waiting}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    kwargs = engine_kwargs(args)
+    from parallm.server.app import build_app
+    from parallm.server.launcher import load_engine, run_server
+
+    engine = load_engine(**kwargs)
+    print(engine.summary(), file=sys.stderr)
+    name = args.served_model_name or args.model or kwargs["model"]
+    app = build_app(engine, name, args.api_key, args.max_num_waiting)
+    print(f"parallm: model name {name!r}", file=sys.stderr)
+    run_server(app, args.host, args.port, args.drain_timeout, args.log_level)
+    return 0

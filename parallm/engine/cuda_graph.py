@@ -1,0 +1,124 @@
+"""CUDA graphs for decode steps: capture once per batch size, replay with padded inputs.
+
+A decode step of a small model is a few hundred short kernels; launching them one by one from
+Python costs more than running them. A captured graph launches them all at once. Inputs are
+copied into static buffers; rows past the real batch point at a scratch block that no sequence
+owns, so padding never touches live KV entries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from parallm.layers.attention import AttentionMetadata
+
+
+class DecodeGraphs:
+    """Owns the static input buffers and one captured graph per batch size."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
+        sizes: list[int],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        scratch_block: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.forward = forward
+        self.sizes = sorted(sizes)
+        self.max_seq_len = max_seq_len
+        self.scratch_block = scratch_block
+        self.block_size = block_size
+        self.device = device
+        n = self.sizes[-1]
+        # Rows: input ids, positions, slots. One pinned staging buffer per device buffer keeps
+        # a replay at three host-to-device copies.
+        self.token_buf = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_buf.unbind(0)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.host_tokens = torch.zeros(3, n, dtype=torch.long, pin_memory=True)
+        self.host_seq_lens = torch.ones(n, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=list(range(size + 1)),
+            seq_lens_cpu=[self.max_seq_len] * size,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first so smaller graphs reuse its memory pool."""
+        started = time.perf_counter()
+        self._fill_padding(0)
+        pool = None
+        for size in reversed(self.sizes):
+            meta = self._metadata(size)
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self.forward(self.input_ids[:size], self.positions[:size], meta)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.forward(self.input_ids[:size], self.positions[:size], meta)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            self.outputs[size] = out
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - started
+
+    def _fill_padding(self, start: int) -> None:
+        self.host_tokens[0:2, start:] = 0
+        self.host_tokens[2, start:] = self.scratch_block * self.block_size
+        self.host_seq_lens[start:] = 1
+        self.host_tables[start:] = self.scratch_block
+
+    def padded_size(self, batch: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, batch)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay the graph for this batch; returns the first ``len(input_ids)`` output rows."""
+        batch = len(input_ids)
+        size = self.padded_size(batch)
+        width = block_tables.shape[1]
+        self.host_tokens[0, :batch] = torch.from_numpy(input_ids)
+        self.host_tokens[1, :batch] = torch.from_numpy(positions)
+        self.host_tokens[2, :batch] = torch.from_numpy(slot_mapping)
+        self.host_seq_lens[:batch] = torch.from_numpy(seq_lens)
+        self.host_tables[:batch, :width] = torch.from_numpy(block_tables)
+        self.host_tables[:batch, width:] = self.scratch_block
+        self._fill_padding(batch)
+        self.token_buf.copy_(self.host_tokens, non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
+        self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:batch]

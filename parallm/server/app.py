@@ -1,0 +1,171 @@
+"""The FastAPI application: routes, API-key check, error mapping and the engine's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from parallm.engine.engine import LLMEngine
+from parallm.server.async_engine import (
+    RETRY_AFTER_S,
+    AsyncEngine,
+    EngineOverloaded,
+    EngineUnavailable,
+    RequestFailed,
+)
+from parallm.server.chat import create_chat_completion
+from parallm.server.completions import create_completion
+from parallm.server.errors import APIError, bad_request, from_validation_error
+from parallm.server.metrics import CONTENT_TYPE, ServerMetrics
+from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from parallm.server.serving import ServingContext, error_from
+
+logger = logging.getLogger("parallm.server")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def build_app(
+    engine: LLMEngine,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_num_waiting: int = 1024,
+) -> FastAPI:
+    """An OpenAI-compatible app around ``engine``; the engine thread runs while the app does."""
+    name = served_model_name or engine.config.model or "parallm"
+    async_engine = AsyncEngine(engine, max_num_waiting)
+    metrics = ServerMetrics(lambda: async_engine.snapshot, name)
+    async_engine.metrics = metrics
+    ctx = ServingContext(async_engine, [name], engine.config.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        # uvicorn has drained (or cancelled) the connections by now; fail what is left.
+        await asyncio.to_thread(async_engine.stop)
+
+    app = FastAPI(title="parallm", lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    _add_error_handlers(app)
+    app.include_router(_v1_router(ctx, api_key))
+    _add_ops_routes(app, ctx, metrics)
+    return app
+
+
+def _v1_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(
+                "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'.",
+                401,
+                code="invalid_api_key",
+            )
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        return ModelList(
+            data=[ModelCard(id=n, root=ctx.model_path, max_model_len=ctx.max_model_len)
+                  for n in ctx.served_model_names]
+        )  # fmt: skip
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Any:
+        req = await _parse(request, CompletionRequest)
+        return await _unless_disconnected(request, create_completion(ctx, req))
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        req = await _parse(request, ChatCompletionRequest)
+        return await _unless_disconnected(request, create_chat_completion(ctx, req))
+
+    return router
+
+
+def _add_ops_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if ctx.engine.is_healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    """Strict JSON parsing of the body: malformed JSON or a wrong type is a 400 naming it."""
+    body = await request.body()
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client left before the response was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``, cancelling it (and so aborting its requests) if the client disconnects.
+
+    Streaming responses are cancelled by Starlette itself; this covers the wait for a
+    non-streaming answer, during which nothing else would notice the client leaving.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # its ``finally`` closes the request stream, which aborts
+    if task not in done:
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def handle(exc_type: type[Exception], to_error: Any) -> None:
+        async def handler(request: Request, exc: Exception) -> Response:
+            return to_error(exc).response()
+
+        app.add_exception_handler(exc_type, handler)
+
+    handle(APIError, lambda e: e)
+    handle(
+        EngineOverloaded,
+        lambda e: APIError(str(e), 429, code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}),
+    )  # fmt: skip
+    handle(EngineUnavailable, lambda e: APIError(str(e), 503, code="service_unavailable"))
+    handle(RequestFailed, error_from)
+    handle(RequestValidationError, lambda e: bad_request(str(e)))
+    handle(HTTPException, lambda e: APIError(str(e.detail), e.status_code, code=str(e.status_code)))
+    handle(ClientDisconnected, lambda e: APIError("client disconnected", 499, code="499"))
+    handle(Exception, error_from)

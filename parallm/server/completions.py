@@ -1,0 +1,146 @@
+"""``POST /v1/completions``: one engine request per prompt, ``n`` choices each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import StreamingResponse
+
+from parallm.server.async_engine import EngineRequest, RequestStream
+from parallm.server.errors import bad_request
+from parallm.server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    now_s,
+    random_id,
+)
+from parallm.server.serving import (
+    Choice,
+    ChoiceTracker,
+    EventStreamResponse,
+    ServingContext,
+    check_common,
+    collect,
+    completion_logprobs,
+    sampling_params,
+    sse,
+)
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str  # for echo; decoded from the ids when the prompt came as ids
+
+
+async def create_completion(
+    ctx: ServingContext, req: CompletionRequest
+) -> CompletionResponse | StreamingResponse:
+    """Validate, submit and answer one completions request (streaming or not)."""
+    model = ctx.model_name(req.model)
+    _check_request(req)
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    # Tokenizing can take milliseconds for long prompts: keep it off the event loop.
+    prompts = await asyncio.to_thread(_encode_prompts, ctx, req.prompt)
+    for p in prompts:
+        ctx.check_prompt(p.token_ids, req.max_tokens, "prompt")
+    request_id = random_id("cmpl")
+    stream = ctx.engine.submit(
+        [EngineRequest(f"{request_id}-{i}", p.token_ids, params, p.text)
+         for i, p in enumerate(prompts)]
+    )  # fmt: skip
+    tracker = ChoiceTracker(stream.request_ids, [len(p.token_ids) for p in prompts], req.n)
+    if req.stream:
+        events = _events(req, stream, tracker, prompts, request_id, model)
+        return EventStreamResponse(stream, events)
+    try:
+        choices = await collect(stream, tracker)
+    finally:
+        stream.close()
+    return CompletionResponse(
+        id=request_id,
+        model=model,
+        choices=[_choice(req, i, choices[i], prompts[i // req.n]) for i in sorted(choices)],
+        usage=tracker.usage(),
+    )
+
+
+def _check_request(req: CompletionRequest) -> None:
+    check_common(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported by this server", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request(
+            "echo with logprobs needs prompt logprobs, which this server does not compute",
+            "logprobs",
+        )
+
+
+def _encode_prompts(ctx: ServingContext, prompt: str | list) -> list[Prompt]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    return [_encode_one(ctx, p) for p in prompt]
+
+
+def _encode_one(ctx: ServingContext, prompt: str | list[int]) -> Prompt:
+    if isinstance(prompt, str):
+        tokenizer = ctx.require_tokenizer("text prompts")
+        return Prompt(tokenizer(prompt)["input_ids"], prompt)
+    tokenizer = ctx.tokenizer
+    text = tokenizer.decode(prompt) if tokenizer is not None and prompt else ""
+    return Prompt(list(prompt), text)
+
+
+def _choice(req: CompletionRequest, index: int, choice: Choice, prompt: Prompt) -> CompletionChoice:
+    prefix = prompt.text if req.echo else ""
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = completion_logprobs(choice.token_ids, choice.logprobs, len(prefix))
+    return CompletionChoice(
+        index=index, text=prefix + "".join(choice.text), logprobs=logprobs,
+        finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+    )  # fmt: skip
+
+
+async def _events(
+    req: CompletionRequest,
+    stream: RequestStream,
+    tracker: ChoiceTracker,
+    prompts: list[Prompt],
+    request_id: str,
+    model: str,
+) -> AsyncIterator[str]:
+    created = now_s()
+    options = req.stream_options
+    started: set[int] = set()
+    offsets: dict[int, int] = {}  # logprobs.text_offset of each choice's next token
+    async for out in stream:
+        for index, delta in tracker.deltas(out):
+            text = delta.text
+            if index not in started:
+                started.add(index)
+                text = (prompts[index // req.n].text if req.echo else "") + text
+            logprobs = None
+            if req.logprobs is not None:
+                start = offsets.get(index, 0)
+                logprobs = completion_logprobs(delta.token_ids, delta.logprobs or [], start)
+                offsets[index] = start + sum(len(t) for t in logprobs.tokens)
+            choice = CompletionChoice(
+                index=index, text=text, logprobs=logprobs,
+                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+            )  # fmt: skip
+            usage = tracker.usage() if options and options.continuous_usage_stats else None
+            yield sse(CompletionResponse(id=request_id, created=created, model=model,
+                                         choices=[choice], usage=usage))  # fmt: skip
+    if options and options.include_usage:
+        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                     usage=tracker.usage()))  # fmt: skip

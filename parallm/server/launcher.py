@@ -1,0 +1,106 @@
+"""Running the app: in the foreground (``parallm serve``) or in a background thread (tests, the
+load test, benchmarks)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from parallm.engine.engine import LLMEngine
+
+
+def load_engine(**engine_kwargs: Any) -> LLMEngine:
+    """An engine from ``LLM``'s keyword arguments (model dir, or config file + dummy weights)."""
+    from parallm.llm import LLM
+
+    return LLM(**engine_kwargs).engine
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket; port 0 picks a free one without a race."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _config(app: FastAPI, drain_timeout_s: float | None, log_level: str) -> uvicorn.Config:
+    # On SIGTERM uvicorn stops accepting, waits up to the drain timeout for open requests,
+    # cancels the rest (aborting them), then runs the app's shutdown, which stops the engine.
+    return uvicorn.Config(
+        app, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s,
+        timeout_keep_alive=5,
+    )  # fmt: skip
+
+
+def run_server(
+    app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: str = "info"
+) -> None:
+    """Serve until SIGINT/SIGTERM, then drain and return. Prints the URL once listening."""
+    server = uvicorn.Server(_config(app, drain_timeout_s, log_level))
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]  # the real port when port is 0
+    print(f"parallm: serving on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM
+    # action that would kill the process after a clean drain, so make it a no-op here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run(sockets=[sock])
+
+
+class ServerThread:
+    """The app served by uvicorn on a background thread, on loopback by default.
+
+    ``with ServerThread(app) as server: OpenAI(base_url=server.url + "/v1", ...)``.
+    """
+
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        drain_timeout_s: float | None = 5.0,
+        log_level: str = "warning",
+    ) -> None:
+        self.app = app
+        self._sock = bind_socket(host, port)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.server = uvicorn.Server(_config(app, drain_timeout_s, log_level))
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True,
+            name="parallm-uvicorn",
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Graceful shutdown, as on SIGTERM."""
+        self.server.should_exit = True
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,132 @@
+"""Prometheus metrics of the server: engine gauges, token counters and latency histograms.
+
+Each server owns its registry (several servers may live in one process, as in tests). Gauges
+are read at scrape time from the snapshot the engine thread publishes after every step;
+counters and histograms are updated by the engine thread as outputs are delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "parallm:"
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)  # fmt: skip
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                50.0, 60.0, 120.0, 240.0, 480.0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Engine state after a step, published by the engine thread (replaced, never mutated)."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_seqs_running: int = 0
+    num_blocks: int = 0
+    num_blocks_in_use: int = 0
+    num_cached_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_blocks_in_use / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+
+class ServerMetrics:
+    """All metrics of one server; ``render()`` is the body of ``GET /metrics``."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"model_name": model_name}
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, [*labels, *extra], registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            h = Histogram(PREFIX + name, doc, list(labels), buckets=buckets, registry=self.registry)
+            return h.labels(**labels)
+
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens admitted.").labels(**labels)
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(**labels)
+        self._success = counter(
+            "request_success", "Requests finished, by reason.", ("finished_reason",)
+        )
+        self._model = model_name
+        self.rejected = counter("request_rejected", "Requests refused with 429.").labels(**labels)
+        self.failed = counter("request_failed", "Requests failed by an error.").labels(**labels)
+        self.aborted = counter("request_aborted", "Requests aborted (client left).").labels(
+            **labels
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time from arrival to first token.", _TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens.", _ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the last token.", _E2E_BUCKETS
+        )
+        self.registry.register(_EngineCollector(snapshot, labels))
+
+    def finished(self, reason: str) -> None:
+        self._success.labels(model_name=self._model, finished_reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Gauges (and the engine's own cumulative counters) read from the latest snapshot."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], labels: dict[str, str]) -> None:
+        self._snapshot = snapshot
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        names, values = list(self._labels), list(self._labels.values())
+        gauges = {
+            "num_requests_running": ("Requests with a sequence running.", s.num_requests_running),
+            "num_requests_waiting": ("Requests queued, not yet running.", s.num_requests_waiting),
+            "kv_cache_usage_perc": ("Fraction of KV blocks held by live requests.",
+                                    s.kv_cache_usage),
+            "kv_cache_blocks_in_use": ("KV blocks held by live requests.", s.num_blocks_in_use),
+            "kv_cache_blocks_total": ("KV blocks in the cache.", s.num_blocks),
+            "prefix_cache_cached_blocks": ("Free blocks kept for prefix reuse.",
+                                           s.num_cached_blocks),
+            "prefix_cache_hit_rate": ("Prefix cache hit tokens / queried tokens, since start.",
+                                      s.prefix_cache_hit_rate),
+        }  # fmt: skip
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        counters = {
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
+                                     s.prefix_cache_queries),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            "num_preemptions": ("Sequences preempted for lack of KV blocks.", s.num_preemptions),
+        }  # fmt: skip
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(PREFIX + name, doc, labels=names)
+            family.add_metric(values, value)
+            yield family

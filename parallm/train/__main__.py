@@ -1,0 +1,23 @@
+"""``torchrun --nproc-per-node N -m parallm.train --config FILE [--set k=v ...] [--plot]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from parallm.commands.train import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parallm.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"parallm train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

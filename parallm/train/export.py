@@ -1,0 +1,61 @@
+"""Turn a training checkpoint into a Hugging Face model directory.
+
+The result (config.json, model.safetensors, tokenizer, generation_config.json) loads in
+transformers (``AutoModelForCausalLM``) and in parallm (``LLM(model=...)``). Runs in one
+process with no process group: DCP reassembles the full tensors from any sharded layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+from parallm.config import ModelConfig
+from parallm.models.loader import build_model
+from parallm.train.checkpoint import read_train_state, resolve_checkpoint
+
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """The full (unsharded) float32 model of a checkpoint on CPU, and its HF config dict."""
+    hf_config = json.loads((checkpoint / "config.json").read_text())
+    cfg = ModelConfig.from_dict(hf_config)
+    model = build_model(cfg, torch.float32, torch.device("cpu"), cfg.max_position_embeddings)
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+    return model, hf_config
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    """Write the newest complete checkpoint at/under ``checkpoint`` to ``out``; returns it."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
+    source = resolve_checkpoint(checkpoint)
+    model, hf_config = load_checkpoint_model(source)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: tensor.to(EXPORT_DTYPES[dtype]).contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (hf_config["tie_word_embeddings"] and name == "lm_head.weight")
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {**hf_config, "torch_dtype": dtype}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {
+        "bos_token_id": hf_config.get("bos_token_id"),
+        "eos_token_id": hf_config.get("eos_token_id"),
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if (source / "tokenizer").is_dir():
+        shutil.copytree(source / "tokenizer", out, dirs_exist_ok=True)
+    state = read_train_state(source)
+    (out / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    return source

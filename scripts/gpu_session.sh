@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU tests, then the benchmarks named in $BENCH (default: all).
+# Usage on the device machine: OUT=dir bash scripts/gpu_session.sh [tests|latency|throughput|...]
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+for step in "${@:-tests latency}"; do
+  case $step in
+    tests) python3 -m pytest -q -m gpu -x tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
+               --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
+    latency8b) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
+               --max-model-len 4096 --batch-sizes 1,8,32 --out "$OUT/latency_llama8b.json" 2>&1 | tail -10 ;;
+    throughput) python3 -m parallm.cli bench throughput --config benchmarks/configs/qwen3-0.6b.json \
+               --max-model-len 4096 --out "$OUT/throughput_qwen3.json" 2>&1 | tail -8 ;;
+    throughput1b) python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.2-1b.json \
+               --max-model-len 4096 --out "$OUT/throughput_llama1b.json" 2>&1 | tail -8 ;;
+    attn) python3 benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
