@@ -14,7 +14,7 @@ for step in "${@:-tests latency}"; do
     latency8b) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
                --max-model-len 4096 --batch-sizes 1,8,32 --out "$OUT/latency_llama8b.json" 2>&1 | tail -10 ;;
     throughput) python3 -m parallm.cli bench throughput --config benchmarks/configs/qwen3-0.6b.json \
-               --max-model-len 4096 --out "$OUT/throughput_qwen3.json" 2>&1 | tail -8 ;;
+               --max-model-len 4096 --compare-hf --out "$OUT/throughput_qwen3.json" 2>&1 | tail -8 ;;
     throughput1b) python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/throughput_llama1b.json" 2>&1 | tail -8 ;;
     attn) python3 benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;

@@ -1,0 +1,357 @@
+"""Paged prefill/decode Triton attention against a float64 torch reference.
+
+Without CUDA the kernels run under the Triton interpreter, which must be switched on before
+triton is first imported. When another module imported triton earlier in this pytest process
+(or CUDA is present, where a global TRITON_INTERPRET would also slow the GPU tests down), the
+interpreter tests run instead in one subprocess that starts with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from parallm.layers import triton_attention  # noqa: E402
+from parallm.layers.triton_attention import (  # noqa: E402
+    decode_num_splits,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
+
+# Both triton's own helpers and our kernels must have been built in interpreter mode.
+INTERPRETING = isinstance(tl.zeros, InterpretedFunction) and isinstance(
+    triton_attention._prefill_kernel, InterpretedFunction
+)
+OLD_INTERPRETER = "interpreter of this triton cannot loop to a loaded bound under numpy 2"
+
+
+@triton.jit
+def _loop_to_loaded_bound(ptr):
+    for i in range(0, tl.load(ptr)):
+        tl.store(ptr + 1, i)
+
+
+def _interpreter_loops_work() -> bool:
+    # Older interpreters (triton 3.6) call int() on 1-element arrays, which numpy 2 rejects.
+    try:
+        _loop_to_loaded_bound[(1,)](torch.tensor([2, 0], dtype=torch.int32))
+    except Exception:
+        return False
+    return True
+
+
+INTERPRETER_WORKS = INTERPRETING and _interpreter_loops_work()
+interpreter_test = pytest.mark.skipif(
+    not INTERPRETER_WORKS,
+    reason=OLD_INTERPRETER
+    if INTERPRETING
+    else "triton not in interpreter mode here; run by the subprocess test",
+)
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA device, compiled kernels"
+)
+
+
+def reference_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries over their paged context, in float64."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    groups = q.shape[1] // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        pages = block_tables[b, : math.ceil(seq_len / block_size)].long()
+        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].double()
+        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].double()
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].double(), k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def make_paged_case(
+    lens: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+) -> dict:
+    """Random paged cache for sequences given as (q_len, seq_len).
+
+    Blocks are scattered over a cache twice the needed size, in random order. Every slot
+    not holding a context token is NaN, so reading it (or the padding block 0) shows up in
+    the output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_seq = [math.ceil(seq_len / block_size) for _, seq_len in lens]
+    num_blocks = 2 * sum(pages_per_seq) + 2
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    max_pages = max(pages_per_seq) + 1
+    block_tables = torch.zeros(len(lens), max_pages, dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"))
+    v_cache = torch.full(shape, float("nan"))
+    for b, (_, seq_len) in enumerate(lens):
+        pages = torch.tensor([ids.pop() for _ in range(pages_per_seq[b])], dtype=torch.int32)
+        block_tables[b, : len(pages)] = pages
+        positions = torch.arange(seq_len)
+        slots = pages[positions // block_size].long() * block_size + positions % block_size
+        for cache in (k_cache, v_cache):
+            cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+                seq_len, num_kv_heads, head_dim, generator=gen
+            )
+    q_lens = [q_len for q_len, _ in lens]
+    query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen)
+    return {
+        "q": q.to(device, dtype),
+        "k_cache": k_cache.to(device, dtype),
+        "v_cache": v_cache.to(device, dtype),
+        "block_tables": block_tables.to(device),
+        "query_start_loc": query_start_loc.to(device),
+        "seq_lens": torch.tensor([s for _, s in lens], dtype=torch.int32, device=device),
+        "scale": head_dim**-0.5,
+    }
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def check_prefill(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, tol):
+    case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    out = paged_prefill_attention(
+        case["q"],
+        case["k_cache"],
+        case["v_cache"],
+        case["block_tables"],
+        case["query_start_loc"],
+        case["seq_lens"],
+        max(q for q, _ in lens),
+        case["scale"],
+        out=_poisoned_like(case["q"]),
+    )
+    ref = reference_paged_attention(**case)
+    assert out.dtype == case["q"].dtype and out.shape == case["q"].shape
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < tol
+
+
+def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, tol, **kw):
+    lens = [(1, s) for s in seq_lens]
+    case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    out = paged_decode_attention(
+        case["q"],
+        case["k_cache"],
+        case["v_cache"],
+        case["block_tables"],
+        case["seq_lens"],
+        case["scale"],
+        max(seq_lens),
+        out=_poisoned_like(case["q"]),
+        **kw,
+    )
+    ref = reference_paged_attention(**case)
+    assert out.dtype == case["q"].dtype and out.shape == case["q"].shape
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < tol
+
+
+# Interpreter (CPU) tests: float32, small shapes.
+
+
+@pytest.mark.skipif(INTERPRETING, reason="interpreter tests already run in this process")
+def test_interpreter_suite_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
+    cmd += ["-m", "not gpu", "-k", "not in_subprocess", os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, output
+    if OLD_INTERPRETER in proc.stdout:
+        pytest.skip(OLD_INTERPRETER)
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, output
+
+
+# (q_len, seq_len): full prompts, prefix-cache hits, a chunked continuation, decode-like rows,
+# lengths on and off block boundaries.
+MIXED_LENS = [(1, 1), (5, 5), (17, 17), (3, 40), (20, 37), (1, 33), (16, 32)]
+
+
+@interpreter_test
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "block_size"), [(4, 2, 16), (2, 2, 32), (4, 1, 16), (6, 2, 16)]
+)
+def test_prefill_interpreter(num_heads, num_kv_heads, block_size):
+    check_prefill(MIXED_LENS, num_heads, num_kv_heads, 64, block_size, torch.float32, "cpu", 1e-3)
+
+
+@interpreter_test
+def test_prefill_interpreter_unpacked_heads(monkeypatch):
+    monkeypatch.setattr(triton_attention, "_PREFILL_PACK_GQA", False)
+    check_prefill(MIXED_LENS, 4, 2, 64, 16, torch.float32, "cpu", 1e-3)
+
+
+@interpreter_test
+def test_prefill_interpreter_multi_tile():
+    # Two query tiles in one sequence; prefixes longer than a key tile, one of them ending
+    # inside a key tile so that tile must be masked.
+    lens = [(200, 200), (40, 200), (30, 150)]
+    check_prefill(lens, 2, 1, 32, 16, torch.float32, "cpu", 1e-3)
+
+
+@interpreter_test
+def test_prefill_interpreter_odd_head_dim():
+    check_prefill([(9, 9), (4, 21)], 2, 1, 40, 16, torch.float32, "cpu", 1e-3)
+
+
+@interpreter_test
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (2, 2)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("use_dot", [True, False])
+def test_decode_interpreter(num_heads, num_kv_heads, num_splits, use_dot):
+    seq_lens = [1, 15, 16, 17, 100, 300]
+    check_decode(
+        seq_lens,
+        num_heads,
+        num_kv_heads,
+        64,
+        16,
+        torch.float32,
+        "cpu",
+        1e-3,
+        num_splits=num_splits,
+        use_dot=use_dot,
+    )
+
+
+@interpreter_test
+def test_decode_interpreter_block32_many_splits():
+    # More splits than some sequences have keys: their extra splits must stay out of the merge.
+    check_decode([3, 64, 250], 4, 2, 64, 32, torch.float32, "cpu", 1e-3, num_splits=8)
+
+
+@interpreter_test
+def test_decode_matches_prefill_single_token():
+    lens = [(1, 1), (1, 30), (1, 77)]
+    case = make_paged_case(lens, 4, 2, 64, 16, torch.float32, "cpu", seed=3)
+    args = (case["q"], case["k_cache"], case["v_cache"], case["block_tables"])
+    prefill = paged_prefill_attention(
+        *args, case["query_start_loc"], case["seq_lens"], 1, case["scale"]
+    )
+    decode = paged_decode_attention(*args, case["seq_lens"], case["scale"], 77, num_splits=2)
+    torch.testing.assert_close(prefill, decode, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_num_splits_fills_gpu():
+    assert decode_num_splits(1, 8, 4096) * 8 >= 128
+    assert decode_num_splits(128, 8, 4096) == 1
+    assert decode_num_splits(1, 8, 100) == 1
+    assert 1 <= decode_num_splits(1, 1, 1 << 20) <= 64
+
+
+# GPU tests: half precision, realistic shapes.
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 8), (32, 4), (8, 8)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_gpu(dtype, head_dim, num_heads, num_kv_heads, block_size):
+    lens = [(512, 512), (1, 2048), (100, 1100), (37, 37), (300, 301), (1, 1)]
+    check_prefill(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, "cuda", 1e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_prefill_gpu_head_dims(dtype, head_dim):
+    check_prefill([(200, 200), (50, 333)], 8, 2, head_dim, 16, dtype, "cuda", 1e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [96, 256])
+@pytest.mark.parametrize("use_dot", [True, False])
+def test_decode_gpu_head_dims(head_dim, use_dot):
+    check_decode([1000, 3], 8, 2, head_dim, 16, torch.bfloat16, "cuda", 1e-2, use_dot=use_dot)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 8), (32, 4), (8, 8)])
+@pytest.mark.parametrize("seq_lens", [[4096], [4100, 1, 17, 2048], [777] * 40])
+@pytest.mark.parametrize("use_dot", [True, False])
+def test_decode_gpu(dtype, head_dim, num_heads, num_kv_heads, seq_lens, use_dot):
+    check_decode(
+        seq_lens, num_heads, num_kv_heads, head_dim, 16, dtype, "cuda", 1e-2, use_dot=use_dot
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [1, 7, 64])
+def test_decode_gpu_forced_splits(num_splits):
+    check_decode(
+        [4096, 300, 5000], 32, 8, 128, 32, torch.bfloat16, "cuda", 1e-2, num_splits=num_splits
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_decode_gpu_cuda_graph():
+    lens = [(1, s) for s in (100, 3000)]
+    case = make_paged_case(lens, 32, 8, 64, 16, torch.bfloat16, "cuda")
+    args = (case["q"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"])
+    out = torch.empty_like(case["q"])
+    kw = {"num_splits": 16, "out": out}
+    paged_decode_attention(*args, case["scale"], 8192, **kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(*args, case["scale"], 8192, **kw)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(out, reference_paged_attention(**case)) < 1e-2
