@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from parallm.bundled import default_model_path
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.engine import LLMEngine
 from parallm.outputs import RequestOutput
@@ -24,7 +25,8 @@ Message = dict[str, str]
 class LLM:
     """Generate text for many prompts at once with continuous batching.
 
-    ``model`` is a Hugging Face model directory, or a ``config.json`` path together with
+    ``model`` is a Hugging Face model directory (default: the bundled code model), or a
+    ``config.json`` path together with
     ``load_format="dummy"`` (random weights, for benchmarks). Other keywords are the fields
     of :class:`parallm.config.EngineConfig` (dtype, device, kv_cache_memory,
     gpu_memory_utilization, block_size, max_num_seqs, max_num_batched_tokens,
@@ -32,6 +34,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if model is None:
+            model = default_model_path()
         config = EngineConfig.from_kwargs(model=model, **kwargs)
         model_config = None
         if model is not None and Path(model).is_file():
