@@ -119,6 +119,8 @@ class LLM:
         with bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"request {out.request_id} failed: {out.error}")
                     if out.finished:
                         finished[out.request_id] = out
                         generated += sum(len(c.token_ids) for c in out.outputs)

@@ -8,7 +8,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 for step in "${@:-tests latency}"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu -x tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    tests) python3 -m pytest -q -m gpu tests/test_triton_attention.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
     latency8b) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
@@ -17,6 +17,16 @@ for step in "${@:-tests latency}"; do
                --max-model-len 4096 --compare-hf --out "$OUT/throughput_qwen3.json" 2>&1 | tail -8 ;;
     throughput1b) python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/throughput_llama1b.json" 2>&1 | tail -8 ;;
+    latency8b1) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
+               --max-model-len 4096 --batch-sizes 1,8 --iters 2 --out "$OUT/latency_llama8b.json" 2>&1 | tail -8 ;;
+    bundled) python3 -m parallm train --config configs/train/code-model.toml --plot 2>&1 | tail -5
+             python3 -m parallm export --checkpoint runs/code-model/checkpoints --out runs/export 2>&1 | tail -3
+             python3 -m parallm generate --model runs/export "def add(a, b):" --max-tokens 48 2>&1 | tail -6
+             mv runs/export/model.safetensors "$OUT/"
+             cp runs/code-model/metrics.jsonl runs/code-model/loss.png runs/export/
+             cp runs/data/stdlib-8k/meta.json runs/export/data_meta.json
+             tar -C runs -cf "$OUT/code-model-rest.tar" export ;;
+    profile) python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json 2>&1 | tail -32 ;;
     attn) python3 benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac

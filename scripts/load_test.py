@@ -119,6 +119,20 @@ def _pump(stream) -> None:  # noqa: ANN001 - a text stream
         sys.stderr.write(line)
 
 
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Wait until ``/health`` answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not become healthy within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def read_metrics(url: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = args.url.rstrip("/").removesuffix("/v1")
             else:
                 proc, url = start_server(args, Path(workdir))
+            wait_ready(url, args.idle_timeout)
             before = wait_idle(url, args.idle_timeout)
             started = time.monotonic()
             tally = asyncio.run(run_load(url, args))

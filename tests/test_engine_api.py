@@ -172,3 +172,50 @@ def test_bad_engine_arguments(tiny_model_dir):
         LLM(path, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
         LLM(path, device="cpu").generate(["a", "b"], [SamplingParams()], use_tqdm=False)
+
+
+def test_stream_with_parallel_samples_reports_each_sample_once(llm):
+    engine = llm.engine
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6)
+    short = SamplingParams(n=1, temperature=0, max_tokens=2)
+    engine.add_request("multi", [5, 6, 7], params, stream=True)
+    engine.add_request("short", [8, 9], short, stream=True)
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    finishes: dict[int, int] = {0: 0, 1: 0, 2: 0}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != "multi":
+                continue
+            for c in out.outputs:
+                tokens[c.index] += c.token_ids
+                finishes[c.index] += c.finish_reason is not None
+    assert all(len(t) == 6 for t in tokens.values())
+    assert finishes == {0: 1, 1: 1, 2: 1}
+
+
+def test_a_failing_request_fails_alone(llm, monkeypatch):
+    """An exception while processing one request ends that request, not the engine."""
+    engine = llm.engine
+    from parallm.engine import output_processor
+
+    original = output_processor.OutputProcessor._check_stop
+
+    def broken(self, seq, token):
+        if seq.params.seed == 99 and seq.num_output_tokens == 2:
+            raise KeyError("injected")
+        return original(self, seq, token)
+
+    monkeypatch.setattr(output_processor.OutputProcessor, "_check_stop", broken)
+    bad = SamplingParams(max_tokens=8, n=2, seed=99)
+    engine.add_request("bad", [5, 6], bad)
+    engine.add_request("good", [5, 6], SamplingParams(temperature=0, max_tokens=8))
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+    assert "injected" in results["bad"].error and results["bad"].finished
+    assert results["good"].error is None and len(results["good"].outputs[0].token_ids) == 8
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate({"prompt_token_ids": [5, 6]}, bad, use_tqdm=False)
+    assert not engine.has_unfinished_requests()

@@ -7,6 +7,7 @@ seed 0: the workload nano-vllm publishes.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 from typing import Any
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     summary = engine.summary()
     if args.compare_hf:
         del llm, engine
+        gc.collect()  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         mean_out = round(sum(out_lens) / len(out_lens))
         hf = run_hf(args.model, args.config, _dtype(args.dtype), prompts, mean_out)

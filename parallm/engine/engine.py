@@ -49,6 +49,10 @@ class LLMEngine:
         num_blocks = self.runner.plan_num_blocks(
             sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
         )
+        # Past twice what max_num_seqs full-length sequences need, blocks only feed the prefix
+        # cache; the cap keeps start-up fast for small models on big cards.
+        blocks_per_seq = -(-self.max_model_len // cache_cfg.block_size)
+        num_blocks = min(num_blocks, 2 * sched_cfg.max_num_seqs * blocks_per_seq)
         _check_capacity(num_blocks, cache_cfg.block_size, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
@@ -151,6 +155,14 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         self.outputs.forget(request_id)
 
+    def _fail_request(self, request_id: str) -> None:
+        """End every sample of a request whose output processing raised."""
+        request = self.requests.get(request_id)
+        for seq in request.seqs if request is not None else []:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -165,6 +177,8 @@ class LLMEngine:
         finished = self.outputs.process(sampled, result)
         for seq in finished:
             self.scheduler.finish(seq)
+        for request_id in self.outputs.errors:
+            self._fail_request(request_id)
         outputs = self.outputs.collect(self.requests, sampled)
         for out in outputs:
             if out.finished:

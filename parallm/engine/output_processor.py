@@ -21,6 +21,8 @@ class OutputProcessor:
         self.streaming: dict[str, bool] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.num_sent: dict[int, int] = {}
+        # request_id -> message, for requests whose output processing raised.
+        self.errors: dict[str, str] = {}
 
     def register(self, request: Request, stream: bool) -> None:
         self.streaming[request.request_id] = stream
@@ -34,6 +36,7 @@ class OutputProcessor:
 
     def forget(self, request_id: str) -> None:
         self.streaming.pop(request_id, None)
+        self.errors.pop(request_id, None)
 
     def process(self, sampled: list[Sequence], result: SamplerOutput | None) -> list[Sequence]:
         """Append one token to each sampling sequence; return those that finished."""
@@ -46,18 +49,33 @@ class OutputProcessor:
         top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         finished = []
         for i, seq in enumerate(sampled):
-            token = token_ids[i]
-            seq.append_token(token)
-            if logprobs is not None:
-                seq.cumulative_logprob += logprobs[i]
-                if seq.logprobs is not None:
-                    k = seq.params.logprobs or 0
-                    top = (top_ids[i][:k], top_lps[i][:k]) if top_ids else ([], [])
-                    seq.logprobs.append(self._logprob_entry(token, logprobs[i], ranks[i], top))
-            if self._check_stop(seq, token):
+            top = (top_ids[i], top_lps[i]) if top_ids is not None else ([], [])
+            lp = (logprobs[i], ranks[i]) if logprobs is not None else None
+            try:
+                done = self._append(seq, token_ids[i], lp, top)
+            except Exception as exc:  # one request's failure must not take the batch down
+                self.errors[seq.request_id] = f"{type(exc).__name__}: {exc}"
+                done = _finish(seq, "error", None)
+            if done:
                 seq.finish_time = time.monotonic()
                 finished.append(seq)
         return finished
+
+    def _append(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: tuple[float, int] | None,
+        top: tuple[list[int], list[float]],
+    ) -> bool:
+        seq.append_token(token)
+        if logprob is not None:
+            seq.cumulative_logprob += logprob[0]
+            if seq.logprobs is not None:
+                k = seq.params.logprobs or 0
+                top_k = (top[0][:k], top[1][:k])
+                seq.logprobs.append(self._logprob_entry(token, logprob[0], logprob[1], top_k))
+        return self._check_stop(seq, token)
 
     def _logprob_entry(
         self, token: int, logprob: float, rank: int, top: tuple[list[int], list[float]]
@@ -99,11 +117,15 @@ class OutputProcessor:
                 continue
             stream = self.streaming.get(request_id, False)
             if stream or request.is_finished:
-                outputs.append(self._build(request, stream))
+                progressed = {seq.seq_id for seq in sampled if seq.request_id == request_id}
+                outputs.append(self._build(request, stream, progressed))
         return outputs
 
-    def _build(self, request: Request, delta: bool) -> RequestOutput:
-        completions = [self._completion(seq, delta) for seq in request.seqs]
+    def _build(self, request: Request, delta: bool, progressed: set[int]) -> RequestOutput:
+        # A delta carries only the samples that moved this step, so a finished sample of an
+        # n > 1 request is reported once, not again with every step of its siblings.
+        seqs = [s for s in request.seqs if s.seq_id in progressed] if delta else request.seqs
+        completions = [self._completion(seq, delta) for seq in seqs]
         first = min((s.first_token_time for s in request.seqs if s.first_token_time), default=None)
         metrics = {"arrival_time": request.arrival_time}
         if first is not None:
@@ -116,6 +138,7 @@ class OutputProcessor:
             finished=request.is_finished,
             num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
             metrics=metrics,
+            error=self.errors.get(request.request_id),
         )
 
     def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:

@@ -144,6 +144,11 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: token ids, positions, slots, query offsets, block tables."""
+        if all(item.num_new_tokens == 1 and item.samples for item in batch.seqs):
+            ids, positions, slots, seq_lens, tables = self.prepare_decode(batch)
+            rows = np.arange(len(ids), dtype=np.int64)
+            return StepInputs(ids, positions, slots, np.arange(len(ids) + 1, dtype=np.int32),
+                              seq_lens, tables, rows)  # fmt: skip
         bs = self.block_size
         ids, positions, slots, seq_lens = [], [], [], []
         query_start = [0]

@@ -18,18 +18,17 @@ from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.request import Sequence, SequenceStatus
 
 
-@dataclass
 class ScheduledSeq:
     """One sequence's share of a step: tokens ``start .. start+num_new_tokens``."""
 
-    seq: Sequence
-    start: int
-    num_new_tokens: int
+    __slots__ = ("seq", "start", "num_new_tokens", "samples")
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last known token, so it samples."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __init__(self, seq: Sequence, start: int, num_new_tokens: int) -> None:
+        self.seq = seq
+        self.start = start
+        self.num_new_tokens = num_new_tokens
+        # True when this step computes the sequence's last known token, so it samples.
+        self.samples = start + num_new_tokens == seq.num_tokens
 
 
 @dataclass
@@ -88,9 +87,12 @@ class Scheduler:
         budget = self._schedule_running(batch, self.cfg.max_num_batched_tokens)
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
+        block_size = self.kv.block_size
         for item in batch.seqs:
-            self.kv.commit_full_blocks(item.seq, item.start + item.num_new_tokens)
-            item.seq.num_computed_tokens = item.start + item.num_new_tokens
+            end = item.start + item.num_new_tokens
+            if end // block_size > item.seq.num_registered_blocks:
+                self.kv.commit_full_blocks(item.seq, end)
+            item.seq.num_computed_tokens = end
             self._count(item)
         return batch
 
@@ -117,6 +119,8 @@ class Scheduler:
         return budget
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
+        if seq.num_computed_tokens + num_new <= len(seq.block_table) * self.kv.block_size:
+            return True  # fits in the blocks it holds: the common decode case
         while not self.kv.allocate(seq, num_new):
             victim = self.running.pop()
             self._preempt(victim, batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -25,12 +24,10 @@ from parallm.server.async_engine import (
 )
 from parallm.server.chat import create_chat_completion
 from parallm.server.completions import create_completion
-from parallm.server.errors import APIError, bad_request, from_validation_error
+from parallm.server.errors import APIError, bad_request, error_from, from_validation_error
 from parallm.server.metrics import CONTENT_TYPE, ServerMetrics
 from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from parallm.server.serving import ServingContext, error_from
-
-logger = logging.getLogger("parallm.server")
+from parallm.server.serving import ServingContext
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -135,12 +132,14 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()  # its ``finally`` closes the request stream, which aborts
-    if task not in done:
+    # A response that was ready anyway is returned even if the client left: dropping it
+    # unsent would leave its stream open.
+    if not task.done() or task.cancelled():
         raise ClientDisconnected()
     return task.result()
 

@@ -29,6 +29,7 @@ from parallm.server.metrics import EngineSnapshot, ServerMetrics
 logger = logging.getLogger("parallm.server")
 
 RETRY_AFTER_S = 1
+_IDLE_STEP_WAIT_S = 0.005
 
 
 class EngineOverloaded(Exception):
@@ -71,10 +72,6 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | RequestFailed] = asyncio.Queue()
         self._unfinished = set(ids)
-
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while self._unfinished:
@@ -157,11 +154,6 @@ class AsyncEngine:
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
 
-    @property
-    def num_live_requests(self) -> int:
-        """Engine requests admitted and not yet finished or aborted."""
-        return len(self._tracked) + self._num_pending
-
     def submit(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue the engine requests of one HTTP request; must run on the caller's event loop."""
         stream = RequestStream(self, asyncio.get_running_loop(), [r.request_id for r in requests])
@@ -208,9 +200,14 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while self._handle_inbox(block=not self.engine.has_unfinished_requests()):
-                if self.engine.has_unfinished_requests():
-                    self._step()
+            wait_s: float | None = None  # None: nothing to do, block until told something
+            while self._handle_inbox(wait_s):
+                if not self.engine.has_unfinished_requests():
+                    wait_s = None
+                    continue
+                # A step that scheduled nothing would make this loop spin: wait a little for
+                # an abort or a new request instead.
+                wait_s = 0.0 if self._step() else _IDLE_STEP_WAIT_S
         except BaseException as exc:  # a bug in this loop: say so everywhere, then stop
             logger.exception("engine loop died")
             with self._lock:
@@ -232,10 +229,11 @@ class AsyncEngine:
                 self._deliver(item.stream, RequestFailed(reason, status=503))
         self._publish()
 
-    def _handle_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False once asked to stop."""
+    def _handle_inbox(self, wait_s: float | None) -> bool:
+        """Apply queued adds and aborts, waiting up to ``wait_s`` for the first (None: no
+        limit); False once asked to stop."""
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get_nowait() if wait_s == 0 else self._inbox.get(timeout=wait_s)
         except queue.Empty:
             return True
         while True:
@@ -274,14 +272,16 @@ class AsyncEngine:
             self.metrics.aborted.inc()
         self.engine.abort_request(request_id)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step and the delivery of its outputs; False if nothing was scheduled."""
+        steps_before = self.engine.num_steps
         try:
             outputs = self.engine.step()
         except Exception as exc:
             logger.exception("engine step failed; failing the requests that were in it")
             self._fail_step(exc)
             self._publish()
-            return
+            return True
         self._publish()
         now = time.monotonic()
         deliveries: list[tuple[RequestStream, RequestOutput]] = []
@@ -289,6 +289,9 @@ class AsyncEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue  # aborted while the step ran
+            if out.error is not None:  # the engine ended this request alone; fail it alone
+                self._fail(out.request_id, RuntimeError(out.error))
+                continue
             try:
                 self._account(tracked, out, now)
             except Exception as exc:
@@ -299,6 +302,7 @@ class AsyncEngine:
             if out.finished:
                 del self._tracked[out.request_id]
         self._deliver_many(deliveries)
+        return self.engine.num_steps != steps_before
 
     def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         """Update token counters and latency histograms for one output."""

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from parallm.outputs import CompletionOutput
 from parallm.server.async_engine import EngineRequest, RequestStream
 from parallm.server.errors import bad_request
+from parallm.server.logprobs import chat_logprobs
 from parallm.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -25,14 +26,12 @@ from parallm.server.protocol import (
 from parallm.server.serving import (
     Choice,
     ChoiceTracker,
-    EventStreamResponse,
     ServingContext,
-    chat_logprobs,
     check_common,
     collect,
     sampling_params,
-    sse,
 )
+from parallm.server.sse import EventStreamResponse, sse
 
 
 async def create_chat_completion(
@@ -44,9 +43,8 @@ async def create_chat_completion(
     max_tokens = req.max_completion_tokens or req.max_tokens
     top = req.top_logprobs or 0
     params = sampling_params(req, max_tokens, top if req.logprobs else None)
-    # Rendering the template and tokenizing can take milliseconds: keep them off the loop.
-    prompt, ids = await asyncio.to_thread(_render, ctx, req)
-    ctx.check_prompt(ids, max_tokens, "messages")
+    # Rendering the template, tokenizing and checking take milliseconds: keep them off the loop.
+    prompt, ids = await asyncio.to_thread(_render, ctx, req, max_tokens)
     request_id = random_id("chatcmpl")
     stream = ctx.engine.submit([EngineRequest(request_id, ids, params, prompt)])
     tracker = ChoiceTracker(stream.request_ids, [len(ids)], req.n)
@@ -72,7 +70,10 @@ def _check_request(req: ChatCompletionRequest) -> None:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
 
 
-def _render(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+def _render(
+    ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int | None
+) -> tuple[str, list[int]]:
+    """The conversation as prompt text and token ids, checked against the context."""
     tokenizer = ctx.require_tokenizer("chat completions")
     conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
@@ -82,7 +83,9 @@ def _render(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str, list[
     except ValueError as e:  # transformers' way of saying there is no chat template
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
     # The template already holds the special tokens it wants (BOS included).
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ctx.check_prompt(ids, max_tokens, "messages")
+    return text, ids
 
 
 def _logprobs(req: ChatCompletionRequest, delta: CompletionOutput | Choice) -> ChatLogprobs | None:

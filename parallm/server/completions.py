@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from parallm.server.async_engine import EngineRequest, RequestStream
 from parallm.server.errors import bad_request
+from parallm.server.logprobs import completion_logprobs
 from parallm.server.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -20,14 +21,12 @@ from parallm.server.protocol import (
 from parallm.server.serving import (
     Choice,
     ChoiceTracker,
-    EventStreamResponse,
     ServingContext,
     check_common,
     collect,
-    completion_logprobs,
     sampling_params,
-    sse,
 )
+from parallm.server.sse import EventStreamResponse, sse
 
 
 @dataclass
@@ -43,10 +42,8 @@ async def create_completion(
     model = ctx.model_name(req.model)
     _check_request(req)
     params = sampling_params(req, req.max_tokens, req.logprobs)
-    # Tokenizing can take milliseconds for long prompts: keep it off the event loop.
-    prompts = await asyncio.to_thread(_encode_prompts, ctx, req.prompt)
-    for p in prompts:
-        ctx.check_prompt(p.token_ids, req.max_tokens, "prompt")
+    # Tokenizing and checking long prompts takes milliseconds: keep it off the event loop.
+    prompts = await asyncio.to_thread(_prepare_prompts, ctx, req)
     request_id = random_id("cmpl")
     stream = ctx.engine.submit(
         [EngineRequest(f"{request_id}-{i}", p.token_ids, params, p.text)
@@ -81,14 +78,17 @@ def _check_request(req: CompletionRequest) -> None:
         )
 
 
-def _encode_prompts(ctx: ServingContext, prompt: str | list) -> list[Prompt]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
+def _prepare_prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
+    """The request's prompts as token ids (and text), each checked against the context."""
+    prompt = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompt:
         raise bad_request("prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    return [_encode_one(ctx, p) for p in prompt]
+    prompts = [_encode_one(ctx, p) for p in prompt]
+    for p in prompts:
+        ctx.check_prompt(p.token_ids, req.max_tokens, "prompt")
+    return prompts
 
 
 def _encode_one(ctx: ServingContext, prompt: str | list[int]) -> Prompt:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from parallm.server.async_engine import RequestFailed
 from parallm.server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("parallm.server")
 
 # OpenAI's ``error.type`` for each status we return.
 _TYPES = {
@@ -86,3 +90,13 @@ def _common_prefix(locs: list[tuple]) -> tuple:
             n += 1
         prefix = prefix[:n]
     return prefix
+
+
+def error_from(exc: BaseException) -> APIError:
+    """The APIError that reports ``exc`` to a client."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestFailed):
+        return APIError(str(exc), exc.status, code=str(exc.status))
+    logger.exception("request failed", exc_info=exc)
+    return APIError(f"{type(exc).__name__}: {exc}", 500, code="500")

@@ -4,8 +4,8 @@ load test, benchmarks)."""
 from __future__ import annotations
 
 import signal
-import sys
 import socket
+import sys
 import threading
 import time
 from types import TracebackType
@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from parallm.engine.engine import LLMEngine
 
+_BACKLOG = 2048  # uvicorn's default
+
 
 def load_engine(**engine_kwargs: Any) -> LLMEngine:
     """An engine from ``LLM``'s keyword arguments (model dir, or config file + dummy weights)."""
@@ -25,11 +27,13 @@ def load_engine(**engine_kwargs: Any) -> LLMEngine:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket; port 0 picks a free one without a race."""
+    """A listening socket; port 0 picks a free one without a race."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening now, not when uvicorn gets to it, queues early clients instead of refusing them.
+    sock.listen(_BACKLOG)
     return sock
 
 

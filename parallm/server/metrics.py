@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -86,6 +92,8 @@ class ServerMetrics:
             "e2e_request_latency_seconds", "Time from arrival to the last token.", _E2E_BUCKETS
         )
         self.registry.register(_EngineCollector(snapshot, labels))
+        # process_resident_memory_bytes and friends: the load test watches the server's memory.
+        ProcessCollector(registry=self.registry)
 
     def finished(self, reason: str) -> None:
         self._success.labels(model_name=self._model, finished_reason=reason).inc()

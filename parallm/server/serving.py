@@ -1,30 +1,17 @@
-"""What completions and chat completions share: validation, sampling parameters, the per-choice
-bookkeeping of streamed deltas, logprob formatting and server-sent events."""
+"""What completions and chat completions share: validation, sampling parameters and the
+per-choice bookkeeping of streamed deltas."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
-
 from parallm.outputs import CompletionOutput, Logprob, RequestOutput
 from parallm.sampling_params import SamplingParams
-from parallm.server.async_engine import AsyncEngine, RequestFailed, RequestStream
-from parallm.server.errors import APIError, bad_request, from_value_error
-from parallm.server.protocol import (
-    CompletionLogprobs,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
-
-logger = logging.getLogger("parallm.server")
-
-SSE_DONE = "data: [DONE]\n\n"
+from parallm.server.async_engine import AsyncEngine, RequestStream
+from parallm.server.errors import bad_request, from_value_error
+from parallm.server.protocol import Usage
 
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty")  # fmt: skip
@@ -64,11 +51,6 @@ class ServingContext:
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         """400 for an invalid prompt, or one that leaves no room for ``max_tokens``."""
-        try:
-            self.engine.engine.validate_prompt(ids)
-        except ValueError as e:
-            code = "context_length_exceeded" if len(ids) > self.max_model_len else "invalid_value"
-            raise bad_request(str(e), param, code) from None
         limit = self.max_model_len
         if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
             asked = f", plus {max_tokens} for the completion" if max_tokens else ""
@@ -79,6 +61,10 @@ class ServingContext:
                 param,
                 "context_length_exceeded",
             )
+        try:
+            self.engine.engine.validate_prompt(ids)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
 
 
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -167,107 +153,3 @@ async def collect(stream: RequestStream, tracker: ChoiceTracker) -> dict[int, Ch
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
     return choices
-
-
-# ---- logprobs ------------------------------------------------------------------------------
-
-
-def _token_text(token_id: int, lp: Logprob) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}"
-
-
-def _by_rank(entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
-    return sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-
-
-def completion_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int
-) -> CompletionLogprobs:
-    """The legacy completions format: tokens, their logprobs, top alternatives, text offsets."""
-    result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries, strict=True):
-        token = _token_text(token_id, entry[token_id])
-        result.tokens.append(token)
-        result.token_logprobs.append(entry[token_id].logprob)
-        result.top_logprobs.append({_token_text(t, lp): lp.logprob for t, lp in _by_rank(entry)})
-        result.text_offset.append(text_offset)
-        text_offset += len(token)
-    return result
-
-
-def chat_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], top: int
-) -> list[TokenLogprob]:
-    """The chat format: one record per token with its ``top`` likeliest alternatives."""
-    records = []
-    for token_id, entry in zip(token_ids, entries, strict=True):
-        chosen = entry[token_id]
-        alternatives = [
-            _top_logprob(t, lp)
-            for t, lp in _by_rank(entry)
-            if lp.rank is not None and lp.rank <= top
-        ][:top]
-        text = _token_text(token_id, chosen)
-        records.append(
-            TokenLogprob(
-                token=text,
-                logprob=chosen.logprob,
-                bytes=list(text.encode()),
-                top_logprobs=alternatives,
-            )  # fmt: skip
-        )
-    return records
-
-
-def _top_logprob(token_id: int, lp: Logprob) -> TopLogprob:
-    text = _token_text(token_id, lp)
-    return TopLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()))
-
-
-# ---- server-sent events --------------------------------------------------------------------
-
-
-def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
-
-
-def error_from(exc: BaseException) -> APIError:
-    """The APIError that reports ``exc`` to a client."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, RequestFailed):
-        return APIError(str(exc), exc.status, code=str(exc.status))
-    logger.exception("request failed", exc_info=exc)
-    return APIError(f"{type(exc).__name__}: {exc}", 500, code="500")
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events of one request; closing the request however the response ends.
-
-    Starlette cancels the body iterator when the client disconnects, but a client that leaves
-    before the first byte may stop the response before the iterator ever starts, so its
-    ``finally`` would never run: closing here covers that case too.
-    """
-
-    def __init__(self, stream: RequestStream, events: AsyncIterator[str]) -> None:
-        super().__init__(_sse_events(stream, events), media_type="text/event-stream")
-        self._stream = stream
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._stream.close()
-
-
-async def _sse_events(stream: RequestStream, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Wrap a request's events: an error becomes an error event, and the stream always ends
-    with ``[DONE]``. A client that leaves cancels this generator, and ``close()`` aborts."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        yield sse(error_from(exc).body())
-    finally:
-        stream.close()
-    yield SSE_DONE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,10 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():
+        # DCP warns that it loads in one process; that is the point here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
     return model, hf_config
 
 

@@ -57,7 +57,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection) -> nn.
     if cfg.compile:
         for layer in layers:
             # In place (nn.Module.compile), unlike torch.compile(m), so names keep no `_orig_mod`.
-            layer.compile(fullgraph=True)
+            # Not fullgraph: FSDP's hooks, added next, run outside the compiled graph.
+            layer.compile()
     apply_fsdp(model, mesh["dp"], compute_dtype(cfg, mesh.device_type))
     return model
 
