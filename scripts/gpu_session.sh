@@ -4,6 +4,8 @@
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# .git does not travel to the device; record the commit here with `git rev-parse --short HEAD > .commit`.
+export PARALLM_COMMIT=${PARALLM_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 for step in "${@:-tests latency}"; do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -65,6 +66,9 @@ def environment() -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
+    # The device machine gets the working tree without .git; the launcher passes the commit.
+    if os.environ.get("PARALLM_COMMIT"):
+        return os.environ["PARALLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).parent)  # fmt: skip
