@@ -1,4 +1,4 @@
-"""``parallm bench latency|throughput``: benchmarks that print a table and write JSON."""
+"""``parallm bench latency|throughput|train|serve``: benchmarks printing a table and JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from parallm.commands.engine_args import add_engine_args, engine_kwargs
 _KINDS = {
     "latency": "decode speed at fixed batch sizes, against the memory-bandwidth roofline",
     "throughput": "the standard offline workload (256 requests, lengths in [100, 1024])",
+    "train": "training tokens/s and MFU of a model shape on random tokens (torchrun: many GPUs)",
+    "serve": "load a running OpenAI-compatible server by URL: TTFT, TPOT, ITL, goodput",
 }
+
+# Kinds that build their own model instead of an inference engine: they take no engine flags
+# (train's --config and --dtype mean something else) and their run(args) gets no LLM. serve
+# drives a server over HTTP, so it builds no engine either (its --model names the served model).
+_NO_ENGINE = {"train", "serve"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,19 +28,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         module = _module(name)
         module.add_args(k)
         k.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-        add_engine_args(k)
+        if name not in _NO_ENGINE:
+            add_engine_args(k)
         k.set_defaults(func=run)
 
 
 def _module(name: str):  # noqa: ANN202 - a module
-    from parallm.bench import latency, throughput
+    from parallm.bench import latency, serve, throughput, train
 
-    return {"latency": latency, "throughput": throughput}[name]
+    return {"latency": latency, "throughput": throughput, "train": train, "serve": serve}[name]
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench in _NO_ENGINE:
+        _module(args.bench).run(args)
+        return 0
     from parallm import LLM
 
-    llm = LLM(**engine_kwargs(args))
-    _module(args.bench).run(args, llm)
+    # No local reference: throughput --compare-hf frees the engine before loading transformers.
+    _module(args.bench).run(args, LLM(**engine_kwargs(args)))
     return 0
