@@ -64,6 +64,17 @@ class SamplingParams:
         """True when sampling reduces to argmax."""
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing else to compute: no penalties and no logprobs."""
+        return (
+            self.greedy
+            and self.logprobs is None
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )
+
     def _validate(self) -> None:
         _check_int("n", self.n, low=1)
         _check_number("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)

@@ -223,7 +223,11 @@ class ModelRunner:
             logits = self.forward_logits(self.prepare(batch))
         if logits is None:
             return None
-        rows = [self._sampling_row(item.seq) for item in batch.seqs if item.samples]
+        seqs = [item.seq for item in batch.seqs if item.samples]
+        if all(s.params.plain_greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
+            # The common offline case: skip building sampling tensors, one argmax on device.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1))
+        rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
         return self.sampler(logits, tensors)
 
