@@ -224,6 +224,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # Triton RMSNorm(+residual), rotary and SiLU-mul. Off until measured on a GPU (RESULTS.md).
+    fused_kernels: bool = False
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
     @classmethod

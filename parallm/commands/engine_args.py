@@ -72,6 +72,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="attention kernels: triton on CUDA, reference elsewhere",
     )
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    g.add_argument(
+        "--fused-kernels",
+        action="store_true",
+        help="Triton RMSNorm+residual, rotary and SiLU-mul kernels (CUDA; experimental)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
 
 
@@ -93,6 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
+        fused_kernels=args.fused_kernels,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

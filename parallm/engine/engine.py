@@ -39,6 +39,11 @@ class LLMEngine:
             config.model, self.model_config, self.dtype, self.device,
             max_positions=self.max_model_len + 1, load_format=config.load_format, seed=config.seed,
         )  # fmt: skip
+        model.fuse_projections()
+        if config.fused_kernels:
+            if self.device.type != "cuda":
+                raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
+            model.use_fused_kernels()
         cache_cfg = config.cache_config()
         sched_cfg = config.scheduler_config(self.max_model_len)
         backend = select_backend(config.attention_backend, self.device)

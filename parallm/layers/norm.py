@@ -7,14 +7,33 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm with a learned scale."""
+    """Root-mean-square layer norm with a learned scale.
+
+    Given a ``residual``, it first adds it to ``x`` and returns ``(normed, x + residual)``:
+    the residual stream of a decoder layer, which a fused kernel can do in one pass.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # set from outside (engine on CUDA) to use parallm.layers.fused_ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from parallm.layers import fused_ops
+
+            if residual is None:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self._norm(x)
+        x = residual + x
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,14 +45,40 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.fused = False  # set from outside (engine on CUDA) to use parallm.layers.fused_ops
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [..., tokens, heads, head_dim]; positions: [..., tokens]."""
-        cos = self.cos_cache[positions].unsqueeze(-2).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(-2).to(q.dtype)
+        return self.apply(self.lookup(positions, q.dtype), q, k)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos/sin rows of these positions, gathered once per forward for all layers."""
+        if self.fused:
+            return RopeTables(positions, None, None)
+        cos = self.cos_cache[positions].unsqueeze(-2).to(dtype)
+        sin = self.sin_cache[positions].unsqueeze(-2).to(dtype)
+        return RopeTables(positions, cos, sin)
+
+    def apply(
+        self, tables: RopeTables, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from parallm.layers import fused_ops
+
+            return fused_ops.apply_rotary(q, k, self.cos_cache, self.sin_cache, tables.positions)
+        cos, sin = tables.cos, tables.sin
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+@dataclass
+class RopeTables:
+    """Positions of a forward pass and, on the PyTorch path, their cos/sin rows."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

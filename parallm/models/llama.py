@@ -14,7 +14,7 @@ from torch import nn
 from parallm.config import ModelConfig
 from parallm.layers.attention import ForwardContext, dense_causal_attention
 from parallm.layers.norm import RMSNorm
-from parallm.layers.rotary import RotaryEmbedding
+from parallm.layers.rotary import RopeTables, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -39,21 +39,34 @@ class Attention(nn.Module):
         self._rotary = [rotary]
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
+        self, x: torch.Tensor, rope: RopeTables, ctx: ForwardContext | None
     ) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, -1, self.head_dim)
-        k = self.k_proj(x).view(*lead, -1, self.head_dim)
-        v = self.v_proj(x).view(*lead, -1, self.head_dim)
+        q, k, v = self._project(x)
+        q = q.view(*lead, -1, self.head_dim)
+        k = k.view(*lead, -1, self.head_dim)
+        v = v.view(*lead, -1, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rotary[0](positions, q, k)
+        q, k = self._rotary[0].apply(rope, q, k)
         if ctx is None:
             out = dense_causal_attention(q, k, v, self.scale)
         else:
             kv_cache = ctx.kv_caches[self.layer_idx]
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale)
         return self.o_proj(out.reshape(*lead, -1))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self, "qkv_proj"):
+            q_size = self.num_heads * self.head_dim
+            kv_size = self.num_kv_heads * self.head_dim
+            return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def fuse_projections(self) -> None:
+        """One GEMM for q, k and v (inference only: the parameter names change)."""
+        self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
 
 class MLP(nn.Module):
@@ -64,9 +77,36 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False  # set from outside (engine on CUDA) to use parallm.layers.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused:
+            from parallm.layers import fused_ops
+
+            return self.down_proj(fused_ops.silu_and_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """One GEMM for gate and up (inference only: the parameter names change)."""
+        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    bias = first.bias is not None
+    out_features = sum(lin.out_features for lin in linears)
+    fused = nn.Linear(first.in_features, out_features, bias=bias, device=first.weight.device,
+                      dtype=first.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if bias:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -80,10 +120,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RopeTables,
+        ctx: ForwardContext | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it is added).
+
+        Keeping the residual separate lets the next norm add it in the same pass.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -104,9 +157,11 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.lookup(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, ctx)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,3 +190,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over the selected hidden states."""
         return self.lm_head(hidden)
+
+    def fuse_projections(self) -> None:
+        """Serve with one GEMM for q/k/v and one for gate/up per layer (fewer, larger kernels)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
+    def use_fused_kernels(self, enabled: bool = True) -> None:
+        """Route norms, rotary and SiLU-mul through the Triton kernels of ``fused_ops``."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = enabled

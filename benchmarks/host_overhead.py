@@ -1,0 +1,58 @@
+"""Host (Python) time of one engine step with the model replaced by a stub.
+
+The GPU cannot overlap this time today, so it adds to every decode step. Run it on any machine:
+
+    python benchmarks/host_overhead.py --batch-sizes 1,32,256 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from parallm import LLM, SamplingParams
+from parallm.commands.tiny_model import make_tiny_model
+from parallm.engine.runner import ModelRunner
+
+
+def _stub_forward(vocab_size: int):  # noqa: ANN202 - a method
+    def forward_logits(self: ModelRunner, inputs) -> torch.Tensor:  # noqa: ANN001
+        return torch.zeros(len(inputs.sample_indices), vocab_size)
+
+    return forward_logits
+
+
+def measure(llm: LLM, batch: int, steps: int) -> float:
+    """Milliseconds of host work per decode step at ``batch`` running sequences."""
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5 + i % 50] * 64} for i in range(batch)]
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    first_step = llm.engine.num_steps
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return (time.perf_counter() - start) / (llm.engine.num_steps - first_step) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,32,256", help="running sequences per step")
+    ap.add_argument("--steps", type=int, default=200, help="decode steps per measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny"
+        make_tiny_model(path, hidden_size=64, num_layers=1, vocab_size=512, seed=0)
+        llm = LLM(str(path), device="cpu", max_model_len=1024, max_num_seqs=256)
+        vocab = llm.engine.model_config.vocab_size
+        ModelRunner.forward_logits = _stub_forward(vocab)
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            ms = measure(llm, batch, args.steps)
+            print(f"batch {batch:4d}: {ms:.3f} ms host time per step ({ms / batch * 1e3:.1f} us/seq)")
+
+
+if __name__ == "__main__":
+    main()
