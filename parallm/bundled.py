@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "code-model"
+BUNDLED_MODEL_NAME = "parallm-code-8m"  # what `parallm serve` calls it when --model is omitted
 
 
 def default_model_path() -> str:

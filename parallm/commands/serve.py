@@ -53,6 +53,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
 
 
+def _default_name(model: str) -> str:
+    from parallm.bundled import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
+
+    return BUNDLED_MODEL_NAME if model == str(BUNDLED_MODEL_DIR) else model
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     kwargs = engine_kwargs(args)
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = load_engine(**kwargs)
     print(engine.summary(), file=sys.stderr)
-    name = args.served_model_name or args.model or kwargs["model"]
+    name = args.served_model_name or args.model or _default_name(kwargs["model"])
     app = build_app(engine, name, args.api_key, args.max_num_waiting)
     print(f"parallm: model name {name!r}", file=sys.stderr)
     run_server(app, args.host, args.port, args.drain_timeout, args.log_level)
