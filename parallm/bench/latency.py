@@ -38,6 +38,23 @@ def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> floa
     return time.perf_counter() - start
 
 
+def graph_replay_ms(llm: Any, batch: int, iters: int = 50) -> float | None:
+    """Device time of the captured decode graph alone, to split a step into GPU and host."""
+    graphs = llm.engine.runner.graphs
+    size = graphs.padded_size(batch) if graphs is not None else None
+    if size is None:
+        return None
+    graph = graphs.graphs[size]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -74,6 +91,7 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         if copy_gbps:
             row["roofline_pct"] = 100 * row["achieved_gbps"] / copy_gbps
         row["ms_per_token"] = row["step_ms"]
+        row["graph_ms"] = graph_replay_ms(llm, batch)
         rows.append(row)
     print(engine.summary())
     print(f"copy bandwidth (read+write): {copy_gbps or 0:.0f} GB/s; weights read per step: "
@@ -82,7 +100,7 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         ("batch_size", "batch", "d"), ("ms_per_token", "ms/token", ".3f"),
         ("tokens_per_s", "tok/s", ".0f"), ("bytes_per_step", "GB/step", ".3e"),
         ("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
-        ("prefill_ms", "prefill ms", ".1f"),
+        ("graph_ms", "graph ms", ".3f"), ("prefill_ms", "prefill ms", ".1f"),
     ])  # fmt: skip
     payload = {"benchmark": "latency", "env": environment(), "summary": engine.summary(),
                "copy_bandwidth_gbps": copy_gbps, "weight_bytes": weights, "args": vars(args) | {"func": None},
