@@ -115,10 +115,15 @@ class DecodeGraphs:
         self.host_tokens[2, :batch] = torch.from_numpy(slot_mapping)
         self.host_seq_lens[:batch] = torch.from_numpy(seq_lens)
         self.host_tables[:batch, :width] = torch.from_numpy(block_tables)
-        self.host_tables[:batch, width:] = self.scratch_block
-        self._fill_padding(batch)
-        self.token_buf.copy_(self.host_tokens, non_blocking=True)
+        # Padding rows: one token in the scratch block. Kernels read a row's table only up to
+        # its length, so columns past `width` may hold stale ids and need no copy: that keeps
+        # the per-step copy small when max_model_len (the table's full width) is large.
+        self.host_tokens[0:2, batch:size] = 0
+        self.host_tokens[2, batch:size] = self.scratch_block * self.block_size
+        self.host_seq_lens[batch:size] = 1
+        self.host_tables[batch:size, 0] = self.scratch_block
+        self.token_buf.copy_(self.host_tokens, non_blocking=True)  # 24 bytes a row: copy all
         self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
-        self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:batch]
