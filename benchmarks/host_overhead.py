@@ -51,7 +51,9 @@ def main() -> None:
         ModelRunner.forward_logits = _stub_forward(vocab)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             ms = measure(llm, batch, args.steps)
-            print(f"batch {batch:4d}: {ms:.3f} ms host time per step ({ms / batch * 1e3:.1f} us/seq)")
+            print(
+                f"batch {batch:4d}: {ms:.3f} ms host time per step ({ms / batch * 1e3:.1f} us/seq)"
+            )
 
 
 if __name__ == "__main__":
