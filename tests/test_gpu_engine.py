@@ -50,8 +50,6 @@ def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prom
     shared = prompts[-1][:70]
     batch = [shared + p[:20] for p in prompts] + prompts
     ref_tokens, _ = _greedy(ref, batch)
-    block_bytes = 16 * 2 * 2 * 3 * 2 * 16 * 4  # tokens * (k,v) * kv heads * layers... sized below
-    del block_bytes
     tight = LLM(path, dtype="float32", device="cuda", max_num_batched_tokens=48, max_model_len=256,
                 kv_cache_memory=_kv_bytes(ref, num_blocks=40))  # fmt: skip
     tokens, _ = _greedy(tight, batch)

@@ -45,8 +45,6 @@ class KVCacheManager:
         # Insertion order is eviction order: the front is reused first.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}
-        self.hit_tokens = 0
-        self.queried_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -74,8 +72,6 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.queried_tokens += seq.num_tokens
-        self.hit_tokens += len(hits) * self.block_size
         return hits
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_hits: list[int] = ()) -> bool:

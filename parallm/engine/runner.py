@@ -14,6 +14,7 @@ from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig
 from parallm.engine.cuda_graph import DecodeGraphs
+from parallm.engine.request import Sequence
 from parallm.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
 from parallm.engine.scheduler import ScheduledBatch
 from parallm.layers.attention import (
@@ -258,7 +259,7 @@ class ModelRunner:
         hidden = hidden[self._to_device(inputs.sample_indices)]
         return self.model.compute_logits(hidden).float()
 
-    def _sampling_row(self, seq) -> SamplingRow:  # noqa: ANN001 - Sequence, kept light
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
