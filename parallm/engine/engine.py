@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from parallm.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from parallm.config import (
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device,
+    resolve_dtype,
+)
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
@@ -17,6 +23,7 @@ from parallm.engine.runner import ModelRunner
 from parallm.engine.scheduler import Scheduler
 from parallm.layers.backends import select_backend
 from parallm.models.loader import load_model
+from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
 from parallm.tokenizer import eos_token_ids, load_tokenizer
 
@@ -32,33 +39,20 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
-        started = time.perf_counter()
-        self.tokenizer = self._load_tokenizer()
-        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
-        model = load_model(
-            config.model, self.model_config, self.dtype, self.device,
-            max_positions=self.max_model_len + 1, load_format=config.load_format, seed=config.seed,
-        )  # fmt: skip
-        model.fuse_projections()
-        if config.fused_kernels:
-            if self.device.type != "cuda":
-                raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
-            model.use_fused_kernels()
+        # Every argument is checked before the (slow) model load.
         cache_cfg = config.cache_config()
         sched_cfg = config.scheduler_config(self.max_model_len)
         backend = select_backend(config.attention_backend, self.device)
+        if config.fused_kernels and self.device.type != "cuda":
+            raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
+        started = time.perf_counter()
+        self.tokenizer = self._load_tokenizer()
+        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
         self.runner = ModelRunner(
-            model, self.model_config, cache_cfg, self.device, self.dtype, backend,
+            self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
             self.eos_token_ids,
         )  # fmt: skip
-        num_blocks = self.runner.plan_num_blocks(
-            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
-        )
-        # Past twice what max_num_seqs full-length sequences need, blocks only feed the prefix
-        # cache; the cap keeps start-up fast for small models on big cards.
-        blocks_per_seq = -(-self.max_model_len // cache_cfg.block_size)
-        num_blocks = min(num_blocks, 2 * sched_cfg.max_num_seqs * blocks_per_seq)
-        _check_capacity(num_blocks, cache_cfg.block_size, self.max_model_len)
+        num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
         self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
@@ -67,6 +61,28 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
+
+    def _load_model(self) -> torch.nn.Module:
+        cfg = self.config
+        model = load_model(
+            cfg.model, self.model_config, self.dtype, self.device,
+            max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
+        )  # fmt: skip
+        model.fuse_projections()
+        if cfg.fused_kernels:
+            model.use_fused_kernels()
+        return model
+
+    def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
+        num_blocks = self.runner.plan_num_blocks(
+            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
+        )
+        # Past twice what max_num_seqs full-length sequences need, blocks only feed the prefix
+        # cache; the cap keeps start-up fast for small models on big cards.
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        num_blocks = min(num_blocks, 2 * sched_cfg.max_num_seqs * blocks_per_seq)
+        _check_capacity(num_blocks, block_size, self.max_model_len)
+        return num_blocks
 
     def _capture_graphs(self, max_num_seqs: int) -> float | None:
         if self.device.type != "cuda" or self.config.enforce_eager:
@@ -171,7 +187,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list:
+    def step(self) -> list[RequestOutput]:
         """Schedule, execute and post-process one step; returns outputs of progressed requests."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
