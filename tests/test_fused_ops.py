@@ -4,25 +4,17 @@ The references are the real ``RMSNorm`` and ``RotaryEmbedding`` modules and
 ``F.silu(gate) * up``. Half-precision results are compared in units in the last place (ulp):
 the kernels reproduce PyTorch's rounding order, so most outputs must match bit for bit.
 
-Without CUDA the kernels run under the Triton interpreter, which must be switched on before
-triton is first imported. When another module imported triton earlier in this pytest process
-(or CUDA is present, where a global TRITON_INTERPRET would also slow the GPU tests down), the
-interpreter tests run instead in one subprocess that starts with TRITON_INTERPRET=1.
+Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-
-import torch
-import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch
+import torch.nn.functional as F
+from triton_interpreter import run_interpreter_suite  # before triton: sets the interpreter
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -193,13 +185,8 @@ def test_interpreter_suite_in_subprocess():
     if INTERPRETING:
         assert os.environ.get("TRITON_INTERPRET") == "1"
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
-    cmd += ["-m", "not gpu", "-k", "not in_subprocess", os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.returncode == 0, output
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout, output
+    stdout, output = run_interpreter_suite(__file__)
+    assert " passed" in stdout and " skipped" not in stdout, output
 
 
 @triton.jit
