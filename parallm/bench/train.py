@@ -87,7 +87,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides world size)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train; auto picks CUDA when present",
+    )
     p.add_argument(
         "--peak-flops",
         type=float,
