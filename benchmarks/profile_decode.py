@@ -1,45 +1,107 @@
-"""Where a batch-1 decode step's time goes: host profile of the step loop plus graph replay time.
+"""Where a decode step's time goes: graph replay time, host profile, and a per-kernel table.
 
-python benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json
+The kernel table comes from ``torch.profiler`` over eager decode steps (graph replays hide their
+kernels from the profiler); it groups kernels by name and reports count and device time per step,
+which is the profile that decides what to fuse.
+
+python benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json [--fused-kernels]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import time
+from collections import defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from parallm import LLM, SamplingParams
+
+
+def _make_llm(args: argparse.Namespace, eager: bool) -> LLM:
+    return LLM(
+        args.config,
+        load_format="dummy",
+        max_model_len=4096,
+        max_num_seqs=max(8, args.batch),
+        gpu_memory_utilization=0.4,
+        enforce_eager=eager,
+        fused_kernels=args.fused_kernels,
+    )
+
+
+def _prompts(args: argparse.Namespace, token: int) -> list[dict]:
+    return [{"prompt_token_ids": [token + i] * 128} for i in range(args.batch)]
+
+
+def graph_and_host(args: argparse.Namespace) -> None:
+    llm = _make_llm(args, eager=False)
+    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    llm.generate(_prompts(args, 11), params, use_tqdm=False)
+    graphs = llm.engine.runner.graphs
+    graph = graphs.graphs[graphs.padded_size(args.batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    print(f"graph replay alone (batch {args.batch}): {start.elapsed_time(end) / 100:.3f} ms")
+    t = time.perf_counter()
+    llm.generate(_prompts(args, 12), params, use_tqdm=False)
+    print(f"generate: {(time.perf_counter() - t) / args.steps * 1e3:.3f} ms per step (unprofiled)")
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(_prompts(args, 13), params, use_tqdm=False)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    del llm, graphs, graph
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def kernel_table(args: argparse.Namespace) -> None:
+    llm = _make_llm(args, eager=True)
+    steps = 20
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    llm.generate(_prompts(args, 21), params, use_tqdm=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(_prompts(args, 22), params, use_tqdm=False)
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals[evt.name[:60]]
+            entry[0] += 1
+            entry[1] += evt.device_time_total
+    # Per decode step; the one prefill step is a small share of 20 steps and is included.
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    count = sum(c for c, _ in totals.values()) / steps
+    busy = sum(t for _, t in totals.values()) / steps / 1e3
+    print(f"\neager batch {args.batch}: {count:.0f} kernels/step, {busy:.3f} ms device busy/step")
+    print(f"{'kernel':<62}{'per step':>9}{'ms/step':>9}{'share':>7}")
+    for name, (c, t) in rows[:28]:
+        ms = t / steps / 1e3
+        print(f"{name:<62}{c / steps:>9.1f}{ms:>9.4f}{ms / busy:>7.1%}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
-    ap.add_argument("--steps", type=int, default=200, help="decode steps to profile")
+    ap.add_argument("--steps", type=int, default=200, help="decode steps to time")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument(
+        "--fused-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Triton fused ops (default: the engine's, on for CUDA)",
+    )
     args = ap.parse_args()
-    llm = LLM(args.config, load_format="dummy", max_model_len=4096, max_num_seqs=8)
-    engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
-    llm.generate([[11] * 128], params, use_tqdm=False)
-    graphs = engine.runner.graphs
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        graphs.graphs[1].replay()
-    end.record()
-    end.synchronize()
-    print(f"graph replay alone (batch 1): {start.elapsed_time(end) / 100:.3f} ms")
-    t = time.perf_counter()
-    llm.generate([[12] * 128], params, use_tqdm=False)
-    print(f"generate: {(time.perf_counter() - t) / args.steps * 1e3:.3f} ms per step (unprofiled)")
-    prof = cProfile.Profile()
-    prof.enable()
-    llm.generate([[13] * 128], params, use_tqdm=False)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    graph_and_host(args)
+    kernel_table(args)
 
 
 if __name__ == "__main__":

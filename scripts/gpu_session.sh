@@ -13,9 +13,9 @@ for step in "${@:-tests latency}"; do
     tests) python3 -m pytest -q -m gpu tests/test_triton_attention.py tests/test_fused_ops.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
-    latencyfused) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
-               --max-model-len 4096 --fused-kernels --out "$OUT/latency_llama1b_fused.json" 2>&1 | tail -12 ;;
-    fusedbench) python3 benchmarks/fused_ops_bench.py --graph 2>&1 | tail -30 ;;
+    latencyunfused) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
+               --max-model-len 4096 --no-fused-kernels --out "$OUT/latency_llama1b_unfused.json" 2>&1 | tail -12 ;;
+    fusedbench) python3 benchmarks/fused_ops_bench.py --graph > "$OUT/fused_ops.log" 2>&1; tail -24 "$OUT/fused_ops.log" ;;
     latency8b) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
                --max-model-len 4096 --batch-sizes 1,8,32 --out "$OUT/latency_llama8b.json" 2>&1 | tail -10 ;;
     throughput) python3 -m parallm.cli bench throughput --config benchmarks/configs/qwen3-0.6b.json \
@@ -31,7 +31,10 @@ for step in "${@:-tests latency}"; do
              cp runs/code-model/metrics.jsonl runs/code-model/loss.png runs/export/
              cp runs/data/stdlib-8k/meta.json runs/export/data_meta.json
              tar -C runs -cf "$OUT/code-model-rest.tar" export ;;
-    profile) python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json 2>&1 | tail -32 ;;
+    profile) python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
+               > "$OUT/profile.log" 2>&1; tail -34 "$OUT/profile.log" ;;
+    profileunfused) python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
+               --no-fused-kernels > "$OUT/profile_unfused.log" 2>&1; tail -34 "$OUT/profile_unfused.log" ;;
     attn) python3 benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac

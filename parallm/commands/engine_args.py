@@ -74,8 +74,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
     g.add_argument(
         "--fused-kernels",
-        action="store_true",
-        help="Triton RMSNorm+residual, rotary and SiLU-mul kernels (CUDA; experimental)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Triton RMSNorm+residual, rotary and SiLU-mul kernels; default: on for CUDA",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
 

@@ -45,6 +45,9 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, self.device)
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
+        self.fused_kernels = (
+            self.device.type == "cuda" if config.fused_kernels is None else config.fused_kernels
+        )
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
@@ -69,7 +72,7 @@ class LLMEngine:
             max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
         )  # fmt: skip
         model.fuse_projections()
-        if cfg.fused_kernels:
+        if self.fused_kernels:
             model.use_fused_kernels()
         return model
 
@@ -111,6 +114,7 @@ class LLMEngine:
             f"parallm: {self.config.model or 'dummy'} ({cfg.architecture}, "
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
             f"device={self.device} attention={self.runner.backend.name} "
+            f"fused_kernels={'on' if self.fused_kernels else 'off'} "
             f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
             f"loaded in {self.load_seconds:.1f}s; {graphs}"
