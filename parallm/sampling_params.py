@@ -67,9 +67,13 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing else to compute: no penalties and no logprobs."""
+        return self.greedy and self.history_free
+
+    @property
+    def history_free(self) -> bool:
+        """Sampling needs neither past output tokens (penalties) nor per-token logprobs."""
         return (
-            self.greedy
-            and self.logprobs is None
+            self.logprobs is None
             and self.repetition_penalty == 1.0
             and self.presence_penalty == 0.0
             and self.frequency_penalty == 0.0

@@ -36,6 +36,32 @@ for step in "${@:-tests latency}"; do
     profileunfused) python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
                --no-fused-kernels > "$OUT/profile_unfused.log" 2>&1; tail -34 "$OUT/profile_unfused.log" ;;
     attn) python3 benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tail -40 ;;
+    throughput1bhf) python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.2-1b.json \
+               --max-model-len 4096 --compare-hf --out "$OUT/throughput_llama1b.json" > "$OUT/throughput_llama1b.log" 2>&1
+             tail -8 "$OUT/throughput_llama1b.log" ;;
+    train1) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
+               --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 --compile \
+               --out "$OUT/train-1gpu.json" > "$OUT/train-1gpu.log" 2>&1; tail -8 "$OUT/train-1gpu.log" ;;
+    train1eager) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
+               --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 \
+               --out "$OUT/train-1gpu-eager.json" > "$OUT/train-1gpu-eager.log" 2>&1; tail -8 "$OUT/train-1gpu-eager.log" ;;
+    serve) # the server stack is not on the device image: install it from wheels carried in .whl/
+           pip install -q --no-index --find-links .whl/server fastapi uvicorn httpx prometheus-client \
+               > "$OUT/pip.log" 2>&1 || tail -3 "$OUT/pip.log"
+           python3 -m parallm.cli serve --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
+               --port 8000 > "$OUT/server.log" 2>&1 &
+           server=$!
+           for _ in $(seq 120); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+           head -3 "$OUT/server.log"
+           python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
+               --trace .gl/AzureLLMInferenceTrace_conv.csv --time-scale "${TIME_SCALE:-4}" \
+               --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50 \
+               --no-progress --out "$OUT/serve.json" --plot "$OUT/serve.png" > "$OUT/bench_serve.log" 2>&1
+           tail -22 "$OUT/bench_serve.log"
+           python3 scripts/load_test.py --url http://127.0.0.1:8000 --token-ids --clients 200 \
+               --duration 20 --json "$OUT/load_test.json" > "$OUT/load_test.log" 2>&1
+           tail -12 "$OUT/load_test.log"
+           kill -TERM $server; wait $server; tail -3 "$OUT/server.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

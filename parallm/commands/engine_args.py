@@ -78,6 +78,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         default=None,
         help="Triton RMSNorm+residual, rotary and SiLU-mul kernels; default: on for CUDA",
     )
+    g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap a decode step's host work with the next step's GPU work; default: on "
+        "for CUDA",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
 
 
@@ -99,7 +106,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
-        fused_kernels=args.fused_kernels,
+        fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

@@ -38,16 +38,12 @@ class DecodeGraphs:
         self.block_size = block_size
         self.device = device
         n = self.sizes[-1]
-        # Rows: input ids, positions, slots. One pinned staging buffer per device buffer keeps
-        # a replay at three host-to-device copies.
+        # Rows: input ids, positions, slots, so that a replay stages them in one copy.
         self.token_buf = torch.zeros(3, n, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.token_buf.unbind(0)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.host_tokens = torch.zeros(3, n, dtype=torch.long, pin_memory=True)
-        self.host_seq_lens = torch.ones(n, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -72,7 +68,8 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool."""
         started = time.perf_counter()
-        self._fill_padding(0)
+        self.slot_mapping.fill_(self.scratch_block * self.block_size)
+        self.block_tables.fill_(self.scratch_block)
         pool = None
         for size in reversed(self.sizes):
             meta = self._metadata(size)
@@ -88,12 +85,6 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started
 
-    def _fill_padding(self, start: int) -> None:
-        self.host_tokens[0:2, start:] = 0
-        self.host_tokens[2, start:] = self.scratch_block * self.block_size
-        self.host_seq_lens[start:] = 1
-        self.host_tables[start:] = self.scratch_block
-
     def padded_size(self, batch: int) -> int | None:
         i = bisect.bisect_left(self.sizes, batch)
         return self.sizes[i] if i < len(self.sizes) else None
@@ -105,25 +96,36 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
+        device_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Replay the graph for this batch; returns the first ``len(input_ids)`` output rows."""
+        """Replay the graph for this batch; returns the first ``len(input_ids)`` output rows.
+
+        ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
+        sampled tokens have not reached the host yet.
+        """
         batch = len(input_ids)
         size = self.padded_size(batch)
         width = block_tables.shape[1]
-        self.host_tokens[0, :batch] = torch.from_numpy(input_ids)
-        self.host_tokens[1, :batch] = torch.from_numpy(positions)
-        self.host_tokens[2, :batch] = torch.from_numpy(slot_mapping)
-        self.host_seq_lens[:batch] = torch.from_numpy(seq_lens)
-        self.host_tables[:batch, :width] = torch.from_numpy(block_tables)
+        # Fresh pinned staging each step: the caching host allocator keeps a buffer from reuse
+        # until its copy has run, so a step may be staged while the previous one is in flight.
+        tokens = torch.empty((3, size), dtype=torch.long, pin_memory=True)
+        lens = torch.ones(size, dtype=torch.int32, pin_memory=True)
+        tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
+        tokens[0, :batch] = torch.from_numpy(input_ids)
+        tokens[1, :batch] = torch.from_numpy(positions)
+        tokens[2, :batch] = torch.from_numpy(slot_mapping)
+        lens[:batch] = torch.from_numpy(seq_lens)
+        tables[:batch] = torch.from_numpy(block_tables)
         # Padding rows: one token in the scratch block. Kernels read a row's table only up to
         # its length, so columns past `width` may hold stale ids and need no copy: that keeps
         # the per-step copy small when max_model_len (the table's full width) is large.
-        self.host_tokens[0:2, batch:size] = 0
-        self.host_tokens[2, batch:size] = self.scratch_block * self.block_size
-        self.host_seq_lens[batch:size] = 1
-        self.host_tables[batch:size, 0] = self.scratch_block
-        self.token_buf.copy_(self.host_tokens, non_blocking=True)  # 24 bytes a row: copy all
-        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
-        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        tokens[0:2, batch:] = 0
+        tokens[2, batch:] = self.scratch_block * self.block_size
+        tables[batch:] = self.scratch_block
+        self.token_buf[:, :size].copy_(tokens, non_blocking=True)
+        if device_ids is not None:
+            self.input_ids[:batch].copy_(device_ids)
+        self.seq_lens[:size].copy_(lens, non_blocking=True)
+        self.block_tables[:size, :width].copy_(tables, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:batch]

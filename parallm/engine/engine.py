@@ -19,7 +19,7 @@ from parallm.config import (
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
-from parallm.engine.runner import ModelRunner
+from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.scheduler import Scheduler
 from parallm.layers.backends import select_backend
 from parallm.models.loader import load_model
@@ -62,6 +62,13 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = (
+            self.device.type == "cuda"
+            if config.async_scheduling is None
+            else config.async_scheduling
+        )
+        self._inflight: StepHandle | None = None
+        self.num_overlapped_steps = 0
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
 
@@ -192,13 +199,43 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute and post-process one step; returns outputs of progressed requests."""
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        result = self.runner.execute(batch)
+        """Schedule, execute and post-process one step; returns outputs of progressed requests.
+
+        With async scheduling, the next decode step is launched before this one's tokens are
+        post-processed, so the host work of one step overlaps the GPU work of the next.
+        """
+        handle, self._inflight = self._inflight, None
+        if handle is None:
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                return []
+            handle = self.runner.launch(batch)
+            self.num_steps += 1
+        if self.async_scheduling and handle.result is not None:
+            self._inflight = self._launch_continuation(handle)
+        return self._finish_step(handle)
+
+    def _launch_continuation(self, prev: StepHandle) -> StepHandle | None:
+        batch = self.scheduler.schedule_continuation(prev.batch)
+        if batch is None:
+            return None
+        row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
+        rows = [row_of[item.seq.seq_id] for item in batch.seqs]
+        ids = prev.result.token_ids
+        if rows != list(range(len(ids))):
+            ids = ids[torch.tensor(rows, device=ids.device)]
         self.num_steps += 1
-        sampled = [item.seq for item in batch.seqs if item.samples]
+        self.num_overlapped_steps += 1
+        return self.runner.launch(batch, device_ids=ids)
+
+    def _finish_step(self, handle: StepHandle) -> list[RequestOutput]:
+        result = handle.wait()
+        sampled = [item.seq for item in handle.batch.seqs if item.samples]
+        # A sequence that ended (EOS, stop string, abort) after this step was launched: its
+        # token here is the one extra step that async scheduling costs; drop it.
+        live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
+        if result is not None and len(live) < len(sampled):
+            sampled, result = [sampled[i] for i in live], result.select(live)
         finished = self.outputs.process(sampled, result)
         for seq in finished:
             self.scheduler.finish(seq)
@@ -209,6 +246,9 @@ class LLMEngine:
             if out.finished:
                 self.requests.pop(out.request_id, None)
                 self.outputs.forget(out.request_id)
+        pending = self._inflight
+        if pending is not None and all(item.seq.is_finished for item in pending.batch.seqs):
+            self._inflight = None  # nothing left to read from it
         return outputs
 
     @property
@@ -222,6 +262,7 @@ class LLMEngine:
             num_free_blocks=self.kv.num_free_blocks,
             num_cached_blocks=self.kv.num_cached_blocks,
             num_steps=self.num_steps,
+            num_overlapped_steps=self.num_overlapped_steps,
         )
         return s
 

@@ -6,6 +6,7 @@ scheduler has already chosen which tokens of which sequences this step computes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,24 @@ class StepInputs:
     seq_lens: np.ndarray
     block_tables: np.ndarray
     sample_indices: np.ndarray  # row of the hidden state that each sampling sequence samples from
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampled tokens on the device and their copy to the host."""
+
+    batch: ScheduledBatch
+    result: SamplerOutput | None  # device tensors
+    host_token_ids: torch.Tensor | None
+    event: torch.cuda.Event | None = None
+
+    def wait(self) -> SamplerOutput | None:
+        """The step's result with the token ids on the host; blocks until they are there."""
+        if self.result is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        return dataclasses.replace(self.result, token_ids=self.host_token_ids)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -215,13 +234,29 @@ class ModelRunner:
             return False
         return all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
 
+    def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
+        """Start a step and the copy of its tokens to the host, without waiting for either."""
+        result = self.execute(batch, device_ids)
+        if result is None or self.device.type != "cuda":
+            return StepHandle(batch, result, None if result is None else result.token_ids)
+        host = torch.empty(result.token_ids.shape, dtype=torch.long, pin_memory=True)
+        host.copy_(result.token_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(batch, result, host, event)
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """Run one step; returns one sampled token per sampling sequence, in batch order."""
+    def execute(
+        self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None
+    ) -> SamplerOutput | None:
+        """Run one step; returns one sampled token per sampling sequence, in batch order.
+
+        ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
+        """
         if self._use_graph(batch):
-            logits = self.graphs.run(*self.prepare_decode(batch))
+            logits = self.graphs.run(*self.prepare_decode(batch), device_ids=device_ids)
         else:
-            logits = self.forward_logits(self.prepare(batch))
+            logits = self.forward_logits(self.prepare(batch), device_ids)
         if logits is None:
             return None
         seqs = [item.seq for item in batch.seqs if item.samples]
@@ -240,18 +275,23 @@ class ModelRunner:
         block_tables = np.zeros((len(seqs), width), dtype=np.int32)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table
-        positions = np.fromiter((s.num_tokens - 1 for s in seqs), np.int64, len(seqs))
+        # The scheduler has counted this step's token as computed. Under async scheduling the
+        # token itself may still be on the device (num_tokens lags by one); ids then come in
+        # separately and the last known token here is only a placeholder.
+        positions = np.fromiter((s.num_computed_tokens - 1 for s in seqs), np.int64, len(seqs))
         ids = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, len(seqs))
         blocks = block_tables[np.arange(len(seqs)), positions // self.block_size]
         slots = blocks.astype(np.int64) * self.block_size + positions % self.block_size
         seq_lens = (positions + 1).astype(np.int32)
         return ids, positions, slots, seq_lens, block_tables
 
-    def forward_logits(self, inputs: StepInputs) -> torch.Tensor | None:
+    def forward_logits(
+        self, inputs: StepInputs, device_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Logits (float32) at the sampling rows, or None when no sequence samples."""
         meta = self._build_metadata(inputs)
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        ids = self._to_device(inputs.input_ids)
+        ids = self._to_device(inputs.input_ids) if device_ids is None else device_ids
         positions = self._to_device(inputs.positions)
         hidden = self.model(ids, positions, ctx)
         if len(inputs.sample_indices) == 0:

@@ -133,6 +133,13 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # [B, K] int64
     top_logprobs: torch.Tensor | None = None  # [B, K] float32
 
+    def select(self, rows: list[int]) -> SamplerOutput:
+        """The same output for the given rows only."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.token_ids.device)
+        fields = {f: getattr(self, f) for f in ("token_ids", "logprobs", "ranks",
+                                                "top_token_ids", "top_logprobs")}  # fmt: skip
+        return SamplerOutput(**{f: None if t is None else t[index] for f, t in fields.items()})
+
 
 class Sampler(torch.nn.Module):
     """Picks one token per row from ``logits[B, V]`` as described by ``SamplingTensors``.

@@ -96,6 +96,38 @@ class Scheduler:
             self._count(item)
         return batch
 
+    def schedule_continuation(self, prev: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after ``prev`` while ``prev``'s tokens are still on the device.
+
+        Every running sequence computes the token ``prev`` is sampling; those that ``prev``
+        finishes for sure (``max_tokens``, context end) drop out, and one that stops on EOS or
+        a stop string wastes one token that the engine discards. Returns None, changing nothing
+        that matters, when the step must wait for ``prev``: a prompt to admit, a sequence that
+        ``prev`` did not decode, sampling that reads past tokens, or no free block.
+        """
+        if prev.preempted or (self.waiting and len(self.running) < self.cfg.max_num_seqs):
+            return None
+        live = [item.seq for item in prev.seqs if not item.seq.is_finished]
+        if len(live) != len(self.running) or not all(_can_run_ahead(s) for s in live):
+            return None
+        if any(item.num_new_tokens != 1 or not item.samples for item in prev.seqs):
+            return None
+        batch = ScheduledBatch()
+        block_size = self.kv.block_size
+        for seq in live:
+            if _finishes_after(seq, 1, self.cfg.max_model_len):
+                continue
+            full = seq.num_computed_tokens + 1 > len(seq.block_table) * block_size
+            if full and not self.kv.allocate(seq, 1):
+                return None  # blocks taken so far are the ones the next step needs anyway
+            item = ScheduledSeq(seq, seq.num_computed_tokens, 1)
+            item.samples = True
+            batch.seqs.append(item)
+        for item in batch.seqs:
+            item.seq.num_computed_tokens += 1
+            self.stats.num_decode_tokens_computed += 1
+        return batch if batch.seqs else None
+
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
         reserved = sum(1 for s in self.running if not s.is_prefilling)
@@ -163,3 +195,18 @@ class Scheduler:
             self.stats.num_decode_tokens_computed += 1
         else:
             self.stats.num_prefill_tokens_computed += item.num_new_tokens
+
+
+def _can_run_ahead(seq: Sequence) -> bool:
+    """Whether the sequence's next token can be sampled before its last one is on the host."""
+    p = seq.params
+    # min_tokens counted without the pending token: the runner bans stop ids by that count.
+    return p.history_free and seq.num_output_tokens >= p.min_tokens
+
+
+def _finishes_after(seq: Sequence, pending: int, max_model_len: int) -> bool:
+    """True when ``pending`` more tokens end the sequence whatever they are."""
+    p = seq.params
+    if p.max_tokens is not None and seq.num_output_tokens + pending >= p.max_tokens:
+        return True
+    return seq.num_tokens + pending >= max_model_len
