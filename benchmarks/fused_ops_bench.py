@@ -4,6 +4,8 @@ For each op and token count, checks the fused result against the PyTorch modules
 difference), then times both with ``triton.testing.do_bench`` (median, eager launches, so a
 small T mostly measures launch count) and, with ``--graph``, also replayed in a CUDA graph
 (``do_bench_cudagraph``, the way decode runs). GB/s counts the fused op's compulsory traffic.
+``rope_store`` is the exception: its baseline is the Triton rotary plus ``write_kv`` (the path
+it replaces with fused kernels on), and its check covers the whole KV cache as well as q.
 
     python benchmarks/fused_ops_bench.py [--model llama-3.1-8b] [--dtype fp16] [--graph]
 """
@@ -22,12 +24,14 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parallm.layers.attention import write_kv  # noqa: E402
 from parallm.layers.fused_ops import (  # noqa: E402
     apply_rotary,
     fused_add_rms_norm,
     rms_norm,
     silu_and_mul,
 )
+from parallm.layers.fused_rope_store import rotary_and_store_kv  # noqa: E402
 from parallm.layers.norm import RMSNorm  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -46,6 +50,13 @@ class Case:
     torch_fn: Callable[[], object]
     fused_fn: Callable[[], object]
     bytes_moved: int
+    # What to compare after one call of each: (fused, torch) outputs; default their results.
+    results: Callable[[], tuple[object, object]] | None = None
+
+    def outputs(self) -> tuple[object, object]:
+        if self.results is not None:
+            return self.results()
+        return self.fused_fn(), self.torch_fn()
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -99,6 +110,38 @@ def rotary_case(tokens: int, model: tuple, dtype: torch.dtype) -> Case:
     )
 
 
+def rope_store_case(tokens: int, model: tuple, dtype: torch.dtype, block_size: int = 16) -> Case:
+    """Rotary + KV-cache store: the fused kernel against apply_rotary then write_kv (the unfused
+    serving path with fused kernels on). Each writes its own cache, so both can be checked."""
+    _, _, num_q_heads, num_kv_heads, head_dim, theta = model
+    rotary = RotaryEmbedding(head_dim, 8192, theta, None).to("cuda")
+    widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = torch.randn(tokens, sum(widths), device="cuda", dtype=dtype)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in qkv.split(widths, dim=-1))
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    # Distinct slots scattered over a cache twice the step's size, as a paged cache has them.
+    num_blocks = 2 * triton.cdiv(tokens, block_size)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:tokens]
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    caches = [torch.zeros(shape, device="cuda", dtype=dtype) for _ in range(2)]
+    cos, sin = rotary.cos_cache, rotary.sin_cache
+
+    def torch_fn() -> torch.Tensor:
+        q_rot, k_rot = apply_rotary(q, k, cos, sin, positions)
+        write_kv(k_rot, v, caches[0], slots)
+        return q_rot
+
+    def fused_fn() -> torch.Tensor:
+        return rotary_and_store_kv(q, k, v, cos, sin, positions, caches[1], slots)
+
+    def results() -> tuple[object, object]:
+        fused_q, torch_q = fused_fn(), torch_fn()
+        return (fused_q, caches[1]), (torch_q, caches[0])
+
+    # q read and written, k and v read and written once each; positions/slots are noise.
+    return Case("rope_store", torch_fn, fused_fn, 2 * _nbytes(q, k, v), results)
+
+
 def max_ulp(out: object, ref: object) -> int:
     """Largest difference in ulp over (a tuple of) outputs of the same dtype."""
     outs = out if isinstance(out, tuple) else (out,)
@@ -128,9 +171,9 @@ def run(model_name: str, dtype: torch.dtype, tokens_list: list[int], graph: bool
     print(f"{model_name} {dtype}\n{header}\n{'-' * len(header)}")
     for tokens in tokens_list:
         cases = [*norm_cases(tokens, hidden, dtype), silu_case(tokens, inter, dtype)]
-        cases.append(rotary_case(tokens, model, dtype))
+        cases += [rotary_case(tokens, model, dtype), rope_store_case(tokens, model, dtype)]
         for case in cases:
-            ulp = max_ulp(case.fused_fn(), case.torch_fn())
+            ulp = max_ulp(*case.outputs())
             t_torch, t_fused = time_ms(case.torch_fn, False), time_ms(case.fused_fn, False)
             gbps = case.bytes_moved / (t_fused * 1e-3) / 1e9
             line = f"{case.op:<14}{tokens:>6}{t_torch:>11.4f}{t_fused:>11.4f}"

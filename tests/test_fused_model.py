@@ -1,5 +1,8 @@
 """The model with ``use_fused_kernels()`` gives the PyTorch path's tokens (Triton interpreter on CPU).
 
+The fused run uses the Triton attention backend, as on CUDA, so the fused rotary + KV-store
+kernel replaces the backend's ``write_kv`` (checked by counting calls); a run with the Triton
+backend and unfused model covers the backend writing its own k/v.
 Runs in a subprocess because TRITON_INTERPRET must be set before triton is first imported.
 """
 
@@ -16,18 +19,39 @@ import pytest
 _SCRIPT = textwrap.dedent(
     """
     import sys
+    from collections import Counter
     from parallm import LLM, SamplingParams
+    from parallm.layers import backends, fused_rope_store
+    from parallm.layers.backends import TritonAttention
+
+    calls = Counter()
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    backends.write_kv = counted("write_kv", backends.write_kv)
+    fused_rope_store.rotary_and_store_kv = counted("rope_store", fused_rope_store.rotary_and_store_kv)
+
     llm = LLM(sys.argv[1], device="cpu", max_model_len=128)
     prompts = [{"prompt_token_ids": [5 + i for i in range(n)]} for n in (1, 7, 40)]
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     ref = llm.generate(prompts, p, use_tqdm=False)
-    llm.engine.runner.model.use_fused_kernels()
+    runner = llm.engine.runner
+    assert runner.backend.name == "reference" and not calls
+    runner.backend = TritonAttention()  # what CUDA gets; the interpreter runs its kernels
+    unfused = llm.generate(prompts, p, use_tqdm=False)
+    assert calls["write_kv"] > 0 and not calls["rope_store"], calls
+    calls.clear()
+    runner.model.use_fused_kernels()
     got = llm.generate(prompts, p, use_tqdm=False)
-    for a, b in zip(ref, got):
-        x, y = a.outputs[0], b.outputs[0]
-        assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)
-        for t, lx, ly in zip(x.token_ids, x.logprobs, y.logprobs):
-            assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+    assert calls["rope_store"] > 0 and not calls["write_kv"], calls
+    for run in (unfused, got):
+        for a, b in zip(ref, run):
+            x, y = a.outputs[0], b.outputs[0]
+            assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)
+            for t, lx, ly in zip(x.token_ids, x.logprobs, y.logprobs):
+                assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
     print("fused ok")
     """
 )

@@ -32,7 +32,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes the step's k/v into the cache, then attends over each sequence's context."""
+    """Writes the step's k/v into the cache, then attends over each sequence's context.
+
+    A backend may also offer ``attend(q, kv_cache, meta, scale)``, attention alone, for callers
+    that stored the step's k/v themselves (the fused rotary+store kernel); callers check for it
+    with ``hasattr``. The reference backend has none, so it always writes its own k/v.
+    """
 
     name: str
 

@@ -34,6 +34,13 @@ class TritonAttention:
         scale: float,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Attention alone, over a cache that already holds this step's k/v (written by the
+        caller, e.g. with ``fused_rope_store``)."""
         if meta.is_pure_decode:
             return self.kernels.paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,

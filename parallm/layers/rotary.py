@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from parallm.layers.attention import write_kv
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies, adjusted for ``rope_type: llama3`` when given."""
@@ -70,6 +72,30 @@ class RotaryEmbedding(nn.Module):
             return fused_ops.apply_rotary(q, k, self.cos_cache, self.sin_cache, tables.positions)
         cos, sin = tables.cos, tables.sin
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def apply_and_store(
+        self,
+        tables: RopeTables,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate q and k, store the rotated k and v at ``slots`` of the paged cache; returns q.
+
+        q: [T, Hq, D]; k, v: [T, Hkv, D]. Fused, one kernel does it all (see
+        ``parallm.layers.fused_rope_store``); otherwise ``apply`` then ``write_kv``.
+        """
+        if self.fused:
+            from parallm.layers import fused_rope_store
+
+            return fused_rope_store.rotary_and_store_kv(
+                q, k, v, self.cos_cache, self.sin_cache, tables.positions, kv_cache, slots
+            )
+        q, k = self.apply(tables, q, k)
+        write_kv(k, v, kv_cache, slots)
+        return q
 
 
 @dataclass

@@ -48,10 +48,17 @@ class Attention(nn.Module):
         v = v.view(*lead, -1, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rotary[0].apply(rope, q, k)
+        rotary = self._rotary[0]
         if ctx is None:
+            q, k = rotary.apply(rope, q, k)
             out = dense_causal_attention(q, k, v, self.scale)
+        elif rotary.fused and hasattr(ctx.backend, "attend"):
+            # One kernel rotates q and k and stores k and v in the cache; the backend only attends.
+            kv_cache = ctx.kv_caches[self.layer_idx]
+            q = rotary.apply_and_store(rope, q, k, v, kv_cache, ctx.meta.slot_mapping)
+            out = ctx.backend.attend(q, kv_cache, ctx.meta, self.scale)
         else:
+            q, k = rotary.apply(rope, q, k)
             kv_cache = ctx.kv_caches[self.layer_idx]
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale)
         return self.o_proj(out.reshape(*lead, -1))

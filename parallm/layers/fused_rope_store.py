@@ -1,0 +1,188 @@
+"""Rotary embedding fused with the paged KV-cache store: one launch per layer and step.
+
+Unfused, a layer runs the rotary kernel of ``fused_ops`` and then ``write_kv``'s two
+``index_copy_`` kernels; at batch-1 decode those launches cost more than the bytes they move.
+Here each token's q is rotated into the output, and its rotated k and its v go straight to
+``slot_mapping[t]`` of the cache, never materialised anywhere else. The rotation reuses the
+helpers of ``fused_ops`` and so rounds exactly as ``RotaryEmbedding`` does: the cache ends up
+bit-for-bit as ``apply_rotary`` + ``write_kv`` leave it.
+
+No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
+CPU tensors work only under the Triton interpreter, as for ``fused_ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from parallm.layers.fused_ops import (
+    _NO_FMA,
+    _check_rotary_inputs,
+    _load_cos_sin,
+    _rope_heads,
+    _rotary_out,
+    _unit_last_stride,
+)
+
+# Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
+_TILE = 2048
+
+
+@triton.jit
+def _copy_heads(
+    in_row,
+    out_row,
+    stride_in_h,
+    stride_out_h,
+    head0,
+    num_heads,
+    d,
+    dmask,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Heads [head0, head0 + BLOCK_H) of one token, copied unchanged (same dtype)."""
+    h = head0 + tl.arange(0, BLOCK_H)
+    mask = (h < num_heads)[:, None] & dmask[None, :]
+    in_offs = h[:, None] * stride_in_h + d[None, :]
+    out_offs = h[:, None] * stride_out_h + d[None, :]
+    tl.store(out_row + out_offs, tl.load(in_row + in_offs, mask=mask), mask=mask)
+    tl.store(out_row + out_offs + HALF, tl.load(in_row + in_offs + HALF, mask=mask), mask=mask)
+
+
+@triton.jit
+def _rope_store_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_out_ptr,
+    cache_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    slot_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_cache_kv,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_cos,
+    stride_sin,
+    num_q_heads,
+    num_kv_heads,
+    num_q_blocks,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+):
+    # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
+    # heads, so the slot is loaded once.
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    dtype: tl.constexpr = q_out_ptr.dtype.element_ty
+    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, dtype)
+    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, dtype)
+    if hb < num_q_blocks:
+        q_row, q_out_row = q_ptr + t * stride_qt, q_out_ptr + t * stride_qot
+        _rope_heads(
+            q_row, q_out_row, stride_qh, stride_qoh, hb * BLOCK_HQ, num_q_heads, c1, c2, s1, s2,
+            d, dmask, HALF, BLOCK_HQ,
+        )  # fmt: skip
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        # The engine pads with a scratch block's slot, never a negative one; skipping negatives
+        # (vLLM's padding convention) keeps a stray one from writing before the cache.
+        if slot >= 0:
+            head0 = (hb - num_q_blocks) * BLOCK_HKV
+            k_dst = cache_ptr + slot * stride_cache_slot
+            _rope_heads(
+                k_ptr + t * stride_kt, k_dst, stride_kh, stride_cache_h, head0, num_kv_heads,
+                c1, c2, s1, s2, d, dmask, HALF, BLOCK_HKV,
+            )  # fmt: skip
+            _copy_heads(
+                v_ptr + t * stride_vt, k_dst + stride_cache_kv, stride_vh, stride_cache_h, head0,
+                num_kv_heads, d, dmask, HALF, BLOCK_HKV,
+            )  # fmt: skip
+
+
+def _check_store_inputs(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if v.shape != k.shape or v.dtype != k.dtype or v.stride(-1) != 1:
+        raise ValueError("v must have k's shape and dtype and a contiguous head_dim")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != k.shape[1:]:
+        raise ValueError("kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim]")
+    # The kernel rounds to k's dtype once; a cast to another cache dtype would round again.
+    if kv_cache.dtype != k.dtype:
+        raise ValueError(f"kv_cache must have k's dtype {k.dtype}, got {kv_cache.dtype}")
+    if kv_cache.stride(-1) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
+        raise ValueError("kv_cache needs a contiguous head_dim and blocks laid out as slots")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.is_floating_point():
+        raise ValueError("slot_mapping must be [tokens] integer")
+
+
+def rotary_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache.
+
+    Equivalent to ``apply_rotary`` followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)``,
+    bit for bit, in one launch. q: [T, Hq, D]; k, v: [T, Hkv, D], any token/head strides with a
+    contiguous D (views into a fused qkv projection work); cos_cache, sin_cache and positions
+    as for ``apply_rotary``; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype;
+    slot_mapping: [T] integer slots (block * block_size + offset), each in range (not checked:
+    that would sync with the host). Rows with a negative slot store nothing.
+
+    Returns the rotated q: a new contiguous tensor, or ``q_out`` (which may be q itself).
+    """
+    _check_rotary_inputs(q, k, cos_cache, sin_cache, positions)
+    _check_store_inputs(k, v, kv_cache, slot_mapping)
+    q_out = _rotary_out(q_out, q)
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if tokens == 0:
+        return q_out
+    cos_cache, sin_cache = _unit_last_stride(cos_cache), _unit_last_stride(sin_cache)
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    max_heads = max(1, _TILE // block_half)
+    block_hq = min(triton.next_power_of_2(num_q_heads), max_heads)
+    block_hkv = min(triton.next_power_of_2(num_kv_heads), max_heads)
+    num_q_blocks = triton.cdiv(num_q_heads, block_hq)
+    grid = (tokens, num_q_blocks + triton.cdiv(num_kv_heads, block_hkv))
+    _rope_store_kernel[grid](
+        q, k, v, q_out, kv_cache, cos_cache, sin_cache, positions, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
+        cos_cache.stride(0), sin_cache.stride(0),
+        num_q_heads, num_kv_heads, num_q_blocks,
+        HALF=half,
+        BLOCK_HALF=block_half,
+        BLOCK_HQ=block_hq,
+        BLOCK_HKV=block_hkv,
+        num_warps=4,
+        **_NO_FMA,
+    )  # fmt: skip
+    return q_out
