@@ -41,7 +41,8 @@ for step in "${@:-tests latency}"; do
              tail -8 "$OUT/throughput_llama1b.log" ;;
     train1) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
                --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 --compile \
-               --out "$OUT/train-1gpu.json" > "$OUT/train-1gpu.log" 2>&1; tail -8 "$OUT/train-1gpu.log" ;;
+               --out "$OUT/train-1gpu.json" > "$OUT/train-1gpu.log" 2>&1 || bash "$0" train1eager
+             tail -8 "$OUT/train-1gpu.log" ;;
     train1eager) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
                --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 \
                --out "$OUT/train-1gpu-eager.json" > "$OUT/train-1gpu-eager.log" 2>&1; tail -8 "$OUT/train-1gpu-eager.log" ;;
@@ -51,13 +52,19 @@ for step in "${@:-tests latency}"; do
            python3 -m parallm.cli serve --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
                --port 8000 > "$OUT/server.log" 2>&1 &
            server=$!
-           for _ in $(seq 120); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+           python3 -c "import time, urllib.request as u
+for _ in range(180):
+    try: u.urlopen('http://127.0.0.1:8000/health'); break
+    except Exception: time.sleep(1)"
            head -3 "$OUT/server.log"
-           python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
-               --trace .gl/AzureLLMInferenceTrace_conv.csv --time-scale "${TIME_SCALE:-4}" \
+           for scale in ${TIME_SCALES:-4 16}; do
+             python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
+               --trace .gl/AzureLLMInferenceTrace_conv.csv --time-scale "$scale" \
                --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50 \
-               --no-progress --out "$OUT/serve.json" --plot "$OUT/serve.png" > "$OUT/bench_serve.log" 2>&1
-           tail -22 "$OUT/bench_serve.log"
+               --no-progress --out "$OUT/serve-x$scale.json" --plot "$OUT/serve-x$scale.png" \
+               > "$OUT/bench_serve-x$scale.log" 2>&1
+             tail -22 "$OUT/bench_serve-x$scale.log"
+           done
            python3 scripts/load_test.py --url http://127.0.0.1:8000 --token-ids --clients 200 \
                --duration 20 --json "$OUT/load_test.json" > "$OUT/load_test.log" 2>&1
            tail -12 "$OUT/load_test.log"
