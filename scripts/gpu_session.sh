@@ -40,15 +40,18 @@ for step in "${@:-tests latency}"; do
                --max-model-len 4096 --compare-hf --out "$OUT/throughput_llama1b.json" > "$OUT/throughput_llama1b.log" 2>&1
              tail -8 "$OUT/throughput_llama1b.log" ;;
     train1) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
-               --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 --compile \
+               --micro-batch-size "${MBS:-8}" --steps 20 --warmup-steps 5 --dtype bfloat16 --compile \
                --out "$OUT/train-1gpu.json" > "$OUT/train-1gpu.log" 2>&1 || bash "$0" train1eager
              tail -8 "$OUT/train-1gpu.log" ;;
     train1eager) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
                --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 \
                --out "$OUT/train-1gpu-eager.json" > "$OUT/train-1gpu-eager.log" 2>&1; tail -8 "$OUT/train-1gpu-eager.log" ;;
     serve) # the server stack is not on the device image: install it from wheels carried in .whl/
-           pip install -q --no-index --find-links .whl/server fastapi uvicorn httpx prometheus-client \
-               > "$OUT/pip.log" 2>&1 || tail -3 "$OUT/pip.log"
+           wheels="--no-index --find-links .whl/server fastapi uvicorn httpx prometheus-client"
+           if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
+           else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
+           export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
+           python3 -c "import fastapi, uvicorn, httpx, prometheus_client" || tail -5 "$OUT/pip.log"
            python3 -m parallm.cli serve --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
                --port 8000 > "$OUT/server.log" 2>&1 &
            server=$!
