@@ -28,3 +28,21 @@ def eos_token_ids(path: str | Path | None, tokenizer: Any | None) -> tuple[int, 
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         return (int(tokenizer.eos_token_id),)
     return ()
+
+
+def id_tokenizer(vocab_size: int) -> Any:
+    """The tokenizer of a model with dummy weights and no tokenizer files: token ``i`` is the
+    text ``<i>``, with no special tokens. Random weights produce random ids; this makes them
+    readable text, so that streamed completions carry one non-empty piece per token, as a real
+    model's do, and a serving benchmark times them. Text that is not ``<i>`` pieces maps to 0.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"<\d+>"), "isolated")]
+    )
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)

@@ -46,6 +46,15 @@ for step in "${@:-tests latency}"; do
     train1eager) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
                --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 \
                --out "$OUT/train-1gpu-eager.json" > "$OUT/train-1gpu-eager.log" 2>&1; tail -8 "$OUT/train-1gpu-eager.log" ;;
+    train2) # one GPU, then all GPUs of the machine with the same per-GPU batch (weak scaling)
+            args="--config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 --micro-batch-size ${MBS:-8}
+                  --steps 20 --warmup-steps 5 --dtype bfloat16 --compile"
+            python3 -m parallm.cli bench train $args --out "$OUT/train-1of$(nvidia-smi -L | wc -l).json" \
+                > "$OUT/train-1.log" 2>&1; tail -4 "$OUT/train-1.log"
+            n=$(nvidia-smi -L | wc -l)
+            torchrun --standalone --nproc-per-node "$n" -m parallm.bench.train $args \
+                --baseline-json "$OUT/train-1of$n.json" --out "$OUT/train-${n}gpu.json" \
+                > "$OUT/train-$n.log" 2>&1; tail -4 "$OUT/train-$n.log" ;;
     serve) # the server stack is not on the device image: install it from wheels carried in .whl/
            wheels="--no-index --find-links .whl/server fastapi uvicorn httpx prometheus-client"
            if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels

@@ -25,7 +25,7 @@ from parallm.layers.backends import select_backend
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
-from parallm.tokenizer import eos_token_ids, load_tokenizer
+from parallm.tokenizer import eos_token_ids, id_tokenizer, load_tokenizer
 
 logger = logging.getLogger("parallm")
 
@@ -102,9 +102,11 @@ class LLMEngine:
 
     def _load_tokenizer(self) -> Any | None:
         path = self.config.tokenizer or self.config.model
-        if path is None:
-            return None
-        return load_tokenizer(path)
+        if path is not None:
+            return load_tokenizer(path)
+        if self.config.load_format == "dummy":
+            return id_tokenizer(self.model_config.vocab_size)
+        return None
 
     @property
     def kv_capacity_tokens(self) -> int:
