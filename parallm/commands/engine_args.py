@@ -79,6 +79,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="Triton RMSNorm+residual, rotary and SiLU-mul kernels; default: on for CUDA",
     )
     g.add_argument(
+        "--skinny-gemm-max-rows",
+        type=int,
+        default=0,
+        help="linears with at most this many rows (decode batches) use the Triton split-K GEMV "
+        "instead of cuBLAS; 0 (default) keeps cuBLAS (CUDA only, max 16)",
+    )
+    g.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -107,6 +114,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
+        skinny_gemm_max_rows=args.skinny_gemm_max_rows,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

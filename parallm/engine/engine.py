@@ -22,6 +22,7 @@ from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.scheduler import Scheduler
 from parallm.layers.backends import select_backend
+from parallm.layers.linear_dispatch import use_skinny_gemm
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
@@ -45,6 +46,7 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, self.device)
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
+        _check_skinny_rows(config.skinny_gemm_max_rows, self.device)
         self.fused_kernels = (
             self.device.type == "cuda" if config.fused_kernels is None else config.fused_kernels
         )
@@ -81,6 +83,8 @@ class LLMEngine:
         model.fuse_projections()
         if self.fused_kernels:
             model.use_fused_kernels()
+        if cfg.skinny_gemm_max_rows:
+            use_skinny_gemm(model, cfg.skinny_gemm_max_rows)
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
@@ -282,3 +286,10 @@ def _check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> Non
             f"({max_model_len}); raise kv_cache_memory / gpu_memory_utilization or lower "
             "max_model_len"
         )
+
+
+def _check_skinny_rows(max_rows: int, device: torch.device) -> None:
+    if not isinstance(max_rows, int) or not 0 <= max_rows <= 16:
+        raise ValueError(f"skinny_gemm_max_rows must be an integer in [0, 16], got {max_rows!r}")
+    if max_rows and device.type != "cuda":
+        raise ValueError("skinny_gemm_max_rows > 0 needs device='cuda' (Triton kernels)")
