@@ -6,11 +6,10 @@ Without CUDA the kernels run under the Triton interpreter (see ``triton_interpre
 from __future__ import annotations
 
 import math
-import os
 
 import pytest  # noqa: E402
 import torch
-from triton_interpreter import run_interpreter_suite  # before triton: sets the interpreter
+from triton_interpreter import check_interpreter_suite  # before triton: sets the interpreter
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -190,13 +189,7 @@ def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
 def test_interpreter_suite_in_subprocess():
     """The interpreter tests run: here when triton was imported in interpreter mode, else in a
     subprocess that sets TRITON_INTERPRET before triton's first import."""
-    if INTERPRETING:
-        assert os.environ.get("TRITON_INTERPRET") == "1"
-        return
-    stdout, output = run_interpreter_suite(__file__)
-    if OLD_INTERPRETER in stdout:
-        pytest.skip(OLD_INTERPRETER)
-    assert " passed" in stdout and " skipped" not in stdout, output
+    check_interpreter_suite(__file__, INTERPRETING, skip_marker=OLD_INTERPRETER)
 
 
 # (q_len, seq_len): full prompts, prefix-cache hits, a chunked continuation, decode-like rows,

@@ -319,6 +319,20 @@ def _load_cos_sin(row_ptr, d, dmask, HALF: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rope_token_setup(pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """The program's token and head block, and its position's cos/sin halves (loaded once)."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, DTYPE)
+    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, DTYPE)
+    return t, hb, d, dmask, c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_heads(
     in_row,
     out_row,
@@ -384,14 +398,10 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
 ):
     # Grid: (tokens, q head blocks + k head blocks); the cos/sin row is loaded once per program.
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, dtype)
-    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, dtype)
+    t, hb, d, dmask, c1, c2, s1, s2 = _rope_token_setup(
+        pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF, BLOCK_HALF, dtype
+    )
     if hb < num_q_blocks:
         q_row, q_out_row = q_ptr + t * stride_qt, q_out_ptr + t * stride_qot
         head0 = hb * BLOCK_H

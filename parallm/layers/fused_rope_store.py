@@ -20,8 +20,8 @@ import triton.language as tl
 from parallm.layers.fused_ops import (
     _NO_FMA,
     _check_rotary_inputs,
-    _load_cos_sin,
     _rope_heads,
+    _rope_token_setup,
     _rotary_out,
     _unit_last_stride,
 )
@@ -86,14 +86,10 @@ def _rope_store_kernel(
 ):
     # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
     # heads, so the slot is loaded once.
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, dtype)
-    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, dtype)
+    t, hb, d, dmask, c1, c2, s1, s2 = _rope_token_setup(
+        pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF, BLOCK_HALF, dtype
+    )
     if hb < num_q_blocks:
         q_row, q_out_row = q_ptr + t * stride_qt, q_out_ptr + t * stride_qot
         _rope_heads(
