@@ -97,10 +97,11 @@ def check_close_to_float64(tokens, heads, head_dim, device):
     rotary = RotaryEmbedding(head_dim, 4096, 500000.0, None).to(device)
     q, k, v = make_qkv(tokens, *heads, head_dim, torch.bfloat16, device, seed=3)
     positions = torch.randint(0, 4096, (tokens,), device=device)
-    num_slots = 2 * tokens + 16
-    cache = torch.zeros(2, num_slots // 16, 16, heads[1], head_dim, dtype=torch.bfloat16,
+    num_blocks = (2 * tokens + 31) // 16  # every slot drawn below is inside the cache
+    cache = torch.zeros(2, num_blocks, 16, heads[1], head_dim, dtype=torch.bfloat16,
                         device=device)  # fmt: skip
-    slots = torch.randperm(num_slots, device=device)[:tokens]
+    gen = torch.Generator(device=device).manual_seed(4)
+    slots = torch.randperm(num_blocks * 16, device=device, generator=gen)[:tokens]
     got_q = rotary_and_store_kv(
         q, k, v, rotary.cos_cache, rotary.sin_cache, positions, cache, slots
     )
