@@ -20,15 +20,22 @@ from parallm.engine.runner import ModelRunner
 
 
 def _stub_forward(vocab_size: int):  # noqa: ANN202 - a method
-    def forward_logits(self: ModelRunner, inputs) -> torch.Tensor:  # noqa: ANN001
-        return torch.zeros(len(inputs.sample_indices), vocab_size)
+    def forward_logits(self: ModelRunner, inputs, device_ids=None) -> torch.Tensor:  # noqa: ANN001
+        return torch.rand(len(inputs.sample_indices), vocab_size)
 
     return forward_logits
 
 
-def measure(llm: LLM, batch: int, steps: int) -> float:
+PARAMS = {
+    "greedy": lambda steps: SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True),
+    # What `parallm bench serve` asks of a server: OpenAI's default temperature, fixed lengths.
+    "serve": lambda steps: SamplingParams(max_tokens=steps, min_tokens=steps, ignore_eos=True),
+}
+
+
+def measure(llm: LLM, batch: int, steps: int, kind: str = "greedy") -> float:
     """Milliseconds of host work per decode step at ``batch`` running sequences."""
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    params = PARAMS[kind](steps)
     prompts = [{"prompt_token_ids": [5 + i % 50] * 64} for i in range(batch)]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     first_step = llm.engine.num_steps
@@ -41,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,32,256", help="running sequences per step")
     ap.add_argument("--steps", type=int, default=200, help="decode steps per measurement")
+    ap.add_argument(
+        "--params", choices=sorted(PARAMS), default="greedy", help="sampling parameters per request"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +60,7 @@ def main() -> None:
         vocab = llm.engine.model_config.vocab_size
         ModelRunner.forward_logits = _stub_forward(vocab)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            ms = measure(llm, batch, args.steps)
+            ms = measure(llm, batch, args.steps, args.params)
             print(
                 f"batch {batch:4d}: {ms:.3f} ms host time per step ({ms / batch * 1e3:.1f} us/seq)"
             )

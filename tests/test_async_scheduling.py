@@ -95,6 +95,20 @@ def test_cuda_graph_steps_overlap_and_match(tiny_model_dir, prompts):
     _assert_same_outputs(sync, fast, prompts)
 
 
+def test_fixed_length_requests_overlap(pair, prompts):
+    # What `parallm bench serve` sends: min_tokens = max_tokens with ignore_eos bans nothing,
+    # so these run ahead like any other request.
+    sync, fast = pair
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=24, min_tokens=24, ignore_eos=True)
+    before = fast.engine.num_overlapped_steps
+    expected = sync.generate(batch, params, use_tqdm=False)
+    got = fast.generate(batch, params, use_tqdm=False)
+    assert _tokens(got) == _tokens(expected)
+    assert fast.engine.num_overlapped_steps - before > 10
+    _assert_clean(fast)
+
+
 def test_penalties_and_logprobs_run_synchronously_and_still_match(pair, prompts):
     sync, fast = pair
     batch = [{"prompt_token_ids": p} for p in prompts[:3]]

@@ -77,6 +77,14 @@ class Sequence:
         """Still computing known tokens (prompt, or outputs being recomputed after preemption)."""
         return self.num_tokens - self.num_computed_tokens > 1
 
+    @property
+    def bans_stop_tokens(self) -> bool:
+        """Whether sampling must keep stop ids (and EOS) out: ``min_tokens`` not reached yet."""
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens:
+            return False
+        return bool(p.stop_token_ids) or not p.ignore_eos
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)

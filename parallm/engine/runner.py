@@ -260,7 +260,7 @@ class ModelRunner:
         if logits is None:
             return None
         seqs = [item.seq for item in batch.seqs if item.samples]
-        if all(s.params.plain_greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
+        if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
             # The common offline case: skip building sampling tensors, one argmax on device.
             return SamplerOutput(token_ids=logits.argmax(dim=-1))
         rows = [self._sampling_row(seq) for seq in seqs]

@@ -200,8 +200,8 @@ class Scheduler:
 def _can_run_ahead(seq: Sequence) -> bool:
     """Whether the sequence's next token can be sampled before its last one is on the host."""
     p = seq.params
-    # min_tokens counted without the pending token: the runner bans stop ids by that count.
-    return p.history_free and seq.num_output_tokens >= p.min_tokens
+    # Counted without the pending token, as the runner counts when it bans stop ids.
+    return p.history_free and not seq.bans_stop_tokens
 
 
 def _finishes_after(seq: Sequence, pending: int, max_model_len: int) -> bool:
