@@ -7,6 +7,7 @@ scheduler has already chosen which tokens of which sequences this step computes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,32 +170,35 @@ class ModelRunner:
             rows = np.arange(len(ids), dtype=np.int64)
             return StepInputs(ids, positions, slots, np.arange(len(ids) + 1, dtype=np.int32),
                               seq_lens, tables, rows)  # fmt: skip
+        # Vectorised over the batch: per sequence only the table row and the token slice are
+        # Python (a mixed step carries hundreds of decode rows next to its prompt chunks).
+        items = batch.seqs
+        starts = np.fromiter((it.start for it in items), np.int64, len(items))
+        lengths = np.fromiter((it.num_new_tokens for it in items), np.int64, len(items))
+        ends = np.cumsum(lengths)
+        block_tables = _table_rows([it.seq.block_table for it in items])
+        rows = np.repeat(np.arange(len(items)), lengths)
+        positions = np.arange(ends[-1], dtype=np.int64) - np.repeat(
+            ends - lengths - starts, lengths
+        )
         bs = self.block_size
-        ids, positions, slots, seq_lens = [], [], [], []
-        query_start = [0]
-        sample_indices = []
-        width = max(len(item.seq.block_table) for item in batch.seqs)
-        block_tables = np.zeros((len(batch.seqs), width), dtype=np.int32)
-        for row, item in enumerate(batch.seqs):
-            seq, start, n = item.seq, item.start, item.num_new_tokens
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            block_tables[row, : len(table)] = table
-            pos = np.arange(start, start + n, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start : start + n], dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(start + n)
-            if item.samples:
-                sample_indices.append(query_start[-1] - 1)
+        slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        ids = np.fromiter(
+            itertools.chain.from_iterable(
+                it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items
+            ),
+            np.int64,
+            int(ends[-1]),
+        )
+        samples = np.fromiter((it.samples for it in items), bool, len(items))
         return StepInputs(
-            input_ids=np.concatenate(ids),
-            positions=np.concatenate(positions),
-            slot_mapping=np.concatenate(slots),
-            query_start_loc=np.asarray(query_start, dtype=np.int32),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            query_start_loc=np.concatenate([[0], ends]).astype(np.int32),
+            seq_lens=(starts + lengths).astype(np.int32),
             block_tables=block_tables,
-            sample_indices=np.asarray(sample_indices, dtype=np.int64),
+            sample_indices=ends[samples] - 1,
         )
 
     def _build_metadata(self, inputs: StepInputs) -> AttentionMetadata:
@@ -270,11 +274,7 @@ class ModelRunner:
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
         """Inputs of a pure decode step, with as little per-sequence Python as possible."""
         seqs = [item.seq for item in batch.seqs]
-        tables = [s.block_table for s in seqs]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, table in enumerate(tables):
-            block_tables[row, : len(table)] = table
+        block_tables = _table_rows([s.block_table for s in seqs])
         # The scheduler has counted this step's token as computed. Under async scheduling the
         # token itself may still be on the device (num_tokens lags by one); ids then come in
         # separately and the last known token here is only a placeholder.
@@ -313,3 +313,11 @@ class ModelRunner:
             generator=seq.generator,
             banned_token_ids=banned,
         )
+
+
+def _table_rows(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one zero-padded [rows, longest] int32 array."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for row, table in enumerate(tables):
+        out[row, : len(table)] = table
+    return out
