@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput clean
+.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput bench-train bench-serve gpu-session clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,25 @@ lint: setup  ## ruff check
 format: setup  ## ruff format + import sorting
 	$(BIN)/ruff check --fix parallm tests benchmarks
 	$(BIN)/ruff format parallm tests benchmarks
+
+CONFIG ?= benchmarks/configs/llama-3.2-1b.json
+
+bench-latency: setup  ## decode latency against the bandwidth roofline (CONFIG=..., needs CUDA)
+	$(BIN)/parallm bench latency --config $(CONFIG) --max-model-len 4096
+
+bench-throughput: setup  ## offline throughput against transformers (CONFIG=..., needs CUDA)
+	$(BIN)/parallm bench throughput --config $(CONFIG) --max-model-len 4096 --compare-hf
+
+bench-train: setup  ## training tokens/s and MFU (CONFIG=..., needs CUDA)
+	$(BIN)/parallm bench train --config $(CONFIG) --seq-len 2048 --micro-batch-size 8 --compile
+
+bench-serve: setup  ## serving benchmark against a running server (URL=..., TRACE=...)
+	$(BIN)/parallm bench serve --base-url $(or $(URL),http://127.0.0.1:8000) \
+	  --trace $(or $(TRACE),../shared/traces/AzureLLMInferenceTrace_conv.csv) --time-scale 4 \
+	  --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50
+
+gpu-session: setup  ## GPU tests and benchmarks in one go (STEPS="tests latency ...")
+	OUT=$(or $(OUT),runs/gpu) bash scripts/gpu_session.sh $(or $(STEPS),tests latency)
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs
