@@ -12,11 +12,13 @@ from __future__ import annotations
 import pytest  # noqa: E402
 import torch
 import torch.nn.functional as F
-from triton_interpreter import check_interpreter_suite  # before triton: sets the interpreter
+from triton_interpreter import (  # before triton: sets the interpreter
+    check_interpreter_suite,
+    kernel_modes,
+)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from parallm.layers import fused_ops  # noqa: E402
 from parallm.layers.fused_ops import (  # noqa: E402
@@ -28,16 +30,7 @@ from parallm.layers.fused_ops import (  # noqa: E402
 from parallm.layers.norm import RMSNorm  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-# Both triton's own helpers and our kernels must have been built in interpreter mode.
-INTERPRETING = isinstance(tl.zeros, InterpretedFunction) and isinstance(
-    fused_ops._rms_norm_kernel, InterpretedFunction
-)
-interpreter_test = pytest.mark.skipif(
-    not INTERPRETING, reason="triton not in interpreter mode here; run by the subprocess test"
-)
-requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA device, compiled kernels"
-)
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_ops._rms_norm_kernel)
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]

@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import pytest  # noqa: E402
 import torch
-from triton_interpreter import check_interpreter_suite  # before triton: sets the interpreter
+from triton_interpreter import (  # before triton: sets the interpreter
+    check_interpreter_suite,
+    kernel_modes,
+)
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 from test_fused_ops import assert_matches, nan_like, randn  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from parallm.layers import fused_rope_store  # noqa: E402
 from parallm.layers.attention import write_kv  # noqa: E402
 from parallm.layers.fused_rope_store import rotary_and_store_kv  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-INTERPRETING = isinstance(tl.zeros, InterpretedFunction) and isinstance(
-    fused_rope_store._rope_store_kernel, InterpretedFunction
-)
-interpreter_test = pytest.mark.skipif(
-    not INTERPRETING, reason="triton not in interpreter mode here; run by the subprocess test"
-)
-requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA device, compiled kernels"
-)
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_rope_store._rope_store_kernel)
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -16,11 +16,12 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import check_interpreter_suite  # before triton: sets the interpreter
+from triton_interpreter import (  # before triton: sets the interpreter
+    check_interpreter_suite,
+    kernel_modes,
+)
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from parallm.layers import skinny_gemm  # noqa: E402
 from parallm.layers.skinny_gemm import (  # noqa: E402
@@ -30,15 +31,7 @@ from parallm.layers.skinny_gemm import (  # noqa: E402
     skinny_linear,
 )
 
-INTERPRETING = isinstance(tl.zeros, InterpretedFunction) and isinstance(
-    skinny_gemm._skinny_gemm_kernel, InterpretedFunction
-)
-interpreter_test = pytest.mark.skipif(
-    not INTERPRETING, reason="triton not in interpreter mode here; run by the subprocess test"
-)
-requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA device, compiled kernels"
-)
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(skinny_gemm._skinny_gemm_kernel)
 
 # Unit roundoff of the output dtype (round to nearest). The interpreter's float32 -> bfloat16
 # cast truncates, which costs up to a whole ulp: 2**-7.

@@ -50,3 +50,27 @@ def check_interpreter_suite(
     if skip_marker is not None and skip_marker in stdout:
         pytest.skip(skip_marker)
     assert " passed" in stdout and " skipped" not in stdout, output
+
+
+def kernel_modes(kernel: object) -> tuple[bool, object, object]:
+    """``(interpreting, interpreter_test, requires_cuda)`` for a suite of ``kernel``'s module.
+
+    ``interpreting``: triton's helpers and the kernel were both built in interpreter mode.
+    ``interpreter_test`` skips a test unless so (the subprocess test then runs it);
+    ``requires_cuda`` skips one without a CUDA device running compiled kernels.
+    """
+    import pytest
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreting = isinstance(tl.zeros, InterpretedFunction) and isinstance(
+        kernel, InterpretedFunction
+    )
+    interpreter_test = pytest.mark.skipif(
+        not interpreting, reason="triton not in interpreter mode here; run by the subprocess test"
+    )
+    requires_cuda = pytest.mark.skipif(
+        not torch.cuda.is_available() or interpreting,
+        reason="needs a CUDA device, compiled kernels",
+    )
+    return interpreting, interpreter_test, requires_cuda
