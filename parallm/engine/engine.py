@@ -47,9 +47,7 @@ class LLMEngine:
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         _check_skinny_rows(config.skinny_gemm_max_rows, self.device)
-        self.fused_kernels = (
-            self.device.type == "cuda" if config.fused_kernels is None else config.fused_kernels
-        )
+        self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
@@ -64,11 +62,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        self.async_scheduling = (
-            self.device.type == "cuda"
-            if config.async_scheduling is None
-            else config.async_scheduling
-        )
+        self.async_scheduling = _on_cuda_unless_set(config.async_scheduling, self.device)
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
         self.load_seconds = time.perf_counter() - started
@@ -293,3 +287,8 @@ def _check_skinny_rows(max_rows: int, device: torch.device) -> None:
         raise ValueError(f"skinny_gemm_max_rows must be an integer in [0, 16], got {max_rows!r}")
     if max_rows and device.type != "cuda":
         raise ValueError("skinny_gemm_max_rows > 0 needs device='cuda' (Triton kernels)")
+
+
+def _on_cuda_unless_set(flag: bool | None, device: torch.device) -> bool:
+    """A feature flag whose default (None) is on for CUDA and off elsewhere."""
+    return device.type == "cuda" if flag is None else flag
