@@ -115,7 +115,7 @@ class Scheduler:
         batch = ScheduledBatch()
         block_size = self.kv.block_size
         for seq in live:
-            if _finishes_after(seq, 1, self.cfg.max_model_len):
+            if _finishes_with_next_token(seq, self.cfg.max_model_len):
                 continue
             full = seq.num_computed_tokens + 1 > len(seq.block_table) * block_size
             if full and not self.kv.allocate(seq, 1):
@@ -204,9 +204,9 @@ def _can_run_ahead(seq: Sequence) -> bool:
     return p.history_free and not seq.bans_stop_tokens
 
 
-def _finishes_after(seq: Sequence, pending: int, max_model_len: int) -> bool:
-    """True when ``pending`` more tokens end the sequence whatever they are."""
+def _finishes_with_next_token(seq: Sequence, max_model_len: int) -> bool:
+    """True when the token being sampled ends the sequence whatever it is."""
     p = seq.params
-    if p.max_tokens is not None and seq.num_output_tokens + pending >= p.max_tokens:
+    if p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens:
         return True
-    return seq.num_tokens + pending >= max_model_len
+    return seq.num_tokens + 1 >= max_model_len
