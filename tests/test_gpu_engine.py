@@ -24,13 +24,16 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], list[l
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("fused,skinny", [(False, 0), (True, 0), (True, 16)])
+@pytest.mark.parametrize("fused,skinny,prefetch", [(False, 0, 0), (True, 0, 0), (True, 16, 0),
+                                                   (True, 0, 4.0)])  # fmt: skip
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "qwen2"])
-def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused, skinny):
-    """Triton kernels + CUDA graphs give the reference path's tokens on the same fp32 weights."""
+def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused, skinny, prefetch):
+    """Triton kernels + CUDA graphs give the reference path's tokens on the same fp32 weights:
+    with logprobs (the sampler) and plain greedy (the argmax captured in the graph)."""
     path = str(tiny_model_dir(arch))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
-    fast = LLM(path, fused_kernels=fused, skinny_gemm_max_rows=skinny, **common)
+    fast = LLM(path, fused_kernels=fused, skinny_gemm_max_rows=skinny, l2_prefetch_mb=prefetch,
+               **common)  # fmt: skip
     assert fast.engine.runner.backend.name == "triton"
     assert fast.engine.runner.graphs is not None
     ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
@@ -39,6 +42,10 @@ def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused
     assert fast_tokens == ref_tokens
     for a, b in zip(fast_lps, ref_lps, strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-3)
+    plain = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    plain_tokens = [o.outputs[0].token_ids for o in fast.generate(batch, plain, use_tqdm=False)]
+    assert plain_tokens == ref_tokens
 
 
 def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prompts):

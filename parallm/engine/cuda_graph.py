@@ -23,7 +23,9 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
+        forward: Callable[
+            [torch.Tensor, torch.Tensor, AttentionMetadata], tuple[torch.Tensor, torch.Tensor]
+        ],
         sizes: list[int],
         max_blocks_per_seq: int,
         max_seq_len: int,
@@ -45,7 +47,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, greedy ids
         self.capture_seconds = 0.0
 
     @property
@@ -97,8 +99,9 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
         device_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Replay the graph for this batch; returns the first ``len(input_ids)`` output rows.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph for this batch; returns the logits and greedy token ids of the
+        first ``len(input_ids)`` rows.
 
         ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
         sampled tokens have not reached the host yet.
@@ -128,4 +131,5 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(lens, non_blocking=True)
         self.block_tables[:size, :width].copy_(tables, non_blocking=True)
         self.graphs[size].replay()
-        return self.outputs[size][:batch]
+        logits, greedy = self.outputs[size]
+        return logits[:batch], greedy[:batch]

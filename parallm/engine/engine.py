@@ -17,6 +17,7 @@ from parallm.config import (
     resolve_dtype,
 )
 from parallm.engine.kv_cache import KVCacheManager
+from parallm.engine.l2_prefetch import PREFETCH_MAX_ROWS, L2Prefetcher
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
@@ -47,13 +48,14 @@ class LLMEngine:
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         _check_skinny_rows(config.skinny_gemm_max_rows, self.device)
+        _check_l2_prefetch(config.l2_prefetch_mb, self.device)
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
         self.runner = ModelRunner(
             self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
-            self.eos_token_ids,
+            self.eos_token_ids, fused_argmax=self.fused_kernels,
         )  # fmt: skip
         num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
         self.runner.allocate_kv_cache(num_blocks)
@@ -79,6 +81,8 @@ class LLMEngine:
             model.use_fused_kernels()
         if cfg.skinny_gemm_max_rows:
             use_skinny_gemm(model, cfg.skinny_gemm_max_rows)
+        if cfg.l2_prefetch_mb:
+            L2Prefetcher(cfg.l2_prefetch_mb, PREFETCH_MAX_ROWS).install(model)
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
@@ -287,6 +291,13 @@ def _check_skinny_rows(max_rows: int, device: torch.device) -> None:
         raise ValueError(f"skinny_gemm_max_rows must be an integer in [0, 16], got {max_rows!r}")
     if max_rows and device.type != "cuda":
         raise ValueError("skinny_gemm_max_rows > 0 needs device='cuda' (Triton kernels)")
+
+
+def _check_l2_prefetch(megabytes: float, device: torch.device) -> None:
+    if not isinstance(megabytes, int | float) or not 0 <= megabytes <= 1024:
+        raise ValueError(f"l2_prefetch_mb must be a number in [0, 1024], got {megabytes!r}")
+    if megabytes and device.type != "cuda":
+        raise ValueError("l2_prefetch_mb > 0 needs device='cuda' (Triton kernels)")
 
 
 def _on_cuda_unless_set(flag: bool | None, device: torch.device) -> bool:

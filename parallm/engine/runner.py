@@ -17,7 +17,13 @@ from torch import nn
 from parallm.config import CacheConfig, ModelConfig
 from parallm.engine.cuda_graph import DecodeGraphs
 from parallm.engine.request import Sequence
-from parallm.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
+from parallm.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    SamplingTensors,
+    greedy_argmax,
+)
 from parallm.engine.scheduler import ScheduledBatch
 from parallm.layers.attention import (
     AttentionBackend,
@@ -79,6 +85,7 @@ class ModelRunner:
         dtype: torch.dtype,
         backend: AttentionBackend | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        fused_argmax: bool = False,
     ) -> None:
         self.model = model
         self.model_cfg = model_cfg
@@ -88,6 +95,7 @@ class ModelRunner:
         self.backend = backend or ReferenceAttention()
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
+        self.fused_argmax = fused_argmax  # Triton greedy argmax (CUDA only)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
 
@@ -229,9 +237,11 @@ class ModelRunner:
 
     def _graph_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        return self.model.compute_logits(self.model(ids, positions, ctx)).float()
+        logits = self.model.compute_logits(self.model(ids, positions, ctx))
+        return logits, greedy_argmax(logits, self.fused_argmax)
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
@@ -257,8 +267,9 @@ class ModelRunner:
 
         ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
         """
+        greedy = None
         if self._use_graph(batch):
-            logits = self.graphs.run(*self.prepare_decode(batch), device_ids=device_ids)
+            logits, greedy = self.graphs.run(*self.prepare_decode(batch), device_ids=device_ids)
         else:
             logits = self.forward_logits(self.prepare(batch), device_ids)
         if logits is None:
@@ -266,7 +277,10 @@ class ModelRunner:
         seqs = [item.seq for item in batch.seqs if item.samples]
         if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
             # The common offline case: skip building sampling tensors, one argmax on device.
-            return SamplerOutput(token_ids=logits.argmax(dim=-1))
+            if greedy is None:
+                greedy = greedy_argmax(logits, self.fused_argmax)
+            return SamplerOutput(token_ids=greedy)
+        logits = logits.float()
         rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
         return self.sampler(logits, tensors)
@@ -288,7 +302,7 @@ class ModelRunner:
     def forward_logits(
         self, inputs: StepInputs, device_ids: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """Logits (float32) at the sampling rows, or None when no sequence samples."""
+        """Logits (model dtype) at the sampling rows, or None when no sequence samples."""
         meta = self._build_metadata(inputs)
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
         ids = self._to_device(inputs.input_ids) if device_ids is None else device_ids
@@ -297,7 +311,7 @@ class ModelRunner:
         if len(inputs.sample_indices) == 0:
             return None
         hidden = hidden[self._to_device(inputs.sample_indices)]
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params

@@ -1,0 +1,94 @@
+"""The Triton greedy argmax against ``torch.argmax``: random logits, planted ties, -inf rows.
+
+Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
+
+triton = pytest.importorskip("triton")
+
+from parallm.engine.sampler import greedy_argmax  # noqa: E402
+from parallm.layers import argmax  # noqa: E402
+from parallm.layers.argmax import triton_argmax  # noqa: E402
+
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(argmax._chunk_argmax_kernel)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _logits(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 4
+    # Plant exact ties of the row maximum, one of them in a later chunk, to pin tie-breaking.
+    for r in range(rows):
+        top = x[r].max() + 1
+        cols = torch.randint(0, vocab, (3,), generator=g)
+        x[r, cols] = top
+    return x.to(dtype).to(device)
+
+
+def _check(device: str, rows: int, vocab: int, dtype: torch.dtype, seed: int) -> None:
+    x = _logits(rows, vocab, dtype, device, seed)
+    got = triton_argmax(x)
+    assert got.dtype == torch.long and got.shape == (rows,)
+    assert torch.equal(got.cpu(), x.cpu().float().argmax(dim=-1))
+
+
+def test_interpreter_suite_in_subprocess():
+    """The interpreter tests run: here when triton was imported in interpreter mode, else in a
+    subprocess that sets TRITON_INTERPRET before triton's first import."""
+    check_interpreter_suite(__file__, INTERPRETING)
+
+
+@interpreter_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 1000), (3, 4096), (2, 9000), (5, 32000)])
+def test_matches_torch_argmax_interpreter(rows, vocab, dtype):
+    _check("cpu", rows, vocab, dtype, seed=rows * vocab)
+
+
+@interpreter_test
+def test_edge_rows_interpreter():
+    x = torch.full((3, 5000), float("-inf"))
+    x[1, 4999] = 0.0  # the last column of a partial chunk
+    x[2, 4096] = 1.0  # the first column of the second chunk
+    assert triton_argmax(x).tolist() == [0, 4999, 4096]
+    assert triton_argmax(x[:0]).shape == (0,)
+
+
+def test_rejects_non_contiguous_rows():
+    with pytest.raises(ValueError, match="contiguous rows"):
+        triton_argmax(torch.zeros(4, 6)[:, ::2])
+
+
+def test_greedy_argmax_falls_back_to_torch():
+    x = torch.randn(4, 100)
+    assert torch.equal(greedy_argmax(x, fused=False), x.argmax(dim=-1))
+    assert torch.equal(greedy_argmax(x[:, ::2], fused=True), x[:, ::2].argmax(dim=-1))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 128])
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936])
+def test_matches_torch_argmax_cuda(rows, vocab, dtype):
+    _check("cuda", rows, vocab, dtype, seed=rows + vocab)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_captured_in_cuda_graph():
+    x = _logits(4, 128256, torch.bfloat16, "cuda", seed=1)
+    triton_argmax(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_argmax(x)
+    for seed in range(2, 5):
+        x.copy_(_logits(4, 128256, torch.bfloat16, "cuda", seed=seed))
+        graph.replay()
+        assert torch.equal(out, x.float().argmax(dim=-1))
