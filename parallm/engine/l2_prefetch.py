@@ -34,7 +34,7 @@ def _touch_kernel():  # built on first use: triton only where kernels run
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(ITERS):
             offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(ptr + offs, mask=offs < n_elem, other=0.0, cache_modifier=".cg",
+            x = tl.load(ptr + offs, mask=offs < n_elem, other=0.0,
                         eviction_policy=EVICT)  # fmt: skip
             acc += x.to(tl.float32)
         total = tl.sum(acc, axis=0)
