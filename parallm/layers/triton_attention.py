@@ -145,6 +145,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counter_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     stride_qb,
@@ -234,54 +235,51 @@ def _decode_split_kernel(
 
     acc = acc / l_i[:, None]
     store_mask = g_valid[:, None] & d_valid[None, :]
-    if not SPLIT:
-        out_ptrs = (
-            out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        )
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    used_splits = tl.cdiv(seq_len, split_len)
+    if not SPLIT or used_splits == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # Partials are [B, Hq, num_splits, BLOCK_D] float32 and the lse is [B, Hq, num_splits].
         part_rows = (seq.to(tl.int64) * (NUM_GROUPS * tl.num_programs(1)) + heads) * num_splits
-        part_rows += split
-        part_ptrs = part_out_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :]
+        part_ptrs = part_out_ptr + (part_rows + split)[:, None] * BLOCK_D + offs_d[None, :]
         tl.store(part_ptrs, acc, mask=store_mask)
-        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_valid)
+        tl.store(part_lse_ptr + part_rows + split, m_i + tl.log2(l_i), mask=g_valid)
+        # The last split to finish merges them all: no second kernel launch. Every thread's
+        # stores are issued before the barrier, and the release makes them visible with the
+        # count; the last one's acquire orders its loads (which bypass L1) after all of them.
+        tl.debug_barrier()
+        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == used_splits - 1:
+            merged = _merge_splits(part_out_ptr, part_lse_ptr, part_rows, used_splits, offs_d,
+                                   g_valid, BLOCK_G, BLOCK_D)  # fmt: skip
+            tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=store_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    seq_lens_ptr,
-    stride_ob,
-    stride_oh,
-    split_len,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    used_splits = tl.cdiv(seq_len, split_len)
-
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < used_splits
-    rows = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + offs_s
-    lse = tl.load(part_lse_ptr + rows, mask=s_valid, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, 0))
-    weights = tl.where(s_valid, weights, 0.0)
-    parts = tl.load(
-        part_out_ptr + rows[:, None] * BLOCK_D + offs_d[None, :],
-        mask=s_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
-    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+def _merge_splits(
+    part_out_ptr, part_lse_ptr, part_rows, used_splits, offs_d, g_valid,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Softmax-weighted sum of the split partials of a program's query heads, in split order."""
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for s in range(0, used_splits):
+        lse = tl.load(part_lse_ptr + part_rows + s, mask=g_valid, other=0.0, cache_modifier=".cg")
+        m = tl.maximum(m, lse)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in range(0, used_splits):
+        lse = tl.load(part_lse_ptr + part_rows + s, mask=g_valid, other=0.0, cache_modifier=".cg")
+        w = tl.exp2(lse - m)
+        part = tl.load(
+            part_out_ptr + (part_rows + s)[:, None] * BLOCK_D + offs_d[None, :],
+            mask=g_valid[:, None], other=0.0, cache_modifier=".cg",
+        )  # fmt: skip
+        acc += part * w[:, None]
+        total += w
+    return acc / total[:, None]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -472,9 +470,11 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache (flash decoding).
 
-    The context is cut into ``num_splits`` ranges handled by separate programs, whose partial
-    results a second kernel merges; all ``Hq / Hkv`` query heads of a KV head share one
-    program, so each K/V block is read once per KV head.
+    The context is cut into ``num_splits`` ranges handled by separate programs; the last of a
+    sequence's programs to finish merges the partial results (one launch; a context that fits
+    one split skips the merge). All ``Hq / Hkv`` query heads of a KV head share one program,
+    so each K/V block is read once per KV head. Calls on one device share the merge's arrival
+    counters, so they must not run concurrently on different streams.
 
     Args:
         q: ``[B, Hq, D]``; the query of sequence ``b`` sits at position ``seq_lens[b] - 1``.
@@ -512,8 +512,9 @@ def paged_decode_attention(
             (batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, batch * num_kv_heads)
     else:
-        part_out = part_lse = out  # unused: the split kernel writes `out` directly
+        part_out = part_lse = counters = out  # unused: the kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -521,6 +522,7 @@ def paged_decode_attention(
         out,
         part_out,
         part_lse,
+        counters,
         block_tables,
         seq_lens,
         q.stride(0),
@@ -549,19 +551,22 @@ def paged_decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            seq_lens,
-            out.stride(0),
-            out.stride(1),
-            split_len,
-            num_splits,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed arrival counters of the split merge, one per (sequence, KV head).
+
+    Every call leaves them at zero again, so one buffer per device serves all layers and
+    steps. It is allocated outside CUDA-graph capture (the warm-up calls before a capture).
+    """
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention split counters must be allocated before capture")
+        counters = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
