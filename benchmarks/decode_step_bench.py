@@ -1,11 +1,10 @@
-"""Where a graph-replayed decode step's device time goes, and what L2 prefetch buys.
+"""Where a graph-replayed decode step's device time goes, without the engine's host work.
 
-For each variant (L2 prefetch off, or on with a byte budget and an eviction hint) the decode
-graphs are recaptured and three loops timed with CUDA events, no host sync inside:
+Three loops per batch size, timed with CUDA events and no host sync inside:
   graph     the captured graph alone (forward, logits, greedy argmax);
   staged    + the per-step input staging (pinned copies) of ``DecodeGraphs.run``;
   launched  + the token copy back and its event, as ``ModelRunner.launch`` does each step.
-Every variant's greedy tokens must equal the first variant's.
+``parallm bench latency`` minus ``launched`` is the host time the GPU waited for.
 
 python benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json
 """
@@ -18,8 +17,7 @@ import json
 import numpy as np
 import torch
 
-from parallm import LLM, SamplingParams
-from parallm.engine.l2_prefetch import L2Prefetcher
+from parallm import LLM
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -60,50 +58,21 @@ def time_step(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float
     return out
 
 
-def greedy_tokens(llm: LLM, batch: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    prompts = [{"prompt_token_ids": [11 + i] * 100} for i in range(batch)]
-    llm.engine.kv.reset_prefix_cache()
-    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
     ap.add_argument("--batch-sizes", default="1,8,32", help="comma-separated decode batch sizes")
     ap.add_argument("--context", type=int, default=192, help="tokens already in each sequence")
     ap.add_argument("--iters", type=int, default=200, help="replays per timing")
-    ap.add_argument("--variants", default="0,8.4:evict_last,24:evict_last,24:normal,40:evict_last",
-                    help="comma-separated MB[:evict_last|evict_first|normal] L2 prefetch budgets; 0 = off")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     llm = LLM(args.config, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
-    runner = llm.engine.runner
-    sizes = runner.graphs.sizes
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    rows, reference = [], None
-    for variant in args.variants.split(","):
-        mb, _, evict = variant.partition(":")
-        prefetcher = None
-        if float(mb) > 0:
-            prefetcher = L2Prefetcher(float(mb), max(batches), "" if evict == "normal" else evict)
-            prefetcher.install(runner.model)
-        runner.capture_cuda_graphs(sizes, 4096)
-        tokens = greedy_tokens(llm, max(batches))
-        reference = reference or tokens
-        for batch in batches:
-            row = {
-                "variant": variant,
-                "batch": batch,
-                **time_step(llm, batch, args.context, args.iters),
-            }
-            row["tokens_equal"] = tokens == reference
-            rows.append(row)
-            print(f"{variant:>18} batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged "
-                  f"{row['staged_ms']:.4f}, launched {row['launched_ms']:.4f}, "
-                  f"tokens equal: {row['tokens_equal']}", flush=True)  # fmt: skip
-        if prefetcher is not None:
-            prefetcher.remove()
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        row = {"batch": batch, **time_step(llm, batch, args.context, args.iters)}
+        rows.append(row)
+        print(f"batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged {row['staged_ms']:.4f}, "
+              f"launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,6 +1,7 @@
 """Host (Python) time of one engine step with the model replaced by a stub.
 
-The GPU cannot overlap this time today, so it adds to every decode step. Run it on any machine:
+With async scheduling (the CUDA default, and this script's) the GPU overlaps it with the next
+step's work only while it stays shorter than that step. Run it on any machine:
 
     python benchmarks/host_overhead.py --batch-sizes 1,32,256 --steps 200
 """
@@ -51,12 +52,19 @@ def main() -> None:
     ap.add_argument(
         "--params", choices=sorted(PARAMS), default="greedy", help="sampling parameters per request"
     )
+    ap.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's continuation path, as on CUDA (default), or synchronous steps",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tiny"
         make_tiny_model(path, hidden_size=64, num_layers=1, vocab_size=512, seed=0)
-        llm = LLM(str(path), device="cpu", max_model_len=1024, max_num_seqs=256)
+        llm = LLM(str(path), device="cpu", max_model_len=1024, max_num_seqs=256,
+                  async_scheduling=args.async_scheduling)  # fmt: skip
         vocab = llm.engine.model_config.vocab_size
         ModelRunner.forward_logits = _stub_forward(vocab)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:

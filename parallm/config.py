@@ -229,9 +229,6 @@ class EngineConfig:
     fused_kernels: bool | None = None
     # Decode linears with at most this many rows use the Triton skinny GEMM (0: cuBLAS only).
     skinny_gemm_max_rows: int = 0
-    # Megabytes of each layer's o and gate/up weights prefetched into L2 during its attention,
-    # for decode batches of up to 16 rows (CUDA only; 0: off). See parallm/engine/l2_prefetch.py.
-    l2_prefetch_mb: float = 0.0
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

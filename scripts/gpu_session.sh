@@ -94,11 +94,8 @@ for _ in range(180):
            tail -12 "$OUT/load_test.log"
            kill -TERM $server; wait $server; tail -3 "$OUT/server.log" ;;
     stepbench) python3 benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json \
-               ${VARIANTS:+--variants "$VARIANTS"} --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
+               --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
                tail -20 "$OUT/decode_step.log" ;;
-    latencyprefetch) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
-               --max-model-len 4096 --batch-sizes 1,8 --l2-prefetch-mb "${PREFETCH_MB:-24}" \
-               --out "$OUT/latency_llama1b_prefetch.json" 2>&1 | tail -4 ;;
     *) echo "unknown step $step" ;;
   esac
 done

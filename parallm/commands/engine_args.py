@@ -86,14 +86,6 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "instead of cuBLAS; 0 (default) keeps cuBLAS (CUDA only, max 16)",
     )
     g.add_argument(
-        "--l2-prefetch-mb",
-        type=float,
-        default=0.0,
-        help="per decoder layer, megabytes of the o and gate/up weights that a second stream "
-        "reads into L2 while attention runs, for decode batches of up to 16 rows (CUDA only); "
-        "0 (default) turns it off",
-    )
-    g.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -122,7 +114,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
-        skinny_gemm_max_rows=args.skinny_gemm_max_rows, l2_prefetch_mb=args.l2_prefetch_mb,
+        skinny_gemm_max_rows=args.skinny_gemm_max_rows,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

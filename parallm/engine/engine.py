@@ -17,7 +17,6 @@ from parallm.config import (
     resolve_dtype,
 )
 from parallm.engine.kv_cache import KVCacheManager
-from parallm.engine.l2_prefetch import PREFETCH_MAX_ROWS, L2Prefetcher
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
@@ -48,7 +47,6 @@ class LLMEngine:
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         _check_skinny_rows(config.skinny_gemm_max_rows, self.device)
-        _check_l2_prefetch(config.l2_prefetch_mb, self.device)
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
@@ -81,8 +79,6 @@ class LLMEngine:
             model.use_fused_kernels()
         if cfg.skinny_gemm_max_rows:
             use_skinny_gemm(model, cfg.skinny_gemm_max_rows)
-        if cfg.l2_prefetch_mb:
-            L2Prefetcher(cfg.l2_prefetch_mb, PREFETCH_MAX_ROWS).install(model)
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
@@ -223,10 +219,11 @@ class LLMEngine:
         batch = self.scheduler.schedule_continuation(prev.batch)
         if batch is None:
             return None
-        row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
-        rows = [row_of[item.seq.seq_id] for item in batch.seqs]
         ids = prev.result.token_ids
-        if rows != list(range(len(ids))):
+        if len(batch.seqs) != len(prev.batch.seqs):
+            # The continuation keeps prev's order and only drops sequences: gather the rest.
+            row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
+            rows = [row_of[item.seq.seq_id] for item in batch.seqs]
             ids = ids[torch.tensor(rows, device=ids.device)]
         self.num_steps += 1
         self.num_overlapped_steps += 1
@@ -237,8 +234,8 @@ class LLMEngine:
         sampled = [item.seq for item in handle.batch.seqs if item.samples]
         # A sequence that ended (EOS, stop string, abort) after this step was launched: its
         # token here is the one extra step that async scheduling costs; drop it.
-        live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
-        if result is not None and len(live) < len(sampled):
+        if result is not None and any(seq.is_finished for seq in sampled):
+            live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
             sampled, result = [sampled[i] for i in live], result.select(live)
         finished = self.outputs.process(sampled, result)
         for seq in finished:
@@ -291,13 +288,6 @@ def _check_skinny_rows(max_rows: int, device: torch.device) -> None:
         raise ValueError(f"skinny_gemm_max_rows must be an integer in [0, 16], got {max_rows!r}")
     if max_rows and device.type != "cuda":
         raise ValueError("skinny_gemm_max_rows > 0 needs device='cuda' (Triton kernels)")
-
-
-def _check_l2_prefetch(megabytes: float, device: torch.device) -> None:
-    if not isinstance(megabytes, int | float) or not 0 <= megabytes <= 1024:
-        raise ValueError(f"l2_prefetch_mb must be a number in [0, 1024], got {megabytes!r}")
-    if megabytes and device.type != "cuda":
-        raise ValueError("l2_prefetch_mb > 0 needs device='cuda' (Triton kernels)")
 
 
 def _on_cuda_unless_set(flag: bool | None, device: torch.device) -> bool:

@@ -110,15 +110,22 @@ class OutputProcessor:
 
     def collect(self, requests: dict[str, Request], sampled: list[Sequence]) -> list[RequestOutput]:
         """Outputs for requests that finished this step, and for streaming ones that progressed."""
+        # An unfinished sample means an unfinished request: nothing to report offline.
+        report = {
+            seq.request_id: stream
+            for seq in sampled
+            if (stream := self.streaming.get(seq.request_id, False)) or seq.is_finished
+        }
+        if not report:
+            return []
+        progressed: dict[str, set[int]] = {}
+        for seq in sampled:  # grouped once: a set per request would make this quadratic
+            progressed.setdefault(seq.request_id, set()).add(seq.seq_id)
         outputs = []
-        for request_id in dict.fromkeys(seq.request_id for seq in sampled):
+        for request_id, stream in report.items():
             request = requests.get(request_id)
-            if request is None:
-                continue
-            stream = self.streaming.get(request_id, False)
-            if stream or request.is_finished:
-                progressed = {seq.seq_id for seq in sampled if seq.request_id == request_id}
-                outputs.append(self._build(request, stream, progressed))
+            if request is not None and (stream or request.is_finished):
+                outputs.append(self._build(request, stream, progressed[request_id]))
         return outputs
 
     def _build(self, request: Request, delta: bool, progressed: set[int]) -> RequestOutput:

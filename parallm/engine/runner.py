@@ -331,7 +331,8 @@ class ModelRunner:
 
 def _table_rows(tables: list[list[int]]) -> np.ndarray:
     """Block tables as one zero-padded [rows, longest] int32 array."""
-    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-    for row, table in enumerate(tables):
-        out[row, : len(table)] = table
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
+    out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: each row's prefix
     return out

@@ -23,12 +23,14 @@ class ScheduledSeq:
 
     __slots__ = ("seq", "start", "num_new_tokens", "samples")
 
-    def __init__(self, seq: Sequence, start: int, num_new_tokens: int) -> None:
+    def __init__(
+        self, seq: Sequence, start: int, num_new_tokens: int, samples: bool | None = None
+    ) -> None:
         self.seq = seq
         self.start = start
         self.num_new_tokens = num_new_tokens
         # True when this step computes the sequence's last known token, so it samples.
-        self.samples = start + num_new_tokens == seq.num_tokens
+        self.samples = start + num_new_tokens == seq.num_tokens if samples is None else samples
 
 
 @dataclass
@@ -107,25 +109,31 @@ class Scheduler:
         """
         if prev.preempted or (self.waiting and len(self.running) < self.cfg.max_num_seqs):
             return None
-        live = [item.seq for item in prev.seqs if not item.seq.is_finished]
-        if len(live) != len(self.running) or not all(_can_run_ahead(s) for s in live):
-            return None
-        if any(item.num_new_tokens != 1 or not item.samples for item in prev.seqs):
+        live = []
+        for item in prev.seqs:  # one pass: this runs every step for every sequence
+            seq = item.seq
+            if item.num_new_tokens != 1 or not item.samples:
+                return None
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if not _can_run_ahead(seq):
+                return None
+            live.append(seq)
+        if len(live) != len(self.running):
             return None
         batch = ScheduledBatch()
         block_size = self.kv.block_size
+        max_model_len = self.cfg.max_model_len
         for seq in live:
-            if _finishes_with_next_token(seq, self.cfg.max_model_len):
+            if _finishes_with_next_token(seq, max_model_len):
                 continue
-            full = seq.num_computed_tokens + 1 > len(seq.block_table) * block_size
-            if full and not self.kv.allocate(seq, 1):
+            computed = seq.num_computed_tokens
+            if computed + 1 > len(seq.block_table) * block_size and not self.kv.allocate(seq, 1):
                 return None  # blocks taken so far are the ones the next step needs anyway
-            item = ScheduledSeq(seq, seq.num_computed_tokens, 1)
-            item.samples = True
-            batch.seqs.append(item)
+            batch.seqs.append(ScheduledSeq(seq, computed, 1, samples=True))
         for item in batch.seqs:
             item.seq.num_computed_tokens += 1
-            self.stats.num_decode_tokens_computed += 1
+        self.stats.num_decode_tokens_computed += len(batch.seqs)
         return batch if batch.seqs else None
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
