@@ -64,8 +64,12 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,32", help="comma-separated decode batch sizes")
     ap.add_argument("--context", type=int, default=192, help="tokens already in each sequence")
     ap.add_argument("--iters", type=int, default=200, help="replays per timing")
+    ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                    help="torch.backends.cuda.preferred_blas_library for the GEMMs")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     llm = LLM(args.config, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:

@@ -93,9 +93,11 @@ for _ in range(180):
                --duration 20 --json "$OUT/load_test.json" > "$OUT/load_test.log" 2>&1
            tail -12 "$OUT/load_test.log"
            kill -TERM $server; wait $server; tail -3 "$OUT/server.log" ;;
-    stepbench) python3 benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json \
-               --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
-               tail -20 "$OUT/decode_step.log" ;;
+    stepbench) for blas in default cublaslt; do
+                 python3 benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json \
+                   --blas $blas --out "$OUT/decode_step_$blas.json" > "$OUT/decode_step_$blas.log" 2>&1
+                 echo "blas $blas"; tail -4 "$OUT/decode_step_$blas.log"
+               done ;;
     *) echo "unknown step $step" ;;
   esac
 done
