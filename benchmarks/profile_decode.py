@@ -88,6 +88,39 @@ def kernel_table(args: argparse.Namespace) -> None:
         print(f"{name:<62}{c / steps:>9.1f}{ms:>9.4f}{ms / busy:>7.1%}")
 
 
+def timeline(args: argparse.Namespace) -> None:
+    """GPU idle time inside the engine's own decode loop (CUDA graphs, async scheduling).
+
+    Every kernel and copy the profiler saw, in start order: the union of their intervals is the
+    busy time; the rest of the span is time the GPU waited for the host. The largest gaps are
+    printed with the work on either side.
+    """
+    llm = _make_llm(args, eager=False)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    llm.generate(_prompts(args, 31), params, use_tqdm=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(_prompts(args, 32), params, use_tqdm=False)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name[:40])
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, gaps, end = 0.0, [], spans[0][0]
+    prev_name = ""
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, prev_name, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev_name = stop, name
+    span = end - spans[0][0]
+    print(f"\ntimeline, batch {args.batch}, 64 tokens: {len(spans)} GPU ops over {span / 1e3:.2f} ms, "
+          f"busy {busy / 1e3:.2f} ms ({busy / span:.1%}), idle {sum(g[0] for g in gaps) / 1e3:.2f} ms "
+          f"in {len(gaps)} gaps")  # fmt: skip
+    for gap, before, after in sorted(gaps, reverse=True)[:12]:
+        print(f"  {gap:8.1f} us idle between {before!r} and {after!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
@@ -99,7 +132,11 @@ def main() -> None:
         default=None,
         help="Triton fused ops (default: the engine's, on for CUDA)",
     )
+    ap.add_argument("--timeline", action="store_true", help="only the GPU idle-time timeline")
     args = ap.parse_args()
+    if args.timeline:
+        timeline(args)
+        return
     graph_and_host(args)
     kernel_table(args)
 
