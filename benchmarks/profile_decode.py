@@ -98,8 +98,17 @@ def timeline(args: argparse.Namespace) -> None:
     llm = _make_llm(args, eager=False)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     llm.generate(_prompts(args, 31), params, use_tqdm=False)
+    engine = llm.engine
+    for i, prompt in enumerate(_prompts(args, 32)):
+        engine.add_request(f"timeline-{i}", prompt["prompt_token_ids"], params)
+    for _ in range(3):  # the prefill and the first decode steps stay out of the profile
+        engine.step()
+    torch.cuda.synchronize()
+    first = engine.num_steps
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate(_prompts(args, 32), params, use_tqdm=False)
+        while engine.has_unfinished_requests():
+            engine.step()
+    steps = engine.num_steps - first
     spans = sorted(
         (e.time_range.start, e.time_range.end, e.name[:40])
         for e in prof.events()
@@ -114,9 +123,12 @@ def timeline(args: argparse.Namespace) -> None:
         if stop > end:
             end, prev_name = stop, name
     span = end - spans[0][0]
-    print(f"\ntimeline, batch {args.batch}, 64 tokens: {len(spans)} GPU ops over {span / 1e3:.2f} ms, "
+    print(f"\ntimeline, batch {args.batch}, {steps} decode steps: {len(spans)} GPU ops over {span / 1e3:.2f} ms, "
           f"busy {busy / 1e3:.2f} ms ({busy / span:.1%}), idle {sum(g[0] for g in gaps) / 1e3:.2f} ms "
           f"in {len(gaps)} gaps")  # fmt: skip
+    idle = sum(g[0] for g in gaps)
+    print(f"per step: {span / steps / 1e3:.3f} ms, busy {busy / steps / 1e3:.3f} ms, "
+          f"idle {idle / steps / 1e3:.3f} ms in {len(gaps) / steps:.0f} gaps")  # fmt: skip
     for gap, before, after in sorted(gaps, reverse=True)[:12]:
         print(f"  {gap:8.1f} us idle between {before!r} and {after!r}")
 
