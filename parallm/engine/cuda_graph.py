@@ -17,6 +17,26 @@ import torch
 
 from parallm.layers.attention import AttentionMetadata
 
+# A step's inputs travel in one host-to-device copy (each copy costs a few microseconds of
+# idle GPU around it) when the block tables at full width stay under this size; past it the
+# tables go in a second copy of only the columns in use.
+_ONE_COPY_MAX_BYTES = 512 * 1024
+
+
+class _Inputs:
+    """The static inputs of one graph size, all views of one contiguous int32 region laid out
+    as ids, positions, slots (int64 each), seq_lens, then the block tables."""
+
+    def __init__(self, size: int, max_blocks: int, device: torch.device) -> None:
+        self.size = size
+        self.head_len = 7 * size  # int32 words before the tables: 3 int64 rows + seq_lens
+        self.region = torch.zeros(self.head_len + size * max_blocks, dtype=torch.int32,
+                                  device=device)  # fmt: skip
+        tokens = self.region[: 6 * size].view(torch.int64).view(3, size)
+        self.input_ids, self.positions, self.slot_mapping = tokens.unbind(0)
+        self.seq_lens = self.region[6 * size : self.head_len]
+        self.block_tables = self.region[self.head_len :].view(size, max_blocks)
+
 
 class DecodeGraphs:
     """Owns the static input buffers and one captured graph per batch size."""
@@ -36,16 +56,12 @@ class DecodeGraphs:
         self.forward = forward
         self.sizes = sorted(sizes)
         self.max_seq_len = max_seq_len
+        self.max_blocks = max_blocks_per_seq
         self.scratch_block = scratch_block
         self.block_size = block_size
         self.device = device
-        n = self.sizes[-1]
-        # Rows: input ids, positions, slots, so that a replay stages them in one copy.
-        self.token_buf = torch.zeros(3, n, dtype=torch.long, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.token_buf.unbind(0)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.inputs = {size: _Inputs(size, max_blocks_per_seq, device) for size in self.sizes}
+        self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, greedy ids
         self.capture_seconds = 0.0
@@ -55,11 +71,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _metadata(self, size: int) -> AttentionMetadata:
+        buf = self.inputs[size]
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=buf.slot_mapping,
             query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
+            seq_lens=buf.seq_lens,
+            block_tables=buf.block_tables,
             max_query_len=1,
             max_seq_len=self.max_seq_len,
             query_start_loc_cpu=list(range(size + 1)),
@@ -70,17 +87,19 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool."""
         started = time.perf_counter()
-        self.slot_mapping.fill_(self.scratch_block * self.block_size)
-        self.block_tables.fill_(self.scratch_block)
         pool = None
         for size in reversed(self.sizes):
+            buf = self.inputs[size]
+            buf.seq_lens.fill_(1)
+            buf.slot_mapping.fill_(self.scratch_block * self.block_size)
+            buf.block_tables.fill_(self.scratch_block)
             meta = self._metadata(size)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.forward(self.input_ids[:size], self.positions[:size], meta)
+                self.forward(buf.input_ids, buf.positions, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.forward(self.input_ids[:size], self.positions[:size], meta)
+                out = self.forward(buf.input_ids, buf.positions, meta)
             pool = graph.pool()
             self.graphs[size] = graph
             self.outputs[size] = out
@@ -108,28 +127,35 @@ class DecodeGraphs:
         """
         batch = len(input_ids)
         size = self.padded_size(batch)
+        buf = self.inputs[size]
         width = block_tables.shape[1]
+        one_copy = size * self.max_blocks * 4 <= _ONE_COPY_MAX_BYTES
         # Fresh pinned staging each step: the caching host allocator keeps a buffer from reuse
         # until its copy has run, so a step may be staged while the previous one is in flight.
-        tokens = torch.empty((3, size), dtype=torch.long, pin_memory=True)
-        lens = torch.ones(size, dtype=torch.int32, pin_memory=True)
-        tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
+        words = buf.region.numel() if one_copy else buf.head_len
+        host = torch.empty(words, dtype=torch.int32, pin_memory=True)
+        tokens = host[: 6 * size].view(torch.int64).view(3, size)
         tokens[0, :batch] = torch.from_numpy(input_ids)
         tokens[1, :batch] = torch.from_numpy(positions)
         tokens[2, :batch] = torch.from_numpy(slot_mapping)
-        lens[:batch] = torch.from_numpy(seq_lens)
-        tables[:batch] = torch.from_numpy(block_tables)
         # Padding rows: one token in the scratch block. Kernels read a row's table only up to
-        # its length, so columns past `width` may hold stale ids and need no copy: that keeps
-        # the per-step copy small when max_model_len (the table's full width) is large.
+        # its length, so table columns past `width` may hold stale ids.
         tokens[0:2, batch:] = 0
         tokens[2, batch:] = self.scratch_block * self.block_size
+        lens = host[6 * size : buf.head_len]
+        lens[:batch] = torch.from_numpy(seq_lens)
+        lens[batch:] = 1
+        if one_copy:
+            tables = host[buf.head_len :].view(size, self.max_blocks)[:, :width]
+        else:
+            tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
+        tables[:batch] = torch.from_numpy(block_tables)
         tables[batch:] = self.scratch_block
-        self.token_buf[:, :size].copy_(tokens, non_blocking=True)
+        buf.region[:words].copy_(host, non_blocking=True)
+        if not one_copy:  # long contexts: only the columns in use
+            buf.block_tables[:, :width].copy_(tables, non_blocking=True)
         if device_ids is not None:
-            self.input_ids[:batch].copy_(device_ids)
-        self.seq_lens[:size].copy_(lens, non_blocking=True)
-        self.block_tables[:size, :width].copy_(tables, non_blocking=True)
+            buf.input_ids[:batch].copy_(device_ids)
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]
         return logits[:batch], greedy[:batch]
