@@ -64,6 +64,17 @@ def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prom
     assert stats["num_prefix_cache_hit_tokens"] > 0
 
 
+def test_graph_inputs_in_two_copies(tiny_model_dir, prompts, monkeypatch):
+    """Long contexts stage the block tables in a second copy of only the columns in use."""
+    from parallm.engine import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "_ONE_COPY_MAX_BYTES", 0)
+    path = str(tiny_model_dir("llama3"))
+    common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    assert _greedy(LLM(path, **common), prompts)[0] == _greedy(ref, prompts)[0]
+
+
 def _kv_bytes(llm: LLM, num_blocks: int) -> int:
     from parallm.engine.runner import kv_bytes_per_block
 
