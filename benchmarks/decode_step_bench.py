@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from parallm import LLM
-from parallm.layers import pdl
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -67,28 +66,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="replays per timing")
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch.backends.cuda.preferred_blas_library for the GEMMs")  # fmt: skip
-    ap.add_argument("--compare-pdl", action="store_true",
-                    help="time with and without programmatic dependent launch")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     llm = LLM(args.config, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
     rows = []
-    runner = llm.engine.runner
-    print(f"PDL supported by this triton: {pdl._SUPPORTED}")
-    for use_pdl in (True, False) if args.compare_pdl else (pdl.ENABLED,):
-        pdl.ENABLED = use_pdl  # read at every Triton launch: recapture to apply it
-        runner.capture_cuda_graphs(runner.graphs.sizes, 4096)
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            row = {
-                "pdl": use_pdl,
-                "batch": batch,
-                **time_step(llm, batch, args.context, args.iters),
-            }
-            rows.append(row)
-            print(f"pdl {use_pdl!s:>5} batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged "
-                  f"{row['staged_ms']:.4f}, launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        row = {"batch": batch, **time_step(llm, batch, args.context, args.iters)}
+        rows.append(row)
+        print(f"batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged {row['staged_ms']:.4f}, "
+              f"launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -92,16 +92,3 @@ def test_captured_in_cuda_graph():
         x.copy_(_logits(4, 128256, torch.bfloat16, "cuda", seed=seed))
         graph.replay()
         assert torch.equal(out, x.float().argmax(dim=-1))
-
-
-@pytest.mark.gpu
-@requires_cuda
-def test_kernels_use_pdl_on_hopper():
-    """The decode kernels launch with programmatic dependent launch where the GPU has it."""
-    from parallm.layers import pdl
-
-    x = torch.zeros(2, 8, device="cuda")
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    expected = hopper and pdl.ENABLED and pdl._SUPPORTED
-    assert pdl.pdl_launch(x).get("launch_pdl", False) == expected
-    assert pdl.pdl_launch(x.cpu()) == {"PDL": False}

@@ -14,18 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.layers.pdl import pdl_launch, wait_for_producer
-
 _CHUNK = 4096
 _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
 
 
 @triton.jit
 def _chunk_argmax_kernel(
-    x_ptr, stride_row, n_cols, val_ptr, idx_ptr, n_chunks, CHUNK: tl.constexpr, PDL: tl.constexpr
+    x_ptr, stride_row, n_cols, val_ptr, idx_ptr, n_chunks, CHUNK: tl.constexpr
 ):  # fmt: skip
-    if PDL:
-        wait_for_producer()
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -38,10 +34,7 @@ def _chunk_argmax_kernel(
 
 
 @triton.jit
-def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS: tl.constexpr,
-                       PDL: tl.constexpr):  # fmt: skip
-    if PDL:
-        wait_for_producer()
+def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, CHUNKS)
     mask = offs < n_chunks
@@ -71,8 +64,8 @@ def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(rows, n_chunks, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, n_chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(rows, n_chunks)](
-        logits, logits.stride(0), cols, vals, idx, n_chunks, CHUNK=_CHUNK, **pdl_launch(logits)
+        logits, logits.stride(0), cols, vals, idx, n_chunks, CHUNK=_CHUNK
     )
     chunks = max(16, triton.next_power_of_2(n_chunks))
-    _best_chunk_kernel[(rows,)](vals, idx, out, n_chunks, CHUNKS=chunks, **pdl_launch(logits))
+    _best_chunk_kernel[(rows,)](vals, idx, out, n_chunks, CHUNKS=chunks)
     return out

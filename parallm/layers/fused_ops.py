@@ -21,8 +21,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from parallm.layers.pdl import pdl_launch, wait_for_producer
-
 # Rows up to this many elements are normalised from registers (one read of each input);
 # longer rows take a two-pass path over chunks of _NORM_CHUNK (larger chunks spill there).
 _MAX_NORM_BLOCK = 16384
@@ -91,10 +89,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        wait_for_producer()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = res_ptr + row * stride_res
@@ -203,7 +198,6 @@ def _rms_norm(
         NUM_CHUNKS=num_chunks,
         num_warps=num_warps,
         **_NO_FMA,
-        **pdl_launch(x2),
     )
     return normed, new_residual
 
@@ -254,10 +248,7 @@ def _silu_and_mul_kernel(
     n_cols,
     BLOCK: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        wait_for_producer()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -311,7 +302,6 @@ def silu_and_mul(
             PRECISE_EXP=gate.is_cuda,
             num_warps=4,
             **_NO_FMA,
-            **pdl_launch(gate2),
         )
     return out2.view(gate.shape)
 

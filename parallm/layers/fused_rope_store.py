@@ -25,7 +25,6 @@ from parallm.layers.fused_ops import (
     _rotary_out,
     _unit_last_stride,
 )
-from parallm.layers.pdl import pdl_launch, wait_for_producer
 
 # Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
 _TILE = 2048
@@ -84,10 +83,7 @@ def _rope_store_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        wait_for_producer()
     # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
     # heads, so the slot is loaded once.
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
@@ -184,6 +180,5 @@ def rotary_and_store_kv(
         BLOCK_HKV=block_hkv,
         num_warps=4,
         **_NO_FMA,
-        **pdl_launch(q),
     )  # fmt: skip
     return q_out

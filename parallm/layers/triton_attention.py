@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.layers.pdl import pdl_launch, wait_for_producer
-
 _LOG2E = math.log2(math.e)
 
 # Decode: aim for up to this many programs per SM so that HBM stays busy while some stall
@@ -173,10 +171,7 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        wait_for_producer()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -555,7 +550,6 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **pdl_launch(q),
     )
     return out
 
