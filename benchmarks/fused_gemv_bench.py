@@ -1,0 +1,117 @@
+"""Fused prologue GEMVs against cuBLAS plus the separate Triton kernel (needs CUDA).
+
+For the Llama-3.2-1B batch-1 shapes that have a producer to fuse: q/k/v and gate/up after
+add+RMSNorm, down after SiLU-mul. Times, per call, in a CUDA graph that cycles through copies of
+the weight larger than L2 together (so W comes from HBM, as in a decode step):
+  unfused   the Triton norm (or SiLU-mul) kernel, then F.linear (cuBLAS): today's decode path;
+  fused     ``parallm.layers.fused_gemv`` over a sweep of tile configurations.
+A fused kernel is worth wiring in only where it beats the unfused pair.
+
+python benchmarks/fused_gemv_bench.py [--out fused_gemv.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.layers.fused_ops import fused_add_rms_norm, silu_and_mul  # noqa: E402
+
+SHAPES = {
+    "qkv": (3072, 2048, "norm"),
+    "gate_up": (16384, 2048, "norm"),
+    "down": (2048, 8192, "silu"),
+}
+CONFIGS = [
+    dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+    for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512], [4, 8], [3])
+]
+EPS = 1e-5
+
+
+def time_per_call(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Microseconds per call: the calls captured in one graph, replayed ``reps`` times."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps / len(calls)
+
+
+def bench_shape(name: str, n: int, k: int, kind: str) -> dict:
+    dev, dt = "cuda", torch.bfloat16
+    copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+    weights = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(copies)]
+    x = torch.randn(1, k, device=dev, dtype=dt)
+    res = torch.randn(1, k, device=dev, dtype=dt)
+    norm_w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dt)
+    gate_up = torch.randn(1, 2 * k, device=dev, dtype=dt)
+    if kind == "norm":
+
+        def unfused(w):
+            h, _ = fused_add_rms_norm(x, res, norm_w, EPS)
+            return F.linear(h, w)
+
+        def fused(w, cfg):
+            return rms_norm_gemv(x, res, norm_w, w, EPS, **cfg)[0]
+    else:
+
+        def unfused(w):
+            return F.linear(silu_and_mul(gate_up), w)
+
+        def fused(w, cfg):
+            return silu_mul_gemv(gate_up, w, **cfg)
+
+    row = {"shape": name, "n": n, "k": k, "mb": n * k * 2 / 1e6}
+    row["unfused_us"] = time_per_call([lambda w=w: unfused(w) for w in weights])
+    ref = unfused(weights[0]).float()
+    row["fused"] = []
+    for cfg in CONFIGS:
+        out = fused(weights[0], cfg).float()
+        err = float((out - ref).norm() / ref.norm())
+        us = time_per_call([lambda w=w, c=cfg: fused(w, c) for w in weights])
+        row["fused"].append({**cfg, "us": us, "rel_err": err})
+    best = min(row["fused"], key=lambda r: r["us"])
+    row["best_fused_us"], row["best_config"] = best["us"], best
+    print(f"{name:>8} ({n}x{k}, {row['mb']:.1f} MB): unfused {row['unfused_us']:.2f} us "
+          f"({row['mb'] / row['unfused_us']:.2f} TB/s), best fused {best['us']:.2f} us "
+          f"({row['mb'] / best['us']:.2f} TB/s) with {best}", flush=True)  # fmt: skip
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    rows = [bench_shape(name, *shape) for name, shape in SHAPES.items()]
+    # One decode step of the 1B model: 16 layers of each shape.
+    unfused = 16 * sum(r["unfused_us"] for r in rows)
+    fused = 16 * sum(min(r["unfused_us"], r["best_fused_us"]) for r in rows)
+    print(f"per 1B decode step (16 layers): unfused {unfused:.0f} us, with the fused kernel "
+          f"wherever it wins {fused:.0f} us")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Fused RMSNorm->GEMV and SiLU-mul->GEMV against the unfused PyTorch modules and F.linear.
+
+Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
+
+triton = pytest.importorskip("triton")
+
+from parallm.layers import fused_gemv  # noqa: E402
+from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.layers.norm import RMSNorm  # noqa: E402
+
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_gemv._norm_gemv_kernel)
+EPS = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def check_norm(n, k, dtype, device, residual, tol, **cfg):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(dtype).to(device)
+    res = torch.randn(1, k, generator=g).to(dtype).to(device) if residual else None
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(device)
+    norm = RMSNorm(k, EPS).to(dtype).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(k, generator=g))
+        if residual:
+            ref_in, ref_res = norm(x, res)
+        else:
+            ref_in, ref_res = norm(x), None
+        ref = F.linear(ref_in.float(), w.float())
+    y, new_res = rms_norm_gemv(x, res, norm.weight, w, EPS, **cfg)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, ref) < tol
+    if residual:
+        assert torch.equal(new_res, ref_res)  # the summed residual is exact
+
+
+def check_silu(n, k, dtype, device, tol, **cfg):
+    g = torch.Generator().manual_seed(n * k)
+    gate_up = torch.randn(1, 2 * k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(device)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.linear((F.silu(gate) * up).float(), w.float())
+    y = silu_mul_gemv(gate_up, w, **cfg)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, ref) < tol
+
+
+def test_interpreter_suite_in_subprocess():
+    """The interpreter tests run: here when triton was imported in interpreter mode, else in a
+    subprocess that sets TRITON_INTERPRET before triton's first import."""
+    check_interpreter_suite(__file__, INTERPRETING)
+
+
+@interpreter_test
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96)])
+def test_norm_gemv_interpreter(n, k, residual):
+    check_norm(n, k, torch.float32, "cpu", residual, 1e-5, block_n=16, block_k=32)
+
+
+@interpreter_test
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96)])
+def test_silu_gemv_interpreter(n, k):
+    check_silu(n, k, torch.float32, "cpu", 1e-5, block_n=16, block_k=32)
+
+
+def test_rejects_batches():
+    with pytest.raises(ValueError, match=r"one contiguous row \[1, K\]"):
+        rms_norm_gemv(torch.zeros(2, 8), None, torch.ones(8), torch.zeros(4, 8), EPS)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (16384, 2048), (2000, 1000)])
+def test_norm_gemv_cuda(n, k, dtype):
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    check_norm(n, k, dtype, "cuda", True, tol)
+    check_norm(n, k, dtype, "cuda", False, tol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "k"), [(2048, 8192), (1000, 3000)])
+def test_silu_gemv_cuda(n, k, dtype):
+    check_silu(n, k, dtype, "cuda", 1e-2 if dtype == torch.bfloat16 else 1e-5)
