@@ -46,6 +46,30 @@ def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused
     assert plain_tokens == ref_tokens
 
 
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "qwen2"])
+def test_one_sequence_fused_layers_equal_reference_float32(tiny_model_dir, prompts, arch,
+                                                           monkeypatch):  # fmt: skip
+    """Batch-1 decode layers run the norms and SiLU-mul inside the GEMVs (qwen2's q/k/v bias
+    keeps it on the unfused layer): the reference path's tokens, one sequence at a time."""
+    from parallm.layers import fused_gemv
+
+    calls = []
+    real = fused_gemv.rms_norm_gemv
+    monkeypatch.setattr(
+        fused_gemv, "rms_norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    path = str(tiny_model_dir(arch))
+    common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
+    fast = LLM(path, **common)
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    for prompt in prompts[:3]:
+        fast_tokens, fast_lps = _greedy(fast, [prompt])
+        ref_tokens, ref_lps = _greedy(ref, [prompt])
+        assert fast_tokens == ref_tokens
+        assert torch.allclose(torch.tensor(fast_lps[0]), torch.tensor(ref_lps[0]), atol=1e-3)
+    assert (len(calls) > 0) == (arch != "qwen2")
+
+
 def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prompts):
     """Chunked prefill, preemption and prefix-cache hits through the Triton kernels."""
     path = str(tiny_model_dir("llama3"))

@@ -2,14 +2,16 @@
 gate/up, SiLU-and-mul before down. An experiment towards a 1B decode step near the bandwidth
 roofline (docs/PERF_NOTES.md): each fusion removes a kernel and a kernel boundary (~2-3 us at
 batch 1), and pays for it only if the GEMV itself keeps up with cuBLAS.
-``benchmarks/fused_gemv_bench.py`` decides; nothing in the engine uses these yet.
+``benchmarks/fused_gemv_bench.py`` measured each fused pair faster than cuBLAS plus the separate
+kernel on Llama-3.2-1B shapes (benchmarks/RESULTS.md), so one-token decode layers use them
+(``DecoderLayer._forward_one_row``, on with the fused kernels).
 
 ``y = rms_norm(x [+ residual]) @ W^T`` and ``y = silu(gate) * up @ W^T`` for one row, W of shape
 [N, K] with unit stride along K. Every program owns BLOCK_N output features, recomputes the
 (cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W once; there is no
-split over K, so no second kernel. The prologue rounds as ``parallm.layers.fused_ops`` does
-(PyTorch's order), so the vector fed to the GEMV equals the unfused one bit for bit; only the
-GEMV's summation order differs from cuBLAS.
+split over K, so no second kernel. The prologue rounds where ``parallm.layers.fused_ops``
+rounds (PyTorch's order); its sum of squares and the GEMV's sums run in another order than the
+norm kernel's and cuBLAS's, so results agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations

@@ -39,10 +39,19 @@ class Attention(nn.Module):
         self._rotary = [rotary]
 
     def forward(
-        self, x: torch.Tensor, rope: RopeTables, ctx: ForwardContext | None
+        self,
+        x: torch.Tensor | None,
+        rope: RopeTables,
+        ctx: ForwardContext | None,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        lead = x.shape[:-1]
-        q, k, v = self._project(x)
+        """Attention over ``x``; or, when ``qkv`` is given, over that fused q/k/v projection."""
+        if qkv is not None:
+            lead = qkv.shape[:-1]
+            q, k, v = self._split(qkv)
+        else:
+            lead = x.shape[:-1]
+            q, k, v = self._project(x)
         q = q.view(*lead, -1, self.head_dim)
         k = k.view(*lead, -1, self.head_dim)
         v = v.view(*lead, -1, self.head_dim)
@@ -65,10 +74,13 @@ class Attention(nn.Module):
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):
-            q_size = self.num_heads * self.head_dim
-            kv_size = self.num_kv_heads * self.head_dim
-            return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+            return self._split(self.qkv_proj(x))
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
     def fuse_projections(self) -> None:
         """One GEMM for q, k and v (inference only: the parameter names change)."""
@@ -125,6 +137,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Set from outside (engine on CUDA): a one-token step runs the norms inside the q/k/v
+        # and gate/up GEMVs and SiLU-mul inside down (parallm.layers.fused_gemv).
+        self.fused = False
 
     def forward(
         self,
@@ -137,6 +152,9 @@ class DecoderLayer(nn.Module):
 
         Keeping the residual separate lets the next norm add it in the same pass.
         """
+        one_row = ctx is not None and x.dim() == 2 and x.shape[0] == 1
+        if self.fused and one_row and self._one_row_fusable():
+            return self._forward_one_row(x, residual, rope, ctx)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -144,6 +162,27 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, rope, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def _one_row_fusable(self) -> bool:
+        attn, mlp = self.self_attn, self.mlp
+        qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)
+        return qkv is not None and qkv.bias is None and gate_up is not None
+
+    def _forward_one_row(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch-1 decode layer with three fewer kernels (measured faster than cuBLAS plus
+        the separate norm or SiLU-mul kernel on Llama-3.2-1B shapes, benchmarks/RESULTS.md)."""
+        from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv
+
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
+        residual = x if residual is None else summed
+        h = attn(None, rope, ctx, qkv=qkv)
+        gate_up, residual = rms_norm_gemv(h, residual, norm2.weight, mlp.gate_up_proj.weight,
+                                          norm2.eps)  # fmt: skip
+        return silu_mul_gemv(gate_up, mlp.down_proj.weight), residual
 
 
 class DecoderModel(nn.Module):
