@@ -224,8 +224,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    # Triton RMSNorm(+residual), rotary and SiLU-mul. None: on for CUDA (1.47x faster decode on
-    # an H100, benchmarks/RESULTS.md), off elsewhere (Triton needs a GPU).
+    # Triton RMSNorm(+residual), rotary and SiLU-mul, and for one-token steps the norm and SiLU-mul
+    # fused into the GEMVs. None: on for CUDA (1.47x faster decode on an H100, then 6% more at
+    # batch 1; benchmarks/RESULTS.md), off elsewhere (Triton needs a GPU).
     fused_kernels: bool | None = None
     # Decode linears with at most this many rows use the Triton skinny GEMM (0: cuBLAS only).
     skinny_gemm_max_rows: int = 0

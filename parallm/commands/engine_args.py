@@ -76,7 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Triton RMSNorm+residual, rotary and SiLU-mul kernels; default: on for CUDA",
+        help="Triton RMSNorm+residual, rotary+KV-store and SiLU-mul kernels, and for one-token "
+        "steps GEMVs with the norm or SiLU-mul fused in; default: on for CUDA",
     )
     g.add_argument(
         "--skinny-gemm-max-rows",
