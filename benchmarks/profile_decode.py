@@ -123,10 +123,10 @@ def timeline(args: argparse.Namespace) -> None:
         if stop > end:
             end, prev_name = stop, name
     span = end - spans[0][0]
-    print(f"\ntimeline, batch {args.batch}, {steps} decode steps: {len(spans)} GPU ops over {span / 1e3:.2f} ms, "
-          f"busy {busy / 1e3:.2f} ms ({busy / span:.1%}), idle {sum(g[0] for g in gaps) / 1e3:.2f} ms "
-          f"in {len(gaps)} gaps")  # fmt: skip
     idle = sum(g[0] for g in gaps)
+    print(f"\ntimeline, batch {args.batch}, {steps} decode steps: {len(spans)} GPU ops over {span / 1e3:.2f} ms, "
+          f"busy {busy / 1e3:.2f} ms ({busy / span:.1%}), idle {idle / 1e3:.2f} ms "
+          f"in {len(gaps)} gaps")  # fmt: skip
     print(f"per step: {span / steps / 1e3:.3f} ms, busy {busy / steps / 1e3:.3f} ms, "
           f"idle {idle / steps / 1e3:.3f} ms in {len(gaps) / steps:.0f} gaps")  # fmt: skip
     for gap, before, after in sorted(gaps, reverse=True)[:12]:

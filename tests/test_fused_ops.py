@@ -93,15 +93,21 @@ def reference_silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor
     return F.silu(gate) * up
 
 
-def make_qk(tokens, num_q_heads, num_k_heads, head_dim, dtype, device, seed=0):
-    """q and k as strided views into one fused qkv projection output, as in the model."""
-    widths = [num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim]
+def make_qkv(tokens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
+    """q, k and v as strided views into one fused qkv projection output, as in the model."""
+    widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
     qkv = randn(tokens, sum(widths), dtype=dtype, device=device, scale=2.0, seed=seed)
-    q, k, _ = qkv.split(widths, dim=-1)
+    q, k, v = qkv.split(widths, dim=-1)
     return (
         q.view(tokens, num_q_heads, head_dim),
-        k.view(tokens, num_k_heads, head_dim),
+        k.view(tokens, num_kv_heads, head_dim),
+        v.view(tokens, num_kv_heads, head_dim),
     )
+
+
+def make_qk(tokens, num_q_heads, num_k_heads, head_dim, dtype, device, seed=0):
+    """q and k of :func:`make_qkv`."""
+    return make_qkv(tokens, num_q_heads, num_k_heads, head_dim, dtype, device, seed)[:2]
 
 
 # Checks shared by the interpreter and GPU tests.

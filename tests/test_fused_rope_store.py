@@ -17,7 +17,7 @@ from triton_interpreter import (  # before triton: sets the interpreter
 )
 
 triton = pytest.importorskip("triton")
-from test_fused_ops import assert_matches, nan_like, randn  # noqa: E402
+from test_fused_ops import assert_matches, make_qkv, nan_like, randn  # noqa: E402
 
 from parallm.layers import fused_rope_store  # noqa: E402
 from parallm.layers.attention import write_kv  # noqa: E402
@@ -27,18 +27,6 @@ from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_rope_store._rope_store_kernel)
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def make_qkv(tokens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
-    """q, k and v as strided views into one fused qkv projection output, as in the model."""
-    widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    qkv = randn(tokens, sum(widths), dtype=dtype, device=device, scale=2.0, seed=seed)
-    q, k, v = qkv.split(widths, dim=-1)
-    return (
-        q.view(tokens, num_q_heads, head_dim),
-        k.view(tokens, num_kv_heads, head_dim),
-        v.view(tokens, num_kv_heads, head_dim),
-    )
 
 
 def scattered_slots(tokens, num_blocks, block_size, gen, device):
