@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from parallm import LLM
+from parallm.layers import backends, pdl
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -58,6 +59,11 @@ def time_step(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float
     return out
 
 
+def _set(module: object, **values: object) -> None:
+    for name, value in values.items():
+        setattr(module, name, value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
@@ -66,17 +72,40 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="replays per timing")
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch.backends.cuda.preferred_blas_library for the GEMMs")  # fmt: skip
+    ap.add_argument("--compare-pdl", action="store_true",
+                    help="time without PDL and with each trigger of parallm.layers.pdl (recaptures)")  # fmt: skip
+    ap.add_argument("--compare-rope", action="store_true",
+                    help="also time the separate rotary+KV-store kernel (recaptures)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     llm = LLM(args.config, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
     rows = []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        row = {"batch": batch, **time_step(llm, batch, args.context, args.iters)}
-        rows.append(row)
-        print(f"batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged {row['staged_ms']:.4f}, "
-              f"launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
+    runner = llm.engine.runner
+    print(f"PDL supported by this triton: {pdl._SUPPORTED}")
+    variants = [("default", lambda: None)]
+    if args.compare_pdl:
+        variants = [("pdl off", lambda: setattr(pdl, "ENABLED", False))]
+        for name in pdl.TRIGGERS:
+            variants.append((f"pdl {name}", lambda n=name: _set(pdl, ENABLED=True, TRIGGER=n)))
+    if args.compare_rope:
+        defaults = {"ENABLED": pdl.ENABLED, "TRIGGER": pdl.TRIGGER}
+        variants.append(("rope in attn", lambda: _set(pdl, **defaults)))
+        variants.append(("rope kernel", lambda: _set(backends, ROPE_IN_DECODE=False)))
+    for label, setup in variants:
+        if label != "default":  # read at every Triton launch: recapture to apply it
+            setup()
+            runner.capture_cuda_graphs(runner.graphs.sizes, 4096)
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            row = {
+                "variant": label,
+                "batch": batch,
+                **time_step(llm, batch, args.context, args.iters),
+            }
+            rows.append(row)
+            print(f"{label:>12} batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged "
+                  f"{row['staged_ms']:.4f}, launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,11 +1,12 @@
-"""Fused prologue GEMVs against cuBLAS plus the separate Triton kernel (needs CUDA).
+"""Batch-1 GEMVs of ``parallm.layers.fused_gemv`` against cuBLAS (needs CUDA).
 
-For the Llama-3.2-1B batch-1 shapes that have a producer to fuse: q/k/v and gate/up after
-add+RMSNorm, down after SiLU-mul. Times, per call, in a CUDA graph that cycles through copies of
-the weight larger than L2 together (so W comes from HBM, as in a decode step):
-  unfused   the Triton norm (or SiLU-mul) kernel, then F.linear (cuBLAS): today's decode path;
+For the Llama-3.2-1B batch-1 shapes: q/k/v and gate/up after add+RMSNorm, down after SiLU-mul,
+o and the LM head with no prologue. Times, per call, in a CUDA graph that cycles through copies
+of the weight larger than L2 together (so W comes from HBM, as in a decode step):
+  unfused   the Triton norm (or SiLU-mul) kernel, then F.linear (cuBLAS);
   fused     ``parallm.layers.fused_gemv`` over a sweep of tile configurations.
-A fused kernel is worth wiring in only where it beats the unfused pair.
+Then the chain of one layer's four GEMVs over 16 layers' distinct weights, launched plainly and
+with programmatic dependent launch (``parallm.layers.pdl``): what PDL buys the GEMVs alone.
 
 python benchmarks/fused_gemv_bench.py [--out fused_gemv.json]
 """
@@ -24,13 +25,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.layers import pdl  # noqa: E402
+from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
 from parallm.layers.fused_ops import fused_add_rms_norm, silu_and_mul  # noqa: E402
 
 SHAPES = {
     "qkv": (3072, 2048, "norm"),
     "gate_up": (16384, 2048, "norm"),
     "down": (2048, 8192, "silu"),
+    "o": (2048, 2048, "plain"),
+    "lm_head": (128256, 2048, "plain"),
 }
 CONFIGS = [
     dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s)
@@ -74,6 +78,13 @@ def bench_shape(name: str, n: int, k: int, kind: str) -> dict:
 
         def fused(w, cfg):
             return rms_norm_gemv(x, res, norm_w, w, EPS, **cfg)[0]
+    elif kind == "plain":
+
+        def unfused(w):
+            return F.linear(x, w)
+
+        def fused(w, cfg):
+            return gemv(x, w, **cfg)
     else:
 
         def unfused(w):
@@ -99,18 +110,55 @@ def bench_shape(name: str, n: int, k: int, kind: str) -> dict:
     return row
 
 
+def bench_chain(layers: int = 16) -> dict:
+    """One decode layer's four GEMVs (no attention) over ``layers`` layers' weights."""
+    dev, dt = "cuda", torch.bfloat16
+    hidden, inter = 2048, 8192
+    shapes = [(3072, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)]
+    weights = [[torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for n, k in shapes]
+               for _ in range(layers)]  # fmt: skip
+    norm_w = 1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt)
+    x = torch.randn(1, hidden, device=dev, dtype=dt)
+
+    def step(stages: int = 3):
+        h, res = x, None
+        for w_qkv, w_o, w_up, w_down in weights:
+            qkv, summed = rms_norm_gemv(h, res, norm_w, w_qkv, EPS, num_stages=stages)
+            res = h if res is None else summed
+            o = gemv(qkv[:, :hidden], w_o, num_stages=stages)
+            gate_up, res = rms_norm_gemv(o, res, norm_w, w_up, EPS, num_stages=stages)
+            h = silu_mul_gemv(gate_up, w_down, num_stages=stages)
+        return h
+
+    mb = sum(w.numel() * 2 for ws in weights for w in ws) / 1e6
+    row = {"layers": layers, "mb": mb, "pdl_supported": pdl._SUPPORTED}
+    default_trigger = pdl.TRIGGER
+    variants = [("off", default_trigger, 3)]
+    variants += [(f"pdl {t}", t, 3) for t in pdl.TRIGGERS]
+    variants += [(f"stages {n}", default_trigger, n) for n in (2, 4, 5)]
+    for name, trigger, stages in variants:
+        pdl.TRIGGER = trigger
+        with pdl.dependent_launches(name != "off"):
+            row[f"{name}_us"] = us = time_per_call([lambda n=stages: step(n)], reps=50)
+        print(f"chain of {layers} layers' GEMVs ({mb:.0f} MB), {name:>9} (PDL {trigger}, "
+              f"{stages} stages): {us:.1f} us ({mb / us:.2f} TB/s)", flush=True)  # fmt: skip
+    pdl.TRIGGER = default_trigger
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    chain = bench_chain()
     rows = [bench_shape(name, *shape) for name, shape in SHAPES.items()]
-    # One decode step of the 1B model: 16 layers of each shape.
-    unfused = 16 * sum(r["unfused_us"] for r in rows)
-    fused = 16 * sum(min(r["unfused_us"], r["best_fused_us"]) for r in rows)
+    layer_rows = [r for r in rows if r["shape"] != "lm_head"]
+    unfused = 16 * sum(r["unfused_us"] for r in layer_rows)
+    fused = 16 * sum(min(r["unfused_us"], r["best_fused_us"]) for r in layer_rows)
     print(f"per 1B decode step (16 layers): unfused {unfused:.0f} us, with the fused kernel "
           f"wherever it wins {fused:.0f} us")  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Path(args.out).write_text(json.dumps({"chain": chain, "shapes": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from triton_interpreter import check_interpreter_suite, kernel_modes  # before t
 
 triton = pytest.importorskip("triton")
 
-from parallm.layers import fused_gemv  # noqa: E402
-from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.layers import fused_gemv, pdl  # noqa: E402
+from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
 from parallm.layers.norm import RMSNorm  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_gemv._norm_gemv_kernel)
@@ -55,6 +55,15 @@ def check_silu(n, k, dtype, device, tol, **cfg):
     assert _rel(y, ref) < tol
 
 
+def check_gemv(n, k, dtype, device, tol, **cfg):
+    g = torch.Generator().manual_seed(3 * n + k)
+    x = torch.randn(1, k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(device)
+    y = gemv(x, w, **cfg)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, F.linear(x.float(), w.float())) < tol
+
+
 def test_interpreter_suite_in_subprocess():
     """The interpreter tests run: here when triton was imported in interpreter mode, else in a
     subprocess that sets TRITON_INTERPRET before triton's first import."""
@@ -72,6 +81,23 @@ def test_norm_gemv_interpreter(n, k, residual):
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96)])
 def test_silu_gemv_interpreter(n, k):
     check_silu(n, k, torch.float32, "cpu", 1e-5, block_n=16, block_k=32)
+
+
+@interpreter_test
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96), (24, 16)])
+def test_gemv_interpreter(n, k):
+    check_gemv(n, k, torch.float32, "cpu", 1e-5, block_n=16, block_k=32)
+
+
+def test_pdl_only_inside_the_scope_and_on_cuda():
+    cpu = torch.zeros(1)
+    assert pdl.pdl_launch(cpu) == {"PDL": False}
+    with pdl.dependent_launches():
+        assert pdl.pdl_launch(cpu) == {"PDL": False}  # never on CPU or the interpreter
+        with pdl.dependent_launches(False):
+            assert not pdl._active
+        assert pdl._active
+    assert not pdl._active
 
 
 def test_rejects_batches():
@@ -95,3 +121,53 @@ def test_norm_gemv_cuda(n, k, dtype):
 @pytest.mark.parametrize(("n", "k"), [(2048, 8192), (1000, 3000)])
 def test_silu_gemv_cuda(n, k, dtype):
     check_silu(n, k, dtype, "cuda", 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "k"), [(2048, 2048), (128256, 2048), (1000, 3000)])
+def test_gemv_cuda(n, k, dtype):
+    check_gemv(n, k, dtype, "cuda", 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("trigger", list(pdl.TRIGGERS))
+def test_pdl_chain_in_a_graph_equals_separate_launches(trigger, monkeypatch):
+    """norm-GEMV -> GEMV -> norm-GEMV -> SiLU-GEMV launched with PDL inside a CUDA graph, on
+    fresh inputs each replay, against the same chain launched without PDL."""
+    monkeypatch.setattr(pdl, "TRIGGER", trigger)
+    k, inter = 1024, 3072
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(7)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=dev, dtype=torch.float32).to(dt) * scale
+
+    w_in, w_o = rand(k, k, scale=k**-0.5), rand(k, k, scale=k**-0.5)
+    w_up, w_down = rand(2 * inter, k, scale=k**-0.5), rand(k, inter, scale=inter**-0.5)
+    n1, n2 = 1 + 0.1 * rand(k), 1 + 0.1 * rand(k)
+    x, res = rand(1, k), rand(1, k)
+
+    def chain():
+        h, r = rms_norm_gemv(x, res, n1, w_in, EPS)
+        h = gemv(h, w_o)
+        gu, r = rms_norm_gemv(h, r, n2, w_up, EPS)
+        return silu_mul_gemv(gu, w_down), r
+
+    with pdl.dependent_launches():
+        assert bool(pdl.pdl_launch(x)["PDL"]) == (
+            pdl._SUPPORTED and pdl.ENABLED and torch.cuda.get_device_capability()[0] >= 9
+        )
+        chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, out_res = chain()
+    for _ in range(3):
+        x.copy_(rand(1, k))
+        res.copy_(rand(1, k))
+        graph.replay()
+        ref, ref_res = chain()  # outside the scope: plain launches
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(out_res, ref_res, rtol=0, atol=0)

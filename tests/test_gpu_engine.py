@@ -51,23 +51,25 @@ def test_one_sequence_fused_layers_equal_reference_float32(tiny_model_dir, promp
                                                            monkeypatch):  # fmt: skip
     """Batch-1 decode layers run the norms and SiLU-mul inside the GEMVs (qwen2's q/k/v bias
     keeps it on the unfused layer): the reference path's tokens, one sequence at a time."""
-    from parallm.layers import fused_gemv
+    from parallm.layers import fused_gemv, pdl
 
-    calls = []
+    calls = []  # whether each fused call ran inside the PDL chain (Triton attention: always)
     real = fused_gemv.rms_norm_gemv
     monkeypatch.setattr(
-        fused_gemv, "rms_norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k)
+        fused_gemv, "rms_norm_gemv", lambda *a, **k: calls.append(pdl._active) or real(*a, **k)
     )
     path = str(tiny_model_dir(arch))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
     fast = LLM(path, **common)
-    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, fused_kernels=False,
+              **common)  # fmt: skip
     for prompt in prompts[:3]:
         fast_tokens, fast_lps = _greedy(fast, [prompt])
         ref_tokens, ref_lps = _greedy(ref, [prompt])
         assert fast_tokens == ref_tokens
         assert torch.allclose(torch.tensor(fast_lps[0]), torch.tensor(ref_lps[0]), atol=1e-3)
     assert (len(calls) > 0) == (arch != "qwen2")
+    assert all(calls)
 
 
 def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prompts):

@@ -186,6 +186,37 @@ def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
     assert counters is None or int(counters.count_nonzero()) == 0
 
 
+def check_decode_rope(seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, **kw):
+    """Rotary + KV store inside the decode kernel against ``rotary_and_store_kv`` followed by
+    a plain call, on raw q/k/v that are strided views of one fused projection: the same
+    output and the same cache, bit for bit. Slot -1 (a padding row) stores nothing."""
+    from parallm.layers.fused_rope_store import rotary_and_store_kv
+    from parallm.layers.rotary import RotaryEmbedding
+
+    lens = [(1, s) for s in seq_lens]
+    case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, 16, dtype, device, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    batch, kv = len(seq_lens), num_kv_heads * head_dim
+    qkv = torch.randn(batch, num_heads * head_dim + 2 * kv, generator=gen).to(device, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, kv, kv], dim=-1)
+    q, k, v = (t.view(batch, -1, head_dim) for t in (q, k, v))
+    rotary = RotaryEmbedding(head_dim, 8192, 10000.0, None).to(device)
+    positions = case["seq_lens"].long() - 1
+    pages = case["block_tables"].long().gather(1, (positions // 16)[:, None])[:, 0]
+    slots = pages * 16 + positions % 16
+    slots[-1] = -1 if len(seq_lens) > 1 else slots[-1]
+    caches = [torch.stack([case["k_cache"], case["v_cache"]]) for _ in range(2)]
+    q_rot = rotary_and_store_kv(
+        q, k, v, rotary.cos_cache, rotary.sin_cache, positions, caches[0], slots
+    )
+    args = (case["block_tables"], case["seq_lens"], case["scale"], max(seq_lens))
+    want = paged_decode_attention(q_rot, caches[0][0], caches[0][1], *args, **kw)
+    rope = triton_attention.NewTokenRope(k, v, rotary.cos_cache, rotary.sin_cache, positions, slots)
+    got = paged_decode_attention(q, caches[1][0], caches[1][1], *args, rope=rope, **kw)
+    torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # Interpreter (CPU) tests: float32, small shapes.
 
 
@@ -265,6 +296,23 @@ def test_decode_matches_prefill_single_token():
     torch.testing.assert_close(prefill, decode, rtol=1e-4, atol=1e-5)
 
 
+@interpreter_test
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_rope_in_kernel_interpreter(num_splits):
+    check_decode_rope([1, 17, 100], 4, 2, 64, torch.float32, "cpu", num_splits=num_splits)
+
+
+def test_decode_rope_rejects_bad_shapes():
+    q = torch.zeros(2, 4, 64)
+    cache = torch.zeros(3, 16, 2, 64)
+    rope = triton_attention.NewTokenRope(
+        torch.zeros(2, 3, 64), torch.zeros(2, 2, 64), torch.zeros(9, 64), torch.zeros(9, 64),
+        torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"rope.k must be \(2, 2, 64\)"):
+        rope.check(q, cache)
+
+
 def test_decode_num_splits_fills_gpu():
     assert decode_num_splits(1, 8, 4096) * 8 >= 128
     assert decode_num_splits(128, 8, 4096) == 1
@@ -342,3 +390,12 @@ def test_decode_gpu_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert _rel_err(out, reference_paged_attention(**case)) < 1e-2
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 64), (32, 4, 128)])
+@pytest.mark.parametrize("seq_lens", [[200], [4100, 1, 17, 2048], [777] * 40])
+def test_decode_rope_in_kernel_gpu(dtype, num_heads, num_kv_heads, head_dim, seq_lens):
+    check_decode_rope(seq_lens, num_heads, num_kv_heads, head_dim, dtype, "cuda")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from parallm.layers.attention import (
@@ -12,12 +14,20 @@ from parallm.layers.attention import (
 )
 
 BACKENDS = ("auto", "reference", "triton")
+# Decode steps rotate q/k and store k/v inside the decode attention kernel (one launch fewer
+# per layer); PARALLM_ROPE_IN_DECODE=0 restores the separate rotary+store kernel for A/B runs.
+ROPE_IN_DECODE = os.environ.get("PARALLM_ROPE_IN_DECODE", "1") != "0"
+# (cos_cache, sin_cache, positions) of a forward pass.
+RotaryTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class TritonAttention:
     """Paged attention kernels written in Triton: one prefill kernel, one split-K decode kernel."""
 
     name = "triton"
+    # Every kernel of a one-row decode step through this backend is Triton and PDL-aware, so
+    # the step's kernels may chain with programmatic dependent launch (parallm.layers.pdl).
+    pdl_safe = True
 
     def __init__(self) -> None:
         from parallm.layers import triton_attention
@@ -49,6 +59,27 @@ class TritonAttention:
         return self.kernels.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
             meta.max_query_len, scale,
+        )  # fmt: skip
+
+    def rope_store_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        rotary: RotaryTables,
+    ) -> torch.Tensor | None:
+        """A pure decode step's attention with the rotary and the KV store inside the decode
+        kernel (raw q, k, v in); None when the step is not pure decode (the caller then
+        rotates and stores first)."""
+        if not (meta.is_pure_decode and ROPE_IN_DECODE):
+            return None
+        rope = self.kernels.NewTokenRope(k, v, *rotary, meta.slot_mapping)
+        return self.kernels.paged_decode_attention(
+            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
+            meta.max_seq_len, rope=rope,
         )  # fmt: skip
 
 

@@ -1,17 +1,19 @@
-"""Batch-1 GEMVs with their producer fused in: RMSNorm (+ residual add) before q/k/v and
-gate/up, SiLU-and-mul before down. An experiment towards a 1B decode step near the bandwidth
-roofline (docs/PERF_NOTES.md): each fusion removes a kernel and a kernel boundary (~2-3 us at
-batch 1), and pays for it only if the GEMV itself keeps up with cuBLAS.
-``benchmarks/fused_gemv_bench.py`` measured each fused pair faster than cuBLAS plus the separate
-kernel on Llama-3.2-1B shapes (benchmarks/RESULTS.md), so one-token decode layers use them
-(``DecoderLayer._forward_one_row``, on with the fused kernels).
+"""Batch-1 GEMVs for the one-row decode layer, with their producer fused in where there is one:
+RMSNorm (+ residual add) before q/k/v and gate/up, SiLU-and-mul before down, nothing before the
+o projection. Each fusion removes a kernel and a kernel boundary (~2-3 us at batch 1), and pays
+for it only if the GEMV itself keeps up with cuBLAS; ``benchmarks/fused_gemv_bench.py``
+measured each fused pair faster than cuBLAS plus the separate kernel on Llama-3.2-1B shapes
+(benchmarks/RESULTS.md), so one-token decode layers use them (``DecoderLayer._forward_one_row``,
+on with the fused kernels). Under ``parallm.layers.pdl.dependent_launches`` they launch with
+PDL and load their first W tile before waiting for the previous kernel.
 
-``y = rms_norm(x [+ residual]) @ W^T`` and ``y = silu(gate) * up @ W^T`` for one row, W of shape
-[N, K] with unit stride along K. Every program owns BLOCK_N output features, recomputes the
-(cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W once; there is no
-split over K, so no second kernel. The prologue rounds where ``parallm.layers.fused_ops``
-rounds (PyTorch's order); its sum of squares and the GEMV's sums run in another order than the
-norm kernel's and cuBLAS's, so results agree to float rounding, not bit for bit.
+``y = rms_norm(x [+ residual]) @ W^T``, ``y = silu(gate) * up @ W^T`` and ``y = x @ W^T`` for one
+row, W of shape [N, K] with unit stride along K. Every program owns BLOCK_N output features,
+recomputes the (cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W
+once; there is no split over K, so no second kernel. The prologue rounds where
+``parallm.layers.fused_ops`` rounds (PyTorch's order); its sum of squares and the GEMV's sums
+run in another order than the norm kernel's and cuBLAS's, so results agree to float rounding,
+not bit for bit.
 """
 
 from __future__ import annotations
@@ -22,74 +24,141 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from parallm.layers.fused_ops import _NO_FMA, _round_to
+from parallm.layers.pdl import pdl_launch, release_dependents, wait_for_producer
+
+_ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
+
+
+@triton.jit
+def _w_tile(w_ptr, rows, stride_wn, k, offs_k, K):
+    """W[rows, k:k+BLOCK_K] (zeros past K); edge rows are clamped by the caller, not masked."""
+    cols = k + offs_k
+    return tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=(cols < K)[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _first_tile(w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr):  # fmt: skip
+    """This program's rows and its first W tile, loaded before waiting for the producer: the
+    weights never depend on it, so under PDL the load overlaps the previous kernel's tail.
+    (Prefetching more of W into L2 here with ``cp.async.bulk.prefetch`` was measured slower
+    at every size, benchmarks/RESULTS.md.)"""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w0 = _w_tile(w_ptr, rows, stride_wn, 0, tl.arange(0, BLOCK_K), K)
+    wait_for_producer(PDL)
+    return offs_n, rows, w0
+
+
+@triton.jit
+def _finish(y_ptr, offs_n, acc, N, PDL: tl.constexpr):
+    release_dependents(PDL)  # the main loop is done: the next kernel may launch
+    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
 def _norm_gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, y_ptr, N, K, stride_wn, inv_k, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_ALL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
-    # Pass 1: the row's sum of squares (x + residual rounded to x's dtype, as the norm does).
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = k + offs_k
-        h = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            h = _round_to(h + r, dtype)
-            if pid == 0:
-                tl.store(res_out_ptr + cols, h.to(dtype), mask=cols < K)
-        sq += h * h
-    rstd = tl.rsqrt(tl.sum(sq, axis=0) * inv_k + eps)
+    # Pass 1: the row's sum of squares (x + residual rounded to x's dtype, as the norm does),
+    # in one load when the row fits in registers: a loop of dependent L2 round trips here
+    # delays the W stream behind it.
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_ALL)
+        h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL, dtype)
+        total = tl.sum(h * h, axis=0)
+    else:
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, k + offs_k, K, HAS_RESIDUAL, dtype)
+            sq += h * h
+        total = tl.sum(sq, axis=0)
+    rstd = tl.rsqrt(total * inv_k + eps)
     # Pass 2: stream W; each chunk of the normalised vector is rebuilt from L2.
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        cols = k + offs_k
-        kmask = cols < K
-        h = tl.load(x_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-            h = _round_to(h + r, dtype)
-        g = tl.load(norm_w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        v = _round_to(_round_to(h * rstd, dtype) * g, dtype)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=kmask[None, :],
-                    other=0.0)  # fmt: skip
-        acc += w.to(tl.float32) * v[None, :]
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    v0 = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, 0, offs_k, K, rstd, HAS_RESIDUAL, dtype)
+    acc = w0.to(tl.float32) * v0[None, :]
+    for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+        v = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, k, offs_k, K, rstd, HAS_RESIDUAL, dtype)
+        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
+    _finish(y_ptr, offs_n, acc, N, PDL)
+
+
+@triton.jit
+def _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL: tl.constexpr,
+                  dtype: tl.constexpr):  # fmt: skip
+    """x (+ residual, rounded to the model dtype) at ``cols``; program 0 writes the sum out."""
+    h = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        h = _round_to(h + r, dtype)
+        if tl.program_id(0) == 0:
+            tl.store(res_out_ptr + cols, h.to(dtype), mask=cols < K)
+    return h
+
+
+@triton.jit
+def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, k, offs_k, K, rstd, HAS_RESIDUAL: tl.constexpr,
+                  dtype: tl.constexpr):  # fmt: skip
+    cols = k + offs_k
+    kmask = cols < K
+    h = tl.load(x_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+        h = _round_to(h + r, dtype)
+    g = tl.load(norm_w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+    return _round_to(_round_to(h * rstd, dtype) * g, dtype)
+
+
+@triton.jit
+def _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP: tl.constexpr, dtype: tl.constexpr):
+    cols = k + offs_k
+    kmask = cols < K
+    g = tl.load(gate_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+    e = libdevice.exp(-g) if PRECISE_EXP else tl.exp(-g)  # libdevice: compiled only
+    silu = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
+    return _round_to(silu * u, dtype)
 
 
 @triton.jit
 def _silu_gemv_kernel(
     gate_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PRECISE_EXP: tl.constexpr,
+    PRECISE_EXP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
     dtype: tl.constexpr = gate_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    v0 = _silu_chunk(gate_ptr, up_ptr, 0, offs_k, K, PRECISE_EXP, dtype)
+    acc = w0.to(tl.float32) * v0[None, :]
+    for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+        v = _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP, dtype)
+        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
+    _finish(y_ptr, offs_n, acc, N, PDL)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
+    offs_k = tl.arange(0, BLOCK_K)
+    x0 = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    acc = w0.to(tl.float32) * x0[None, :]
+    for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
-        kmask = cols < K
-        g = tl.load(gate_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        e = libdevice.exp(-g) if PRECISE_EXP else tl.exp(-g)  # libdevice: compiled only
-        silu = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
-        v = _round_to(silu * u, dtype)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=kmask[None, :],
-                    other=0.0)  # fmt: skip
-        acc += w.to(tl.float32) * v[None, :]
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * x[None, :]
+    _finish(y_ptr, offs_n, acc, N, PDL)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
@@ -105,8 +174,8 @@ def rms_norm_gemv(
     norm_weight: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
-    block_n: int = 16,
-    block_k: int = 512,
+    block_n: int | None = None,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,14 +183,19 @@ def rms_norm_gemv(
     k = x.shape[-1]
     _check(x, weight, k)
     n = weight.shape[0]
+    # fused_gemv_bench on the H100: 8 x 512 tiles for q/k/v, 32 x 256 for the wide gate/up.
+    wide = n >= 8192
+    block_n, block_k = block_n or (32 if wide else 8), block_k or (256 if wide else 512)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
+    block_all = triton.next_power_of_2(k)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, res, res_out if res_out is not None else x, norm_weight, weight, y, n, k,
         weight.stride(0), 1.0 / k, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA,
+        NUM_STAGES=num_stages, ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all,
+        num_warps=num_warps, **_NO_FMA, **pdl_launch(x),
     )  # fmt: skip
     return y, res_out
 
@@ -129,7 +203,7 @@ def rms_norm_gemv(
 def silu_mul_gemv(
     gate_up: torch.Tensor,
     weight: torch.Tensor,
-    block_n: int = 16,
+    block_n: int = 8,
     block_k: int = 512,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -142,6 +216,27 @@ def silu_mul_gemv(
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
         gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
-        num_warps=num_warps, **_NO_FMA,
+        num_warps=num_warps, **_NO_FMA, **pdl_launch(gate_up),
+    )  # fmt: skip
+    return y
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_n: int = 8,
+    block_k: int = 512,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
+    one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL."""
+    k = x.shape[-1]
+    _check(x, weight, k)
+    n = weight.shape[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+        NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x),
     )  # fmt: skip
     return y

@@ -13,6 +13,8 @@ CPU tensors work only under the Triton interpreter, as for ``fused_ops``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +25,10 @@ from parallm.layers.fused_ops import (
     _rope_heads,
     _rope_token_setup,
     _rotary_out,
+    _round_to,
     _unit_last_stride,
 )
+from parallm.layers.pdl import pdl_launch, start_small_kernel
 
 # Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
 _TILE = 2048
@@ -50,6 +54,25 @@ def _copy_heads(
     out_offs = h[:, None] * stride_out_h + d[None, :]
     tl.store(out_row + out_offs, tl.load(in_row + in_offs, mask=mask), mask=mask)
     tl.store(out_row + out_offs + HALF, tl.load(in_row + in_offs + HALF, mask=mask), mask=mask)
+
+
+@triton.jit
+def rope_rows(row_ptr, heads, stride_h, mask, cos_row, sin_row, offs_d, HALF: tl.constexpr,
+              dtype: tl.constexpr):  # fmt: skip
+    """Rotated heads ``heads`` of one token as a float32 [H, BLOCK_D] tile (values rounded to
+    ``dtype`` exactly as ``_rope_heads`` rounds them). rotate_half's partner of dim d is read
+    with a second, permuted load, so no register shuffles are needed; the cos/sin rows are in
+    the ``cat([f, f])`` layout, so their dim d is the frequency of d mod HALF."""
+    offs = heads[:, None] * stride_h + offs_d[None, :]
+    partner = heads[:, None] * stride_h + ((offs_d + HALF) % (2 * HALF))[None, :]
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_sw = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    dmask = offs_d < 2 * HALF
+    c = _round_to(tl.load(cos_row + offs_d, mask=dmask, other=0.0).to(tl.float32), dtype)
+    s = _round_to(tl.load(sin_row + offs_d, mask=dmask, other=0.0).to(tl.float32), dtype)
+    a = _round_to(x * c[None, :], dtype)
+    b = _round_to(x_sw * s[None, :], dtype)
+    return _round_to(tl.where((offs_d < HALF)[None, :], a - b, a + b), dtype)
 
 
 @triton.jit
@@ -83,7 +106,9 @@ def _rope_store_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    start_small_kernel(PDL)
     # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
     # heads, so the slot is loaded once.
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
@@ -180,5 +205,75 @@ def rotary_and_store_kv(
         BLOCK_HKV=block_hkv,
         num_warps=4,
         **_NO_FMA,
+        **pdl_launch(q),
     )  # fmt: skip
     return q_out
+
+
+@triton.jit
+def rope_and_store(
+    q_row, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seq, kv_head,
+    heads, g_valid, d_valid, offs_d, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_cos, stride_sin,
+    holds_new_token, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """The rotated query heads of this program; stores the new token's k (rotated) and v of
+    this KV head when ``holds_new_token`` (as ``rotary_and_store_kv`` does, bit for bit)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    pos = tl.load(pos_ptr + seq).to(tl.int64)
+    cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_sin
+    q = rope_rows(q_row, heads, stride_qh, g_valid[:, None] & d_valid[None, :], cos_row,
+                  sin_row, offs_d, half, dtype)  # fmt: skip
+    if holds_new_token:
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        if slot >= 0:  # padding rows use a scratch slot; a negative one stores nothing
+            one = tl.zeros([1], dtype=tl.int32) + kv_head
+            mask = d_valid[None, :]
+            k_new = rope_rows(kn_ptr + seq.to(tl.int64) * stride_knb, one, stride_knh, mask,
+                              cos_row, sin_row, offs_d, half, dtype)  # fmt: skip
+            page, in_page = slot // PAGE_SIZE, slot % PAGE_SIZE
+            k_dst = k_ptr + page * stride_kb + in_page * stride_kt + kv_head * stride_kh
+            tl.store(k_dst + offs_d[None, :], k_new.to(dtype), mask=mask)
+            v_src = vn_ptr + seq.to(tl.int64) * stride_vnb + kv_head * stride_vnh + offs_d
+            v_dst = v_ptr + page * stride_vb + in_page * stride_vt + kv_head * stride_vh
+            tl.store(v_dst + offs_d, tl.load(v_src, mask=d_valid), mask=d_valid)
+        # The loop below reads these stores back from the cache: make them visible to every
+        # thread of the program first.
+        tl.debug_barrier()
+    return q
+
+
+@dataclass
+class NewTokenRope:
+    """What the decode kernel needs to rotate q and k and store k and v itself (one kernel
+    fewer per layer and step): this step's raw k and v [B, Hkv, D] (views into the fused qkv
+    projection work), the rotary cos/sin caches in the ``cat([f, f])`` layout, each
+    sequence's position and its new token's cache slot (negative: store nothing)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def check(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        """Shapes, dtypes and strides the kernel relies on."""
+        batch, _, head_dim = q.shape
+        want = (batch, k_cache.shape[2], head_dim)
+        for name, t in (("k", self.k), ("v", self.v)):
+            if tuple(t.shape) != want or t.dtype != k_cache.dtype or t.stride(-1) != 1:
+                raise ValueError(f"rope.{name} must be {want} in the cache dtype, contiguous in D")
+        for name, t in (("cos_cache", self.cos_cache), ("sin_cache", self.sin_cache)):
+            if t.dim() != 2 or t.shape[1] != head_dim or t.stride(1) != 1:
+                raise ValueError(f"rope.{name} must be [max_positions, {head_dim}], contiguous")
+        for name, t in (("positions", self.positions), ("slot_mapping", self.slot_mapping)):
+            if tuple(t.shape) != (batch,) or t.is_floating_point():
+                raise ValueError(f"rope.{name} must be [{batch}] integer")
+        if head_dim % 2:
+            raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+
+    def kernel_args(self) -> tuple:
+        k, v, cos, sin = self.k, self.v, self.cos_cache, self.sin_cache
+        return (k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos, sin,
+                cos.stride(0), sin.stride(0), self.positions, self.slot_mapping)  # fmt: skip

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.layers.fused_rope_store import NewTokenRope, rope_and_store
+from parallm.layers.pdl import pdl_launch, start_small_kernel
+
 _LOG2E = math.log2(math.e)
 
 # Decode: aim for up to this many programs per SM so that HBM stays busy while some stall
@@ -162,6 +165,18 @@ def _decode_split_kernel(
     qk_scale,
     split_len,
     num_splits,
+    kn_ptr,
+    vn_ptr,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    stride_sin,
+    pos_ptr,
+    slot_ptr,
     NUM_GROUPS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -171,7 +186,10 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    start_small_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -187,8 +205,20 @@ def _decode_split_kernel(
     g_valid = offs_g < NUM_GROUPS
     d_valid = offs_d < HEAD_DIM
     heads = kv_head * NUM_GROUPS + offs_g
-    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    q_row = q_ptr + seq.to(tl.int64) * stride_qb
+    if ROPE:
+        # q, k and v are this step's raw projections: rotate q here, and the split that holds
+        # the new token rotates k and stores k and v in the cache before it reads the cache.
+        q = rope_and_store(
+            q_row, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seq,
+            kv_head, heads, g_valid, d_valid, offs_d, stride_qh, stride_knb, stride_knh,
+            stride_vnb, stride_vnh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, stride_cos, stride_sin, end == seq_len, HEAD_DIM, PAGE_SIZE,
+            q_ptr.dtype.element_ty,
+        ).to(q_ptr.dtype.element_ty)  # fmt: skip
+    else:
+        q_ptrs = q_row + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=g_valid[:, None] & d_valid[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -444,6 +474,10 @@ def _decode_config(head_dim: int, groups: int, use_dot: bool) -> _DecodeConfig:
     return _DecodeConfig(False, block_g, block_n, 4, 2)
 
 
+def _no_rope_args(q: torch.Tensor) -> tuple:
+    return (q, q, 0, 0, 0, 0, q, q, 0, 0, q, q)
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
     """How many context splits decode uses so that ``batch * num_kv_heads * splits`` fills the GPU."""
     programs = batch * num_kv_heads
@@ -467,6 +501,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     use_dot: bool | None = None,
     out: torch.Tensor | None = None,
+    rope: NewTokenRope | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache (flash decoding).
 
@@ -488,11 +523,16 @@ def paged_decode_attention(
         use_dot: use tensor-core dots with the query heads padded to 16 rows (default), or a
             broadcast multiply-reduce.
         out: optional ``[B, Hq, D]`` buffer to write into (contiguous in D).
+        rope: this step's raw k and v and the rotary tables: q is then the raw query, and the
+            kernel rotates q and k and stores k and v in the cache itself (what
+            ``rotary_and_store_kv`` does before a plain call, in the same launch).
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
     _check_inputs(q, k_cache, v_cache)
+    if rope is not None:
+        rope.check(q, k_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     groups = num_heads // num_kv_heads
@@ -539,6 +579,7 @@ def paged_decode_attention(
         scale * _LOG2E,
         split_len,
         num_splits,
+        *(rope.kernel_args() if rope is not None else _no_rope_args(q)),
         NUM_GROUPS=groups,
         BLOCK_G=cfg.block_g,
         HEAD_DIM=head_dim,
@@ -548,8 +589,10 @@ def paged_decode_attention(
         SPLIT=num_splits > 1,
         USE_DOT=cfg.use_dot,
         DOT_PRECISION=_dot_precision(q.dtype),
+        ROPE=rope is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_launch(q),
     )
     return out
 

@@ -46,6 +46,17 @@ class Attention(nn.Module):
         qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention over ``x``; or, when ``qkv`` is given, over that fused q/k/v projection."""
+        out = self.attend(x, rope, ctx, qkv)
+        return self.o_proj(out.reshape(*out.shape[:-2], -1))
+
+    def attend(
+        self,
+        x: torch.Tensor | None,
+        rope: RopeTables,
+        ctx: ForwardContext | None,
+        qkv: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The heads' outputs [..., heads, head_dim] before the o projection."""
         if qkv is not None:
             lead = qkv.shape[:-1]
             q, k, v = self._split(qkv)
@@ -62,15 +73,20 @@ class Attention(nn.Module):
             q, k = rotary.apply(rope, q, k)
             out = dense_causal_attention(q, k, v, self.scale)
         elif rotary.fused and hasattr(ctx.backend, "attend"):
-            # One kernel rotates q and k and stores k and v in the cache; the backend only attends.
             kv_cache = ctx.kv_caches[self.layer_idx]
-            q = rotary.apply_and_store(rope, q, k, v, kv_cache, ctx.meta.slot_mapping)
-            out = ctx.backend.attend(q, kv_cache, ctx.meta, self.scale)
+            out = None
+            if hasattr(ctx.backend, "rope_store_attend"):  # decode: all in the attention kernel
+                tables = (rotary.cos_cache, rotary.sin_cache, rope.positions)
+                out = ctx.backend.rope_store_attend(q, k, v, kv_cache, ctx.meta, self.scale, tables)
+            if out is None:
+                # One kernel rotates q and k and stores k and v; the backend only attends.
+                q = rotary.apply_and_store(rope, q, k, v, kv_cache, ctx.meta.slot_mapping)
+                out = ctx.backend.attend(q, kv_cache, ctx.meta, self.scale)
         else:
             q, k = rotary.apply(rope, q, k)
             kv_cache = ctx.kv_caches[self.layer_idx]
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale)
-        return self.o_proj(out.reshape(*lead, -1))
+        return out.reshape(*lead, self.num_heads, self.head_dim)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):
@@ -171,18 +187,23 @@ class DecoderLayer(nn.Module):
     def _forward_one_row(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch-1 decode layer with three fewer kernels (measured faster than cuBLAS plus
-        the separate norm or SiLU-mul kernel on Llama-3.2-1B shapes, benchmarks/RESULTS.md)."""
-        from parallm.layers.fused_gemv import rms_norm_gemv, silu_mul_gemv
+        """The batch-1 decode layer as six Triton kernels: the norms run inside the q/k/v and
+        gate/up GEMVs and SiLU-mul inside down (measured faster than cuBLAS plus the separate
+        kernel on Llama-3.2-1B shapes, benchmarks/RESULTS.md). With the Triton attention they
+        chain with PDL (``parallm.layers.pdl``): no cuBLAS call may sit between them."""
+        from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv
+        from parallm.layers.pdl import dependent_launches
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
-        residual = x if residual is None else summed
-        h = attn(None, rope, ctx, qkv=qkv)
-        gate_up, residual = rms_norm_gemv(h, residual, norm2.weight, mlp.gate_up_proj.weight,
-                                          norm2.eps)  # fmt: skip
-        return silu_mul_gemv(gate_up, mlp.down_proj.weight), residual
+        chained = getattr(ctx.backend, "pdl_safe", False) and attn._rotary[0].fused
+        with dependent_launches(chained):
+            qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
+            residual = x if residual is None else summed
+            h = gemv(attn.attend(None, rope, ctx, qkv=qkv).reshape(1, -1), attn.o_proj.weight)
+            gate_up, residual = rms_norm_gemv(h, residual, norm2.weight, mlp.gate_up_proj.weight,
+                                              norm2.eps)  # fmt: skip
+            return silu_mul_gemv(gate_up, mlp.down_proj.weight), residual
 
 
 class DecoderModel(nn.Module):
@@ -220,6 +241,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Set from outside (engine on CUDA): one row's logits come from the Triton GEMV, which
+        # streams the LM head faster than cuBLAS (3.1 against 2.8 TB/s on an H100, RESULTS.md).
+        self.fused = False
 
     def forward(
         self,
@@ -235,6 +259,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over the selected hidden states."""
+        if self.fused and hidden.dim() == 2 and hidden.shape[0] == 1 and hidden.is_cuda:
+            from parallm.layers.fused_gemv import gemv
+
+            return gemv(hidden.contiguous(), self.lm_head.weight)
         return self.lm_head(hidden)
 
     def fuse_projections(self) -> None:
