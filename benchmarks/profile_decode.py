@@ -131,6 +131,26 @@ def timeline(args: argparse.Namespace) -> None:
           f"idle {idle / steps / 1e3:.3f} ms in {len(gaps) / steps:.0f} gaps")  # fmt: skip
     for gap, before, after in sorted(gaps, reverse=True)[:12]:
         print(f"  {gap:8.1f} us idle between {before!r} and {after!r}")
+    _print_per_step(spans, gaps, steps)
+
+
+def _print_per_step(spans: list[tuple], gaps: list[tuple], steps: int) -> None:
+    """Time per step by op name (overlapping PDL kernels counted in full) and idle time by the
+    pair of ops around it: which boundaries and copies cost the most."""
+    by_name: dict[str, list[float]] = {}
+    for start, stop, name in spans:
+        by_name.setdefault(name, []).append(stop - start)
+    print(f"\n{'op':<42}{'per step':>9}{'us/step':>9}{'us each':>9}")
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]:
+        print(
+            f"{name:<42}{len(durs) / steps:>9.1f}{sum(durs) / steps:>9.1f}{sum(durs) / len(durs):>9.2f}"
+        )
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in gaps:
+        by_pair.setdefault((before[:20], after[:20]), []).append(gap)
+    print(f"\n{'idle between':<44}{'per step':>9}{'us/step':>9}")
+    for (before, after), g in sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"{before:<20} -> {after:<20}{len(g) / steps:>9.1f}{sum(g) / steps:>9.1f}")
 
 
 def main() -> None:

@@ -189,16 +189,21 @@ def _decode_split_kernel(
     ROPE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    start_small_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # Lengths and block tables are step inputs, copied in before any kernel of the step ran:
+    # under PDL they (and the first keys' pages) load before waiting for q/k/v's producer.
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * split_len
     if start >= seq_len:
         return
     end = tl.minimum(start + split_len, seq_len)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = start + tl.arange(0, BLOCK_N)
+    pages = tl.load(table + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
+    start_small_kernel(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -223,11 +228,9 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
-        pages = tl.load(table + offs_n // PAGE_SIZE, mask=n_valid, other=0).to(tl.int64)
         in_page = offs_n % PAGE_SIZE
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k_ptrs = (
@@ -238,6 +241,14 @@ def _decode_split_kernel(
             + offs_d[None, :]
         )
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs = (
+            v_ptr
+            + pages[:, None] * stride_vb
+            + in_page[:, None] * stride_vt
+            + kv_head * stride_vh
+            + offs_d[None, :]
+        )
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # issued with K: one memory round trip
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
@@ -248,20 +259,15 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = (
-            v_ptr
-            + pages[:, None] * stride_vb
-            + in_page[:, None] * stride_vt
-            + kv_head * stride_vh
-            + offs_d[None, :]
-        )
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
             pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+        # The next keys' pages: loaded here so the table read overlaps this block's math.
+        next_n = offs_n + BLOCK_N
+        pages = tl.load(table + next_n // PAGE_SIZE, mask=next_n < end, other=0).to(tl.int64)
 
     acc = acc / l_i[:, None]
     store_mask = g_valid[:, None] & d_valid[None, :]
