@@ -38,7 +38,7 @@ SHAPES = {
 }
 CONFIGS = [
     dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-    for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512], [4, 8], [3])
+    for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512, 1024], [4, 8], [3])
 ]
 EPS = 1e-5
 

@@ -60,6 +60,23 @@ def test_edge_rows_interpreter():
     assert triton_argmax(x[:0]).shape == (0,)
 
 
+@interpreter_test
+def test_also_into_receives_the_same_ids_interpreter():
+    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(4))
+    also = torch.full((3,), -1, dtype=torch.long)
+    out = triton_argmax(x, also_into=also)
+    assert torch.equal(out, x.argmax(dim=-1)) and torch.equal(also, out)
+    with pytest.raises(ValueError, match="contiguous int64"):
+        triton_argmax(x, also_into=torch.zeros(3, dtype=torch.int32))
+
+
+def test_greedy_argmax_also_into_on_the_torch_path():
+    x = torch.randn(4, 100)
+    also = torch.zeros(4, dtype=torch.long)
+    assert torch.equal(greedy_argmax(x, fused=False, also_into=also), also)
+    assert torch.equal(also, x.argmax(dim=-1))
+
+
 def test_rejects_non_contiguous_rows():
     with pytest.raises(ValueError, match="contiguous rows"):
         triton_argmax(torch.zeros(4, 6)[:, ::2])

@@ -42,8 +42,12 @@ def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-3)
     plain = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
+    graphs = fast.engine.runner.graphs
+    carried = graphs.num_carried_ids
     plain_tokens = [o.outputs[0].token_ids for o in fast.generate(batch, plain, use_tqdm=False)]
     assert plain_tokens == ref_tokens
+    # Plain greedy continuations take their input ids from the previous replay's argmax.
+    assert graphs.num_carried_ids > carried
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "qwen2"])

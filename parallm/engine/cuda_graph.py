@@ -65,6 +65,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, greedy ids
         self.capture_seconds = 0.0
+        self.num_carried_ids = 0  # steps whose input ids the previous replay left in place
 
     @property
     def max_batch(self) -> int:
@@ -123,13 +124,16 @@ class DecodeGraphs:
         first ``len(input_ids)`` rows.
 
         ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
-        sampled tokens have not reached the host yet.
+        sampled tokens have not reached the host yet. When they are that replay's own greedy
+        ids, same graph and rows, the graph already wrote them into its input ids (the
+        forward's argmax does): they are neither copied nor staged.
         """
         batch = len(input_ids)
         size = self.padded_size(batch)
         buf = self.inputs[size]
         width = block_tables.shape[1]
         one_copy = size * self.max_blocks * 4 <= _ONE_COPY_MAX_BYTES
+        carried = device_ids is not None and _same_view(device_ids, self.outputs[size][1], batch)
         # Fresh pinned staging each step: the caching host allocator keeps a buffer from reuse
         # until its copy has run, so a step may be staged while the previous one is in flight.
         words = buf.region.numel() if one_copy else buf.head_len
@@ -151,11 +155,19 @@ class DecodeGraphs:
             tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
         tables[:batch] = torch.from_numpy(block_tables)
         tables[batch:] = self.scratch_block
-        buf.region[:words].copy_(host, non_blocking=True)
+        skip = 2 * size if carried else 0  # the ids are the region's first 2 * size words
+        buf.region[skip:words].copy_(host[skip:], non_blocking=True)
         if not one_copy:  # long contexts: only the columns in use
             buf.block_tables[:, :width].copy_(tables, non_blocking=True)
-        if device_ids is not None:
+        if carried:
+            self.num_carried_ids += 1
+        elif device_ids is not None:
             buf.input_ids[:batch].copy_(device_ids)
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]
         return logits[:batch], greedy[:batch]
+
+
+def _same_view(ids: torch.Tensor, greedy: torch.Tensor, batch: int) -> bool:
+    """``ids`` is ``greedy[:batch]``: the graph's own output, rows unchanged."""
+    return ids.data_ptr() == greedy.data_ptr() and ids.shape == (batch,) and ids.stride() == (1,)

@@ -241,7 +241,9 @@ class ModelRunner:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
         logits = self.model.compute_logits(self.model(ids, positions, ctx))
-        return logits, greedy_argmax(logits, self.fused_argmax)
+        # The greedy ids also land in the graph's own input ids: a greedy continuation of the
+        # same batch then needs no device-to-device copy of them (DecodeGraphs.run).
+        return logits, greedy_argmax(logits, self.fused_argmax, also_into=ids)
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:

@@ -277,11 +277,17 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> Sample
     return out
 
 
-def greedy_argmax(logits: torch.Tensor, fused: bool) -> torch.Tensor:
+def greedy_argmax(
+    logits: torch.Tensor, fused: bool, also_into: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token ids of the largest logits per row: a Triton kernel when ``fused`` (CUDA, where it
-    is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``."""
+    is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``.
+    ``also_into`` receives a copy (in the same kernel when fused)."""
     if fused and logits.dim() == 2 and logits.stride(-1) == 1:
         from parallm.layers.argmax import triton_argmax  # triton only where kernels run
 
-        return triton_argmax(logits)
-    return logits.argmax(dim=-1)
+        return triton_argmax(logits, also_into)
+    ids = logits.argmax(dim=-1)
+    if also_into is not None:
+        also_into.copy_(ids)
+    return ids

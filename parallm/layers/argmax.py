@@ -34,7 +34,8 @@ def _chunk_argmax_kernel(
 
 
 @triton.jit
-def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS: tl.constexpr):
+def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, CHUNKS: tl.constexpr,
+                       ALSO: tl.constexpr):  # fmt: skip
     row = tl.program_id(0)
     offs = tl.arange(0, CHUNKS)
     mask = offs < n_chunks
@@ -45,12 +46,16 @@ def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS: tl.constexpr
     # the chunks reaching the maximum is the row's first best.
     first = tl.min(tl.where(vals == best, idx, 2**31 - 1), axis=0)
     tl.store(out_ptr + row, first.to(tl.int64))
+    if ALSO:
+        tl.store(also_ptr + row, first.to(tl.int64))
 
 
-def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
+def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a 2-D tensor with contiguous rows; int64 ``[rows]``.
 
-    Never synchronises with the host, so it can be captured in a CUDA graph.
+    Never synchronises with the host, so it can be captured in a CUDA graph. ``also_into``
+    (int64 ``[rows]``, contiguous) receives the same ids in the same kernel: a decode graph
+    writes them straight into its own input ids for the next step.
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be 2-D with contiguous rows, got {tuple(logits.shape)}")
@@ -66,6 +71,11 @@ def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
     _chunk_argmax_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cols, vals, idx, n_chunks, CHUNK=_CHUNK
     )
+    if also_into is not None and (also_into.shape != (rows,) or also_into.dtype != torch.long
+                                  or also_into.stride(0) != 1):  # fmt: skip
+        raise ValueError(f"also_into must be a contiguous int64 [{rows}] tensor")
     chunks = max(16, triton.next_power_of_2(n_chunks))
-    _best_chunk_kernel[(rows,)](vals, idx, out, n_chunks, CHUNKS=chunks)
+    also = also_into if also_into is not None else out
+    _best_chunk_kernel[(rows,)](vals, idx, out, also, n_chunks, CHUNKS=chunks,
+                                ALSO=also_into is not None)  # fmt: skip
     return out
