@@ -183,9 +183,9 @@ def rms_norm_gemv(
     k = x.shape[-1]
     _check(x, weight, k)
     n = weight.shape[0]
-    # fused_gemv_bench on the H100: 8 x 512 tiles for q/k/v, 32 x 256 for the wide gate/up.
+    # fused_gemv_bench on the H100: 8 x 1024 tiles for q/k/v, 32 x 256 for the wide gate/up.
     wide = n >= 8192
-    block_n, block_k = block_n or (32 if wide else 8), block_k or (256 if wide else 512)
+    block_n, block_k = block_n or (32 if wide else 8), block_k or (256 if wide else 1024)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
@@ -204,7 +204,7 @@ def silu_mul_gemv(
     gate_up: torch.Tensor,
     weight: torch.Tensor,
     block_n: int = 8,
-    block_k: int = 512,
+    block_k: int = 1024,  # fused_gemv_bench: 8 x 1024 tiles for down, o and the LM head
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -225,7 +225,7 @@ def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     block_n: int = 8,
-    block_k: int = 512,
+    block_k: int = 1024,  # fused_gemv_bench: 8 x 1024 tiles for down, o and the LM head
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
