@@ -66,9 +66,13 @@ def environment() -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
-    # The device machine gets the working tree without .git; the launcher passes the commit.
+    # The device machine gets the working tree without .git (and a `git rev-parse` there can
+    # answer for another tree): the launcher passes the commit, or leaves it in .commit.
     if os.environ.get("PARALLM_COMMIT"):
         return os.environ["PARALLM_COMMIT"]
+    marker = Path(__file__).resolve().parents[2] / ".commit"
+    if marker.is_file():
+        return marker.read_text().strip() or None
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).parent)  # fmt: skip
