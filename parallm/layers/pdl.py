@@ -42,9 +42,11 @@ ENABLED = os.environ.get("PARALLM_PDL", "1") != "0"
 # Where a kernel lets its successor launch (the ``PDL`` constexpr; 0 is off). ``early``: first
 # thing, so the successor's CTAs take whatever SM slots free up; ``late``: after the kernel's
 # main loop, so the successor lands on an almost idle GPU (balanced over the SMs) and overlaps
-# only the tail and its own launch; ``none``: at exit (launch latency only).
+# only the tail and its own launch; ``none``: at exit (launch latency only). With the 8 x 1024
+# GEMV tiles, early measured fastest (1B batch-1 graph 1.061 ms against 1.073 none and 1.089
+# late, decode_step_bench --compare-pdl --repeat 3, benchmarks/RESULTS.md).
 TRIGGERS = {"early": 1, "late": 2, "none": 3}
-TRIGGER = os.environ.get("PARALLM_PDL_TRIGGER", "late")
+TRIGGER = os.environ.get("PARALLM_PDL_TRIGGER", "early")
 _active = False
 
 
