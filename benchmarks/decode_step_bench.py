@@ -94,8 +94,9 @@ def main() -> None:
         defaults = {"ENABLED": pdl.ENABLED, "TRIGGER": pdl.TRIGGER}
         variants.append(("rope in attn", lambda: _set(pdl, **defaults)))
         variants.append(("rope kernel", lambda: _set(backends, ROPE_IN_DECODE=False)))
-    # The first variant timed in a process runs slower at every batch size (seen at batch 8,
-    # which PDL never touches): --repeat 2 and read the later rounds.
+    # Variants are timed in rounds (--repeat) so that drift shows. With PDL off, batch 8 (which
+    # never uses PDL) timed 54 us slower in every round on the H100, unexplained: compare
+    # triggers with each other, not with off (benchmarks/RESULTS.md).
     for label, setup in variants * args.repeat:
         if label != "default":  # read at every Triton launch: recapture to apply it
             setup()
