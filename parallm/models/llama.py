@@ -86,7 +86,7 @@ class Attention(nn.Module):
             q, k = rotary.apply(rope, q, k)
             kv_cache = ctx.kv_caches[self.layer_idx]
             out = ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale)
-        return out.reshape(*lead, self.num_heads, self.head_dim)
+        return out.reshape(*lead, -1, self.head_dim)  # local heads under tensor parallelism
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):
