@@ -5,6 +5,10 @@ Without CUDA the kernels run under the Triton interpreter (see ``triton_interpre
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +102,14 @@ def test_pdl_only_inside_the_scope_and_on_cuda():
             assert not pdl._active
         assert pdl._active
     assert not pdl._active
+
+
+def test_pdl_trigger_env_is_checked():
+    env = {**os.environ, "PARALLM_PDL_TRIGGER": "sometimes"}
+    proc = subprocess.run([sys.executable, "-c", "import parallm.layers.pdl"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0
+    assert "PARALLM_PDL_TRIGGER must be one of ['early', 'late', 'none']" in proc.stderr
 
 
 def test_rejects_batches():

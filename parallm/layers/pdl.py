@@ -47,6 +47,8 @@ ENABLED = os.environ.get("PARALLM_PDL", "1") != "0"
 # late, decode_step_bench --compare-pdl --repeat 3, benchmarks/RESULTS.md).
 TRIGGERS = {"early": 1, "late": 2, "none": 3}
 TRIGGER = os.environ.get("PARALLM_PDL_TRIGGER", "early")
+if TRIGGER not in TRIGGERS:
+    raise ValueError(f"PARALLM_PDL_TRIGGER must be one of {list(TRIGGERS)}, got {TRIGGER!r}")
 _active = False
 
 
