@@ -12,6 +12,7 @@ python benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import numpy as np
@@ -76,6 +77,10 @@ def main() -> None:
                     help="time without PDL and with each trigger of parallm.layers.pdl (recaptures)")  # fmt: skip
     ap.add_argument("--compare-rope", action="store_true",
                     help="also time the separate rotary+KV-store kernel (recaptures)")  # fmt: skip
+    ap.add_argument("--compare-const", default=None, metavar="MODULE.NAME=V1,V2",
+                    help="time each integer value of a module constant, e.g. "
+                         "parallm.layers.triton_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512 "
+                         "(recaptures)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="time the list of variants this often")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -94,6 +99,12 @@ def main() -> None:
         defaults = {"ENABLED": pdl.ENABLED, "TRIGGER": pdl.TRIGGER}
         variants.append(("rope in attn", lambda: _set(pdl, **defaults)))
         variants.append(("rope kernel", lambda: _set(backends, ROPE_IN_DECODE=False)))
+    if args.compare_const:
+        target, values = args.compare_const.split("=")
+        module = importlib.import_module(target.rsplit(".", 1)[0])
+        name = target.rsplit(".", 1)[1]
+        for v in (int(x) for x in values.split(",")):
+            variants.append((f"{name}={v}", lambda v=v: setattr(module, name, v)))
     # Variants are timed in rounds (--repeat) so that drift shows. With PDL off, batch 8 (which
     # never uses PDL) timed 54 us slower in every round on the H100, unexplained: compare
     # triggers with each other, not with off (benchmarks/RESULTS.md).

@@ -148,9 +148,12 @@ def bench_chain(layers: int = 16) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--chain-only", action="store_true", help="only the 16-layer GEMV chain")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     chain = bench_chain()
+    if args.chain_only:
+        return
     rows = [bench_shape(name, *shape) for name, shape in SHAPES.items()]
     layer_rows = [r for r in rows if r["shape"] != "lm_head"]
     unfused = 16 * sum(r["unfused_us"] for r in layer_rows)
