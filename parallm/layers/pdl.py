@@ -43,8 +43,8 @@ ENABLED = os.environ.get("PARALLM_PDL", "1") != "0"
 # thing, so the successor's CTAs take whatever SM slots free up; ``late``: after the kernel's
 # main loop, so the successor lands on an almost idle GPU (balanced over the SMs) and overlaps
 # only the tail and its own launch; ``none``: at exit (launch latency only). With the 8 x 1024
-# GEMV tiles, early measured fastest (1B batch-1 graph 1.061 ms against 1.073 none and 1.089
-# late, decode_step_bench --compare-pdl --repeat 3, benchmarks/RESULTS.md).
+# GEMV tiles, early measured fastest on the H100 (1B batch-1 step 1.117 ms against 1.130 none
+# and 1.144 late; GEMV chain 805 against 838 us without PDL; benchmarks/RESULTS.md).
 TRIGGERS = {"early": 1, "late": 2, "none": 3}
 TRIGGER = os.environ.get("PARALLM_PDL_TRIGGER", "early")
 if TRIGGER not in TRIGGERS:
