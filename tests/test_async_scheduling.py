@@ -166,3 +166,16 @@ def test_block_shortage_falls_back_to_preemption(tiny_model_dir, prompts):
     assert fast.engine.scheduler.stats.num_preemptions > 0
     assert fast.engine.num_overlapped_steps > 0
     _assert_clean(fast)
+
+
+def test_carried_ids_only_for_the_graphs_own_rows():
+    """A continuation skips the id copy only when its ids are exactly the graph's greedy output
+    rows 0..batch-1 (same storage, contiguous), never a gathered or sliced copy."""
+    from parallm.engine.cuda_graph import _same_view
+
+    greedy = torch.arange(8)
+    assert _same_view(greedy[:5], greedy, 5)
+    assert not _same_view(greedy[:5].clone(), greedy, 5)  # gathered after a drop
+    assert not _same_view(greedy[1:6], greedy, 5)  # shifted rows
+    assert not _same_view(greedy[:6], greedy, 5)  # another batch size
+    assert not _same_view(greedy[::2][:4], greedy, 4)  # strided

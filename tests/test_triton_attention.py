@@ -311,6 +311,16 @@ def test_decode_rope_rejects_bad_shapes():
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"rope.k must be \(2, 2, 64\)"):
         rope.check(q, cache)
+    ok = torch.zeros(2, 2, 64)
+    positions = torch.zeros(3, dtype=torch.long)
+    rope = triton_attention.NewTokenRope(ok, ok, torch.zeros(9, 64), torch.zeros(9, 64),
+                                         positions, positions[:2])  # fmt: skip
+    with pytest.raises(ValueError, match=r"rope.positions must be \[2\] integer"):
+        rope.check(q, cache)
+    rope = triton_attention.NewTokenRope(ok, ok, torch.zeros(9, 32), torch.zeros(9, 64),
+                                         positions[:2], positions[:2])  # fmt: skip
+    with pytest.raises(ValueError, match=r"rope.cos_cache must be \[max_positions, 64\]"):
+        rope.check(q, cache)
 
 
 def test_decode_num_splits_fills_gpu():
