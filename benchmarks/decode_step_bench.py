@@ -95,7 +95,7 @@ def main() -> None:
     if args.compare_pdl:
         variants = [(f"pdl {name}", lambda n=name: _set(pdl, ENABLED=True, TRIGGER=n))
                     for name in pdl.TRIGGERS]  # fmt: skip
-        variants.append(("pdl off", lambda: setattr(pdl, "ENABLED", False)))
+        variants.append(("pdl off", lambda: _set(pdl, ENABLED=False)))
     if args.compare_rope:
         defaults = {"ENABLED": pdl.ENABLED, "TRIGGER": pdl.TRIGGER}
         variants.append(("rope in attn", lambda: _set(pdl, **defaults)))

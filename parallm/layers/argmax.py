@@ -63,6 +63,9 @@ def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -
     n_chunks = triton.cdiv(cols, _CHUNK)
     if n_chunks > _MAX_CHUNKS:
         raise ValueError(f"rows of {cols} columns exceed the {_CHUNK * _MAX_CHUNKS} supported")
+    if also_into is not None and (also_into.shape != (rows,) or also_into.dtype != torch.long
+                                  or also_into.stride(0) != 1):  # fmt: skip
+        raise ValueError(f"also_into must be a contiguous int64 [{rows}] tensor")
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows == 0:
         return out
@@ -71,9 +74,6 @@ def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -
     _chunk_argmax_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cols, vals, idx, n_chunks, CHUNK=_CHUNK
     )
-    if also_into is not None and (also_into.shape != (rows,) or also_into.dtype != torch.long
-                                  or also_into.stride(0) != 1):  # fmt: skip
-        raise ValueError(f"also_into must be a contiguous int64 [{rows}] tensor")
     chunks = max(16, triton.next_power_of_2(n_chunks))
     also = also_into if also_into is not None else out
     _best_chunk_kernel[(rows,)](vals, idx, out, also, n_chunks, CHUNKS=chunks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from parallm.layers.attention import (
     ReferenceAttention,
     write_kv,
 )
+
+if TYPE_CHECKING:  # importing it pulls in triton
+    from parallm.layers.fused_rope_store import NewTokenRope
 
 BACKENDS = ("auto", "reference", "triton")
 # Decode steps rotate q/k and store k/v inside the decode attention kernel (one launch fewer
@@ -52,10 +56,7 @@ class TritonAttention:
         """Attention alone, over a cache that already holds this step's k/v (written by the
         caller, e.g. with ``fused_rope_store``)."""
         if meta.is_pure_decode:
-            return self.kernels.paged_decode_attention(
-                q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
-                meta.max_seq_len,
-            )  # fmt: skip
+            return self._decode(q, kv_cache, meta, scale)
         return self.kernels.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
             meta.max_query_len, scale,
@@ -77,6 +78,16 @@ class TritonAttention:
         if not (meta.is_pure_decode and ROPE_IN_DECODE):
             return None
         rope = self.kernels.NewTokenRope(k, v, *rotary, meta.slot_mapping)
+        return self._decode(q, kv_cache, meta, scale, rope)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        rope: NewTokenRope | None = None,
+    ) -> torch.Tensor:
         return self.kernels.paged_decode_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
             meta.max_seq_len, rope=rope,

@@ -161,11 +161,13 @@ def _gemv_kernel(
     _finish(y_ptr, offs_n, acc, N, PDL)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+def _checked_output(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The [1, N] output of a GEMV of the row ``x`` (inner length ``k``) with ``weight``."""
     if x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1:
         raise ValueError(f"x must be one contiguous row [1, K], got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with unit stride along K")
+    return torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
 
 
 def rms_norm_gemv(
@@ -181,12 +183,11 @@ def rms_norm_gemv(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K]."""
     k = x.shape[-1]
-    _check(x, weight, k)
-    n = weight.shape[0]
+    y = _checked_output(x, weight, k)
+    n = y.shape[1]
     # fused_gemv_bench on the H100: 8 x 1024 tiles for q/k/v, 32 x 256 for the wide gate/up.
     wide = n >= 8192
     block_n, block_k = block_n or (32 if wide else 8), block_k or (256 if wide else 1024)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
     block_all = triton.next_power_of_2(k)
@@ -210,9 +211,8 @@ def silu_mul_gemv(
 ) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up)."""
     k = gate_up.shape[-1] // 2
-    _check(gate_up, weight, k)
-    n = weight.shape[0]
-    y = torch.empty(1, n, dtype=gate_up.dtype, device=gate_up.device)
+    y = _checked_output(gate_up, weight, k)
+    n = y.shape[1]
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
         gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
@@ -232,9 +232,8 @@ def gemv(
     """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
     one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL."""
     k = x.shape[-1]
-    _check(x, weight, k)
-    n = weight.shape[0]
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = _checked_output(x, weight, k)
+    n = y.shape[1]
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x),
