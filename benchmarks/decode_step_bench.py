@@ -1,9 +1,13 @@
 """Where a graph-replayed decode step's device time goes, without the engine's host work.
 
-Three loops per batch size, timed with CUDA events and no host sync inside:
-  graph     the captured graph alone (forward, logits, greedy argmax);
+Four loops per batch size, timed with CUDA events and no host sync inside:
+  graph     the captured graph alone (forward, logits, greedy argmax; the graph advances its
+            own inputs, so the context grows by one token a replay);
   staged    + the per-step input staging (pinned copies) of ``DecodeGraphs.run``;
-  launched  + the token copy back and its event, as ``ModelRunner.launch`` does each step.
+  launched  + the token copy back and its event, as ``ModelRunner.launch`` does each step;
+  carried   a greedy continuation through ``DecodeGraphs.run``: ids from the previous replay,
+            context growing, tables growing a block at a time; steps whose inputs the
+            previous replay already advanced copy nothing.
 ``parallm bench latency`` minus ``launched`` is the host time the GPU waited for.
 
 python benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json
@@ -12,6 +16,7 @@ python benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 
@@ -48,7 +53,10 @@ def time_step(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float
     inputs = _decode_inputs(batch, context, runner.block_size)
     graph = graphs.graphs[graphs.padded_size(batch)]
     graphs.run(*inputs)  # a replay alone reuses the staged inputs: stage this context first
+    # Each replay moves its inputs on by one token (as decoding does): over the loop the
+    # context grows from `context` to `context + iters`.
     out = {"graph_ms": _events_ms(graph.replay, iters)}
+    graphs.forget_inputs()
     out["staged_ms"] = _events_ms(lambda: graphs.run(*inputs), iters)
 
     def launched() -> None:
@@ -58,7 +66,36 @@ def time_step(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float
         torch.cuda.Event().record()
 
     out["launched_ms"] = _events_ms(launched, iters)
+    out.update(time_carried(llm, batch, context, iters))
     return out
+
+
+def time_carried(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float]:
+    """A greedy continuation: each step's ids are the previous replay's, its context one token
+    longer and its tables growing a block every ``block_size`` steps, as in the engine. Steps
+    whose inputs the previous replay already advanced skip the input copy."""
+    runner = llm.engine.runner
+    graphs, bs = runner.graphs, runner.block_size
+    tables = _decode_inputs(batch, context + iters + 1, bs)[4]
+    steps = []
+    for i in range(iters + 1):
+        pos = context + i
+        positions = np.full(batch, pos, dtype=np.int64)
+        rows = tables[:, : pos // bs + 1]
+        slots = rows[:, -1].astype(np.int64) * bs + pos % bs
+        steps.append((positions + 7, positions, slots, (positions + 1).astype(np.int32), rows))
+    graphs.forget_inputs()
+    skipped = graphs.num_skipped_copies
+    _, ids = graphs.run(*steps[0])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for step in steps[1:]:
+        _, ids = graphs.run(*step, device_ids=ids)
+    end.record()
+    end.synchronize()
+    graphs.forget_inputs()  # the next timing stages a fixed context again
+    return {"carried_ms": start.elapsed_time(end) / iters,
+            "skipped_copies": (graphs.num_skipped_copies - skipped) / iters}  # fmt: skip
 
 
 def _set(module: object, **values: object) -> None:
@@ -79,9 +116,10 @@ def main() -> None:
     ap.add_argument("--compare-rope", action="store_true",
                     help="also time the separate rotary+KV-store kernel (recaptures)")  # fmt: skip
     ap.add_argument("--compare-const", default=None, metavar="MODULE.NAME=V1,V2",
-                    help="time each integer value of a module constant, e.g. "
-                         "parallm.layers.triton_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512 "
-                         "(recaptures)")  # fmt: skip
+                    help="time each value of a module constant: integers separated by commas, "
+                         "e.g. parallm.layers.triton_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
+                         "or tuples separated by semicolons, e.g. "
+                         "'parallm.layers.fused_gemv.O_TILE=(8,1024,4);(4,2048,4)' (recaptures)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="time the list of variants this often")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -104,7 +142,9 @@ def main() -> None:
         target, values = args.compare_const.split("=")
         module = importlib.import_module(target.rsplit(".", 1)[0])
         name = target.rsplit(".", 1)[1]
-        for v in (int(x) for x in values.split(",")):
+        # Integers separated by commas, or Python literals (tuples) separated by semicolons.
+        sep = ";" if ";" in values or "(" in values else ","
+        for v in (ast.literal_eval(x.strip()) for x in values.split(sep)):
             variants.append((f"{name}={v}", lambda v=v: setattr(module, name, v)))
     # Variants are timed in rounds (--repeat) so that drift shows. With PDL off, batch 8 (which
     # never uses PDL) timed 54 us slower in every round on the H100, unexplained: compare
@@ -121,7 +161,9 @@ def main() -> None:
             }
             rows.append(row)
             print(f"{label:>12} batch {batch:>3}: graph {row['graph_ms']:.4f} ms, staged "
-                  f"{row['staged_ms']:.4f}, launched {row['launched_ms']:.4f}", flush=True)  # fmt: skip
+                  f"{row['staged_ms']:.4f}, launched {row['launched_ms']:.4f}, carried "
+                  f"{row['carried_ms']:.4f} ({row['skipped_copies']:.0%} without a copy)",
+                  flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -41,6 +41,22 @@ CONFIGS = [
     for bn, bk, w, s in itertools.product([8, 16, 32], [256, 512, 1024], [4, 8], [3])
 ]
 EPS = 1e-5
+# Tiles (block_n, block_k, num_warps) tried per GEMV inside the PDL chain (--chain-sweep), the
+# default (parallm.layers.fused_gemv's *_TILE) first. Alone, a GEMV's best tile is the one that
+# streams fastest; in the chain, what a CTA loads before its PDL wait also counts.
+CHAIN_TILES = {
+    "qkv": [(8, 1024, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4), (8, 512, 4), (4, 2048, 4)],
+    "o": [(4, 2048, 4), (2, 2048, 4), (4, 2048, 2), (4, 1024, 4), (2, 2048, 2), (8, 1024, 4)],
+    "gate_up": [(32, 256, 4), (32, 256, 8), (64, 256, 8), (32, 512, 8), (16, 256, 4), (64, 128, 4)],
+    "down": [
+        (16, 1024, 8),
+        (16, 2048, 8),
+        (32, 1024, 8),
+        (16, 1024, 4),
+        (32, 512, 8),
+        (8, 1024, 4),
+    ],
+}
 
 
 def time_per_call(calls: list[Callable[[], object]], reps: int = 20) -> float:
@@ -110,7 +126,7 @@ def bench_shape(name: str, n: int, k: int, kind: str) -> dict:
     return row
 
 
-def bench_chain(layers: int = 16) -> dict:
+def bench_chain(layers: int = 16, sweep: bool = False) -> dict:
     """One decode layer's four GEMVs (no attention) over ``layers`` layers' weights."""
     dev, dt = "cuda", torch.bfloat16
     hidden, inter = 2048, 8192
@@ -120,15 +136,20 @@ def bench_chain(layers: int = 16) -> dict:
     norm_w = 1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt)
     x = torch.randn(1, hidden, device=dev, dtype=dt)
 
-    def step(stages: int = 3):
+    def step(stages: int = 3, tiles: dict[str, dict] | None = None):
+        t = {role: dict(tiles.get(role, {})) if tiles else {} for role in CHAIN_TILES}
         h, res = x, None
         for w_qkv, w_o, w_up, w_down in weights:
-            qkv, summed = rms_norm_gemv(h, res, norm_w, w_qkv, EPS, num_stages=stages)
+            qkv, summed = rms_norm_gemv(h, res, norm_w, w_qkv, EPS, num_stages=stages, **t["qkv"])
             res = h if res is None else summed
-            o = gemv(qkv[:, :hidden], w_o, num_stages=stages)
-            gate_up, res = rms_norm_gemv(o, res, norm_w, w_up, EPS, num_stages=stages)
-            h = silu_mul_gemv(gate_up, w_down, num_stages=stages)
+            o = gemv(qkv[:, :hidden], w_o, num_stages=stages, **t["o"])
+            gate_up, res = rms_norm_gemv(o, res, norm_w, w_up, EPS, num_stages=stages,
+                                         **t["gate_up"])  # fmt: skip
+            h = silu_mul_gemv(gate_up, w_down, num_stages=stages, **t["down"])
         return h
+
+    if sweep:
+        return _sweep_chain_tiles(step, layers, sum(w.numel() * 2 for ws in weights for w in ws))
 
     mb = sum(w.numel() * 2 for ws in weights for w in ws) / 1e6
     row = {"layers": layers, "mb": mb, "pdl_supported": pdl._SUPPORTED}
@@ -146,11 +167,73 @@ def bench_chain(layers: int = 16) -> dict:
     return row
 
 
+def _sweep_chain_tiles(step: Callable, layers: int, nbytes: int) -> dict:
+    """Each GEMV's tiles in turn, the others at their defaults; then the best of each together."""
+    mb, rows, best = nbytes / 1e6, [], {}
+    with pdl.dependent_launches():
+        base = time_per_call([step], reps=50)
+        print(f"chain sweep: defaults {base:.1f} us ({mb / base:.2f} TB/s)", flush=True)
+        for role, tiles in CHAIN_TILES.items():
+            for bn, bk, w in tiles:
+                cfg = dict(block_n=bn, block_k=bk, num_warps=w)
+                us = time_per_call([lambda c={role: cfg}: step(tiles=c)], reps=50)
+                rows.append({"role": role, **cfg, "us": us})
+                print(f"  {role:>7} {bn:>2} x {bk:>4}, {w} warps: {us:.1f} us", flush=True)
+            best[role] = min((r for r in rows if r["role"] == role), key=lambda r: r["us"])
+        combo = {role: {k: r[k] for k in ("block_n", "block_k", "num_warps")}
+                 for role, r in best.items()}  # fmt: skip
+        both = time_per_call([lambda: step(tiles=combo)], reps=50)
+    print(f"chain sweep: best of each {combo}: {both:.1f} us ({mb / both:.2f} TB/s)")
+    return {"layers": layers, "mb": mb, "default_us": base, "rows": rows, "best": combo,
+            "best_us": both, "lm_head": _sweep_lm_head()}  # fmt: skip
+
+
+def _sweep_lm_head() -> dict:
+    """The step's tail after the last down GEMV: the final add+RMSNorm then the LM head GEMV,
+    against the norm fused into the LM head (``rms_norm_gemv``) at several tiles, with PDL."""
+    dev, dt = "cuda", torch.bfloat16
+    n, k = SHAPES["lm_head"][:2]
+    w_down = torch.randn(k, 8192, device=dev, dtype=dt) / 8192**0.5
+    w_head = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+    gate_up = torch.randn(1, 16384, device=dev, dtype=dt)
+    res = torch.randn(1, k, device=dev, dtype=dt)
+    norm_w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dt)
+    out = {}
+
+    def separate():
+        h, _ = fused_add_rms_norm(silu_mul_gemv(gate_up, w_down), res, norm_w, EPS)
+        return gemv(h, w_head)
+
+    def fused(bn: int, bk: int) -> torch.Tensor:
+        h = silu_mul_gemv(gate_up, w_down)
+        return rms_norm_gemv(h, res, norm_w, w_head, EPS, block_n=bn, block_k=bk)[0]
+
+    with pdl.dependent_launches():
+        want = separate().float()
+        out["separate_us"] = time_per_call([separate], reps=50)
+        print(f"tail (down, norm, LM head): separate norm {out['separate_us']:.1f} us", flush=True)
+        for bn, bk in [(8, 1024), (16, 1024), (32, 1024), (16, 2048)]:
+            err = float((fused(bn, bk).float() - want).norm() / want.norm())
+            us = time_per_call([lambda a=bn, b=bk: fused(a, b)], reps=50)
+            out[f"fused_{bn}x{bk}_us"] = us
+            print(
+                f"  norm in the LM head, {bn} x {bk}: {us:.1f} us (rel err {err:.1e})", flush=True
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--chain-only", action="store_true", help="only the 16-layer GEMV chain")
+    ap.add_argument("--chain-sweep", action="store_true",
+                    help="only the chain, sweeping each GEMV's tile (with PDL)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.chain_sweep:
+        result = bench_chain(sweep=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"chain_sweep": result}, indent=1))
+        return
     chain = bench_chain()
     if args.chain_only:
         return

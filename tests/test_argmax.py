@@ -70,6 +70,45 @@ def test_also_into_receives_the_same_ids_interpreter():
         triton_argmax(x, also_into=torch.zeros(3, dtype=torch.int32))
 
 
+def _check_advance(device: str) -> None:
+    """The argmax kernel's input advance equals ``advance_torch`` on random inputs, and leaves
+    the ids as they were."""
+    from test_next_inputs import random_inputs
+
+    from parallm.layers.next_inputs import DecodeInputs, advance_torch
+
+    for block_size in (1, 16):
+        want = random_inputs(5, 6, block_size, seed=block_size)
+        got = DecodeInputs(*(getattr(want, f).clone().to(device) for f in
+                             ("positions", "seq_lens", "slot_mapping", "block_tables")),
+                           block_size)  # fmt: skip
+        x = _logits(5, 9000, torch.float32, device, seed=3)
+        also = torch.full((5,), -1, dtype=torch.long, device=device)
+        ids = triton_argmax(x, also_into=also, advance=got)
+        advance_torch(want)
+        assert torch.equal(ids.cpu(), x.cpu().argmax(dim=-1)) and torch.equal(also, ids)
+        for field in ("positions", "seq_lens", "slot_mapping", "block_tables"):
+            assert torch.equal(getattr(got, field).cpu(), getattr(want, field)), field
+
+
+@interpreter_test
+def test_advance_inputs_interpreter():
+    _check_advance("cpu")
+
+
+def test_greedy_argmax_advance_on_the_torch_path():
+    from test_next_inputs import random_inputs
+
+    from parallm.layers.next_inputs import advance_torch
+
+    got, want = random_inputs(4, 5, 16, 2), random_inputs(4, 5, 16, 2)
+    x = torch.randn(4, 100)
+    assert torch.equal(greedy_argmax(x, fused=False, advance=got), x.argmax(dim=-1))
+    advance_torch(want)
+    assert torch.equal(got.slot_mapping, want.slot_mapping)
+    assert torch.equal(got.positions, want.positions)
+
+
 def test_greedy_argmax_also_into_on_the_torch_path():
     x = torch.randn(4, 100)
     also = torch.zeros(4, dtype=torch.long)
@@ -95,6 +134,12 @@ def test_greedy_argmax_falls_back_to_torch():
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936])
 def test_matches_torch_argmax_cuda(rows, vocab, dtype):
     _check("cuda", rows, vocab, dtype, seed=rows + vocab)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_advance_inputs_cuda():
+    _check_advance("cuda")
 
 
 @pytest.mark.gpu

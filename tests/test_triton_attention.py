@@ -302,6 +302,14 @@ def test_decode_rope_in_kernel_interpreter(num_splits):
     check_decode_rope([1, 17, 100], 4, 2, 64, torch.float32, "cpu", num_splits=num_splits)
 
 
+@interpreter_test
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_rope_in_kernel_interpreter_many_tiles(num_splits):
+    """32-key tiles: the new token sits in a later tile than the one loaded before the wait."""
+    check_decode_rope([1, 40, 100], 4, 2, 64, torch.float32, "cpu", num_splits=num_splits,
+                      use_dot=False)  # fmt: skip
+
+
 def test_decode_rope_rejects_bad_shapes():
     q = torch.zeros(2, 4, 64)
     cache = torch.zeros(3, 16, 2, 64)

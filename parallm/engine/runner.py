@@ -31,6 +31,7 @@ from parallm.layers.attention import (
     ForwardContext,
     ReferenceAttention,
 )
+from parallm.layers.next_inputs import DecodeInputs
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -231,6 +232,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self._graph_forward, sizes, max_blocks, max_model_len,
             scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size, device=self.device,
+            forward_advances=True,
         )  # fmt: skip
         self.graphs.capture()
         return self.graphs.capture_seconds
@@ -241,9 +243,12 @@ class ModelRunner:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
         logits = self.model.compute_logits(self.model(ids, positions, ctx))
-        # The greedy ids also land in the graph's own input ids: a greedy continuation of the
-        # same batch then needs no device-to-device copy of them (DecodeGraphs.run).
-        return logits, greedy_argmax(logits, self.fused_argmax, also_into=ids)
+        # The greedy ids also land in the graph's own input ids, and the other inputs move on
+        # by one token: a greedy continuation of the same batch then needs no copy of its ids,
+        # nor of anything else until a block table changes (DecodeGraphs.run).
+        advance = DecodeInputs(positions, meta.seq_lens, meta.slot_mapping, meta.block_tables,
+                               self.block_size)  # fmt: skip
+        return logits, greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance)
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:

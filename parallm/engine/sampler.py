@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parallm.layers.next_inputs import DecodeInputs, advance_torch
 from parallm.sampling_params import SamplingParams
 
 # logits / T overflows float32 for tiny T; such a distribution is argmax anyway.
@@ -278,16 +279,23 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> Sample
 
 
 def greedy_argmax(
-    logits: torch.Tensor, fused: bool, also_into: torch.Tensor | None = None
+    logits: torch.Tensor,
+    fused: bool,
+    also_into: torch.Tensor | None = None,
+    advance: DecodeInputs | None = None,
 ) -> torch.Tensor:
     """Token ids of the largest logits per row: a Triton kernel when ``fused`` (CUDA, where it
     is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``.
-    ``also_into`` receives a copy (in the same kernel when fused)."""
+    ``also_into`` receives a copy and ``advance``'s inputs move on by one token (both in the
+    same kernel when fused; see ``parallm.layers.next_inputs``)."""
     if fused and logits.dim() == 2 and logits.stride(-1) == 1:
         from parallm.layers.argmax import triton_argmax  # triton only where kernels run
 
-        return triton_argmax(logits, also_into)
+        return triton_argmax(logits, also_into, advance)
     ids = logits.argmax(dim=-1)
     if also_into is not None:
         also_into.copy_(ids)
+    if advance is not None:
+        advance.check(len(ids))
+        advance_torch(advance)
     return ids

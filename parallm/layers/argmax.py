@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.layers.next_inputs import DecodeInputs
+
 _CHUNK = 4096
 _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
 
@@ -34,9 +36,28 @@ def _chunk_argmax_kernel(
 
 
 @triton.jit
-def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, CHUNKS: tl.constexpr,
-                       ALSO: tl.constexpr):  # fmt: skip
+def advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
+                BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """Advance row ``row`` of a decode step's inputs by one token, exactly as
+    ``parallm.layers.next_inputs`` describes (and its host and torch versions compute)."""
+    pos = tl.load(pos_ptr + row) + 1
+    length = tl.load(len_ptr + row) + 1
+    col = tl.minimum(pos // BLOCK_SIZE, max_blocks - 1)
+    block = tl.load(table_ptr + row * stride_table + col).to(tl.int64)
+    tl.store(pos_ptr + row, pos)
+    tl.store(len_ptr + row, length)
+    tl.store(slot_ptr + row, block * BLOCK_SIZE + pos % BLOCK_SIZE)
+
+
+@triton.jit
+def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, pos_ptr, len_ptr,
+                       slot_ptr, table_ptr, stride_table, max_blocks, CHUNKS: tl.constexpr,
+                       ALSO: tl.constexpr, ADVANCE: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):  # fmt: skip
     row = tl.program_id(0)
+    if ADVANCE:  # independent of the argmax: rides along in this kernel rather than its own
+        advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
+                    BLOCK_SIZE)  # fmt: skip
     offs = tl.arange(0, CHUNKS)
     mask = offs < n_chunks
     vals = tl.load(val_ptr + row * n_chunks + offs, mask=mask, other=-float("inf"))
@@ -50,12 +71,17 @@ def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, CHUNKS: tl
         tl.store(also_ptr + row, first.to(tl.int64))
 
 
-def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -> torch.Tensor:
+def triton_argmax(
+    logits: torch.Tensor,
+    also_into: torch.Tensor | None = None,
+    advance: DecodeInputs | None = None,
+) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a 2-D tensor with contiguous rows; int64 ``[rows]``.
 
     Never synchronises with the host, so it can be captured in a CUDA graph. ``also_into``
     (int64 ``[rows]``, contiguous) receives the same ids in the same kernel: a decode graph
-    writes them straight into its own input ids for the next step.
+    writes them straight into its own input ids for the next step. ``advance``: that graph's
+    other inputs, advanced by one token in the same kernel (``parallm.layers.next_inputs``).
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be 2-D with contiguous rows, got {tuple(logits.shape)}")
@@ -66,6 +92,8 @@ def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -
     if also_into is not None and (also_into.shape != (rows,) or also_into.dtype != torch.long
                                   or also_into.stride(0) != 1):  # fmt: skip
         raise ValueError(f"also_into must be a contiguous int64 [{rows}] tensor")
+    if advance is not None:
+        advance.check(rows)
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows == 0:
         return out
@@ -76,6 +104,11 @@ def triton_argmax(logits: torch.Tensor, also_into: torch.Tensor | None = None) -
     )
     chunks = max(16, triton.next_power_of_2(n_chunks))
     also = also_into if also_into is not None else out
-    _best_chunk_kernel[(rows,)](vals, idx, out, also, n_chunks, CHUNKS=chunks,
-                                ALSO=also_into is not None)  # fmt: skip
+    nxt = advance or DecodeInputs(out, idx, out, idx, 1)  # placeholders: ADVANCE is off
+    tables = nxt.block_tables
+    _best_chunk_kernel[(rows,)](
+        vals, idx, out, also, n_chunks, nxt.positions, nxt.seq_lens, nxt.slot_mapping, tables,
+        tables.stride(0), tables.shape[-1], CHUNKS=chunks, ALSO=also_into is not None,
+        ADVANCE=advance is not None, BLOCK_SIZE=nxt.block_size,
+    )  # fmt: skip
     return out

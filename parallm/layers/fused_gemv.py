@@ -28,6 +28,18 @@ from parallm.layers.pdl import pdl_launch, release_dependents, wait_for_producer
 
 _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
 
+# Tiles (block_n, block_k, num_warps) per role, from sweeps on the H100 (benchmarks/RESULTS.md).
+# Alone, a GEMV's best tile is the one that streams fastest (fused_gemv_bench's shape sweep);
+# chained under PDL, what a CTA loads before its wait also counts (--chain-sweep). The o
+# projection follows the latency-bound attention, so 4 x 2048 tiles (all of a CTA's W in one
+# load, 4 CTAs a SM) hold the whole matrix in flight before the wait.
+QKV_TILE = (8, 1024, 4)
+GATE_UP_TILE = (32, 256, 4)  # outputs >= _WIDE_N: the gate/up projection
+DOWN_TILE = (16, 1024, 8)
+O_TILE = (4, 2048, 4)
+LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prologue
+_WIDE_N = 8192
+
 
 @triton.jit
 def _w_tile(w_ptr, rows, stride_wn, k, offs_k, K):
@@ -161,6 +173,12 @@ def _gemv_kernel(
     _finish(y_ptr, offs_n, acc, N, PDL)
 
 
+def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | None,
+          num_warps: int | None) -> tuple[int, int, int]:  # fmt: skip
+    """The tile of a call: the role's default where an argument is left out."""
+    return block_n or default[0], block_k or default[1], num_warps or default[2]
+
+
 def _checked_output(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
     """The [1, N] output of a GEMV of the row ``x`` (inner length ``k``) with ``weight``."""
     if x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1:
@@ -178,16 +196,16 @@ def rms_norm_gemv(
     eps: float,
     block_n: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K]."""
+    """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
+    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``."""
     k = x.shape[-1]
     y = _checked_output(x, weight, k)
     n = y.shape[1]
-    # fused_gemv_bench on the H100: 8 x 1024 tiles for q/k/v, 32 x 256 for the wide gate/up.
-    wide = n >= 8192
-    block_n, block_k = block_n or (32 if wide else 8), block_k or (256 if wide else 1024)
+    block_n, block_k, num_warps = _tile(GATE_UP_TILE if n >= _WIDE_N else QKV_TILE, block_n,
+                                        block_k, num_warps)  # fmt: skip
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
     block_all = triton.next_power_of_2(k)
@@ -204,15 +222,17 @@ def rms_norm_gemv(
 def silu_mul_gemv(
     gate_up: torch.Tensor,
     weight: torch.Tensor,
-    block_n: int = 8,
-    block_k: int = 1024,  # fused_gemv_bench: 8 x 1024 tiles for down, o and the LM head
-    num_warps: int = 4,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up)."""
+    """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up).
+    Tile arguments left out come from ``DOWN_TILE``."""
     k = gate_up.shape[-1] // 2
     y = _checked_output(gate_up, weight, k)
     n = y.shape[1]
+    block_n, block_k, num_warps = _tile(DOWN_TILE, block_n, block_k, num_warps)
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
         gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
@@ -224,16 +244,19 @@ def silu_mul_gemv(
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
-    block_n: int = 8,
-    block_k: int = 1024,  # fused_gemv_bench: 8 x 1024 tiles for down, o and the LM head
-    num_warps: int = 4,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
-    one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL."""
+    one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL.
+    Tile arguments left out come from ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``."""
     k = x.shape[-1]
     y = _checked_output(x, weight, k)
     n = y.shape[1]
+    block_n, block_k, num_warps = _tile(LM_HEAD_TILE if n >= _WIDE_N else O_TILE, block_n,
+                                        block_k, num_warps)  # fmt: skip
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x),

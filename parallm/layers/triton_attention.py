@@ -36,6 +36,14 @@ _PREFILL_PACK_GQA = True
 
 
 @triton.jit
+def _page_rows(cache_ptr, pages, in_page, kv_head, stride_b, stride_t, stride_h, offs_d):
+    """Pointers to one KV head's rows ``[N, BLOCK_D]`` of a K or V cache, given each key's
+    page (int64) and offset in it (prefill and decode address the cache alike)."""
+    return (cache_ptr + pages[:, None] * stride_b + in_page[:, None] * stride_t
+            + kv_head * stride_h + offs_d[None, :])  # fmt: skip
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -107,13 +115,7 @@ def _prefill_kernel(
         pages = tl.load(table + offs_n // PAGE_SIZE, mask=n_valid, other=0).to(tl.int64)
         in_page = offs_n % PAGE_SIZE
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k_ptrs = (
-            k_ptr
-            + pages[:, None] * stride_kb
-            + in_page[:, None] * stride_kt
-            + kv_head * stride_kh
-            + offs_d[None, :]
-        )
+        k_ptrs = _page_rows(k_ptr, pages, in_page, kv_head, stride_kb, stride_kt, stride_kh, offs_d)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if start_n + BLOCK_N > unmasked_end:
@@ -124,13 +126,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = (
-            v_ptr
-            + pages[:, None] * stride_vb
-            + in_page[:, None] * stride_vt
-            + kv_head * stride_vh
-            + offs_d[None, :]
-        )
+        v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -233,21 +229,9 @@ def _decode_split_kernel(
         n_valid = offs_n < end
         in_page = offs_n % PAGE_SIZE
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k_ptrs = (
-            k_ptr
-            + pages[:, None] * stride_kb
-            + in_page[:, None] * stride_kt
-            + kv_head * stride_kh
-            + offs_d[None, :]
-        )
+        k_ptrs = _page_rows(k_ptr, pages, in_page, kv_head, stride_kb, stride_kt, stride_kh, offs_d)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v_ptrs = (
-            v_ptr
-            + pages[:, None] * stride_vb
-            + in_page[:, None] * stride_vt
-            + kv_head * stride_vh
-            + offs_d[None, :]
-        )
+        v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # issued with K: one memory round trip
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
