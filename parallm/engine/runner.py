@@ -242,7 +242,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        logits = self.model.decode_logits(ids, positions, ctx)
+        logits = self.model.compute_logits(self.model(ids, positions, ctx))
         # The greedy ids also land in the graph's own input ids, and the other inputs move on
         # by one token: a greedy continuation of the same batch then needs no copy of its ids,
         # nor of anything else until a block table changes (DecodeGraphs.run).

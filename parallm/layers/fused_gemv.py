@@ -35,7 +35,7 @@ _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (re
 # load, 4 CTAs a SM) hold the whole matrix in flight before the wait.
 QKV_TILE = (8, 1024, 4)
 GATE_UP_TILE = (32, 256, 4)  # outputs >= _WIDE_N: the gate/up projection
-DOWN_TILE = (16, 1024, 8)
+DOWN_TILE = (16, 2048, 8)
 O_TILE = (4, 2048, 4)
 LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prologue
 _WIDE_N = 8192

@@ -16,9 +16,6 @@ from parallm.layers.attention import ForwardContext, dense_causal_attention
 from parallm.layers.norm import RMSNorm
 from parallm.layers.rotary import RopeTables, RotaryEmbedding
 
-# One CUDA row: the final add+RMSNorm inside the LM head GEMV (LlamaForCausalLM.decode_logits).
-FUSED_TAIL = True
-
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads and optional q/k RMSNorm."""
@@ -182,12 +179,6 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def chains_one_row(self, ctx: ForwardContext) -> bool:
-        """Whether a one-row step of this layer is all Triton kernels launched with PDL (so a
-        kernel after it may chain on with PDL too: no cuBLAS call in between)."""
-        chained = getattr(ctx.backend, "pdl_safe", False) and self.self_attn._rotary[0].fused
-        return self.fused and self._one_row_fusable() and chained
-
     def _one_row_fusable(self) -> bool:
         attn, mlp = self.self_attn, self.mlp
         qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)
@@ -205,7 +196,8 @@ class DecoderLayer(nn.Module):
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        with dependent_launches(self.chains_one_row(ctx)):
+        chained = getattr(ctx.backend, "pdl_safe", False) and attn._rotary[0].fused
+        with dependent_launches(chained):
             qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
             residual = x if residual is None else summed
             h = gemv(attn.attend(None, rope, ctx, qkv=qkv).reshape(1, -1), attn.o_proj.weight)
@@ -231,20 +223,12 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
     ) -> torch.Tensor:
-        x, residual = self.forward_unnormed(input_ids, positions, ctx)
-        return self.norm(x, residual)[0]
-
-    def forward_unnormed(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last layer's output and the residual stream before it, not yet added and
-        normed (a consumer may fuse the final add+norm into its own kernel)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb.lookup(positions, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope, ctx)
-        return x, residual
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -272,26 +256,6 @@ class LlamaForCausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
             positions = positions.expand_as(input_ids)
         return self.model(input_ids, positions, ctx)
-
-    def decode_logits(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        """``compute_logits(forward(...))`` of a decode step. One CUDA row with the fused
-        kernels runs the final add+RMSNorm inside the LM head GEMV, launched with PDL after
-        the one-row layers' chain: one kernel and one plain launch fewer a step."""
-        if not (self.fused and FUSED_TAIL and input_ids.numel() == 1 and input_ids.is_cuda):
-            return self.compute_logits(self(input_ids, positions, ctx))
-        from parallm.layers import fused_gemv
-        from parallm.layers.pdl import dependent_launches
-
-        x, residual = self.model.forward_unnormed(input_ids, positions, ctx)
-        norm = self.model.norm
-        block_n, block_k, warps = fused_gemv.LM_HEAD_TILE
-        with dependent_launches(self.model.layers[-1].chains_one_row(ctx)):
-            return fused_gemv.rms_norm_gemv(
-                x.reshape(1, -1), residual.reshape(1, -1), norm.weight, self.lm_head.weight,
-                norm.eps, block_n=block_n, block_k=block_k, num_warps=warps,
-            )[0]  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over the selected hidden states."""
