@@ -4,7 +4,8 @@ Four loops per batch size, timed with CUDA events and no host sync inside:
   graph     the captured graph alone (forward, logits, greedy argmax; the graph advances its
             own inputs, so the context grows by one token a replay);
   staged    + the per-step input staging (pinned copies) of ``DecodeGraphs.run``;
-  launched  + the token copy back and its event, as ``ModelRunner.launch`` does each step;
+  launched  + the token copy back (none when the graph writes them to pinned memory itself)
+            and the step's event, as ``ModelRunner.launch`` does each step;
   carried   a greedy continuation through ``DecodeGraphs.run``: ids from the previous replay,
             context growing, tables growing a block at a time; steps whose inputs the
             previous replay already advanced copy nothing.
@@ -51,18 +52,19 @@ def time_step(llm: LLM, batch: int, context: int, iters: int) -> dict[str, float
     runner = llm.engine.runner
     graphs = runner.graphs
     inputs = _decode_inputs(batch, context, runner.block_size)
-    graph = graphs.graphs[graphs.padded_size(batch)]
+    size = graphs.padded_size(batch)
     graphs.run(*inputs)  # a replay alone reuses the staged inputs: stage this context first
     # Each replay moves its inputs on by one token (as decoding does): over the loop the
     # context grows from `context` to `context + iters`.
-    out = {"graph_ms": _events_ms(graph.replay, iters)}
+    out = {"graph_ms": _events_ms(lambda: graphs.replay(size), iters)}
     graphs.forget_inputs()
     out["staged_ms"] = _events_ms(lambda: graphs.run(*inputs), iters)
 
     def launched() -> None:
-        _, ids = graphs.run(*inputs)
-        host = torch.empty(ids.shape, dtype=torch.long, pin_memory=True)
-        host.copy_(ids, non_blocking=True)
+        _, ids, host = graphs.run(*inputs)
+        if host is None:  # else the graph's argmax wrote them to pinned memory itself
+            host = torch.empty(ids.shape, dtype=torch.long, pin_memory=True)
+            host.copy_(ids, non_blocking=True)
         torch.cuda.Event().record()
 
     out["launched_ms"] = _events_ms(launched, iters)
@@ -86,11 +88,11 @@ def time_carried(llm: LLM, batch: int, context: int, iters: int) -> dict[str, fl
         steps.append((positions + 7, positions, slots, (positions + 1).astype(np.int32), rows))
     graphs.forget_inputs()
     skipped = graphs.num_skipped_copies
-    _, ids = graphs.run(*steps[0])
+    _, ids, _ = graphs.run(*steps[0])
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for step in steps[1:]:
-        _, ids = graphs.run(*step, device_ids=ids)
+        _, ids, _ = graphs.run(*step, device_ids=ids)
     end.record()
     end.synchronize()
     graphs.forget_inputs()  # the next timing stages a fixed context again

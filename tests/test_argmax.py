@@ -96,6 +96,40 @@ def test_advance_inputs_interpreter():
     _check_advance("cpu")
 
 
+def _check_host_ring(device: str) -> None:
+    """Calls alternate the ring's rows; the host's mirrored turn names the row just written."""
+    from parallm.layers.argmax import HostRing
+
+    ring = HostRing.allocate(4, torch.device(device))
+    for call in range(3):
+        x = _logits(4, 9000, torch.float32, device, seed=10 + call)
+        row = ring.flip()
+        ids = triton_argmax(x, host_ring=ring)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert torch.equal(row, ids.cpu()) and torch.equal(row, x.cpu().argmax(dim=-1))
+        assert int(ring.turn) == ring.host_turn == (call + 1) % 2
+    assert not torch.equal(ring.ids[0], ring.ids[1])
+    ring.reset()
+    assert int(ring.turn) == ring.host_turn == 0
+    with pytest.raises(ValueError, match="host_ring"):
+        triton_argmax(_logits(3, 100, torch.float32, device, seed=1), host_ring=ring)
+
+
+@interpreter_test
+def test_host_ring_interpreter():
+    _check_host_ring("cpu")
+
+
+def test_greedy_argmax_host_ring_needs_the_triton_path():
+    from parallm.layers.argmax import HostRing
+
+    with pytest.raises(ValueError, match="fused"):
+        greedy_argmax(
+            torch.randn(2, 10), fused=False, host_ring=HostRing.allocate(2, torch.device("cpu"))
+        )
+
+
 def test_greedy_argmax_advance_on_the_torch_path():
     from test_next_inputs import random_inputs
 
@@ -140,6 +174,13 @@ def test_matches_torch_argmax_cuda(rows, vocab, dtype):
 @requires_cuda
 def test_advance_inputs_cuda():
     _check_advance("cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_host_ring_cuda():
+    """The kernel writes pinned host memory directly (mapped into the GPU's address space)."""
+    _check_host_ring("cuda")
 
 
 @pytest.mark.gpu

@@ -11,12 +11,16 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from parallm.layers.attention import AttentionMetadata
 from parallm.layers.next_inputs import advance_host
+
+if TYPE_CHECKING:
+    from parallm.layers.argmax import HostRing
 
 # A step's inputs travel in one host-to-device copy (each copy costs a few microseconds of
 # idle GPU around it) when the block tables at full width stay under this size; past it the
@@ -45,7 +49,8 @@ class DecodeGraphs:
     def __init__(
         self,
         forward: Callable[
-            [torch.Tensor, torch.Tensor, AttentionMetadata], tuple[torch.Tensor, torch.Tensor]
+            [torch.Tensor, torch.Tensor, AttentionMetadata, HostRing | None],
+            tuple[torch.Tensor, torch.Tensor],
         ],
         sizes: list[int],
         max_blocks_per_seq: int,
@@ -54,6 +59,7 @@ class DecodeGraphs:
         block_size: int,
         device: torch.device,
         forward_advances: bool = False,
+        host_ids: bool = False,
     ) -> None:
         self.forward = forward
         # The forward moves its own inputs on by one token (parallm.layers.next_inputs), so a
@@ -66,6 +72,13 @@ class DecodeGraphs:
         self.block_size = block_size
         self.device = device
         self.inputs = {size: _Inputs(size, max_blocks_per_seq, device) for size in self.sizes}
+        # With host_ids, each size's argmax also writes its ids to pinned host memory (the
+        # forward's 4th argument): a step then needs no device-to-host copy on the stream.
+        self.host_rings: dict[int, HostRing] = {}
+        if host_ids:
+            from parallm.layers.argmax import HostRing  # triton only where kernels run
+
+            self.host_rings = {size: HostRing.allocate(size, device) for size in self.sizes}
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, greedy ids
@@ -103,12 +116,13 @@ class DecodeGraphs:
             buf.slot_mapping.fill_(self.scratch_block * self.block_size)
             buf.block_tables.fill_(self.scratch_block)
             meta = self._metadata(size)
+            ring = self.host_rings.get(size)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.forward(buf.input_ids, buf.positions, meta)
+                self.forward(buf.input_ids, buf.positions, meta, ring)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.forward(buf.input_ids, buf.positions, meta)
+                out = self.forward(buf.input_ids, buf.positions, meta, ring)
             pool = graph.pool()
             self.graphs[size] = graph
             self.outputs[size] = out
@@ -121,6 +135,15 @@ class DecodeGraphs:
         copies its inputs: call it after replaying or writing a graph's inputs other than
         through :meth:`run` (the warm-up forwards of a capture advance them)."""
         self._expected = dict.fromkeys(self.sizes)
+        for ring in self.host_rings.values():
+            ring.reset()
+
+    def replay(self, size: int) -> None:
+        """Replay one graph on whatever its inputs hold (benchmarks); keeps the host ring's
+        turn in step. Call :meth:`forget_inputs` before the next :meth:`run`."""
+        if size in self.host_rings:
+            self.host_rings[size].flip()
+        self.graphs[size].replay()
 
     def padded_size(self, batch: int) -> int | None:
         i = bisect.bisect_left(self.sizes, batch)
@@ -134,9 +157,10 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
         device_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Replay the graph for this batch; returns the logits and greedy token ids of the
-        first ``len(input_ids)`` rows.
+        first ``len(input_ids)`` rows, and with ``host_ids`` the same ids in pinned host
+        memory (valid once the replay has finished; rewritten by the replay after next).
 
         ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
         sampled tokens have not reached the host yet. When they are that replay's own greedy
@@ -187,9 +211,11 @@ class DecodeGraphs:
             self.num_carried_ids += 1
         elif device_ids is not None:
             buf.input_ids[:batch].copy_(device_ids)
+        ring = self.host_rings.get(size)
+        host_ids = ring.flip()[:batch] if ring is not None else None
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]
-        return logits[:batch], greedy[:batch]
+        return logits[:batch], greedy[:batch], host_ids
 
     def _advanced(self, staged: np.ndarray, size: int) -> np.ndarray:
         """The region ``staged`` as the replay leaves it: every row one token on."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from parallm.layers.attention import (
     ReferenceAttention,
 )
 from parallm.layers.next_inputs import DecodeInputs
+
+if TYPE_CHECKING:
+    from parallm.layers.argmax import HostRing
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -64,7 +68,9 @@ class StepHandle:
             return None
         if self.event is not None:
             self.event.synchronize()
-        return dataclasses.replace(self.result, token_ids=self.host_token_ids)
+        # A clone: a graph's host ring row is rewritten two replays later.
+        ids = self.host_token_ids.clone()
+        return dataclasses.replace(self.result, token_ids=ids, host_token_ids=None)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -232,13 +238,17 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self._graph_forward, sizes, max_blocks, max_model_len,
             scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size, device=self.device,
-            forward_advances=True,
+            forward_advances=True, host_ids=self.fused_argmax and self.device.type == "cuda",
         )  # fmt: skip
         self.graphs.capture()
         return self.graphs.capture_seconds
 
     def _graph_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        host_ring: HostRing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
@@ -248,7 +258,9 @@ class ModelRunner:
         # nor of anything else until a block table changes (DecodeGraphs.run).
         advance = DecodeInputs(positions, meta.seq_lens, meta.slot_mapping, meta.block_tables,
                                self.block_size)  # fmt: skip
-        return logits, greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance)
+        greedy = greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance,
+                               host_ring=host_ring)  # fmt: skip
+        return logits, greedy
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
@@ -260,8 +272,10 @@ class ModelRunner:
         result = self.execute(batch, device_ids)
         if result is None or self.device.type != "cuda":
             return StepHandle(batch, result, None if result is None else result.token_ids)
-        host = torch.empty(result.token_ids.shape, dtype=torch.long, pin_memory=True)
-        host.copy_(result.token_ids, non_blocking=True)
+        host = result.host_token_ids  # a graph's argmax wrote them to the host already
+        if host is None:
+            host = torch.empty(result.token_ids.shape, dtype=torch.long, pin_memory=True)
+            host.copy_(result.token_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return StepHandle(batch, result, host, event)
@@ -274,9 +288,10 @@ class ModelRunner:
 
         ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
         """
-        greedy = None
+        greedy = host_ids = None
         if self._use_graph(batch):
-            logits, greedy = self.graphs.run(*self.prepare_decode(batch), device_ids=device_ids)
+            logits, greedy, host_ids = self.graphs.run(*self.prepare_decode(batch),
+                                                       device_ids=device_ids)  # fmt: skip
         else:
             logits = self.forward_logits(self.prepare(batch), device_ids)
         if logits is None:
@@ -286,7 +301,7 @@ class ModelRunner:
             # The common offline case: skip building sampling tensors, one argmax on device.
             if greedy is None:
                 greedy = greedy_argmax(logits, self.fused_argmax)
-            return SamplerOutput(token_ids=greedy)
+            return SamplerOutput(token_ids=greedy, host_token_ids=host_ids)
         logits = logits.float()
         rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)

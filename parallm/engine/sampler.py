@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from parallm.layers.next_inputs import DecodeInputs, advance_torch
+
+if TYPE_CHECKING:
+    from parallm.layers.argmax import HostRing
 from parallm.sampling_params import SamplingParams
 
 # logits / T overflows float32 for tiny T; such a distribution is argmax anyway.
@@ -133,6 +137,9 @@ class SamplerOutput:
     ranks: torch.Tensor | None = None  # [B] int64, 1-based
     top_token_ids: torch.Tensor | None = None  # [B, K] int64
     top_logprobs: torch.Tensor | None = None  # [B, K] float32
+    # The token ids already on their way to pinned host memory (written by the step's own
+    # kernel, a decode graph's HostRing row): no copy is needed, only the step's event.
+    host_token_ids: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""
@@ -283,15 +290,19 @@ def greedy_argmax(
     fused: bool,
     also_into: torch.Tensor | None = None,
     advance: DecodeInputs | None = None,
+    host_ring: HostRing | None = None,
 ) -> torch.Tensor:
     """Token ids of the largest logits per row: a Triton kernel when ``fused`` (CUDA, where it
     is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``.
     ``also_into`` receives a copy and ``advance``'s inputs move on by one token (both in the
-    same kernel when fused; see ``parallm.layers.next_inputs``)."""
+    same kernel when fused; see ``parallm.layers.next_inputs``). ``host_ring`` (fused only,
+    ``parallm.layers.argmax.HostRing``) also receives them in pinned host memory."""
     if fused and logits.dim() == 2 and logits.stride(-1) == 1:
         from parallm.layers.argmax import triton_argmax  # triton only where kernels run
 
-        return triton_argmax(logits, also_into, advance)
+        return triton_argmax(logits, also_into, advance, host_ring)
+    if host_ring is not None:
+        raise ValueError("host_ring needs the Triton argmax (fused=True)")
     ids = logits.argmax(dim=-1)
     if also_into is not None:
         also_into.copy_(ids)
