@@ -183,3 +183,16 @@ def test_pdl_chain_in_a_graph_equals_separate_launches(trigger, monkeypatch):
         ref, ref_res = chain()  # outside the scope: plain launches
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         torch.testing.assert_close(out_res, ref_res, rtol=0, atol=0)
+
+
+def test_default_tiles_fit_shared_memory():
+    """Default tiles are sized for 16-bit weights: float32 ones get a narrower block_k, so the
+    W pipeline stages stay within shared memory; explicit tiles are kept as given."""
+    from parallm.layers import fused_gemv
+
+    w16, w32 = torch.empty(2048, 8192, dtype=torch.bfloat16), torch.empty(2048, 8192)
+    n, k, warps = fused_gemv.DOWN_TILE
+    assert fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w16, 3) == (n, k, warps)
+    bn, bk, _ = fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w32, 3)
+    assert 3 * bn * bk * 4 <= fused_gemv._SMEM_BUDGET < 3 * bn * 2 * bk * 4
+    assert fused_gemv._tile(fused_gemv.DOWN_TILE, 8, 4096, 4, w32, 3) == (8, 4096, 4)

@@ -33,6 +33,7 @@ from parallm.layers.attention import (
     ReferenceAttention,
 )
 from parallm.layers.next_inputs import DecodeInputs
+from parallm.layers.pdl import dependent_launches
 
 if TYPE_CHECKING:
     from parallm.layers.argmax import HostRing
@@ -252,7 +253,9 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        logits = self.model.compute_logits(self.model(ids, positions, ctx))
+        # One row: the final norm and the LM head chain on with PDL after the last layer.
+        with dependent_launches(self.model.chains_one_row(ids, ctx)):
+            logits = self.model.compute_logits(self.model(ids, positions, ctx))
         # The greedy ids also land in the graph's own input ids, and the other inputs move on
         # by one token: a greedy continuation of the same batch then needs no copy of its ids,
         # nor of anything else until a block table changes (DecodeGraphs.run).

@@ -39,6 +39,7 @@ DOWN_TILE = (16, 2048, 8)
 O_TILE = (4, 2048, 4)
 LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prologue
 _WIDE_N = 8192
+_SMEM_BUDGET = 200 * 1024  # bytes of W pipeline stages per program
 
 
 @triton.jit
@@ -174,9 +175,17 @@ def _gemv_kernel(
 
 
 def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | None,
-          num_warps: int | None) -> tuple[int, int, int]:  # fmt: skip
-    """The tile of a call: the role's default where an argument is left out."""
-    return block_n or default[0], block_k or default[1], num_warps or default[2]
+          num_warps: int | None, weight: torch.Tensor,
+          num_stages: int) -> tuple[int, int, int]:  # fmt: skip
+    """The tile of a call: the role's default where an argument is left out, with a default
+    block_k halved until the pipeline's W stages fit in shared memory (the defaults are sized
+    for 16-bit weights; float32 ones would overflow the H100's 227 KB)."""
+    block_n, warps = block_n or default[0], num_warps or default[2]
+    if block_k is None:
+        block_k = default[1]
+        while num_stages * block_n * block_k * weight.element_size() > _SMEM_BUDGET:
+            block_k //= 2
+    return block_n, block_k, warps
 
 
 def _checked_output(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,7 +214,7 @@ def rms_norm_gemv(
     y = _checked_output(x, weight, k)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(GATE_UP_TILE if n >= _WIDE_N else QKV_TILE, block_n,
-                                        block_k, num_warps)  # fmt: skip
+                                        block_k, num_warps, weight, num_stages)  # fmt: skip
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
     block_all = triton.next_power_of_2(k)
@@ -232,7 +241,8 @@ def silu_mul_gemv(
     k = gate_up.shape[-1] // 2
     y = _checked_output(gate_up, weight, k)
     n = y.shape[1]
-    block_n, block_k, num_warps = _tile(DOWN_TILE, block_n, block_k, num_warps)
+    block_n, block_k, num_warps = _tile(DOWN_TILE, block_n, block_k, num_warps, weight,
+                                        num_stages)  # fmt: skip
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
         gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
@@ -256,7 +266,7 @@ def gemv(
     y = _checked_output(x, weight, k)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(LM_HEAD_TILE if n >= _WIDE_N else O_TILE, block_n,
-                                        block_k, num_warps)  # fmt: skip
+                                        block_k, num_warps, weight, num_stages)  # fmt: skip
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x),

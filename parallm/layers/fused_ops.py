@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from parallm.layers.pdl import pdl_launch, start_small_kernel
+
 # Rows up to this many elements are normalised from registers (one read of each input);
 # longer rows take a two-pass path over chunks of _NORM_CHUNK (larger chunks spill there).
 _MAX_NORM_BLOCK = 16384
@@ -89,7 +91,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    start_small_kernel(PDL)  # the final norm of a one-row step, between PDL-launched GEMVs
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = res_ptr + row * stride_res
@@ -198,6 +202,7 @@ def _rms_norm(
         NUM_CHUNKS=num_chunks,
         num_warps=num_warps,
         **_NO_FMA,
+        **pdl_launch(x),
     )
     return normed, new_residual
 

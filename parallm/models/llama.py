@@ -179,6 +179,12 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def chains_one_row(self, ctx: ForwardContext) -> bool:
+        """Whether a one-row step of this layer is all Triton kernels launched with PDL (so a
+        kernel after it may chain on with PDL too: no cuBLAS call in between)."""
+        chained = getattr(ctx.backend, "pdl_safe", False) and self.self_attn._rotary[0].fused
+        return self.fused and self._one_row_fusable() and chained
+
     def _one_row_fusable(self) -> bool:
         attn, mlp = self.self_attn, self.mlp
         qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)
@@ -196,8 +202,7 @@ class DecoderLayer(nn.Module):
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        chained = getattr(ctx.backend, "pdl_safe", False) and attn._rotary[0].fused
-        with dependent_launches(chained):
+        with dependent_launches(self.chains_one_row(ctx)):
             qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
             residual = x if residual is None else summed
             h = gemv(attn.attend(None, rope, ctx, qkv=qkv).reshape(1, -1), attn.o_proj.weight)
@@ -256,6 +261,13 @@ class LlamaForCausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
             positions = positions.expand_as(input_ids)
         return self.model(input_ids, positions, ctx)
+
+    def chains_one_row(self, input_ids: torch.Tensor, ctx: ForwardContext) -> bool:
+        """Whether a step of these ids ends in a PDL chain of Triton kernels (one CUDA row, the
+        fused one-row layers): the final norm and the LM head GEMV may then launch with PDL
+        too (run them inside ``parallm.layers.pdl.dependent_launches``)."""
+        one_cuda_row = input_ids.numel() == 1 and input_ids.is_cuda and self.fused
+        return one_cuda_row and self.model.layers[-1].chains_one_row(ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over the selected hidden states."""
