@@ -93,6 +93,28 @@ def test_gemv_interpreter(n, k):
     check_gemv(n, k, torch.float32, "cpu", 1e-5, block_n=16, block_k=32)
 
 
+def check_gather(n, k, dtype, device, **cfg):
+    """The row is read from a table by the kernel itself: the same output, bit for bit, as
+    the plain call on that row, and the row itself returned as the residual."""
+    g = torch.Generator().manual_seed(n + 3 * k)
+    table = torch.randn(50, k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(device)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
+    ids = torch.tensor([37], device=device)
+    y, row = rms_norm_gemv(table, None, norm_w, w, EPS, gather_ids=ids, **cfg)
+    want, _ = rms_norm_gemv(table[37:38].clone(), None, norm_w, w, EPS, **cfg)
+    assert torch.equal(y, want) and torch.equal(row, table[37:38])
+    with pytest.raises(ValueError, match="residual None"):
+        rms_norm_gemv(table, row, norm_w, w, EPS, gather_ids=ids)
+    with pytest.raises(ValueError, match="one integer id"):
+        rms_norm_gemv(table, None, norm_w, w, EPS, gather_ids=ids.float())
+
+
+@interpreter_test
+def test_norm_gemv_gathers_its_row_interpreter():
+    check_gather(48, 64, torch.float32, "cpu", block_n=16, block_k=32)
+
+
 def test_pdl_only_inside_the_scope_and_on_cuda():
     cpu = torch.zeros(1)
     assert pdl.pdl_launch(cpu) == {"PDL": False}
@@ -125,6 +147,13 @@ def test_norm_gemv_cuda(n, k, dtype):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     check_norm(n, k, dtype, "cuda", True, tol)
     check_norm(n, k, dtype, "cuda", False, tol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_gemv_gathers_its_row_cuda(dtype):
+    check_gather(3072, 2048, dtype, "cuda")
 
 
 @pytest.mark.gpu

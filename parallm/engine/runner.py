@@ -253,16 +253,17 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        # One row: the final norm and the LM head chain on with PDL after the last layer.
-        with dependent_launches(self.model.chains_one_row(ids, ctx)):
-            logits = self.model.compute_logits(self.model(ids, positions, ctx))
         # The greedy ids also land in the graph's own input ids, and the other inputs move on
         # by one token: a greedy continuation of the same batch then needs no copy of its ids,
         # nor of anything else until a block table changes (DecodeGraphs.run).
         advance = DecodeInputs(positions, meta.seq_lens, meta.slot_mapping, meta.block_tables,
                                self.block_size)  # fmt: skip
-        greedy = greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance,
-                               host_ring=host_ring)  # fmt: skip
+        # One row: the final norm, the LM head and the argmax chain on with PDL after the
+        # last layer.
+        with dependent_launches(self.model.chains_one_row(ids, ctx)):
+            logits = self.model.compute_logits(self.model(ids, positions, ctx))
+            greedy = greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance,
+                                   host_ring=host_ring)  # fmt: skip
         return logits, greedy
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from parallm.layers.next_inputs import DecodeInputs
+from parallm.layers.pdl import pdl_launch, start_small_kernel
 
 _CHUNK = 4096
 _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
@@ -25,8 +26,9 @@ _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
 @triton.jit
 def _chunk_argmax_kernel(
     x_ptr, stride_row, n_cols, val_ptr, idx_ptr, n_chunks, turn_ptr, CHUNK: tl.constexpr,
-    FLIP: tl.constexpr,
+    FLIP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    start_small_kernel(PDL)  # after the LM head GEMV of a one-row step
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if FLIP and row == 0 and chunk == 0:  # HostRing: this call writes the other host row
@@ -58,7 +60,9 @@ def advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_bl
 def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, pos_ptr, len_ptr,
                        slot_ptr, table_ptr, stride_table, max_blocks, ring_ptr, turn_ptr,
                        CHUNKS: tl.constexpr, ALSO: tl.constexpr, ADVANCE: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr, HOST: tl.constexpr):  # fmt: skip
+                       BLOCK_SIZE: tl.constexpr, HOST: tl.constexpr,
+                       PDL: tl.constexpr):  # fmt: skip
+    start_small_kernel(PDL)
     row = tl.program_id(0)
     if ADVANCE:  # independent of the argmax: rides along in this kernel rather than its own
         advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
@@ -147,7 +151,7 @@ def triton_argmax(
     turn = host_ring.turn if host_ring is not None else idx  # placeholder: FLIP is off
     _chunk_argmax_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cols, vals, idx, n_chunks, turn, CHUNK=_CHUNK,
-        FLIP=host_ring is not None,
+        FLIP=host_ring is not None, **pdl_launch(logits),
     )  # fmt: skip
     chunks = max(16, triton.next_power_of_2(n_chunks))
     also = also_into if also_into is not None else out
@@ -157,6 +161,6 @@ def triton_argmax(
         vals, idx, out, also, n_chunks, nxt.positions, nxt.seq_lens, nxt.slot_mapping, tables,
         tables.stride(0), tables.shape[-1], host_ring.ids if host_ring is not None else out,
         turn, CHUNKS=chunks, ALSO=also_into is not None, ADVANCE=advance is not None,
-        BLOCK_SIZE=nxt.block_size, HOST=host_ring is not None,
+        BLOCK_SIZE=nxt.block_size, HOST=host_ring is not None, **pdl_launch(logits),
     )  # fmt: skip
     return out

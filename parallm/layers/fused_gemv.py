@@ -72,12 +72,15 @@ def _finish(y_ptr, offs_n, acc, N, PDL: tl.constexpr):
 
 @triton.jit
 def _norm_gemv_kernel(
-    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, y_ptr, N, K, stride_wn, inv_k, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_ALL: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, y_ptr, ids_ptr, stride_x, N, K, stride_wn,
+    inv_k, eps, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_ALL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if GATHER:  # x is a table and the row's id a step input, so it loads before the PDL wait
+        x_ptr += tl.load(ids_ptr).to(tl.int64) * stride_x
     offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
+    STORE_SUM: tl.constexpr = HAS_RESIDUAL or GATHER
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     # Pass 1: the row's sum of squares (x + residual rounded to x's dtype, as the norm does),
@@ -85,12 +88,13 @@ def _norm_gemv_kernel(
     # delays the W stream behind it.
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_ALL)
-        h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL, dtype)
+        h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL, STORE_SUM, dtype)
         total = tl.sum(h * h, axis=0)
     else:
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, k + offs_k, K, HAS_RESIDUAL, dtype)
+            h = _summed_chunk(x_ptr, res_ptr, res_out_ptr, k + offs_k, K, HAS_RESIDUAL,
+                              STORE_SUM, dtype)  # fmt: skip
             sq += h * h
         total = tl.sum(sq, axis=0)
     rstd = tl.rsqrt(total * inv_k + eps)
@@ -105,12 +109,14 @@ def _norm_gemv_kernel(
 
 @triton.jit
 def _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL: tl.constexpr,
-                  dtype: tl.constexpr):  # fmt: skip
-    """x (+ residual, rounded to the model dtype) at ``cols``; program 0 writes the sum out."""
+                  STORE: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+    """x (+ residual, rounded to the model dtype) at ``cols``; with ``STORE``, program 0 writes
+    it out (the residual stream of the next norm)."""
     h = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         h = _round_to(h + r, dtype)
+    if STORE:  # noqa: SIM102 (a constexpr test, then a runtime one)
         if tl.program_id(0) == 0:
             tl.store(res_out_ptr + cols, h.to(dtype), mask=cols < K)
     return h
@@ -207,23 +213,39 @@ def rms_norm_gemv(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    gather_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
-    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``."""
+    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``.
+
+    With ``gather_ids`` (one integer id on the device), ``x`` is a table [V, K] (the token
+    embedding) and the row is ``x[gather_ids[0]]``, read by the kernel itself: the first
+    layer of a one-row step then needs no embedding kernel. Returns ``(y, that row)``.
+    """
     k = x.shape[-1]
-    y = _checked_output(x, weight, k)
+    row = x
+    if gather_ids is not None:
+        if residual is not None or x.dim() != 2 or x.stride(-1) != 1:
+            raise ValueError("gather_ids: x must be a [V, K] table with unit stride along K, "
+                             "and residual None")  # fmt: skip
+        if gather_ids.shape != (1,) or gather_ids.is_floating_point():
+            raise ValueError(f"gather_ids must be one integer id, got {tuple(gather_ids.shape)}")
+        row = x[:1]
+    y = _checked_output(row, weight, k)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(GATE_UP_TILE if n >= _WIDE_N else QKV_TILE, block_n,
                                         block_k, num_warps, weight, num_stages)  # fmt: skip
-    res_out = torch.empty_like(x) if residual is not None else None
-    res = residual if residual is not None else x
+    stored = residual is not None or gather_ids is not None
+    res_out = torch.empty_like(row) if stored else None
+    res = residual if residual is not None else row
     block_all = triton.next_power_of_2(k)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, res, res_out if res_out is not None else x, norm_weight, weight, y, n, k,
-        weight.stride(0), 1.0 / k, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all,
-        num_warps=num_warps, **_NO_FMA, **pdl_launch(x),
+        x, res, res_out if res_out is not None else row, norm_weight, weight, y,
+        gather_ids if gather_ids is not None else y, x.stride(0), n, k, weight.stride(0),
+        1.0 / k, eps, HAS_RESIDUAL=residual is not None, GATHER=gather_ids is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all, num_warps=num_warps,
+        **_NO_FMA, **pdl_launch(row),
     )  # fmt: skip
     return y, res_out
 

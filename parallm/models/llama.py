@@ -16,6 +16,9 @@ from parallm.layers.attention import ForwardContext, dense_causal_attention
 from parallm.layers.norm import RMSNorm
 from parallm.layers.rotary import RopeTables, RotaryEmbedding
 
+# One CUDA row: the first layer's q/k/v GEMV gathers the embedding row (an A/B switch).
+GATHER_EMBEDDING = True
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads and optional q/k RMSNorm."""
@@ -163,11 +166,16 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: RopeTables,
         ctx: ForwardContext | None,
+        gather_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it is added).
 
-        Keeping the residual separate lets the next norm add it in the same pass.
+        Keeping the residual separate lets the next norm add it in the same pass. With
+        ``gather_ids`` (one CUDA row, :meth:`chains_one_row`), ``x`` is the embedding table
+        and the first GEMV reads the row of that id itself.
         """
+        if gather_ids is not None:  # x is the embedding table (DecoderModel.forward)
+            return self._forward_one_row(x, residual, rope, ctx, gather_ids)
         one_row = ctx is not None and x.dim() == 2 and x.shape[0] == 1
         if self.fused and one_row and self._one_row_fusable():
             return self._forward_one_row(x, residual, rope, ctx)
@@ -191,7 +199,12 @@ class DecoderLayer(nn.Module):
         return qkv is not None and qkv.bias is None and gate_up is not None
 
     def _forward_one_row(
-        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables, ctx: ForwardContext
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RopeTables,
+        ctx: ForwardContext,
+        gather_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch-1 decode layer as six Triton kernels: the norms run inside the q/k/v and
         gate/up GEMVs and SiLU-mul inside down (measured faster than cuBLAS plus the separate
@@ -203,8 +216,9 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         with dependent_launches(self.chains_one_row(ctx)):
-            qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps)
-            residual = x if residual is None else summed
+            qkv, summed = rms_norm_gemv(x, residual, norm1.weight, attn.qkv_proj.weight,
+                                        norm1.eps, gather_ids=gather_ids)  # fmt: skip
+            residual = x if summed is None else summed
             h = gemv(attn.attend(None, rope, ctx, qkv=qkv).reshape(1, -1), attn.o_proj.weight)
             gate_up, residual = rms_norm_gemv(h, residual, norm2.weight, mlp.gate_up_proj.weight,
                                               norm2.eps)  # fmt: skip
@@ -228,12 +242,24 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb.lookup(positions, x.dtype)
-        residual = None
-        for layer in self.layers:
+        layers = iter(self.layers)
+        if self._gathers_embedding(input_ids, ctx):
+            # One CUDA row: the first q/k/v GEMV reads the token's embedding row itself.
+            table = self.embed_tokens.weight
+            rope = self.rotary_emb.lookup(positions, table.dtype)
+            x, residual = next(layers)(table, None, rope, ctx, gather_ids=input_ids.view(1))
+        else:
+            x = self.embed_tokens(input_ids)
+            rope = self.rotary_emb.lookup(positions, x.dtype)
+            residual = None
+        for layer in layers:
             x, residual = layer(x, residual, rope, ctx)
         return self.norm(x, residual)[0]
+
+    def _gathers_embedding(self, input_ids: torch.Tensor, ctx: ForwardContext | None) -> bool:
+        one_cuda_row = input_ids.numel() == 1 and input_ids.is_cuda and ctx is not None
+        plain = type(self.embed_tokens) is nn.Embedding and GATHER_EMBEDDING
+        return one_cuda_row and plain and self.layers[0].chains_one_row(ctx)
 
 
 class LlamaForCausalLM(nn.Module):
