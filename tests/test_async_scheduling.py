@@ -179,3 +179,17 @@ def test_carried_ids_only_for_the_graphs_own_rows():
     assert not _same_view(greedy[1:6], greedy, 5)  # shifted rows
     assert not _same_view(greedy[:6], greedy, 5)  # another batch size
     assert not _same_view(greedy[::2][:4], greedy, 4)  # strided
+
+
+def test_first_decode_step_overlaps_the_prefill(pair, prompts):
+    """The decode step after a prompt's last chunk launches while that chunk still runs: a
+    request of n tokens then takes one prefill and n - 1 overlapped decode steps."""
+    sync, fast = pair
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    batch = [{"prompt_token_ids": prompts[2]}]
+    before, steps = fast.engine.num_overlapped_steps, fast.engine.num_steps
+    got = fast.generate(batch, params, use_tqdm=False)
+    assert _tokens(got) == _tokens(sync.generate(batch, params, use_tqdm=False))
+    assert fast.engine.num_steps - steps == 8
+    assert fast.engine.num_overlapped_steps - before == 7
+    _assert_clean(fast)

@@ -103,16 +103,18 @@ class Scheduler:
 
         Every running sequence computes the token ``prev`` is sampling; those that ``prev``
         finishes for sure (``max_tokens``, context end) drop out, and one that stops on EOS or
-        a stop string wastes one token that the engine discards. Returns None, changing nothing
-        that matters, when the step must wait for ``prev``: a prompt to admit, a sequence that
-        ``prev`` did not decode, sampling that reads past tokens, or no free block.
+        a stop string wastes one token that the engine discards. ``prev`` may be a prompt's
+        last chunk: its first decode step then overlaps the prefill. Returns None, changing
+        nothing that matters, when the step must wait for ``prev``: a prompt to admit, a
+        sequence that ``prev`` samples nothing for (an earlier prompt chunk), sampling that
+        reads past tokens, or no free block.
         """
         if prev.preempted or (self.waiting and len(self.running) < self.cfg.max_num_seqs):
             return None
         live = []
         for item in prev.seqs:  # one pass: this runs every step for every sequence
             seq = item.seq
-            if item.num_new_tokens != 1 or not item.samples:
+            if not item.samples:  # a prompt chunk before the last: no token to follow yet
                 return None
             if seq.status is SequenceStatus.FINISHED:
                 continue
