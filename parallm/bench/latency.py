@@ -28,8 +28,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _timed_run(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
-    """Seconds to the first streamed token (the prefill) and from the first token to the
-    last (``max_tokens - 1`` decode steps), driving the engine directly."""
+    """Seconds until every request has its first token (the prefill), and from then to the
+    end (``max_tokens - 1`` decode steps), driving the engine directly. Requests do not
+    stream, so per-step output building stays out of the timing as in ``generate``."""
     from parallm import SamplingParams
 
     engine = llm.engine
@@ -37,14 +38,17 @@ def _timed_run(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[flo
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    seqs = []
     for p in prompts:
-        engine.add_request(f"latency-{next(_request_ids)}", p, params, stream=True)
-    first = last = None
+        request_id = f"latency-{next(_request_ids)}"
+        engine.add_request(request_id, p, params)
+        seqs += engine.requests[request_id].seqs
+    first = None
     while engine.has_unfinished_requests():
-        if engine.step():
-            last = time.perf_counter()
-            first = first or last
-    return first - start, last - first
+        engine.step()
+        if first is None and all(s.num_output_tokens for s in seqs):
+            first = time.perf_counter()
+    return first - start, time.perf_counter() - first
 
 
 _request_ids = itertools.count()
@@ -72,9 +76,9 @@ def _median(xs: list[float]) -> float:
 
 
 def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
-    """Decode time per step: from the first streamed token to the last, over
-    ``output_len - 1`` steps, with the engine's host work and copies included (median of
-    ``iters`` runs after a warm-up run). ``prefill_ms`` is the time to the first token.
+    """Decode time per step: from the moment every request has its first token to the end,
+    over ``output_len - 1`` steps, with the engine's host work and copies included (median of
+    ``iters`` runs after a warm-up run). ``prefill_ms`` is the time to those first tokens.
 
     Until f27e4cf this took (full run - prefill-only run) / (output_len - 1), which assumed
     both runs pay the same fixed costs; once the first decode step overlapped the prefill's
