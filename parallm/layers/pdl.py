@@ -12,8 +12,9 @@ its own last wave frees. This is the overlap a persistent megakernel gets, witho
 Rules every PDL kernel here keeps: it reads nothing a predecessor writes and writes nothing
 before ``wait_for_producer`` (weights are read-only during decode), so results never change.
 
-Launches use PDL only inside :func:`dependent_launches` (the one-row decode layer opens it, so
-batched steps and prefill launch as before) and only where supported: a Triton with
+Launches use PDL only inside :func:`dependent_launches` (the one-row decode layer opens it,
+and the runner around the final norm, LM head and argmax when the model
+``chains_one_row``; batched steps and prefill launch as before) and only where supported: a Triton with
 ``launch_pdl``, a Hopper or newer GPU, not the interpreter. ``PARALLM_PDL=0`` turns it off for
 A/B measurements. No cuBLAS call runs inside the scope: when PDL covered kernels around cuBLAS
 GEMMs (95f2619), a later CUDA-graph capture failed inside cuBLAS.
