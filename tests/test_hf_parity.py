@@ -200,3 +200,11 @@ def test_parallel_samples(default_llm, prompts) -> None:
     assert all(len(s) == 8 for s in samples)
     assert len({tuple(s) for s in samples}) > 1
     assert sample() == samples
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_dim_128_matches_hf(arch: str, tiny_model_dir, prompts) -> None:
+    """The families at the head size of their real checkpoints (Qwen3, Llama 3 8B, Mistral)."""
+    path = tiny_model_dir(arch, head_dim=128)
+    short = prompts[:3]
+    assert_matches_hf(path, short, run_greedy(make_llm(path), short))

@@ -331,6 +331,53 @@ def test_decode_rope_rejects_bad_shapes():
         rope.check(q, cache)
 
 
+@interpreter_test
+def test_float32_head_dim_128_shrunk_tiles_interpreter():
+    """float32 at head_dim 128 takes smaller key tiles than bf16 (so they fit shared memory);
+    those tiles must compute the same attention."""
+    prefill = triton_attention._prefill_config(128, 40, 2, 4, triton_attention._DEFAULT_SMEM_BYTES)
+    decode = triton_attention._decode_config(128, 2, True, 4, triton_attention._DEFAULT_SMEM_BYTES)
+    assert prefill.block_n < 128 and decode.block_n < 128
+    check_prefill(MIXED_LENS, 4, 2, 128, 16, torch.float32, "cpu", 1e-3)
+    check_decode([1, 17, 100, 300], 4, 2, 128, 16, torch.float32, "cpu", 1e-3, num_splits=2)
+
+
+HOPPER_SMEM, AMPERE_SMEM = 232448, 166912  # opt-in shared memory a block: H100/H200, A100
+
+
+@pytest.mark.parametrize("smem", [HOPPER_SMEM, AMPERE_SMEM])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_attention_tiles_fit_shared_memory(smem, elem_bytes, head_dim):
+    budget = smem - triton_attention._SMEM_RESERVE_BYTES
+    block_d = triton.next_power_of_2(head_dim)
+    for groups in (1, 2, 4, 8, 16):
+        for max_query_len in (1, 16, 4096):
+            cfg = triton_attention._prefill_config(
+                head_dim, max_query_len, groups, elem_bytes, smem
+            )
+            used = triton_attention.kv_tiles_bytes(
+                cfg.block_m, cfg.block_n, cfg.num_stages, block_d, elem_bytes
+            )
+            assert used <= budget and cfg.block_n >= 16 and cfg.num_stages >= 1
+        cfg = triton_attention._decode_config(head_dim, groups, True, elem_bytes, smem)
+        used = triton_attention.kv_tiles_bytes(
+            cfg.block_g, cfg.block_n, cfg.num_stages, block_d, elem_bytes
+        )
+        assert used <= budget and cfg.block_n >= 16 and cfg.num_stages >= 1
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_half_precision_keeps_tuned_tiles_on_hopper(head_dim):
+    """Fitting shared memory leaves the tiles tuned for bf16/fp16 on Hopper as they were."""
+    tuned_prefill = {64: (64, 3), 128: (128, 2), 256: (32, 2)}[head_dim]
+    tuned_decode = {64: (128, 2), 128: (128, 2), 256: (64, 2)}[head_dim]
+    prefill = triton_attention._prefill_config(head_dim, 4096, 4, 2, HOPPER_SMEM)
+    decode = triton_attention._decode_config(head_dim, 4, True, 2, HOPPER_SMEM)
+    assert (prefill.block_n, prefill.num_stages) == tuned_prefill
+    assert (decode.block_n, decode.num_stages) == tuned_decode
+
+
 def test_decode_num_splits_fills_gpu():
     assert decode_num_splits(1, 8, 4096) * 8 >= 128
     assert decode_num_splits(128, 8, 4096) == 1
@@ -340,7 +387,7 @@ def test_decode_num_splits_fills_gpu():
 
 # GPU tests: half precision, realistic shapes.
 
-GPU_DTYPES = [torch.bfloat16, torch.float16]
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.gpu
@@ -364,10 +411,11 @@ def test_prefill_gpu_head_dims(dtype, head_dim):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("head_dim", [96, 256])
 @pytest.mark.parametrize("use_dot", [True, False])
-def test_decode_gpu_head_dims(head_dim, use_dot):
-    check_decode([1000, 3], 8, 2, head_dim, 16, torch.bfloat16, "cuda", 1e-2, use_dot=use_dot)
+def test_decode_gpu_head_dims(dtype, head_dim, use_dot):
+    check_decode([1000, 3], 8, 2, head_dim, 16, dtype, "cuda", 1e-2, use_dot=use_dot)
 
 
 @pytest.mark.gpu

@@ -103,14 +103,19 @@ def make_tiny_model(
     sharded: bool = False,
     seed: int = 0,
     legacy_rope_keys: bool = False,
+    head_dim: int | None = None,
 ) -> Path:
-    """Write a tiny random ``arch`` checkpoint (weights, config, tokenizer, generation config) to ``path``."""
+    """Write a tiny random ``arch`` checkpoint (weights, config, tokenizer, generation config) to ``path``.
+
+    ``head_dim`` widens the model to 4 query heads of that size (hidden 4 x head_dim), for
+    kernels whose tiles depend on it.
+    """
     spec = SPECS[arch]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_test_tokenizer(spec.tokenizer_kind)
     tie = spec.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    config = _build_config(spec, tokenizer, tie)
+    config = _build_config(spec, tokenizer, tie, head_dim)
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -129,7 +134,9 @@ def make_tiny_model(
     return path
 
 
-def _build_config(spec: ArchSpec, tokenizer: Any, tie: bool) -> PretrainedConfig:
+def _build_config(
+    spec: ArchSpec, tokenizer: Any, tie: bool, head_dim: int | None = None
+) -> PretrainedConfig:
     kwargs: dict[str, Any] = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
@@ -147,6 +154,8 @@ def _build_config(spec: ArchSpec, tokenizer: Any, tie: bool) -> PretrainedConfig
         "dtype": "float32",
         **spec.extra,
     }
+    if head_dim is not None:
+        kwargs.update(hidden_size=4 * head_dim, intermediate_size=8 * head_dim, head_dim=head_dim)
     config = getattr(transformers, spec.config_cls)(**kwargs)
     config.architectures = [spec.config_cls.replace("Config", "ForCausalLM")]
     return config

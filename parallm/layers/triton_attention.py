@@ -33,6 +33,12 @@ _DECODE_MAX_SPLITS = 64
 # Prefill: give one program all query heads of a KV head (rows = tokens x heads), so each K/V
 # tile is loaded once per KV head instead of once per query head.
 _PREFILL_PACK_GQA = True
+# Shared memory a block may opt into where the device cannot be asked (the interpreter on CPU):
+# Hopper's 227 KiB.
+_DEFAULT_SMEM_BYTES = 232448
+# Left free beyond the estimated K/V stages and Q tile: Triton's own scratch (layout conversions
+# of the score tile, reductions) comes out of the same shared memory.
+_SMEM_RESERVE_BYTES = 48 * 1024
 
 
 @triton.jit
@@ -312,6 +318,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _smem_optin(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", _DEFAULT_SMEM_BYTES)
+
+
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one block of a kernel on ``device`` may use."""
+    if device.type != "cuda":
+        return _DEFAULT_SMEM_BYTES
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _smem_optin(index)
+
+
 def _device_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
@@ -353,7 +373,9 @@ class _PrefillConfig:
     heads_per_prog: int = 1
 
 
-def _prefill_config(head_dim: int, max_query_len: int, groups: int) -> _PrefillConfig:
+def _prefill_config(
+    head_dim: int, max_query_len: int, groups: int, elem_bytes: int, smem_bytes: int
+) -> _PrefillConfig:
     # Tuned on H100 with bf16 (benchmarks/attention_bench.py shapes).
     if head_dim <= 64:
         block_m, block_n, warps, stages = 128, 64, 8, 3
@@ -366,7 +388,31 @@ def _prefill_config(head_dim: int, max_query_len: int, groups: int) -> _PrefillC
     rows = max(max_query_len, 1) * heads_per_prog
     block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
     block_m = max(block_m, triton.next_power_of_2(heads_per_prog))
+    block_d = triton.next_power_of_2(head_dim)
+    block_n, stages = fit_kv_tiles(block_m, block_n, stages, block_d, elem_bytes, smem_bytes)
     return _PrefillConfig(block_m, block_n, warps, stages, heads_per_prog)
+
+
+def kv_tiles_bytes(block_m: int, block_n: int, stages: int, block_d: int, elem_bytes: int) -> int:
+    """Shared memory of a flash-attention loop: ``stages`` K and V tiles in flight, one Q tile."""
+    return (2 * stages * block_n + block_m) * block_d * elem_bytes
+
+
+def fit_kv_tiles(
+    block_m: int, block_n: int, stages: int, block_d: int, elem_bytes: int, smem_bytes: int
+) -> tuple[int, int]:
+    """``(block_n, stages)`` shrunk until the tiles fit ``smem_bytes`` less Triton's scratch.
+
+    The tuned bf16/fp16 tiles fit every Hopper GPU as they are; wider elements (float32) or
+    smaller shared memories first halve the keys per tile (down to 16, tl.dot's minimum), then
+    drop pipeline stages.
+    """
+    budget = smem_bytes - _SMEM_RESERVE_BYTES
+    while block_n > 16 and kv_tiles_bytes(block_m, block_n, stages, block_d, elem_bytes) > budget:
+        block_n //= 2
+    while stages > 1 and kv_tiles_bytes(block_m, block_n, stages, block_d, elem_bytes) > budget:
+        stages -= 1
+    return block_n, stages
 
 
 def paged_prefill_attention(
@@ -406,7 +452,9 @@ def paged_prefill_attention(
     if num_tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
     groups = num_heads // num_kv_heads
-    cfg = _prefill_config(head_dim, max_query_len, groups)
+    cfg = _prefill_config(
+        head_dim, max_query_len, groups, q.element_size(), shared_memory_bytes(q.device)
+    )
     tokens_per_tile = cfg.block_m // cfg.heads_per_prog
     grid = (num_heads // cfg.heads_per_prog, triton.cdiv(max_query_len, tokens_per_tile), batch)
     _prefill_kernel[grid](
@@ -452,12 +500,17 @@ class _DecodeConfig:
     num_stages: int
 
 
-def _decode_config(head_dim: int, groups: int, use_dot: bool) -> _DecodeConfig:
+def _decode_config(
+    head_dim: int, groups: int, use_dot: bool, elem_bytes: int, smem_bytes: int
+) -> _DecodeConfig:
     if use_dot:
         # tl.dot needs at least 16 rows: pad the query heads of a KV head up to that.
         # 128 keys x 4 warps x 2 stages was the one setting near the best for every H100 case.
-        block_n = 128 if head_dim <= 128 else 64  # two stages of K and V fit in shared memory
-        return _DecodeConfig(True, max(16, triton.next_power_of_2(groups)), block_n, 4, 2)
+        block_g = max(16, triton.next_power_of_2(groups))
+        block_n, stages = fit_kv_tiles(
+            block_g, 128, 2, triton.next_power_of_2(head_dim), elem_bytes, smem_bytes
+        )
+        return _DecodeConfig(True, block_g, block_n, 4, stages)
     block_g = triton.next_power_of_2(groups)
     # The multiply-reduce holds a [G, N, D] float32 product in registers.
     block_n = max(16, 4096 // (block_g * triton.next_power_of_2(head_dim)))
@@ -529,7 +582,8 @@ def paged_decode_attention(
     out = _output_buffer(q, out)
     if batch == 0:
         return out
-    cfg = _decode_config(head_dim, groups, True if use_dot is None else use_dot)
+    use_dot = True if use_dot is None else use_dot
+    cfg = _decode_config(head_dim, groups, use_dot, q.element_size(), shared_memory_bytes(q.device))
     block_d, block_n = triton.next_power_of_2(head_dim), cfg.block_n
     max_seq_len = max(int(max_seq_len), 1)
     if num_splits is None:
