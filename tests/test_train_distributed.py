@@ -26,7 +26,9 @@ TIMEOUT_S = 300
 pytestmark = pytest.mark.slow
 
 
-def launch(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch(
+    nproc: int, config: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m parallm.train`` for one process, ``torchrun --standalone`` for several."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "parallm.train"]
@@ -34,7 +36,7 @@ def launch(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedPro
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "parallm.train"]  # fmt: skip
     cmd += ["--config", str(config), *(f"--set={o}" for o in overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
@@ -83,6 +85,16 @@ def test_tensor_parallel_two_matches_one(
 ) -> None:
     launch(2, write_config(tmp_path / "run.toml", dataset_dir, tmp_path / "run"), "parallel.tp=2")
     assert_same_losses(tmp_path / "run", train_losses(reference), range(1, STEPS + 1))
+
+
+def test_fsdp_layers_return_no_views_under_tensor_parallel(
+    tmp_path: Path,
+    dataset_dir: Path,  # noqa: F811
+) -> None:
+    """FSDP2 warns when a wrapped layer returns a view (an in-place op on it would drop the
+    pre-backward hook and skip an all-gather); here that warning is an error in every rank."""
+    config = write_config(tmp_path / "run.toml", dataset_dir, tmp_path / "run", training__steps=2)
+    launch(2, config, "parallel.tp=2", env={"PYTHONWARNINGS": "error:FSDP2-wrapped module"})
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(

@@ -185,7 +185,13 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, rope, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        out = self.mlp(h)
+        if ctx is None and torch.is_grad_enabled():
+            # Training: FSDP2 hooks this layer's outputs for backward, and an output that is a
+            # view (tensor parallelism's all-reduced down_proj is one) would lose that hook to
+            # any later in-place op, silently skipping an all-gather. Outputs own their storage.
+            out = out.clone()
+        return out, residual
 
     def chains_one_row(self, ctx: ForwardContext) -> bool:
         """Whether a one-row step of this layer is all Triton kernels launched with PDL (so a
