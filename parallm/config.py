@@ -208,8 +208,13 @@ class SchedulerConfig:
 class EngineConfig:
     """Everything ``LLM(...)`` and ``parallm serve`` accept; see ``docs`` for each field."""
 
-    model: str | None = None
-    tokenizer: str | None = None
+    model: str | None = None  # a local directory or a Hugging Face Hub id
+    tokenizer: str | None = None  # default: the model's
+    # Hub ids: the branch, tag or commit to fetch, and the cache folder (default: HF's cache).
+    revision: str | None = None
+    download_dir: str | None = None
+    # No tokenizer at all: prompts must be token ids, and outputs carry token ids and no text.
+    skip_tokenizer_init: bool = False
     dtype: str = "auto"
     device: str = "auto"
     load_format: str = "auto"

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from parallm.bundled import default_model_path
+from parallm.chat_messages import check_messages
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.engine import LLMEngine
 from parallm.outputs import RequestOutput
@@ -25,11 +26,14 @@ Message = dict[str, str]
 class LLM:
     """Generate text for many prompts at once with continuous batching.
 
-    ``model`` is a Hugging Face model directory (default: the bundled code model), or a
-    ``config.json`` path together with
-    ``load_format="dummy"`` (random weights, for benchmarks). Other keywords are the fields
-    of :class:`parallm.config.EngineConfig` (dtype, device, kv_cache_memory,
-    gpu_memory_utilization, block_size, max_num_seqs, max_num_batched_tokens,
+    ``model`` is a Hugging Face model directory (default: the bundled code model), a Hugging
+    Face Hub id such as ``"Qwen/Qwen3-0.6B"`` (taken from the local cache, else downloaded
+    unless ``HF_HUB_OFFLINE`` is set; ``revision=`` picks a branch, tag or commit and
+    ``download_dir=`` the cache folder), or a ``config.json`` path together with
+    ``load_format="dummy"`` (random weights, for benchmarks). ``skip_tokenizer_init=True``
+    loads no tokenizer: prompts are token ids and outputs carry token ids with empty text.
+    Other keywords are the fields of :class:`parallm.config.EngineConfig` (dtype, device,
+    kv_cache_memory, gpu_memory_utilization, block_size, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, enable_chunked_prefill, max_model_len, seed, ...).
     """
 
@@ -62,6 +66,8 @@ class LLM:
         encoded = [self._encode(p) for p in batch]
         for ids, _ in encoded:
             self.engine.validate_prompt(ids)
+        for sp in params:
+            self.engine.validate_params(sp)
         request_ids = [str(next(self._ids)) for _ in batch]
         try:
             for rid, (ids, text), sp in zip(request_ids, encoded, params, strict=True):
@@ -82,11 +88,14 @@ class LLM:
         chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
-        tokenizer = self._require_tokenizer()
+        if not messages:
+            raise ValueError("messages must not be empty")
+        tokenizer = self._require_tokenizer("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        for conversation in conversations:
+            check_messages(conversation)
         prompts = []
         for conversation in conversations:
-            _check_messages(conversation)
             text = tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template,
@@ -133,7 +142,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            return self._require_tokenizer()(prompt)["input_ids"], prompt
+            return self._require_tokenizer("a text prompt")(prompt)["input_ids"], prompt
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return list(prompt["prompt_token_ids"]), prompt.get("prompt")
@@ -148,9 +157,12 @@ class LLM:
             f"prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}"
         )
 
-    def _require_tokenizer(self) -> Any:
+    def _require_tokenizer(self, what: str) -> Any:
         if self.engine.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            raise ValueError(
+                f"{what} needs a tokenizer, and this engine has none (skip_tokenizer_init=True "
+                "or no tokenizer files): pass prompts as token ids"
+            )
         return self.engine.tokenizer
 
 
@@ -184,11 +196,3 @@ def _params_for(
                 f"sampling_params entries must be SamplingParams, got {type(p).__name__}"
             )
     return params
-
-
-def _check_messages(conversation: list[Message]) -> None:
-    if not conversation:
-        raise ValueError("messages must not be empty")
-    for m in conversation:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"each message needs 'role' and 'content', got {m!r}")

@@ -7,6 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
+# torch.Generator.manual_seed takes an unsigned 64-bit seed. It also takes negative ones down to
+# -2**63, but maps them onto seed + 2**64 (-1 and 2**64 - 1 give the same samples), so negative
+# seeds are refused rather than silently aliased.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(init=False)
@@ -17,6 +21,8 @@ class SamplingParams:
     ``max_tokens=None`` generates until EOS or the model's context is full.
     ``logprobs=k`` returns the chosen token's log-probability and the top ``k``
     alternatives, computed from the raw model logits (before temperature or penalties).
+    ``seed`` is an integer in [0, 2**64 - 1]; sample ``i`` of ``n`` uses ``(seed + i) mod 2**64``.
+    ``detokenize=False`` returns token ids only: the outputs' text is empty.
     Unknown keywords raise ``ValueError`` naming the allowed ones.
     """
 
@@ -37,6 +43,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
     def __init__(self, **kwargs: object) -> None:
         names = {f.name: f for f in dataclasses.fields(self)}
@@ -89,7 +96,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check_number(name, getattr(self, name), "must be in [-2, 2]", lambda v: -2 <= v <= 2)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0)
+            _check_int("seed", self.seed, low=0, high=MAX_SEED)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)
@@ -99,11 +106,18 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=_MAX_LOGPROBS)
+        if not isinstance(self.detokenize, bool):
+            raise ValueError(f"detokenize must be true or false, got {self.detokenize!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, low=0)
+        if self.stop and not self.detokenize:
+            raise ValueError(
+                "stop strings need detokenize=True (they are matched in the text); "
+                "use stop_token_ids instead"
+            )
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None, note: str = "") -> None:

@@ -14,7 +14,12 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer: cannot load a tokenizer from {path}: {e}") from e
+        raise ValueError(
+            f"tokenizer: cannot load a tokenizer from {path}. Pass tokenizer= (--tokenizer) a "
+            "directory or Hub id that has one, or skip_tokenizer_init=True "
+            "(--skip-tokenizer-init) to give prompts as token ids and get token ids back. "
+            f"transformers said: {' '.join(str(e).split())}"
+        ) from e
 
 
 def eos_token_ids(path: str | Path | None, tokenizer: Any | None) -> tuple[int, ...]:

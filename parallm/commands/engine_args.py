@@ -15,7 +15,24 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--model",
         required=model_required,
         default=None,
-        help="Hugging Face model directory (config.json, safetensors, tokenizer)",
+        help="Hugging Face model directory (config.json, safetensors, tokenizer) or Hub id "
+        "(e.g. Qwen/Qwen3-0.6B: from the cache, else downloaded unless HF_HUB_OFFLINE=1)",
+    )
+    g.add_argument(
+        "--revision",
+        default=None,
+        help="for a Hugging Face Hub id: the branch, tag or commit to load (default: main)",
+    )
+    g.add_argument(
+        "--download-dir",
+        default=None,
+        help="for a Hugging Face Hub id: the cache folder to look in and download to "
+        "(default: the Hugging Face cache, $HF_HOME/hub)",
+    )
+    g.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="load no tokenizer: prompts must be token ids, outputs carry token ids and no text",
     )
     g.add_argument(
         "--config",
@@ -115,7 +132,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
-        skinny_gemm_max_rows=args.skinny_gemm_max_rows,
+        skinny_gemm_max_rows=args.skinny_gemm_max_rows, revision=args.revision,
+        download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

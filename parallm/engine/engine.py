@@ -21,11 +21,12 @@ from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.scheduler import Scheduler
+from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import select_backend
 from parallm.layers.linear_dispatch import use_skinny_gemm
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
-from parallm.sampling_params import SamplingParams
+from parallm.sampling_params import MAX_SEED, SamplingParams
 from parallm.tokenizer import eos_token_ids, id_tokenizer, load_tokenizer
 
 logger = logging.getLogger("parallm")
@@ -36,8 +37,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
-        self.model_config = model_config or ModelConfig.from_path(_require(config.model))
         self.device = resolve_device(config.device)
+        # A Hub id becomes its snapshot's directory here (a download unless cached).
+        self.model_dir = _model_dir(config)
+        self.model_config = model_config or ModelConfig.from_path(_require(self.model_dir))
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         # Every argument is checked before the (slow) model load.
@@ -50,7 +53,7 @@ class LLMEngine:
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
-        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.runner = ModelRunner(
             self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
             self.eos_token_ids, fused_argmax=self.fused_kernels,
@@ -71,7 +74,7 @@ class LLMEngine:
     def _load_model(self) -> torch.nn.Module:
         cfg = self.config
         model = load_model(
-            cfg.model, self.model_config, self.dtype, self.device,
+            self.model_dir, self.model_config, self.dtype, self.device,
             max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
         )  # fmt: skip
         model.fuse_projections()
@@ -99,10 +102,19 @@ class LLMEngine:
         return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
 
     def _load_tokenizer(self) -> Any | None:
-        path = self.config.tokenizer or self.config.model
-        if path is not None:
-            return load_tokenizer(path)
-        if self.config.load_format == "dummy":
+        cfg = self.config
+        if cfg.skip_tokenizer_init:
+            return None
+        if cfg.tokenizer is not None:
+            # A tokenizer of another Hub repository is taken at that repository's main.
+            revision = cfg.revision if cfg.tokenizer == cfg.model else None
+            return load_tokenizer(resolve_model_dir(
+                cfg.tokenizer, field="tokenizer", revision=revision, download_dir=cfg.download_dir,
+                patterns=TOKENIZER_PATTERNS, required=("tokenizer*",),
+            ))  # fmt: skip
+        if self.model_dir is not None:
+            return load_tokenizer(self.model_dir)
+        if cfg.load_format == "dummy":
             return id_tokenizer(self.model_config.vocab_size)
         return None
 
@@ -126,6 +138,14 @@ class LLMEngine:
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
             f"loaded in {self.load_seconds:.1f}s; {graphs}"
         )
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """ValueError for what this engine cannot honour: stop strings without a tokenizer."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop strings need a tokenizer, and this engine has none (skip_tokenizer_init="
+                "True or no tokenizer files); use stop_token_ids instead"
+            )
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """ValueError naming the problem: empty, too long, or ids outside the vocabulary."""
@@ -153,6 +173,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        self.validate_params(params)
         seqs = self._make_sequences(request_id, list(prompt_token_ids), params)
         request = Request(request_id, prompt, list(prompt_token_ids), params, seqs)
         self.requests[request_id] = request
@@ -168,7 +189,9 @@ class LLMEngine:
         for i in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+                # Wraps so that every seed SamplingParams accepts stays in manual_seed's range.
+                seed = (params.seed + i) % (MAX_SEED + 1)
+                generator = torch.Generator(device=self.device).manual_seed(seed)
             parent = seqs[0] if seqs else None
             seqs.append(
                 Sequence(request_id, i, ids, params, now, generator,
@@ -266,6 +289,18 @@ class LLMEngine:
             num_overlapped_steps=self.num_overlapped_steps,
         )
         return s
+
+
+def _model_dir(config: EngineConfig) -> str | None:
+    """The local directory of ``config.model`` (a directory or a Hub id), or None without one."""
+    if config.model is None:
+        return None
+    dummy = config.load_format == "dummy"
+    return resolve_model_dir(
+        config.model, revision=config.revision, download_dir=config.download_dir,
+        patterns=DUMMY_MODEL_PATTERNS if dummy else MODEL_PATTERNS,
+        required=("config.json",) if dummy else ("config.json", "*.safetensors"),
+    )  # fmt: skip
 
 
 def _require(model: str | None) -> str:

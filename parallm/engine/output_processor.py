@@ -9,6 +9,7 @@ from parallm.detokenizer import IncrementalDetokenizer, decode_in_context
 from parallm.engine.request import Request, Sequence
 from parallm.engine.sampler import SamplerOutput
 from parallm.outputs import CompletionOutput, Logprob, RequestOutput
+from parallm.sampling_params import SamplingParams
 
 
 class OutputProcessor:
@@ -27,7 +28,7 @@ class OutputProcessor:
     def register(self, request: Request, stream: bool) -> None:
         self.streaming[request.request_id] = stream
         # Detokenize as we go only when someone needs text before the end.
-        if self.tokenizer is None or not (stream or request.params.stop):
+        if not self._detokenizes(request.params) or not (stream or request.params.stop):
             return
         for seq in request.seqs:
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
@@ -74,21 +75,32 @@ class OutputProcessor:
             if seq.logprobs is not None:
                 k = seq.params.logprobs or 0
                 top_k = (top[0][:k], top[1][:k])
-                seq.logprobs.append(self._logprob_entry(token, logprob[0], logprob[1], top_k))
+                entry = self._logprob_entry(seq.params, token, logprob[0], logprob[1], top_k)
+                seq.logprobs.append(entry)
         return self._check_stop(seq, token)
 
     def _logprob_entry(
-        self, token: int, logprob: float, rank: int, top: tuple[list[int], list[float]]
+        self,
+        params: SamplingParams,
+        token: int,
+        logprob: float,
+        rank: int,
+        top: tuple[list[int], list[float]],
     ) -> dict[int, Logprob]:
+        decode = self._detokenizes(params)
         entry = {
-            tid: Logprob(lp, r + 1, self._decode_one(tid))
+            tid: Logprob(lp, r + 1, self._decode_one(tid) if decode else None)
             for r, (tid, lp) in enumerate(zip(*top, strict=True))
         }
-        entry[token] = Logprob(logprob, rank, self._decode_one(token))
+        entry[token] = Logprob(logprob, rank, self._decode_one(token) if decode else None)
         return entry
 
-    def _decode_one(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
+    def _detokenizes(self, params: SamplingParams) -> bool:
+        """Whether outputs of a request carry text: a tokenizer and ``detokenize=True``."""
+        return self.tokenizer is not None and params.detokenize
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
@@ -175,7 +187,7 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 detok.finish()
             return detok.take_delta() if delta else detok.text
-        if self.tokenizer is None or (delta and seq.finish_reason is None):
+        if not self._detokenizes(seq.params) or (delta and seq.finish_reason is None):
             return ""
         ids = seq.output_token_ids
         if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from parallm.chat_messages import ChatRole
+
 MAX_N = 128  # OpenAI's limit on samples per request
 MAX_LOGPROBS = 20  # the engine's limit (SamplingParams)
 
@@ -78,7 +80,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: ChatRole
     content: str | list[TextPart] | None = None
     name: str | None = None
 
