@@ -227,3 +227,23 @@ def test_export_greedy_tokens_match_in_parallm(tmp_path: Path, trained_checkpoin
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
     assert ours == theirs.tolist()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_export_file_modes_follow_umask(
+    tmp_path: Path, trained_checkpoint: Path, umask: int
+) -> None:
+    """Every exported file, the weights included, gets 0666 minus the umask (0644 usually)."""
+    import os
+    import stat
+
+    from parallm.train.export import export_checkpoint
+
+    old = os.umask(umask)
+    try:
+        export_checkpoint(trained_checkpoint, tmp_path / "hf", dtype="float32")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask, modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes

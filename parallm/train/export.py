@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -50,16 +51,23 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "bfloat16") -> P
         for name, tensor in model.state_dict().items()
         if not (hf_config["tie_word_embeddings"] and name == "lm_head.weight")
     }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config = {**hf_config, "torch_dtype": dtype}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    weights = out / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); give the weights the
+    # mode the umask gave every other file written here.
+    weights.chmod(stat.S_IMODE((out / "config.json").stat().st_mode))
     generation = {
         "bos_token_id": hf_config.get("bos_token_id"),
         "eos_token_id": hf_config.get("eos_token_id"),
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if (source / "tokenizer").is_dir():
-        shutil.copytree(source / "tokenizer", out, dirs_exist_ok=True)
+        # copyfile, not copy2: new files get the umask's mode, like the rest of the export.
+        shutil.copytree(
+            source / "tokenizer", out, dirs_exist_ok=True, copy_function=shutil.copyfile
+        )
     state = read_train_state(source)
     (out / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
     return source
