@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from parallm.cli import main
 
@@ -32,3 +35,25 @@ def test_throughput_runs_the_standard_workload_shape(tiny_model_dir, tmp_path):
     assert row["requests"] == 6
     assert 6 * 4 <= row["output_tokens"] <= 6 * 12
     assert row["output_tokens_per_s"] > 0 and row["total_tokens_per_s"] > row["output_tokens_per_s"]
+
+
+def test_latency_table_units_and_no_roofline_on_cpu(tiny_model_dir, tmp_path, capsys):
+    """GB/step is in GB; a CPU has no measured copy bandwidth, so no roofline columns."""
+    config = tiny_model_dir("llama3") / "config.json"
+    out = tmp_path / "latency.json"
+    code = main(["bench", "latency", "--config", str(config), "--device", "cpu",
+                 "--batch-size", "2", "--num-iters", "1", "--input-len", "8", "--output-len", "3",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "copy bandwidth (read+write): not measured on cpu" in printed
+    assert "0 GB/s" not in printed
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("batch"))
+    columns = re.split(r"\s{2,}", lines[header].strip())
+    assert columns == ["batch", "ms/token", "tok/s", "GB/step", "prefill ms"]
+    cells = dict(zip(columns, re.split(r"\s{2,}", lines[header + 1].strip()), strict=True))
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["batch_size"] == int(cells["batch"]) == 2
+    assert float(cells["GB/step"]) == pytest.approx(row["bytes_per_step"] / 1e9, rel=1e-3)
+    assert json.loads(out.read_text())["copy_bandwidth_gbps"] is None

@@ -21,10 +21,35 @@ from parallm.engine.runner import kv_bytes_per_block
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
+    p.add_argument(
+        "--batch-sizes",
+        "--batch-size",
+        type=batch_sizes,
+        default="1,8,32,128",
+        help="batch sizes to time: one, or several separated by commas",
+    )
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    p.add_argument("--iters", type=int, default=3, help="timed repetitions (median is kept)")
+    p.add_argument(
+        "--iters",
+        "--num-iters",
+        type=int,
+        default=3,
+        help="timed repetitions after a warm-up run (the median is kept)",
+    )
+
+
+def batch_sizes(text: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]``; each a positive integer."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, e.g. 1,8,32; got {text!r}"
+        )
+    return sizes
 
 
 def _timed_run(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
@@ -103,12 +128,14 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     engine = llm.engine
     weights = weight_bytes_per_step(engine.runner.model)
     kv_per_token = kv_bytes_per_block(engine.model_config, 1, engine.dtype)
+    # Only a GPU's copy rate is a roofline for decode; on a CPU the figure would be meaningless.
     copy_gbps = copy_bandwidth_gbps(engine.device)
     rows = []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch in args.batch_sizes:
         row = measure(llm, batch, args.input_len, args.output_len, args.iters)
         avg_context = args.input_len + args.output_len / 2
         row["bytes_per_step"] = weights + batch * avg_context * kv_per_token
+        row["gb_per_step"] = row["bytes_per_step"] / 1e9
         row["achieved_gbps"] = row["bytes_per_step"] / (row["step_ms"] / 1e3) / 1e9
         if copy_gbps:
             row["roofline_pct"] = 100 * row["achieved_gbps"] / copy_gbps
@@ -116,14 +143,16 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         row["graph_ms"] = graph_replay_ms(llm, batch)
         rows.append(row)
     print(engine.summary())
-    print(f"copy bandwidth (read+write): {copy_gbps or 0:.0f} GB/s; weights read per step: "
+    bandwidth = (f"{copy_gbps:.0f} GB/s" if copy_gbps
+                 else f"not measured on {engine.device.type} (no roofline columns)")  # fmt: skip
+    print(f"copy bandwidth (read+write): {bandwidth}; weights read per step: "
           f"{weights / 1e9:.3f} GB; input {args.input_len}, output {args.output_len} tokens")  # fmt: skip
-    print_table(rows, [
-        ("batch_size", "batch", "d"), ("ms_per_token", "ms/token", ".3f"),
-        ("tokens_per_s", "tok/s", ".0f"), ("bytes_per_step", "GB/step", ".3e"),
-        ("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
-        ("graph_ms", "graph ms", ".3f"), ("prefill_ms", "prefill ms", ".1f"),
-    ])  # fmt: skip
+    columns = [("batch_size", "batch", "d"), ("ms_per_token", "ms/token", ".3f"),
+               ("tokens_per_s", "tok/s", ".0f"), ("gb_per_step", "GB/step", ".4g")]  # fmt: skip
+    if copy_gbps:
+        columns += [("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
+                    ("graph_ms", "graph ms", ".3f")]  # fmt: skip
+    print_table(rows, [*columns, ("prefill_ms", "prefill ms", ".1f")])
     payload = {"benchmark": "latency", "env": environment(), "summary": engine.summary(),
                "copy_bandwidth_gbps": copy_gbps, "weight_bytes": weights, "args": vars(args) | {"func": None},
                "results": rows}  # fmt: skip
