@@ -5,17 +5,53 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from parallm.commands import bench, export, generate, serve, tiny_model, train
 
 _COMMANDS = [generate, serve, bench, tiny_model, train, export]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default. An unset (None) default is not shown: such options say in
+    their help what leaving them unset means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand: shows defaults, and reports an unknown flag with its own
+    usage line (``usage: parallm serve ...``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # argparse hands a subcommand's leftovers up to the top-level parser, which reports them
+        # with its own usage; report them here instead.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="parallm", description="Serve and train large language models fast."
+        prog="parallm",
+        description="Serve and train large language models fast.",
+        formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Subcommands' parsers, and theirs (`bench serve`), are CommandParsers.
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
+    )
     for command in _COMMANDS:
         command.add_parser(sub)
     return parser
@@ -27,10 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:
-        print(f"parallm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """``parallm COMMAND`` (``parallm bench serve`` for a benchmark), as errors name it."""
+    bench_kind = getattr(args, "bench", None)
+    return f"parallm {args.command}" + (f" {bench_kind}" if bench_kind else "")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ class EngineConfig:
 
     model: str | None = None  # a local directory or a Hugging Face Hub id
     tokenizer: str | None = None  # default: the model's
+    # A file or the Jinja text itself; replaces the tokenizer's own template (None: keep it).
+    chat_template: str | None = None
     # Hub ids: the branch, tag or commit to fetch, and the cache folder (default: HF's cache).
     revision: str | None = None
     download_dir: str | None = None

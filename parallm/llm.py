@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from parallm.bundled import default_model_path
 from parallm.chat_messages import check_messages
+from parallm.chat_template import load_chat_template
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.engine import LLMEngine
 from parallm.outputs import RequestOutput
@@ -41,6 +42,9 @@ class LLM:
         if model is None:
             model = default_model_path()
         config = EngineConfig.from_kwargs(model=model, **kwargs)
+        # Read and checked before the model loads; it then replaces the tokenizer's template,
+        # for chat() and the server's chat route alike.
+        chat_template = config.chat_template and load_chat_template(config.chat_template)
         model_config = None
         if model is not None and Path(model).is_file():
             if config.load_format != "dummy":
@@ -48,6 +52,10 @@ class LLM:
             model_config = ModelConfig.from_path(model)
             config.model = None
         self.engine = LLMEngine(config, model_config)
+        if chat_template:
+            if self.engine.tokenizer is None:
+                raise ValueError("chat_template needs a tokenizer, and this engine has none")
+            self.engine.tokenizer.chat_template = chat_template
         self._ids = itertools.count()
         logger.info(self.engine.summary())
 

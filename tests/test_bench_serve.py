@@ -1,10 +1,16 @@
-"""``parallm bench serve``: the SSE parser, the statistics, trace parsing, and full runs against
-the real server with a tiny model (a few seconds of the Azure conversation trace, and Poisson)."""
+"""``parallm bench serve``: the SSE parser, the statistics, trace parsing, the flags (vLLM's
+spellings and ours), and full runs against the real server with a tiny model (the default
+random dataset, random chat, and with ../shared: the Azure conversation trace and sonnet text).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import re
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,17 +23,25 @@ from parallm.bench.serve_client import RequestResult, SSEParser
 from parallm.bench.serve_report import distribution_ms, meets_slo, summarize
 from parallm.bench.serve_workload import (
     PromptMaker,
+    arrival_times,
     build_requests,
     load_trace,
-    poisson_shapes,
+    random_lengths,
+    synthetic_shapes,
     trace_shapes,
 )
-from parallm.cli import build_parser
+from parallm.cli import build_parser, main
 from parallm.server.launcher import ServerThread
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The project's shared data sits beside the clone (../shared); a fresh clone has none, and the
+# tests that need it skip. PARALLM_SHARED_DIR points elsewhere (a missing folder hides it).
+SHARED = Path(os.environ.get("PARALLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 CONV_TRACE = SHARED / "traces" / "AzureLLMInferenceTrace_conv.csv"
-needs_trace = pytest.mark.skipif(not CONV_TRACE.exists(), reason="no shared Azure trace")
+SONNET = SHARED / "prompts" / "llmperf_sonnet.txt"
+needs_trace = pytest.mark.skipif(
+    not CONV_TRACE.exists(), reason=f"no Azure conversation trace at {CONV_TRACE}"
+)
+needs_sonnet = pytest.mark.skipif(not SONNET.exists(), reason=f"no sonnet text at {SONNET}")
 
 
 # ---- unit tests ------------------------------------------------------------------------------
@@ -112,15 +126,118 @@ def test_trace_rows_and_replay_times() -> None:
 
 
 def test_synthetic_prompts_have_the_lengths_asked() -> None:
-    shapes = poisson_shapes(50, 10.0, input_len=30, output_len=None, rng=random.Random(0))
+    shapes = synthetic_shapes(50, 10.0, input_len=30, output_len=None, rng=random.Random(0))
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(shapes, shapes[1:], strict=False)]
     assert all(g > 0 for g in gaps) and 2 < shapes[-1].arrival_s < 10  # ~49 gaps of 0.1 s
-    assert {s.arrival_s for s in poisson_shapes(3, float("inf"), 1, 1, random.Random(0))} == {0}
+    assert {s.arrival_s for s in synthetic_shapes(3, float("inf"), 1, 1, random.Random(0))} == {0}
     maker = PromptMaker("random", "completions", random.Random(0))
     specs = build_requests(shapes, maker, default_output_len=7, max_input=20)
     assert all(len(s.prompt) == s.input_len == 20 for s in specs)  # capped at 20 token ids
     assert all(10 <= i < 256 for s in specs for i in s.prompt)
     assert {s.output_len for s in specs} == {7}
+
+
+def test_burstiness_shapes_the_gaps_around_the_same_rate() -> None:
+    # Gamma gaps of shape k and mean 1/rate have a coefficient of variation 1/sqrt(k): k = 1 is
+    # Poisson (CV 1), k = 0.25 bursty (CV 2), k = 16 nearly even (CV 0.25).
+    for burstiness in (0.25, 1.0, 16.0):
+        times = arrival_times(4000, 50.0, burstiness, random.Random(1))
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert statistics.fmean(gaps) == pytest.approx(1 / 50, rel=0.1), burstiness
+        cv = statistics.pstdev(gaps) / statistics.fmean(gaps)
+        assert cv == pytest.approx(1 / math.sqrt(burstiness), rel=0.1), burstiness
+    with pytest.raises(ValueError, match="--burstiness must be positive"):
+        arrival_times(3, 1.0, 0.0, random.Random(0))
+
+
+def test_random_range_ratio_spreads_lengths() -> None:
+    assert set(random_lengths(50, 100, 0.0, random.Random(0))) == {100}
+    lengths = random_lengths(2000, 100, 0.25, random.Random(0))
+    assert min(lengths) == 75 and max(lengths) == 125  # both ends drawn
+    assert statistics.fmean(lengths) == pytest.approx(100, rel=0.02)
+    assert min(random_lengths(200, 2, 0.9, random.Random(0))) == 1  # never below one token
+    with pytest.raises(ValueError, match=r"--random-range-ratio must be in \[0, 1\)"):
+        random_lengths(3, 100, 1.0, random.Random(0))
+
+
+def _serve_args(*flags: str) -> Any:
+    return build_parser().parse_args(["bench", "serve", "--base-url", "http://x", *flags])
+
+
+def test_vllm_flag_spellings_and_the_old_ones() -> None:
+    args = _serve_args(
+        "--num-prompts", "7", "--dataset-name", "random", "--random-input-len", "33",
+        "--random-output-len", "5", "--random-range-ratio", "0.5", "--burstiness", "0.5",
+        "--goodput", "ttft:500", "tpot:50", "e2el:3000", "--percentile-metrics", "ttft,e2el",
+        "--metric-percentiles", "25,99.9", "--save-result", "--result-dir", "out",
+    )  # fmt: skip
+    assert (args.num_prompts, args.dataset_name, args.random_input_len) == (7, "random", 33)
+    assert (args.random_output_len, args.random_range_ratio, args.burstiness) == (5, 0.5, 0.5)
+    assert serve.slo_limits(args) == {"ttft": 500.0, "tpot": 50.0, "e2e": 3000.0}
+    assert args.percentile_metrics == ("ttft", "e2e")
+    assert args.metric_percentiles == (25.0, 99.9)
+    assert args.save_result and args.result_dir == Path("out")
+    # Defaults: vLLM's random lengths, our three percentiles of all four metrics.
+    default = _serve_args()
+    assert (default.dataset_name, default.num_prompts) == ("random", 1000)
+    assert (default.random_input_len, default.random_output_len) == (1024, 128)
+    assert default.percentile_metrics == ("ttft", "tpot", "itl", "e2e")
+    assert default.metric_percentiles == (50, 90, 99)
+    assert not default.save_result and serve.slo_limits(default) == dict.fromkeys(
+        ("ttft", "tpot", "e2e")
+    )
+    old = _serve_args(
+        "--num-requests", "3", "--input-len", "9", "--output-len", "2", "--prompts", "sonnet",
+        "--prompts-file", "s.txt", "--slo-ttft-ms", "400", "--slo-tpot-ms", "40",
+    )  # fmt: skip
+    assert (old.num_prompts, old.random_input_len, old.random_output_len) == (3, 9, 2)
+    assert (old.dataset_name, old.dataset_path) == ("sonnet", Path("s.txt"))
+    assert serve.slo_limits(old) == {"ttft": 400.0, "tpot": 40.0, "e2e": None}
+    with pytest.raises(ValueError, match="disagree"):
+        serve.slo_limits(_serve_args("--goodput", "ttft:500", "--slo-ttft-ms", "400"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--goodput", "ttfb:5"], "METRIC one of ttft, tpot, e2el"),
+        (["--goodput", "ttft:-1"], "positive number of ms"),
+        (["--percentile-metrics", "ttft,latency"], "from ttft, tpot, itl, e2el"),
+        (["--metric-percentiles", "50,101"], "percentiles in [0, 100]"),
+        (["--dataset-name", "hf"], "invalid choice: 'hf'"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(flags: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _serve_args(*flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: parallm bench serve")
+    assert f"parallm bench serve: error: argument {flags[0]}" in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trace", "{missing}"], "the trace {missing}: no such file"),
+        (["--dataset-name", "trace", "--dataset-path", "{missing}"], "no such file"),
+        (["--dataset-name", "sonnet", "--prompts-file", "{missing}"], "no such file"),
+        (["--dataset-name", "sharegpt"], "--dataset-name sharegpt needs --dataset-path"),
+        (["--dataset-name", "trace"], "--dataset-name trace needs --dataset-path"),
+        (["--dataset-path", "{missing}"], "not used by --dataset-name random"),
+        (["--endpoint", "chat"], "random prompts for --endpoint chat need --tokenizer"),
+    ],
+)
+def test_bad_datasets_are_one_line_errors(flags, message, tmp_path, capsys) -> None:
+    # Nothing listens on the URL: the dataset is checked before any request is sent.
+    missing = str(tmp_path / "missing.csv")
+    flags = [f.format(missing=missing) for f in flags]
+    argv = ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--no-progress", *flags]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and out.err.startswith("parallm bench serve: error: ")
+    assert message.format(missing=missing) in out.err
+    assert out.out == ""
 
 
 # ---- against the real server -----------------------------------------------------------------
@@ -142,15 +259,25 @@ def _bench(server: ServerThread, tmp_path: Path, *flags: str) -> dict[str, Any]:
     return payload
 
 
-def _check_report(payload: dict[str, Any], n: int) -> dict[str, Any]:
+def _check_report(
+    payload: dict[str, Any],
+    n: int,
+    metrics: tuple[str, ...] = ("ttft", "tpot", "itl", "e2e"),
+    percentiles: tuple[str, ...] = ("p50", "p90", "p99"),
+) -> dict[str, Any]:
     s = payload["summary"]
     assert (s["requests"], s["completed"], s["failed"], s["cancelled"]) == (n, n, 0, 0), s
     assert s["errors"] == [] and s["short_outputs"] == 0
-    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-        d = s[metric]
-        assert 0 < d["p50"] <= d["p90"] <= d["p99"], (metric, d)
+    assert [k.removesuffix("_ms") for k in s if k.endswith("_ms") and isinstance(s[k], dict)] == [
+        *metrics
+    ]
+    for metric in metrics:
+        d = s[f"{metric}_ms"]
+        assert list(d) == ["mean", *percentiles]
+        values = [d[p] for p in percentiles]
+        assert values[0] > 0 and values == sorted(values), (metric, d)
         assert d["mean"] > 0
-    assert s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
+    assert s["ttft_ms"]["mean"] <= s["e2e_ms"]["mean"]
     assert 0 <= s["goodput"] <= s["request_throughput"]
     assert s["output_token_throughput"] < s["total_token_throughput"]
     reqs = payload["requests"]
@@ -180,11 +307,51 @@ def test_replay_azure_conversation_trace(server: ServerThread, tmp_path: Path) -
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_default_random_dataset_needs_no_file(server: ServerThread, tmp_path: Path, capsys) -> None:
+    """No dataset flag: random token-id prompts of the requested lengths, and vLLM's report
+    and result flags."""
+    results = tmp_path / "results"
+    payload = _bench(
+        server, tmp_path, "--num-prompts", "6", "--random-input-len", "24",
+        "--random-output-len", "4", "--goodput", "ttft:5000", "e2el:20000",
+        "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99.5",
+        "--save-result", "--result-dir", str(results),
+    )  # fmt: skip
+    s = _check_report(payload, 6, metrics=("ttft", "e2e"), percentiles=("p50", "p99.5"))
+    reqs = payload["requests"]
+    assert [r["prompt_tokens"] for r in reqs] == [24] * 6  # token ids: exact lengths
+    assert [r["output_tokens"] for r in reqs] == [4] * 6
+    assert (s["slo_ttft_ms"], s["slo_tpot_ms"], s["slo_e2e_ms"]) == (5000, None, 20000)
+    assert s["goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: all good
+    (saved,) = results.iterdir()
+    assert re.fullmatch(rf"completions-infqps-{MODEL_NAME}-\d{{8}}-\d{{6}}\.json", saved.name)
+    assert json.loads(saved.read_text())["summary"] == json.loads(json.dumps(s))
+    report = capsys.readouterr().out
+    assert "p99.5" in report and "TPOT" not in report and "E2E" in report
+    assert "meeting TTFT <= 5000 ms, E2E <= 20000 ms" in report
+
+
+def test_bursty_random_chat_with_a_tokenizer(server: ServerThread, tmp_path: Path) -> None:
+    # Chat takes text: the random ids are decoded with the tokenizer given.
+    payload = _bench(
+        server, tmp_path, "--endpoint", "chat", "--model", MODEL_NAME, "--request-rate", "20",
+        "--burstiness", "0.5", "--num-prompts", "8", "--random-input-len", "30",
+        "--random-output-len", "5", "--random-range-ratio", "0.5", "--max-concurrency", "4",
+        "--tokenizer", str(tiny_model_path()), "--slo-ttft-ms", "5000", "--slo-tpot-ms", "5000",
+    )  # fmt: skip
+    s = _check_report(payload, 8)
+    outputs = [r["output_tokens"] for r in payload["requests"]]
+    assert all(3 <= n <= 8 for n in outputs) and len(set(outputs)) > 1  # 5 +- 50%
+    assert s["goodput"] == pytest.approx(s["request_throughput"])
+
+
+@needs_sonnet
 def test_poisson_chat_with_sonnet_prompts(server: ServerThread, tmp_path: Path) -> None:
     payload = _bench(
         server, tmp_path, "--endpoint", "chat", "--model", MODEL_NAME, "--request-rate", "20",
         "--num-requests", "12", "--input-len", "40", "--output-len", "6", "--max-concurrency",
-        "4", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "5000",
+        "4", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "5000", "--dataset-name", "sonnet",
+        "--dataset-path", str(SONNET),
     )  # fmt: skip
     s = _check_report(payload, 12)
     assert s["goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: all good

@@ -12,17 +12,26 @@ from parallm.bench.serve_client import RequestResult
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "tpot", "itl", "e2e")
+# The names vLLM's --percentile-metrics and --goodput use for them.
+METRIC_ALIASES = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2el": "e2e", "e2e": "e2e"}
 MAX_ERRORS = 5  # distinct error messages kept in the report
 
 
-def distribution_ms(values_s: list[float]) -> dict[str, float | None]:
+def percentile_key(p: float) -> str:
+    """``p50``, ``p99.9``: the key of a percentile in the report."""
+    return f"p{p:g}"
+
+
+def distribution_ms(
+    values_s: list[float], percentiles: tuple[float, ...] = PERCENTILES
+) -> dict[str, float | None]:
     """Mean and percentiles (linear interpolation) in milliseconds; None when empty."""
-    keys = ["mean", *(f"p{p}" for p in PERCENTILES)]
+    keys = ["mean", *(percentile_key(p) for p in percentiles)]
     if not values_s:
         return dict.fromkeys(keys)
     ms = np.asarray(values_s, dtype=float) * 1e3
     stats = {"mean": float(ms.mean())}
-    stats.update({f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES})
+    stats.update({percentile_key(p): float(np.percentile(ms, p)) for p in percentiles})
     return stats
 
 
@@ -37,11 +46,18 @@ def metric_values(results: list[RequestResult]) -> dict[str, list[float]]:
     }
 
 
-def meets_slo(r: RequestResult, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
-    """Completed within both SLOs (an unset SLO always holds; a 1-token output has no TPOT)."""
+def meets_slo(
+    r: RequestResult,
+    slo_ttft_ms: float | None,
+    slo_tpot_ms: float | None,
+    slo_e2e_ms: float | None = None,
+) -> bool:
+    """Completed within every SLO (an unset SLO always holds; a 1-token output has no TPOT)."""
     if r.status != "ok":
         return False
     if slo_ttft_ms is not None and (r.ttft_s is None or r.ttft_s * 1e3 > slo_ttft_ms):
+        return False
+    if slo_e2e_ms is not None and (r.e2e_s is None or r.e2e_s * 1e3 > slo_e2e_ms):
         return False
     tpot = r.tpot_s
     return slo_tpot_ms is None or tpot is None or tpot * 1e3 <= slo_tpot_ms
@@ -52,14 +68,18 @@ def summarize(
     duration_s: float,
     slo_ttft_ms: float | None = None,
     slo_tpot_ms: float | None = None,
+    slo_e2e_ms: float | None = None,
+    metrics: tuple[str, ...] = METRICS,
+    percentiles: tuple[float, ...] = PERCENTILES,
 ) -> dict[str, Any]:
-    """The report: counts, rates, goodput and latency distributions."""
+    """The report: counts, rates, goodput, and the distributions of ``metrics`` (mean and
+    ``percentiles``)."""
     ok = [r for r in results if r.status == "ok"]
     input_tokens = sum(r.prompt_tokens if r.prompt_tokens is not None else r.input_len for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     duration = max(duration_s, 1e-9)
-    has_slo = slo_ttft_ms is not None or slo_tpot_ms is not None
-    good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in ok)
+    has_slo = any(slo is not None for slo in (slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
+    good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms, slo_e2e_ms) for r in ok)
     summary: dict[str, Any] = {
         "requests": len(results),
         "completed": len(ok),
@@ -75,13 +95,15 @@ def summarize(
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         "slo_ttft_ms": slo_ttft_ms,
         "slo_tpot_ms": slo_tpot_ms,
+        "slo_e2e_ms": slo_e2e_ms,
         "goodput": good / duration if has_slo else None,
         "slo_attainment": good / len(results) if has_slo and results else None,
         "errors": _first_errors(results),
+        "percentiles": list(percentiles),
     }
     values = metric_values(results)
-    for name in METRICS:
-        summary[f"{name}_ms"] = distribution_ms(values[name])
+    for name in metrics:
+        summary[f"{name}_ms"] = distribution_ms(values[name], percentiles)
     return summary
 
 
@@ -94,14 +116,15 @@ def _first_errors(results: list[RequestResult]) -> list[str]:
 
 
 def print_report(summary: dict[str, Any]) -> None:
-    rows = [{"metric": name.upper(), **summary[f"{name}_ms"]} for name in METRICS]
+    keys = [percentile_key(p) for p in summary["percentiles"]]
+    rows = [
+        {"metric": name.upper(), **summary[f"{name}_ms"]}
+        for name in METRICS
+        if f"{name}_ms" in summary
+    ]
     print_table(
         rows,
-        [
-            ("metric", "latency (ms)", "s"),
-            ("mean", "mean", ".1f"),
-            *((f"p{p}", f"p{p}", ".1f") for p in PERCENTILES),
-        ],
+        [("metric", "latency (ms)", "s"), ("mean", "mean", ".1f"), *((k, k, ".1f") for k in keys)],
     )
     s = summary
     print(
@@ -114,9 +137,14 @@ def print_report(summary: dict[str, Any]) -> None:
         f"{s['total_token_throughput']:.1f} total tok/s"
     )
     if s["goodput"] is not None:
+        limits = ", ".join(
+            f"{name.upper()} <= {s[f'slo_{name}_ms']:g} ms"
+            for name in ("ttft", "tpot", "e2e")
+            if s[f"slo_{name}_ms"] is not None
+        )
         print(
-            f"goodput: {s['goodput']:.2f} req/s meeting TTFT <= {s['slo_ttft_ms']} ms and "
-            f"TPOT <= {s['slo_tpot_ms']} ms ({100 * s['slo_attainment']:.1f}% of requests)"
+            f"goodput: {s['goodput']:.2f} req/s meeting {limits} "
+            f"({100 * s['slo_attainment']:.1f}% of requests)"
         )
     if s["short_outputs"]:
         print(

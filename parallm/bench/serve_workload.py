@@ -1,8 +1,9 @@
 """What ``parallm bench serve`` sends: arrival times, token counts and prompts.
 
 Arrivals come from a trace (``TIMESTAMP,ContextTokens,GeneratedTokens``, as in the Azure LLM
-inference traces) or from a Poisson process. Prompts are synthesised to each request's input
-length (sonnet text, or random token ids) or taken from ShareGPT conversations.
+inference traces) or from a gamma process (Poisson at burstiness 1, as vLLM's). Prompts are
+synthesised to each request's input length (random token ids, or sonnet text) or taken from
+ShareGPT conversations.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# ``../shared/prompts`` next to the repository, where the project keeps its shared prompt files.
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[3] / "shared" / "prompts"
-PROMPT_FILES = {"sonnet": "llmperf_sonnet.txt", "sharegpt": "sharegpt_v3_filtered_1000.json"}
 CHARS_PER_TOKEN = 4  # the usual English estimate, used when no tokenizer is given
 RANDOM_ID_LOW = 10  # low ids are often special tokens in real vocabularies
 DEFAULT_RANDOM_VOCAB = 256  # without a tokenizer: ids every byte-level or byte-fallback vocab has
@@ -96,18 +94,50 @@ def trace_shapes(rows: list[TraceRow], time_scale: float) -> list[Shape]:
     ]
 
 
-def poisson_shapes(
-    num: int, rate: float, input_len: int, output_len: int | None, rng: random.Random
-) -> list[Shape]:
-    """``num`` arrivals of a Poisson process at ``rate`` per second (all at 0 when infinite)."""
+def arrival_times(num: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """``num`` arrival times from 0 with gamma-distributed gaps of mean ``1 / rate``: shape
+    ``burstiness`` (1 is a Poisson process; lower is burstier, higher more even), as vLLM draws
+    them. An infinite rate sends everything at 0."""
     if rate <= 0:
         raise ValueError("--request-rate must be positive (inf sends everything at once)")
-    t, shapes = 0.0, []
+    if burstiness <= 0:
+        raise ValueError(f"--burstiness must be positive, got {burstiness}")
+    t, times = 0.0, []
     for _ in range(num):
-        shapes.append(Shape(t, input_len, output_len))
+        times.append(t)
         if math.isfinite(rate):
-            t += rng.expovariate(rate)
-    return shapes
+            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return times
+
+
+def random_lengths(num: int, length: int, range_ratio: float, rng: random.Random) -> list[int]:
+    """``num`` lengths drawn uniformly from ``[length * (1 - r), length * (1 + r)]`` (vLLM's
+    ``--random-range-ratio``), at least 1; all ``length`` when ``r`` is 0."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    low = max(1, math.floor(length * (1 - range_ratio)))
+    high = max(low, math.ceil(length * (1 + range_ratio)))
+    return [rng.randint(low, high) for _ in range(num)]
+
+
+def synthetic_shapes(
+    num: int,
+    rate: float,
+    input_len: int,
+    output_len: int | None,
+    rng: random.Random,
+    burstiness: float = 1.0,
+    range_ratio: float = 0.0,
+) -> list[Shape]:
+    """``num`` requests arriving at ``rate`` per second with lengths around ``input_len`` and
+    ``output_len`` (None: the prompt data decides)."""
+    for flag, value in (("--random-input-len", input_len), ("--random-output-len", output_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    times = arrival_times(num, rate, burstiness, rng)
+    inputs = random_lengths(num, input_len, range_ratio, rng)
+    outputs = random_lengths(num, output_len, range_ratio, rng) if output_len else [None] * num
+    return [Shape(*shape) for shape in zip(times, inputs, outputs, strict=True)]
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -131,18 +161,24 @@ class PromptMaker:
         random_vocab: int | None = None,
     ) -> None:
         if kind == "random" and endpoint == "chat" and tokenizer is None:
-            raise ValueError("random prompts for chat need --tokenizer (text is decoded from ids)")
+            raise ValueError(
+                "random prompts for --endpoint chat need --tokenizer: chat takes text, which "
+                "is decoded from the random ids"
+            )
+        if kind != "random" and prompts_file is None:
+            raise ValueError(f"{kind} prompts need their file (--dataset-path)")
         self.kind, self.endpoint, self.rng, self.tokenizer = kind, endpoint, rng, tokenizer
         self._vocab = random_vocab or (len(tokenizer) if tokenizer else DEFAULT_RANDOM_VOCAB)
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         if kind == "random":
             return
-        file = prompts_file or DEFAULT_PROMPTS_DIR / PROMPT_FILES[kind]
         if kind == "sonnet":
-            self._text = file.read_text()
+            self._text = prompts_file.read_text()
+            if not self._text.strip():
+                raise ValueError(f"sonnet text {prompts_file} is empty")
             self._ids = self.encode(self._text) if tokenizer else None
         else:
-            self._pairs = load_sharegpt(file, rng)
+            self._pairs = load_sharegpt(prompts_file, rng)
             self._next = 0
 
     def encode(self, text: str) -> list[int]:
@@ -203,9 +239,12 @@ def load_sharegpt(path: Path, rng: random.Random) -> list[tuple[str, str | None]
 
     Filtered ShareGPT files may hold the prompts alone; then output lengths come from the
     trace or ``--output-len``."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations (ShareGPT's format)")
     pairs = []
-    for conv in json.loads(path.read_text()):
-        turns = conv.get("conversations", [])
+    for conv in data:
+        turns = conv.get("conversations", []) if isinstance(conv, dict) else []
         if turns and turns[0].get("value"):
             reply = turns[1].get("value") if len(turns) > 1 else None
             pairs.append((turns[0]["value"], reply or None))

@@ -35,6 +35,17 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="load no tokenizer: prompts must be token ids, outputs carry token ids and no text",
     )
     g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, when it is not the model's (unset: the model's)",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template for chat requests and --chat: a file, or the Jinja template itself "
+        "(unset: the tokenizer's)",
+    )
+    g.add_argument(
         "--config",
         default=None,
         help="a config.json alone; implies --load-format dummy (random weights)",
@@ -56,7 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--max-model-len",
         type=int,
         default=None,
-        help="context limit in tokens (default: the model's)",
+        help="context limit in tokens (unset: the model's)",
     )
     g.add_argument(
         "--kv-cache-memory",
@@ -78,10 +89,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         default=8192,
         help="token budget of one step (prompt chunks + decodes)",
     )
-    g.add_argument(
-        "--no-prefix-caching", action="store_true", help="turn automatic prefix caching off"
-    )
-    g.add_argument("--no-chunked-prefill", action="store_true", help="schedule whole prompts only")
+    _add_switch(g, "--enable-prefix-caching", "--no-prefix-caching", "automatic prefix caching")
+    _add_switch(
+        g, "--enable-chunked-prefill", "--no-chunked-prefill",
+        "chunked prefill (off: steps schedule whole prompts only)",
+    )  # fmt: skip
     g.add_argument(
         "--attention-backend",
         default="auto",
@@ -94,23 +106,31 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Triton RMSNorm+residual, rotary+KV-store and SiLU-mul kernels, and for one-token "
-        "steps GEMVs with the norm or SiLU-mul fused in; default: on for CUDA",
+        "steps GEMVs with the norm or SiLU-mul fused in (unset: on for CUDA)",
     )
     g.add_argument(
         "--skinny-gemm-max-rows",
         type=int,
         default=0,
         help="linears with at most this many rows (decode batches) use the Triton split-K GEMV "
-        "instead of cuBLAS; 0 (default) keeps cuBLAS (CUDA only, max 16)",
+        "instead of cuBLAS; 0 keeps cuBLAS (CUDA only, max 16)",
     )
     g.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="overlap a decode step's host work with the next step's GPU work; default: on "
-        "for CUDA",
+        help="overlap a decode step's host work with the next step's GPU work (unset: on for CUDA)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
+
+
+def _add_switch(g: argparse._ArgumentGroup, flag: str, old_off_flag: str, what: str) -> None:
+    """``--enable-X/--no-enable-X`` (vLLM's spelling), and the older ``--no-X`` as an alias."""
+    dest = flag.removeprefix("--").replace("-", "_")
+    g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=True,
+                   help=what)  # fmt: skip
+    g.add_argument(old_off_flag, dest=dest, action="store_false", default=argparse.SUPPRESS,
+                   help=f"same as --no-{flag.removeprefix('--')}")  # fmt: skip
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,12 +144,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
         model = default_model_path()
     kwargs = dict(
-        model=model, dtype=args.dtype, device=args.device, load_format=load_format,
+        model=model, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        dtype=args.dtype, device=args.device, load_format=load_format,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
-        enable_chunked_prefill=not args.no_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
         skinny_gemm_max_rows=args.skinny_gemm_max_rows, revision=args.revision,

@@ -15,15 +15,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt or a file of prompts",
-        description="Stream a completion of PROMPT to the terminal, or, with --prompts-file, "
-        "generate for every prompt in the file (continuous batching, progress bar) and write "
-        "JSON lines.",
+        description="Stream a completion of PROMPT to the terminal (with --n above 1, each "
+        "sample, labelled, as it finishes), or, with --prompts-file or --output, generate for "
+        "every prompt (continuous batching, progress bar) and write JSON lines holding every "
+        "sample.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt text (omit with --prompts-file)")
     p.add_argument(
         "--prompts-file", type=Path, help="one prompt per line, or JSON lines with a 'prompt' field"
     )
-    p.add_argument("--output", type=Path, help="write JSON lines here instead of stdout")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="write JSON lines (every sample of every prompt) here (unset: stdout)",
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
@@ -36,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
     s.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--n", type=int, default=1, help="samples per prompt (file mode)")
+    s.add_argument("--n", type=int, default=1, help="samples per prompt")
     s.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -81,22 +86,48 @@ def run(args: argparse.Namespace) -> int:
     print(llm.engine.summary(), file=sys.stderr)
     if args.prompts_file is not None:
         return _run_file(llm, read_prompts(args.prompts_file), params, args.output)
-    prompt: Any = args.prompt
-    if args.chat:
-        tok = llm.get_tokenizer()
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)  # fmt: skip
-        prompt = {"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]}
+    prompt = _chat_prompt(llm, args.prompt) if args.chat else args.prompt
+    if args.output is not None:
+        return _run_file(llm, [prompt], params, args.output)
+    if params.n == 1:
+        _stream(llm, prompt, params, echo=not args.chat)
     else:
+        _stream_samples(llm, prompt, params, echo=not args.chat)
+    return 0
+
+
+def _chat_prompt(llm: Any, text: str) -> dict[str, Any]:
+    tok = llm.get_tokenizer()
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    return {"prompt_token_ids": ids, "prompt": rendered}
+
+
+def _stream(llm: Any, prompt: Any, params: Any, echo: bool) -> None:
+    """One sample, token by token, after the prompt (``echo``)."""
+    if echo:
         sys.stdout.write(prompt)
     for out in llm.stream(prompt, params):
         sys.stdout.write(out.outputs[0].text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return 0
 
 
-def _run_file(llm: Any, prompts: list[str], params: Any, output: Path | None) -> int:
+def _stream_samples(llm: Any, prompt: Any, params: Any, echo: bool) -> None:
+    """Several samples: each printed whole, under a label, as soon as it finishes (their
+    tokens arrive interleaved, which a terminal cannot show side by side)."""
+    texts: dict[int, list[str]] = {}
+    for out in llm.stream(prompt, params):
+        for sample in out.outputs:
+            texts.setdefault(sample.index, []).append(sample.text)
+            if sample.finished:
+                label = f"sample {sample.index + 1} of {params.n}"
+                print(f"--- {label} (finish_reason: {sample.finish_reason}) ---")
+                print((prompt if echo else "") + "".join(texts[sample.index]), flush=True)
+
+
+def _run_file(llm: Any, prompts: list[Any], params: Any, output: Path | None) -> int:
     outs = llm.generate(prompts, params, use_tqdm=True)
     sink = output.open("w") if output else sys.stdout
     try:
@@ -105,6 +136,7 @@ def _run_file(llm: Any, prompts: list[str], params: Any, output: Path | None) ->
                 "prompt": out.prompt,
                 "completions": [
                     {
+                        "index": c.index,
                         "text": c.text,
                         "finish_reason": c.finish_reason,
                         "num_tokens": len(c.token_ids),

@@ -16,11 +16,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "/health and /metrics. One engine loop batches all connections. SIGTERM stops "
         "accepting, lets running requests finish (up to --drain-timeout), then exits.",
     )
+    p.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        default=None,
+        help="the model, as vLLM takes it: same as --model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument(
-        "--served-model-name", default=None, help="the model name clients use (default: --model)"
+        "--served-model-name",
+        default=None,
+        help="the model name clients use (unset: the --model given)",
     )
     p.add_argument(
         "--max-num-waiting",
@@ -36,9 +45,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--log-level",
+        "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level",
+    )
+    p.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="do not log a line per request (uvicorn's access log)",
     )
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -59,8 +74,21 @@ def _default_name(model: str) -> str:
     return BUNDLED_MODEL_NAME if model == str(BUNDLED_MODEL_DIR) else model
 
 
+def _take_positional_model(args: argparse.Namespace) -> None:
+    """``parallm serve MODEL`` is ``--model MODEL``; both at once must agree."""
+    if args.model_tag is None:
+        return
+    if args.model is not None and args.model != args.model_tag:
+        raise ValueError(
+            f"the model is given twice and differs: MODEL {args.model_tag!r} and --model "
+            f"{args.model!r}; give one"
+        )
+    args.model = args.model_tag
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    _take_positional_model(args)
     kwargs = engine_kwargs(args)
     from parallm.server.app import build_app
     from parallm.server.launcher import load_engine, run_server
@@ -70,5 +98,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or _default_name(kwargs["model"])
     app = build_app(engine, name, args.api_key, args.max_num_waiting)
     print(f"parallm: model name {name!r}", file=sys.stderr)
-    run_server(app, args.host, args.port, args.drain_timeout, args.log_level)
+    run_server(
+        app, args.host, args.port, args.drain_timeout, args.log_level,
+        access_log=not args.disable_log_requests,
+    )  # fmt: skip
     return 0

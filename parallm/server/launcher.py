@@ -37,20 +37,28 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: FastAPI, drain_timeout_s: float | None, log_level: str) -> uvicorn.Config:
+def _config(
+    app: FastAPI, drain_timeout_s: float | None, log_level: str, access_log: bool = True
+) -> uvicorn.Config:
     # On SIGTERM uvicorn stops accepting, waits up to the drain timeout for open requests,
     # cancels the rest (aborting them), then runs the app's shutdown, which stops the engine.
     return uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s,
-        timeout_keep_alive=5,
+        timeout_keep_alive=5, access_log=access_log,
     )  # fmt: skip
 
 
 def run_server(
-    app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: str = "info"
+    app: FastAPI,
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    log_level: str = "info",
+    access_log: bool = True,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then drain and return. Prints the URL once listening."""
-    server = uvicorn.Server(_config(app, drain_timeout_s, log_level))
+    """Serve until SIGINT/SIGTERM, then drain and return. Prints the URL once listening.
+    ``access_log=False`` drops uvicorn's line per request."""
+    server = uvicorn.Server(_config(app, drain_timeout_s, log_level, access_log))
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]  # the real port when port is 0
     print(f"parallm: serving on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
