@@ -36,6 +36,44 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached each stage, in ``time.monotonic()`` seconds (None: not yet).
+
+    The phases follow vLLM: queue = first scheduled - arrival, prefill = first token - first
+    scheduled, decode = last token - first token. Over the samples of an ``n > 1`` request the
+    earliest scheduling and first token and the latest last token count. A preempted request
+    keeps its first scheduling time, so its recomputation counts as prefill or decode.
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return _between(self.arrival_time, self.first_scheduled_time)
+
+    @property
+    def prefill_time(self) -> float | None:
+        return _between(self.first_scheduled_time, self.first_token_time)
+
+    @property
+    def decode_time(self) -> float | None:
+        return _between(self.first_token_time, self.last_token_time)
+
+    @property
+    def inference_time(self) -> float | None:
+        """First scheduled to last token: prefill and decode together."""
+        return _between(self.first_scheduled_time, self.last_token_time)
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+@dataclass
 class RequestOutput:
     """The state of one request: its prompt and its samples so far."""
 
@@ -45,5 +83,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: RequestMetrics | None = None
     error: str | None = None  # set when processing this request failed; it is then finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from parallm.commands.engine_args import add_engine_args, engine_kwargs
@@ -40,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-timeout",
         type=float,
+    p.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="do not log the throughput / running / waiting / KV cache / prefix cache hit rate "
+        "line that the server logs every 10 s while busy",
+    )
         default=30.0,
         help="seconds that SIGTERM waits for running requests before aborting them",
     )
@@ -67,6 +74,9 @@ def _check(args: argparse.Namespace) -> None:
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
 
+    # The server's INFO lines (the stats log) show by default; set after loading, whose INFO
+    # summary line is printed just above.
+    logging.getLogger("parallm").setLevel(logging.INFO)
 
 def _default_name(model: str) -> str:
     from parallm.bundled import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
@@ -96,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(**kwargs)
     print(engine.summary(), file=sys.stderr)
     name = args.served_model_name or args.model or _default_name(kwargs["model"])
-    app = build_app(engine, name, args.api_key, args.max_num_waiting)
+    app = build_app(
+        engine, name, args.api_key, args.max_num_waiting, log_stats=not args.disable_log_stats
+    )
     print(f"parallm: model name {name!r}", file=sys.stderr)
     run_server(
         app, args.host, args.port, args.drain_timeout, args.log_level,

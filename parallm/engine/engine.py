@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,7 +21,7 @@ from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
-from parallm.engine.scheduler import Scheduler
+from parallm.engine.scheduler import ScheduledBatch, Scheduler
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import select_backend
 from parallm.layers.linear_dispatch import use_skinny_gemm
@@ -70,6 +71,10 @@ class LLMEngine:
         self.num_overlapped_steps = 0
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
+        self.num_generated_tokens = 0  # tokens appended to sequences (discarded ones excluded)
+        # Called with the number of tokens each launched step computes (prompt chunks and
+        # decode tokens), from the thread that calls step(); the server feeds a histogram.
+        self.step_observer: Callable[[int], None] | None = None
 
     def _load_model(self) -> torch.nn.Module:
         cfg = self.config
@@ -168,23 +173,28 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         stream: bool = False,
+        arrival_time: float | None = None,
     ) -> None:
-        """Queue a request; ``stream=True`` reports its new tokens every step."""
+        """Queue a request; ``stream=True`` reports its new tokens every step.
+
+        ``arrival_time`` (``time.monotonic()`` seconds, default now) is when the request
+        reached the caller, so that queue time counts the wait before this call too.
+        """
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
         self.validate_params(params)
-        seqs = self._make_sequences(request_id, list(prompt_token_ids), params)
-        request = Request(request_id, prompt, list(prompt_token_ids), params, seqs)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = self._make_sequences(request_id, list(prompt_token_ids), params, now)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, seqs, now)
         self.requests[request_id] = request
         self.outputs.register(request, stream)
         for seq in seqs:
             self.scheduler.add(seq)
 
     def _make_sequences(
-        self, request_id: str, ids: list[int], params: SamplingParams
+        self, request_id: str, ids: list[int], params: SamplingParams, now: float
     ) -> list[Sequence]:
-        now = time.monotonic()
         seqs: list[Sequence] = []
         for i in range(params.n):
             generator = None
@@ -232,8 +242,9 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []
+            _stamp_first_scheduled(batch)
             handle = self.runner.launch(batch)
-            self.num_steps += 1
+            self._count_step(batch)
         if self.async_scheduling and handle.result is not None:
             self._inflight = self._launch_continuation(handle)
         return self._finish_step(handle)
@@ -248,9 +259,15 @@ class LLMEngine:
             row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
             rows = [row_of[item.seq.seq_id] for item in batch.seqs]
             ids = ids[torch.tensor(rows, device=ids.device)]
-        self.num_steps += 1
         self.num_overlapped_steps += 1
-        return self.runner.launch(batch, device_ids=ids)
+        handle = self.runner.launch(batch, device_ids=ids)
+        self._count_step(batch)
+        return handle
+
+    def _count_step(self, batch: ScheduledBatch) -> None:
+        self.num_steps += 1
+        if self.step_observer is not None:
+            self.step_observer(batch.num_tokens)
 
     def _finish_step(self, handle: StepHandle) -> list[RequestOutput]:
         result = handle.wait()
@@ -261,6 +278,8 @@ class LLMEngine:
             live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
             sampled, result = [sampled[i] for i in live], result.select(live)
         finished = self.outputs.process(sampled, result)
+        if result is not None:
+            self.num_generated_tokens += len(sampled)
         for seq in finished:
             self.scheduler.finish(seq)
         for request_id in self.outputs.errors:
@@ -286,9 +305,18 @@ class LLMEngine:
             num_free_blocks=self.kv.num_free_blocks,
             num_cached_blocks=self.kv.num_cached_blocks,
             num_steps=self.num_steps,
+            num_generated_tokens=self.num_generated_tokens,
             num_overlapped_steps=self.num_overlapped_steps,
         )
         return s
+
+
+def _stamp_first_scheduled(batch: ScheduledBatch) -> None:
+    """Record when each sequence is first scheduled (a preempted one keeps its first time)."""
+    now = time.monotonic()
+    for item in batch.seqs:
+        if item.seq.first_scheduled_time is None:
+            item.seq.first_scheduled_time = now
 
 
 def _model_dir(config: EngineConfig) -> str | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from parallm.detokenizer import IncrementalDetokenizer, decode_in_context
 from parallm.engine.request import Request, Sequence
 from parallm.engine.sampler import SamplerOutput
-from parallm.outputs import CompletionOutput, Logprob, RequestOutput
+from parallm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from parallm.sampling_params import SamplingParams
 
 
@@ -49,16 +50,17 @@ class OutputProcessor:
         top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
         top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         finished = []
+        now = time.monotonic()  # every token of a step counts as produced at the same time
         for i, seq in enumerate(sampled):
             top = (top_ids[i], top_lps[i]) if top_ids is not None else ([], [])
             lp = (logprobs[i], ranks[i]) if logprobs is not None else None
             try:
-                done = self._append(seq, token_ids[i], lp, top)
+                done = self._append(seq, token_ids[i], lp, top, now)
             except Exception as exc:  # one request's failure must not take the batch down
                 self.errors[seq.request_id] = f"{type(exc).__name__}: {exc}"
                 done = _finish(seq, "error", None)
             if done:
-                seq.finish_time = time.monotonic()
+                seq.finish_time = now
                 finished.append(seq)
         return finished
 
@@ -68,8 +70,9 @@ class OutputProcessor:
         token: int,
         logprob: tuple[float, int] | None,
         top: tuple[list[int], list[float]],
+        now: float,
     ) -> bool:
-        seq.append_token(token)
+        seq.append_token(token, now)
         if logprob is not None:
             seq.cumulative_logprob += logprob[0]
             if seq.logprobs is not None:
@@ -145,10 +148,6 @@ class OutputProcessor:
         # n > 1 request is reported once, not again with every step of its siblings.
         seqs = [s for s in request.seqs if s.seq_id in progressed] if delta else request.seqs
         completions = [self._completion(seq, delta) for seq in seqs]
-        first = min((s.first_token_time for s in request.seqs if s.first_token_time), default=None)
-        metrics = {"arrival_time": request.arrival_time}
-        if first is not None:
-            metrics["first_token_time"] = first
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -156,7 +155,7 @@ class OutputProcessor:
             outputs=completions,
             finished=request.is_finished,
             num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
-            metrics=metrics,
+            metrics=_request_metrics(request),
             error=self.errors.get(request.request_id),
         )
 
@@ -195,6 +194,26 @@ class OutputProcessor:
         return decode_in_context(
             self.tokenizer, seq.prompt_token_ids, ids, seq.params.skip_special_tokens
         )
+
+
+def _request_metrics(request: Request) -> RequestMetrics:
+    seqs = request.seqs
+    finished = [s.finish_time for s in seqs]
+    return RequestMetrics(
+        arrival_time=request.arrival_time,
+        first_scheduled_time=_earliest(s.first_scheduled_time for s in seqs),
+        first_token_time=_earliest(s.first_token_time for s in seqs),
+        last_token_time=_latest(s.last_token_time for s in seqs),
+        finished_time=max(finished) if None not in finished else None,
+    )
+
+
+def _earliest(times: Iterable[float | None]) -> float | None:
+    return min((t for t in times if t is not None), default=None)
+
+
+def _latest(times: Iterable[float | None]) -> float | None:
+    return max((t for t in times if t is not None), default=None)
 
 
 def _finish(seq: Sequence, reason: str, stop_reason: int | str | None) -> bool:

@@ -48,7 +48,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Stage times in time.monotonic() seconds; RequestMetrics combines them per request.
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finish_time: float | None = None
 
     def __post_init__(self) -> None:
@@ -85,11 +88,13 @@ class Sequence:
             return False
         return bool(p.stop_token_ids) or not p.ignore_eos
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, now: float | None = None) -> None:
+        """Append a sampled token; ``now`` is the step's time (one clock read per step)."""
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+        self.last_token_time = time.monotonic() if now is None else now
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = self.last_token_time
 
 
 @dataclass(eq=False)

@@ -28,6 +28,7 @@ from parallm.server.errors import APIError, bad_request, error_from, from_valida
 from parallm.server.metrics import CONTENT_TYPE, ServerMetrics
 from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from parallm.server.serving import ServingContext
+from parallm.server.stats_log import DEFAULT_INTERVAL_S, StatsLog, log_stats_every
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,18 +38,34 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_num_waiting: int = 1024,
+    log_stats: bool = True,
+    log_stats_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> FastAPI:
-    """An OpenAI-compatible app around ``engine``; the engine thread runs while the app does."""
+    """An OpenAI-compatible app around ``engine``; the engine thread runs while the app does.
+
+    ``log_stats`` logs a throughput and usage line every ``log_stats_interval_s`` seconds
+    while the server is busy (see ``parallm.server.stats_log``).
+    """
+    if not log_stats_interval_s > 0:
+        raise ValueError(f"log_stats_interval_s must be > 0 seconds, got {log_stats_interval_s}")
     name = served_model_name or engine.config.model or "parallm"
     async_engine = AsyncEngine(engine, max_num_waiting)
-    metrics = ServerMetrics(lambda: async_engine.snapshot, name)
+    metrics = ServerMetrics(lambda: async_engine.snapshot, name, engine.max_model_len)
     async_engine.metrics = metrics
+    engine.step_observer = metrics.iteration_tokens.observe
     ctx = ServingContext(async_engine, [name], engine.config.model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
+        stats_task = None
+        if log_stats:
+            stats = StatsLog(lambda: async_engine.snapshot)
+            stats_task = asyncio.create_task(log_stats_every(stats, log_stats_interval_s))
         yield
+        if stats_task is not None:
+            stats_task.cancel()
+            await asyncio.gather(stats_task, return_exceptions=True)
         # uvicorn has drained (or cancelled) the connections by now; fail what is left.
         await asyncio.to_thread(async_engine.stop)
 

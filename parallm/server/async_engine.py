@@ -99,6 +99,7 @@ class _Tracked:
     stream: RequestStream
     arrival_time: float
     last_token_time: float | None = None
+    num_generation_tokens: int = 0
 
 
 @dataclass
@@ -257,7 +258,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     req.request_id, req.prompt_token_ids, req.params, prompt=req.prompt,
-                    stream=True,
+                    stream=True, arrival_time=req.arrival_time,
                 )  # fmt: skip
             except Exception as exc:
                 status = 400 if isinstance(exc, ValueError) else 500
@@ -316,9 +317,11 @@ class AsyncEngine:
                 m.itl.observe(now - tracked.last_token_time)
         if num_new:
             tracked.last_token_time = now
+            tracked.num_generation_tokens += num_new
         if out.finished and m is not None:
             m.e2e.observe(now - tracked.arrival_time)
             m.finished(out.outputs[0].finish_reason or "unknown")
+            m.request_done(out.metrics, len(out.prompt_token_ids), tracked.num_generation_tokens)
 
     def _fail_step(self, exc: Exception) -> None:
         """After ``step()`` raised: fail the requests that were in the step (running ones)."""
@@ -357,6 +360,8 @@ class AsyncEngine:
             prefix_cache_hits=stats.num_prefix_cache_hit_tokens,
             num_preemptions=stats.num_preemptions,
             num_steps=engine.num_steps,
+            num_prompt_tokens_computed=stats.num_prefill_tokens_computed,
+            num_generated_tokens=engine.num_generated_tokens,
         )
         with self._lock:
             self._snapshot = snapshot
