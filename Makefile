@@ -50,10 +50,14 @@ bench-throughput: setup  ## offline throughput against transformers (CONFIG=...,
 bench-train: setup  ## training tokens/s and MFU (CONFIG=..., needs CUDA)
 	$(BIN)/parallm bench train --config $(CONFIG) --seq-len 2048 --micro-batch-size 8 --compile
 
-bench-serve: setup  ## serving benchmark against a running server (URL=..., TRACE=...)
+# The Azure conversation trace when ../shared has it; random prompts otherwise.
+TRACE ?= $(wildcard ../shared/traces/AzureLLMInferenceTrace_conv.csv)
+
+bench-serve: setup  ## serving benchmark against a running server (URL=..., TRACE=... or random prompts)
 	$(BIN)/parallm bench serve --base-url $(or $(URL),http://127.0.0.1:8000) \
-	  --trace $(or $(TRACE),../shared/traces/AzureLLMInferenceTrace_conv.csv) --time-scale 4 \
-	  --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50
+	  $(if $(TRACE),--dataset-name trace --dataset-path $(TRACE) --time-scale 4 \
+	    --trace-duration-s 120 --max-input-tokens 3500,--random-input-len 256 \
+	    --random-output-len 64 --num-prompts 200) --goodput ttft:500 tpot:50
 
 gpu-session: setup  ## GPU tests and benchmarks in one go (STEPS="tests latency ...")
 	OUT=$(or $(OUT),runs/gpu) bash scripts/gpu_session.sh $(or $(STEPS),tests latency)
