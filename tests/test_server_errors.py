@@ -3,6 +3,7 @@ OpenAI-style error, and the server keeps serving everyone else."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import openai
@@ -40,6 +41,9 @@ def _chat(**fields: object) -> dict:
     return {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2, **fields}
 
 
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 BAD_REQUESTS = {
     "malformed json": (COMPLETIONS, '{"prompt": "x", ', None, "JSON"),
     "not an object": (COMPLETIONS, "[1, 2]", None, "JSON object"),
@@ -47,7 +51,6 @@ BAD_REQUESTS = {
     "wrong type": (COMPLETIONS, _completion(max_tokens="10"), "max_tokens", "integer"),
     "wrong prompt type": (COMPLETIONS, _completion(prompt=3.5), "prompt", "prompt"),
     "missing prompt": (COMPLETIONS, {"model": MODEL_NAME}, "prompt", "required"),
-    "unknown model": (COMPLETIONS, _completion(model="gpt-9"), "model", "gpt-9"),
     "temperature < 0": (COMPLETIONS, _completion(temperature=-0.5), "temperature", "temperature"),
     "top_p > 1": (COMPLETIONS, _completion(top_p=1.5), "top_p", "top_p"),
     "n = 0": (COMPLETIONS, _completion(n=0), "n", "greater than or equal to 1"),
@@ -84,7 +87,48 @@ BAD_REQUESTS = {
         "context length",
     ),  # fmt: skip
     "top_logprobs without logprobs": (CHAT, _chat(top_logprobs=2), "top_logprobs", "logprobs"),
-    "chat unknown model": (CHAT, _chat(model="nope"), "model", "nope"),
+    # Ids outside the vocabulary are refused before anything decodes them.
+    "token id -1": (COMPLETIONS, _completion(prompt=[1, -1]), "prompt", "[0, 512)"),
+    "token id 2**63": (COMPLETIONS, _completion(prompt=[1, 2**63]), "prompt", "[0, 512)"),
+    "token id 2**64 echoed": (
+        COMPLETIONS,
+        _completion(prompt=[[5, 6], [1, 2**64]], echo=True),
+        "prompt",
+        "[0, 512)",
+    ),
+    "stop token id out of vocab": (
+        COMPLETIONS,
+        _completion(stop_token_ids=[3, 512]),
+        "stop_token_ids",
+        "[0, 512)",
+    ),
+    "chat stop token id -1": (CHAT, _chat(stop_token_ids=[-1]), "stop_token_ids", "[0, 512)"),
+    "seed 2**64": (COMPLETIONS, _completion(seed=2**64), "seed", "seed"),
+    "chat seed -1": (CHAT, _chat(seed=-1), "seed", "seed"),
+    # Output constraints that do not exist yet are refused, not silently ignored.
+    "tools": (CHAT, _chat(tools=[_TOOL]), "tools", "not supported"),
+    "tool_choice required": (CHAT, _chat(tool_choice="required"), "tool_choice", "none"),
+    "named tool_choice": (
+        CHAT,
+        _chat(tool_choice={"type": "function", "function": {"name": "f"}}),
+        "tool_choice",
+        "not supported",
+    ),
+    "functions": (CHAT, _chat(functions=[_TOOL["function"]]), "functions", "not supported"),
+    "json mode": (
+        CHAT,
+        _chat(response_format={"type": "json_object"}),
+        "response_format",
+        '"text"',
+    ),
+    "json schema on completions": (
+        COMPLETIONS,
+        _completion(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+        "response_format",
+        "not supported",
+    ),
+    "guided_json": (COMPLETIONS, _completion(guided_json={"type": "object"}), "guided_json", ""),
+    "guided_choice": (CHAT, _chat(guided_choice=["yes", "no"]), "guided_choice", ""),
 }
 
 
@@ -98,6 +142,54 @@ def test_invalid_request_is_400_naming_the_problem(server: ServerThread, case: s
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert needle.lower() in error["message"].lower(), error["message"]
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT, "/tokenize"])
+def test_unknown_model_is_404_model_not_found(server: ServerThread, path: str) -> None:
+    body = {"model": "gpt-9", "prompt": "x"} if path == "/tokenize" else None
+    body = body or (_completion if path == COMPLETIONS else _chat)(model="gpt-9")
+    response = post(server, path, body)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert error["type"] == "invalid_request_error"
+    assert "gpt-9" in error["message"]
+
+
+def test_sdk_raises_not_found_for_unknown_model(server: ServerThread) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="gpt-9", messages=MESSAGES, max_tokens=2)
+    assert_serves(server)
+
+
+# What clients send by default when no tool or format is wanted: served as usual.
+ASKS_FOR_NOTHING = {
+    "tool_choice none": _chat(tool_choice="none"),
+    "tool_choice auto, no tools": _chat(tools=[], tool_choice="auto"),
+    "null tools": _chat(tools=None, functions=None, function_call="none"),
+    "text format": _chat(response_format={"type": "text"}),
+    "completions text format": _completion(response_format={"type": "text"}),
+}
+
+
+@pytest.mark.parametrize("case", list(ASKS_FOR_NOTHING))
+def test_default_tool_and_format_values_are_served(server: ServerThread, case: str) -> None:
+    body = ASKS_FOR_NOTHING[case]
+    response = post(server, CHAT if "messages" in body else COMPLETIONS, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_ignored_fields_are_logged_once_per_request(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="parallm.server")
+    body = _completion(my_flag=True, another={"x": 1})
+    assert post(server, COMPLETIONS, body).status_code == 200
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert ignored == [
+        "The following fields were present in the request but ignored: ['another', 'my_flag']"
+    ]
 
 
 def test_sdk_raises_bad_request_and_server_survives(server: ServerThread) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from parallm.server.app import build_app
 from parallm.server.launcher import ServerThread, load_engine
+from parallm.server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
@@ -42,6 +43,7 @@ def running_server(
     api_key: str | None = API_KEY,
     max_num_waiting: int = 64,
     drain_timeout_s: float = 2.0,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     **engine_kwargs: Any,
 ) -> Iterator[ServerThread]:
     """The real app under uvicorn on 127.0.0.1:<free port>, stopped (gracefully) at exit."""
@@ -51,7 +53,10 @@ def running_server(
     kwargs = dict(device="cpu", kv_cache_memory=4 << 20, max_model_len=MAX_MODEL_LEN)
     kwargs.update(engine_kwargs)
     engine = load_engine(model=str(tiny_model_path()), **kwargs)
-    app = build_app(engine, MODEL_NAME, api_key=api_key, max_num_waiting=max_num_waiting)
+    app = build_app(
+        engine, MODEL_NAME, api_key=api_key, max_num_waiting=max_num_waiting,
+        max_request_body_bytes=max_request_body_bytes,
+    )  # fmt: skip
     try:
         with ServerThread(app, drain_timeout_s=drain_timeout_s) as server:
             yield server

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from parallm.commands.engine_args import add_engine_args, engine_kwargs
+from parallm.server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
-        "/health and /metrics. One engine loop batches all connections. SIGTERM stops "
-        "accepting, lets running requests finish (up to --drain-timeout), then exits.",
+        "/tokenize, /detokenize, /version, /health, /ping and /metrics. One engine loop batches "
+        "all connections. SIGTERM stops accepting, lets running requests finish (up to "
+        "--drain-timeout), then exits.",
     )
     p.add_argument(
         "model_tag",
@@ -41,14 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-timeout",
         type=float,
-    p.add_argument(
-        "--disable-log-stats",
-        action="store_true",
-        help="do not log the throughput / running / waiting / KV cache / prefix cache hit rate "
-        "line that the server logs every 10 s while busy",
-    )
         default=30.0,
         help="seconds that SIGTERM waits for running requests before aborting them",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help="largest request body accepted, in bytes; a larger one gets 413 before it is read",
     )
     p.add_argument(
         "--log-level",
@@ -62,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not log a line per request (uvicorn's access log)",
     )
+    p.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="do not log the throughput / running / waiting / KV cache / prefix cache hit rate "
+        "line that the server logs every 10 s while busy",
+    )
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -73,10 +81,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-num-waiting must be >= 0, got {args.max_num_waiting}")
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if args.max_request_body_bytes < 1:
+        raise ValueError(
+            f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}"
+        )
 
-    # The server's INFO lines (the stats log) show by default; set after loading, whose INFO
-    # summary line is printed just above.
-    logging.getLogger("parallm").setLevel(logging.INFO)
 
 def _default_name(model: str) -> str:
     from parallm.bundled import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
@@ -105,10 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
     engine = load_engine(**kwargs)
     print(engine.summary(), file=sys.stderr)
+    # The server's INFO lines (the stats log) show by default; set after loading, whose INFO
+    # summary line is printed just above.
+    logging.getLogger("parallm").setLevel(logging.INFO)
     name = args.served_model_name or args.model or _default_name(kwargs["model"])
     app = build_app(
-        engine, name, args.api_key, args.max_num_waiting, log_stats=not args.disable_log_stats
-    )
+        engine, name, args.api_key, args.max_num_waiting, log_stats=not args.disable_log_stats,
+        max_request_body_bytes=args.max_request_body_bytes,
+    )  # fmt: skip
     print(f"parallm: model name {name!r}", file=sys.stderr)
     run_server(
         app, args.host, args.port, args.drain_timeout, args.log_level,

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from parallm import __version__
 from parallm.engine.engine import LLMEngine
 from parallm.server.async_engine import (
     RETRY_AFTER_S,
@@ -22,13 +23,25 @@ from parallm.server.async_engine import (
     EngineUnavailable,
     RequestFailed,
 )
+from parallm.server.body_limit import BodySizeLimit
+from parallm.server.chars_per_token import max_chars_per_token
 from parallm.server.chat import create_chat_completion
 from parallm.server.completions import create_completion
 from parallm.server.errors import APIError, bad_request, error_from, from_validation_error
+from parallm.server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 from parallm.server.metrics import CONTENT_TYPE, ServerMetrics
-from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from parallm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    VersionResponse,
+)
 from parallm.server.serving import ServingContext
 from parallm.server.stats_log import DEFAULT_INTERVAL_S, StatsLog, log_stats_every
+from parallm.server.tokenization import create_detokenize, create_tokenize
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -38,14 +51,18 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_num_waiting: int = 1024,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     log_stats: bool = True,
     log_stats_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> FastAPI:
     """An OpenAI-compatible app around ``engine``; the engine thread runs while the app does.
 
+    A request body over ``max_request_body_bytes`` is refused (413) before it is read.
     ``log_stats`` logs a throughput and usage line every ``log_stats_interval_s`` seconds
     while the server is busy (see ``parallm.server.stats_log``).
     """
+    if max_request_body_bytes < 1:
+        raise ValueError(f"max_request_body_bytes must be >= 1, got {max_request_body_bytes}")
     if not log_stats_interval_s > 0:
         raise ValueError(f"log_stats_interval_s must be > 0 seconds, got {log_stats_interval_s}")
     name = served_model_name or engine.config.model or "parallm"
@@ -53,7 +70,9 @@ def build_app(
     metrics = ServerMetrics(lambda: async_engine.snapshot, name, engine.max_model_len)
     async_engine.metrics = metrics
     engine.step_observer = metrics.iteration_tokens.observe
-    ctx = ServingContext(async_engine, [name], engine.config.model)
+    ctx = ServingContext(
+        async_engine, [name], engine.config.model, max_chars_per_token(engine.tokenizer)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,8 +91,11 @@ def build_app(
     app = FastAPI(title="parallm", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_body_bytes)
     _add_error_handlers(app)
     app.include_router(_v1_router(ctx, api_key))
+    # As in vLLM, the API key guards /v1 only: these routes run no model.
+    _add_tokenization_routes(app, ctx)
     _add_ops_routes(app, ctx, metrics)
     return app
 
@@ -112,10 +134,27 @@ def _v1_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
     return router
 
 
+def _add_tokenization_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        return await create_tokenize(ctx, await _parse(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Any:
+        return await create_detokenize(ctx, await _parse(request, DetokenizeRequest))
+
+
 def _add_ops_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if ctx.engine.is_healthy else 503)
+
+    # vLLM's liveness route (SageMaker's name for it): the same answer as /health.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

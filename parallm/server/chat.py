@@ -19,6 +19,7 @@ from parallm.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     DeltaMessage,
     now_s,
     random_id,
@@ -39,7 +40,7 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | StreamingResponse:
     """Validate, submit and answer one chat completions request (streaming or not)."""
     model = ctx.model_name(req.model)
-    _check_request(req)
+    _check_request(ctx, req)
     max_tokens = req.max_completion_tokens or req.max_tokens
     top = req.top_logprobs or 0
     params = sampling_params(req, max_tokens, top if req.logprobs else None)
@@ -62,8 +63,8 @@ async def create_chat_completion(
     )
 
 
-def _check_request(req: ChatCompletionRequest) -> None:
-    check_common(req)
+def _check_request(ctx: ServingContext, req: ChatCompletionRequest) -> None:
+    check_common(ctx, req)
     if not req.messages:
         raise bad_request("messages must not be empty", "messages")
     if req.top_logprobs is not None and not req.logprobs:
@@ -74,18 +75,26 @@ def _render(
     ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int | None
 ) -> tuple[str, list[int]]:
     """The conversation as prompt text and token ids, checked against the context."""
-    tokenizer = ctx.require_tokenizer("chat completions")
-    conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+    text = render_chat(ctx, req.messages, req.add_generation_prompt)
+    ctx.check_text_fits(text, max_tokens, "messages")
+    # The template already holds the special tokens it wants (BOS included).
+    ids = ctx.require_tokenizer("chat completions")(text, add_special_tokens=False)["input_ids"]
+    ctx.check_prompt(ids, max_tokens, "messages")
+    return text, ids
+
+
+def render_chat(
+    ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool
+) -> str:
+    """The conversation as prompt text, through the model's chat template."""
+    tokenizer = ctx.require_tokenizer("chat messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except ValueError as e:  # transformers' way of saying there is no chat template
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
-    # The template already holds the special tokens it wants (BOS included).
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ctx.check_prompt(ids, max_tokens, "messages")
-    return text, ids
 
 
 def _logprobs(req: ChatCompletionRequest, delta: CompletionOutput | Choice) -> ChatLogprobs | None:

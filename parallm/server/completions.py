@@ -40,7 +40,7 @@ async def create_completion(
 ) -> CompletionResponse | StreamingResponse:
     """Validate, submit and answer one completions request (streaming or not)."""
     model = ctx.model_name(req.model)
-    _check_request(req)
+    _check_request(ctx, req)
     params = sampling_params(req, req.max_tokens, req.logprobs)
     # Tokenizing and checking long prompts takes milliseconds: keep it off the event loop.
     prompts = await asyncio.to_thread(_prepare_prompts, ctx, req)
@@ -65,8 +65,8 @@ async def create_completion(
     )
 
 
-def _check_request(req: CompletionRequest) -> None:
-    check_common(req)
+def _check_request(ctx: ServingContext, req: CompletionRequest) -> None:
+    check_common(ctx, req)
     if req.suffix:
         raise bad_request("suffix is not supported by this server", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -85,19 +85,21 @@ def _prepare_prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt
         raise bad_request("prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    prompts = [_encode_one(ctx, p) for p in prompt]
-    for p in prompts:
-        ctx.check_prompt(p.token_ids, req.max_tokens, "prompt")
-    return prompts
+    return [_encode_one(ctx, p, req.max_tokens) for p in prompt]
 
 
-def _encode_one(ctx: ServingContext, prompt: str | list[int]) -> Prompt:
+def _encode_one(ctx: ServingContext, prompt: str | list[int], max_tokens: int | None) -> Prompt:
+    """One prompt, checked before the expensive step: text before tokenizing, ids before
+    decoding (an id outside the vocabulary would make the decoder raise)."""
     if isinstance(prompt, str):
-        tokenizer = ctx.require_tokenizer("text prompts")
-        return Prompt(tokenizer(prompt)["input_ids"], prompt)
+        ctx.check_text_fits(prompt, max_tokens, "prompt")
+        ids = ctx.require_tokenizer("text prompts")(prompt)["input_ids"]
+        ctx.check_prompt(ids, max_tokens, "prompt")
+        return Prompt(ids, prompt)
+    ids = list(prompt)
+    ctx.check_prompt(ids, max_tokens, "prompt")
     tokenizer = ctx.tokenizer
-    text = tokenizer.decode(prompt) if tokenizer is not None and prompt else ""
-    return Prompt(list(prompt), text)
+    return Prompt(ids, tokenizer.decode(ids) if tokenizer is not None else "")
 
 
 def _choice(req: CompletionRequest, index: int, choice: Choice, prompt: Prompt) -> CompletionChoice:

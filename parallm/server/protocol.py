@@ -1,20 +1,24 @@
 """OpenAI-compatible request and response bodies (pydantic models).
 
 Requests are parsed from the raw body in strict JSON mode, so a string where a number belongs is
-a 400 naming the field rather than a silent coercion. Unknown fields are ignored, as OpenAI and
-vLLM do. Fields beyond OpenAI's (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ...) are vLLM's extensions, accepted in the same places.
+a 400 naming the field rather than a silent coercion. Unknown fields are ignored and named in a
+warning, as vLLM does. Fields beyond OpenAI's (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ...) are vLLM's extensions, accepted in the
+same places.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, model_validator
 
 from parallm.chat_messages import ChatRole
+
+logger = logging.getLogger("parallm.server")
 
 MAX_N = 128  # OpenAI's limit on samples per request
 MAX_LOGPROBS = 20  # the engine's limit (SamplingParams)
@@ -32,12 +36,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class _Request(_Strict):
+    """A request body: the fields it ignores are logged, once per request, as vLLM does."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_ignored_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        request = handler(data)
+        if isinstance(data, dict):
+            ignored = data.keys() - cls.model_fields.keys()
+            if ignored:
+                logger.warning(
+                    "The following fields were present in the request but ignored: %s",
+                    sorted(ignored),
+                )
+        return request
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -60,6 +81,14 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output, not implemented: parsed only so that serving.check_common refuses a
+    # request that asks for it instead of answering with unconstrained text.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -103,6 +132,33 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     logit_bias: dict[str, float] | None = None
+    # Tool calling, not implemented: refused unless it asks for nothing (serving.check_common).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (vLLM's): a ``prompt``, or chat ``messages`` rendered by the template.
+
+    ``add_special_tokens`` defaults to true for a prompt and false for messages, whose template
+    already holds the special tokens it wants.
+    """
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -219,3 +275,18 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
