@@ -129,7 +129,7 @@ class _SpyTokenizer:
         return getattr(self._tokenizer, name)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def big_body_server() -> Iterator[ServerThread]:
     with running_server() as s:
         yield s
