@@ -218,7 +218,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        self.outputs.forget(request_id)
+        self.outputs.forget(request)
 
     def _fail_request(self, request_id: str) -> None:
         """End every sample of a request whose output processing raised."""
@@ -287,8 +287,7 @@ class LLMEngine:
         outputs = self.outputs.collect(self.requests, sampled)
         for out in outputs:
             if out.finished:
-                self.requests.pop(out.request_id, None)
-                self.outputs.forget(out.request_id)
+                self.outputs.forget(self.requests.pop(out.request_id))
         pending = self._inflight
         if pending is not None and all(item.seq.is_finished for item in pending.batch.seqs):
             self._inflight = None  # nothing left to read from it

@@ -36,7 +36,13 @@ class OutputProcessor:
                 self.tokenizer, seq.prompt_token_ids, request.params
             )
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request: Request) -> None:
+        """Drop everything kept for a request that finished or was aborted."""
+        request_id = request.request_id
+        # A sample's end normally drops these, but an aborted sample never reports its end.
+        for seq in request.seqs:
+            self.detokenizers.pop(seq.seq_id, None)
+            self.num_sent.pop(seq.seq_id, None)
         self.streaming.pop(request_id, None)
         self.errors.pop(request_id, None)
 

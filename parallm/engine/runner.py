@@ -115,11 +115,15 @@ class ModelRunner:
         """One ``[2, num_blocks + 1, block_size, Hkv, D]`` tensor per layer.
 
         The extra last block is scratch space that padded CUDA-graph rows write into.
+        Zero-filled so that all of its memory is committed now: on CPU an untouched page costs
+        nothing until first written, and the allocator hands out never-used blocks before it
+        evicts cached ones, so a lazily committed cache would grow the process's memory with
+        every new prefix until the whole reservation was resident.
         """
         cfg = self.model_cfg
         shape = (2, num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [
-            torch.empty(shape, dtype=self.dtype, device=self.device)
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.cache_cfg.num_blocks = num_blocks
