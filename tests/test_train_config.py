@@ -87,3 +87,17 @@ def test_lr_schedule() -> None:
     assert lrs[4] == 1.0 and lrs[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lrs[15] == pytest.approx(0.1)  # past the end: stays at the floor
+
+
+def test_nonfinite_policy_names_allowed_values(tmp_path: Path) -> None:
+    assert TrainConfig.load(None).training.on_nonfinite_loss == "stop"
+    assert (
+        TrainConfig.load(None, ["training.on_nonfinite_loss=rollback"]).training.on_nonfinite_loss
+        == "rollback"
+    )
+    file = tmp_path / "run.toml"
+    file.write_text('[training]\non_nonfinite_loss = "skip"\n')
+    with pytest.raises(
+        ValueError, match=r"training\.on_nonfinite_loss.*\['stop', 'rollback'\].*'skip'"
+    ):
+        TrainConfig.load(file)

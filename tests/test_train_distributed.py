@@ -7,6 +7,7 @@ restarted) must reproduce its losses to 1e-5 in float32.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 from test_train import dataset_dir, train_losses, write_config  # noqa: F401 - fixture
+
+from parallm.train.checkpoint import complete_checkpoints
+from parallm.train.integrity import MANIFEST, verify_checkpoint
 
 REPO = Path(__file__).parents[1]
 TOLERANCE = 1e-5
@@ -76,6 +80,36 @@ def fsdp2(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> Path: 
 
 def test_fsdp_two_ranks_matches_one_rank(reference: Path, fsdp2: Path) -> None:
     assert_same_losses(fsdp2, train_losses(reference), range(1, STEPS + 1))
+
+
+def test_two_rank_checkpoints_digest_both_ranks_shards(fsdp2: Path) -> None:
+    """Rank 0 writes the manifest once every rank's shards exist, so it lists them all."""
+    checkpoints = complete_checkpoints(fsdp2 / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000005", "step-00000010"]
+    for checkpoint in checkpoints:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.json"} <= set(files)
+        assert verify_checkpoint(checkpoint) is True
+
+
+def test_two_ranks_resume_past_a_damaged_checkpoint(
+    tmp_path: Path,
+    reference: Path,
+    fsdp2: Path,
+    dataset_dir: Path,  # noqa: F811
+) -> None:
+    """Rank 1's shard of the newest checkpoint is overwritten in place: both ranks skip it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp2 / "checkpoints", run_dir / "checkpoints")
+    damaged = run_dir / "checkpoints" / "step-00000010"
+    shard = damaged / "__1_0.distcp"
+    with shard.open("r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(b"\0" * 4096)
+    result = launch(2, write_config(tmp_path / "run.toml", dataset_dir, run_dir))
+    assert f"checkpoint {damaged} is damaged: __1_0.distcp does not match" in result.stderr
+    assert "step-00000005 (step 5)" in result.stderr
+    assert_same_losses(run_dir, train_losses(reference), range(6, STEPS + 1))
 
 
 def test_tensor_parallel_two_matches_one(

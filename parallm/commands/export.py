@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--checkpoint",
         type=Path,
         required=True,
-        help="a checkpoint folder (step-N) or a checkpoint directory (its newest is used)",
+        help="a checkpoint folder (step-N) or a checkpoint directory (its newest intact one is "
+        "used); files are checked against the checkpoint's manifest of digests first",
     )
     p.add_argument("--out", type=Path, required=True, help="directory to write")
     p.add_argument(

@@ -26,7 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (FSDP2 + tensor parallel, resumable checkpoints)",
         description="Train the engine's Llama model on a tokenized corpus. Restarting the same "
-        "command resumes from the newest complete checkpoint. For several GPUs run "
+        "command resumes from the newest intact checkpoint (each carries a manifest of file "
+        "digests; a damaged one is skipped with a warning). A NaN or infinite loss stops the "
+        'run with exit status 1 (training.on_nonfinite_loss = "rollback" reloads the newest '
+        "intact checkpoint and skips the batch instead). For several GPUs run "
         "`torchrun --nproc-per-node N -m parallm.train --config FILE`.",
     )
     add_arguments(p)
@@ -36,11 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from parallm.train.config import TrainConfig
     from parallm.train.telemetry import plot_loss
-    from parallm.train.trainer import Trainer
+    from parallm.train.trainer import Trainer, TrainingHalted
 
     cfg = TrainConfig.load(args.config, args.overrides)
     with Trainer(cfg) as trainer:
-        history = trainer.train()
+        try:
+            history = trainer.train()
+        except TrainingHalted as e:
+            print(f"parallm train: error: {e}", file=sys.stderr)
+            return 1
         if not trainer.dist.is_main:
             return 0
         if history:

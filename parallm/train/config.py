@@ -16,6 +16,7 @@ from typing import Any
 from parallm.config import ModelConfig
 
 MIXED_PRECISIONS = ("auto", "bfloat16", "float32")
+NONFINITE_POLICIES = ("stop", "rollback")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class TrainingSection:
     device: str = "auto"  # auto, cpu or cuda
     eval_every: int = 0  # 0: only after the last step
     eval_samples: int = 64  # held-out sequences per evaluation
+    # A NaN or infinite loss (or model state): "stop" exits non-zero; "rollback" reloads the
+    # newest intact checkpoint and skips the batch. Non-finite state is never saved.
+    on_nonfinite_loss: str = "stop"
 
 
 @dataclass
@@ -223,6 +227,11 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
                 f"got {p.mixed_precision!r}"
+            )
+        if t.on_nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"training.on_nonfinite_loss must be one of {list(NONFINITE_POLICIES)}, "
+                f"got {t.on_nonfinite_loss!r}"
             )
         if t.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"training.device must be auto, cpu or cuda, got {t.device!r}")

@@ -241,6 +241,10 @@ class DataLoader:
         mb = self.micro_batch_size
         return [_to_tensor(rows[i : i + mb]) for i in range(0, per_rank, mb)]
 
+    def skip_batch(self) -> None:
+        """Move past the next global batch without reading it."""
+        self.samples_seen += self.global_batch_size
+
     def state_dict(self) -> dict[str, int]:
         # Independent of the rank layout: only global counts are stored.
         return {"samples_seen": self.samples_seen, "global_batch_size": self.global_batch_size}

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from parallm.config import ModelConfig
 from parallm.models.loader import build_model
-from parallm.train.checkpoint import read_train_state, resolve_checkpoint
+from parallm.train.checkpoint import describe_error, read_train_state, resolve_checkpoint
+from parallm.train.integrity import CheckpointError
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -44,7 +46,10 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "bfloat16") -> P
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
     source = resolve_checkpoint(checkpoint)
-    model, hf_config = load_checkpoint_model(source)
+    try:
+        model, hf_config = load_checkpoint_model(source)
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        raise CheckpointError(source, f"could not be loaded: {describe_error(e)}") from None
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: tensor.to(EXPORT_DTYPES[dtype]).contiguous()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -31,19 +32,37 @@ from parallm.train.distributed import (
     build_mesh,
     init_distributed,
 )
+from parallm.train.integrity import CheckpointError
 from parallm.train.model import build_train_model
 from parallm.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from parallm.train.parallelize import parallelize
 
 StepCallback = Callable[[dict[str, Any]], None]
 
+# Rollbacks allowed without a checkpoint saved in between: a run that diverges again right after
+# each rollback is not rescued by skipping more batches.
+MAX_ROLLBACKS_PER_CHECKPOINT = 3
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on a non-finite loss or state; nothing non-finite was saved."""
+
 
 class Trainer:
     """Sets up everything for ``cfg`` (resuming from the newest checkpoint if any) on creation."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg = copy.deepcopy(cfg)  # validate() resolves parallel.dp in place
-        self.dist = init_distributed(cfg.training.device)
+        self.cfg = copy.deepcopy(cfg)  # validate() resolves parallel.dp in place
+        self.dist = init_distributed(self.cfg.training.device)
+        try:
+            self._setup(self.cfg)
+        except BaseException:
+            # A failed setup (bad config, no intact checkpoint) leaves no process group behind.
+            if self.dist.owns_group:
+                dist.destroy_process_group()
+            raise
+
+    def _setup(self, cfg: TrainConfig) -> None:
         cfg.validate(self.dist.world_size)
         self.device = self.dist.device
         self.mesh = build_mesh(self.device, cfg.parallel.dp, cfg.parallel.tp)
@@ -71,6 +90,10 @@ class Trainer:
         )  # fmt: skip
         self.step = 0
         self.resumed_from: Path | None = None
+        # Global batches (by their first sample's index) that gave a non-finite loss: skipped.
+        self.skipped_batches: set[int] = set()
+        self._rollbacks = 0  # since the last save
+        self.batch_start = 0  # the current global batch's first sample
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -96,14 +119,16 @@ class Trainer:
             dataset = prepare_dataset(self.cfg.data, build=False)
         return dataset
 
-    def _resume(self) -> None:
-        latest = self.checkpointer.latest()
-        if latest is None:
-            return
-        state = self.checkpointer.load(latest, self.model, self.optimizer)
+    def _resume(self) -> bool:
+        """Load the newest intact checkpoint (damaged ones are skipped with a warning)."""
+        found = self.checkpointer.resume(self.model, self.optimizer)
+        if found is None:
+            return False
+        self.resumed_from, state = found
         self.step = state["step"]
         self.loader.load_state_dict(state["dataloader"])
-        self.resumed_from = latest
+        self.skipped_batches.update(state.get("skipped_batches", []))
+        return True
 
     def _write_assets(self, folder: Path) -> None:
         """Make a checkpoint self-contained: model config, tokenizer and the training config."""
@@ -124,6 +149,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over one global batch; returns its metrics."""
         start = time.perf_counter()
+        while self.loader.samples_seen in self.skipped_batches:
+            self.loader.skip_batch()
+        self.batch_start = self.loader.samples_seen
         micro_batches = self.loader.next_batch()
         total = torch.zeros((), device=self.device)
         for tokens in micro_batches:
@@ -204,12 +232,59 @@ class Trainer:
             while self.step < last:
                 metrics = self.train_step()
                 history.append(metrics)
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    self._non_finite(
+                        f"non-finite loss ({metrics['loss']}) or gradient norm "
+                        f"({metrics['grad_norm']}) at step {self.step}",
+                        bar,
+                    )
+                    continue
                 self._after_step(metrics, bar)
                 if on_step is not None:
                     on_step(metrics)
         finally:
             bar.close()
         return history
+
+    def _non_finite(self, what: str, bar: telemetry.ProgressBar) -> None:
+        """Apply ``training.on_nonfinite_loss``: raise :class:`TrainingHalted` or roll back."""
+        policy = self.cfg.training.on_nonfinite_loss
+        if policy == "rollback" and self._rollbacks < MAX_ROLLBACKS_PER_CHECKPOINT:
+            self._rollback(what, bar)
+            return
+        if policy == "rollback":
+            reason = (
+                f"{MAX_ROLLBACKS_PER_CHECKPOINT} rollbacks since the last checkpoint did not help"
+            )
+        else:
+            reason = (
+                "training.on_nonfinite_loss = 'stop'; 'rollback' reloads the newest intact "
+                "checkpoint and skips the batch instead"
+            )
+        self.checkpointer.wait()  # a save in flight holds an earlier, finite state
+        newest = self.checkpointer.latest()
+        raise TrainingHalted(
+            f"{what}: stopping ({reason}). Nothing after the newest checkpoint "
+            f"({newest or 'none'}) was saved"
+        )
+
+    def _rollback(self, what: str, bar: telemetry.ProgressBar) -> None:
+        """Reload the newest intact checkpoint and skip the batch that went non-finite."""
+        bad_batch = self.batch_start
+        self.checkpointer.wait()  # a save in flight holds an earlier, finite state
+        try:
+            found = self._resume()
+        except CheckpointError as e:
+            raise TrainingHalted(f"{what}, and rolling back failed: {e}") from None
+        if not found:
+            raise TrainingHalted(f"{what}, and there is no checkpoint to roll back to")
+        self._rollbacks += 1
+        self.skipped_batches.add(bad_batch)
+        if self.dist.is_main:
+            bar.write(
+                f"{what}: rolled back to {self.resumed_from} (step {self.step}); the batch "
+                f"starting at sample {bad_batch} will be skipped"
+            )
 
     def _after_step(self, metrics: dict[str, Any], bar: telemetry.ProgressBar) -> None:
         cfg, step = self.cfg, self.step
@@ -227,7 +302,11 @@ class Trainer:
         self.checkpointer.poll()
         every = cfg.checkpoint.every
         if (every and step % every == 0) or final:
-            self.save()
+            try:
+                self.save()
+            except ckpt.NonFiniteStateError as e:
+                self._non_finite(str(e), bar)
+                return
         if final:
             self.checkpointer.wait()
 
@@ -240,8 +319,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "dp": self.cfg.parallel.dp,
             "tp": self.cfg.parallel.tp,
+            "skipped_batches": sorted(self.skipped_batches),
         }
         self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        self._rollbacks = 0
 
     def close(self) -> None:
         """Finish any background save, close the log and leave the process group we made."""
