@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,13 +84,12 @@ def test_shutdown_past_the_drain_timeout_aborts_what_is_left() -> None:
         chunks = iter(stream)
         next(chunks)
         stopper = threading.Thread(target=server.stop)
-        started = time.monotonic()
         stopper.start()
-        with pytest.raises(Exception):  # noqa: B017 - the connection is cut mid-stream
-            for _ in chunks:
-                pass
+        rest = list(chunks)  # the stream ends normally: a last chunk, then [DONE]
         stopper.join(10)
-        assert time.monotonic() - started < 5
+        assert not stopper.is_alive()
+        assert rest[-1].choices[0].finish_reason == "abort"
+        assert len(rest) < LONG["max_tokens"]
         assert not engine.is_healthy
         assert not engine.engine.has_unfinished_requests()
         assert engine.engine.kv.num_free_blocks == engine.engine.kv.num_blocks

@@ -44,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="seconds that SIGTERM waits for running requests before aborting them",
+        help="seconds that SIGTERM waits for running requests before aborting them; an "
+        'aborted stream ends with finish_reason "abort" and [DONE]',
     )
     p.add_argument(
         "--max-request-body-bytes",

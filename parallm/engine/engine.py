@@ -209,16 +209,23 @@ class LLMEngine:
             )  # fmt: skip
         return seqs
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now and return its blocks; unknown ids are ignored."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and return its blocks; unknown ids are ignored (None).
+
+        Returns the request's last output, in which the samples that were still running end
+        with finish_reason "abort" (a stream's delta carries the text held back until then).
+        """
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
-        for seq in request.seqs:
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-        self.outputs.forget(request)
+            return None
+        aborted = [seq for seq in request.seqs if not seq.is_finished]
+        for seq in aborted:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        try:
+            return self.outputs.last_output(request, aborted)
+        finally:
+            self.outputs.forget(request)
 
     def _fail_request(self, request_id: str) -> None:
         """End every sample of a request whose output processing raised."""

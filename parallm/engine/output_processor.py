@@ -129,6 +129,11 @@ class OutputProcessor:
             return _finish(seq, "length", None)
         return False
 
+    def last_output(self, request: Request, ended: list[Sequence]) -> RequestOutput:
+        """The output of a request ended outside a step (an abort): ``ended`` report their end."""
+        stream = self.streaming.get(request.request_id, False)
+        return self._build(request, stream, {seq.seq_id for seq in ended})
+
     def collect(self, requests: dict[str, Request], sampled: list[Sequence]) -> list[RequestOutput]:
         """Outputs for requests that finished this step, and for streaming ones that progressed."""
         # An unfinished sample means an unfinished request: nothing to report offline.

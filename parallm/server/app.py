@@ -85,12 +85,15 @@ def build_app(
         if stats_task is not None:
             stats_task.cancel()
             await asyncio.gather(stats_task, return_exceptions=True)
-        # uvicorn has drained (or cancelled) the connections by now; fail what is left.
+        # uvicorn has drained the connections (requests past the drain deadline were aborted,
+        # or, as a last resort, cancelled) by now; fail what is left.
         await asyncio.to_thread(async_engine.stop)
 
     app = FastAPI(title="parallm", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    # What the launcher calls at the drain deadline: streams then end with "abort" and [DONE].
+    app.state.abort_all_requests = async_engine.abort_all
     app.add_middleware(BodySizeLimit, max_bytes=max_request_body_bytes)
     _add_error_handlers(app)
     app.include_router(_v1_router(ctx, api_key))

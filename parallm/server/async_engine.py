@@ -114,6 +114,7 @@ class _Abort:
 
 
 _STOP = object()
+_ABORT_ALL = object()
 
 
 class AsyncEngine:
@@ -184,6 +185,13 @@ class AsyncEngine:
         """Abort engine requests; applied before the engine's next step."""
         self._inbox.put(_Abort(request_ids))
 
+    def abort_all(self) -> None:
+        """End every live request now, each with a last output whose finish_reason is "abort",
+        so that its stream closes normally (the drain deadline); later submissions get 503."""
+        with self._lock:
+            self._stopping = True
+            self._inbox.put(_ABORT_ALL)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the loop, fail what is still live (503) and join the thread."""
         with self._lock:
@@ -242,6 +250,8 @@ class AsyncEngine:
                 return False
             if isinstance(item, _Add):
                 self._add(item)
+            elif item is _ABORT_ALL:
+                self._end_all()
             else:
                 for request_id in item.request_ids:
                     self._abort(request_id)
@@ -272,6 +282,25 @@ class AsyncEngine:
         if self._tracked.pop(request_id, None) is not None and self.metrics:
             self.metrics.aborted.inc()
         self.engine.abort_request(request_id)
+
+    def _end_all(self) -> None:
+        """Abort every live request, handing each stream the request's last output."""
+        if self._tracked:
+            logger.warning("shutting down: aborting %d unfinished requests", len(self._tracked))
+        deliveries: list[tuple[RequestStream, RequestOutput]] = []
+        for request_id, tracked in list(self._tracked.items()):
+            try:
+                out = self.engine.abort_request(request_id)
+            except Exception as exc:
+                logger.exception("request %s failed while being aborted", request_id)
+                self._fail(request_id, exc)
+                continue
+            del self._tracked[request_id]
+            if self.metrics:
+                self.metrics.aborted.inc()
+            if out is not None:
+                deliveries.append((tracked.stream, out))
+        self._deliver_many(deliveries)
 
     def _step(self) -> bool:
         """One engine step and the delivery of its outputs; False if nothing was scheduled."""

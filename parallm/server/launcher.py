@@ -3,6 +3,7 @@ load test, benchmarks)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import sys
@@ -17,6 +18,9 @@ from fastapi import FastAPI
 from parallm.engine.engine import LLMEngine
 
 _BACKLOG = 2048  # uvicorn's default
+# Past the drain deadline the app aborts its requests, and each stream then sends its last
+# chunk and [DONE]; uvicorn cancels whatever is still open this much later, as a last resort.
+_ABORT_GRACE_S = 2.0
 
 
 def load_engine(**engine_kwargs: Any) -> LLMEngine:
@@ -37,15 +41,37 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(
-    app: FastAPI, drain_timeout_s: float | None, log_level: str, access_log: bool = True
-) -> uvicorn.Config:
-    # On SIGTERM uvicorn stops accepting, waits up to the drain timeout for open requests,
-    # cancels the rest (aborting them), then runs the app's shutdown, which stops the engine.
-    return uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s,
-        timeout_keep_alive=5, access_log=access_log,
-    )  # fmt: skip
+class DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown with an end for the requests that outlast the drain.
+
+    On SIGTERM uvicorn stops accepting and waits for open requests. At ``drain_timeout_s`` the
+    app's ``state.abort_all_requests`` (when it has one) aborts what is still running, so each
+    stream ends with finish_reason "abort" and [DONE] instead of being cut; uvicorn's own
+    cancellation follows ``_ABORT_GRACE_S`` later for anything still open. Then the app's
+    shutdown stops the engine. ``drain_timeout_s=None`` waits for as long as requests run.
+    """
+
+    def __init__(
+        self, app: FastAPI, drain_timeout_s: float | None, log_level: str, access_log: bool = True
+    ) -> None:
+        cancel_after = None if drain_timeout_s is None else drain_timeout_s + _ABORT_GRACE_S
+        super().__init__(uvicorn.Config(
+            app, log_level=log_level, timeout_graceful_shutdown=cancel_after,
+            timeout_keep_alive=5, access_log=access_log,
+        ))  # fmt: skip
+        self.drain_timeout_s = drain_timeout_s
+        self._abort_all = getattr(app.state, "abort_all_requests", None)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = None
+        if self.drain_timeout_s is not None and self._abort_all is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.call_later(self.drain_timeout_s, self._abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
 
 
 def run_server(
@@ -58,7 +84,7 @@ def run_server(
 ) -> None:
     """Serve until SIGINT/SIGTERM, then drain and return. Prints the URL once listening.
     ``access_log=False`` drops uvicorn's line per request."""
-    server = uvicorn.Server(_config(app, drain_timeout_s, log_level, access_log))
+    server = DrainingServer(app, drain_timeout_s, log_level, access_log)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]  # the real port when port is 0
     print(f"parallm: serving on http://{host}:{bound}/v1", file=sys.stderr, flush=True)
@@ -85,7 +111,7 @@ class ServerThread:
         self.app = app
         self._sock = bind_socket(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
-        self.server = uvicorn.Server(_config(app, drain_timeout_s, log_level))
+        self.server = DrainingServer(app, drain_timeout_s, log_level)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True,
             name="parallm-uvicorn",
