@@ -19,6 +19,4 @@ def check_messages(conversation: list[dict[str, Any]]) -> None:
             raise ValueError(f"messages[{i}] needs 'role' and 'content', got {message!r}")
         role = message["role"]
         if role not in CHAT_ROLES:
-            raise ValueError(
-                f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {role!r}"
-            )
+            raise ValueError(f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {role!r}")

@@ -158,4 +158,6 @@ def test_cli_flag_skip_tokenizer_init(weights_only_dir):
     )
     kwargs = engine_kwargs(args)
     assert kwargs["skip_tokenizer_init"] is True
-    assert engine_kwargs(build_parser().parse_args(["generate", "x"]))["skip_tokenizer_init"] is False
+    assert (
+        engine_kwargs(build_parser().parse_args(["generate", "x"]))["skip_tokenizer_init"] is False
+    )
