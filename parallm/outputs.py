@@ -16,6 +16,8 @@ class Logprob:
 
 # One dict per generated position: token id -> Logprob (the chosen token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first, then the prompt token plus the top-k.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -83,5 +85,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when processing this request failed; it is then finished

@@ -22,6 +22,8 @@ class SamplingParams:
     ``logprobs=k`` returns the chosen token's log-probability and the top ``k``
     alternatives, computed from the raw model logits (before temperature or penalties).
     ``seed`` is an integer in [0, 2**64 - 1]; sample ``i`` of ``n`` uses ``(seed + i) mod 2**64``.
+    ``prompt_logprobs=k`` returns, for every prompt token after the first, its log-probability
+    given the tokens before it and the top ``k`` alternatives (``RequestOutput.prompt_logprobs``).
     ``detokenize=False`` returns token ids only: the outputs' text is empty.
     Unknown keywords raise ``ValueError`` naming the allowed ones.
     """
@@ -42,6 +44,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
 
@@ -104,8 +107,9 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, high=_MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=0, high=_MAX_LOGPROBS)
         if not isinstance(self.detokenize, bool):
             raise ValueError(f"detokenize must be true or false, got {self.detokenize!r}")
         for s in self.stop:

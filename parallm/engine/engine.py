@@ -278,6 +278,9 @@ class LLMEngine:
 
     def _finish_step(self, handle: StepHandle) -> list[RequestOutput]:
         result = handle.wait()
+        failed = self.outputs.record_prompt_logprobs(handle.prompt_logprobs)
+        for seq in failed:
+            self.scheduler.finish(seq)
         sampled = [item.seq for item in handle.batch.seqs if item.samples]
         # A sequence that ended (EOS, stop string, abort) after this step was launched: its
         # token here is the one extra step that async scheduling costs; drop it.
@@ -291,7 +294,7 @@ class LLMEngine:
             self.scheduler.finish(seq)
         for request_id in self.outputs.errors:
             self._fail_request(request_id)
-        outputs = self.outputs.collect(self.requests, sampled)
+        outputs = self.outputs.collect(self.requests, sampled + failed)
         for out in outputs:
             if out.finished:
                 self.outputs.forget(self.requests.pop(out.request_id))

@@ -61,8 +61,8 @@ class KVCacheManager:
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks of the sequence's longest cached prefix (leaving at least one token)."""
-        if not (self.enable_prefix_caching or seq.share_prefix):
-            return []
+        if not (self.enable_prefix_caching or seq.share_prefix) or seq.wants_prompt_logprobs:
+            return []  # prompt logprobs need the logits of every prompt position, cached or not
         # The last token must be computed to produce logits, so never match the whole sequence.
         num_full = (seq.num_tokens - 1) // self.block_size
         hashes = self._full_block_hashes(seq, num_full)

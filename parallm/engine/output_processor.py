@@ -7,9 +7,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from parallm.detokenizer import IncrementalDetokenizer, decode_in_context
+from parallm.engine.prompt_logprobs import PromptScores
 from parallm.engine.request import Request, Sequence
 from parallm.engine.sampler import SamplerOutput
-from parallm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from parallm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from parallm.sampling_params import SamplingParams
 
 
@@ -25,6 +32,8 @@ class OutputProcessor:
         self.num_sent: dict[int, int] = {}
         # request_id -> message, for requests whose output processing raised.
         self.errors: dict[str, str] = {}
+        # Streaming requests whose prompt logprobs went out (with their first delta).
+        self.prompt_logprobs_sent: set[str] = set()
 
     def register(self, request: Request, stream: bool) -> None:
         self.streaming[request.request_id] = stream
@@ -45,6 +54,36 @@ class OutputProcessor:
             self.num_sent.pop(seq.seq_id, None)
         self.streaming.pop(request_id, None)
         self.errors.pop(request_id, None)
+        self.prompt_logprobs_sent.discard(request_id)
+
+    def record_prompt_logprobs(self, scored: list[PromptScores]) -> list[Sequence]:
+        """Append the scored prompt tokens to their sequences' ``prompt_logprobs``; returns
+        the sequences whose recording failed (their requests are in ``errors``)."""
+        failed = []
+        for scores in scored:
+            seq = scores.seq
+            try:
+                self._record_prompt_scores(seq, scores)
+            except Exception as exc:  # one request's failure must not take the batch down
+                self.errors[seq.request_id] = f"{type(exc).__name__}: {exc}"
+                _finish(seq, "error", None)
+                failed.append(seq)
+        return failed
+
+    def _record_prompt_scores(self, seq: Sequence, scores: PromptScores) -> None:
+        entries = seq.prompt_logprobs
+        decode = self._detokenizes(seq.params)
+        prompt = seq.prompt_token_ids
+        for j, logprob in enumerate(scores.logprobs):
+            position = scores.first + j
+            if position < len(entries):
+                continue  # scored before a preemption
+            if position != len(entries):
+                raise RuntimeError(f"prompt token {position} scored before {len(entries)}")
+            top = (scores.top_ids[j], scores.top_logprobs[j])
+            entries.append(self._logprob_entry(
+                seq.params, prompt[position], logprob, scores.ranks[j], top, decode
+            ))  # fmt: skip
 
     def process(self, sampled: list[Sequence], result: SamplerOutput | None) -> list[Sequence]:
         """Append one token to each sampling sequence; return those that finished."""
@@ -95,8 +134,9 @@ class OutputProcessor:
         logprob: float,
         rank: int,
         top: tuple[list[int], list[float]],
+        decode: bool | None = None,
     ) -> dict[int, Logprob]:
-        decode = self._detokenizes(params)
+        decode = self._detokenizes(params) if decode is None else decode
         entry = {
             tid: Logprob(lp, r + 1, self._decode_one(tid) if decode else None)
             for r, (tid, lp) in enumerate(zip(*top, strict=True))
@@ -166,9 +206,19 @@ class OutputProcessor:
             outputs=completions,
             finished=request.is_finished,
             num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
+            prompt_logprobs=self._prompt_logprobs(request, delta),
             metrics=_request_metrics(request),
             error=self.errors.get(request.request_id),
         )
+
+    def _prompt_logprobs(self, request: Request, delta: bool) -> PromptLogprobs | None:
+        """The first sample's prompt logprobs; a stream gets them once, with its first delta."""
+        entries = request.seqs[0].prompt_logprobs
+        if entries is None or (delta and request.request_id in self.prompt_logprobs_sent):
+            return None
+        if delta:
+            self.prompt_logprobs_sent.add(request.request_id)
+        return list(entries)
 
     def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:
         start = self.num_sent.get(seq.seq_id, 0) if delta else 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parallm.outputs import SampleLogprobs
+from parallm.outputs import PromptLogprobs, SampleLogprobs
 from parallm.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -45,6 +45,9 @@ class Sequence:
     num_registered_blocks: int = 0
     num_preemptions: int = 0
     logprobs: SampleLogprobs | None = None
+    # One entry per prompt token scored so far (None for the first, which has no context);
+    # None when not asked for. Only the first sample of a request computes them.
+    prompt_logprobs: PromptLogprobs | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -58,6 +61,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +79,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt tokens are left to score: they need their logits, so no prefix cache hits."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < len(self.prompt_token_ids)
 
     @property
     def is_prefilling(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +17,12 @@ from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig
 from parallm.engine.cuda_graph import DecodeGraphs
+from parallm.engine.prompt_logprobs import (
+    PromptScores,
+    PromptSpan,
+    prompt_spans,
+    score_prompt_spans,
+)
 from parallm.engine.request import Sequence
 from parallm.engine.sampler import (
     Sampler,
@@ -62,6 +68,8 @@ class StepHandle:
     result: SamplerOutput | None  # device tensors
     host_token_ids: torch.Tensor | None
     event: torch.cuda.Event | None = None
+    # Scores of prompt tokens, already on the host (only requests with prompt_logprobs).
+    prompt_logprobs: list[PromptScores] = field(default_factory=list)
 
     def wait(self) -> SamplerOutput | None:
         """The step's result with the token ids on the host; blocks until they are there."""
@@ -277,43 +285,52 @@ class ModelRunner:
 
     def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
         """Start a step and the copy of its tokens to the host, without waiting for either."""
-        result = self.execute(batch, device_ids)
+        result, scored = self.execute(batch, device_ids)
         if result is None or self.device.type != "cuda":
-            return StepHandle(batch, result, None if result is None else result.token_ids)
+            host = None if result is None else result.token_ids
+            return StepHandle(batch, result, host, prompt_logprobs=scored)
         host = result.host_token_ids  # a graph's argmax wrote them to the host already
         if host is None:
             host = torch.empty(result.token_ids.shape, dtype=torch.long, pin_memory=True)
             host.copy_(result.token_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return StepHandle(batch, result, host, event)
+        return StepHandle(batch, result, host, event, prompt_logprobs=scored)
 
     @torch.inference_mode()
     def execute(
         self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None
-    ) -> SamplerOutput | None:
-        """Run one step; returns one sampled token per sampling sequence, in batch order.
+    ) -> tuple[SamplerOutput | None, list[PromptScores]]:
+        """Run one step; returns one sampled token per sampling sequence, in batch order, and
+        the scores of the prompt tokens this step computed for requests with prompt_logprobs.
 
         ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
         """
         greedy = host_ids = None
+        scored: list[PromptScores] = []
         if self._use_graph(batch):
             logits, greedy, host_ids = self.graphs.run(*self.prepare_decode(batch),
                                                        device_ids=device_ids)  # fmt: skip
         else:
-            logits = self.forward_logits(self.prepare(batch), device_ids)
+            inputs = self.prepare(batch)
+            # A decode row predicts an output token: only prompt chunks have prompt tokens to score.
+            spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
+            if spans:
+                logits, scored = self._forward_scoring_prompts(inputs, device_ids, spans)
+            else:
+                logits = self.forward_logits(inputs, device_ids)
         if logits is None:
-            return None
+            return None, scored
         seqs = [item.seq for item in batch.seqs if item.samples]
         if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
             # The common offline case: skip building sampling tensors, one argmax on device.
             if greedy is None:
                 greedy = greedy_argmax(logits, self.fused_argmax)
-            return SamplerOutput(token_ids=greedy, host_token_ids=host_ids)
+            return SamplerOutput(token_ids=greedy, host_token_ids=host_ids), scored
         logits = logits.float()
         rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
-        return self.sampler(logits, tensors)
+        return self.sampler(logits, tensors), scored
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
         """Inputs of a pure decode step, with as little per-sequence Python as possible."""
@@ -333,11 +350,24 @@ class ModelRunner:
         self, inputs: StepInputs, device_ids: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Logits (model dtype) at the sampling rows, or None when no sequence samples."""
+        return self._sampling_logits(self._hidden(inputs, device_ids), inputs)
+
+    def _forward_scoring_prompts(
+        self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
+    ) -> tuple[torch.Tensor | None, list[PromptScores]]:
+        """``forward_logits``, and the scores of the spans' prompt tokens from the same pass."""
+        hidden = self._hidden(inputs, device_ids)
+        return self._sampling_logits(hidden, inputs), score_prompt_spans(self.model, hidden, spans)
+
+    def _hidden(self, inputs: StepInputs, device_ids: torch.Tensor | None) -> torch.Tensor:
+        """The final hidden state of every token of the step."""
         meta = self._build_metadata(inputs)
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
         ids = self._to_device(inputs.input_ids) if device_ids is None else device_ids
         positions = self._to_device(inputs.positions)
-        hidden = self.model(ids, positions, ctx)
+        return self.model(ids, positions, ctx)
+
+    def _sampling_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
         if len(inputs.sample_indices) == 0:
             return None
         hidden = hidden[self._to_device(inputs.sample_indices)]
@@ -357,6 +387,11 @@ class ModelRunner:
             generator=seq.generator,
             banned_token_ids=banned,
         )
+
+
+def _has_prefill(batch: ScheduledBatch) -> bool:
+    """Whether some sequence computes known tokens (a prompt chunk): only those score any."""
+    return not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
 
 
 def _table_rows(tables: list[list[int]]) -> np.ndarray:

@@ -167,7 +167,7 @@ class Sampler(torch.nn.Module):
         token_ids = work.argmax(dim=-1) if tensors.all_greedy else _sample(work, tensors)
         if tensors.max_num_logprobs is None:
             return SamplerOutput(token_ids=token_ids)
-        return _with_logprobs(raw, token_ids, tensors.max_num_logprobs)
+        return token_logprobs(raw, token_ids, tensors.max_num_logprobs)
 
 
 def _is_greedy(p: SamplingParams) -> bool:
@@ -271,7 +271,9 @@ def _exponential_race(
     return (probs / q).argmax(dim=-1)
 
 
-def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
+def token_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
+    """Per row of ``raw`` logits [B, V] (float32): ``token_ids``' logprob and 1-based rank, and
+    the top ``k`` (logprobs, ids)."""
     logprobs = raw.log_softmax(dim=-1)
     chosen = token_ids.unsqueeze(1)
     # Rank on raw logits: log_softmax rounding can tie values that differ.

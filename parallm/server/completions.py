@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
 
+from parallm.outputs import PromptLogprobs, RequestOutput
 from parallm.server.async_engine import EngineRequest, RequestStream
 from parallm.server.errors import bad_request
 from parallm.server.logprobs import completion_logprobs
@@ -15,6 +17,7 @@ from parallm.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     now_s,
     random_id,
 )
@@ -42,6 +45,8 @@ async def create_completion(
     model = ctx.model_name(req.model)
     _check_request(ctx, req)
     params = sampling_params(req, req.max_tokens, req.logprobs)
+    if req.prompt_logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=req.prompt_logprobs)
     # Tokenizing and checking long prompts takes milliseconds: keep it off the event loop.
     prompts = await asyncio.to_thread(_prepare_prompts, ctx, req)
     request_id = random_id("cmpl")
@@ -53,16 +58,31 @@ async def create_completion(
     if req.stream:
         events = _events(req, stream, tracker, prompts, request_id, model)
         return EventStreamResponse(stream, events)
+    scored: dict[str, PromptLogprobs] = {}  # request id -> prompt logprobs
     try:
-        choices = await collect(stream, tracker)
+        choices = await collect(_keeping_prompt_logprobs(stream, scored), tracker)
     finally:
         stream.close()
     return CompletionResponse(
         id=request_id,
         model=model,
-        choices=[_choice(req, i, choices[i], prompts[i // req.n]) for i in sorted(choices)],
+        choices=[
+            _choice(req, i, choices[i], prompts[i // req.n],
+                    scored.get(stream.request_ids[i // req.n]))
+            for i in sorted(choices)
+        ],
         usage=tracker.usage(),
-    )
+    )  # fmt: skip
+
+
+async def _keeping_prompt_logprobs(
+    stream: RequestStream, scored: dict[str, PromptLogprobs]
+) -> AsyncIterator[RequestOutput]:
+    """The stream's outputs, keeping the prompt logprobs that come with a request's first."""
+    async for out in stream:
+        if out.prompt_logprobs is not None:
+            scored[out.request_id] = out.prompt_logprobs
+        yield out
 
 
 def _check_request(ctx: ServingContext, req: CompletionRequest) -> None:
@@ -71,9 +91,11 @@ def _check_request(ctx: ServingContext, req: CompletionRequest) -> None:
         raise bad_request("suffix is not supported by this server", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
     if req.echo and req.logprobs is not None:
         raise bad_request(
-            "echo with logprobs needs prompt logprobs, which this server does not compute",
+            "echo with logprobs is not supported; prompt_logprobs gives the prompt's logprobs",
             "logprobs",
         )
 
@@ -102,7 +124,13 @@ def _encode_one(ctx: ServingContext, prompt: str | list[int], max_tokens: int | 
     return Prompt(ids, tokenizer.decode(ids) if tokenizer is not None else "")
 
 
-def _choice(req: CompletionRequest, index: int, choice: Choice, prompt: Prompt) -> CompletionChoice:
+def _choice(
+    req: CompletionRequest,
+    index: int,
+    choice: Choice,
+    prompt: Prompt,
+    prompt_logprobs: PromptLogprobs | None = None,
+) -> CompletionChoice:
     prefix = prompt.text if req.echo else ""
     logprobs = None
     if req.logprobs is not None:
@@ -110,7 +138,23 @@ def _choice(req: CompletionRequest, index: int, choice: Choice, prompt: Prompt) 
     return CompletionChoice(
         index=index, text=prefix + "".join(choice.text), logprobs=logprobs,
         finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+        prompt_logprobs=_prompt_logprobs(prompt_logprobs),
     )  # fmt: skip
+
+
+def _prompt_logprobs(
+    entries: PromptLogprobs | None,
+) -> list[dict[int, PromptLogprob] | None] | None:
+    if entries is None:
+        return None
+    return [
+        None if entry is None else {
+            token_id: PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                    decoded_token=lp.decoded_token)
+            for token_id, lp in entry.items()
+        }
+        for entry in entries
+    ]  # fmt: skip
 
 
 async def _events(
