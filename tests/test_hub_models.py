@@ -11,9 +11,9 @@ import pytest
 
 import parallm.hub
 from parallm import LLM, SamplingParams
-from parallm.cli import build_parser
+from parallm.cli import build_parser, main
 from parallm.commands.engine_args import engine_kwargs
-from parallm.server.launcher import load_engine
+from parallm.server import launcher
 
 ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "kv_cache_memory": 8 << 20}
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -138,17 +138,28 @@ def test_cache_first_and_download_only_when_missing(monkeypatch, hub_cache, tmp_
     assert not {"*.bin", "*.pt", "*"} & set(patterns)
 
 
-def test_serve_flags_revision_and_download_dir(offline, hub_cache):
-    args = build_parser().parse_args(
-        ["serve", "--model", "Org/Tiny", "--revision", "v2", "--download-dir", str(hub_cache),
-         "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
-         "--kv-cache-memory", str(8 << 20)]
-    )  # fmt: skip
-    kwargs = engine_kwargs(args)
-    assert (kwargs["revision"], kwargs["download_dir"]) == ("v2", str(hub_cache))
-    engine = load_engine(**kwargs)
+def test_serve_hub_id_with_revision_and_download_dir(offline, hub_cache, monkeypatch, capsys):
+    """``parallm serve Org/Tiny --revision v2 --download-dir CACHE`` loads the v2 snapshot and
+    serves it as Org/Tiny (uvicorn itself is left out)."""
+    loaded = []
+    load = launcher.load_engine
+
+    def load_and_keep(**kwargs):
+        loaded.append(load(**kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(launcher, "load_engine", load_and_keep)
+    monkeypatch.setattr(launcher, "run_server", lambda *args, **kwargs: None)
+    argv = ["serve", "Org/Tiny", "--revision", "v2", "--download-dir", str(hub_cache),
+            "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
+            "--kv-cache-memory", str(8 << 20)]  # fmt: skip
+    assert main(argv) == 0
+    (engine,) = loaded
     assert Path(engine.model_dir).name == V2_COMMIT
-    assert engine.config.model == "Org/Tiny"
+    assert (engine.config.revision, engine.config.download_dir) == ("v2", str(hub_cache))
+    assert "model name 'Org/Tiny'" in capsys.readouterr().err
+    args = build_parser().parse_args(["generate", "--model", "Org/Tiny", "--revision", "v2", "x"])
+    assert engine_kwargs(args)["revision"] == "v2"
 
 
 def test_huggingface_hub_is_a_declared_dependency():

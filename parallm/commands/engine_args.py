@@ -37,7 +37,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer directory, when it is not the model's (unset: the model's)",
+        help="tokenizer directory or Hugging Face Hub id, when it is not the model's "
+        "(unset: the model's)",
     )
     g.add_argument(
         "--chat-template",
