@@ -74,7 +74,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--kv-cache-memory",
         type=int,
         default=None,
-        help="KV cache size in bytes (overrides --gpu-memory-utilization)",
+        help="KV cache size in bytes (overrides --gpu-memory-utilization; on CPU the default "
+        "is 1 GiB); the whole cache is allocated and zero-filled at start",
     )
     g.add_argument(
         "--gpu-memory-utilization",
