@@ -259,3 +259,16 @@ def test_module_entry_point():
         [sys.executable, "-m", "parallm", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_torchrun_entry_shows_defaults_and_its_own_usage(capsys):
+    """``python -m parallm.train`` (what torchrun starts) has its own parser: same rules."""
+    from parallm.train.__main__ import main as train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "(default: False)" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--bogus"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: python -m parallm.train ")
