@@ -161,3 +161,20 @@ def test_cli_flag_skip_tokenizer_init(weights_only_dir):
     assert (
         engine_kwargs(build_parser().parse_args(["generate", "x"]))["skip_tokenizer_init"] is False
     )
+
+
+def test_server_without_tokenizer_serves_ids_and_names_stop():
+    """A server over ``skip_tokenizer_init=True`` answers token-id prompts, and refuses stop
+    strings with a 400 naming ``stop`` (only stop_token_ids can end such a request)."""
+    import httpx
+    from test_server_support import API_KEY, MODEL_NAME, running_server
+
+    with running_server(skip_tokenizer_init=True) as server:
+        url, auth = server.url + "/v1/completions", {"Authorization": f"Bearer {API_KEY}"}
+        body = {"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+        ok = httpx.post(url, json=body, headers=auth, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        bad = httpx.post(url, json={**body, "stop": ["x"]}, headers=auth, timeout=60)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "stop"
+    assert "stop_token_ids" in bad.json()["error"]["message"]

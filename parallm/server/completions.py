@@ -26,6 +26,7 @@ from parallm.server.serving import (
     ChoiceTracker,
     ServingContext,
     check_common,
+    check_engine_can_honour,
     collect,
     sampling_params,
 )
@@ -47,6 +48,7 @@ async def create_completion(
     params = sampling_params(req, req.max_tokens, req.logprobs)
     if req.prompt_logprobs is not None:
         params = dataclasses.replace(params, prompt_logprobs=req.prompt_logprobs)
+    check_engine_can_honour(ctx, params, req)
     # Tokenizing and checking long prompts takes milliseconds: keep it off the event loop.
     prompts = await asyncio.to_thread(_prepare_prompts, ctx, req)
     request_id = random_id("cmpl")

@@ -100,6 +100,14 @@ class ServingContext:
             raise bad_request(str(e), param) from None
 
 
+def check_engine_can_honour(ctx: ServingContext, params: SamplingParams, req: Any) -> None:
+    """400 naming the field for what this engine cannot do (stop strings without a tokenizer)."""
+    try:
+        ctx.engine.engine.validate_params(params)
+    except ValueError as e:
+        raise from_value_error(e, set(type(req).model_fields)) from None
+
+
 def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """Engine sampling parameters from the request; 400 naming the field on a bad value."""
     kwargs: dict[str, Any] = dict(
