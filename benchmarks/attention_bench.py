@@ -23,7 +23,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallm.layers.triton_attention import (  # noqa: E402
+from parallm.kernels.paged_attention import (  # noqa: E402
     decode_num_splits,
     paged_decode_attention,
     paged_prefill_attention,

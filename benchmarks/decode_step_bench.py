@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from parallm import LLM
-from parallm.layers import backends, pdl
+from parallm.kernels import pdl
+from parallm.layers import backends
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -114,14 +115,14 @@ def main() -> None:
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch.backends.cuda.preferred_blas_library for the GEMMs")  # fmt: skip
     ap.add_argument("--compare-pdl", action="store_true",
-                    help="time without PDL and with each trigger of parallm.layers.pdl (recaptures)")  # fmt: skip
+                    help="time without PDL and with each trigger of parallm.kernels.pdl (recaptures)")  # fmt: skip
     ap.add_argument("--compare-rope", action="store_true",
                     help="also time the separate rotary+KV-store kernel (recaptures)")  # fmt: skip
     ap.add_argument("--compare-const", default=None, metavar="MODULE.NAME=V1,V2",
                     help="time each value of a module constant: integers separated by commas, "
-                         "e.g. parallm.layers.triton_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
+                         "e.g. parallm.kernels.paged_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
                          "or tuples separated by semicolons, e.g. "
-                         "'parallm.layers.fused_gemv.O_TILE=(8,1024,4);(4,2048,4)' (recaptures)")  # fmt: skip
+                         "'parallm.kernels.gemv.O_TILE=(8,1024,4);(4,2048,4)' (recaptures)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="time the list of variants this often")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()

@@ -1,12 +1,12 @@
-"""Batch-1 GEMVs of ``parallm.layers.fused_gemv`` against cuBLAS (needs CUDA).
+"""Batch-1 GEMVs of ``parallm.kernels.gemv`` against cuBLAS (needs CUDA).
 
 For the Llama-3.2-1B batch-1 shapes: q/k/v and gate/up after add+RMSNorm, down after SiLU-mul,
 o and the LM head with no prologue. Times, per call, in a CUDA graph that cycles through copies
 of the weight larger than L2 together (so W comes from HBM, as in a decode step):
   unfused   the Triton norm (or SiLU-mul) kernel, then F.linear (cuBLAS);
-  fused     ``parallm.layers.fused_gemv`` over a sweep of tile configurations.
+  fused     ``parallm.kernels.gemv`` over a sweep of tile configurations.
 Then the chain of one layer's four GEMVs over 16 layers' distinct weights, launched plainly and
-with programmatic dependent launch (``parallm.layers.pdl``): what PDL buys the GEMVs alone.
+with programmatic dependent launch (``parallm.kernels.pdl``): what PDL buys the GEMVs alone.
 
 python benchmarks/fused_gemv_bench.py [--out fused_gemv.json]
 """
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallm.layers import pdl  # noqa: E402
-from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
-from parallm.layers.fused_ops import fused_add_rms_norm, silu_and_mul  # noqa: E402
+from parallm.kernels import pdl  # noqa: E402
+from parallm.kernels.elementwise import fused_add_rms_norm, silu_and_mul  # noqa: E402
+from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
 
 SHAPES = {
     "qkv": (3072, 2048, "norm"),
@@ -42,7 +42,7 @@ CONFIGS = [
 ]
 EPS = 1e-5
 # Tiles (block_n, block_k, num_warps) tried per GEMV inside the PDL chain (--chain-sweep), the
-# default (parallm.layers.fused_gemv's *_TILE) first. Alone, a GEMV's best tile is the one that
+# default (parallm.kernels.gemv's *_TILE) first. Alone, a GEMV's best tile is the one that
 # streams fastest; in the chain, what a CTA loads before its PDL wait also counts.
 CHAIN_TILES = {
     "qkv": [(8, 1024, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4), (8, 512, 4), (4, 2048, 4)],

@@ -24,14 +24,14 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallm.layers.attention import write_kv  # noqa: E402
-from parallm.layers.fused_ops import (  # noqa: E402
+from parallm.kernels.elementwise import (  # noqa: E402
     apply_rotary,
     fused_add_rms_norm,
     rms_norm,
     silu_and_mul,
 )
-from parallm.layers.fused_rope_store import rotary_and_store_kv  # noqa: E402
+from parallm.kernels.rope_store import rotary_and_store_kv  # noqa: E402
+from parallm.layers.attention import write_kv  # noqa: E402
 from parallm.layers.norm import RMSNorm  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 

@@ -12,8 +12,8 @@ from triton_interpreter import check_interpreter_suite, kernel_modes  # before t
 triton = pytest.importorskip("triton")
 
 from parallm.engine.sampler import greedy_argmax  # noqa: E402
-from parallm.layers import argmax  # noqa: E402
-from parallm.layers.argmax import triton_argmax  # noqa: E402
+from parallm.kernels import argmax  # noqa: E402
+from parallm.kernels.argmax import triton_argmax  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(argmax._chunk_argmax_kernel)
 
@@ -75,7 +75,7 @@ def _check_advance(device: str) -> None:
     the ids as they were."""
     from test_next_inputs import random_inputs
 
-    from parallm.layers.next_inputs import DecodeInputs, advance_torch
+    from parallm.engine.next_inputs import DecodeInputs, advance_torch
 
     for block_size in (1, 16):
         want = random_inputs(5, 6, block_size, seed=block_size)
@@ -98,7 +98,7 @@ def test_advance_inputs_interpreter():
 
 def _check_host_ring(device: str) -> None:
     """Calls alternate the ring's rows; the host's mirrored turn names the row just written."""
-    from parallm.layers.argmax import HostRing
+    from parallm.kernels.argmax import HostRing
 
     ring = HostRing.allocate(4, torch.device(device))
     for call in range(3):
@@ -122,7 +122,7 @@ def test_host_ring_interpreter():
 
 
 def test_greedy_argmax_host_ring_needs_the_triton_path():
-    from parallm.layers.argmax import HostRing
+    from parallm.kernels.argmax import HostRing
 
     with pytest.raises(ValueError, match="fused"):
         greedy_argmax(
@@ -133,7 +133,7 @@ def test_greedy_argmax_host_ring_needs_the_triton_path():
 def test_greedy_argmax_advance_on_the_torch_path():
     from test_next_inputs import random_inputs
 
-    from parallm.layers.next_inputs import advance_torch
+    from parallm.engine.next_inputs import advance_torch
 
     got, want = random_inputs(4, 5, 16, 2), random_inputs(4, 5, 16, 2)
     x = torch.randn(4, 100)

@@ -16,8 +16,9 @@ from triton_interpreter import check_interpreter_suite, kernel_modes  # before t
 
 triton = pytest.importorskip("triton")
 
-from parallm.layers import fused_gemv, pdl  # noqa: E402
-from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.kernels import gemv as fused_gemv  # noqa: E402
+from parallm.kernels import pdl  # noqa: E402
+from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
 from parallm.layers.norm import RMSNorm  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_gemv._norm_gemv_kernel)
@@ -128,7 +129,7 @@ def test_pdl_only_inside_the_scope_and_on_cuda():
 
 def test_pdl_trigger_env_is_checked():
     env = {**os.environ, "PARALLM_PDL_TRIGGER": "sometimes"}
-    proc = subprocess.run([sys.executable, "-c", "import parallm.layers.pdl"], env=env,
+    proc = subprocess.run([sys.executable, "-c", "import parallm.kernels.pdl"], env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0
     assert "PARALLM_PDL_TRIGGER must be one of ['early', 'late', 'none']" in proc.stderr
@@ -217,7 +218,7 @@ def test_pdl_chain_in_a_graph_equals_separate_launches(trigger, monkeypatch):
 def test_default_tiles_fit_shared_memory():
     """Default tiles are sized for 16-bit weights: float32 ones get a narrower block_k, so the
     W pipeline stages stay within shared memory; explicit tiles are kept as given."""
-    from parallm.layers import fused_gemv
+    from parallm.kernels import gemv as fused_gemv
 
     w16, w32 = torch.empty(2048, 8192, dtype=torch.bfloat16), torch.empty(2048, 8192)
     n, k, warps = fused_gemv.DOWN_TILE

@@ -21,7 +21,8 @@ _SCRIPT = textwrap.dedent(
     import sys
     from collections import Counter
     from parallm import LLM, SamplingParams
-    from parallm.layers import backends, fused_rope_store
+    from parallm.kernels import rope_store as fused_rope_store
+    from parallm.layers import backends
     from parallm.layers.backends import TritonAttention
 
     calls = Counter()

@@ -20,8 +20,8 @@ from triton_interpreter import (  # before triton: sets the interpreter
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from parallm.layers import fused_ops  # noqa: E402
-from parallm.layers.fused_ops import (  # noqa: E402
+from parallm.kernels import elementwise as fused_ops  # noqa: E402
+from parallm.kernels.elementwise import (  # noqa: E402
     apply_rotary,
     fused_add_rms_norm,
     rms_norm,

@@ -19,9 +19,9 @@ from triton_interpreter import (  # before triton: sets the interpreter
 triton = pytest.importorskip("triton")
 from test_fused_ops import assert_matches, make_qkv, nan_like, randn  # noqa: E402
 
-from parallm.layers import fused_rope_store  # noqa: E402
+from parallm.kernels import rope_store as fused_rope_store  # noqa: E402
+from parallm.kernels.rope_store import rotary_and_store_kv  # noqa: E402
 from parallm.layers.attention import write_kv  # noqa: E402
-from parallm.layers.fused_rope_store import rotary_and_store_kv  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_rope_store._rope_store_kernel)

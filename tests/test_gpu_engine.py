@@ -64,7 +64,8 @@ def test_one_sequence_fused_layers_equal_reference_float32(tiny_model_dir, promp
                                                            monkeypatch):  # fmt: skip
     """Batch-1 decode layers run the norms and SiLU-mul inside the GEMVs (qwen2's q/k/v bias
     keeps it on the unfused layer): the reference path's tokens, one sequence at a time."""
-    from parallm.layers import fused_gemv, pdl
+    from parallm.kernels import gemv as fused_gemv
+    from parallm.kernels import pdl
 
     calls = []  # whether each fused call ran inside the PDL chain (Triton attention: always)
     real = fused_gemv.rms_norm_gemv

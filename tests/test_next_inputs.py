@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from parallm.layers.next_inputs import DecodeInputs, advance_host, advance_torch
+from parallm.engine.next_inputs import DecodeInputs, advance_host, advance_torch
 
 
 def random_inputs(rows: int, max_blocks: int, block_size: int, seed: int) -> DecodeInputs:

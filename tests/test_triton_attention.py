@@ -15,8 +15,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from parallm.layers import triton_attention  # noqa: E402
-from parallm.layers.triton_attention import (  # noqa: E402
+from parallm.kernels import paged_attention as triton_attention  # noqa: E402
+from parallm.kernels.paged_attention import (  # noqa: E402
     decode_num_splits,
     paged_decode_attention,
     paged_prefill_attention,
@@ -190,7 +190,7 @@ def check_decode_rope(seq_lens, num_heads, num_kv_heads, head_dim, dtype, device
     """Rotary + KV store inside the decode kernel against ``rotary_and_store_kv`` followed by
     a plain call, on raw q/k/v that are strided views of one fused projection: the same
     output and the same cache, bit for bit. Slot -1 (a padding row) stores nothing."""
-    from parallm.layers.fused_rope_store import rotary_and_store_kv
+    from parallm.kernels.rope_store import rotary_and_store_kv
     from parallm.layers.rotary import RotaryEmbedding
 
     lens = [(1, s) for s in seq_lens]

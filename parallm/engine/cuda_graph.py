@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from parallm.engine.next_inputs import advance_host
 from parallm.layers.attention import AttentionMetadata
-from parallm.layers.next_inputs import advance_host
 
 if TYPE_CHECKING:
-    from parallm.layers.argmax import HostRing
+    from parallm.kernels.argmax import HostRing
 
 # A step's inputs travel in one host-to-device copy (each copy costs a few microseconds of
 # idle GPU around it) when the block tables at full width stay under this size; past it the
@@ -62,7 +62,7 @@ class DecodeGraphs:
         host_ids: bool = False,
     ) -> None:
         self.forward = forward
-        # The forward moves its own inputs on by one token (parallm.layers.next_inputs), so a
+        # The forward moves its own inputs on by one token (parallm.engine.next_inputs), so a
         # greedy continuation whose tables did not change needs no input copy at all.
         self.forward_advances = forward_advances
         self.sizes = sorted(sizes)
@@ -76,7 +76,7 @@ class DecodeGraphs:
         # forward's 4th argument): a step then needs no device-to-host copy on the stream.
         self.host_rings: dict[int, HostRing] = {}
         if host_ids:
-            from parallm.layers.argmax import HostRing  # triton only where kernels run
+            from parallm.kernels.argmax import HostRing  # triton only where kernels run
 
             self.host_rings = {size: HostRing.allocate(size, device) for size in self.sizes}
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)

@@ -17,6 +17,7 @@ from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig
 from parallm.engine.cuda_graph import DecodeGraphs
+from parallm.engine.next_inputs import DecodeInputs
 from parallm.engine.prompt_logprobs import (
     PromptScores,
     PromptSpan,
@@ -32,17 +33,16 @@ from parallm.engine.sampler import (
     greedy_argmax,
 )
 from parallm.engine.scheduler import ScheduledBatch
+from parallm.kernels.pdl import dependent_launches
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
     ForwardContext,
     ReferenceAttention,
 )
-from parallm.layers.next_inputs import DecodeInputs
-from parallm.layers.pdl import dependent_launches
 
 if TYPE_CHECKING:
-    from parallm.layers.argmax import HostRing
+    from parallm.kernels.argmax import HostRing
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 

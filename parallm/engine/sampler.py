@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from parallm.layers.next_inputs import DecodeInputs, advance_torch
+from parallm.engine.next_inputs import DecodeInputs, advance_torch
 
 if TYPE_CHECKING:
-    from parallm.layers.argmax import HostRing
+    from parallm.kernels.argmax import HostRing
 from parallm.sampling_params import SamplingParams
 
 # logits / T overflows float32 for tiny T; such a distribution is argmax anyway.
@@ -297,10 +297,10 @@ def greedy_argmax(
     """Token ids of the largest logits per row: a Triton kernel when ``fused`` (CUDA, where it
     is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``.
     ``also_into`` receives a copy and ``advance``'s inputs move on by one token (both in the
-    same kernel when fused; see ``parallm.layers.next_inputs``). ``host_ring`` (fused only,
-    ``parallm.layers.argmax.HostRing``) also receives them in pinned host memory."""
+    same kernel when fused; see ``parallm.engine.next_inputs``). ``host_ring`` (fused only,
+    ``parallm.kernels.argmax.HostRing``) also receives them in pinned host memory."""
     if fused and logits.dim() == 2 and logits.stride(-1) == 1:
-        from parallm.layers.argmax import triton_argmax  # triton only where kernels run
+        from parallm.kernels.argmax import triton_argmax  # triton only where kernels run
 
         return triton_argmax(logits, also_into, advance, host_ring)
     if host_ring is not None:

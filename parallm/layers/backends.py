@@ -15,7 +15,7 @@ from parallm.layers.attention import (
 )
 
 if TYPE_CHECKING:  # importing it pulls in triton
-    from parallm.layers.fused_rope_store import NewTokenRope
+    from parallm.kernels.rope_store import NewTokenRope
 
 BACKENDS = ("auto", "reference", "triton")
 # Decode steps rotate q/k and store k/v inside the decode attention kernel (one launch fewer
@@ -30,13 +30,13 @@ class TritonAttention:
 
     name = "triton"
     # Every kernel of a one-row decode step through this backend is Triton and PDL-aware, so
-    # the step's kernels may chain with programmatic dependent launch (parallm.layers.pdl).
+    # the step's kernels may chain with programmatic dependent launch (parallm.kernels.pdl).
     pdl_safe = True
 
     def __init__(self) -> None:
-        from parallm.layers import triton_attention
+        from parallm.kernels import paged_attention
 
-        self.kernels = triton_attention
+        self.kernels = paged_attention
 
     def forward(
         self,
@@ -54,7 +54,7 @@ class TritonAttention:
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """Attention alone, over a cache that already holds this step's k/v (written by the
-        caller, e.g. with ``fused_rope_store``)."""
+        caller, e.g. with ``parallm.kernels.rope_store``)."""
         if meta.is_pure_decode:
             return self._decode(q, kv_cache, meta, scale)
         return self.kernels.paged_prefill_attention(

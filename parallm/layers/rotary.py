@@ -47,7 +47,7 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
-        self.fused = False  # set from outside (engine on CUDA) to use parallm.layers.fused_ops
+        self.fused = False  # set from outside (engine on CUDA) to use parallm.kernels.elementwise
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -67,9 +67,9 @@ class RotaryEmbedding(nn.Module):
         self, tables: RopeTables, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            from parallm.layers import fused_ops
+            from parallm.kernels import elementwise
 
-            return fused_ops.apply_rotary(q, k, self.cos_cache, self.sin_cache, tables.positions)
+            return elementwise.apply_rotary(q, k, self.cos_cache, self.sin_cache, tables.positions)
         cos, sin = tables.cos, tables.sin
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -85,12 +85,12 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k, store the rotated k and v at ``slots`` of the paged cache; returns q.
 
         q: [T, Hq, D]; k, v: [T, Hkv, D]. Fused, one kernel does it all (see
-        ``parallm.layers.fused_rope_store``); otherwise ``apply`` then ``write_kv``.
+        ``parallm.kernels.rope_store``); otherwise ``apply`` then ``write_kv``.
         """
         if self.fused:
-            from parallm.layers import fused_rope_store
+            from parallm.kernels import rope_store
 
-            return fused_rope_store.rotary_and_store_kv(
+            return rope_store.rotary_and_store_kv(
                 q, k, v, self.cos_cache, self.sin_cache, tables.positions, kv_cache, slots
             )
         q, k = self.apply(tables, q, k)

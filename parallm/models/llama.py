@@ -115,7 +115,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused = False  # set from outside (engine on CUDA) to use parallm.layers.fused_ops
+        self.fused = False  # set from outside (engine on CUDA) to use parallm.kernels.elementwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
@@ -123,9 +123,9 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if self.fused:
-            from parallm.layers import fused_ops
+            from parallm.kernels import elementwise
 
-            return self.down_proj(fused_ops.silu_and_mul(gate, up))
+            return self.down_proj(elementwise.silu_and_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
     def fuse_projections(self) -> None:
@@ -157,7 +157,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Set from outside (engine on CUDA): a one-token step runs the norms inside the q/k/v
-        # and gate/up GEMVs and SiLU-mul inside down (parallm.layers.fused_gemv).
+        # and gate/up GEMVs and SiLU-mul inside down (parallm.kernels.gemv).
         self.fused = False
 
     def forward(
@@ -215,9 +215,9 @@ class DecoderLayer(nn.Module):
         """The batch-1 decode layer as six Triton kernels: the norms run inside the q/k/v and
         gate/up GEMVs and SiLU-mul inside down (measured faster than cuBLAS plus the separate
         kernel on Llama-3.2-1B shapes, benchmarks/RESULTS.md). With the Triton attention they
-        chain with PDL (``parallm.layers.pdl``): no cuBLAS call may sit between them."""
-        from parallm.layers.fused_gemv import gemv, rms_norm_gemv, silu_mul_gemv
-        from parallm.layers.pdl import dependent_launches
+        chain with PDL (``parallm.kernels.pdl``): no cuBLAS call may sit between them."""
+        from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv
+        from parallm.kernels.pdl import dependent_launches
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
@@ -297,14 +297,14 @@ class LlamaForCausalLM(nn.Module):
     def chains_one_row(self, input_ids: torch.Tensor, ctx: ForwardContext) -> bool:
         """Whether a step of these ids ends in a PDL chain of Triton kernels (one CUDA row, the
         fused one-row layers): the final norm and the LM head GEMV may then launch with PDL
-        too (run them inside ``parallm.layers.pdl.dependent_launches``)."""
+        too (run them inside ``parallm.kernels.pdl.dependent_launches``)."""
         one_cuda_row = input_ids.numel() == 1 and input_ids.is_cuda and self.fused
         return one_cuda_row and self.model.layers[-1].chains_one_row(ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over the selected hidden states."""
         if self.fused and hidden.dim() == 2 and hidden.shape[0] == 1 and hidden.is_cuda:
-            from parallm.layers.fused_gemv import gemv
+            from parallm.kernels.gemv import gemv
 
             return gemv(hidden.contiguous(), self.lm_head.weight)
         return self.lm_head(hidden)
@@ -316,7 +316,7 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse_projections()
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
-        """Route norms, rotary and SiLU-mul through the Triton kernels of ``fused_ops``."""
+        """Route norms, rotary and SiLU-mul through the Triton kernels of ``parallm.kernels.elementwise``."""
         for module in self.modules():
             if hasattr(module, "fused"):
                 module.fused = enabled

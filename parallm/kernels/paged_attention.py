@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.layers.fused_rope_store import NewTokenRope, rope_and_store
-from parallm.layers.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.rope_store import NewTokenRope, rope_and_store
 
 _LOG2E = math.log2(math.e)
 

@@ -1,14 +1,14 @@
 """Rotary embedding fused with the paged KV-cache store: one launch per layer and step.
 
-Unfused, a layer runs the rotary kernel of ``fused_ops`` and then ``write_kv``'s two
+Unfused, a layer runs the rotary kernel of ``parallm.kernels.elementwise`` and then ``write_kv``'s two
 ``index_copy_`` kernels; at batch-1 decode those launches cost more than the bytes they move.
 Here each token's q is rotated into the output, and its rotated k and its v go straight to
 ``slot_mapping[t]`` of the cache, never materialised anywhere else. The rotation reuses the
-helpers of ``fused_ops`` and so rounds exactly as ``RotaryEmbedding`` does: the cache ends up
+helpers of ``parallm.kernels.elementwise`` and so rounds exactly as ``RotaryEmbedding`` does: the cache ends up
 bit-for-bit as ``apply_rotary`` + ``write_kv`` leave it.
 
 No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
-CPU tensors work only under the Triton interpreter, as for ``fused_ops``.
+CPU tensors work only under the Triton interpreter, as for ``parallm.kernels.elementwise``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.layers.fused_ops import (
+from parallm.kernels.elementwise import (
     _NO_FMA,
     _check_rotary_inputs,
     _rope_heads,
@@ -28,7 +28,7 @@ from parallm.layers.fused_ops import (
     _round_to,
     _unit_last_stride,
 )
-from parallm.layers.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, start_small_kernel
 
 # Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
 _TILE = 2048

@@ -4,14 +4,14 @@ o projection. Each fusion removes a kernel and a kernel boundary (~2-3 us at bat
 for it only if the GEMV itself keeps up with cuBLAS; ``benchmarks/fused_gemv_bench.py``
 measured each fused pair faster than cuBLAS plus the separate kernel on Llama-3.2-1B shapes
 (benchmarks/RESULTS.md), so one-token decode layers use them (``DecoderLayer._forward_one_row``,
-on with the fused kernels). Under ``parallm.layers.pdl.dependent_launches`` they launch with
+on with the fused kernels). Under ``parallm.kernels.pdl.dependent_launches`` they launch with
 PDL and load their first W tile before waiting for the previous kernel.
 
 ``y = rms_norm(x [+ residual]) @ W^T``, ``y = silu(gate) * up @ W^T`` and ``y = x @ W^T`` for one
 row, W of shape [N, K] with unit stride along K. Every program owns BLOCK_N output features,
 recomputes the (cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W
 once; there is no split over K, so no second kernel. The prologue rounds where
-``parallm.layers.fused_ops`` rounds (PyTorch's order); its sum of squares and the GEMV's sums
+``parallm.kernels.elementwise`` rounds (PyTorch's order); its sum of squares and the GEMV's sums
 run in another order than the norm kernel's and cuBLAS's, so results agree to float rounding,
 not bit for bit.
 """
@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from parallm.layers.fused_ops import _NO_FMA, _round_to
-from parallm.layers.pdl import pdl_launch, release_dependents, wait_for_producer
+from parallm.kernels.elementwise import _NO_FMA, _round_to
+from parallm.kernels.pdl import pdl_launch, release_dependents, wait_for_producer
 
 _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
 

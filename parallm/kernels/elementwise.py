@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from parallm.layers.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, start_small_kernel
 
 # Rows up to this many elements are normalised from registers (one read of each input);
 # longer rows take a two-pass path over chunks of _NORM_CHUNK (larger chunks spill there).

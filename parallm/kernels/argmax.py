@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.layers.next_inputs import DecodeInputs
-from parallm.layers.pdl import pdl_launch, start_small_kernel
+from parallm.engine.next_inputs import DecodeInputs
+from parallm.kernels.pdl import pdl_launch, start_small_kernel
 
 _CHUNK = 4096
 _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
@@ -46,7 +46,7 @@ def _chunk_argmax_kernel(
 def advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
                 BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """Advance row ``row`` of a decode step's inputs by one token, exactly as
-    ``parallm.layers.next_inputs`` describes (and its host and torch versions compute)."""
+    ``parallm.engine.next_inputs`` describes (and its host and torch versions compute)."""
     pos = tl.load(pos_ptr + row) + 1
     length = tl.load(len_ptr + row) + 1
     col = tl.minimum(pos // BLOCK_SIZE, max_blocks - 1)
@@ -126,7 +126,7 @@ def triton_argmax(
     Never synchronises with the host, so it can be captured in a CUDA graph. ``also_into``
     (int64 ``[rows]``, contiguous) receives the same ids in the same kernel: a decode graph
     writes them straight into its own input ids for the next step. ``advance``: that graph's
-    other inputs, advanced by one token in the same kernel (``parallm.layers.next_inputs``).
+    other inputs, advanced by one token in the same kernel (``parallm.engine.next_inputs``).
     ``host_ring``: the ids also go to pinned host memory (:class:`HostRing`).
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:

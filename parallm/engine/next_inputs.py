@@ -13,7 +13,7 @@ every implementation here must compute exactly the same numbers:
            + position % block_size
 
 (the column is clamped so a row at its last block never reads past its table; the host's real
-slot then differs and it copies). The kernel version is ``parallm.layers.argmax.advance_row``,
+slot then differs and it copies). The kernel version is ``parallm.kernels.argmax.advance_row``,
 inside the greedy argmax's last kernel; this module stays free of triton for the host side.
 """
 
