@@ -235,8 +235,6 @@ class EngineConfig:
     # fused into the GEMVs. None: on for CUDA (1.47x faster decode on an H100, then 6% more at
     # batch 1; benchmarks/RESULTS.md), off elsewhere (Triton needs a GPU).
     fused_kernels: bool | None = None
-    # Decode linears with at most this many rows use the Triton skinny GEMM (0: cuBLAS only).
-    skinny_gemm_max_rows: int = 0
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

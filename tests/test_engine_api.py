@@ -219,14 +219,3 @@ def test_a_failing_request_fails_alone(llm, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate({"prompt_token_ids": [5, 6]}, bad, use_tqdm=False)
     assert not engine.has_unfinished_requests()
-
-
-@pytest.mark.parametrize("rows", [-1, 17, 2.5])
-def test_skinny_gemm_rows_out_of_range_is_rejected(tiny_model_dir, rows):
-    with pytest.raises(ValueError, match=r"skinny_gemm_max_rows must be an integer in \[0, 16\]"):
-        LLM(str(tiny_model_dir("llama3")), device="cpu", skinny_gemm_max_rows=rows)
-
-
-def test_skinny_gemm_needs_cuda(tiny_model_dir):
-    with pytest.raises(ValueError, match="skinny_gemm_max_rows > 0 needs device='cuda'"):
-        LLM(str(tiny_model_dir("llama3")), device="cpu", skinny_gemm_max_rows=8)

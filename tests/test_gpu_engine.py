@@ -24,14 +24,14 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], list[l
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("fused,skinny", [(False, 0), (True, 0), (True, 16)])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "qwen2"])
-def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused, skinny):
+def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused):
     """Triton kernels + CUDA graphs give the reference path's tokens on the same fp32 weights:
     with logprobs (the sampler) and plain greedy (the argmax captured in the graph)."""
     path = str(tiny_model_dir(arch))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
-    fast = LLM(path, fused_kernels=fused, skinny_gemm_max_rows=skinny, **common)
+    fast = LLM(path, fused_kernels=fused, **common)
     assert fast.engine.runner.backend.name == "triton"
     assert fast.engine.runner.graphs is not None
     ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)

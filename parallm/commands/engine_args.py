@@ -111,13 +111,6 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "steps GEMVs with the norm or SiLU-mul fused in (unset: on for CUDA)",
     )
     g.add_argument(
-        "--skinny-gemm-max-rows",
-        type=int,
-        default=0,
-        help="linears with at most this many rows (decode batches) use the Triton split-K GEMV "
-        "instead of cuBLAS; 0 keeps cuBLAS (CUDA only, max 16)",
-    )
-    g.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -155,7 +148,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_chunked_prefill=args.enable_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, seed=args.seed,
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
-        skinny_gemm_max_rows=args.skinny_gemm_max_rows, revision=args.revision,
+        revision=args.revision,
         download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything

@@ -24,7 +24,6 @@ from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import select_backend
-from parallm.layers.linear_dispatch import use_skinny_gemm
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import MAX_SEED, SamplingParams
@@ -50,7 +49,6 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, self.device)
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
-        _check_skinny_rows(config.skinny_gemm_max_rows, self.device)
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
@@ -85,8 +83,6 @@ class LLMEngine:
         model.fuse_projections()
         if self.fused_kernels:
             model.use_fused_kernels()
-        if cfg.skinny_gemm_max_rows:
-            use_skinny_gemm(model, cfg.skinny_gemm_max_rows)
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
@@ -353,13 +349,6 @@ def _check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> Non
             f"({max_model_len}); raise kv_cache_memory / gpu_memory_utilization or lower "
             "max_model_len"
         )
-
-
-def _check_skinny_rows(max_rows: int, device: torch.device) -> None:
-    if not isinstance(max_rows, int) or not 0 <= max_rows <= 16:
-        raise ValueError(f"skinny_gemm_max_rows must be an integer in [0, 16], got {max_rows!r}")
-    if max_rows and device.type != "cuda":
-        raise ValueError("skinny_gemm_max_rows > 0 needs device='cuda' (Triton kernels)")
 
 
 def _on_cuda_unless_set(flag: bool | None, device: torch.device) -> bool:
