@@ -153,11 +153,12 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
-        min_reached = seq.num_output_tokens >= p.min_tokens
+        # The rule that sampling bans stop ids by, applied to the token just appended.
+        may_stop = seq.stop_tokens_allowed(seq.num_output_tokens - 1)
         # The token that ends a sequence (EOS, a stop id) is kept in token_ids, not in the text.
-        if min_reached and not p.ignore_eos and token in self.eos_token_ids:
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             return _finish(seq, "stop", None)
-        if min_reached and token in p.stop_token_ids:
+        if may_stop and token in p.stop_token_ids:
             return _finish(seq, "stop", token)
         detok = self.detokenizers.get(seq.seq_id)
         stop_str = detok.add_tokens([token]) if detok is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,13 +92,33 @@ class Sequence:
         """Still computing known tokens (prompt, or outputs being recomputed after preemption)."""
         return self.num_tokens - self.num_computed_tokens > 1
 
+    def stop_tokens_allowed(self, output_index: int | None = None) -> bool:
+        """The ``min_tokens`` rule, the one definition that sampling and the stop check share.
+
+        Output token ``output_index`` (0-based; by default the next one to sample) may be EOS
+        or a stop id, and so end the sequence, only when ``min_tokens`` tokens precede it.
+        """
+        index = self.num_output_tokens if output_index is None else output_index
+        return index >= self.params.min_tokens
+
     @property
     def bans_stop_tokens(self) -> bool:
-        """Whether sampling must keep stop ids (and EOS) out: ``min_tokens`` not reached yet."""
+        """Whether the next token must be sampled with stop ids (and EOS) kept out.
+
+        True exactly when :meth:`banned_stop_token_ids` is not empty (given any EOS id).
+        """
         p = self.params
-        if self.num_output_tokens >= p.min_tokens:
-            return False
-        return bool(p.stop_token_ids) or not p.ignore_eos
+        return not self.stop_tokens_allowed() and (bool(p.stop_token_ids) or not p.ignore_eos)
+
+    def banned_stop_token_ids(self, eos_token_ids: Iterable[int]) -> list[int]:
+        """The ids that sampling keeps out of the next token: stop ids, and EOS unless
+        ``ignore_eos``, while :meth:`stop_tokens_allowed` says no."""
+        if not self.bans_stop_tokens:
+            return []
+        banned = list(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            banned += eos_token_ids
+        return banned
 
     def append_token(self, token_id: int, now: float | None = None) -> None:
         """Append a sampled token; ``now`` is the step's time (one clock read per step)."""

@@ -374,18 +374,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = seq.params
-        banned: list[int] = []
-        if seq.num_output_tokens < params.min_tokens:
-            banned = list(params.stop_token_ids)
-            if not params.ignore_eos:
-                banned += list(self.eos_token_ids)
         return SamplingRow(
-            params=params,
+            params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
             generator=seq.generator,
-            banned_token_ids=banned,
+            banned_token_ids=seq.banned_stop_token_ids(self.eos_token_ids),
         )
 
 
