@@ -30,9 +30,10 @@ _DECODE_PROGRAMS_PER_SM = 4
 # reduction stay small next to the K/V bytes a split reads.
 _DECODE_MIN_KEYS_PER_SPLIT = 128
 _DECODE_MAX_SPLITS = 64
-# Prefill: give one program all query heads of a KV head (rows = tokens x heads), so each K/V
-# tile is loaded once per KV head instead of once per query head.
-_PREFILL_PACK_GQA = True
+# Decode tile: keys per loop step (before fitting shared memory), warps and pipeline stages.
+_DECODE_BLOCK_N = 128
+_DECODE_NUM_WARPS = 4
+_DECODE_NUM_STAGES = 2
 # Shared memory a block may opt into where the device cannot be asked (the interpreter on CPU):
 # Hopper's 227 KiB.
 _DEFAULT_SMEM_BYTES = 232448
@@ -71,7 +72,6 @@ def _prefill_kernel(
     stride_bt,
     qk_scale,
     NUM_GROUPS: tl.constexpr,
-    HEADS_PER_PROG: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -79,10 +79,10 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # A tile's BLOCK_M rows are BLOCK_T tokens x HEADS_PER_PROG query heads (token-major), all
-    # of one KV head, so with GQA packing each K/V tile is loaded once for all its query heads.
-    BLOCK_T: tl.constexpr = BLOCK_M // HEADS_PER_PROG
-    head_base = tl.program_id(0) * HEADS_PER_PROG
+    # A tile's BLOCK_M rows are BLOCK_T tokens x the NUM_GROUPS query heads of one KV head
+    # (token-major), so each K/V tile is loaded once for all the query heads that read it.
+    BLOCK_T: tl.constexpr = BLOCK_M // NUM_GROUPS
+    kv_head = tl.program_id(0)
     # Causal tiles further down a sequence cost more: schedule those first.
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = tl.program_id(2)
@@ -93,13 +93,12 @@ def _prefill_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - q_len
-    kv_head = head_base // NUM_GROUPS
 
     offs_r = tl.arange(0, BLOCK_M)
-    offs_t = m_block * BLOCK_T + offs_r // HEADS_PER_PROG
-    heads = head_base + offs_r % HEADS_PER_PROG
+    offs_t = m_block * BLOCK_T + offs_r // NUM_GROUPS
+    heads = kv_head * NUM_GROUPS + offs_r % NUM_GROUPS
     offs_d = tl.arange(0, BLOCK_D)
-    row_valid = (offs_r < BLOCK_T * HEADS_PER_PROG) & (offs_t < q_len)
+    row_valid = (offs_r < BLOCK_T * NUM_GROUPS) & (offs_t < q_len)
     d_valid = offs_d < HEAD_DIM
     q_rows = (q_start + offs_t).to(tl.int64)
     q_ptrs = q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
@@ -186,7 +185,6 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
-    USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     PDL: tl.constexpr,
@@ -239,21 +237,14 @@ def _decode_split_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # issued with K: one memory round trip
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        else:
-            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         # The next keys' pages: loaded here so the table read overlaps this block's math.
         next_n = offs_n + BLOCK_N
@@ -370,7 +361,6 @@ class _PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    heads_per_prog: int = 1
 
 
 def _prefill_config(
@@ -383,14 +373,14 @@ def _prefill_config(
         block_m, block_n, warps, stages = 128, 128, 8, 2
     else:
         block_m, block_n, warps, stages = 64, 32, 4, 2
-    heads_per_prog = groups if _PREFILL_PACK_GQA else 1
-    # Short queries (decode rows of mixed batches) would leave most of a big tile empty.
-    rows = max(max_query_len, 1) * heads_per_prog
+    # A tile's rows are tokens x the query heads of one KV head. Short queries (decode rows of
+    # mixed batches) would leave most of a big tile empty.
+    rows = max(max_query_len, 1) * groups
     block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
-    block_m = max(block_m, triton.next_power_of_2(heads_per_prog))
+    block_m = max(block_m, triton.next_power_of_2(groups))
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = fit_kv_tiles(block_m, block_n, stages, block_d, elem_bytes, smem_bytes)
-    return _PrefillConfig(block_m, block_n, warps, stages, heads_per_prog)
+    return _PrefillConfig(block_m, block_n, warps, stages)
 
 
 def kv_tiles_bytes(block_m: int, block_n: int, stages: int, block_d: int, elem_bytes: int) -> int:
@@ -455,8 +445,8 @@ def paged_prefill_attention(
     cfg = _prefill_config(
         head_dim, max_query_len, groups, q.element_size(), shared_memory_bytes(q.device)
     )
-    tokens_per_tile = cfg.block_m // cfg.heads_per_prog
-    grid = (num_heads // cfg.heads_per_prog, triton.cdiv(max_query_len, tokens_per_tile), batch)
+    tokens_per_tile = cfg.block_m // groups
+    grid = (num_kv_heads, triton.cdiv(max_query_len, tokens_per_tile), batch)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -478,7 +468,6 @@ def paged_prefill_attention(
         block_tables.stride(0),
         scale * _LOG2E,
         NUM_GROUPS=groups,
-        HEADS_PER_PROG=cfg.heads_per_prog,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=k_cache.shape[1],
@@ -493,28 +482,20 @@ def paged_prefill_attention(
 
 @dataclass(frozen=True)
 class _DecodeConfig:
-    use_dot: bool
     block_g: int
     block_n: int
     num_warps: int
     num_stages: int
 
 
-def _decode_config(
-    head_dim: int, groups: int, use_dot: bool, elem_bytes: int, smem_bytes: int
-) -> _DecodeConfig:
-    if use_dot:
-        # tl.dot needs at least 16 rows: pad the query heads of a KV head up to that.
-        # 128 keys x 4 warps x 2 stages was the one setting near the best for every H100 case.
-        block_g = max(16, triton.next_power_of_2(groups))
-        block_n, stages = fit_kv_tiles(
-            block_g, 128, 2, triton.next_power_of_2(head_dim), elem_bytes, smem_bytes
-        )
-        return _DecodeConfig(True, block_g, block_n, 4, stages)
-    block_g = triton.next_power_of_2(groups)
-    # The multiply-reduce holds a [G, N, D] float32 product in registers.
-    block_n = max(16, 4096 // (block_g * triton.next_power_of_2(head_dim)))
-    return _DecodeConfig(False, block_g, block_n, 4, 2)
+def _decode_config(head_dim: int, groups: int, elem_bytes: int, smem_bytes: int) -> _DecodeConfig:
+    # tl.dot needs at least 16 rows: pad the query heads of a KV head up to that.
+    block_g = max(16, triton.next_power_of_2(groups))
+    block_n, stages = fit_kv_tiles(
+        block_g, _DECODE_BLOCK_N, _DECODE_NUM_STAGES, triton.next_power_of_2(head_dim),
+        elem_bytes, smem_bytes,
+    )  # fmt: skip
+    return _DecodeConfig(block_g, block_n, _DECODE_NUM_WARPS, stages)
 
 
 def _no_rope_args(q: torch.Tensor) -> tuple:
@@ -541,18 +522,17 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
     *,
-    num_splits: int | None = None,
-    use_dot: bool | None = None,
     out: torch.Tensor | None = None,
     rope: NewTokenRope | None = None,
+    split_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache (flash decoding).
 
-    The context is cut into ``num_splits`` ranges handled by separate programs; the last of a
-    sequence's programs to finish merges the partial results (one launch; a context that fits
-    one split skips the merge). All ``Hq / Hkv`` query heads of a KV head share one program,
-    so each K/V block is read once per KV head. Calls on one device share the merge's arrival
-    counters, so they must not run concurrently on different streams.
+    The context is cut into ``decode_num_splits`` ranges handled by separate programs; the
+    last of a (sequence, KV head)'s programs to finish merges the partial results (one launch;
+    a context that fits one split skips the merge). All ``Hq / Hkv`` query heads of a KV head
+    share one program, so each K/V block is read once per KV head. ``max_seq_len`` shapes the
+    launch grid: keep it fixed when the call is captured in a CUDA graph.
 
     Args:
         q: ``[B, Hq, D]``; the query of sequence ``b`` sits at position ``seq_lens[b] - 1``.
@@ -561,14 +541,15 @@ def paged_decode_attention(
         seq_lens: ``[B]`` int32 context lengths including the new token.
         scale: softmax scale.
         max_seq_len: an upper bound of ``seq_lens`` (keys past it are ignored).
-        num_splits: override the split count (keep it and ``max_seq_len`` fixed when the call
-            is captured in a CUDA graph, since both shape the launch grid).
-        use_dot: use tensor-core dots with the query heads padded to 16 rows (default), or a
-            broadcast multiply-reduce.
         out: optional ``[B, Hq, D]`` buffer to write into (contiguous in D).
         rope: this step's raw k and v and the rotary tables: q is then the raw query, and the
             kernel rotates q and k and stores k and v in the cache itself (what
             ``rotary_and_store_kv`` does before a plain call, in the same launch).
+        split_counters: the merge's arrival counters, from :func:`new_split_counters`: int32
+            zeros on q's device, at least ``B * Hkv`` of them whenever the context is split.
+            Every call leaves them at zero again, so one buffer serves every layer and step,
+            but calls sharing it must not run concurrently (on different streams). None
+            allocates zeroed counters for this call (one fill kernel more).
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
@@ -582,12 +563,10 @@ def paged_decode_attention(
     out = _output_buffer(q, out)
     if batch == 0:
         return out
-    use_dot = True if use_dot is None else use_dot
-    cfg = _decode_config(head_dim, groups, use_dot, q.element_size(), shared_memory_bytes(q.device))
+    cfg = _decode_config(head_dim, groups, q.element_size(), shared_memory_bytes(q.device))
     block_d, block_n = triton.next_power_of_2(head_dim), cfg.block_n
     max_seq_len = max(int(max_seq_len), 1)
-    if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _device_sms(q.device))
+    num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _device_sms(q.device))
     split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seq_len, split_len)
 
@@ -596,7 +575,7 @@ def paged_decode_attention(
             (batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, batch * num_kv_heads)
+        counters = _checked_counters(split_counters, batch * num_kv_heads, q.device)
     else:
         part_out = part_lse = counters = out  # unused: the kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -631,7 +610,6 @@ def paged_decode_attention(
         PAGE_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
-        USE_DOT=cfg.use_dot,
         DOT_PRECISION=_dot_precision(q.dtype),
         ROPE=rope is not None,
         num_warps=cfg.num_warps,
@@ -641,19 +619,24 @@ def paged_decode_attention(
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+def new_split_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed arrival counters for :func:`paged_decode_attention`'s ``split_counters``.
 
-
-def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """Zeroed arrival counters of the split merge, one per (sequence, KV head).
-
-    Every call leaves them at zero again, so one buffer per device serves all layers and
-    steps. It is allocated outside CUDA-graph capture (the warm-up calls before a capture).
+    Enough for every call on ``device`` that ``decode_num_splits`` splits: a split happens
+    only while ``B * Hkv`` is below the programs-per-SM target times the SM count.
     """
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < needed:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention split counters must be allocated before capture")
-        counters = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
+    size = _DECODE_PROGRAMS_PER_SM * _device_sms(torch.device(device))
+    return torch.zeros(size, dtype=torch.int32, device=device)
+
+
+def _checked_counters(
+    counters: torch.Tensor | None, needed: int, device: torch.device
+) -> torch.Tensor:
+    if counters is None:
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    if counters.dtype != torch.int32 or counters.device != device or counters.numel() < needed:
+        raise ValueError(
+            f"split_counters must be int32 on {device} with at least {needed} elements, got "
+            f"{counters.dtype} on {counters.device} with {counters.numel()}"
+        )
     return counters

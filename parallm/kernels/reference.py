@@ -1,0 +1,210 @@
+"""PyTorch twins of the Triton kernels in this package: the same arguments, the same results.
+
+Each ``<kernel>_ref`` states what ``<kernel>`` computes, in plain PyTorch on any device; the
+kernel tests compare the two on random inputs. The twins of the elementwise kernels (norms,
+SiLU-and-mul, rotary) round where PyTorch's unfused ops round, as the kernels do. The others
+compute in float32 (float64 when given float64 inputs: the exact answer the attention tests
+compare against) and return the kernel's output dtype. No Triton import here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # importing it pulls in triton
+    from parallm.kernels.rope_store import NewTokenRope
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a twin computes in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Attention (parallm.kernels.paged_attention)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries over their paged context (``paged_prefill_attention``).
+
+    Query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and sees keys
+    up to it; only the context's slots of the cache are read. ``max_query_len`` is unused.
+    """
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    groups = q.shape[1] // num_kv_heads
+    wide = _wide(q.dtype)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        pages = block_tables[b, : -(-seq_len // block_size)].long()
+        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    *,
+    rope: NewTokenRope | None = None,
+) -> torch.Tensor:
+    """One query per sequence at position ``seq_lens[b] - 1`` (``paged_decode_attention``).
+
+    With ``rope``, q is the raw query: q and the new k are rotated and the new k and v stored
+    at their slots (negative: not stored) before attending, as the kernel does.
+    """
+    if rope is not None:
+        q, k = apply_rotary_ref(q, rope.k, rope.cos_cache, rope.sin_cache, rope.positions)
+        _store_kv(k, rope.v, k_cache, v_cache, rope.slot_mapping)
+    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, scale
+    )
+
+
+def _store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:  # fmt: skip
+    """k and v of each token at its slot of the paged caches; negative slots store nothing."""
+    live = slots >= 0
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = k[live].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = v[live].to(v_cache.dtype)
+
+
+# Norms, SiLU-and-mul, rotary (parallm.kernels.elementwise, parallm.kernels.rope_store)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 statistics, cast to x's dtype, then times ``weight`` (``rms_norm``)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(residual + x), residual + x)``, the sum in x's dtype (``fused_add_rms_norm``)."""
+    summed = residual + x
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+def silu_and_mul_ref(gate_up_or_gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.silu(gate) * up`` of a merged ``[..., 2n]`` gate/up or of two tensors (``silu_and_mul``)."""
+    if up is None:
+        gate, up = gate_up_or_gate.chunk(2, dim=-1)
+    else:
+        gate = gate_up_or_gate
+    return F.silu(gate) * up
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def apply_rotary_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D] at ``positions`` (``apply_rotary``);
+    the cos/sin rows are cast to q's dtype first."""
+    cos = cos_cache[positions].unsqueeze(-2).to(q.dtype)
+    sin = sin_cache[positions].unsqueeze(-2).to(q.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotary_and_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k, store the rotated k and v at ``slot_mapping`` of ``kv_cache``
+    ``[2, blocks, block_size, Hkv, D]`` (negative slots store nothing); returns the rotated q
+    (``rotary_and_store_kv``)."""
+    q_rot, k_rot = apply_rotary_ref(q, k, cos_cache, sin_cache, positions)
+    _store_kv(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
+    return q_rot
+
+
+# One-row GEMVs (parallm.kernels.gemv)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` summed in float32, rounded once to x's dtype (``gemv``)."""
+    wide = _wide(x.dtype)
+    return F.linear(x.to(wide), weight.to(wide)).to(x.dtype)
+
+
+def rms_norm_gemv_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    gather_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row (``rms_norm_gemv``).
+
+    With ``gather_ids``, x is a table and the row is ``x[gather_ids[0]]``, returned second.
+    Without a residual or ``gather_ids`` the second result is None.
+    """
+    row = x[gather_ids.long()] if gather_ids is not None else x
+    if residual is not None:
+        normed, stored = fused_add_rms_norm_ref(row, residual, norm_weight, eps)
+    else:
+        normed, stored = rms_norm_ref(row, norm_weight, eps), None
+    if gather_ids is not None:
+        stored = row
+    return gemv_ref(normed.to(x.dtype), weight), stored
+
+
+def silu_mul_gemv_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T`` for one row ``[1, 2K]`` (``silu_mul_gemv``)."""
+    return gemv_ref(silu_and_mul_ref(gate_up), weight)
+
+
+# Greedy sampling (parallm.kernels.argmax)
+
+
+def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum, NaN counted as +inf (``triton_argmax``); int64 ``[rows]``."""
+    x = logits.float()
+    return torch.where(x.isnan(), float("inf"), x).argmax(dim=-1)
