@@ -1,4 +1,5 @@
-"""The Triton greedy argmax against ``torch.argmax``: random logits, planted ties, -inf rows.
+"""The Triton greedy argmax against its twin ``argmax_ref`` (``torch.argmax`` with NaN as
++inf): random logits, planted ties, -inf rows, NaNs.
 
 Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
 """
@@ -14,6 +15,7 @@ triton = pytest.importorskip("triton")
 from parallm.engine.sampler import greedy_argmax  # noqa: E402
 from parallm.kernels import argmax  # noqa: E402
 from parallm.kernels.argmax import triton_argmax  # noqa: E402
+from parallm.kernels.reference import argmax_ref  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(argmax._chunk_argmax_kernel)
 
@@ -35,7 +37,7 @@ def _check(device: str, rows: int, vocab: int, dtype: torch.dtype, seed: int) ->
     x = _logits(rows, vocab, dtype, device, seed)
     got = triton_argmax(x)
     assert got.dtype == torch.long and got.shape == (rows,)
-    assert torch.equal(got.cpu(), x.cpu().float().argmax(dim=-1))
+    assert torch.equal(got, argmax_ref(x))
 
 
 def test_interpreter_suite_in_subprocess():
@@ -58,6 +60,16 @@ def test_edge_rows_interpreter():
     x[2, 4096] = 1.0  # the first column of the second chunk
     assert triton_argmax(x).tolist() == [0, 4999, 4096]
     assert triton_argmax(x[:0]).shape == (0,)
+
+
+@interpreter_test
+def test_nan_counts_as_inf_interpreter():
+    """A NaN wins over every finite logit, and ties with +inf: the first of them wins."""
+    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(8)) * 4
+    x[0, 5000] = float("nan")
+    x[1, 7000], x[1, 8000] = float("inf"), float("nan")
+    x[2, 100], x[2, 4500] = float("nan"), float("inf")
+    assert triton_argmax(x).tolist() == argmax_ref(x).tolist() == [5000, 7000, 100]
 
 
 @interpreter_test

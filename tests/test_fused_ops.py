@@ -1,8 +1,9 @@
-"""Fused RMSNorm / add+RMSNorm / SiLU-and-mul / rotary kernels against the PyTorch modules.
+"""Fused RMSNorm / add+RMSNorm / SiLU-and-mul / rotary kernels against their PyTorch twins.
 
-The references are the real ``RMSNorm`` and ``RotaryEmbedding`` modules and
-``F.silu(gate) * up``. Half-precision results are compared in units in the last place (ulp):
-the kernels reproduce PyTorch's rounding order, so most outputs must match bit for bit.
+The references are the twins in ``parallm.kernels.reference``, which round as the model's
+PyTorch modules do (checked here too). Half-precision results are compared in units in the
+last place (ulp): the kernels reproduce PyTorch's rounding order, so most outputs must match
+bit for bit.
 
 Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
 """
@@ -26,6 +27,12 @@ from parallm.kernels.elementwise import (  # noqa: E402
     fused_add_rms_norm,
     rms_norm,
     silu_and_mul,
+)
+from parallm.kernels.reference import (  # noqa: E402
+    apply_rotary_ref,
+    fused_add_rms_norm_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
 )
 from parallm.layers.norm import RMSNorm  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -80,19 +87,6 @@ def randn(*shape: int, dtype: torch.dtype, device: str, scale: float = 1.0, seed
     return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
 
-# References: the model's own modules.
-
-
-def norm_module(weight: torch.Tensor) -> RMSNorm:
-    norm = RMSNorm(weight.shape[0], EPS).to(weight.device)
-    norm.weight.data = weight
-    return norm
-
-
-def reference_silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
 def make_qkv(tokens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
     """q, k and v as strided views into one fused qkv projection output, as in the model."""
     widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
@@ -118,15 +112,14 @@ def check_rms_norm(shape, dtype, device, weight_dtype=None, max_ulp=0, max_misma
     weight = randn(shape[-1], dtype=weight_dtype or dtype, device=device, seed=1)
     out_dtype = torch.promote_types(dtype, weight.dtype)
     out = rms_norm(x, weight, EPS, out=nan_like(x, out_dtype))
-    assert_matches(out, norm_module(weight)(x), max_ulp, max_mismatch)
+    assert_matches(out, rms_norm_ref(x, weight, EPS), max_ulp, max_mismatch)
 
 
 def check_fused_add_rms_norm(shape, dtype, device, in_place=False, max_ulp=0, max_mismatch=0.0):
     x = randn(*shape, dtype=dtype, device=device, seed=2)
     residual = randn(*shape, dtype=dtype, device=device, scale=4.0, seed=3)
     weight = randn(shape[-1], dtype=dtype, device=device, seed=4)
-    expected_residual = residual + x
-    expected = norm_module(weight)(expected_residual)
+    expected, expected_residual = fused_add_rms_norm_ref(x, residual, weight, EPS)
     res_out = residual if in_place else nan_like(x)
     normed, new_residual = fused_add_rms_norm(
         x, residual, weight, EPS, out=nan_like(x), residual_out=res_out
@@ -140,7 +133,7 @@ def check_silu_and_mul(rows, n, dtype, device, merged, max_ulp=0, max_mismatch=0
     # Merged: one [rows, 2n] tensor. Separate: slices of wider rows, so row stride != n.
     wide = randn(rows, 2 * n + 8, dtype=dtype, device=device, scale=4.0, seed=5)
     gate, up = wide[:, :n], wide[:, n : 2 * n]
-    expected = reference_silu_and_mul(gate, up)
+    expected = silu_and_mul_ref(gate, up)
     out = nan_like(expected)
     if merged:
         got = silu_and_mul(wide[:, : 2 * n].contiguous(), out=out)
@@ -160,7 +153,7 @@ def check_rotary(
     gen = torch.Generator().manual_seed(6)
     positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(device)
     positions[0] = max_pos - 1  # the last cache row is reachable
-    ref_q, ref_k = rotary(positions, q, k)
+    ref_q, ref_k = apply_rotary_ref(q, k, rotary.cos_cache, rotary.sin_cache, positions)
     if in_place:
         q_out, k_out = q, k
     else:
@@ -262,10 +255,10 @@ def test_rms_norm_interpreter_allocates_and_keeps_shape():
     weight = randn(40, dtype=torch.float32, device="cpu", seed=1)
     out = rms_norm(x, weight, EPS)
     assert out.shape == x.shape and out.is_contiguous()
-    assert_matches(out, norm_module(weight)(x))
+    assert_matches(out, rms_norm_ref(x, weight, EPS))
     normed, new_residual = fused_add_rms_norm(x, x * 2, weight, EPS)
     assert torch.equal(new_residual, x * 3)
-    assert_matches(normed, norm_module(weight)(x * 3))
+    assert_matches(normed, rms_norm_ref(x * 3, weight, EPS))
 
 
 @interpreter_test
@@ -283,7 +276,7 @@ def test_silu_and_mul_interpreter_extremes():
     gate = torch.tensor([[-200.0, -30.0, -1e-3, 1e-3, 30.0, 200.0, 88.0, -88.0]])
     up = torch.tensor([[1.5, -2.0, 3.0, 0.5, -1.0, 2.0, 1e30, 1e30]])
     out = silu_and_mul(gate, up)
-    torch.testing.assert_close(out, reference_silu_and_mul(gate, up), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, silu_and_mul_ref(gate, up), rtol=1e-6, atol=0)
     merged = silu_and_mul(torch.cat([gate, up], dim=-1).expand(3, 3, -1))
     assert merged.shape == (3, 3, 8)
     torch.testing.assert_close(merged[2, 1], out[0], rtol=0, atol=0)
@@ -333,6 +326,29 @@ def test_empty_inputs_interpreter():
         torch.empty(0, dtype=torch.long),
     )
     assert q.shape == (0, 4, 64) and k.shape == (0, 2, 64)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_twins_round_as_the_torch_layers(dtype):
+    """The twins are the model's PyTorch path: RMSNorm (with and without the residual),
+    RotaryEmbedding and F.silu(gate) * up give the same bits on random inputs."""
+    x = randn(3, 5, 96, dtype=dtype, device="cpu", scale=3.0)
+    residual = randn(3, 5, 96, dtype=dtype, device="cpu", seed=1)
+    norm = RMSNorm(96, EPS).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn(96, dtype=dtype, device="cpu", seed=2))
+        assert torch.equal(rms_norm_ref(x, norm.weight, EPS), norm(x))
+        for got, want in zip(fused_add_rms_norm_ref(x, residual, norm.weight, EPS),
+                             norm(x, residual), strict=True):  # fmt: skip
+            assert torch.equal(got, want)
+    gate_up = randn(4, 2 * 48, dtype=dtype, device="cpu", scale=4.0, seed=3)
+    assert torch.equal(silu_and_mul_ref(gate_up), F.silu(gate_up[:, :48]) * gate_up[:, 48:])
+    rotary = RotaryEmbedding(64, 40, 10000.0, None)
+    q, k = make_qk(6, 4, 2, 64, dtype, "cpu", seed=4)
+    positions = torch.tensor([0, 39, 7, 7, 1, 20])
+    got = apply_rotary_ref(q, k, rotary.cos_cache, rotary.sin_cache, positions)
+    for a, b in zip(got, rotary(positions, q, k), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_bad_arguments_raise():
@@ -445,13 +461,13 @@ def test_fused_ops_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
 
-    norm = norm_module(weight)
-    ref_q, ref_k = rotary(positions, q, k)
+    ref_q, ref_k = apply_rotary_ref(q, k, rotary.cos_cache, rotary.sin_cache, positions)
+    add_norm, summed = fused_add_rms_norm_ref(x, residual, weight, EPS)
     expected = {
-        "norm": norm(x),
-        "add_norm": norm(residual + x),
-        "residual": residual + x,
-        "silu": reference_silu_and_mul(*gate_up.chunk(2, dim=-1)),
+        "norm": rms_norm_ref(x, weight, EPS),
+        "add_norm": add_norm,
+        "residual": summed,
+        "silu": silu_and_mul_ref(gate_up),
         "q": ref_q,
         "k": ref_k,
     }

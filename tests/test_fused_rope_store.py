@@ -1,8 +1,8 @@
-"""Fused rotary + paged KV store against ``RotaryEmbedding`` followed by ``write_kv``.
+"""Fused rotary + paged KV store against its PyTorch twin, ``rotary_and_store_kv_ref``.
 
-The reference is the model's own path: the PyTorch ``RotaryEmbedding`` and ``write_kv`` into a
-copy of the same cache. Caches start filled with random values, so a slot the kernel must not
-touch is checked bit for bit, and an unwritten one shows up too.
+The twin rotates as the model's PyTorch path does and stores into a copy of the same cache.
+Caches start filled with random values, so a slot the kernel must not touch is checked bit for
+bit, and an unwritten one shows up too.
 
 Without CUDA the kernel runs under the Triton interpreter (see ``triton_interpreter``).
 """
@@ -20,8 +20,8 @@ triton = pytest.importorskip("triton")
 from test_fused_ops import assert_matches, make_qkv, nan_like, randn  # noqa: E402
 
 from parallm.kernels import rope_store as fused_rope_store  # noqa: E402
+from parallm.kernels.reference import rotary_and_store_kv_ref  # noqa: E402
 from parallm.kernels.rope_store import rotary_and_store_kv  # noqa: E402
-from parallm.layers.attention import write_kv  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_rope_store._rope_store_kernel)
@@ -54,9 +54,10 @@ def check_rope_store(
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
     cache = randn(*shape, dtype=dtype, device=device, seed=8)
     ref_cache = cache.clone()
-    ref_q, ref_k = rotary(positions, q, k)
-    live = slots >= 0  # write_kv has no padding rows: the reference stores only real ones
-    write_kv(ref_k[live], v[live], ref_cache, slots[live])
+    ref_q = rotary_and_store_kv_ref(
+        q, k, v, rotary.cos_cache, rotary.sin_cache, positions, ref_cache, slots
+    )
+    live = slots >= 0  # negative slots (padding rows) store nothing
 
     q_out = q if kw.get("in_place") else nan_like(q)
     got_q = rotary_and_store_kv(
@@ -146,22 +147,6 @@ def test_rope_store_interpreter_llama3_scaling_and_padding_rows():
 @interpreter_test
 def test_rope_store_interpreter_bf16_close_to_float64():
     check_close_to_float64(9, (4, 2), 64, "cpu")
-
-
-@interpreter_test
-def test_rope_store_interpreter_model_path_matches_unfused():
-    # RotaryEmbedding.apply_and_store, fused and not, leaves the same q and cache.
-    rotary = RotaryEmbedding(64, 64, 10000.0, None)
-    q, k, v = make_qkv(5, 4, 2, 64, torch.bfloat16, "cpu")
-    positions, slots = torch.tensor([0, 9, 63, 2, 2]), torch.tensor([5, 6, 7, 30, 12])
-    caches = [torch.zeros(2, 4, 8, 2, 64, dtype=torch.bfloat16) for _ in range(2)]
-    outs = []
-    for fused, cache in zip([False, True], caches, strict=True):
-        rotary.fused = fused
-        tables = rotary.lookup(positions, q.dtype)
-        outs.append(rotary.apply_and_store(tables, q, k, v, cache, slots))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
-    assert caches[1].view(2, -1, 2, 64)[:, slots].abs().sum() > 0
 
 
 @interpreter_test
@@ -256,7 +241,8 @@ def test_rope_store_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     ref_cache = torch.zeros_like(cache)
-    ref_q, ref_k = rotary(positions, q, k)
-    write_kv(ref_k, v, ref_cache, slots)
+    ref_q = rotary_and_store_kv_ref(
+        q, k, v, rotary.cos_cache, rotary.sin_cache, positions, ref_cache, slots
+    )
     assert_matches(q_out, ref_q, max_ulp=1, max_mismatch=0.01, label="q")
     assert torch.equal(cache, ref_cache)
