@@ -117,6 +117,39 @@ class KVCacheManager:
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Take back the last ``num_tokens`` computed tokens of ``seq`` (rejected drafts).
+
+        ``num_computed_tokens`` goes back, blocks left holding none of the sequence's tokens
+        are returned, and the block it now ends inside, whose tail it will rewrite, leaves the
+        prefix cache. A block another sequence also holds is never rewritten: rolling back
+        into one raises, before anything changes.
+        """
+        computed = seq.num_computed_tokens
+        if not 0 <= num_tokens <= computed:
+            raise ValueError(
+                f"num_tokens must be between 0 and the {computed} computed tokens, got {num_tokens}"
+            )
+        keep = computed - num_tokens
+        num_kept_blocks, tail = -(-keep // self.block_size), keep % self.block_size
+        if tail and self.blocks[seq.block_table[num_kept_blocks - 1]].ref_count > 1:
+            raise ValueError(
+                f"cannot roll back to token {keep}: it is inside a block shared with another "
+                "sequence"
+            )
+        for block_id in reversed(seq.block_table[num_kept_blocks:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._release(block)  # its KV still matches its hash: it stays reusable
+        del seq.block_table[num_kept_blocks:]
+        if tail:
+            self._forget(self.blocks[seq.block_table[-1]])
+        full = keep // self.block_size
+        seq.num_registered_blocks = min(seq.num_registered_blocks, full)
+        del seq.block_hashes[full:]  # hashes of tokens that the caller may change
+        seq.num_computed_tokens = keep
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds."""
         for block_id in list(self.free_queue):

@@ -45,6 +45,9 @@ class Sequence:
     num_cached_tokens: int = 0
     num_registered_blocks: int = 0
     num_preemptions: int = 0
+    # Proposed next tokens (speculative decoding) for the scheduler to verify after the last
+    # known token in the sequence's next step; it takes those that fit and clears the rest.
+    draft_token_ids: list[int] = field(default_factory=list)
     logprobs: SampleLogprobs | None = None
     # One entry per prompt token scored so far (None for the first, which has no context);
     # None when not asked for. Only the first sample of a request computes them.

@@ -3,9 +3,9 @@
 Each step the scheduler picks, under a token budget, how many new tokens every sequence
 computes. Running sequences come first, oldest first, with one token reserved for every
 decode so that a long prompt arriving never stalls them (Dynamic SplitFuse); the rest of the
-budget goes to prompt chunks, then to waiting requests. When blocks run out, the newest
-running sequence gives its blocks back and is recomputed later. The scheduler decides; it
-never touches tensors.
+budget goes to prompt chunks, then to draft tokens (speculative decoding) that sequences
+carry, then to waiting requests. When blocks run out, the newest running sequence gives its
+blocks back and is recomputed later. The scheduler decides; it never touches tensors.
 """
 
 from __future__ import annotations
@@ -19,30 +19,81 @@ from parallm.engine.request import Sequence, SequenceStatus
 
 
 class ScheduledSeq:
-    """One sequence's share of a step: tokens ``start .. start+num_new_tokens``."""
+    """One sequence's share of a step.
 
-    __slots__ = ("seq", "start", "num_new_tokens", "samples")
+    The step computes the known tokens ``seq.token_ids[start : start + num_new_tokens]`` and,
+    at the positions after them, ``draft_token_ids``: proposed tokens (speculative decoding)
+    that are not part of the sequence until accepted. Drafts follow the sequence's last known
+    token only, so a drafted sequence always samples. ``num_scheduled_tokens`` counts both.
+    """
+
+    __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples")
 
     def __init__(
-        self, seq: Sequence, start: int, num_new_tokens: int, samples: bool | None = None
+        self,
+        seq: Sequence,
+        start: int,
+        num_new_tokens: int,
+        samples: bool | None = None,
+        draft_token_ids: list[int] | None = None,
     ) -> None:
         self.seq = seq
         self.start = start
         self.num_new_tokens = num_new_tokens
         # True when this step computes the sequence's last known token, so it samples.
         self.samples = start + num_new_tokens == seq.num_tokens if samples is None else samples
+        self.draft_token_ids = [] if draft_token_ids is None else draft_token_ids
+        if self.draft_token_ids and not self.samples:
+            raise ValueError("draft_token_ids must follow the sequence's last known token")
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens this step computes for the sequence: known ones and drafts."""
+        return self.num_new_tokens + len(self.draft_token_ids)
+
+
+@dataclass(frozen=True)
+class KVConnectorMetadata:
+    """What a KV connector moves around one step, as plain block ids (no tensors).
+
+    ``blocks_to_import``: per sequence (``seq_id``), blocks of this engine's cache that the
+    connector fills before the step (KV computed elsewhere); ``blocks_to_export``: blocks whose
+    KV it sends out once the step has written them. ``payload`` is the connector's own plain
+    data, which the runner hands over untouched. The engine has no connector yet, so no step
+    carries any.
+    """
+
+    blocks_to_import: dict[int, list[int]] = field(default_factory=dict)
+    blocks_to_export: dict[int, list[int]] = field(default_factory=dict)
+    payload: object = None
 
 
 @dataclass
 class ScheduledBatch:
-    """Plain data handed to the runner: which sequences, which tokens."""
+    """The scheduler's message to the runner, plain data like vLLM v1's ``SchedulerOutput``.
+
+    Per sequence: which known tokens and which drafts this step computes (``seqs``); per step:
+    the sequences preempted by it and the KV connector's work, if any.
+    """
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
+        """Tokens computed by the step, drafts included (vLLM's total_num_scheduled_tokens)."""
+        return sum(s.num_scheduled_tokens for s in self.seqs)
+
+    @property
+    def scheduled_spec_decode_tokens(self) -> dict[int, list[int]]:
+        """``seq_id`` -> draft token ids, for the sequences that carry drafts."""
+        return {s.seq.seq_id: s.draft_token_ids for s in self.seqs if s.draft_token_ids}
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """One known token per sequence, each sampling, no drafts: the graph-captured step."""
+        return all(s.num_new_tokens == 1 and s.samples and not s.draft_token_ids for s in self.seqs)
 
     @property
     def is_empty(self) -> bool:
@@ -88,13 +139,20 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.cfg.max_num_batched_tokens)
         if not batch.preempted:
+            budget = self._schedule_drafts(batch, budget)
             self._schedule_waiting(batch, budget)
         block_size = self.kv.block_size
         for item in batch.seqs:
+            seq = item.seq
+            # Only known tokens are hashed into the prefix cache, never drafts.
             end = item.start + item.num_new_tokens
-            if end // block_size > item.seq.num_registered_blocks:
-                self.kv.commit_full_blocks(item.seq, end)
-            item.seq.num_computed_tokens = end
+            if end // block_size > seq.num_registered_blocks:
+                self.kv.commit_full_blocks(seq, end)
+            # Drafts count as computed until the rejected ones are rolled back
+            # (KVCacheManager.rollback). Proposals not taken go stale with this sample.
+            seq.num_computed_tokens = end + len(item.draft_token_ids)
+            if item.samples and seq.draft_token_ids:
+                seq.draft_token_ids = []
             self._count(item)
         return batch
 
@@ -115,6 +173,8 @@ class Scheduler:
         for item in prev.seqs:  # one pass: this runs every step for every sequence
             seq = item.seq
             if not item.samples:  # a prompt chunk before the last: no token to follow yet
+                return None
+            if item.draft_token_ids:  # how many tokens it yields is known only after it
                 return None
             if seq.status is SequenceStatus.FINISHED:
                 continue
@@ -160,6 +220,35 @@ class Scheduler:
             i += 1
         return budget
 
+    def _schedule_drafts(self, batch: ScheduledBatch, budget: int) -> int:
+        """Give running sequences' drafts the budget and blocks their known tokens left.
+
+        Drafts are optional work: they never preempt, nor take a block or a token that a
+        known token of this step needed. Oldest sequences first, as the running set.
+        """
+        for item in batch.seqs:
+            if budget <= 0:
+                break
+            if item.seq.draft_token_ids and item.samples:
+                item.draft_token_ids = self._fit_drafts(item, budget)
+                budget -= len(item.draft_token_ids)
+        return budget
+
+    def _fit_drafts(self, item: ScheduledSeq, budget: int) -> list[int]:
+        """The leading drafts that fit the budget, the context, ``max_tokens`` and free blocks."""
+        seq = item.seq
+        p = seq.params
+        # Accepting every draft and the token sampled after them must not pass either limit.
+        num = min(len(seq.draft_token_ids), budget, self.cfg.max_model_len - seq.num_tokens - 1)
+        if p.max_tokens is not None:
+            num = min(num, p.max_tokens - seq.num_output_tokens - 1)
+        held = len(seq.block_table) + self.kv.num_free_blocks
+        end = item.start + item.num_new_tokens
+        num = min(num, held * self.kv.block_size - end)
+        if num <= 0 or not self.kv.allocate(seq, item.num_new_tokens + num):
+            return []
+        return seq.draft_token_ids[:num]
+
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
         if seq.num_computed_tokens + num_new <= len(seq.block_table) * self.kv.block_size:
             return True  # fits in the blocks it holds: the common decode case
@@ -201,6 +290,7 @@ class Scheduler:
             budget -= num_new
 
     def _count(self, item: ScheduledSeq) -> None:
+        self.stats.num_decode_tokens_computed += len(item.draft_token_ids)
         if item.num_new_tokens == 1 and item.samples and item.seq.num_output_tokens > 0:
             self.stats.num_decode_tokens_computed += 1
         else:
@@ -210,8 +300,9 @@ class Scheduler:
 def _can_run_ahead(seq: Sequence) -> bool:
     """Whether the sequence's next token can be sampled before its last one is on the host."""
     p = seq.params
-    # Counted without the pending token, as the runner counts when it bans stop ids.
-    return p.history_free and not seq.bans_stop_tokens
+    # Counted without the pending token, as the runner counts when it bans stop ids. Drafts
+    # proposed for it call for a step of their own.
+    return p.history_free and not seq.bans_stop_tokens and not seq.draft_token_ids
 
 
 def _finishes_with_next_token(seq: Sequence, max_model_len: int) -> bool:
