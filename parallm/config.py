@@ -232,8 +232,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     # Triton RMSNorm(+residual), rotary and SiLU-mul, and for one-token steps the norm and SiLU-mul
-    # fused into the GEMVs. None: on for CUDA (1.47x faster decode on an H100, then 6% more at
-    # batch 1; benchmarks/RESULTS.md), off elsewhere (Triton needs a GPU).
+    # fused into the GEMVs. None: on for CUDA (fewer, larger kernels per decode step), off
+    # elsewhere (Triton needs a GPU).
     fused_kernels: bool | None = None
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None

@@ -104,10 +104,8 @@ def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int) -
     """Decode time per step: from the moment every request has its first token to the end,
     over ``output_len - 1`` steps, with the engine's host work and copies included (median of
     ``iters`` runs after a warm-up run). ``prefill_ms`` is the time to those first tokens.
-
-    Until f27e4cf this took (full run - prefill-only run) / (output_len - 1), which assumed
-    both runs pay the same fixed costs; once the first decode step overlapped the prefill's
-    host work, that difference shrank by that work, so it no longer measured a step."""
+    (Not a full run minus a prefill-only run: the first decode step overlaps the prefill's
+    host work, so that difference is no step's time.)"""
     if output_len < 2:
         raise ValueError(f"--output-len must be at least 2 to time a decode step, got {output_len}")
     vocab = llm.engine.model_config.vocab_size

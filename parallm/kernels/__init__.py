@@ -1,4 +1,4 @@
-"""Triton kernels, each a plain function beside a PyTorch reference twin (tests compare them).
+"""Triton kernels, each a plain function with a PyTorch twin in ``reference`` (tests compare them).
 
 Nothing here is an ``nn.Module``: layers and the engine call these functions.
 """

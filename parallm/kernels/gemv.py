@@ -1,9 +1,8 @@
 """Batch-1 GEMVs for the one-row decode layer, with their producer fused in where there is one:
 RMSNorm (+ residual add) before q/k/v and gate/up, SiLU-and-mul before down, nothing before the
-o projection. Each fusion removes a kernel and a kernel boundary (~2-3 us at batch 1), and pays
-for it only if the GEMV itself keeps up with cuBLAS; ``benchmarks/fused_gemv_bench.py``
-measured each fused pair faster than cuBLAS plus the separate kernel on Llama-3.2-1B shapes
-(benchmarks/RESULTS.md), so one-token decode layers use them (``DecoderLayer._forward_one_row``,
+o projection. Each fusion removes a kernel and a kernel boundary, and pays for it only while the
+GEMV itself keeps up with cuBLAS (``benchmarks/fused_gemv_bench.py`` compares each fused pair with
+cuBLAS plus the separate kernel), so one-token decode steps use them (the one-row step,
 on with the fused kernels). Under ``parallm.kernels.pdl.dependent_launches`` they launch with
 PDL and load their first W tile before waiting for the previous kernel.
 
@@ -28,11 +27,11 @@ from parallm.kernels.pdl import pdl_launch, release_dependents, wait_for_produce
 
 _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
 
-# Tiles (block_n, block_k, num_warps) per role, from sweeps on the H100 (benchmarks/RESULTS.md).
-# Alone, a GEMV's best tile is the one that streams fastest (fused_gemv_bench's shape sweep);
-# chained under PDL, what a CTA loads before its wait also counts (--chain-sweep). The o
-# projection follows the latency-bound attention, so 4 x 2048 tiles (all of a CTA's W in one
-# load, 4 CTAs a SM) hold the whole matrix in flight before the wait.
+# Tiles (block_n, block_k, num_warps) per role, chosen with fused_gemv_bench.py's sweeps. Alone,
+# a GEMV's best tile is the one that streams fastest; chained under PDL, what a CTA loads before
+# its wait also counts (--chain-sweep). The o projection follows the latency-bound attention, so
+# 4 x 2048 tiles (all of a CTA's W in one load, 4 CTAs a SM) hold the whole matrix in flight
+# before the wait.
 QKV_TILE = (8, 1024, 4)
 GATE_UP_TILE = (32, 256, 4)  # outputs >= _WIDE_N: the gate/up projection
 DOWN_TILE = (16, 2048, 8)
@@ -54,9 +53,7 @@ def _w_tile(w_ptr, rows, stride_wn, k, offs_k, K):
 def _first_tile(w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr):  # fmt: skip
     """This program's rows and its first W tile, loaded before waiting for the producer: the
-    weights never depend on it, so under PDL the load overlaps the previous kernel's tail.
-    (Prefetching more of W into L2 here with ``cp.async.bulk.prefetch`` was measured slower
-    at every size, benchmarks/RESULTS.md.)"""
+    weights never depend on it, so under PDL the load overlaps the previous kernel's tail."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     w0 = _w_tile(w_ptr, rows, stride_wn, 0, tl.arange(0, BLOCK_K), K)
@@ -185,7 +182,7 @@ def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | Non
           num_stages: int) -> tuple[int, int, int]:  # fmt: skip
     """The tile of a call: the role's default where an argument is left out, with a default
     block_k halved until the pipeline's W stages fit in shared memory (the defaults are sized
-    for 16-bit weights; float32 ones would overflow the H100's 227 KB)."""
+    for 16-bit weights; float32 ones would overflow a Hopper block's 227 KiB)."""
     block_n, warps = block_n or default[0], num_warps or default[2]
     if block_k is None:
         block_k = default[1]

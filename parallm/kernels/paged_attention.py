@@ -23,8 +23,7 @@ from parallm.kernels.rope_store import NewTokenRope, rope_and_store
 
 _LOG2E = math.log2(math.e)
 
-# Decode: aim for up to this many programs per SM so that HBM stays busy while some stall
-# (tuned on H100: 4 beat 1 and 2 for batch 1-8; batch 32 x 8 KV heads wants 2 splits, not 3).
+# Decode: aim for up to this many programs per SM so that HBM stays busy while some stall.
 _DECODE_PROGRAMS_PER_SM = 4
 # Decode: every split covers at least this many keys, so the partial-result traffic and the
 # reduction stay small next to the K/V bytes a split reads.
@@ -366,7 +365,7 @@ class _PrefillConfig:
 def _prefill_config(
     head_dim: int, max_query_len: int, groups: int, elem_bytes: int, smem_bytes: int
 ) -> _PrefillConfig:
-    # Tuned on H100 with bf16 (benchmarks/attention_bench.py shapes).
+    # Tiles tuned for bf16 on Hopper (benchmarks/attention_bench.py's shapes).
     if head_dim <= 64:
         block_m, block_n, warps, stages = 128, 64, 8, 3
     elif head_dim <= 128:

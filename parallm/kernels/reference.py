@@ -119,7 +119,8 @@ def fused_add_rms_norm_ref(
 
 
 def silu_and_mul_ref(gate_up_or_gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.silu(gate) * up`` of a merged ``[..., 2n]`` gate/up or of two tensors (``silu_and_mul``)."""
+    """``F.silu(gate) * up`` of a merged ``[..., 2n]`` gate/up, or of gate and up
+    (``silu_and_mul``)."""
     if up is None:
         gate, up = gate_up_or_gate.chunk(2, dim=-1)
     else:

@@ -1,11 +1,11 @@
 """Rotary embedding fused with the paged KV-cache store: one launch per layer and step.
 
-Unfused, a layer runs the rotary kernel of ``parallm.kernels.elementwise`` and then ``write_kv``'s two
-``index_copy_`` kernels; at batch-1 decode those launches cost more than the bytes they move.
-Here each token's q is rotated into the output, and its rotated k and its v go straight to
-``slot_mapping[t]`` of the cache, never materialised anywhere else. The rotation reuses the
-helpers of ``parallm.kernels.elementwise`` and so rounds exactly as ``RotaryEmbedding`` does: the cache ends up
-bit-for-bit as ``apply_rotary`` + ``write_kv`` leave it.
+Unfused, a layer runs the rotary kernel of ``parallm.kernels.elementwise`` and then
+``write_kv``'s two ``index_copy_`` kernels; at batch-1 decode those launches cost more than the
+bytes they move. Here each token's q is rotated into the output, and its rotated k and its v go
+straight to ``slot_mapping[t]`` of the cache, never materialised anywhere else. The rotation
+reuses the helpers of ``parallm.kernels.elementwise`` and so rounds exactly as PyTorch's rotary
+does: the cache ends up bit-for-bit as ``rotary_and_store_kv_ref`` leaves it.
 
 No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
 CPU tensors work only under the Triton interpreter, as for ``parallm.kernels.elementwise``.

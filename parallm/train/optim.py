@@ -23,9 +23,8 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # The fused CUDA kernel updates every tensor in one pass (foreach takes several): on an
-    # H100 with a 1.2B model that is tens of milliseconds per step. The CPU keeps foreach,
-    # which the 1-rank vs N-rank equality tests were written against.
+    # The fused CUDA kernel updates every tensor in one pass (foreach takes several). The CPU
+    # keeps foreach, which the 1-rank vs N-rank equality tests were written against.
     fused = all(p.device.type == "cuda" for p in decay + no_decay)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
