@@ -265,6 +265,15 @@ def test_prefill_interpreter_odd_head_dim():
 
 
 @interpreter_test
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (8, 2)])
+def test_prefill_interpreter_verify_shaped(num_heads, num_kv_heads):
+    # Speculative verification: each sequence's last known token and its k drafts (q_len k+1,
+    # small tiles) over a cached context, one of them ending exactly on a block boundary.
+    lens = [(4, 41), (8, 64), (2, 17), (6, 100), (1, 33)]
+    check_prefill(lens, num_heads, num_kv_heads, 64, 16, torch.float32, "cpu", 1e-3)
+
+
+@interpreter_test
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (2, 2)])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_decode_interpreter(num_heads, num_kv_heads, num_splits, force_splits):

@@ -57,7 +57,10 @@ class StepInputs:
     query_start_loc: np.ndarray
     seq_lens: np.ndarray
     block_tables: np.ndarray
-    sample_indices: np.ndarray  # row of the hidden state that each sampling sequence samples from
+    # Rows of the hidden state whose logits the step needs: sampling sequences in batch order,
+    # one row each (its last known token), or k+1 for a sequence with k drafts: its last known
+    # token's row, then each draft's, in position order (row j predicts the token after j drafts).
+    sample_indices: np.ndarray
 
 
 @dataclass
@@ -193,16 +196,17 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: token ids, positions, slots, query offsets, block tables."""
-        if all(item.num_new_tokens == 1 and item.samples for item in batch.seqs):
+        if batch.is_pure_decode:
             ids, positions, slots, seq_lens, tables = self.prepare_decode(batch)
             rows = np.arange(len(ids), dtype=np.int64)
             return StepInputs(ids, positions, slots, np.arange(len(ids) + 1, dtype=np.int32),
                               seq_lens, tables, rows)  # fmt: skip
         # Vectorised over the batch: per sequence only the table row and the token slice are
         # Python (a mixed step carries hundreds of decode rows next to its prompt chunks).
+        # A sequence's drafts sit after its known tokens, at the positions that follow.
         items = batch.seqs
         starts = np.fromiter((it.start for it in items), np.int64, len(items))
-        lengths = np.fromiter((it.num_new_tokens for it in items), np.int64, len(items))
+        lengths = np.fromiter((it.num_scheduled_tokens for it in items), np.int64, len(items))
         ends = np.cumsum(lengths)
         block_tables = _table_rows([it.seq.block_table for it in items])
         rows = np.repeat(np.arange(len(items)), lengths)
@@ -211,14 +215,13 @@ class ModelRunner:
         )
         bs = self.block_size
         slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
-        ids = np.fromiter(
-            itertools.chain.from_iterable(
-                it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items
-            ),
-            np.int64,
-            int(ends[-1]),
+        parts = itertools.chain.from_iterable(
+            (it.seq.token_ids[it.start : it.start + it.num_new_tokens], it.draft_token_ids)
+            for it in items
         )
+        ids = np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(ends[-1]))
         samples = np.fromiter((it.samples for it in items), bool, len(items))
+        num_drafts = np.fromiter((len(it.draft_token_ids) for it in items), np.int64, len(items))
         return StepInputs(
             input_ids=ids,
             positions=positions,
@@ -226,7 +229,7 @@ class ModelRunner:
             query_start_loc=np.concatenate([[0], ends]).astype(np.int32),
             seq_lens=(starts + lengths).astype(np.int32),
             block_tables=block_tables,
-            sample_indices=ends[samples] - 1,
+            sample_indices=_sample_rows(ends, samples, num_drafts),
         )
 
     def _build_metadata(self, inputs: StepInputs) -> AttentionMetadata:
@@ -281,7 +284,7 @@ class ModelRunner:
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
             return False
-        return all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
+        return batch.is_pure_decode  # a step with drafts runs eagerly
 
     def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
         """Start a step and the copy of its tokens to the host, without waiting for either."""
@@ -386,6 +389,17 @@ class ModelRunner:
 def _has_prefill(batch: ScheduledBatch) -> bool:
     """Whether some sequence computes known tokens (a prompt chunk): only those score any."""
     return not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
+
+
+def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """``StepInputs.sample_indices`` of a step whose sequences end at rows ``ends`` (exclusive):
+    the last row of each sampling sequence, the last ``1 + num_drafts`` rows of a drafted one."""
+    if not num_drafts.any():
+        return ends[samples] - 1
+    counts = np.where(samples, num_drafts + 1, 0)
+    first = np.repeat(ends - counts, counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first + offsets
 
 
 def _table_rows(tables: list[list[int]]) -> np.ndarray:
