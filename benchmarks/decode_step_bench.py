@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from parallm import LLM
+from parallm.engine import one_row_step
 from parallm.kernels import pdl
-from parallm.layers import backends
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -115,9 +115,7 @@ def main() -> None:
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch.backends.cuda.preferred_blas_library for the GEMMs")  # fmt: skip
     ap.add_argument("--compare-pdl", action="store_true",
-                    help="time without PDL and with each trigger of parallm.kernels.pdl (recaptures)")  # fmt: skip
-    ap.add_argument("--compare-rope", action="store_true",
-                    help="also time the separate rotary+KV-store kernel (recaptures)")  # fmt: skip
+                    help="also time the one-row chain without PDL (recaptures)")  # fmt: skip
     ap.add_argument("--compare-const", default=None, metavar="MODULE.NAME=V1,V2",
                     help="time each value of a module constant: integers separated by commas, "
                          "e.g. parallm.kernels.paged_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
@@ -132,15 +130,10 @@ def main() -> None:
     rows = []
     runner = llm.engine.runner
     print(f"PDL supported by this triton: {pdl._SUPPORTED}")
-    variants = [("default", lambda: None)]
-    if args.compare_pdl:
-        variants = [(f"pdl {name}", lambda n=name: _set(pdl, ENABLED=True, TRIGGER=n))
-                    for name in pdl.TRIGGERS]  # fmt: skip
-        variants.append(("pdl off", lambda: _set(pdl, ENABLED=False)))
-    if args.compare_rope:
-        defaults = {"ENABLED": pdl.ENABLED, "TRIGGER": pdl.TRIGGER}
-        variants.append(("rope in attn", lambda: _set(pdl, **defaults)))
-        variants.append(("rope kernel", lambda: _set(backends, ROPE_IN_DECODE=False)))
+    supported = one_row_step.pdl_supported
+    variants = [("default", lambda: _set(one_row_step, pdl_supported=supported))]
+    if args.compare_pdl:  # the one-row chain without PDL, by patching its support check
+        variants.append(("pdl off", lambda: _set(one_row_step, pdl_supported=lambda t: False)))
     if args.compare_const:
         target, values = args.compare_const.split("=")
         module = importlib.import_module(target.rsplit(".", 1)[0])

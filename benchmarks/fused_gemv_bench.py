@@ -136,8 +136,9 @@ def bench_chain(layers: int = 16, sweep: bool = False) -> dict:
     norm_w = 1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt)
     x = torch.randn(1, hidden, device=dev, dtype=dt)
 
-    def step(stages: int = 3, tiles: dict[str, dict] | None = None):
-        t = {role: dict(tiles.get(role, {})) if tiles else {} for role in CHAIN_TILES}
+    def step(stages: int = 3, tiles: dict[str, dict] | None = None, on: bool = True):
+        """The chain; ``on``: launch with PDL."""
+        t = {role: {"pdl": on, **(tiles or {}).get(role, {})} for role in CHAIN_TILES}
         h, res = x, None
         for w_qkv, w_o, w_up, w_down in weights:
             qkv, summed = rms_norm_gemv(h, res, norm_w, w_qkv, EPS, num_stages=stages, **t["qkv"])
@@ -153,36 +154,30 @@ def bench_chain(layers: int = 16, sweep: bool = False) -> dict:
 
     mb = sum(w.numel() * 2 for ws in weights for w in ws) / 1e6
     row = {"layers": layers, "mb": mb, "pdl_supported": pdl._SUPPORTED}
-    default_trigger = pdl.TRIGGER
-    variants = [("off", default_trigger, 3)]
-    variants += [(f"pdl {t}", t, 3) for t in pdl.TRIGGERS]
-    variants += [(f"stages {n}", default_trigger, n) for n in (2, 4, 5)]
-    for name, trigger, stages in variants:
-        pdl.TRIGGER = trigger
-        with pdl.dependent_launches(name != "off"):
-            row[f"{name}_us"] = us = time_per_call([lambda n=stages: step(n)], reps=50)
-        print(f"chain of {layers} layers' GEMVs ({mb:.0f} MB), {name:>9} (PDL {trigger}, "
+    variants = [("off", False, 3), ("pdl", True, 3)]
+    variants += [(f"stages {n}", True, n) for n in (2, 4, 5)]
+    for name, on, stages in variants:
+        row[f"{name}_us"] = us = time_per_call([lambda n=stages, o=on: step(n, on=o)], reps=50)
+        print(f"chain of {layers} layers' GEMVs ({mb:.0f} MB), {name:>9} (PDL {on}, "
               f"{stages} stages): {us:.1f} us ({mb / us:.2f} TB/s)", flush=True)  # fmt: skip
-    pdl.TRIGGER = default_trigger
     return row
 
 
 def _sweep_chain_tiles(step: Callable, layers: int, nbytes: int) -> dict:
     """Each GEMV's tiles in turn, the others at their defaults; then the best of each together."""
     mb, rows, best = nbytes / 1e6, [], {}
-    with pdl.dependent_launches():
-        base = time_per_call([step], reps=50)
-        print(f"chain sweep: defaults {base:.1f} us ({mb / base:.2f} TB/s)", flush=True)
-        for role, tiles in CHAIN_TILES.items():
-            for bn, bk, w in tiles:
-                cfg = dict(block_n=bn, block_k=bk, num_warps=w)
-                us = time_per_call([lambda c={role: cfg}: step(tiles=c)], reps=50)
-                rows.append({"role": role, **cfg, "us": us})
-                print(f"  {role:>7} {bn:>2} x {bk:>4}, {w} warps: {us:.1f} us", flush=True)
-            best[role] = min((r for r in rows if r["role"] == role), key=lambda r: r["us"])
-        combo = {role: {k: r[k] for k in ("block_n", "block_k", "num_warps")}
-                 for role, r in best.items()}  # fmt: skip
-        both = time_per_call([lambda: step(tiles=combo)], reps=50)
+    base = time_per_call([step], reps=50)
+    print(f"chain sweep: defaults {base:.1f} us ({mb / base:.2f} TB/s)", flush=True)
+    for role, tiles in CHAIN_TILES.items():
+        for bn, bk, w in tiles:
+            cfg = dict(block_n=bn, block_k=bk, num_warps=w)
+            us = time_per_call([lambda c={role: cfg}: step(tiles=c)], reps=50)
+            rows.append({"role": role, **cfg, "us": us})
+            print(f"  {role:>7} {bn:>2} x {bk:>4}, {w} warps: {us:.1f} us", flush=True)
+        best[role] = min((r for r in rows if r["role"] == role), key=lambda r: r["us"])
+    combo = {role: {k: r[k] for k in ("block_n", "block_k", "num_warps")}
+             for role, r in best.items()}  # fmt: skip
+    both = time_per_call([lambda: step(tiles=combo)], reps=50)
     print(f"chain sweep: best of each {combo}: {both:.1f} us ({mb / both:.2f} TB/s)")
     return {"layers": layers, "mb": mb, "default_us": base, "rows": rows, "best": combo,
             "best_us": both, "lm_head": _sweep_lm_head()}  # fmt: skip
@@ -201,24 +196,22 @@ def _sweep_lm_head() -> dict:
     out = {}
 
     def separate():
-        h, _ = fused_add_rms_norm(silu_mul_gemv(gate_up, w_down), res, norm_w, EPS)
-        return gemv(h, w_head)
+        h = silu_mul_gemv(gate_up, w_down, pdl=True)
+        h, _ = fused_add_rms_norm(h, res, norm_w, EPS, pdl=True)
+        return gemv(h, w_head, pdl=True)
 
     def fused(bn: int, bk: int) -> torch.Tensor:
-        h = silu_mul_gemv(gate_up, w_down)
-        return rms_norm_gemv(h, res, norm_w, w_head, EPS, block_n=bn, block_k=bk)[0]
+        h = silu_mul_gemv(gate_up, w_down, pdl=True)
+        return rms_norm_gemv(h, res, norm_w, w_head, EPS, block_n=bn, block_k=bk, pdl=True)[0]
 
-    with pdl.dependent_launches():
-        want = separate().float()
-        out["separate_us"] = time_per_call([separate], reps=50)
-        print(f"tail (down, norm, LM head): separate norm {out['separate_us']:.1f} us", flush=True)
-        for bn, bk in [(8, 1024), (16, 1024), (32, 1024), (16, 2048)]:
-            err = float((fused(bn, bk).float() - want).norm() / want.norm())
-            us = time_per_call([lambda a=bn, b=bk: fused(a, b)], reps=50)
-            out[f"fused_{bn}x{bk}_us"] = us
-            print(
-                f"  norm in the LM head, {bn} x {bk}: {us:.1f} us (rel err {err:.1e})", flush=True
-            )
+    want = separate().float()
+    out["separate_us"] = time_per_call([separate], reps=50)
+    print(f"tail (down, norm, LM head): separate norm {out['separate_us']:.1f} us", flush=True)
+    for bn, bk in [(8, 1024), (16, 1024), (32, 1024), (16, 2048)]:
+        err = float((fused(bn, bk).float() - want).norm() / want.norm())
+        us = time_per_call([lambda a=bn, b=bk: fused(a, b)], reps=50)
+        out[f"fused_{bn}x{bk}_us"] = us
+        print(f"  norm in the LM head, {bn} x {bk}: {us:.1f} us (rel err {err:.1e})", flush=True)
     return out
 
 

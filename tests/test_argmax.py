@@ -6,6 +6,7 @@ Without CUDA the kernels run under the Triton interpreter (see ``triton_interpre
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
@@ -83,24 +84,24 @@ def test_also_into_receives_the_same_ids_interpreter():
 
 
 def _check_advance(device: str) -> None:
-    """The argmax kernel's input advance equals ``advance_torch`` on random inputs, and leaves
-    the ids as they were."""
-    from test_next_inputs import random_inputs
+    """The argmax kernel's input advance equals ``advance_inputs_ref`` on random inputs, and
+    leaves the ids as they were."""
+    from test_next_inputs import host_arrays, random_inputs
 
-    from parallm.engine.next_inputs import DecodeInputs, advance_torch
+    from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref
 
+    fields = ("positions", "seq_lens", "slot_mapping", "block_tables")
     for block_size in (1, 16):
-        want = random_inputs(5, 6, block_size, seed=block_size)
-        got = DecodeInputs(*(getattr(want, f).clone().to(device) for f in
-                             ("positions", "seq_lens", "slot_mapping", "block_tables")),
-                           block_size)  # fmt: skip
+        inputs = random_inputs(5, 6, block_size, seed=block_size)
+        want = host_arrays(inputs)
+        got = DecodeInputs(*(getattr(inputs, f).clone().to(device) for f in fields), block_size)
         x = _logits(5, 9000, torch.float32, device, seed=3)
         also = torch.full((5,), -1, dtype=torch.long, device=device)
         ids = triton_argmax(x, also_into=also, advance=got)
-        advance_torch(want)
+        advance_inputs_ref(*want, block_size)
         assert torch.equal(ids.cpu(), x.cpu().argmax(dim=-1)) and torch.equal(also, ids)
-        for field in ("positions", "seq_lens", "slot_mapping", "block_tables"):
-            assert torch.equal(getattr(got, field).cpu(), getattr(want, field)), field
+        for field, array in zip(fields, want, strict=True):
+            assert np.array_equal(getattr(got, field).cpu().numpy(), array), field
 
 
 @interpreter_test
@@ -110,13 +111,13 @@ def test_advance_inputs_interpreter():
 
 def _check_host_ring(device: str) -> None:
     """Calls alternate the ring's rows; the host's mirrored turn names the row just written."""
-    from parallm.kernels.argmax import HostRing
+    from parallm.engine.decode_graph import HostRing
 
     ring = HostRing.allocate(4, torch.device(device))
     for call in range(3):
         x = _logits(4, 9000, torch.float32, device, seed=10 + call)
         row = ring.flip()
-        ids = triton_argmax(x, host_ring=ring)
+        ids = triton_argmax(x, host_ids=(ring.ids, ring.turn))
         if device == "cuda":
             torch.cuda.synchronize()
         assert torch.equal(row, ids.cpu()) and torch.equal(row, x.cpu().argmax(dim=-1))
@@ -124,42 +125,15 @@ def _check_host_ring(device: str) -> None:
     assert not torch.equal(ring.ids[0], ring.ids[1])
     ring.reset()
     assert int(ring.turn) == ring.host_turn == 0
-    with pytest.raises(ValueError, match="host_ring"):
-        triton_argmax(_logits(3, 100, torch.float32, device, seed=1), host_ring=ring)
+    with pytest.raises(ValueError, match="host_ids"):
+        triton_argmax(
+            _logits(3, 100, torch.float32, device, seed=1), host_ids=(ring.ids, ring.turn)
+        )
 
 
 @interpreter_test
 def test_host_ring_interpreter():
     _check_host_ring("cpu")
-
-
-def test_greedy_argmax_host_ring_needs_the_triton_path():
-    from parallm.kernels.argmax import HostRing
-
-    with pytest.raises(ValueError, match="fused"):
-        greedy_argmax(
-            torch.randn(2, 10), fused=False, host_ring=HostRing.allocate(2, torch.device("cpu"))
-        )
-
-
-def test_greedy_argmax_advance_on_the_torch_path():
-    from test_next_inputs import random_inputs
-
-    from parallm.engine.next_inputs import advance_torch
-
-    got, want = random_inputs(4, 5, 16, 2), random_inputs(4, 5, 16, 2)
-    x = torch.randn(4, 100)
-    assert torch.equal(greedy_argmax(x, fused=False, advance=got), x.argmax(dim=-1))
-    advance_torch(want)
-    assert torch.equal(got.slot_mapping, want.slot_mapping)
-    assert torch.equal(got.positions, want.positions)
-
-
-def test_greedy_argmax_also_into_on_the_torch_path():
-    x = torch.randn(4, 100)
-    also = torch.zeros(4, dtype=torch.long)
-    assert torch.equal(greedy_argmax(x, fused=False, also_into=also), also)
-    assert torch.equal(also, x.argmax(dim=-1))
 
 
 def test_rejects_non_contiguous_rows():

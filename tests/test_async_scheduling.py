@@ -171,7 +171,7 @@ def test_block_shortage_falls_back_to_preemption(tiny_model_dir, prompts):
 def test_carried_ids_only_for_the_graphs_own_rows():
     """A continuation skips the id copy only when its ids are exactly the graph's greedy output
     rows 0..batch-1 (same storage, contiguous), never a gathered or sliced copy."""
-    from parallm.engine.cuda_graph import _same_view
+    from parallm.engine.decode_graph import _same_view
 
     greedy = torch.arange(8)
     assert _same_view(greedy[:5], greedy, 5)

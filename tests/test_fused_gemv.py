@@ -5,10 +5,6 @@ Without CUDA the kernels run under the Triton interpreter (see ``triton_interpre
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
@@ -112,23 +108,10 @@ def test_norm_gemv_gathers_its_row_interpreter():
     check_gather(48, 64, torch.float32, "cpu", 1e-5, block_n=16, block_k=32)
 
 
-def test_pdl_only_inside_the_scope_and_on_cuda():
+def test_pdl_only_when_asked_and_on_cuda():
     cpu = torch.zeros(1)
-    assert pdl.pdl_launch(cpu) == {"PDL": False}
-    with pdl.dependent_launches():
-        assert pdl.pdl_launch(cpu) == {"PDL": False}  # never on CPU or the interpreter
-        with pdl.dependent_launches(False):
-            assert not pdl._active
-        assert pdl._active
-    assert not pdl._active
-
-
-def test_pdl_trigger_env_is_checked():
-    env = {**os.environ, "PARALLM_PDL_TRIGGER": "sometimes"}
-    proc = subprocess.run([sys.executable, "-c", "import parallm.kernels.pdl"], env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode != 0
-    assert "PARALLM_PDL_TRIGGER must be one of ['early', 'late', 'none']" in proc.stderr
+    assert pdl.pdl_launch(cpu, False) == {"PDL": 0}
+    assert pdl.pdl_launch(cpu, True) == {"PDL": 0}  # never on CPU or the interpreter
 
 
 def test_rejects_batches():
@@ -171,11 +154,9 @@ def test_gemv_cuda(n, k, dtype):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("trigger", list(pdl.TRIGGERS))
-def test_pdl_chain_in_a_graph_equals_separate_launches(trigger, monkeypatch):
+def test_pdl_chain_in_a_graph_equals_separate_launches():
     """norm-GEMV -> GEMV -> norm-GEMV -> SiLU-GEMV launched with PDL inside a CUDA graph, on
     fresh inputs each replay, against the same chain launched without PDL."""
-    monkeypatch.setattr(pdl, "TRIGGER", trigger)
     k, inter = 1024, 3072
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(7)
@@ -188,25 +169,24 @@ def test_pdl_chain_in_a_graph_equals_separate_launches(trigger, monkeypatch):
     n1, n2 = 1 + 0.1 * rand(k), 1 + 0.1 * rand(k)
     x, res = rand(1, k), rand(1, k)
 
-    def chain():
-        h, r = rms_norm_gemv(x, res, n1, w_in, EPS)
-        h = gemv(h, w_o)
-        gu, r = rms_norm_gemv(h, r, n2, w_up, EPS)
-        return silu_mul_gemv(gu, w_down), r
+    def chain(on: bool):
+        h, r = rms_norm_gemv(x, res, n1, w_in, EPS, pdl=on)
+        h = gemv(h, w_o, pdl=on)
+        gu, r = rms_norm_gemv(h, r, n2, w_up, EPS, pdl=on)
+        return silu_mul_gemv(gu, w_down, pdl=on), r
 
-    with pdl.dependent_launches():
-        assert bool(pdl.pdl_launch(x)["PDL"]) == (
-            pdl._SUPPORTED and pdl.ENABLED and torch.cuda.get_device_capability()[0] >= 9
-        )
-        chain()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, out_res = chain()
+    assert bool(pdl.pdl_launch(x, True)["PDL"]) == (
+        pdl._SUPPORTED and torch.cuda.get_device_capability()[0] >= 9
+    )
+    chain(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, out_res = chain(True)
     for _ in range(3):
         x.copy_(rand(1, k))
         res.copy_(rand(1, k))
         graph.replay()
-        ref, ref_res = chain()  # outside the scope: plain launches
+        ref, ref_res = chain(False)  # plain launches
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         torch.testing.assert_close(out_res, ref_res, rtol=0, atol=0)
 

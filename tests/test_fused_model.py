@@ -1,8 +1,6 @@
-"""The model with ``use_fused_kernels()`` gives the PyTorch path's tokens (Triton interpreter on CPU).
-
-The fused run uses the Triton attention backend, as on CUDA, so the fused rotary + KV-store
-kernel replaces the backend's ``write_kv`` (checked by counting calls); a run with the Triton
-backend and unfused model covers the backend writing its own k/v.
+"""The Triton paths give the PyTorch path's tokens and logprobs (Triton interpreter on CPU):
+the Triton attention backend (rotary and KV store in its kernels), then the Triton norm and
+activation layers swapped in, then batch-1 decode rows through the one-row kernel chain.
 Runs in a subprocess because TRITON_INTERPRET must be set before triton is first imported.
 """
 
@@ -20,19 +18,24 @@ _SCRIPT = textwrap.dedent(
     """
     import sys
     from collections import Counter
+    import torch
     from parallm import LLM, SamplingParams
-    from parallm.kernels import rope_store as fused_rope_store
-    from parallm.layers import backends
+    from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
+    from parallm.kernels import paged_attention, rope_store
     from parallm.layers.backends import TritonAttention
+    from parallm.layers.triton_layers import use_triton_layers
 
     calls = Counter()
-    def counted(name, fn):
+    def counted(module, name):
+        fn = getattr(module, name)
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
-        return wrapper
-    backends.write_kv = counted("write_kv", backends.write_kv)
-    fused_rope_store.rotary_and_store_kv = counted("rope_store", fused_rope_store.rotary_and_store_kv)
+        setattr(module, name, wrapper)
+    for name in ("rotary_and_store_kv",):
+        counted(rope_store, name)
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        counted(paged_attention, name)
 
     llm = LLM(sys.argv[1], device="cpu", max_model_len=128)
     prompts = [{"prompt_token_ids": [5 + i for i in range(n)]} for n in (1, 7, 40)]
@@ -41,13 +44,24 @@ _SCRIPT = textwrap.dedent(
     runner = llm.engine.runner
     assert runner.backend.name == "reference" and not calls
     runner.backend = TritonAttention()  # what CUDA gets; the interpreter runs its kernels
-    unfused = llm.generate(prompts, p, use_tqdm=False)
-    assert calls["write_kv"] > 0 and not calls["rope_store"], calls
-    calls.clear()
-    runner.model.use_fused_kernels()
-    got = llm.generate(prompts, p, use_tqdm=False)
-    assert calls["rope_store"] > 0 and not calls["write_kv"], calls
-    for run in (unfused, got):
+    backend_only = llm.generate(prompts, p, use_tqdm=False)
+    assert calls["rotary_and_store_kv"] and calls["paged_decode_attention"], calls
+    assert use_triton_layers(runner.model) > 0
+    layers = llm.generate(prompts, p, use_tqdm=False)
+
+    # Batch-1 decode rows through the one-row kernel chain (what the batch-1 graph captures).
+    assert supports_one_row_step(runner.model, runner.backend)
+    step, plain = OneRowStep(runner.model, runner.backend), runner.forward_logits
+    def forward_logits(inputs, device_ids=None):
+        if len(inputs.input_ids) != 1:
+            return plain(inputs, device_ids)
+        calls["one_row"] += 1
+        ids, positions = (torch.from_numpy(a) for a in (inputs.input_ids, inputs.positions))
+        return step.logits(ids, positions, runner._build_metadata(inputs), runner.kv_caches)
+    runner.forward_logits = forward_logits
+    one_row = [llm.generate([prompt], p, use_tqdm=False)[0] for prompt in prompts]
+    assert calls["one_row"] >= 3 * 7, calls
+    for run in (backend_only, layers, one_row):
         for a, b in zip(ref, run):
             x, y = a.outputs[0], b.outputs[0]
             assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)

@@ -55,22 +55,24 @@ def test_fast_path_equals_reference_float32(tiny_model_dir, prompts, arch, fused
     alone = fast.generate(one, plain, use_tqdm=False)[0].outputs[0].token_ids
     assert alone == ref.generate(one, plain, use_tqdm=False)[0].outputs[0].token_ids
     assert graphs.num_skipped_copies >= skipped + NEW_TOKENS // 2
-    # The Triton argmax hands its ids to the host in pinned memory, without a copy op.
-    assert bool(graphs.host_rings) == fused
+    # The graphs' argmax hands its ids to the host in pinned memory, without a copy op.
+    assert graphs.host_rings
+    # Batch 1 runs the one-row kernel chain with the Triton kernels (not with qkv bias).
+    assert (graphs.one_row is not None) == (fused and arch != "qwen2")
 
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "qwen2"])
 def test_one_sequence_fused_layers_equal_reference_float32(tiny_model_dir, prompts, arch,
                                                            monkeypatch):  # fmt: skip
-    """Batch-1 decode layers run the norms and SiLU-mul inside the GEMVs (qwen2's q/k/v bias
-    keeps it on the unfused layer): the reference path's tokens, one sequence at a time."""
-    from parallm.kernels import gemv as fused_gemv
-    from parallm.kernels import pdl
+    """The batch-1 graph runs the one-row kernel chain, norms and SiLU-mul inside the GEMVs
+    (qwen2's q/k/v bias keeps it on the model's forward): the reference path's tokens, one
+    sequence at a time."""
+    from parallm.kernels import gemv
 
-    calls = []  # whether each fused call ran inside the PDL chain (Triton attention: always)
-    real = fused_gemv.rms_norm_gemv
+    calls = []  # whether each chained GEMV launched with PDL (Hopper: always)
+    real = gemv.rms_norm_gemv
     monkeypatch.setattr(
-        fused_gemv, "rms_norm_gemv", lambda *a, **k: calls.append(pdl._active) or real(*a, **k)
+        gemv, "rms_norm_gemv", lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k)
     )
     path = str(tiny_model_dir(arch))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
@@ -106,9 +108,9 @@ def test_fast_path_with_chunking_preemption_and_prefix_hits(tiny_model_dir, prom
 
 def test_graph_inputs_in_two_copies(tiny_model_dir, prompts, monkeypatch):
     """Long contexts stage the block tables in a second copy of only the columns in use."""
-    from parallm.engine import cuda_graph
+    from parallm.engine import decode_graph
 
-    monkeypatch.setattr(cuda_graph, "_ONE_COPY_MAX_BYTES", 0)
+    monkeypatch.setattr(decode_graph, "_ONE_COPY_MAX_BYTES", 0)
     path = str(tiny_model_dir("llama3"))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
     ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)

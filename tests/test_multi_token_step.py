@@ -104,7 +104,8 @@ def test_a_drafted_step_matches_one_token_steps(engine, tokens, monkeypatch):
     _finish(engine, seqs)
 
     reference = _one_token_at_a_time(engine, prompts, first, drafts)
-    torch.testing.assert_close(logits, torch.cat(reference), atol=1e-5, rtol=0)
+    # float32 defaults (rtol 1.3e-6, atol 1e-5): batched and one-row GEMMs round differently.
+    torch.testing.assert_close(logits, torch.cat(reference))
 
 
 def test_rejected_drafts_roll_back_and_the_next_step_matches(engine, tokens):
@@ -133,4 +134,4 @@ def test_rejected_drafts_roll_back_and_the_next_step_matches(engine, tokens):
     fed[0] += next_drafts
     reference = _one_token_at_a_time(engine, prompts, first, fed)
     expected = [reference[0][-3:]] + [r[-1:] for r in reference[1:]]
-    torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, torch.cat(expected))

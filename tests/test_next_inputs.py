@@ -1,5 +1,6 @@
-"""The host prediction of a decode step's advanced inputs against the PyTorch version (the
-kernel version is checked against the same reference in test_argmax.py)."""
+"""The reference of a decode step's input advance (``advance_inputs_ref``, which the decode graph
+also uses to predict its inputs) against the rule written out row by row; the kernel version is
+checked against the reference in test_argmax.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from parallm.engine.next_inputs import DecodeInputs, advance_host, advance_torch
+from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref
 
 
 def random_inputs(rows: int, max_blocks: int, block_size: int, seed: int) -> DecodeInputs:
@@ -21,26 +22,24 @@ def random_inputs(rows: int, max_blocks: int, block_size: int, seed: int) -> Dec
     return DecodeInputs(positions, (positions + 1).int(), slots, tables, block_size)
 
 
-def _host_arrays(inputs: DecodeInputs) -> list[np.ndarray]:
+def host_arrays(inputs: DecodeInputs) -> list[np.ndarray]:
     fields = ("positions", "seq_lens", "slot_mapping", "block_tables")
     return [getattr(inputs, f).numpy().copy() for f in fields]
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_host_prediction_equals_torch(block_size, seed):
+def test_reference_advance_follows_the_rule(block_size, seed):
     inputs = random_inputs(7, 6, block_size, seed)
-    host = _host_arrays(inputs)
-    before = inputs.positions.clone()
-    advance_torch(inputs)
-    advance_host(*host, block_size)
-    assert torch.equal(inputs.positions, before + 1)
-    for got, want in zip(host, _host_arrays(inputs), strict=True):
-        assert np.array_equal(got, want)
-    # Slots follow the tables: block of the new position (clamped) times block_size + offset.
-    col = min(int(inputs.positions[3]) // block_size, 5)
-    want = int(inputs.block_tables[3, col]) * block_size + int(inputs.positions[3]) % block_size
-    assert int(inputs.slot_mapping[3]) == want
+    positions, seq_lens, slots, tables = host_arrays(inputs)
+    before_pos, before_len = positions.copy(), seq_lens.copy()
+    advance_inputs_ref(positions, seq_lens, slots, tables, block_size)
+    assert np.array_equal(positions, before_pos + 1)
+    assert np.array_equal(seq_lens, before_len + 1)
+    for row in range(7):
+        col = min(int(positions[row]) // block_size, tables.shape[1] - 1)  # clamped
+        want = int(tables[row, col]) * block_size + int(positions[row]) % block_size
+        assert int(slots[row]) == want, row
 
 
 def test_bad_inputs_name_the_field():

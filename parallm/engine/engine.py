@@ -55,7 +55,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.runner = ModelRunner(
             self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
-            self.eos_token_ids, fused_argmax=self.fused_kernels,
+            self.eos_token_ids, fused_kernels=self.fused_kernels,
         )  # fmt: skip
         num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
         self.runner.allocate_kv_cache(num_blocks)
@@ -79,10 +79,12 @@ class LLMEngine:
         model = load_model(
             self.model_dir, self.model_config, self.dtype, self.device,
             max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
+            packed=True,
         )  # fmt: skip
-        model.fuse_projections()
         if self.fused_kernels:
-            model.use_fused_kernels()
+            from parallm.layers.triton_layers import use_triton_layers  # imports triton
+
+            use_triton_layers(model)
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:

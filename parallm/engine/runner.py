@@ -16,8 +16,6 @@ import torch
 from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig
-from parallm.engine.cuda_graph import DecodeGraphs
-from parallm.engine.next_inputs import DecodeInputs
 from parallm.engine.prompt_logprobs import (
     PromptScores,
     PromptSpan,
@@ -33,7 +31,6 @@ from parallm.engine.sampler import (
     greedy_argmax,
 )
 from parallm.engine.scheduler import ScheduledBatch
-from parallm.kernels.pdl import dependent_launches
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -42,7 +39,7 @@ from parallm.layers.attention import (
 )
 
 if TYPE_CHECKING:
-    from parallm.kernels.argmax import HostRing
+    from parallm.engine.decode_graph import DecodeGraphs
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -104,7 +101,7 @@ class ModelRunner:
         dtype: torch.dtype,
         backend: AttentionBackend | None = None,
         eos_token_ids: tuple[int, ...] = (),
-        fused_argmax: bool = False,
+        fused_kernels: bool = False,
     ) -> None:
         self.model = model
         self.model_cfg = model_cfg
@@ -114,7 +111,8 @@ class ModelRunner:
         self.backend = backend or ReferenceAttention()
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
-        self.fused_argmax = fused_argmax  # Triton greedy argmax (CUDA only)
+        # Triton kernels (CUDA only): the greedy argmax, and the one-row chain of batch-1 graphs.
+        self.fused_kernels = fused_kernels
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
 
@@ -249,37 +247,18 @@ class ModelRunner:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> float:
-        """Capture decode graphs for ``sizes``; returns the seconds it took."""
+        """Capture decode graphs for ``sizes``; returns the seconds it took. With the Triton
+        kernels (``fused_kernels``), batch 1 runs the one-row kernel chain."""
+        from parallm.engine.decode_graph import DecodeGraphs  # imports triton
+
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
-            self._graph_forward, sizes, max_blocks, max_model_len,
-            scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size, device=self.device,
-            forward_advances=True, host_ids=self.fused_argmax and self.device.type == "cuda",
+            self.model, self.backend, self.kv_caches, sizes, max_blocks, max_model_len,
+            scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size,
+            device=self.device, one_row=self.fused_kernels,
         )  # fmt: skip
         self.graphs.capture()
         return self.graphs.capture_seconds
-
-    def _graph_forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        host_ring: HostRing | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits in the model's dtype and their greedy tokens, both captured in the graph."""
-        ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        # The greedy ids also land in the graph's own input ids, and the other inputs move on
-        # by one token: a greedy continuation of the same batch then needs no copy of its ids,
-        # nor of anything else until a block table changes (DecodeGraphs.run).
-        advance = DecodeInputs(positions, meta.seq_lens, meta.slot_mapping, meta.block_tables,
-                               self.block_size)  # fmt: skip
-        # One row: the final norm, the LM head and the argmax chain on with PDL after the
-        # last layer.
-        with dependent_launches(self.model.chains_one_row(ids, ctx)):
-            logits = self.model.compute_logits(self.model(ids, positions, ctx))
-            greedy = greedy_argmax(logits, self.fused_argmax, also_into=ids, advance=advance,
-                                   host_ring=host_ring)  # fmt: skip
-        return logits, greedy
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
@@ -328,7 +307,7 @@ class ModelRunner:
         if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
             # The common offline case: skip building sampling tensors, one argmax on device.
             if greedy is None:
-                greedy = greedy_argmax(logits, self.fused_argmax)
+                greedy = greedy_argmax(logits, self.fused_kernels)
             return SamplerOutput(token_ids=greedy, host_token_ids=host_ids), scored
         logits = logits.float()
         rows = [self._sampling_row(seq) for seq in seqs]

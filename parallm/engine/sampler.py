@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from parallm.engine.next_inputs import DecodeInputs, advance_torch
-
-if TYPE_CHECKING:
-    from parallm.kernels.argmax import HostRing
 from parallm.sampling_params import SamplingParams
 
 # logits / T overflows float32 for tiny T; such a distribution is argmax anyway.
@@ -287,28 +282,11 @@ def token_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> Sample
     return out
 
 
-def greedy_argmax(
-    logits: torch.Tensor,
-    fused: bool,
-    also_into: torch.Tensor | None = None,
-    advance: DecodeInputs | None = None,
-    host_ring: HostRing | None = None,
-) -> torch.Tensor:
+def greedy_argmax(logits: torch.Tensor, fused: bool) -> torch.Tensor:
     """Token ids of the largest logits per row: a Triton kernel when ``fused`` (CUDA, where it
-    is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``.
-    ``also_into`` receives a copy and ``advance``'s inputs move on by one token (both in the
-    same kernel when fused; see ``parallm.engine.next_inputs``). ``host_ring`` (fused only,
-    ``parallm.kernels.argmax.HostRing``) also receives them in pinned host memory."""
+    is several times faster than PyTorch's on a large vocabulary), else ``torch.argmax``."""
     if fused and logits.dim() == 2 and logits.stride(-1) == 1:
         from parallm.kernels.argmax import triton_argmax  # triton only where kernels run
 
-        return triton_argmax(logits, also_into, advance, host_ring)
-    if host_ring is not None:
-        raise ValueError("host_ring needs the Triton argmax (fused=True)")
-    ids = logits.argmax(dim=-1)
-    if also_into is not None:
-        also_into.copy_(ids)
-    if advance is not None:
-        advance.check(len(ids))
-        advance_torch(advance)
-    return ids
+        return triton_argmax(logits)
+    return logits.argmax(dim=-1)

@@ -12,15 +12,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from parallm.engine.next_inputs import DecodeInputs
-from parallm.kernels.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, wait_for_producer
+
+# A decode step's inputs advanced to the next token, written by the step itself (``advance_row``
+# inside the argmax's last kernel) so that a greedy continuation of the same batch needs no
+# input copy until a block table changes:
+#
+#     position += 1; seq_len += 1;
+#     slot = block_tables[row, min(position // block_size, max_blocks - 1)] * block_size
+#            + position % block_size
+#
+# (the column is clamped so a row at its last block never reads past its table; the host's real
+# slot then differs and it copies).
 
 _CHUNK = 4096
 _MAX_CHUNKS = 1024  # rows up to 4M columns; vocabularies are far smaller
+
+
+@dataclass
+class DecodeInputs:
+    """The device buffers a decode graph reads: positions [B] int64, seq_lens [B] int32,
+    slot_mapping [B] int64 and block_tables [B, max_blocks] int32 (rows contiguous)."""
+
+    positions: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    block_size: int
+
+    def check(self, rows: int) -> None:
+        """Shapes and dtypes the kernel relies on (it indexes them by row)."""
+        want = {"positions": torch.long, "seq_lens": torch.int32, "slot_mapping": torch.long}
+        for name, dtype in want.items():
+            t = getattr(self, name)
+            if t.shape != (rows,) or t.dtype != dtype or t.stride(0) != 1:
+                raise ValueError(f"next inputs: {name} must be a contiguous {dtype} [{rows}]")
+        tables = self.block_tables
+        if tables.dim() != 2 or tables.shape[0] != rows or tables.dtype != torch.int32:
+            raise ValueError(f"next inputs: block_tables must be int32 [{rows}, max_blocks]")
+        if tables.stride(1) != 1:
+            raise ValueError("next inputs: block_tables needs contiguous rows")
+        if self.block_size < 1:
+            raise ValueError(f"next inputs: block_size must be >= 1, got {self.block_size}")
 
 
 @triton.jit
@@ -28,7 +66,7 @@ def _chunk_argmax_kernel(
     x_ptr, stride_row, n_cols, val_ptr, idx_ptr, n_chunks, turn_ptr, CHUNK: tl.constexpr,
     FLIP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    start_small_kernel(PDL)  # after the LM head GEMV of a one-row step
+    wait_for_producer(PDL)  # after the LM head GEMV of a one-row step
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if FLIP and row == 0 and chunk == 0:  # HostRing: this call writes the other host row
@@ -45,8 +83,8 @@ def _chunk_argmax_kernel(
 @triton.jit
 def advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
                 BLOCK_SIZE: tl.constexpr):  # fmt: skip
-    """Advance row ``row`` of a decode step's inputs by one token, exactly as
-    ``parallm.engine.next_inputs`` describes (and its host and torch versions compute)."""
+    """Advance row ``row`` of a decode step's inputs by one token (see the top of this module;
+    ``advance_inputs_ref`` is the reference)."""
     pos = tl.load(pos_ptr + row) + 1
     length = tl.load(len_ptr + row) + 1
     col = tl.minimum(pos // BLOCK_SIZE, max_blocks - 1)
@@ -62,7 +100,7 @@ def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, pos_ptr, l
                        CHUNKS: tl.constexpr, ALSO: tl.constexpr, ADVANCE: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, HOST: tl.constexpr,
                        PDL: tl.constexpr):  # fmt: skip
-    start_small_kernel(PDL)
+    wait_for_producer(PDL)
     row = tl.program_id(0)
     if ADVANCE:  # independent of the argmax: rides along in this kernel rather than its own
         advance_row(row, pos_ptr, len_ptr, slot_ptr, table_ptr, stride_table, max_blocks,
@@ -83,51 +121,23 @@ def _best_chunk_kernel(val_ptr, idx_ptr, out_ptr, also_ptr, n_chunks, pos_ptr, l
         tl.store(ring_ptr + turn * tl.num_programs(0) + row, first.to(tl.int64))
 
 
-@dataclass
-class HostRing:
-    """Where a decode graph's argmax also writes its ids on the host: two rows of pinned
-    memory ``ids [2, rows]`` int64 (mapped into the GPU's address space) and a device ``turn``.
-
-    Every call flips the turn in its first kernel and writes ``ids[turn]`` in its last, so
-    consecutive calls alternate rows. The host mirrors the turn (:meth:`flip` once per call)
-    and, after the call's event, reads its row without any device-to-host copy on the
-    stream (a batch-1 step of a 1B model on an H100 idled ~10 us around that copy). The row
-    is rewritten two calls later, so it must be read (or cloned) before that call is made.
-    """
-
-    ids: torch.Tensor
-    turn: torch.Tensor
-    host_turn: int = 0
-
-    @classmethod
-    def allocate(cls, rows: int, device: torch.device) -> HostRing:
-        ids = torch.zeros(2, rows, dtype=torch.long, pin_memory=device.type == "cuda")
-        return cls(ids, torch.zeros(1, dtype=torch.int32, device=device))
-
-    def flip(self) -> torch.Tensor:
-        """Mirror one call's flip; returns the row that call writes."""
-        self.host_turn ^= 1
-        return self.ids[self.host_turn]
-
-    def reset(self) -> None:
-        """Back to turn 0 on both sides (after calls the host did not mirror)."""
-        self.turn.zero_()
-        self.host_turn = 0
-
-
 def triton_argmax(
     logits: torch.Tensor,
+    *,
     also_into: torch.Tensor | None = None,
     advance: DecodeInputs | None = None,
-    host_ring: HostRing | None = None,
+    host_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a 2-D tensor with contiguous rows; int64 ``[rows]``.
 
     Never synchronises with the host, so it can be captured in a CUDA graph. ``also_into``
     (int64 ``[rows]``, contiguous) receives the same ids in the same kernel: a decode graph
     writes them straight into its own input ids for the next step. ``advance``: that graph's
-    other inputs, advanced by one token in the same kernel (``parallm.engine.next_inputs``).
-    ``host_ring``: the ids also go to pinned host memory (:class:`HostRing`).
+    other inputs, advanced by one token in the same kernel (see the top of this module).
+    ``host_ids = (ids, turn)``: the ids also go to row ``turn`` of ``ids`` (pinned host memory
+    ``[2, rows]`` int64, mapped into the GPU's address space); the first kernel flips the device
+    ``turn`` ([1] int32) first, so consecutive calls alternate rows.
     """
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be 2-D with contiguous rows, got {tuple(logits.shape)}")
@@ -140,18 +150,19 @@ def triton_argmax(
         raise ValueError(f"also_into must be a contiguous int64 [{rows}] tensor")
     if advance is not None:
         advance.check(rows)
-    pinned = host_ring is None or host_ring.ids.is_pinned() or not logits.is_cuda
-    if host_ring is not None and (host_ring.ids.shape != (2, rows) or not pinned):
-        raise ValueError(f"host_ring.ids must be pinned int64 [2, {rows}]")
+    ring_ids, turn = host_ids if host_ids is not None else (None, None)
+    pinned = ring_ids is None or ring_ids.is_pinned() or not logits.is_cuda
+    if ring_ids is not None and (ring_ids.shape != (2, rows) or not pinned):
+        raise ValueError(f"host_ids[0] must be pinned int64 [2, {rows}]")
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows == 0:
         return out
     vals = torch.empty(rows, n_chunks, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, n_chunks, dtype=torch.int32, device=logits.device)
-    turn = host_ring.turn if host_ring is not None else idx  # placeholder: FLIP is off
+    turn = turn if turn is not None else idx  # placeholder: FLIP is off
     _chunk_argmax_kernel[(rows, n_chunks)](
         logits, logits.stride(0), cols, vals, idx, n_chunks, turn, CHUNK=_CHUNK,
-        FLIP=host_ring is not None, **pdl_launch(logits),
+        FLIP=ring_ids is not None, **pdl_launch(logits, pdl),
     )  # fmt: skip
     chunks = max(16, triton.next_power_of_2(n_chunks))
     also = also_into if also_into is not None else out
@@ -159,8 +170,24 @@ def triton_argmax(
     tables = nxt.block_tables
     _best_chunk_kernel[(rows,)](
         vals, idx, out, also, n_chunks, nxt.positions, nxt.seq_lens, nxt.slot_mapping, tables,
-        tables.stride(0), tables.shape[-1], host_ring.ids if host_ring is not None else out,
+        tables.stride(0), tables.shape[-1], ring_ids if ring_ids is not None else out,
         turn, CHUNKS=chunks, ALSO=also_into is not None, ADVANCE=advance is not None,
-        BLOCK_SIZE=nxt.block_size, HOST=host_ring is not None, **pdl_launch(logits),
+        BLOCK_SIZE=nxt.block_size, HOST=ring_ids is not None, **pdl_launch(logits, pdl),
     )  # fmt: skip
     return out
+
+
+def advance_inputs_ref(
+    positions: np.ndarray,
+    seq_lens: np.ndarray,
+    slot_mapping: np.ndarray,
+    block_tables: np.ndarray,
+    block_size: int,
+) -> None:
+    """Reference twin of ``advance_row`` on host arrays, in place. The decode graph also uses it
+    to predict what its inputs hold after a replay, so the two must agree exactly."""
+    positions += 1
+    seq_lens += 1
+    cols = np.minimum(positions // block_size, block_tables.shape[1] - 1)
+    blocks = block_tables[np.arange(len(positions)), cols].astype(np.int64)
+    slot_mapping[:] = blocks * block_size + positions % block_size

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from parallm.kernels.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 # Rows up to this many elements are normalised from registers (one read of each input);
 # longer rows take a two-pass path over chunks of _NORM_CHUNK (larger chunks spill there).
@@ -93,7 +93,7 @@ def _rms_norm_kernel(
     NUM_CHUNKS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    start_small_kernel(PDL)  # the final norm of a one-row step, between PDL-launched GEMVs
+    wait_for_producer(PDL)  # the final norm of a one-row step, between PDL-launched GEMVs
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = res_ptr + row * stride_res
@@ -166,6 +166,7 @@ def _rms_norm(
     eps: float,
     out: torch.Tensor | None,
     residual_out: torch.Tensor | None,
+    pdl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_cols = x.shape[-1]
     if weight.shape != (n_cols,):
@@ -202,20 +203,25 @@ def _rms_norm(
         NUM_CHUNKS=num_chunks,
         num_warps=num_warps,
         **_NO_FMA,
-        **pdl_launch(x),
+        **pdl_launch(x, pdl),
     )
     return normed, new_residual
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``RMSNorm.forward``: float32 statistics, cast to x's dtype, then times ``weight``.
 
     x: [..., n]; weight: [n]. The result has ``torch.promote_types(x.dtype, weight.dtype)``
     (x's dtype when they agree) and x's shape, written to ``out`` when given.
     """
-    return _rms_norm(x, None, weight, eps, out, None)[0]
+    return _rms_norm(x, None, weight, eps, out, None, pdl)[0]
 
 
 def fused_add_rms_norm(
@@ -226,6 +232,7 @@ def fused_add_rms_norm(
     *,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(residual + x), residual + x)`` in one pass over the row.
 
@@ -233,7 +240,7 @@ def fused_add_rms_norm(
     normalised, as the unfused model does. New tensors unless ``out`` / ``residual_out`` are
     given; ``residual_out`` may be ``residual`` (or ``x``) itself for an in-place update.
     """
-    normed, new_residual = _rms_norm(x, residual, weight, eps, out, residual_out)
+    normed, new_residual = _rms_norm(x, residual, weight, eps, out, residual_out, pdl)
     assert new_residual is not None
     return normed, new_residual
 

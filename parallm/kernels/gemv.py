@@ -3,7 +3,7 @@ RMSNorm (+ residual add) before q/k/v and gate/up, SiLU-and-mul before down, not
 o projection. Each fusion removes a kernel and a kernel boundary, and pays for it only while the
 GEMV itself keeps up with cuBLAS (``benchmarks/fused_gemv_bench.py`` compares each fused pair with
 cuBLAS plus the separate kernel), so one-token decode steps use them (the one-row step,
-on with the fused kernels). Under ``parallm.kernels.pdl.dependent_launches`` they launch with
+on with the fused kernels). With ``pdl=True`` they launch with
 PDL and load their first W tile before waiting for the previous kernel.
 
 ``y = rms_norm(x [+ residual]) @ W^T``, ``y = silu(gate) * up @ W^T`` and ``y = x @ W^T`` for one
@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from parallm.kernels.elementwise import _NO_FMA, _round_to
-from parallm.kernels.pdl import pdl_launch, release_dependents, wait_for_producer
+from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
 
@@ -63,7 +63,6 @@ def _first_tile(w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
 
 @triton.jit
 def _finish(y_ptr, offs_n, acc, N, PDL: tl.constexpr):
-    release_dependents(PDL)  # the main loop is done: the next kernel may launch
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -211,6 +210,7 @@ def rms_norm_gemv(
     num_warps: int | None = None,
     num_stages: int = 3,
     gather_ids: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
     Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``.
@@ -242,7 +242,7 @@ def rms_norm_gemv(
         1.0 / k, eps, HAS_RESIDUAL=residual is not None, GATHER=gather_ids is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all, num_warps=num_warps,
-        **_NO_FMA, **pdl_launch(row),
+        **_NO_FMA, **pdl_launch(row, pdl),
     )  # fmt: skip
     return y, res_out
 
@@ -254,6 +254,7 @@ def silu_mul_gemv(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up).
     Tile arguments left out come from ``DOWN_TILE``."""
@@ -265,7 +266,7 @@ def silu_mul_gemv(
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
         gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
-        num_warps=num_warps, **_NO_FMA, **pdl_launch(gate_up),
+        num_warps=num_warps, **_NO_FMA, **pdl_launch(gate_up, pdl),
     )  # fmt: skip
     return y
 
@@ -277,6 +278,7 @@ def gemv(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
     one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL.
@@ -288,6 +290,6 @@ def gemv(
                                         block_k, num_warps, weight, num_stages)  # fmt: skip
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x),
+        NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x, pdl),
     )  # fmt: skip
     return y

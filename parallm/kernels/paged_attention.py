@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.kernels.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, wait_for_producer
 from parallm.kernels.rope_store import NewTokenRope, rope_and_store
 
 _LOG2E = math.log2(math.e)
@@ -202,7 +202,7 @@ def _decode_split_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = start + tl.arange(0, BLOCK_N)
     pages = tl.load(table + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
-    start_small_kernel(PDL)
+    wait_for_producer(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -524,6 +524,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     rope: NewTokenRope | None = None,
     split_counters: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache (flash decoding).
 
@@ -613,7 +614,7 @@ def paged_decode_attention(
         ROPE=rope is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **pdl_launch(q),
+        **pdl_launch(q, pdl),
     )
     return out
 

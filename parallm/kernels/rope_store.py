@@ -28,7 +28,7 @@ from parallm.kernels.elementwise import (
     _round_to,
     _unit_last_stride,
 )
-from parallm.kernels.pdl import pdl_launch, start_small_kernel
+from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 # Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
 _TILE = 2048
@@ -108,7 +108,7 @@ def _rope_store_kernel(
     BLOCK_HKV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    start_small_kernel(PDL)
+    wait_for_producer(PDL)
     # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
     # heads, so the slot is loaded once.
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
@@ -165,6 +165,7 @@ def rotary_and_store_kv(
     slot_mapping: torch.Tensor,
     *,
     q_out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache.
 
@@ -205,7 +206,7 @@ def rotary_and_store_kv(
         BLOCK_HKV=block_hkv,
         num_warps=4,
         **_NO_FMA,
-        **pdl_launch(q),
+        **pdl_launch(q, pdl),
     )  # fmt: skip
     return q_out
 

@@ -1,12 +1,17 @@
-"""Attention over the paged KV cache: metadata, the backend interface and the reference backend."""
+"""Attention over the paged KV cache: metadata, the backend interface, the reference backend and
+the ``Attention`` layer that models call with their raw (unrotated) q, k and v."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from parallm.layers.rotary import RopeTables
 
 
 @dataclass
@@ -32,11 +37,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes the step's k/v into the cache, then attends over each sequence's context.
+    """One step's attention of one layer over the paged KV cache.
 
-    A backend may also offer ``attend(q, kv_cache, meta, scale)``, attention alone, for callers
-    that stored the step's k/v themselves (the fused rotary+store kernel); callers check for it
-    with ``hasattr``. The reference backend has none, so it always writes its own k/v.
+    ``forward`` takes the raw q, k and v of the step's tokens and this pass's rotary tables: it
+    rotates q and k, writes k and v into ``kv_cache`` at ``meta.slot_mapping`` and attends over
+    each sequence's context (causal within the sequence's new tokens, any number of them).
+    Whether rotary and the store run inside its attention kernel is the backend's own choice.
     """
 
     name: str
@@ -49,6 +55,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: RopeTables,
     ) -> torch.Tensor: ...
 
 
@@ -89,7 +96,9 @@ class ReferenceAttention:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: RopeTables,
     ) -> torch.Tensor:
+        q, k = rope.apply(q, k)
         write_kv(k, v, kv_cache, meta.slot_mapping)
         block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
         flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
@@ -129,3 +138,28 @@ def dense_causal_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
     )
     return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """One layer's attention over raw q ``[..., Hq, D]`` and k, v ``[..., Hkv, D]``: through the
+    step's backend and this layer's KV cache when serving, dense and causal per row without a
+    context (training, ``[B, S]`` batches)."""
+
+    def __init__(self, layer_idx: int, scale: float) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RopeTables,
+        ctx: ForwardContext | None,
+    ) -> torch.Tensor:
+        if ctx is None:
+            q, k = rope.apply(q, k)
+            return dense_causal_attention(q, k, v, self.scale)
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale, rope)

@@ -17,17 +17,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.fused = False  # set from outside (engine on CUDA) to use parallm.kernels.elementwise
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            from parallm.kernels import elementwise
-
-            if residual is None:
-                return elementwise.rms_norm(x, self.weight, self.eps)
-            return elementwise.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = residual + x

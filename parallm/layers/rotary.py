@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from parallm.layers.attention import write_kv
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -35,7 +32,7 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k given each token's absolute position."""
+    """The RoPE cos/sin tables of every position (rotate-half layout)."""
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
@@ -47,64 +44,42 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
-        self.fused = False  # set from outside (engine on CUDA) to use parallm.kernels.elementwise
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [..., tokens, heads, head_dim]; positions: [..., tokens]."""
-        return self.apply(self.lookup(positions, q.dtype), q, k)
+        return self.lookup(positions).apply(q, k)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
-        """cos/sin rows of these positions, gathered once per forward for all layers."""
-        if self.fused:
-            return RopeTables(positions, None, None)
-        cos = self.cos_cache[positions].unsqueeze(-2).to(dtype)
-        sin = self.sin_cache[positions].unsqueeze(-2).to(dtype)
-        return RopeTables(positions, cos, sin)
-
-    def apply(
-        self, tables: RopeTables, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            from parallm.kernels import elementwise
-
-            return elementwise.apply_rotary(q, k, self.cos_cache, self.sin_cache, tables.positions)
-        cos, sin = tables.cos, tables.sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-    def apply_and_store(
-        self,
-        tables: RopeTables,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slots: torch.Tensor,
-    ) -> torch.Tensor:
-        """Rotate q and k, store the rotated k and v at ``slots`` of the paged cache; returns q.
-
-        q: [T, Hq, D]; k, v: [T, Hkv, D]. Fused, one kernel does it all (see
-        ``parallm.kernels.rope_store``); otherwise ``apply`` then ``write_kv``.
-        """
-        if self.fused:
-            from parallm.kernels import rope_store
-
-            return rope_store.rotary_and_store_kv(
-                q, k, v, self.cos_cache, self.sin_cache, tables.positions, kv_cache, slots
-            )
-        q, k = self.apply(tables, q, k)
-        write_kv(k, v, kv_cache, slots)
-        return q
+    def lookup(self, positions: torch.Tensor) -> RopeTables:
+        """The tables for one forward pass, shared by all layers."""
+        return RopeTables(positions, self.cos_cache, self.sin_cache)
 
 
-@dataclass
 class RopeTables:
-    """Positions of a forward pass and, on the PyTorch path, their cos/sin rows."""
+    """A forward pass's positions and the model's cos/sin tables.
 
-    positions: torch.Tensor
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
+    Kernels that rotate inside themselves (the Triton attention backend) read the tables by
+    position; :meth:`apply` rotates in PyTorch, gathering the cos/sin rows of the positions on
+    first use and sharing them with every later layer of the pass.
+    """
+
+    def __init__(
+        self, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+    ) -> None:
+        self.positions = positions
+        self.cos_cache = cos_cache
+        self.sin_cache = sin_cache
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated q and k; q, k: [..., tokens, heads, head_dim]."""
+        if self._rows is None or self._rows[0].dtype != q.dtype:
+            cos = self.cos_cache[self.positions].unsqueeze(-2).to(q.dtype)
+            sin = self.sin_cache[self.positions].unsqueeze(-2).to(q.dtype)
+            self._rows = (cos, sin)
+        cos, sin = self._rows
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from parallm.config import ModelConfig
+from parallm.layers.linear import packed_shard_ids
 from parallm.models.registry import model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -20,15 +21,20 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    packed: bool = False,
 ) -> nn.Module:
-    """Instantiate the architecture directly on ``device`` in ``dtype`` (no CPU round trip)."""
+    """Instantiate the architecture directly on ``device`` in ``dtype`` (no CPU round trip);
+    ``packed``: q/k/v and gate/up as one GEMM each (serving)."""
     cls = model_class(cfg)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(cfg, max_positions)
+            model = cls(cfg, max_positions, packed=packed)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -42,12 +48,13 @@ def load_model(
     max_positions: int,
     load_format: str = "auto",
     seed: int = 0,
+    packed: bool = False,
 ) -> nn.Module:
     """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
     torch.manual_seed(seed)
-    model = build_model(cfg, dtype, device, max_positions)
+    model = build_model(cfg, dtype, device, max_positions, packed)
     if load_format == "dummy":
         _init_dummy(model)
     else:
@@ -92,24 +99,73 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_safetensors(model: nn.Module, path: Path) -> None:
-    """Copy checkpoint tensors into the model; missing, unknown or misshapen tensors are errors."""
+    """Copy checkpoint tensors into the model through each parameter's ``weight_loader`` (its
+    shard, or its rows of a packed layer); missing, unknown or misshapen tensors are errors."""
     params = dict(model.named_parameters())
     tied = getattr(model.config, "tie_word_embeddings", False)
-    loaded: set[str] = set()
+    mapping = (
+        getattr(model, "packed_modules_mapping", {}) if getattr(model, "packed", False) else {}
+    )
+    loaded: set[tuple[str, str | int | None]] = set()
     with torch.no_grad():
         for name, tensor in iter_checkpoint(path):
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
-            param = params[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"model expects {tuple(param.shape)}"
-                )
-            param.copy_(tensor)
-            loaded.add(name)
-    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
+            target, shard_id = _target(name, params, mapping)
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is not None:
+                    loader(param, tensor, shard_id)
+                else:
+                    _copy_whole(param, tensor)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+            loaded.add((target, shard_id))
+    missing = sorted(_checkpoint_name(*m, mapping) for m in _expected(model, params, tied) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
+
+
+def _target(
+    name: str, params: dict[str, nn.Parameter], mapping: dict[str, tuple[str, str | int]]
+) -> tuple[str, str | int | None]:
+    """The model parameter a checkpoint tensor fills, and its shard in a packed layer."""
+    if name in params:
+        return name, None
+    for part, (packed, shard_id) in mapping.items():
+        target = name.replace(f".{part}.", f".{packed}.")
+        if target != name and target in params:
+            return target, shard_id
+    raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+
+
+def _checkpoint_name(
+    target: str, shard_id: str | int | None, mapping: dict[str, tuple[str, str | int]]
+) -> str:
+    """The checkpoint tensor that fills ``target`` (its shard ``shard_id``)."""
+    for part, (packed, shard) in mapping.items():
+        if shard_id is not None and shard == shard_id and f".{packed}." in target:
+            return target.replace(f".{packed}.", f".{part}.")
+    return target
+
+
+def _copy_whole(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+def _expected(
+    model: nn.Module, params: dict[str, nn.Parameter], tied: bool
+) -> set[tuple[str, str | int | None]]:
+    """Every (parameter, shard) a complete checkpoint fills."""
+    expected = set()
+    for module_name, module in model.named_modules():
+        for short, _param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{short}" if module_name else short
+            if name not in params or (tied and name == "lm_head.weight"):
+                continue
+            shards = packed_shard_ids(module) or (None,)
+            expected.update((name, shard) for shard in shards)
+    return expected

@@ -1,31 +1,67 @@
-"""CUDA graphs for decode steps: capture once per batch size, replay with padded inputs.
+"""The graph-captured decode step, applied to the model from outside.
 
 A decode step of a small model is a few hundred short kernels; launching them one by one from
-Python costs more than running them. A captured graph launches them all at once. Inputs are
-copied into static buffers; rows past the real batch point at a scratch block that no sequence
-owns, so padding never touches live KV entries.
+Python costs more than running them. A captured graph launches them all at once: one graph per
+batch size, replayed with padded inputs. Inputs are copied into static buffers; rows past the
+real batch point at a scratch block that no sequence owns, so padding never touches live KV
+entries.
+
+Each graph ends in the greedy argmax (``parallm.kernels.argmax``), which also writes its ids
+into the graph's own input ids, moves the positions, lengths and slots on by one token, and
+writes the ids to pinned host memory (:class:`HostRing`): a greedy continuation of the same
+batch then needs no input copy until a block table changes, and no device-to-host copy. Batch 1
+runs the one-row kernel chain (``parallm.engine.one_row_step``) when the model supports it.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from parallm.engine.next_inputs import advance_host
-from parallm.layers.attention import AttentionMetadata
-
-if TYPE_CHECKING:
-    from parallm.kernels.argmax import HostRing
+from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
+from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref, triton_argmax
+from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
 # A step's inputs travel in one host-to-device copy (each copy costs a few microseconds of
 # idle GPU around it) when the block tables at full width stay under this size; past it the
 # tables go in a second copy of only the columns in use.
 _ONE_COPY_MAX_BYTES = 512 * 1024
+
+
+@dataclass
+class HostRing:
+    """Where a graph's argmax also writes its ids on the host: two rows of pinned memory
+    ``ids [2, rows]`` int64 (mapped into the GPU's address space) and a device ``turn``.
+
+    Every replay flips the turn in its first argmax kernel and writes ``ids[turn]`` in its last,
+    so consecutive replays alternate rows. The host mirrors the turn (:meth:`flip` once per
+    replay) and, after the replay's event, reads its row without any device-to-host copy on
+    the stream. The row is rewritten two replays later, so it must be read (or cloned) first.
+    """
+
+    ids: torch.Tensor
+    turn: torch.Tensor
+    host_turn: int = 0
+
+    @classmethod
+    def allocate(cls, rows: int, device: torch.device) -> HostRing:
+        ids = torch.zeros(2, rows, dtype=torch.long, pin_memory=device.type == "cuda")
+        return cls(ids, torch.zeros(1, dtype=torch.int32, device=device))
+
+    def flip(self) -> torch.Tensor:
+        """Mirror one replay's flip; returns the row that replay writes."""
+        self.host_turn ^= 1
+        return self.ids[self.host_turn]
+
+    def reset(self) -> None:
+        """Back to turn 0 on both sides (after replays the host did not mirror)."""
+        self.turn.zero_()
+        self.host_turn = 0
 
 
 class _Inputs:
@@ -48,23 +84,23 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        forward: Callable[
-            [torch.Tensor, torch.Tensor, AttentionMetadata, HostRing | None],
-            tuple[torch.Tensor, torch.Tensor],
-        ],
+        model: nn.Module,
+        backend: AttentionBackend,
+        kv_caches: list[torch.Tensor],
         sizes: list[int],
         max_blocks_per_seq: int,
         max_seq_len: int,
         scratch_block: int,
         block_size: int,
         device: torch.device,
-        forward_advances: bool = False,
-        host_ids: bool = False,
+        one_row: bool = False,
     ) -> None:
-        self.forward = forward
-        # The forward moves its own inputs on by one token (parallm.engine.next_inputs), so a
-        # greedy continuation whose tables did not change needs no input copy at all.
-        self.forward_advances = forward_advances
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        # ``one_row``: batch 1 runs the Triton kernel chain instead of the model's forward.
+        use_chain = one_row and supports_one_row_step(model, backend)
+        self.one_row = OneRowStep(model, backend) if use_chain else None
         self.sizes = sorted(sizes)
         self.max_seq_len = max_seq_len
         self.max_blocks = max_blocks_per_seq
@@ -72,13 +108,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.device = device
         self.inputs = {size: _Inputs(size, max_blocks_per_seq, device) for size in self.sizes}
-        # With host_ids, each size's argmax also writes its ids to pinned host memory (the
-        # forward's 4th argument): a step then needs no device-to-host copy on the stream.
-        self.host_rings: dict[int, HostRing] = {}
-        if host_ids:
-            from parallm.kernels.argmax import HostRing  # triton only where kernels run
-
-            self.host_rings = {size: HostRing.allocate(size, device) for size in self.sizes}
+        self.host_rings = {size: HostRing.allocate(size, device) for size in self.sizes}
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, greedy ids
@@ -115,20 +145,35 @@ class DecodeGraphs:
             buf.seq_lens.fill_(1)
             buf.slot_mapping.fill_(self.scratch_block * self.block_size)
             buf.block_tables.fill_(self.scratch_block)
-            meta = self._metadata(size)
-            ring = self.host_rings.get(size)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.forward(buf.input_ids, buf.positions, meta, ring)
+                self.forward(size)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.forward(buf.input_ids, buf.positions, meta, ring)
+                out = self.forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
             self.outputs[size] = out
         torch.cuda.synchronize(self.device)
         self.forget_inputs()
         self.capture_seconds = time.perf_counter() - started
+
+    def forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured work of one size: logits in the model's dtype and their greedy ids,
+        the inputs moved on by one token, the ids also in the size's host ring."""
+        buf, meta, ring = self.inputs[size], self._metadata(size), self.host_rings[size]
+        if size == 1 and self.one_row is not None:
+            logits = self.one_row.logits(buf.input_ids, buf.positions, meta, self.kv_caches)
+            pdl = self.one_row.pdl  # the argmax chains on after the LM head GEMV
+        else:
+            ctx = ForwardContext(meta, self.kv_caches, self.backend)
+            hidden = self.model(buf.input_ids, buf.positions, ctx)
+            logits, pdl = self.model.compute_logits(hidden), False
+        advance = DecodeInputs(buf.positions, buf.seq_lens, buf.slot_mapping, buf.block_tables,
+                               self.block_size)  # fmt: skip
+        greedy = triton_argmax(logits, also_into=buf.input_ids, advance=advance,
+                               host_ids=(ring.ids, ring.turn), pdl=pdl)  # fmt: skip
+        return logits, greedy
 
     def forget_inputs(self) -> None:
         """Drop the predictions of what the input buffers hold, so the next step of every size
@@ -141,8 +186,7 @@ class DecodeGraphs:
     def replay(self, size: int) -> None:
         """Replay one graph on whatever its inputs hold (benchmarks); keeps the host ring's
         turn in step. Call :meth:`forget_inputs` before the next :meth:`run`."""
-        if size in self.host_rings:
-            self.host_rings[size].flip()
+        self.host_rings[size].flip()
         self.graphs[size].replay()
 
     def padded_size(self, batch: int) -> int | None:
@@ -159,8 +203,8 @@ class DecodeGraphs:
         device_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Replay the graph for this batch; returns the logits and greedy token ids of the
-        first ``len(input_ids)`` rows, and with ``host_ids`` the same ids in pinned host
-        memory (valid once the replay has finished; rewritten by the replay after next).
+        first ``len(input_ids)`` rows, and the same ids in pinned host memory (valid once the
+        replay has finished; rewritten by the replay after next).
 
         ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
         sampled tokens have not reached the host yet. When they are that replay's own greedy
@@ -188,7 +232,7 @@ class DecodeGraphs:
         lens = host[6 * size : buf.head_len]
         lens[:batch] = torch.from_numpy(seq_lens)
         lens[batch:] = 1
-        predict = self.forward_advances and one_copy
+        predict = one_copy
         if one_copy:
             tables = host[buf.head_len :].view(size, self.max_blocks)[:, :width]
             if predict:  # every word defined, so the region compares whole
@@ -211,8 +255,7 @@ class DecodeGraphs:
             self.num_carried_ids += 1
         elif device_ids is not None:
             buf.input_ids[:batch].copy_(device_ids)
-        ring = self.host_rings.get(size)
-        host_ids = ring.flip()[:batch] if ring is not None else None
+        host_ids = self.host_rings[size].flip()[:batch]
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]
         return logits[:batch], greedy[:batch], host_ids
@@ -222,7 +265,7 @@ class DecodeGraphs:
         region = staged.copy()
         tokens = region[: 6 * size].view(np.int64).reshape(3, size)
         head = 7 * size
-        advance_host(tokens[1], region[6 * size : head], tokens[2],
+        advance_inputs_ref(tokens[1], region[6 * size : head], tokens[2],
                      region[head:].reshape(size, self.max_blocks), self.block_size)  # fmt: skip
         return region
 
