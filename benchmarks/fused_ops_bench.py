@@ -4,8 +4,8 @@ For each op and token count, checks the fused result against the PyTorch modules
 difference), then times both with ``triton.testing.do_bench`` (median, eager launches, so a
 small T mostly measures launch count) and, with ``--graph``, also replayed in a CUDA graph
 (``do_bench_cudagraph``, the way decode runs). GB/s counts the fused op's compulsory traffic.
-``rope_store`` is the exception: its baseline is the Triton rotary plus ``write_kv`` (the path
-it replaces with fused kernels on), and its check covers the whole KV cache as well as q.
+``rope_store``'s baseline is PyTorch's rotary plus ``write_kv``, and its check covers the
+whole KV cache as well as q.
 
     python benchmarks/fused_ops_bench.py [--model llama-3.1-8b] [--dtype fp16] [--graph]
 """
@@ -25,7 +25,6 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallm.kernels.elementwise import (  # noqa: E402
-    apply_rotary,
     fused_add_rms_norm,
     rms_norm,
     silu_and_mul,
@@ -93,26 +92,9 @@ def silu_case(tokens: int, inter: int, dtype: torch.dtype) -> Case:
     return Case("silu_and_mul", torch_fn, lambda: silu_and_mul(gate_up), 3 * _nbytes(gate_up) // 2)
 
 
-def rotary_case(tokens: int, model: tuple, dtype: torch.dtype) -> Case:
-    _, _, num_q_heads, num_kv_heads, head_dim, theta = model
-    rotary = RotaryEmbedding(head_dim, 8192, theta, None).to("cuda")
-    widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    qkv = torch.randn(tokens, sum(widths), device="cuda", dtype=dtype)
-    q, k, _ = qkv.split(widths, dim=-1)
-    q, k = q.view(tokens, num_q_heads, head_dim), k.view(tokens, num_kv_heads, head_dim)
-    positions = torch.randint(0, 8192, (tokens,), device="cuda")
-    cos, sin = rotary.cos_cache, rotary.sin_cache
-    return Case(
-        "rotary",
-        lambda: rotary(positions, q, k),
-        lambda: apply_rotary(q, k, cos, sin, positions),
-        2 * _nbytes(q, k),
-    )
-
-
 def rope_store_case(tokens: int, model: tuple, dtype: torch.dtype, block_size: int = 16) -> Case:
-    """Rotary + KV-cache store: the fused kernel against apply_rotary then write_kv (the unfused
-    serving path with fused kernels on). Each writes its own cache, so both can be checked."""
+    """Rotary + KV-cache store: the fused kernel against PyTorch's rotary then write_kv. Each
+    writes its own cache, so both can be checked."""
     _, _, num_q_heads, num_kv_heads, head_dim, theta = model
     rotary = RotaryEmbedding(head_dim, 8192, theta, None).to("cuda")
     widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
@@ -127,7 +109,7 @@ def rope_store_case(tokens: int, model: tuple, dtype: torch.dtype, block_size: i
     cos, sin = rotary.cos_cache, rotary.sin_cache
 
     def torch_fn() -> torch.Tensor:
-        q_rot, k_rot = apply_rotary(q, k, cos, sin, positions)
+        q_rot, k_rot = rotary(positions, q, k)
         write_kv(k_rot, v, caches[0], slots)
         return q_rot
 
@@ -171,7 +153,7 @@ def run(model_name: str, dtype: torch.dtype, tokens_list: list[int], graph: bool
     print(f"{model_name} {dtype}\n{header}\n{'-' * len(header)}")
     for tokens in tokens_list:
         cases = [*norm_cases(tokens, hidden, dtype), silu_case(tokens, inter, dtype)]
-        cases += [rotary_case(tokens, model, dtype), rope_store_case(tokens, model, dtype)]
+        cases.append(rope_store_case(tokens, model, dtype))
         for case in cases:
             ulp = max_ulp(*case.outputs())
             t_torch, t_fused = time_ms(case.torch_fn, False), time_ms(case.fused_fn, False)

@@ -22,8 +22,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from parallm.kernels import elementwise as fused_ops  # noqa: E402
+from parallm.kernels import rope_store  # noqa: E402
 from parallm.kernels.elementwise import (  # noqa: E402
-    apply_rotary,
     fused_add_rms_norm,
     rms_norm,
     silu_and_mul,
@@ -143,6 +143,17 @@ def check_silu_and_mul(rows, n, dtype, device, merged, max_ulp=0, max_mismatch=0
     assert_matches(got, expected, max_ulp, max_mismatch)
 
 
+def rotate_and_store(q, k, rotary, positions, q_out=None):
+    """Rotated q and k through the rotary + KV-store kernel (k read back from the cache)."""
+    tokens, num_k_heads, head_dim = k.shape
+    cache = torch.zeros(2, tokens, 1, num_k_heads, head_dim, dtype=k.dtype, device=k.device)
+    slots = torch.arange(tokens, device=k.device)
+    got_q = rope_store.rotary_and_store_kv(
+        q, k, k, rotary.cos_cache, rotary.sin_cache, positions, cache, slots, q_out=q_out
+    )
+    return got_q, cache[0].view(tokens, num_k_heads, head_dim)
+
+
 def check_rotary(
     tokens, heads, head_dim, dtype, device, in_place=False, max_ulp=0, max_mismatch=0.0, **kw
 ):
@@ -154,14 +165,9 @@ def check_rotary(
     positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(device)
     positions[0] = max_pos - 1  # the last cache row is reachable
     ref_q, ref_k = apply_rotary_ref(q, k, rotary.cos_cache, rotary.sin_cache, positions)
-    if in_place:
-        q_out, k_out = q, k
-    else:
-        q_out, k_out = nan_like(q), nan_like(k)
-    got_q, got_k = apply_rotary(
-        q, k, rotary.cos_cache, rotary.sin_cache, positions, q_out=q_out, k_out=k_out
-    )
-    assert got_q.data_ptr() == q_out.data_ptr() and got_k.data_ptr() == k_out.data_ptr()
+    q_out = q if in_place else nan_like(q)
+    got_q, got_k = rotate_and_store(q, k, rotary, positions, q_out=q_out)
+    assert got_q.data_ptr() == q_out.data_ptr()
     assert_matches(got_q, ref_q, max_ulp, max_mismatch, label="q")
     assert_matches(got_k, ref_k, max_ulp, max_mismatch, label="k")
 
@@ -294,7 +300,7 @@ def test_rotary_interpreter(dtype, heads, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_interpreter_in_place_many_head_blocks(monkeypatch, dtype):
     # A small tile splits q and k into several head blocks each (with a partial last one).
-    monkeypatch.setattr(fused_ops, "_ROTARY_TILE", 64)
+    monkeypatch.setattr(rope_store, "_TILE", 64)
     check_rotary(4, (5, 3), 64, dtype, "cpu", in_place=True)
 
 
@@ -317,15 +323,6 @@ def test_empty_inputs_interpreter():
     normed, res = fused_add_rms_norm(torch.empty(0, 64), torch.empty(0, 64), weight, EPS)
     assert normed.shape == res.shape == (0, 64)
     assert silu_and_mul(torch.empty(0, 128)).shape == (0, 64)
-    rotary = RotaryEmbedding(64, 16, 10000.0, None)
-    q, k = apply_rotary(
-        torch.empty(0, 4, 64),
-        torch.empty(0, 2, 64),
-        rotary.cos_cache,
-        rotary.sin_cache,
-        torch.empty(0, dtype=torch.long),
-    )
-    assert q.shape == (0, 4, 64) and k.shape == (0, 2, 64)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -363,11 +360,13 @@ def test_bad_arguments_raise():
         silu_and_mul(torch.randn(2, 7))
     with pytest.raises(ValueError, match="share"):
         silu_and_mul(x, x[:, :32])
-    cache = torch.randn(8, 64)
+    rotary = RotaryEmbedding(64, 8, 10000.0, None)
     with pytest.raises(ValueError, match="positions"):
-        apply_rotary(torch.randn(3, 2, 64), torch.randn(3, 1, 64), cache, cache, torch.zeros(2))
+        rotate_and_store(torch.randn(3, 2, 64), torch.randn(3, 1, 64), rotary, torch.zeros(2))
     with pytest.raises(ValueError, match="even head_dim"):
-        apply_rotary(torch.randn(3, 2, 63), torch.randn(3, 1, 63), cache, cache, torch.zeros(3))
+        odd = RotaryEmbedding(62, 8, 10000.0, None)
+        odd.cos_cache = odd.sin_cache = torch.randn(8, 63)
+        rotate_and_store(torch.randn(3, 2, 63), torch.randn(3, 1, 63), odd, torch.zeros(3))
 
 
 # GPU tests: compiled kernels, real sizes, against the modules on the GPU.
@@ -434,8 +433,9 @@ def test_fused_ops_in_cuda_graph():
         "residual": torch.empty_like(x),
         "silu": torch.empty(tokens, inter, dtype=dtype, device="cuda"),
         "q": torch.empty_like(q),
-        "k": torch.empty_like(k),
     }
+    kv_cache = torch.empty(2, tokens, 1, heads[1], head_dim, dtype=dtype, device="cuda")
+    slots = torch.arange(tokens, device="cuda")
 
     def step() -> None:
         rms_norm(x, weight, EPS, out=outs["norm"])
@@ -443,9 +443,10 @@ def test_fused_ops_in_cuda_graph():
             x, residual, weight, EPS, out=outs["add_norm"], residual_out=outs["residual"]
         )
         silu_and_mul(gate_up, out=outs["silu"])
-        apply_rotary(
-            q, k, rotary.cos_cache, rotary.sin_cache, positions, q_out=outs["q"], k_out=outs["k"]
-        )
+        rope_store.rotary_and_store_kv(
+            q, k, k, rotary.cos_cache, rotary.sin_cache, positions, kv_cache, slots,
+            q_out=outs["q"],
+        )  # fmt: skip
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -456,10 +457,11 @@ def test_fused_ops_in_cuda_graph():
     for t in (x, residual, gate_up, q, k):
         t.copy_(torch.randn_like(t))
     positions.add_(7)
-    for out in outs.values():
+    for out in (*outs.values(), kv_cache):
         out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+    outs["k"] = kv_cache[0].view(tokens, heads[1], head_dim)
 
     ref_q, ref_k = apply_rotary_ref(q, k, rotary.cos_cache, rotary.sin_cache, positions)
     add_norm, summed = fused_add_rms_norm_ref(x, residual, weight, EPS)

@@ -122,9 +122,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence that is done (or aborted) and return its blocks."""
         if seq.status is SequenceStatus.RUNNING:

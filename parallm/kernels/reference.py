@@ -140,7 +140,7 @@ def apply_rotary_ref(
     sin_cache: torch.Tensor,
     positions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D] at ``positions`` (``apply_rotary``);
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D] at ``positions``;
     the cos/sin rows are cast to q's dtype first."""
     cos = cos_cache[positions].unsqueeze(-2).to(q.dtype)
     sin = sin_cache[positions].unsqueeze(-2).to(q.dtype)

@@ -1,11 +1,10 @@
 """Rotary embedding fused with the paged KV-cache store: one launch per layer and step.
 
-Unfused, a layer runs the rotary kernel of ``parallm.kernels.elementwise`` and then
-``write_kv``'s two ``index_copy_`` kernels; at batch-1 decode those launches cost more than the
-bytes they move. Here each token's q is rotated into the output, and its rotated k and its v go
-straight to ``slot_mapping[t]`` of the cache, never materialised anywhere else. The rotation
-reuses the helpers of ``parallm.kernels.elementwise`` and so rounds exactly as PyTorch's rotary
-does: the cache ends up bit-for-bit as ``rotary_and_store_kv_ref`` leaves it.
+Unfused, a layer would run a rotary kernel and then ``write_kv``'s two ``index_copy_`` kernels;
+at batch-1 decode those launches cost more than the bytes they move. Here each token's q is
+rotated into the output, and its rotated k and its v go straight to ``slot_mapping[t]`` of the
+cache, never materialised anywhere else. The rotation rounds exactly as PyTorch's rotary does:
+the cache ends up bit-for-bit as ``rotary_and_store_kv_ref`` leaves it.
 
 No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
 CPU tensors work only under the Triton interpreter, as for ``parallm.kernels.elementwise``.
@@ -19,19 +18,109 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.kernels.elementwise import (
-    _NO_FMA,
-    _check_rotary_inputs,
-    _rope_heads,
-    _rope_token_setup,
-    _rotary_out,
-    _round_to,
-    _unit_last_stride,
-)
+from parallm.kernels.elementwise import _NO_FMA, _round_to
 from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
-# Each program covers up to this many (head, dim-pair) elements, as apply_rotary's do.
+# Each program covers up to this many (head, dim-pair) elements.
 _TILE = 2048
+
+
+# Rotary helpers, rounding as ``RotaryEmbedding`` does in PyTorch.
+
+
+@triton.jit
+def _load_cos_sin(row_ptr, d, dmask, HALF: tl.constexpr, DTYPE: tl.constexpr):
+    """Both halves of one cache row, cast to DTYPE as RotaryEmbedding casts them."""
+    lo = tl.load(row_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    hi = tl.load(row_ptr + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    return _round_to(lo, DTYPE), _round_to(hi, DTYPE)
+
+
+@triton.jit
+def _rope_token_setup(pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """The program's token and head block, and its position's cos/sin halves (loaded once)."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, DTYPE)
+    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, DTYPE)
+    return t, hb, d, dmask, c1, c2, s1, s2
+
+
+@triton.jit
+def _rope_heads(
+    in_row,
+    out_row,
+    stride_in_h,
+    stride_out_h,
+    head0,
+    num_heads,
+    c1,
+    c2,
+    s1,
+    s2,
+    d,
+    dmask,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Heads [head0, head0 + BLOCK_H) of one token: x * cos + rotate_half(x) * sin.
+
+    c1/s1 are the cos/sin of the first half of the dims, c2/s2 of the second, already
+    rounded to the output dtype.
+    """
+    h = head0 + tl.arange(0, BLOCK_H)
+    mask = (h < num_heads)[:, None] & dmask[None, :]
+    in_offs = h[:, None] * stride_in_h + d[None, :]
+    out_offs = h[:, None] * stride_out_h + d[None, :]
+    x1 = tl.load(in_row + in_offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(in_row + in_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype: tl.constexpr = out_row.dtype.element_ty
+    # Each product, then the sum, is rounded to the dtype, as PyTorch's separate kernels do.
+    # rotate_half(x) = [-x2, x1]; rounding commutes with negation.
+    a1 = _round_to(x1 * c1[None, :], dtype)
+    b1 = _round_to(x2 * s1[None, :], dtype)
+    a2 = _round_to(x2 * c2[None, :], dtype)
+    b2 = _round_to(x1 * s2[None, :], dtype)
+    tl.store(out_row + out_offs, _round_to(a1 - b1, dtype).to(dtype), mask=mask)
+    tl.store(out_row + out_offs + HALF, _round_to(a2 + b2, dtype).to(dtype), mask=mask)
+
+
+def _check_rotary_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0]:
+        raise ValueError("q and k must be [tokens, heads, head_dim] with the same tokens")
+    head_dim = q.shape[-1]
+    if head_dim % 2 or k.shape[-1] != head_dim or cos_cache.shape[-1] != head_dim:
+        raise ValueError("q, k and the caches need one even head_dim")
+    if q.dtype != k.dtype:
+        raise ValueError("q and k must share a dtype")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need a contiguous head_dim (row strides are fine)")
+    if cos_cache.shape != sin_cache.shape or cos_cache.dim() != 2:
+        raise ValueError("cos_cache and sin_cache must both be [max_positions, head_dim]")
+    if positions.shape != (q.shape[0],):
+        raise ValueError("positions must be [tokens]")
+
+
+def _rotary_out(out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError("a rotary output must match its input's shape and dtype")
+    return out
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 @triton.jit
@@ -169,10 +258,10 @@ def rotary_and_store_kv(
 ) -> torch.Tensor:
     """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache.
 
-    Equivalent to ``apply_rotary`` followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)``,
+    Equivalent to rotate-half RoPE of q and k followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)``,
     bit for bit, in one launch. q: [T, Hq, D]; k, v: [T, Hkv, D], any token/head strides with a
     contiguous D (views into a fused qkv projection work); cos_cache, sin_cache and positions
-    as for ``apply_rotary``; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype;
+    [max_positions, D] float32 and [T] positions; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype;
     slot_mapping: [T] integer slots (block * block_size + offset), each in range (not checked:
     that would sync with the host). Rows with a negative slot store nothing.
 
