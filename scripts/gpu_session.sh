@@ -46,18 +46,6 @@ for step in "${@:-tests latency}"; do
     train1eager) python3 -m parallm.cli bench train --config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 \
                --micro-batch-size 4 --steps 20 --warmup-steps 5 --dtype bfloat16 \
                --out "$OUT/train-1gpu-eager.json" > "$OUT/train-1gpu-eager.log" 2>&1; tail -8 "$OUT/train-1gpu-eager.log" ;;
-    skinny) python3 -m pytest -q -m gpu tests/test_skinny_gemm.py tests/test_gpu_engine.py -p no:cacheprovider \
-               > "$OUT/pytest_skinny.log" 2>&1; tail -4 "$OUT/pytest_skinny.log"
-            python3 benchmarks/skinny_gemm_bench.py --out "$OUT/skinny_gemm.json" > "$OUT/skinny_gemm.log" 2>&1
-            tail -30 "$OUT/skinny_gemm.log" ;;
-    latencyskinny) for rows in 0 16; do
-              python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
-                --max-model-len 4096 --batch-sizes 1,8 --skinny-gemm-max-rows $rows \
-                --out "$OUT/latency_llama1b_skinny$rows.json" 2>&1 | tail -3
-              python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
-                --max-model-len 4096 --batch-sizes 1 --iters 2 --skinny-gemm-max-rows $rows \
-                --out "$OUT/latency_llama8b_skinny$rows.json" 2>&1 | tail -2
-            done ;;
     train2) # one GPU, then all GPUs of the machine with the same per-GPU batch (weak scaling)
             args="--config benchmarks/configs/llama-3.2-1b.json --seq-len 2048 --micro-batch-size ${MBS:-8}
                   --steps 20 --warmup-steps 5 --dtype bfloat16 --compile"
