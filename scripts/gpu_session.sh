@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 for step in "${@:-tests latency}"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu $(grep -l "pytest.mark.gpu" tests/*.py) -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    tests) python3 -m pytest -q -m gpu $(grep -rl "pytest.mark.gpu" tests --include="test_*.py") -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
     latencyunfused) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \

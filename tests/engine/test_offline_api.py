@@ -167,7 +167,7 @@ def test_server_without_tokenizer_serves_ids_and_names_stop():
     """A server over ``skip_tokenizer_init=True`` answers token-id prompts, and refuses stop
     strings with a 400 naming ``stop`` (only stop_token_ids can end such a request)."""
     import httpx
-    from test_server_support import API_KEY, MODEL_NAME, running_server
+    from server_support import API_KEY, MODEL_NAME, running_server
 
     with running_server(skip_tokenizer_init=True) as server:
         url, auth = server.url + "/v1/completions", {"Authorization": f"Bearer {API_KEY}"}

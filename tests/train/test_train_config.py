@@ -29,7 +29,7 @@ def test_parse_value() -> None:
 
 
 def test_shipped_config_loads() -> None:
-    cfg = TrainConfig.load(Path(__file__).parents[1] / "configs/train/code-model.toml")
+    cfg = TrainConfig.load(Path(__file__).parents[2] / "configs/train/code-model.toml")
     assert cfg.model_config().num_params < 12_000_000  # bf16 export stays under 24 MB
     cfg.validate(world_size=1)
 

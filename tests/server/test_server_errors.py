@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from test_server_support import (
+from server_support import (
     MAX_MODEL_LEN,
     MODEL_NAME,
     assert_serves,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from test_server_support import MODEL_NAME, metrics, tiny_model_path
+from server_support import MODEL_NAME, metrics, tiny_model_path
 
 from parallm import LLM, SamplingParams
 from parallm.cli import main as cli_main

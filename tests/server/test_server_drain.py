@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
-from test_server_support import API_KEY, MODEL_NAME, tiny_model_path
+from server_support import API_KEY, MODEL_NAME, tiny_model_path
 
 CONTEXT = 2048
 # Thousands of engine steps: far longer than the drain timeout, so every stream is cut by it.

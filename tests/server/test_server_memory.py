@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from test_server_support import API_KEY, MODEL_NAME, metrics, running_server, wait_until_idle
+from server_support import API_KEY, MODEL_NAME, metrics, running_server, wait_until_idle
 
 from parallm.server.launcher import ServerThread
 

@@ -163,5 +163,5 @@ def test_serve_hub_id_with_revision_and_download_dir(offline, hub_cache, monkeyp
 
 
 def test_huggingface_hub_is_a_declared_dependency():
-    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
     assert '"huggingface-hub>=' in pyproject.read_text()

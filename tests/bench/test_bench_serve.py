@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
+from server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
 
 from parallm.bench import serve
 from parallm.bench.serve_client import RequestResult, SSEParser
@@ -35,7 +35,7 @@ from parallm.server.launcher import ServerThread
 
 # The project's shared data sits beside the clone (../shared); a fresh clone has none, and the
 # tests that need it skip. PARALLM_SHARED_DIR points elsewhere (a missing folder hides it).
-SHARED = Path(os.environ.get("PARALLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("PARALLM_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
 CONV_TRACE = SHARED / "traces" / "AzureLLMInferenceTrace_conv.csv"
 SONNET = SHARED / "prompts" / "llmperf_sonnet.txt"
 needs_trace = pytest.mark.skipif(

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_support import MAX_MODEL_LEN, MODEL_NAME, client, post, running_server
+from server_support import MAX_MODEL_LEN, MODEL_NAME, client, post, running_server
 
 import parallm
 from parallm.server.launcher import ServerThread

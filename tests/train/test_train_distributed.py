@@ -22,7 +22,7 @@ from test_train import dataset_dir, train_losses, write_config  # noqa: F401 - f
 from parallm.train.checkpoint import complete_checkpoints
 from parallm.train.integrity import MANIFEST, verify_checkpoint
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 TOLERANCE = 1e-5
 STEPS = 10
 TIMEOUT_S = 300

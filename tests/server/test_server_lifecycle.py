@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server_support import (
+from server_support import (
     API_KEY,
     MODEL_NAME,
     assert_serves,
@@ -27,7 +27,7 @@ from test_server_support import (
 
 from parallm.server.launcher import ServerThread
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 # Long enough (thousands of engine steps, seconds) that a request still runs when we act on it.
 CONTEXT = 2048
 LONG = {"prompt": "a", "max_tokens": CONTEXT - 8, "extra_body": {"ignore_eos": True}}

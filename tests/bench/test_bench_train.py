@@ -19,7 +19,7 @@ from parallm.cli import main as cli_main
 from parallm.train.config import TrainConfig
 from parallm.train.telemetry import flops_per_token
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 PEAK_FLOPS = 1e11  # explicit, since a CPU has no entry in the peak-FLOPs table
 
 TINY_CONFIG = {

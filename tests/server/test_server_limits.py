@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_support import (
+from server_support import (
     API_KEY,
     MAX_MODEL_LEN,
     MODEL_NAME,

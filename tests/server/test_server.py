@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from test_server_support import (
+from server_support import (
     MODEL_NAME,
     assert_serves,
     async_client,

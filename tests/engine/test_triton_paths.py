@@ -75,7 +75,7 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_fused_kernels_match_the_pytorch_path(tiny_model_dir, arch):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", _SCRIPT, str(tiny_model_dir(arch))],
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip

@@ -17,7 +17,7 @@ from triton_interpreter import (  # before triton: sets the interpreter
 )
 
 triton = pytest.importorskip("triton")
-from test_fused_ops import assert_matches, make_qkv, nan_like, randn  # noqa: E402
+from test_elementwise import assert_matches, make_qkv, nan_like, randn  # noqa: E402
 
 from parallm.kernels import rope_store as fused_rope_store  # noqa: E402
 from parallm.kernels.reference import rotary_and_store_kv_ref  # noqa: E402
