@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters that propose tokens and the math that verifies them."""

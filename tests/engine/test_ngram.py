@@ -1,0 +1,100 @@
+"""Prompt lookup (the ``ngram`` drafter): which earlier occurrence it copies from, and how much."""
+
+from __future__ import annotations
+
+import array
+import random
+
+import numpy as np
+import pytest
+
+from parallm.engine.spec.ngram import propose_ngram
+
+
+def reference_propose(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
+    """The definition, spelled out: longest n first, then the latest earlier occurrence."""
+    size = len(tokens)
+    for n in range(max_n, min_n - 1, -1):
+        if n >= size:
+            continue
+        suffix = tokens[size - n :]
+        # Starts whose n-gram ends before the last token, latest first.
+        for start in range(size - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + num_tokens]
+    return []
+
+
+def test_the_latest_of_several_occurrences_is_copied():
+    tokens = [7, 8, 1, 9, 2, 9, 3, 9]
+    # 9 occurs at 3 and 5 before the end; the latest (5) was followed by 3, 9.
+    assert propose_ngram(tokens, 2, 1, 1) == [3, 9]
+    assert propose_ngram(tokens, 5, 1, 1) == [3, 9]
+
+
+def test_the_longest_matching_n_wins_over_a_later_shorter_match():
+    # The suffix (4, 5) occurred at 1..2 (followed by 6); only 5 occurred later (at 4, then 0).
+    tokens = [3, 4, 5, 6, 5, 0, 4, 5]
+    assert propose_ngram(tokens, 3, 1, 2) == [6, 5, 0]
+    assert propose_ngram(tokens, 3, 1, 3) == [6, 5, 0]
+    # max_n caps the length compared: with max_n = 1 the later single-token match wins.
+    assert propose_ngram(tokens, 3, 1, 1) == [0, 4, 5]
+
+
+def test_min_n_refuses_shorter_matches():
+    tokens = [1, 2, 3, 9, 2, 3]
+    assert propose_ngram(tokens, 4, 2, 4) == [9, 2, 3]
+    assert propose_ngram(tokens, 4, 3, 4) == []
+
+
+def test_the_proposal_stops_where_the_sequence_ends():
+    tokens = [1, 2, 3, 4, 1, 2]
+    assert propose_ngram(tokens, 10, 2, 2) == [3, 4, 1, 2]
+    # A run of one token: the latest earlier "5 5" ends one before the end.
+    assert propose_ngram([5, 5, 5, 5], 4, 2, 2) == [5]
+
+
+def test_no_match_gives_nothing():
+    assert propose_ngram([1, 2, 3, 4, 5], 3, 1, 3) == []
+    assert propose_ngram([], 3, 1, 3) == []
+    assert propose_ngram([4], 3, 1, 3) == []
+    assert propose_ngram([1, 2, 1], 0, 1, 3) == []
+
+
+def test_n_larger_than_the_sequence_falls_back_to_what_fits():
+    assert propose_ngram([6, 6], 3, 1, 10) == [6]
+    assert propose_ngram([1, 2, 1, 2], 3, 2, 50) == [1, 2]
+    assert propose_ngram([1, 2, 1, 2], 3, 5, 50) == []
+
+
+@pytest.mark.parametrize(
+    "as_buffer",
+    [list, lambda t: np.asarray(t, dtype=np.int64), lambda t: array.array("i", t)],
+    ids=["list", "ndarray", "array"],
+)
+def test_integer_buffers_give_the_list_answer(as_buffer):
+    tokens = [9, 1, 2, 3, 9, 1, 2, 7, 1, 2]
+    got = propose_ngram(as_buffer(tokens), 3, 1, 3)
+    assert got == [7, 1, 2] == reference_propose(tokens, 3, 1, 3)
+    assert all(type(t) is int for t in got)
+
+
+def test_matches_the_reference_on_random_sequences():
+    rng = random.Random(1234)
+    proposed = 0
+    for _ in range(3000):
+        vocab = rng.choice([2, 3, 5, 20, 1000])
+        size = rng.randrange(0, 80)
+        tokens = [rng.randrange(vocab) for _ in range(size)]
+        if size > 8 and rng.random() < 0.3:  # plant a repeat so long matches occur
+            start = rng.randrange(size - 8)
+            tokens += tokens[start : start + rng.randrange(1, 9)]
+        min_n = rng.randrange(1, 5)
+        max_n = rng.randrange(min_n, 9)
+        num_tokens = rng.randrange(1, 8)
+        expected = reference_propose(tokens, num_tokens, min_n, max_n)
+        assert propose_ngram(tokens, num_tokens, min_n, max_n) == expected, (
+            tokens, num_tokens, min_n, max_n,
+        )  # fmt: skip
+        proposed += bool(expected)
+    assert proposed > 1000  # the comparison covered many matches, not only empty proposals
