@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from parallm.engine.spec.config import SpeculativeConfig
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -238,6 +240,12 @@ class EngineConfig:
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    # vLLM's speculative_config: a dict, a JSON object string or a SpeculativeConfig (None: off).
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where the value enters, before anything loads.
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -36,6 +36,9 @@ class LLM:
     Other keywords are the fields of :class:`parallm.config.EngineConfig` (dtype, device,
     kv_cache_memory, gpu_memory_utilization, block_size, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, enable_chunked_prefill, max_model_len, seed, ...).
+    ``speculative_config`` turns on speculative decoding in vLLM's form, for example
+    ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` (see
+    :class:`parallm.engine.spec.config.SpeculativeConfig`); a bad value raises before loading.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from parallm.config import EngineConfig
+from parallm.engine.spec.config import DEFAULT_PROMPT_LOOKUP, IMPLEMENTED_METHODS, METHODS
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -117,6 +118,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="overlap a decode step's host work with the next step's GPU work (unset: on for CUDA)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
+    g.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help="speculative decoding, vLLM's keys as a JSON object: method "
+        f"({', '.join(METHODS)}; implemented: {', '.join(IMPLEMENTED_METHODS)}), "
+        "num_speculative_tokens, prompt_lookup_min/prompt_lookup_max "
+        f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), model (draft_model), num_layers (layer_skip), "
+        "disable_by_batch_size (no drafts in steps with more running sequences); e.g. "
+        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
+        "(unset: off)",
+    )
 
 
 def _add_switch(g: argparse._ArgumentGroup, flag: str, old_off_flag: str, what: str) -> None:
@@ -150,6 +163,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         fused_kernels=args.fused_kernels, async_scheduling=args.async_scheduling,
         revision=args.revision,
         download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
+        speculative_config=args.speculative_config,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

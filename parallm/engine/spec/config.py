@@ -1,0 +1,151 @@
+"""``speculative_config``: which drafter proposes tokens and how many, in vLLM's keys.
+
+Validation (every key and value, here) and implementation status (``check_implemented``, called
+by the engine) are kept apart: a later drafter only joins ``IMPLEMENTED_METHODS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
+IMPLEMENTED_METHODS = ("ngram",)
+
+# vLLM's default when neither prompt_lookup_min nor prompt_lookup_max is given.
+DEFAULT_PROMPT_LOOKUP = 5
+
+# Keys that belong to one method; giving one to another method is an error.
+_METHOD_KEYS = {
+    "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
+    "draft_model": ("model",),
+    "layer_skip": ("num_layers",),
+    "medusa": (),
+}
+_REQUIRED_KEYS = {"draft_model": ("model",), "layer_skip": ("num_layers",)}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """What ``LLM(speculative_config=...)`` and ``--speculative-config`` accept.
+
+    ``method``: ``ngram`` (prompt lookup, no model), ``draft_model`` (a smaller model sharing the
+    target's tokenizer), ``layer_skip`` (the target's first ``num_layers`` layers draft) or
+    ``medusa`` (extra heads on the target's last hidden state). ``num_speculative_tokens``: most
+    tokens proposed per sequence and step. ``disable_by_batch_size``: no speculation in a step
+    whose running batch is larger than this (None: always speculate). For ``ngram``, unset
+    ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: str | None = None
+    num_layers: int | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"speculative_config.method must be one of {list(METHODS)}, got {self.method!r}"
+            )
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, minimum=1)
+        self._check_method_keys()
+        if self.method == "ngram":
+            self._fill_prompt_lookup()
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(
+                f"speculative_config.model must be a model directory or Hub id, got {self.model!r}"
+            )
+        if self.num_layers is not None:
+            _check_int("num_layers", self.num_layers, minimum=1)
+        if self.disable_by_batch_size is not None:
+            # vLLM's bound: a threshold of 1 would never speculate.
+            _check_int("disable_by_batch_size", self.disable_by_batch_size, minimum=2)
+
+    @classmethod
+    def from_value(cls, value: Any) -> SpeculativeConfig | None:
+        """Accept None, a dict, a JSON object string (the CLI's form) or an instance."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = _parse_json(value)
+            if value is None:
+                return None
+        if not isinstance(value, dict):
+            raise ValueError(
+                "speculative_config must be a dict, a JSON object string or a "
+                f"SpeculativeConfig, got {type(value).__name__}"
+            )
+        return cls._from_dict(value)
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in allowed)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; allowed: {allowed}")
+        d = dict(d)
+        if d.get("method") is None and d.get("model") is not None:
+            d["method"] = "draft_model"  # vLLM's reading of a config that names only a model
+        for key, what in (("method", f"one of {list(METHODS)}"),
+                          ("num_speculative_tokens", "an integer >= 1")):  # fmt: skip
+            if d.get(key) is None:
+                raise ValueError(f"speculative_config.{key} is required: {what}")
+        return cls(**d)
+
+    def check_implemented(self) -> None:
+        """Raise when this session's engine has no drafter for ``method`` yet."""
+        if self.method not in IMPLEMENTED_METHODS:
+            raise ValueError(
+                f"speculative_config.method {self.method!r} is not implemented yet; "
+                f"implemented: {list(IMPLEMENTED_METHODS)}"
+            )
+
+    def _check_method_keys(self) -> None:
+        own = _METHOD_KEYS[self.method]
+        for method, keys in _METHOD_KEYS.items():
+            for key in keys:
+                if key not in own and getattr(self, key) is not None:
+                    raise ValueError(
+                        f"speculative_config.{key} is for method {method!r} only; "
+                        f"method {self.method!r} takes {list(own)}"
+                    )
+        for key in _REQUIRED_KEYS.get(self.method, ()):
+            if getattr(self, key) is None:
+                raise ValueError(f"speculative_config.{key} is required for method {self.method!r}")
+
+    def _fill_prompt_lookup(self) -> None:
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        for key, value in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+            if value is not None:
+                _check_int(key, value, minimum=1)
+        if low is None and high is None:
+            low = high = DEFAULT_PROMPT_LOOKUP
+        low = high if low is None else low
+        high = low if high is None else high
+        if low > high:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min ({low}) must be <= "
+                f"prompt_lookup_max ({high})"
+            )
+        object.__setattr__(self, "prompt_lookup_min", low)
+        object.__setattr__(self, "prompt_lookup_max", high)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"speculative_config.{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"speculative_config must be a JSON object such as "
+            f'\'{{"method": "ngram", "num_speculative_tokens": 4}}\', got {text!r} ({e.msg})'
+        ) from None
