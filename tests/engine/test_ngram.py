@@ -12,33 +12,33 @@ from parallm.engine.spec.ngram import propose_ngram
 
 
 def reference_propose(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
-    """The definition, spelled out: longest n first, then the latest earlier occurrence."""
+    """The definition, spelled out: longest n first, then the earliest occurrence."""
     size = len(tokens)
     for n in range(max_n, min_n - 1, -1):
         if n >= size:
             continue
         suffix = tokens[size - n :]
-        # Starts whose n-gram ends before the last token, latest first.
-        for start in range(size - n - 1, -1, -1):
+        # Starts whose n-gram ends before the last token, earliest first.
+        for start in range(size - n):
             if tokens[start : start + n] == suffix:
                 return tokens[start + n : start + n + num_tokens]
     return []
 
 
-def test_the_latest_of_several_occurrences_is_copied():
+def test_the_earliest_of_several_occurrences_is_copied():
     tokens = [7, 8, 1, 9, 2, 9, 3, 9]
-    # 9 occurs at 3 and 5 before the end; the latest (5) was followed by 3, 9.
-    assert propose_ngram(tokens, 2, 1, 1) == [3, 9]
-    assert propose_ngram(tokens, 5, 1, 1) == [3, 9]
+    # 9 occurs at 3 and 5 before the end; the earliest (3) was followed by 2, 9, 3, 9.
+    assert propose_ngram(tokens, 2, 1, 1) == [2, 9]
+    assert propose_ngram(tokens, 5, 1, 1) == [2, 9, 3, 9]
 
 
-def test_the_longest_matching_n_wins_over_a_later_shorter_match():
-    # The suffix (4, 5) occurred at 1..2 (followed by 6); only 5 occurred later (at 4, then 0).
-    tokens = [3, 4, 5, 6, 5, 0, 4, 5]
-    assert propose_ngram(tokens, 3, 1, 2) == [6, 5, 0]
-    assert propose_ngram(tokens, 3, 1, 3) == [6, 5, 0]
-    # max_n caps the length compared: with max_n = 1 the later single-token match wins.
-    assert propose_ngram(tokens, 3, 1, 1) == [0, 4, 5]
+def test_the_longest_matching_n_wins_over_an_earlier_shorter_match():
+    # The suffix (4, 5) occurred at 2..3 (followed by 6, 0, 4); 5 alone occurred first at 0.
+    tokens = [5, 9, 4, 5, 6, 0, 4, 5]
+    assert propose_ngram(tokens, 3, 1, 2) == [6, 0, 4]
+    assert propose_ngram(tokens, 3, 1, 3) == [6, 0, 4]
+    # max_n caps the length compared: with max_n = 1 the earliest single-token match wins.
+    assert propose_ngram(tokens, 3, 1, 1) == [9, 4, 5]
 
 
 def test_min_n_refuses_shorter_matches():
@@ -50,8 +50,8 @@ def test_min_n_refuses_shorter_matches():
 def test_the_proposal_stops_where_the_sequence_ends():
     tokens = [1, 2, 3, 4, 1, 2]
     assert propose_ngram(tokens, 10, 2, 2) == [3, 4, 1, 2]
-    # A run of one token: the latest earlier "5 5" ends one before the end.
-    assert propose_ngram([5, 5, 5, 5], 4, 2, 2) == [5]
+    # A run of one token: the earliest "5 5" is followed by the rest of the run.
+    assert propose_ngram([5, 5, 5, 5], 4, 2, 2) == [5, 5]
 
 
 def test_no_match_gives_nothing():

@@ -1,5 +1,6 @@
-"""Prompt lookup: draft the tokens that followed the latest earlier occurrence of the sequence's
-own last n tokens (vLLM's ``ngram`` method; no model runs).
+"""Prompt lookup: draft the tokens that followed the earliest occurrence of the sequence's own
+last n tokens (vLLM's ``ngram`` method; no model runs). The earliest occurrence, as vLLM
+takes: in a repeating run shorter than the draft length it still proposes a full draft.
 
 It runs on the host for every running sequence every step, so the search is vectorised: one
 pass finds the earlier positions holding the last token, and each further compare only looks at
@@ -21,7 +22,7 @@ def propose_ngram(
     ``token_ids`` is the whole sequence (prompt and output so far); a list, or an integer
     ``numpy`` or ``array.array`` buffer, which is read without a copy. The longest n in
     ``[min_n, max_n]`` whose last-n-token suffix also occurs earlier wins; among its earlier
-    occurrences, the latest. The proposal is what followed that occurrence, cut short where the
+    occurrences, the earliest. The proposal is what followed that occurrence, cut short where the
     sequence ends; ``[]`` when no n-gram of at least ``min_n`` tokens recurs.
     """
     size = len(token_ids)
@@ -42,7 +43,7 @@ def propose_ngram(
         ends, matched = grown, matched + 1
     if not ends.size or matched < min_n:
         return []
-    start = int(ends[-1]) + 1
+    start = int(ends[0]) + 1
     return tokens[start : start + num_tokens].tolist()
 
 
