@@ -220,6 +220,17 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy_ids = logits.argmax(dim=-1) if t.greedy is not None else None
+    sampled = exponential_race(sampling_probs(logits, t), t.generators)
+    if greedy_ids is None:
+        return sampled
+    assert t.greedy is not None
+    return torch.where(t.greedy, greedy_ids, sampled)
+
+
+def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """What a sampled row draws from: temperature, top-k, top-p, then min-p over the
+    (penalised, banned) ``logits`` [B, V]. Min-p zeroes entries without renormalising, so rows
+    sum to at most 1; greedy rows come out as plain softmax (the sampler takes their argmax)."""
     logits = logits / t.temperature.unsqueeze(1)
     if t.top_k is not None or t.top_p is not None:
         logits = _apply_top_k_top_p(logits, t.top_k, t.top_p)
@@ -227,11 +238,7 @@ def _sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.min_p is not None:
         threshold = probs.amax(dim=-1, keepdim=True) * t.min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
-    sampled = _exponential_race(probs, t.generators)
-    if greedy_ids is None:
-        return sampled
-    assert t.greedy is not None
-    return torch.where(t.greedy, greedy_ids, sampled)
+    return probs
 
 
 def _apply_top_k_top_p(
@@ -251,7 +258,7 @@ def _apply_top_k_top_p(
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def _exponential_race(
+def exponential_race(
     probs: torch.Tensor, generators: list[tuple[int, torch.Generator]]
 ) -> torch.Tensor:
     """Sample each row of unnormalised ``probs`` as ``argmax(probs / q)``, ``q ~ Exp(1)``."""
