@@ -21,7 +21,10 @@ from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
+from parallm.engine.sampler import SamplerOutput
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
+from parallm.engine.spec.drafting import Drafter
+from parallm.engine.spec.stats import SpecStats
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import select_backend
 from parallm.models.loader import load_model
@@ -50,6 +53,7 @@ class LLMEngine:
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
+        self.drafter = _drafter(config)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
@@ -64,7 +68,11 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        self.async_scheduling = _on_cuda_unless_set(config.async_scheduling, self.device)
+        # Drafts are proposed from the host's tokens, which a step run ahead has not returned.
+        self.async_scheduling = self.drafter is None and _on_cuda_unless_set(
+            config.async_scheduling, self.device
+        )
+        self.spec_stats = SpecStats()
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
         self.load_seconds = time.perf_counter() - started
@@ -244,6 +252,8 @@ class LLMEngine:
         """
         handle, self._inflight = self._inflight, None
         if handle is None:
+            if self.drafter is not None:
+                self.drafter.propose(self.scheduler.running)
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []
@@ -285,9 +295,12 @@ class LLMEngine:
         if result is not None and any(seq.is_finished for seq in sampled):
             live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
             sampled, result = [sampled[i] for i in live], result.select(live)
-        finished = self.outputs.process(sampled, result)
-        if result is not None:
-            self.num_generated_tokens += len(sampled)
+        if result is not None and result.spec_token_ids is not None:
+            finished = self._append_verified(handle.batch, sampled, result)
+        else:
+            finished = self.outputs.process(sampled, result)
+            if result is not None:
+                self.num_generated_tokens += len(sampled)
         for seq in finished:
             self.scheduler.finish(seq)
         for request_id in self.outputs.errors:
@@ -300,6 +313,32 @@ class LLMEngine:
         if pending is not None and all(item.seq.is_finished for item in pending.batch.seqs):
             self._inflight = None  # nothing left to read from it
         return outputs
+
+    def _append_verified(
+        self, batch: ScheduledBatch, sampled: list[Sequence], result: SamplerOutput
+    ) -> list[Sequence]:
+        """Append every token a verified step emitted, one position at a time (so stop checks,
+        ``max_tokens`` and streaming see them as consecutive steps), after giving back the
+        KV slots of rejected drafts."""
+        drafts = {item.seq.seq_id: item.draft_token_ids for item in batch.seqs if item.samples}
+        emitted = result.spec_token_ids
+        for seq, tokens in zip(sampled, emitted, strict=True):
+            proposed = len(drafts[seq.seq_id])
+            if proposed:
+                self.kv.rollback(seq, proposed - (len(tokens) - 1))
+                self.spec_stats.record(proposed, len(tokens) - 1)
+        finished: list[Sequence] = []
+        for j in range(max(map(len, emitted), default=0)):
+            rows = [i for i, t in enumerate(emitted) if len(t) > j and not sampled[i].is_finished]
+            if not rows:
+                break
+            if j == 0:  # the first tokens carry the sampler's logprobs, if any were asked for
+                step = result if len(rows) == len(sampled) else result.select(rows)
+            else:
+                step = SamplerOutput(token_ids=torch.tensor([emitted[i][j] for i in rows]))
+            finished += self.outputs.process([sampled[i] for i in rows], step)
+            self.num_generated_tokens += len(rows)
+        return finished
 
     @property
     def stats(self) -> dict[str, float]:
@@ -314,8 +353,22 @@ class LLMEngine:
             num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
             num_overlapped_steps=self.num_overlapped_steps,
+            spec_draft_tokens=self.spec_stats.draft_tokens,
+            spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )
         return s
+
+
+def _drafter(config: EngineConfig) -> Drafter | None:
+    spec = config.speculative_config
+    if spec is None:
+        return None
+    if config.async_scheduling:
+        raise ValueError(
+            "async_scheduling=True cannot be combined with speculative_config: drafts are "
+            "proposed from tokens a step run ahead has not returned yet"
+        )
+    return Drafter(spec)
 
 
 def _stamp_first_scheduled(batch: ScheduledBatch) -> None:

@@ -31,6 +31,7 @@ from parallm.engine.sampler import (
     greedy_argmax,
 )
 from parallm.engine.scheduler import ScheduledBatch
+from parallm.engine.spec.rejection import greedy_accept
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -303,16 +304,50 @@ class ModelRunner:
                 logits = self.forward_logits(inputs, device_ids)
         if logits is None:
             return None, scored
+        drafted = [item.draft_token_ids for item in batch.seqs if item.samples]
+        if not any(drafted):
+            return self._sample(batch, logits, greedy, host_ids), scored
+        # Each drafted sequence has one row per draft after its own: sample from the first,
+        # verify the drafts on all of them.
+        first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
+        out = self._sample(batch, logits[self._to_device(first)], None, None)
+        return self._verify(out, logits, first, drafted), scored
+
+    def _sample(
+        self,
+        batch: ScheduledBatch,
+        logits: torch.Tensor,
+        greedy: torch.Tensor | None,
+        host_ids: torch.Tensor | None,
+    ) -> SamplerOutput:
+        """One token per sampling sequence from its row of ``logits``."""
         seqs = [item.seq for item in batch.seqs if item.samples]
         if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
             # The common offline case: skip building sampling tensors, one argmax on device.
             if greedy is None:
                 greedy = greedy_argmax(logits, self.fused_kernels)
-            return SamplerOutput(token_ids=greedy, host_token_ids=host_ids), scored
-        logits = logits.float()
+            return SamplerOutput(token_ids=greedy, host_token_ids=host_ids)
         rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
-        return self.sampler(logits, tensors), scored
+        return self.sampler(logits.float(), tensors)
+
+    def _verify(
+        self,
+        out: SamplerOutput,
+        logits: torch.Tensor,
+        first: np.ndarray,
+        drafted: list[list[int]],
+    ) -> SamplerOutput:
+        """``out`` with every sequence's emitted tokens: drafted ones (greedy, see
+        ``parallm.engine.spec.drafting``) keep their drafts up to the first one the target's
+        argmax disagrees with, then take the target's token there."""
+        targets = logits.argmax(dim=-1).tolist()
+        firsts = out.token_ids.tolist()
+        emitted = []
+        for start, drafts, token in zip(first.tolist(), drafted, firsts, strict=True):
+            rows = targets[start : start + len(drafts) + 1]
+            emitted.append(greedy_accept(rows, drafts) if drafts else [token])
+        return dataclasses.replace(out, spec_token_ids=emitted)
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
         """Inputs of a pure decode step, with as little per-sequence Python as possible."""

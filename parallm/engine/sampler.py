@@ -135,6 +135,9 @@ class SamplerOutput:
     # The token ids already on their way to pinned host memory (written by the step's own
     # kernel, a decode graph's HostRing row): no copy is needed, only the step's event.
     host_token_ids: torch.Tensor | None = None
+    # A step that verified draft tokens: per sampling sequence, on the host, every token it
+    # emits (its accepted drafts, then one more); ``token_ids`` holds the first of each.
+    spec_token_ids: list[list[int]] | None = None
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""

@@ -1,0 +1,41 @@
+"""Which sequences get draft tokens this step, and from which drafter.
+
+Speculation pays when a sequence's next tokens are cheap to guess and the step has room to
+verify them; it must never change what a request produces. This session's verifier accepts
+drafts greedily, so only greedy requests with nothing else to compute (no penalties, no
+logprobs, stop tokens already allowed) are drafted; every other request decodes as usual in
+the same steps. Above ``disable_by_batch_size`` running sequences a step carries no drafts.
+"""
+
+from __future__ import annotations
+
+from parallm.engine.request import Sequence
+from parallm.engine.spec.config import SpeculativeConfig
+from parallm.engine.spec.ngram import propose_ngram
+
+
+def draftable(seq: Sequence) -> bool:
+    """A decoding sequence whose drafts the greedy verifier may accept losslessly."""
+    decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_output_tokens > 0
+    return decoding and seq.params.plain_greedy and seq.stop_tokens_allowed()
+
+
+class Drafter:
+    """Proposes draft tokens for the running sequences before the scheduler runs."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        config.check_implemented()
+        self.config = config
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
+        cfg = self.config
+        limit = cfg.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            return
+        for seq in running:
+            if draftable(seq):
+                seq.draft_token_ids = propose_ngram(
+                    seq.token_ids, cfg.num_speculative_tokens, cfg.prompt_lookup_min,
+                    cfg.prompt_lookup_max,
+                )  # fmt: skip

@@ -1,0 +1,143 @@
+"""Speculative decoding inside continuous batching is lossless: with n-gram drafts, greedy
+output is token-identical to plain decoding on every family (float32, CPU), through chunked
+prefill, prefix caching, preemption, stop strings, max_tokens, min_tokens and n > 1, next to
+requests that are not drafted (sampled, with logprobs); no KV block leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tiny_models import ARCHS
+
+from parallm import LLM, SamplingParams
+
+SPEC = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+}
+ENGINE = dict(dtype="float32", device="cpu", kv_cache_memory=8 << 20, block_size=16,
+              max_num_batched_tokens=64, enable_prefix_caching=True)  # fmt: skip
+
+
+def _repetitive_prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
+    """Prompts that repeat short patterns, so prompt lookup finds matches, plus a shared
+    prefix (prefix-cache hits) and one long prompt (chunked prefill)."""
+    rng = random.Random(7)
+    pattern = rng.choices(ordinary_token_ids, k=6)
+    shared = rng.choices(ordinary_token_ids, k=40)
+    return [
+        pattern * 5,
+        shared + pattern * 2,
+        shared + rng.choices(ordinary_token_ids, k=9),
+        rng.choices(ordinary_token_ids, k=150),
+        rng.choices(ordinary_token_ids, k=3),
+    ]
+
+
+def _tokens(llm: LLM, prompts, params) -> list[list[list[int]]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_output_is_identical_with_ngram_drafts(arch, tiny_model_dir, ordinary_token_ids):
+    path = str(tiny_model_dir(arch))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = _tokens(LLM(path, **ENGINE), prompts, params)
+    llm = LLM(path, speculative_config=SPEC, **ENGINE)
+    free = llm.engine.kv.num_free_blocks
+    assert _tokens(llm, prompts, params) == plain
+    assert llm.engine.stats["spec_draft_tokens"] > 0
+    assert llm.engine.kv.num_free_blocks == free  # rejected drafts' blocks all came back
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
+def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
+    arch, tiny_model_dir, ordinary_token_ids, monkeypatch
+):
+    """Drafts that are plain decoding's next tokens, every third one replaced by a wrong
+    token: each step keeps the drafts before the first wrong one, the output is unchanged,
+    and the engine takes fewer steps."""
+    from parallm.engine.spec import drafting
+
+    path = str(tiny_model_dir(arch))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain_llm = LLM(path, **ENGINE)
+    plain = _tokens(plain_llm, prompts, params)
+    plain_steps = plain_llm.engine.num_steps
+    future = {tuple(p): out[0] for p, out in zip(prompts, plain, strict=True)}
+
+    def oracle(self, running):
+        for seq in running:
+            if not drafting.draftable(seq):
+                continue
+            done = seq.num_output_tokens
+            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + 4])
+            if len(drafts) >= 3:
+                drafts[2] = (drafts[2] + 1) % 50  # wrong: only drafts 0 and 1 can be kept
+            seq.draft_token_ids = drafts
+
+    monkeypatch.setattr(drafting.Drafter, "propose", oracle)
+    llm = LLM(path, speculative_config=SPEC, **ENGINE)
+    assert _tokens(llm, prompts, params) == plain
+    spec = llm.engine.spec_stats
+    by_position = spec.accepted_per_position
+    # Every proposal's first draft is right, no third one ever is.
+    assert spec.num_proposals > 0 and by_position[0] == spec.num_proposals
+    assert len(by_position) < 3 or by_position[2] == 0
+    assert llm.engine.stats["spec_accepted_tokens"] == sum(by_position)
+    assert llm.engine.num_steps < plain_steps
+
+
+def test_stops_limits_and_mixed_requests_are_unchanged(tiny_model_dir, ordinary_token_ids):
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    cases = [
+        SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),  # ends inside a run
+        SamplingParams(temperature=0, max_tokens=30, min_tokens=12),
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2),
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
+    ]
+    plain_llm, spec_llm = LLM(path, **ENGINE), LLM(path, speculative_config=SPEC, **ENGINE)
+    for params in cases:
+        assert _tokens(spec_llm, prompts, params) == _tokens(plain_llm, prompts, params), params
+    # A stop string found in the middle of an accepted run cuts the output there too.
+    text = plain_llm.generate([{"prompt_token_ids": prompts[0]}], cases[0], use_tqdm=False)
+    stop = text[0].outputs[0].text[5:8]
+    if stop.strip():
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
+        want = plain_llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        got = spec_llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        assert got[0].outputs[0].text == want[0].outputs[0].text
+
+
+def test_preemption_with_drafts_is_lossless(tiny_model_dir, ordinary_token_ids):
+    path = str(tiny_model_dir("qwen3"))
+    prompts = _repetitive_prompts(ordinary_token_ids) * 2
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    tight = dict(ENGINE, max_model_len=256)
+    plain = _tokens(LLM(path, **ENGINE), prompts, params)
+    from parallm.engine.runner import kv_bytes_per_block
+
+    llm = LLM(path, **ENGINE)
+    per_block = kv_bytes_per_block(llm.engine.model_config, 16, llm.engine.dtype)
+    tight["kv_cache_memory"] = per_block * 18  # room for about one long sequence at a time
+    spec = LLM(path, speculative_config=SPEC, **tight)
+    free = spec.engine.kv.num_free_blocks
+    assert _tokens(spec, prompts, params) == plain
+    assert spec.engine.stats["num_preemptions"] > 0
+    assert spec.engine.kv.num_free_blocks == free
+
+
+def test_bad_speculative_configs_are_refused_before_loading(tiny_model_dir):
+    path = str(tiny_model_dir("llama3"))
+    with pytest.raises(ValueError, match="speculative_config.method"):
+        LLM(path, speculative_config={"method": "magic", "num_speculative_tokens": 2}, **ENGINE)
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLM(path, speculative_config=SPEC, async_scheduling=True, **ENGINE)
