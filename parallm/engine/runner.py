@@ -31,7 +31,6 @@ from parallm.engine.sampler import (
     greedy_argmax,
 )
 from parallm.engine.scheduler import ScheduledBatch
-from parallm.engine.spec.rejection import greedy_accept
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -307,11 +306,11 @@ class ModelRunner:
         drafted = [item.draft_token_ids for item in batch.seqs if item.samples]
         if not any(drafted):
             return self._sample(batch, logits, greedy, host_ids), scored
-        # Each drafted sequence has one row per draft after its own: sample from the first,
-        # verify the drafts on all of them.
+        # Each drafted sequence has one row per draft after its own: sample the first rows as
+        # in any step, then verify the drafts on the rows after them.
         first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
         out = self._sample(batch, logits[self._to_device(first)], None, None)
-        return self._verify(out, logits, first, drafted), scored
+        return self._verify(batch, out, logits, first), scored
 
     def _sample(
         self,
@@ -332,22 +331,32 @@ class ModelRunner:
         return self.sampler(logits.float(), tensors)
 
     def _verify(
-        self,
-        out: SamplerOutput,
-        logits: torch.Tensor,
-        first: np.ndarray,
-        drafted: list[list[int]],
+        self, batch: ScheduledBatch, out: SamplerOutput, logits: torch.Tensor, first: np.ndarray
     ) -> SamplerOutput:
-        """``out`` with every sequence's emitted tokens: drafted ones (greedy, see
-        ``parallm.engine.spec.drafting``) keep their drafts up to the first one the target's
-        argmax disagrees with, then take the target's token there."""
-        targets = logits.argmax(dim=-1).tolist()
-        firsts = out.token_ids.tolist()
+        """``out`` with every sampling sequence's emitted tokens (``spec_token_ids``): a
+        drafted one keeps its drafts while each equals the token sampled at its position,
+        then takes the first token that differs (or the one after the last draft).
+
+        Each position is sampled exactly as plain decoding samples it, one draw of the
+        sequence's random stream per emitted token: the output is plain decoding's, token for
+        token for greedy and seeded requests, and in distribution otherwise.
+        """
+        items = [item for item in batch.seqs if item.samples]
         emitted = []
-        for start, drafts, token in zip(first.tolist(), drafted, firsts, strict=True):
-            rows = targets[start : start + len(drafts) + 1]
-            emitted.append(greedy_accept(rows, drafts) if drafts else [token])
+        for start, item, token in zip(first.tolist(), items, out.token_ids.tolist(), strict=True):
+            tokens = [token]
+            for i, draft in enumerate(item.draft_token_ids):
+                if tokens[-1] != draft:
+                    break
+                tokens.append(self._sample_row(item.seq, logits[start + 1 + i]))
+            emitted.append(tokens)
         return dataclasses.replace(out, spec_token_ids=emitted)
+
+    def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
+        """One token of ``seq`` from one row of logits, as a plain step samples it."""
+        tensors = SamplingTensors.build([self._sampling_row(seq)], self.model_cfg.vocab_size,
+                                        self.device)  # fmt: skip
+        return int(self.sampler(row.float().unsqueeze(0), tensors).token_ids[0])
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
         """Inputs of a pure decode step, with as little per-sequence Python as possible."""

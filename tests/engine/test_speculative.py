@@ -1,7 +1,7 @@
-"""Speculative decoding inside continuous batching is lossless: with n-gram drafts, greedy
-output is token-identical to plain decoding on every family (float32, CPU), through chunked
-prefill, prefix caching, preemption, stop strings, max_tokens, min_tokens and n > 1, next to
-requests that are not drafted (sampled, with logprobs); no KV block leaks."""
+"""Speculative decoding inside continuous batching is lossless: with n-gram drafts, greedy and
+seeded sampled output is token-identical to plain decoding on every family (float32, CPU),
+through chunked prefill, prefix caching, preemption, stop strings, max_tokens, min_tokens and
+n > 1, next to requests that are not drafted (penalties, logprobs); no KV block leaks."""
 
 from __future__ import annotations
 
@@ -55,9 +55,11 @@ def test_greedy_output_is_identical_with_ngram_drafts(arch, tiny_model_dir, ordi
     assert llm.engine.kv.num_free_blocks == free  # rejected drafts' blocks all came back
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    ("arch", "temperature"), [("llama3", 0.0), ("qwen2", 0.0), ("qwen3", 0.0), ("qwen3", 0.9)]
+)
 def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
-    arch, tiny_model_dir, ordinary_token_ids, monkeypatch
+    arch, temperature, tiny_model_dir, ordinary_token_ids, monkeypatch
 ):
     """Drafts that are plain decoding's next tokens, every third one replaced by a wrong
     token: each step keeps the drafts before the first wrong one, the output is unchanged,
@@ -66,7 +68,7 @@ def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
 
     path = str(tiny_model_dir(arch))
     prompts = _repetitive_prompts(ordinary_token_ids)
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=30, ignore_eos=True, seed=5)
     plain_llm = LLM(path, **ENGINE)
     plain = _tokens(plain_llm, prompts, params)
     plain_steps = plain_llm.engine.num_steps
@@ -102,6 +104,7 @@ def test_stops_limits_and_mixed_requests_are_unchanged(tiny_model_dir, ordinary_
         SamplingParams(temperature=0, max_tokens=30, min_tokens=12),
         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2),
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
+        SamplingParams(temperature=0.8, max_tokens=20, seed=3, repetition_penalty=1.2),
         SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
     ]
     plain_llm, spec_llm = LLM(path, **ENGINE), LLM(path, speculative_config=SPEC, **ENGINE)
@@ -115,6 +118,29 @@ def test_stops_limits_and_mixed_requests_are_unchanged(tiny_model_dir, ordinary_
         want = plain_llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
         got = spec_llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
         assert got[0].outputs[0].text == want[0].outputs[0].text
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(tiny_model_dir, ordinary_token_ids):
+    """A drafted sampled request draws one sample per emitted token, as plain decoding does:
+    with a seed its tokens are plain decoding's, alone, in a batch, and again."""
+    path = str(tiny_model_dir("qwen2"))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    llm, plain_llm = LLM(path, speculative_config=SPEC, **ENGINE), LLM(path, **ENGINE)
+    params = [
+        SamplingParams(temperature=0.7, top_k=20, max_tokens=24, seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    together = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+    assert llm.engine.stats["spec_draft_tokens"] > 0
+    alone = [
+        llm.generate([b], p, use_tqdm=False)[0].outputs[0].token_ids
+        for b, p in zip(batch, params, strict=True)
+    ]
+    again = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+    plain = [o.outputs[0].token_ids for o in plain_llm.generate(batch, params, use_tqdm=False)]
+    assert together == alone == again == plain
+    assert len({tuple(t) for t in together}) > 1
 
 
 def test_preemption_with_drafts_is_lossless(tiny_model_dir, ordinary_token_ids):

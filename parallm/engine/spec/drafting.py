@@ -1,10 +1,12 @@
 """Which sequences get draft tokens this step, and from which drafter.
 
 Speculation pays when a sequence's next tokens are cheap to guess and the step has room to
-verify them; it must never change what a request produces. This session's verifier accepts
-drafts greedily, so only greedy requests with nothing else to compute (no penalties, no
-logprobs, stop tokens already allowed) are drafted; every other request decodes as usual in
-the same steps. Above ``disable_by_batch_size`` running sequences a step carries no drafts.
+verify them; it must never change what a request produces. The runner verifies a draft by
+sampling its position exactly as plain decoding would and keeping the draft when they agree
+(``ModelRunner._verify``), so requests with nothing else to compute (no penalties, no
+logprobs, stop tokens already allowed) are drafted, greedy or sampled, and emit plain
+decoding's tokens. Every other request decodes as usual in the same steps. Above
+``disable_by_batch_size`` running sequences a step carries no drafts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from parallm.engine.spec.ngram import propose_ngram
 
 
 def draftable(seq: Sequence) -> bool:
-    """A decoding sequence whose drafts the greedy verifier may accept losslessly."""
+    """A decoding sequence (all computed but its last token) with nothing else to compute."""
     decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_output_tokens > 0
-    return decoding and seq.params.plain_greedy and seq.stop_tokens_allowed()
+    return decoding and seq.params.history_free and seq.stop_tokens_allowed()
 
 
 class Drafter:
