@@ -130,7 +130,10 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     copy_gbps = copy_bandwidth_gbps(engine.device)
     rows = []
     for batch in args.batch_sizes:
+        before = engine.spec_stats.copy()
         row = measure(llm, batch, args.input_len, args.output_len, args.iters)
+        if engine.drafter is not None:
+            row["tokens_per_drafted_step"] = engine.spec_stats.mean_since(before)
         avg_context = args.input_len + args.output_len / 2
         row["bytes_per_step"] = weights + batch * avg_context * kv_per_token
         row["gb_per_step"] = row["bytes_per_step"] / 1e9
@@ -150,6 +153,8 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     if copy_gbps:
         columns += [("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
                     ("graph_ms", "graph ms", ".3f")]  # fmt: skip
+    if engine.drafter is not None:
+        columns.append(("tokens_per_drafted_step", "tok/drafted step", ".2f"))
     print_table(rows, [*columns, ("prefill_ms", "prefill ms", ".1f")])
     payload = {"benchmark": "latency", "env": environment(), "summary": engine.summary(),
                "copy_bandwidth_gbps": copy_gbps, "weight_bytes": weights, "args": vars(args) | {"func": None},

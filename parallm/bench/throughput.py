@@ -96,6 +96,8 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     engine = llm.engine
     prompts, out_lens = workload(args, engine.model_config.vocab_size)
     rows = [run_parallm(llm, prompts, out_lens)]
+    if engine.drafter is not None:
+        rows[0]["tokens_per_drafted_step"] = engine.spec_stats.mean_accepted_per_step
     summary = engine.summary()
     if args.compare_hf:
         del llm, engine
@@ -106,12 +108,15 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         rows.append(hf)
         rows[0]["speedup_vs_hf"] = rows[0]["output_tokens_per_s"] / hf["output_tokens_per_s"]
     print(summary)
-    print_table(rows, [
+    columns = [
         ("engine", "engine", "s"), ("requests_per_s", "req/s", ".2f"),
         ("output_tokens_per_s", "out tok/s", ".0f"), ("total_tokens_per_s", "total tok/s", ".0f"),
         ("seconds", "seconds", ".1f"), ("peak_gpu_mem_gib", "peak GiB", ".1f"),
         ("speedup_vs_hf", "x HF", ".1f"),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    if "tokens_per_drafted_step" in rows[0]:
+        columns.append(("tokens_per_drafted_step", "tok/drafted step", ".2f"))
+    print_table(rows, columns)
     payload = {"benchmark": "throughput", "env": environment(), "summary": summary,
                "args": vars(args) | {"func": None}, "results": rows}  # fmt: skip
     write_json(args.out, payload)

@@ -391,6 +391,10 @@ class AsyncEngine:
             num_steps=engine.num_steps,
             num_prompt_tokens_computed=stats.num_prefill_tokens_computed,
             num_generated_tokens=engine.num_generated_tokens,
+            spec_num_draft_tokens=engine.spec_stats.draft_tokens,
+            spec_num_accepted_tokens=engine.spec_stats.accepted_tokens,
+            spec_num_drafts=engine.spec_stats.num_proposals,
+            spec_accepted_per_position=tuple(engine.spec_stats.accepted_per_position),
         )
         with self._lock:
             self._snapshot = snapshot

@@ -57,6 +57,11 @@ class EngineSnapshot:
     # Prompt tokens run through the model (prefix-cache hits excluded, recomputation included).
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
+    # Speculative decoding: drafts proposed (scheduled), kept, and kept by draft position.
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_drafts: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
     @property
     def kv_cache_usage(self) -> float:
@@ -192,11 +197,24 @@ class _EngineCollector(Collector):
                                      s.prefix_cache_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             "num_preemptions": ("Sequences preempted for lack of KV blocks.", s.num_preemptions),
+            "spec_decode_num_drafts": ("Sequence steps that carried draft tokens.",
+                                       s.spec_num_drafts),
+            "spec_decode_num_draft_tokens": ("Draft tokens verified.", s.spec_num_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("Draft tokens accepted.",
+                                                s.spec_num_accepted_tokens),
         }  # fmt: skip
         for name, (doc, value) in counters.items():
             family = CounterMetricFamily(PREFIX + name, doc, labels=names)
             family.add_metric(values, value)
             yield family
+        per_position = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by their position in the draft (0 first).",
+            labels=[*names, "position"],
+        )
+        for position, value in enumerate(s.spec_accepted_per_position):
+            per_position.add_metric([*values, str(position)], value)
+        yield per_position
 
 
 def _buckets_1_2_5(max_value: int) -> tuple[int, ...]:

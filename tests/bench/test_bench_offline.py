@@ -57,3 +57,20 @@ def test_latency_table_units_and_no_roofline_on_cpu(tiny_model_dir, tmp_path, ca
     assert row["batch_size"] == int(cells["batch"]) == 2
     assert float(cells["GB/step"]) == pytest.approx(row["bytes_per_step"] / 1e9, rel=1e-3)
     assert json.loads(out.read_text())["copy_bandwidth_gbps"] is None
+
+
+def test_benchmarks_take_a_speculative_config(tiny_model_dir, tmp_path, capsys):
+    """`--speculative-config` reaches the engine, and both benchmarks report the tokens a
+    drafted sequence emitted per step (at least 1: its accepted drafts plus one)."""
+    config = str(tiny_model_dir("llama3") / "config.json")
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    common = ["--config", config, "--device", "cpu", "--speculative-config", spec]
+    lat, thr = tmp_path / "latency.json", tmp_path / "throughput.json"
+    assert main(["bench", "latency", *common, "--batch-sizes", "2", "--input-len", "16",
+                 "--output-len", "24", "--iters", "1", "--out", str(lat)]) == 0  # fmt: skip
+    assert main(["bench", "throughput", *common, "--num-requests", "4", "--min-len", "16",
+                 "--max-len", "24", "--out", str(thr)]) == 0  # fmt: skip
+    assert "tok/drafted step" in capsys.readouterr().out
+    for path in (lat, thr):
+        row = json.loads(path.read_text())["results"][0]
+        assert row["tokens_per_drafted_step"] >= 1.0

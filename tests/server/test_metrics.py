@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from server_support import MODEL_NAME, metrics, tiny_model_path
+from server_support import MODEL_NAME, metrics, tiny_model_path, wait_until_idle
 
 from parallm import LLM, SamplingParams
 from parallm.cli import main as cli_main
@@ -230,3 +230,31 @@ def test_serve_logs_stats_at_info_unless_disabled(
     finally:
         parallm_logger.setLevel(level)
     assert built["log_stats"] is log_stats
+
+
+def test_speculative_decoding_counters_over_http() -> None:
+    """A server with n-gram drafts counts drafts and accepted drafts (total and by position)
+    as the engine does; a draft per position is never accepted more often than proposed."""
+    from server_support import API_KEY, running_server
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    with running_server(speculative_config=spec) as server:
+        body = {"model": MODEL_NAME, "prompt": [5, 6, 7, 8] * 6, "max_tokens": 24,
+                "ignore_eos": True, "temperature": 0}  # fmt: skip
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        for _ in range(2):
+            r = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60)
+            assert r.status_code == 200
+        wait_until_idle(server)
+        values = metrics(server)
+        text = httpx.get(server.url + "/metrics").text
+        engine = server.app.state.ctx.engine.engine
+    stats = engine.spec_stats
+    assert stats.draft_tokens > 0
+    assert values["parallm:spec_decode_num_draft_tokens_total"] == stats.draft_tokens
+    assert values["parallm:spec_decode_num_accepted_tokens_total"] == stats.accepted_tokens
+    assert values["parallm:spec_decode_num_drafts_total"] == stats.num_proposals
+    positions = re.findall(
+        r'spec_decode_num_accepted_tokens_per_pos_total\{[^}]*position="(\d+)"\} (\S+)', text
+    )
+    assert [float(v) for _, v in positions] == [float(v) for v in stats.accepted_per_position]

@@ -27,4 +27,14 @@ class SpecStats:
     @property
     def mean_accepted_per_step(self) -> float:
         """Tokens a drafted sequence emitted per step on average (accepted drafts plus one)."""
-        return 1 + self.accepted_tokens / self.num_proposals if self.num_proposals else 0.0
+        return self.mean_since(SpecStats())
+
+    def mean_since(self, before: SpecStats) -> float:
+        """:attr:`mean_accepted_per_step` of the proposals made after ``before`` (a copy)."""
+        proposals = self.num_proposals - before.num_proposals
+        accepted = self.accepted_tokens - before.accepted_tokens
+        return 1 + accepted / proposals if proposals else 0.0
+
+    def copy(self) -> SpecStats:
+        return SpecStats(self.draft_tokens, self.accepted_tokens, self.num_proposals,
+                         list(self.accepted_per_position))  # fmt: skip
