@@ -23,6 +23,7 @@ from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
+from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.stats import SpecStats
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
@@ -53,7 +54,8 @@ class LLMEngine:
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
-        self.drafter = _drafter(config)
+        self.drafter = _drafter(config, self.model_config)  # a draft model loads with the target
+        self.draft_model = self.drafter.model if self.drafter is not None else None
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
@@ -61,9 +63,13 @@ class LLMEngine:
             self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
             self.eos_token_ids, fused_kernels=self.fused_kernels,
         )  # fmt: skip
+        if self.draft_model is not None:
+            self.draft_model.load(self.runner, self.max_model_len)
         num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
+        if self.draft_model is not None:
+            self.draft_model.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -99,6 +105,8 @@ class LLMEngine:
         num_blocks = self.runner.plan_num_blocks(
             sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
         )
+        if self.draft_model is not None:  # its cache, as many blocks, shares the budget
+            num_blocks = self.draft_model.target_share(num_blocks)
         # Past twice what max_num_seqs full-length sequences need, blocks only feed the prefix
         # cache; the cap keeps start-up fast for small models on big cards.
         blocks_per_seq = -(-self.max_model_len // block_size)
@@ -228,6 +236,8 @@ class LLMEngine:
         for seq in aborted:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
+        if self.draft_model is not None:
+            self.draft_model.release(self.scheduler.running)
         try:
             return self.outputs.last_output(request, aborted)
         finally:
@@ -309,6 +319,8 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self.outputs.forget(self.requests.pop(out.request_id))
+        if self.draft_model is not None:  # finished or preempted sequences' draft blocks
+            self.draft_model.release(self.scheduler.running)
         pending = self._inflight
         if pending is not None and all(item.seq.is_finished for item in pending.batch.seqs):
             self._inflight = None  # nothing left to read from it
@@ -359,7 +371,7 @@ class LLMEngine:
         return s
 
 
-def _drafter(config: EngineConfig) -> Drafter | None:
+def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     spec = config.speculative_config
     if spec is None:
         return None
@@ -368,7 +380,10 @@ def _drafter(config: EngineConfig) -> Drafter | None:
             "async_scheduling=True cannot be combined with speculative_config: drafts are "
             "proposed from tokens a step run ahead has not returned yet"
         )
-    return Drafter(spec)
+    spec.check_implemented()
+    # A draft model's configuration is checked here, before the target loads.
+    model = DraftModelProposer(spec, target, config) if spec.method in MODEL_METHODS else None
+    return Drafter(spec, model)
 
 
 def _stamp_first_scheduled(batch: ScheduledBatch) -> None:

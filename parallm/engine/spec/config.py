@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
-IMPLEMENTED_METHODS = ("ngram",)
+IMPLEMENTED_METHODS = ("ngram", "draft_model", "layer_skip")
 
 # vLLM's default when neither prompt_lookup_min nor prompt_lookup_max is given.
 DEFAULT_PROMPT_LOOKUP = 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from parallm.engine.request import Sequence
 from parallm.engine.spec.config import SpeculativeConfig
+from parallm.engine.spec.draft_model import DraftModelProposer
 from parallm.engine.spec.ngram import propose_ngram
 
 
@@ -25,15 +26,22 @@ def draftable(seq: Sequence) -> bool:
 class Drafter:
     """Proposes draft tokens for the running sequences before the scheduler runs."""
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, model: DraftModelProposer | None = None
+    ) -> None:
         config.check_implemented()
         self.config = config
+        # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); None: n-grams.
+        self.model = model
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
         cfg = self.config
         limit = cfg.disable_by_batch_size
         if limit is not None and len(running) > limit:
+            return
+        if self.model is not None:
+            self.model.propose([seq for seq in running if draftable(seq)])
             return
         for seq in running:
             if draftable(seq):
