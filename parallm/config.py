@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from parallm.engine.spec.config import SpeculativeConfig
+from parallm.layers.quantization import check_quantization
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -162,6 +163,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet: an fp8 KV cache needs the "
+            "fp8 store and read in the Triton attention kernels; use 'auto'"
+        )
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype must be 'auto' (fp8: not yet), got {kv_cache_dtype!r}")
+
+
 @dataclass
 class CacheConfig:
     """KV cache geometry and sizing."""
@@ -242,10 +253,17 @@ class EngineConfig:
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     # vLLM's speculative_config: a dict, a JSON object string or a SpeculativeConfig (None: off).
     speculative_config: SpeculativeConfig | None = None
+    # Online weight quantization at load, vLLM's name: "fp8" (e4m3) or "int8", one scale per
+    # output channel, every linear layer but the LM head (None: weights stay in dtype).
+    quantization: str | None = None
+    # The KV cache's element type; "auto" is the model's dtype (fp8 is not implemented yet).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         # Checked where the value enters, before anything loads.
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        check_quantization(self.quantization)
+        _check_kv_cache_dtype(self.kv_cache_dtype)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -7,6 +7,7 @@ from typing import Any
 
 from parallm.config import EngineConfig
 from parallm.engine.spec.config import DEFAULT_PROMPT_LOOKUP, IMPLEMENTED_METHODS, METHODS
+from parallm.layers.quantization import QUANTIZATION_METHODS
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -63,6 +64,21 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weight and activation dtype; auto = checkpoint dtype on CUDA, float32 on CPU",
+    )
+    g.add_argument(
+        "--quantization",
+        default=None,
+        choices=list(QUANTIZATION_METHODS),
+        help="quantize the checkpoint's weights at load: fp8 (e4m3) or int8, one scale per output "
+        "channel, every linear layer but the LM head; GEMMs dequantize in PyTorch for now "
+        "(default: None, weights stay in --dtype)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="KV cache element type; auto = the model's dtype (fp8 is not implemented yet and "
+        "is refused)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument(
@@ -164,6 +180,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         revision=args.revision,
         download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
         speculative_config=args.speculative_config,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

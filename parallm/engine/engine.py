@@ -28,6 +28,7 @@ from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.stats import SpecStats
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import select_backend
+from parallm.layers.quantization import quantization_summary, quantize_model
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import MAX_SEED, SamplingParams
@@ -95,6 +96,8 @@ class LLMEngine:
             max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
             packed=True,
         )  # fmt: skip
+        if cfg.quantization is not None:
+            quantize_model(model, cfg.quantization)
         if self.fused_kernels:
             from parallm.layers.triton_layers import use_triton_layers  # imports triton
 
@@ -153,6 +156,7 @@ class LLMEngine:
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
             f"device={self.device} attention={self.runner.backend.name} "
             f"fused_kernels={'on' if self.fused_kernels else 'off'} "
+            f"{quantization_summary(self.config.quantization)} "
             f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
             f"loaded in {self.load_seconds:.1f}s; {graphs}"

@@ -22,12 +22,16 @@ from parallm.kernels.pdl import pdl_supported
 from parallm.kernels.rope_store import NewTokenRope
 from parallm.layers.attention import AttentionMetadata
 from parallm.layers.backends import TritonAttention
+from parallm.layers.quantization import is_quantized
 
 
 def supports_one_row_step(model: nn.Module, backend: object) -> bool:
-    """Whether :class:`OneRowStep` can run ``model``: packed projections without bias, one
-    rank, and the Triton attention backend."""
+    """Whether :class:`OneRowStep` can run ``model``: packed float projections without bias,
+    one rank, and the Triton attention backend. Its GEMVs read float weights, so a quantized
+    model runs batch 1 through its own forward until they read quantized ones."""
     if not getattr(model, "packed", False) or not isinstance(backend, TritonAttention):
+        return False
+    if is_quantized(model):
         return False
     embed = model.model.embed_tokens
     layer = model.model.layers[0]

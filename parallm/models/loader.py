@@ -53,6 +53,8 @@ def load_model(
     """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
+    if load_format != "dummy":
+        _check_not_prequantized(cfg)
     torch.manual_seed(seed)
     model = build_model(cfg, dtype, device, max_positions, packed)
     if load_format == "dummy":
@@ -62,6 +64,19 @@ def load_model(
             raise ValueError("model: a path is needed unless load_format='dummy'")
         load_safetensors(model, Path(path))
     return model
+
+
+def _check_not_prequantized(cfg: ModelConfig) -> None:
+    """Checkpoints stored quantized (a ``quantization_config`` in config.json) are not read
+    yet; their float versions quantize at load instead."""
+    quant = cfg.raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(
+            f"model: the checkpoint is stored quantized (quantization_config quant_method "
+            f"{method!r}), which is not supported yet; load its bf16/fp16 version with "
+            "quantization='fp8' or 'int8' to quantize at load"
+        )
 
 
 def _init_dummy(model: nn.Module) -> None:
