@@ -166,3 +166,20 @@ def test_the_batch_one_triton_chain_declines_quantized_weights(tiny_model_dir):
     assert supports_one_row_step(model, TritonAttention())
     quantize_model(model, "fp8")
     assert not supports_one_row_step(model, TritonAttention())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", QUANTIZATION_METHODS)
+def test_quantized_weights_on_cuda_give_the_reference_tokens(tiny_model_dir, prompts, method):
+    """Triton attention and CUDA graphs (batch 1 through the model's forward, not the chain)
+    over quantized weights give the eager reference path's tokens, batched and alone."""
+    path = str(tiny_model_dir("llama3"))
+    common = {"dtype": "float32", "device": "cuda", "kv_cache_memory": 64 << 20,
+              "quantization": method}  # fmt: skip
+    fast = LLM(path, **common)
+    graphs = fast.engine.runner.graphs
+    assert graphs is not None and graphs.one_row is None
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    assert _generate(fast, batch) == _generate(ref, batch)
+    assert _generate(fast, batch[-1:]) == _generate(ref, batch[-1:])
