@@ -39,8 +39,10 @@ def check_quantization(method: str | None) -> str | None:
 def quantize_model(model: nn.Module, method: str) -> int:
     """Quantize every column/row/merged/QKV-parallel linear layer of ``model`` in place (the LM
     head stays float); returns how many were quantized."""
-    if method is None or check_quantization(method) is None:
-        raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)}, got None")
+    if method not in WEIGHT_FORMATS:
+        raise ValueError(
+            f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {method!r}"
+        )
     weight_format = WEIGHT_FORMATS[method]
     layers = [m for m in model.modules() if type(m) in QUANTIZED_CLASSES]
     for module in layers:
