@@ -82,9 +82,14 @@ class SamplingParams:
     @property
     def history_free(self) -> bool:
         """Sampling needs neither past output tokens (penalties) nor per-token logprobs."""
+        return self.logprobs is None and self.penalty_free
+
+    @property
+    def penalty_free(self) -> bool:
+        """No repetition, presence or frequency penalty: a token's distribution does not
+        depend on the output tokens before it."""
         return (
-            self.logprobs is None
-            and self.repetition_penalty == 1.0
+            self.repetition_penalty == 1.0
             and self.presence_penalty == 0.0
             and self.frequency_penalty == 0.0
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -344,12 +345,16 @@ class LLMEngine:
                 self.kv.rollback(seq, proposed - (len(tokens) - 1))
                 self.spec_stats.record(proposed, len(tokens) - 1)
         finished: list[Sequence] = []
+        # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
+        later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
         for j in range(max(map(len, emitted), default=0)):
             rows = [i for i, t in enumerate(emitted) if len(t) > j and not sampled[i].is_finished]
             if not rows:
                 break
             if j == 0:  # the first tokens carry the sampler's logprobs, if any were asked for
                 step = result if len(rows) == len(sampled) else result.select(rows)
+            elif result.spec_logprobs is not None:  # and so do the later ones
+                step = result.spec_logprobs.select([later[i] + j - 1 for i in rows])
             else:
                 step = SamplerOutput(token_ids=torch.tensor([emitted[i][j] for i in rows]))
             finished += self.outputs.process([sampled[i] for i in rows], step)

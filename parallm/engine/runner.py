@@ -29,6 +29,7 @@ from parallm.engine.sampler import (
     SamplingRow,
     SamplingTensors,
     greedy_argmax,
+    token_logprobs,
 )
 from parallm.engine.scheduler import ScheduledBatch
 from parallm.layers.attention import (
@@ -339,7 +340,8 @@ class ModelRunner:
 
         Each position is sampled exactly as plain decoding samples it, one draw of the
         sequence's random stream per emitted token: the output is plain decoding's, token for
-        token for greedy and seeded requests, and in distribution otherwise.
+        token for greedy and seeded requests, and in distribution otherwise. The tokens after
+        the first carry their logprobs (``spec_logprobs``) when ``out`` carries the first ones'.
         """
         items = [item for item in batch.seqs if item.samples]
         emitted = []
@@ -350,12 +352,32 @@ class ModelRunner:
                     break
                 tokens.append(self._sample_row(item.seq, logits[start + 1 + i]))
             emitted.append(tokens)
-        return dataclasses.replace(out, spec_token_ids=emitted)
+        later = None
+        if out.logprobs is not None:
+            k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
+            later = self._later_token_logprobs(logits, first, emitted, k)
+        return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later)
+
+    def _later_token_logprobs(
+        self, logits: torch.Tensor, first: np.ndarray, emitted: list[list[int]], k: int
+    ) -> SamplerOutput | None:
+        """Logprob, rank and top ``k`` of every emitted token after the first, sequence by
+        sequence, each from the raw logits of the row it was sampled from, as the sampler
+        computes them (with the same ``k`` as the step's first tokens); None if there are none.
+        """
+        rows = [start + 1 + i for start, tokens in zip(first.tolist(), emitted, strict=True)
+                for i in range(len(tokens) - 1)]  # fmt: skip
+        if not rows:
+            return None
+        ids = torch.tensor([t for tokens in emitted for t in tokens[1:]], device=logits.device)
+        return token_logprobs(logits[self._to_device(np.array(rows))].float(), ids, k)
 
     def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
-        """One token of ``seq`` from one row of logits, as a plain step samples it."""
+        """One token of ``seq`` from one row of logits, as a plain step samples it; its
+        logprobs, if asked for, come batched from ``_later_token_logprobs``."""
         tensors = SamplingTensors.build([self._sampling_row(seq)], self.model_cfg.vocab_size,
                                         self.device)  # fmt: skip
+        tensors.max_num_logprobs = None
         return int(self.sampler(row.float().unsqueeze(0), tensors).token_ids[0])
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:

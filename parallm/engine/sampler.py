@@ -138,6 +138,9 @@ class SamplerOutput:
     # A step that verified draft tokens: per sampling sequence, on the host, every token it
     # emits (its accepted drafts, then one more); ``token_ids`` holds the first of each.
     spec_token_ids: list[list[int]] | None = None
+    # With logprobs: the logprobs of the tokens of ``spec_token_ids`` after the first of each
+    # sequence, one row per token, sequence by sequence (``token_ids`` are those tokens).
+    spec_logprobs: SamplerOutput | None = None
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""

@@ -1,7 +1,7 @@
 """Speculative decoding inside continuous batching is lossless: with n-gram drafts, greedy and
 seeded sampled output is token-identical to plain decoding on every family (float32, CPU),
 through chunked prefill, prefix caching, preemption, stop strings, max_tokens, min_tokens and
-n > 1, next to requests that are not drafted (penalties, logprobs); no KV block leaks."""
+n > 1, next to requests that are not drafted (penalties); no KV block leaks."""
 
 from __future__ import annotations
 

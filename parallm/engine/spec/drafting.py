@@ -3,9 +3,10 @@
 Speculation pays when a sequence's next tokens are cheap to guess and the step has room to
 verify them; it must never change what a request produces. The runner verifies a draft by
 sampling its position exactly as plain decoding would and keeping the draft when they agree
-(``ModelRunner._verify``), so requests with nothing else to compute (no penalties, no
-logprobs, stop tokens already allowed) are drafted, greedy or sampled, and emit plain
-decoding's tokens. Every other request decodes as usual in the same steps. Above
+(``ModelRunner._verify``), so requests whose distribution does not depend on their earlier
+output (no penalties) and whose stop tokens are allowed already are drafted, greedy or
+sampled, and emit plain decoding's tokens; the logprobs of every emitted token come from the
+row it was sampled from. Every other request decodes as usual in the same steps. Above
 ``disable_by_batch_size`` running sequences a step carries no drafts.
 """
 
@@ -18,9 +19,10 @@ from parallm.engine.spec.ngram import propose_ngram
 
 
 def draftable(seq: Sequence) -> bool:
-    """A decoding sequence (all computed but its last token) with nothing else to compute."""
+    """A decoding sequence (all computed but its last token) whose next tokens do not depend on
+    penalties over its output and may be stop tokens."""
     decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_output_tokens > 0
-    return decoding and seq.params.history_free and seq.stop_tokens_allowed()
+    return decoding and seq.params.penalty_free and seq.stop_tokens_allowed()
 
 
 class Drafter:
