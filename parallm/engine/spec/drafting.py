@@ -28,9 +28,7 @@ def draftable(seq: Sequence) -> bool:
 class Drafter:
     """Proposes draft tokens for the running sequences before the scheduler runs."""
 
-    def __init__(
-        self, config: SpeculativeConfig, model: DraftModelProposer | None = None
-    ) -> None:
+    def __init__(self, config: SpeculativeConfig, model: DraftModelProposer | None = None) -> None:
         config.check_implemented()
         self.config = config
         # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); None: n-grams.
