@@ -173,6 +173,11 @@ def _check_kv_cache_dtype(kv_cache_dtype: str) -> None:
         raise ValueError(f"kv_cache_dtype must be 'auto' (fp8: not yet), got {kv_cache_dtype!r}")
 
 
+def _check_tensor_parallel_size(size: object) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+
+
 @dataclass
 class CacheConfig:
     """KV cache geometry and sizing."""
@@ -258,12 +263,15 @@ class EngineConfig:
     quantization: str | None = None
     # The KV cache's element type; "auto" is the model's dtype (fp8 is not implemented yet).
     kv_cache_dtype: str = "auto"
+    # Ranks the model is sharded over (Megatron style), one process each; >1 is CPU/gloo so far.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         # Checked where the value enters, before anything loads.
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         check_quantization(self.quantization)
         _check_kv_cache_dtype(self.kv_cache_dtype)
+        _check_tensor_parallel_size(self.tensor_parallel_size)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -65,6 +65,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (``tensor_parallel_size > 1``;
+        they also stop at interpreter exit). The LLM cannot generate afterwards."""
+        self.engine.close()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -82,6 +82,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="shard the model over this many ranks, one process each (Megatron style); "
+        "above 1 needs --device cpu for now (gloo; CUDA graphs and async scheduling off)",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -181,6 +189,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
         speculative_config=args.speculative_config,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     return kwargs

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from parallm.config import (
+    CacheConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
     resolve_device,
     resolve_dtype,
 )
+from parallm.engine.executor import TensorParallelExecutor, WorkerSpec, check_tensor_parallel
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
@@ -58,17 +60,28 @@ class LLMEngine:
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         self.drafter = _drafter(config, self.model_config)  # a draft model loads with the target
         self.draft_model = self.drafter.model if self.drafter is not None else None
+        self.tp_size = config.tensor_parallel_size
+        check_tensor_parallel(config, self.model_config, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.runner = ModelRunner(
-            self._load_model(), self.model_config, cache_cfg, self.device, self.dtype, backend,
-            self.eos_token_ids, fused_kernels=self.fused_kernels,
-        )  # fmt: skip
-        if self.draft_model is not None:
-            self.draft_model.load(self.runner, self.max_model_len)
-        num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
-        self.runner.allocate_kv_cache(num_blocks)
+        self.executor = self._start_executor(cache_cfg)
+        try:
+            self.runner = ModelRunner(
+                self._load_model(), self.model_config, cache_cfg, self.device, self.dtype,
+                backend, self.eos_token_ids, fused_kernels=self.fused_kernels,
+                tp_size=self.tp_size,
+            )  # fmt: skip
+            if self.draft_model is not None:
+                self.draft_model.load(self.runner, self.max_model_len)
+            num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
+            self.runner.allocate_kv_cache(num_blocks)
+            if self.executor is not None:
+                self.executor.allocate_kv_cache(num_blocks)
+                self.runner.step_listener = self.executor.send_step
+        except BaseException:
+            self.close()
+            raise
         self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
         if self.draft_model is not None:
             self.draft_model.allocate_kv_cache(num_blocks)
@@ -90,12 +103,30 @@ class LLMEngine:
         # decode tokens), from the thread that calls step(); the server feeds a histogram.
         self.step_observer: Callable[[int], None] | None = None
 
+    def _start_executor(self, cache_cfg: CacheConfig) -> TensorParallelExecutor | None:
+        """Ranks 1..N-1 of a tensor-parallel engine, loading their shards as this process
+        loads rank 0's; None for one rank."""
+        if self.tp_size == 1:
+            return None
+        cfg = self.config
+        return TensorParallelExecutor(WorkerSpec(
+            self.model_dir, self.model_config, cache_cfg, self.dtype, str(self.device),
+            self.max_model_len + 1, cfg.load_format, cfg.seed, cfg.quantization,
+            cfg.attention_backend, self.tp_size,
+        ))  # fmt: skip
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (nothing to do for one rank)."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.close()
+
     def _load_model(self) -> torch.nn.Module:
         cfg = self.config
         model = load_model(
             self.model_dir, self.model_config, self.dtype, self.device,
             max_positions=self.max_model_len + 1, load_format=cfg.load_format, seed=cfg.seed,
-            packed=True,
+            packed=True, tp_size=self.tp_size,
         )  # fmt: skip
         if cfg.quantization is not None:
             quantize_model(model, cfg.quantization)
@@ -157,6 +188,7 @@ class LLMEngine:
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
             f"device={self.device} attention={self.runner.backend.name} "
             f"fused_kernels={'on' if self.fused_kernels else 'off'} "
+            f"{_tp_summary(self.tp_size)}"
             f"{quantization_summary(self.config.quantization)} "
             f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
@@ -273,11 +305,19 @@ class LLMEngine:
             if batch.is_empty:
                 return []
             _stamp_first_scheduled(batch)
-            handle = self.runner.launch(batch)
+            handle = self._launch(batch)
             self._count_step(batch)
         if self.async_scheduling and handle.result is not None:
             self._inflight = self._launch_continuation(handle)
         return self._finish_step(handle)
+
+    def _launch(self, batch: ScheduledBatch) -> StepHandle:
+        try:
+            return self.runner.launch(batch)
+        except Exception as e:
+            if self.executor is not None:  # a failed collective: name the rank that died
+                self.executor.explain(e)
+            raise
 
     def _launch_continuation(self, prev: StepHandle) -> StepHandle | None:
         batch = self.scheduler.schedule_continuation(prev.batch)
@@ -393,6 +433,12 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     # A draft model's configuration is checked here, before the target loads.
     model = DraftModelProposer(spec, target, config) if spec.method in MODEL_METHODS else None
     return Drafter(spec, model)
+
+
+def _tp_summary(tp_size: int) -> str:
+    if tp_size == 1:
+        return ""
+    return f"tensor_parallel_size={tp_size} (gloo, one process per rank) "
 
 
 def _stamp_first_scheduled(batch: ScheduledBatch) -> None:

@@ -10,6 +10,7 @@ tokens already scored (before a preemption) are not scored again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,22 +69,36 @@ def prompt_spans(batch: ScheduledBatch, query_start_loc: np.ndarray) -> list[Pro
     return spans
 
 
+def span_rows(spans: list[PromptSpan]) -> np.ndarray:
+    """The hidden-state rows the spans score, in scoring order."""
+    return np.concatenate([s.rows for s in spans])
+
+
+def prompt_logit_chunks(
+    model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | np.ndarray
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row index, logits) of ``rows`` in bounded chunks; a tensor-parallel worker runs
+    the same chunks as the driver, so that their LM-head collectives pair up."""
+    rows = torch.as_tensor(rows, device=hidden.device)
+    step = max(1, _MAX_LOGIT_ELEMENTS // model.config.vocab_size)
+    for lo in range(0, len(rows), step):
+        yield lo, model.compute_logits(hidden[rows[lo : lo + step]])
+
+
 @torch.no_grad()
 def score_prompt_spans(
     model: nn.Module, hidden: torch.Tensor, spans: list[PromptSpan]
 ) -> list[PromptScores]:
     """Logprobs of the spans' tokens under the raw logits of their rows (float32)."""
-    rows = torch.from_numpy(np.concatenate([s.rows for s in spans])).to(hidden.device)
+    rows = torch.from_numpy(span_rows(spans)).to(hidden.device)
     targets = torch.tensor(
         [t for s in spans for t in s.targets], dtype=torch.long, device=hidden.device
     )
     k = max(s.seq.params.prompt_logprobs for s in spans)
-    vocab = model.config.vocab_size
-    step = max(1, _MAX_LOGIT_ELEMENTS // vocab)
-    parts = []
-    for lo in range(0, len(rows), step):
-        raw = model.compute_logits(hidden[rows[lo : lo + step]]).float()
-        parts.append(token_logprobs(raw, targets[lo : lo + step], k))
+    parts = [
+        token_logprobs(raw.float(), targets[lo : lo + len(raw)], k)
+        for lo, raw in prompt_logit_chunks(model, hidden, rows)
+    ]
     logprobs = torch.cat([p.logprobs for p in parts]).tolist()
     ranks = torch.cat([p.ranks for p in parts]).tolist()
     top_ids: list[list[int]] = [[] for _ in logprobs]

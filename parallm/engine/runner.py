@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from parallm.config import CacheConfig, ModelConfig
 from parallm.engine.prompt_logprobs import (
     PromptScores,
     PromptSpan,
+    prompt_logit_chunks,
     prompt_spans,
     score_prompt_spans,
 )
@@ -83,10 +85,19 @@ class StepHandle:
         return dataclasses.replace(self.result, token_ids=ids, host_token_ids=None)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (keys and values)."""
+def kv_heads_per_rank(cfg: ModelConfig, tp_size: int = 1) -> int:
+    """KV heads one tensor-parallel rank caches (a head is replicated when there are fewer
+    KV heads than ranks), as ``QKVParallelLinear`` splits them."""
+    return max(1, cfg.num_key_value_heads // tp_size)
+
+
+def kv_bytes_per_block(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1
+) -> int:
+    """Bytes one block takes across all layers (keys and values), on one rank."""
     elem = torch.empty((), dtype=dtype).element_size()
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    heads = kv_heads_per_rank(cfg, tp_size)
+    per_token = 2 * cfg.num_hidden_layers * heads * cfg.head_dim * elem
     return per_token * block_size
 
 
@@ -103,6 +114,7 @@ class ModelRunner:
         backend: AttentionBackend | None = None,
         eos_token_ids: tuple[int, ...] = (),
         fused_kernels: bool = False,
+        tp_size: int = 1,
     ) -> None:
         self.model = model
         self.model_cfg = model_cfg
@@ -116,6 +128,10 @@ class ModelRunner:
         self.fused_kernels = fused_kernels
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
+        self.tp_size = tp_size
+        # Tensor parallelism: called with every eager step's inputs and prompt spans before
+        # the forward, so that the other ranks run the same forward (and collectives).
+        self.step_listener: Callable[[StepInputs, list[PromptSpan]], None] | None = None
 
     @property
     def block_size(self) -> int:
@@ -131,7 +147,8 @@ class ModelRunner:
         every new prefix until the whole reservation was resident.
         """
         cfg = self.model_cfg
-        shape = (2, num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        heads = kv_heads_per_rank(cfg, self.tp_size)
+        shape = (2, num_blocks + 1, self.block_size, heads, cfg.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device)
             for _ in range(cfg.num_hidden_layers)
@@ -142,7 +159,7 @@ class ModelRunner:
         self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
     ) -> int:
         """How many blocks fit: a byte budget on CPU, the measured free card on CUDA."""
-        per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype, self.tp_size)
         if self.cache_cfg.kv_cache_memory is not None:
             return int(self.cache_cfg.kv_cache_memory // per_block) - 1
         if self.device.type != "cuda":
@@ -298,6 +315,8 @@ class ModelRunner:
             inputs = self.prepare(batch)
             # A decode row predicts an output token: only prompt chunks have prompt tokens to score.
             spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
+            if self.step_listener is not None:
+                self.step_listener(inputs, spans)
             if spans:
                 logits, scored = self._forward_scoring_prompts(inputs, device_ids, spans)
             else:
@@ -406,6 +425,17 @@ class ModelRunner:
         """``forward_logits``, and the scores of the spans' prompt tokens from the same pass."""
         hidden = self._hidden(inputs, device_ids)
         return self._sampling_logits(hidden, inputs), score_prompt_spans(self.model, hidden, spans)
+
+    @torch.inference_mode()
+    def execute_forward(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
+        """A tensor-parallel worker's share of a step: the driver's forward, sampling logits
+        and prompt-scoring logits (for their collectives); nothing is sampled here.
+        ``prompt_rows``: the hidden-state rows the driver scores for prompt logprobs."""
+        hidden = self._hidden(inputs, None)
+        self._sampling_logits(hidden, inputs)
+        if prompt_rows is not None:
+            for _ in prompt_logit_chunks(self.model, hidden, prompt_rows):
+                pass
 
     def _hidden(self, inputs: StepInputs, device_ids: torch.Tensor | None) -> torch.Tensor:
         """The final hidden state of every token of the step."""

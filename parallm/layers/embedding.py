@@ -3,7 +3,8 @@
 Rank ``r`` of ``tp_size`` holds vocabulary rows ``[r * per_rank, (r + 1) * per_rank)``, the
 vocabulary padded up to a multiple of ``tp_size`` (padding rows are zero and never chosen).
 The embedding of an id another rank holds is zero here, so the ranks' outputs sum to the
-full lookup; the LM head's logits are the rank's columns of the full logits.
+full lookup; the LM head's logits are the rank's columns of the full logits. The model joins
+them (an all-reduce, an all-gather; ``parallm/models/llama.py``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ across ``tp_size`` ranks, row-parallel ones input features. Packed layers (q/k/v
 gate/up in one GEMM) load each of their checkpoint tensors into its own rows (``shard_id``).
 A quantized variant replaces one of these modules by swap and keeps its loader.
 
-With ``tp_size > 1`` a rank holds only its shard; the all-reduce that joins row-parallel
-outputs belongs to the tensor-parallel executor, which calls these layers per rank.
+With ``tp_size > 1`` a rank holds only its shard and computes its share: the model that
+calls these layers joins the row-parallel partial sums (one all-reduce after attention and one
+after the MLP, ``parallm/models/llama.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ColumnParallelLinear(nn.Linear):
 
 class RowParallelLinear(nn.Linear):
     """``y = x W^T + b`` with W's input columns split across ranks; each rank's partial sums
-    add up to ``y`` (the bias is loaded whole and belongs to the sum once)."""
+    add up to ``y``. The bias belongs to the sum once: rank 0 holds it, the others zeros."""
 
     def __init__(
         self,
@@ -75,9 +76,10 @@ class RowParallelLinear(nn.Linear):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
     ) -> None:
-        if param.dim() == 1:  # bias
+        if param.dim() == 1:  # the bias, or a quantized layer's per-row scales: whole rows
             _check_shape(loaded, tuple(param.shape), "row-parallel bias")
-            param.copy_(loaded)
+            keep = self.tp_rank == 0 or param is not self.bias
+            param.copy_(loaded if keep else torch.zeros_like(loaded))
             return
         cols = param.shape[1]
         _check_shape(loaded, (param.shape[0], self.full_in_features), "row-parallel")

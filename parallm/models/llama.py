@@ -13,6 +13,7 @@ checkpoint's separate tensors by their per-shard loaders (``packed_modules_mappi
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from parallm.config import ModelConfig
@@ -29,22 +30,41 @@ from parallm.layers.norm import RMSNorm
 from parallm.layers.rotary import RopeTables, RotaryEmbedding
 
 
+def _join_partial_sums(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """Row-parallel outputs and vocabulary-shard embeddings add up across the ranks (the
+    default ``torch.distributed`` group); every rank runs the same forward."""
+    if tp_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
 class LlamaAttention(nn.Module):
     """Multi-head attention with grouped KV heads and optional q/k RMSNorm."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, packed: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, packed: bool, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.tp_size = tp_size
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         if packed:
-            self.qkv_proj = QKVParallelLinear(h, d, self.num_heads, self.num_kv_heads, bias)
+            self.qkv_proj = QKVParallelLinear(
+                h, d, self.num_heads, self.num_kv_heads, bias, tp_rank, tp_size
+            )
+            # This rank's heads (KV heads replicated when there are fewer than ranks).
+            self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        elif tp_size > 1:
+            raise ValueError("tensor parallelism needs the packed (serving) model")
         else:
             self.q_proj = ColumnParallelLinear(h, self.num_heads * d, bias=bias)
             self.k_proj = ColumnParallelLinear(h, self.num_kv_heads * d, bias=bias)
             self.v_proj = ColumnParallelLinear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = RowParallelLinear(self.num_heads * d, h, bias=False)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * d, h, bias=False, tp_rank=tp_rank, tp_size=tp_size
+        )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -59,7 +79,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, rope, ctx)
         # -1: the local heads when tensor parallelism shards them.
-        return self.o_proj(out.reshape(*lead, -1))
+        return _join_partial_sums(self.o_proj(out.reshape(*lead, -1)), self.tp_size)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw q, k and v, heads flattened."""
@@ -71,30 +91,39 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward block."""
 
-    def __init__(self, cfg: ModelConfig, packed: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, packed: bool, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__()
+        self.tp_size = tp_size
         h, i = cfg.hidden_size, cfg.intermediate_size
         if packed:
-            self.gate_up_proj = MergedColumnParallelLinear(h, [i, i])
+            self.gate_up_proj = MergedColumnParallelLinear(
+                h, [i, i], tp_rank=tp_rank, tp_size=tp_size
+            )
         else:
             self.gate_proj = ColumnParallelLinear(h, i)
             self.up_proj = ColumnParallelLinear(h, i)
-        self.down_proj = RowParallelLinear(i, h)
+        self.down_proj = RowParallelLinear(i, h, tp_rank=tp_rank, tp_size=tp_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            return self.down_proj(self.act_fn(self.gate_up_proj(x)))
-        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
+            out = self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        else:
+            out = self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
+        return _join_partial_sums(out, self.tp_size)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residual connections."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, packed: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, packed: bool, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, packed)
-        self.mlp = LlamaMLP(cfg, packed)
+        self.self_attn = LlamaAttention(cfg, layer_idx, packed, tp_rank, tp_size)
+        self.mlp = LlamaMLP(cfg, packed, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -127,21 +156,30 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, decoder layers and the final norm (Hugging Face's ``model.*`` prefix)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, packed: bool) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_positions: int,
+        packed: bool,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size
+        )
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, packed) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, packed, tp_rank, tp_size) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext | None
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = _join_partial_sums(self.embed_tokens(input_ids), self.embed_tokens.tp_size)
         rope = self.rotary_emb.lookup(positions)
         residual = None
         for layer in self.layers:
@@ -162,13 +200,23 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(
-        self, cfg: ModelConfig, max_positions: int | None = None, packed: bool = False
+        self,
+        cfg: ModelConfig,
+        max_positions: int | None = None,
+        packed: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
+        """``tp_rank``/``tp_size``: this rank's shard of a tensor-parallel model (Megatron
+        style: q/k/v and gate/up split by columns, o and down by rows, the vocabulary split)."""
         super().__init__()
         self.config = cfg
         self.packed = packed
-        self.model = DecoderModel(cfg, max_positions or cfg.max_position_embeddings, packed)
-        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.model = DecoderModel(
+            cfg, max_positions or cfg.max_position_embeddings, packed, tp_rank, tp_size
+        )
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp_rank, tp_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -185,5 +233,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head over the selected hidden states."""
-        return self.lm_head(hidden)
+        """LM head over the selected hidden states: the whole vocabulary on every rank."""
+        head = self.lm_head
+        logits = head(hidden)
+        if head.tp_size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(head.tp_size)]
+        dist.all_gather(parts, logits.contiguous())
+        return torch.cat(parts, dim=-1)[..., : head.vocab_size]

@@ -26,15 +26,18 @@ def build_model(
     device: torch.device,
     max_positions: int,
     packed: bool = False,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> nn.Module:
     """Instantiate the architecture directly on ``device`` in ``dtype`` (no CPU round trip);
-    ``packed``: q/k/v and gate/up as one GEMM each (serving)."""
+    ``packed``: q/k/v and gate/up as one GEMM each (serving); ``tp_rank``/``tp_size``: build
+    only this tensor-parallel rank's shard."""
     cls = model_class(cfg)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(cfg, max_positions, packed=packed)
+            model = cls(cfg, max_positions, packed=packed, tp_rank=tp_rank, tp_size=tp_size)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -49,14 +52,17 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     packed: bool = False,
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> nn.Module:
-    """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones."""
+    """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones; with
+    ``tp_size > 1`` only rank ``tp_rank``'s shard (each parameter's loader takes its slice)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
     if load_format != "dummy":
         _check_not_prequantized(cfg)
     torch.manual_seed(seed)
-    model = build_model(cfg, dtype, device, max_positions, packed)
+    model = build_model(cfg, dtype, device, max_positions, packed, tp_rank, tp_size)
     if load_format == "dummy":
         _init_dummy(model)
     else:

@@ -52,6 +52,19 @@ def test_row_parallel_partial_sums_add_up_to_the_full_output(tp_size):
     torch.testing.assert_close(total, F.linear(x, w))
 
 
+def test_row_parallel_bias_counts_once_in_the_sum():
+    """Only rank 0 holds the bias, so the all-reduced sum adds it once."""
+    w, b, x = _randn(12, HIDDEN, seed=5), _randn(12, seed=6), _randn(3, HIDDEN, seed=7)
+    per = HIDDEN // 2
+    total = torch.zeros(3, 12)
+    for rank in range(2):
+        layer = RowParallelLinear(HIDDEN, 12, bias=True, tp_rank=rank, tp_size=2)
+        _load(layer, w)
+        _load(layer, b, name="bias")
+        total += layer(x[:, rank * per : (rank + 1) * per])
+    torch.testing.assert_close(total, F.linear(x, w, b))
+
+
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "tp_size"), [(4, 2, 1), (4, 2, 2), (8, 2, 4)]
 )

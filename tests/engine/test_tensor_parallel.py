@@ -1,0 +1,135 @@
+"""Tensor-parallel inference on CPU (gloo): ranks 1..N-1 in worker processes, rank 0 in ours.
+
+Greedy output must be token-identical to one rank, through chunked prefill, prefix-cache hits,
+preemption, n > 1 and prompt logprobs; bad sizes are refused before loading; a dead worker
+makes the next step fail with an error naming it, and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallm import LLM, SamplingParams
+from parallm.cli import build_parser
+from parallm.commands.engine_args import engine_kwargs
+from parallm.config import ModelConfig
+from parallm.engine.runner import kv_bytes_per_block
+
+BLOCK = 16
+ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size": BLOCK,
+          "max_num_batched_tokens": 48}  # fmt: skip
+GREEDY = SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True)
+SCORED = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=1)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    """Four prompts longer than the step budget (chunked prefill) sharing a 32-token prefix."""
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(0, vocab, 32).tolist()
+    return [prefix + rng.integers(0, vocab, n).tolist() for n in (20, 28, 9, 35)]
+
+
+def _run(llm: LLM) -> tuple[list, list]:
+    """Token ids of every sample over two rounds (the second hits the prefix cache), and the
+    prompt logprobs of a scored request."""
+    prompts = _prompts(llm.engine.model_config.vocab_size)
+    tokens = []
+    for _ in range(2):
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        tokens.append([[c.token_ids for c in out.outputs] for out in outs])
+    (scored,) = llm.generate([prompts[0]], SCORED, use_tqdm=False)
+    logprobs = [next(iter(d.values())).logprob for d in scored.prompt_logprobs[1:]]
+    return tokens, logprobs
+
+
+def _kv_memory(path, blocks: int | None, tp: int) -> dict:
+    """kv_cache_memory for ``blocks`` blocks per rank (None: roomy), so that every tensor
+    parallel size schedules alike."""
+    if blocks is None:
+        return {"kv_cache_memory": 8 << 20}
+    per_block = kv_bytes_per_block(ModelConfig.from_path(str(path)), BLOCK, torch.float32, tp)
+    return {"kv_cache_memory": (blocks + 1) * per_block}
+
+
+@pytest.mark.parametrize(
+    ("arch", "tp", "blocks"),
+    [
+        ("llama3", 2, None),
+        ("qwen3", 2, 12),  # 12 blocks for 4x2 samples of ~80 tokens: preemption
+        ("llama3", 4, None),  # 2 KV heads on 4 ranks: each KV head replicated twice
+    ],
+)
+def test_tensor_parallel_greedy_equals_one_rank(tiny_model_dir, arch, tp, blocks):
+    path = tiny_model_dir(arch)
+    reference = LLM(str(path), **ENGINE, **_kv_memory(path, blocks, 1))
+    want_tokens, want_logprobs = _run(reference)
+
+    llm = LLM(str(path), tensor_parallel_size=tp, **ENGINE, **_kv_memory(path, blocks, tp))
+    try:
+        assert len(multiprocessing.active_children()) == tp - 1
+        tokens, logprobs = _run(llm)
+        stats = llm.engine.stats
+    finally:
+        llm.close()
+    assert tokens == want_tokens
+    assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+    assert stats["num_prefix_cache_hit_tokens"] > 0
+    if blocks is not None:
+        assert stats["num_preemptions"] > 0
+        assert reference.engine.stats["num_preemptions"] > 0
+    assert multiprocessing.active_children() == []
+    assert not dist.is_initialized()
+
+
+def test_tensor_parallel_size_that_does_not_split_the_heads_is_refused_before_loading(
+    tiny_model_dir, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("parallm.engine.engine.load_model", no_loading)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide "
+                                         r"num_attention_heads \(4\)"):  # fmt: skip
+        LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=3, **ENGINE)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("size", [0, -2, 1.5, "2", True])
+def test_tensor_parallel_size_must_be_a_positive_integer(tiny_model_dir, size):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be an integer >= 1"):
+        LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=size, **ENGINE)
+
+
+def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=2, **ENGINE)
+    try:
+        (worker,) = multiprocessing.active_children()
+        prompt = [5, 17, 42, 99, 7]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        assert len(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(30)
+        message = r"tensor-parallel worker rank 1 \(pid \d+\) exited with code -9"
+        with pytest.raises(RuntimeError, match=message):
+            llm.generate([prompt], params, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+        assert not dist.is_initialized()  # the driver left the group
+        with pytest.raises(RuntimeError, match=message):  # and stays failed
+            llm.generate([prompt], params, use_tqdm=False)
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_cli_flag_reaches_the_engine():
+    args = build_parser().parse_args(["generate", "--tensor-parallel-size", "2", "x"])
+    assert engine_kwargs(args)["tensor_parallel_size"] == 2
+    args = build_parser().parse_args(["generate", "x"])
+    assert engine_kwargs(args)["tensor_parallel_size"] == 1
