@@ -10,6 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +130,45 @@ def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_
     finally:
         llm.close()
     assert multiprocessing.active_children() == []
+
+
+_DRIVER = """
+import multiprocessing, sys, time
+from parallm import LLM
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2, dtype="float32", device="cpu",
+              max_model_len=128, kv_cache_memory=8 << 20)
+    print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("parallm-tp")],
+          flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one that nobody reaped yet is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_exit_when_the_driver_is_killed(tiny_model_dir, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir("llama3"))],
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        pids = [int(pid) for pid in driver.stdout.readline().split()]
+    finally:
+        driver.kill()
+        driver.wait()
+    assert len(pids) == 1
+    deadline = time.monotonic() + 60  # a liveness bound: the worker sees its pipe close
+    while _running(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(pids[0])
 
 
 def test_cli_flag_reaches_the_engine():
