@@ -28,7 +28,8 @@ def _load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, vocab: int, rank
     start = rank * rows
     take = max(0, min(rows, vocab - start))
     param.zero_()
-    param[:take].copy_(loaded[start : start + take])
+    if take:  # the last rank may hold only padding rows
+        param[:take].copy_(loaded[start : start + take])
 
 
 class VocabParallelEmbedding(nn.Embedding):

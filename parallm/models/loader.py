@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -110,6 +111,37 @@ def checkpoint_files(path: Path) -> list[Path]:
     return found
 
 
+class CheckpointSlice:
+    """A checkpoint tensor not read yet: its shape, and reads of only a part of it (what a
+    tensor-parallel loader needs: ``narrow`` and indexing, as on a tensor)."""
+
+    def __init__(self, lazy: Any) -> None:
+        self._lazy = lazy
+        self.shape = torch.Size(lazy.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._lazy[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._lazy[index]
+
+    def full(self) -> torch.Tensor:
+        return self._lazy[:]
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The whole tensor (a loader that needs it all, e.g. to quantize whole rows)."""
+        return self.full().to(*args, **kwargs)
+
+
+def iter_checkpoint_slices(path: Path) -> Iterator[tuple[str, CheckpointSlice]]:
+    """Yield (name, unread tensor) for every tensor in the checkpoint, shard by shard."""
+    files = checkpoint_files(path)
+    for file in tqdm(files, desc="Loading shards", disable=len(files) < 2, leave=False):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, CheckpointSlice(f.get_slice(name))
+
+
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor in the checkpoint, shard by shard."""
     files = checkpoint_files(path)
@@ -121,20 +153,27 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_safetensors(model: nn.Module, path: Path) -> None:
     """Copy checkpoint tensors into the model through each parameter's ``weight_loader`` (its
-    shard, or its rows of a packed layer); missing, unknown or misshapen tensors are errors."""
+    shard, or its rows of a packed layer); missing, unknown or misshapen tensors are errors.
+
+    A tensor-parallel shard (``tp_size > 1``) reads only its slice of each weight matrix from
+    the files; vectors (norms, biases) are read whole."""
     params = dict(model.named_parameters())
+    sharded = getattr(model, "tp_size", 1) > 1
     tied = getattr(model.config, "tie_word_embeddings", False)
     mapping = (
         getattr(model, "packed_modules_mapping", {}) if getattr(model, "packed", False) else {}
     )
     loaded: set[tuple[str, str | int | None]] = set()
     with torch.no_grad():
-        for name, tensor in iter_checkpoint(path):
+        for name, lazy in iter_checkpoint_slices(path):
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
             target, shard_id = _target(name, params, mapping)
             param = params[target]
             loader = getattr(param, "weight_loader", None)
+            # Before quantize_model's swap every 2-D loader only narrows or indexes.
+            partial = sharded and loader is not None and param.dim() == 2
+            tensor = lazy if partial else lazy.full()
             try:
                 if loader is not None:
                     loader(param, tensor, shard_id)

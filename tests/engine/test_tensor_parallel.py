@@ -25,6 +25,7 @@ from parallm.cli import build_parser
 from parallm.commands.engine_args import engine_kwargs
 from parallm.config import ModelConfig
 from parallm.engine.runner import kv_bytes_per_block
+from parallm.models.loader import CheckpointSlice, load_model
 
 BLOCK = 16
 ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size": BLOCK,
@@ -107,6 +108,31 @@ def test_quantized_weights_shard_like_float_ones(tiny_model_dir):
     finally:
         llm.close()
     assert got == want
+
+
+def test_a_shard_reads_only_its_slices_of_the_weight_matrices(tiny_model_dir, monkeypatch):
+    path = tiny_model_dir("qwen3")
+    cfg, cpu = ModelConfig.from_path(str(path)), torch.device("cpu")
+    whole = load_model(path, cfg, torch.float32, cpu, 128, packed=True)
+    read_whole, full = [], CheckpointSlice.full
+
+    def spy(self):
+        read_whole.append(tuple(self.shape))
+        return full(self)
+
+    monkeypatch.setattr(CheckpointSlice, "full", spy)
+    shard = load_model(path, cfg, torch.float32, cpu, 128, packed=True, tp_rank=1, tp_size=2)
+    assert read_whole and all(len(shape) == 1 for shape in read_whole)  # norms only
+    layer, full_layer = shard.model.layers[1], whole.model.layers[1]
+    pairs = [  # (rank 1's weight, the whole one, the split dimension)
+        (layer.self_attn.o_proj.weight, full_layer.self_attn.o_proj.weight, 1),
+        (layer.mlp.down_proj.weight, full_layer.mlp.down_proj.weight, 1),
+        (shard.lm_head.weight, whole.lm_head.weight, 0),
+    ]
+    for mine, full_weight, dim in pairs:
+        n = mine.shape[dim]
+        assert full_weight.shape[dim] == 2 * n
+        assert torch.equal(mine, full_weight.narrow(dim, n, n))
 
 
 def test_tensor_parallel_size_that_does_not_split_the_heads_is_refused_before_loading(
