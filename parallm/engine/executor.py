@@ -223,7 +223,10 @@ def _free_port() -> int:
 
 def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
     """A worker's life: join the group, build the shard, then run the driver's steps."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when workers stop
+    # The driver decides when workers stop (a Ctrl-C or a SIGTERM to the whole process group
+    # must let it drain first); they also exit when its end of the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.tp_size))
     try:
         conn.send(("joining",))

@@ -175,6 +175,23 @@ def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_
     assert multiprocessing.active_children() == []
 
 
+def test_workers_leave_sigint_and_sigterm_to_the_driver(tiny_model_dir):
+    """A Ctrl-C or a SIGTERM sent to the whole process group reaches the workers too: they
+    keep serving so that the driver can drain, and stop when it closes them."""
+    llm = LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=2, **ENGINE)
+    try:
+        (worker,) = multiprocessing.active_children()
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(worker.pid, sig)
+            (out,) = llm.generate([[5, 17, 42]], params, use_tqdm=False)
+            assert len(out.outputs[0].token_ids) == 4
+        assert worker.is_alive()
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+
+
 _DRIVER = """
 import multiprocessing, sys, time
 from parallm import LLM
