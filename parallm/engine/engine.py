@@ -314,9 +314,11 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
         try:
             return self.runner.launch(batch)
-        except Exception as e:
-            if self.executor is not None:  # a failed collective: name the rank that died
-                self.executor.explain(e)
+        except BaseException as e:
+            if self.executor is not None:
+                if isinstance(e, Exception):  # a failed collective: name the rank that died
+                    self.executor.explain(e)
+                self.executor.abandon(f"a step raised {type(e).__name__}: {e}")
             raise
 
     def _launch_continuation(self, prev: StepHandle) -> StepHandle | None:

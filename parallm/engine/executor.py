@@ -163,6 +163,13 @@ class TensorParallelExecutor:
             self.check_workers()
             time.sleep(_POLL_SECONDS)
 
+    def abandon(self, reason: str) -> None:
+        """Stop for good after a step the driver did not finish: the workers may be inside
+        its collectives, so the ranks are out of step and no later step could pair up."""
+        if self.failure is None:
+            self.failure = f"tensor-parallel engine stopped: {reason}; build a new one"
+        self.close()
+
     def close(self) -> None:
         """Stop the workers and leave the process group; safe to call more than once."""
         if self._closed:
@@ -172,6 +179,10 @@ class TensorParallelExecutor:
         for conn in self.conns:
             with contextlib.suppress(OSError):
                 conn.send(("close",))
+        # Leaving the group first fails any collective a worker still waits in (a step the
+        # driver abandoned), so that it exits instead of waiting for the timeout.
+        if dist.is_initialized():
+            dist.destroy_process_group()
         deadline = time.monotonic() + _STOP_SECONDS
         for proc in self.workers:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -180,8 +191,6 @@ class TensorParallelExecutor:
                 proc.join()
         for conn in self.conns:
             conn.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     def _expect(self, rank: int, kind: str, when: str) -> None:
         conn, proc = self.conns[rank - 1], self.workers[rank - 1]

@@ -175,6 +175,28 @@ def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_
     assert multiprocessing.active_children() == []
 
 
+def test_a_step_the_driver_abandons_stops_the_engine(tiny_model_dir, monkeypatch):
+    """The driver's forward raises after the workers got the step (they wait in its first
+    all-reduce): the ranks are out of step, so the engine stops for good, workers included."""
+    llm = LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=2, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        monkeypatch.setattr(llm.engine.runner, "_hidden", _interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5, 17, 42]], params, use_tqdm=False)
+        assert multiprocessing.active_children() == []
+        assert not dist.is_initialized()
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match=r"stopped: a step raised KeyboardInterrupt"):
+            llm.generate([[5, 17, 42]], params, use_tqdm=False)
+    finally:
+        llm.close()
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_workers_leave_sigint_and_sigterm_to_the_driver(tiny_model_dir):
     """A Ctrl-C or a SIGTERM sent to the whole process group reaches the workers too: they
     keep serving so that the driver can drain, and stop when it closes them."""
