@@ -37,6 +37,24 @@ def _repetitive_prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
     ]
 
 
+def oracle_drafts(monkeypatch, future: dict[tuple[int, ...], list[int]]) -> None:
+    """Make every drafter propose plain decoding's next 4 tokens (``future``, by prompt), the
+    third of each proposal wrong: only drafts 0 and 1 can be kept."""
+    from parallm.engine.spec import drafting
+
+    def oracle(self, running):
+        for seq in running:
+            if not drafting.draftable(seq):
+                continue
+            done = seq.num_output_tokens
+            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + 4])
+            if len(drafts) >= 3:
+                drafts[2] = (drafts[2] + 1) % 50
+            seq.draft_token_ids = drafts
+
+    monkeypatch.setattr(drafting.Drafter, "propose", oracle)
+
+
 def _tokens(llm: LLM, prompts, params) -> list[list[list[int]]]:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [[list(c.token_ids) for c in o.outputs] for o in outs]
@@ -64,8 +82,6 @@ def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
     """Drafts that are plain decoding's next tokens, every third one replaced by a wrong
     token: each step keeps the drafts before the first wrong one, the output is unchanged,
     and the engine takes fewer steps."""
-    from parallm.engine.spec import drafting
-
     path = str(tiny_model_dir(arch))
     prompts = _repetitive_prompts(ordinary_token_ids)
     params = SamplingParams(temperature=temperature, max_tokens=30, ignore_eos=True, seed=5)
@@ -74,17 +90,7 @@ def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
     plain_steps = plain_llm.engine.num_steps
     future = {tuple(p): out[0] for p, out in zip(prompts, plain, strict=True)}
 
-    def oracle(self, running):
-        for seq in running:
-            if not drafting.draftable(seq):
-                continue
-            done = seq.num_output_tokens
-            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + 4])
-            if len(drafts) >= 3:
-                drafts[2] = (drafts[2] + 1) % 50  # wrong: only drafts 0 and 1 can be kept
-            seq.draft_token_ids = drafts
-
-    monkeypatch.setattr(drafting.Drafter, "propose", oracle)
+    oracle_drafts(monkeypatch, future)
     llm = LLM(path, speculative_config=SPEC, **ENGINE)
     assert _tokens(llm, prompts, params) == plain
     spec = llm.engine.spec_stats

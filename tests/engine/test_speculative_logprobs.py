@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_speculative import oracle_drafts
 
 from parallm import LLM, SamplingParams
 
@@ -39,23 +40,6 @@ def _generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]):
     return [o.outputs[0] for o in outs]
 
 
-def _oracle_drafts(monkeypatch, future: dict[tuple[int, ...], list[int]]) -> None:
-    """Draft plain decoding's next tokens, the third of each proposal wrong."""
-    from parallm.engine.spec import drafting
-
-    def oracle(self, running):
-        for seq in running:
-            if not drafting.draftable(seq):
-                continue
-            done = seq.num_output_tokens
-            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + 4])
-            if len(drafts) >= 3:
-                drafts[2] = (drafts[2] + 1) % 50
-            seq.draft_token_ids = drafts
-
-    monkeypatch.setattr(drafting.Drafter, "propose", oracle)
-
-
 def _assert_same_logprobs(got, want) -> None:
     if want.logprobs is None:  # a request that did not ask
         assert got.logprobs is None and got.cumulative_logprob is None
@@ -85,7 +69,7 @@ def test_drafted_requests_report_plain_decodings_logprobs(
               for k in (3, None, 1)]  # fmt: skip
     plain = _generate(LLM(path, **ENGINE), prompts, params)
     if drafter == "oracle":
-        _oracle_drafts(monkeypatch, {tuple(p): list(o.token_ids)
+        oracle_drafts(monkeypatch, {tuple(p): list(o.token_ids)
                                      for p, o in zip(prompts, plain, strict=True)})  # fmt: skip
     spec = SPEC if drafter != "layer_skip" else LAYER_SKIP
     llm = LLM(path, speculative_config=spec, **ENGINE)
