@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_kv_cache import _admit  # a sequence admitted with its prefix hits, all computed
 
 from parallm.config import SchedulerConfig
 from parallm.engine.kv_cache import KVCacheManager
@@ -18,14 +19,6 @@ BLOCK = 4
 
 def _seq(tokens: list[int], name: str = "r") -> Sequence:
     return Sequence(name, 0, tokens, SamplingParams(), arrival_time=0.0)
-
-
-def _admit(kv: KVCacheManager, seq: Sequence) -> list[int]:
-    hits = kv.lookup_prefix(seq)
-    assert kv.allocate(seq, seq.num_tokens - len(hits) * kv.block_size, hits)
-    kv.commit_full_blocks(seq, seq.num_tokens)
-    seq.num_computed_tokens = seq.num_tokens
-    return hits
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 9])
