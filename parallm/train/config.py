@@ -40,7 +40,9 @@ class ModelSection:
 class DataSection:
     """Where tokens come from and how they are cut into training sequences."""
 
-    corpus: str = "stdlib"  # "stdlib", "synthetic" (random tokens) or a directory of text files
+    # "stdlib", "python" (the standard library and the installed packages), "synthetic" (random
+    # tokens) or a directory of text files
+    corpus: str = "stdlib"
     extensions: list[str] = field(default_factory=lambda: [".py"])  # for a directory corpus
     max_files: int = 0  # 0: every file; a positive number keeps the first N (small tests)
     dataset_dir: str = "runs/data/stdlib"  # tokenizer + token shards, built once and reused

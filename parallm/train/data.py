@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from parallm.data.corpus import is_held_out, read_corpus
+from parallm.data.corpus import corpus_digest, is_held_out, read_corpus
 from parallm.data.shards import TokenShards, token_dtype, write_shards
 from parallm.train.config import DataSection
 
@@ -56,8 +56,10 @@ def _fingerprint(cfg: DataSection) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "shard_tokens": cfg.shard_tokens,
     }
-    if cfg.corpus == "stdlib":
+    if cfg.corpus in ("stdlib", "python"):
         fp["python"] = platform.python_version()
+    if cfg.corpus == "python":
+        fp["files"] = corpus_digest(cfg.corpus, tuple(cfg.extensions))
     return fp
 
 

@@ -96,3 +96,26 @@ def test_eval_batches_balance_ranks() -> None:
     assert [len(b) for b in per_rank] == [2, 2]  # equal counts: collectives stay matched
     weights = torch.cat([w for batches in per_rank for _, w in batches])
     assert weights.sum() == 5
+
+
+def test_python_corpus_is_stdlib_plus_packages(tmp_path: Path, monkeypatch) -> None:
+    from parallm.data import corpus as corpus_mod
+
+    pkgs = tmp_path / "site-packages"
+    (pkgs / "lib" / "tests").mkdir(parents=True)
+    (pkgs / "lib" / "core.py").write_text("x = 1\n")
+    (pkgs / "lib" / "tests" / "test_core.py").write_text("assert x\n")
+    monkeypatch.setattr(corpus_mod, "package_roots", lambda: [pkgs])
+    names = [d.name for d in read_corpus("python")]
+    assert "stdlib/os.py" in names and "site-packages/lib/core.py" in names
+    assert not [n for n in names if "/tests/" in n]
+    assert names.index("stdlib/os.py") < names.index("site-packages/lib/core.py")
+    # The digest follows the installed files, so a dataset built from other packages is stale.
+    before = corpus_mod.corpus_digest("python")
+    (pkgs / "lib" / "extra.py").write_text("y = 2\n")
+    assert corpus_mod.corpus_digest("python") != before
+
+
+def test_unknown_corpus_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="'stdlib', 'python', 'synthetic'"):
+        list(read_corpus("/no/such/dir"))
