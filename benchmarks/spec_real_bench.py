@@ -1,0 +1,191 @@
+"""Speculative decoding on a real model and real prompts (issue 15, measure 2).
+
+Each drafter runs on held-out code-completion prompts: Python files of the training corpus's
+validation split, cut just after a ``def`` line, so the model completes the function. For each
+drafter and batch size it reports the mean tokens a drafted sequence emits per step, the
+output tokens per second, and the speedup against plain decoding on the same prompts; greedy
+output must equal plain decoding's, or the run stops.
+
+    python benchmarks/spec_real_bench.py --target runs/code-model-150m/hf \
+        --batch-sizes 1,8 --out spec_real.json
+
+Drafters (``--methods``): ngram (prompt lookup), draft_model (``--draft-model``: the bundled
+code model by default, which shares the target's tokenizer when the target was trained with
+configs/train/code-model-150m.toml), layer_skip (the target's first ``--skip-layers`` layers)
+and medusa (``--medusa-heads``: heads trained with ``parallm train`` and exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallm import LLM, SamplingParams  # noqa: E402
+from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+from parallm.data.corpus import is_held_out, read_corpus  # noqa: E402
+
+
+def completion_prompts(
+    corpus: str, val_fraction: float, tokenizer, count: int, max_len: int, seed: int
+) -> list[list[int]]:
+    """Token ids of ``count`` prompts: held-out files cut after a ``def`` line (its last
+    ``max_len`` tokens), at most one per file, files chosen at random with ``seed``."""
+    docs = [d for d in read_corpus(corpus) if is_held_out(d.name, val_fraction)]
+    if not docs:
+        raise SystemExit(f"corpus {corpus!r} has no held-out files at val_fraction {val_fraction}")
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    prompts = []
+    for doc in docs:
+        lines = doc.text.splitlines(keepends=True)
+        cuts = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and i > 5]
+        if not cuts:
+            continue
+        cut = rng.choice(cuts)
+        ids = tokenizer.encode("".join(lines[: cut + 1]), add_special_tokens=False)
+        prompts.append(ids[-max_len:])
+        if len(prompts) == count:
+            break
+    if len(prompts) < count:
+        print(f"only {len(prompts)} held-out files have a def to complete", file=sys.stderr)
+    return prompts
+
+
+def drafter_configs(args: argparse.Namespace, num_layers: int) -> dict[str, dict]:
+    """``speculative_config`` of each requested method."""
+    k = args.num_speculative_tokens
+    configs = {
+        "ngram": {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "prompt_lookup_min": 2,
+            "prompt_lookup_max": 5,
+        },  # fmt: skip
+        "draft_model": {
+            "method": "draft_model",
+            "model": args.draft_model,
+            "num_speculative_tokens": k,
+        },  # fmt: skip
+        "layer_skip": {
+            "method": "layer_skip",
+            "num_speculative_tokens": k,
+            "num_layers": args.skip_layers or max(1, num_layers // 4),
+        },  # fmt: skip
+    }
+    if args.medusa_heads:
+        configs["medusa"] = {"method": "medusa", "model": args.medusa_heads,
+                             "num_speculative_tokens": args.medusa_k or k}  # fmt: skip
+    unknown = [m for m in args.methods if m not in configs]
+    if unknown:
+        raise SystemExit(f"--methods: unknown or unavailable {unknown}; available {list(configs)}")
+    return {m: configs[m] for m in args.methods}
+
+
+def timed_run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int):
+    """Outputs of ``prompts`` run ``batch`` at a time, and the seconds it took."""
+    outputs = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = [{"prompt_token_ids": p} for p in prompts[i : i + batch]]
+        outputs += [
+            list(o.outputs[0].token_ids) for o in llm.generate(chunk, params, use_tqdm=False)
+        ]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return outputs, time.perf_counter() - start
+
+
+def measure(llm: LLM, prompts, params, batch: int) -> tuple[list[list[int]], float]:
+    timed_run(llm, prompts[:batch], params, batch)  # warm-up: kernels compiled, graphs captured
+    return timed_run(llm, prompts, params, batch)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    engine_args = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                       gpu_memory_utilization=0.5)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    target_config = json.loads((Path(args.target) / "config.json").read_text())
+    drafters = drafter_configs(args, target_config["num_hidden_layers"])  # checked before loading
+    plain = LLM(args.target, **engine_args)
+    prompts = completion_prompts(args.corpus, args.val_fraction, plain.get_tokenizer(),
+                                 args.num_prompts, args.prompt_len, args.seed)  # fmt: skip
+    baseline = {}
+    for batch in args.batch_sizes:
+        outs, seconds = measure(plain, prompts, params, batch)
+        baseline[batch] = (outs, seconds)
+        tokens = sum(map(len, outs))
+        print(f"plain       batch {batch:>3}: {tokens / seconds:8.1f} tok/s", flush=True)
+    plain.close()
+    del plain
+    rows = []
+    for method, spec in drafters.items():
+        llm = LLM(args.target, speculative_config=spec, **engine_args)
+        for batch in args.batch_sizes:
+            before = llm.engine.spec_stats.copy()
+            outs, seconds = measure(llm, prompts, params, batch)
+            plain_outs, plain_seconds = baseline[batch]
+            if outs != plain_outs:
+                raise SystemExit(f"{method}: greedy output differs from plain decoding")
+            tokens = sum(map(len, outs))
+            row = {"method": method, "batch": batch, "k": spec["num_speculative_tokens"],
+                   "tokens_per_step": llm.engine.spec_stats.mean_since(before),
+                   "tok_s": tokens / seconds, "plain_tok_s": tokens / plain_seconds,
+                   "speedup": plain_seconds / seconds, "prompts": len(prompts)}  # fmt: skip
+            rows.append(row)
+            print(f"{method:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
+                  f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x",
+                  flush=True)  # fmt: skip
+        llm.close()
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    ap.add_argument("--target", required=True, help="the target model's folder (HF format)")
+    ap.add_argument("--methods", type=lambda s: s.split(","),
+                    default=["ngram", "draft_model", "layer_skip"],
+                    help="drafters to run (medusa needs --medusa-heads)")  # fmt: skip
+    ap.add_argument("--num-speculative-tokens", type=int, default=4, help="k of each drafter")
+    ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
+    ap.add_argument("--skip-layers", type=int, default=0,
+                    help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip
+    ap.add_argument("--medusa-heads", default="", help="exported Medusa heads folder")
+    ap.add_argument(
+        "--medusa-k", type=int, default=0, help="medusa's k (0: --num-speculative-tokens)"
+    )
+    ap.add_argument("--corpus", default="python", help="corpus whose held-out files give prompts")
+    ap.add_argument("--val-fraction", type=float, default=0.01,
+                    help="the training config's data.val_fraction (which files are held out)")  # fmt: skip
+    ap.add_argument("--num-prompts", type=int, default=64, help="prompts per batch size")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
+    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens at most")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
+    ap.add_argument("--batch-sizes", type=ints, default=[1, 8], help="requests run together")
+    ap.add_argument("--dtype", default="auto", help="model dtype")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--seed", type=int, default=0, help="which held-out files and cut points")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    rows = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

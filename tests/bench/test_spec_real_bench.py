@@ -1,0 +1,94 @@
+"""benchmarks/spec_real_bench.py on CPU: the bundled model drafts for itself (every greedy draft
+is the target's own token, so a drafted step emits close to k + 1 tokens), prompts are cut
+after a ``def`` line of held-out files, and every drafter's output stays plain decoding's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallm.bundled import BUNDLED_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks/spec_real_bench.py"
+
+SOURCE = '''"""A module."""
+
+import os
+
+
+class Walker:
+    """Walks a tree."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def files(self):
+        for dirpath, _, names in os.walk(self.root):
+            for name in names:
+                yield os.path.join(dirpath, name)
+
+
+def count_files(root):
+    return sum(1 for _ in Walker(root).files())
+'''
+
+pytestmark = pytest.mark.skipif(
+    not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model"
+)
+
+
+def _corpus(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(4):
+        (corpus / f"mod{i}.py").write_text(SOURCE.replace("Walker", f"Walker{i}"))
+    return corpus
+
+
+def test_prompts_end_after_a_def_line(tmp_path):
+    spec = importlib.util.spec_from_file_location("spec_real_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from parallm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(BUNDLED_MODEL_DIR)
+    prompts = bench.completion_prompts(str(_corpus(tmp_path)), 1.0, tok, 3, 512, seed=0)
+    assert len(prompts) == 3
+    for ids in prompts:
+        last_line = tok.decode(ids).splitlines()[-1]
+        assert last_line.lstrip().startswith("def ") and last_line.endswith(":")
+    short = bench.completion_prompts(str(_corpus(tmp_path)), 1.0, tok, 3, 7, seed=0)
+    assert [len(p) for p in short] == [7, 7, 7]
+    assert [p[-7:] for p in prompts] == short
+
+
+def test_real_bench_reports_each_drafter(tmp_path):
+    out = tmp_path / "real.json"
+    cmd = [sys.executable, str(BENCH), "--target", str(BUNDLED_MODEL_DIR), "--device", "cpu",
+           "--dtype", "float32", "--corpus", str(_corpus(tmp_path)), "--val-fraction", "1",
+           "--num-prompts", "3", "--max-tokens", "16", "--batch-sizes", "1,3",
+           "--num-speculative-tokens", "3", "--skip-layers", "4", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["method"], r["batch"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {(m, b) for m in ("ngram", "draft_model", "layer_skip") for b in (1, 3)}
+    for batch in (1, 3):
+        # The draft model is the target itself: every draft is accepted.
+        assert rows[("draft_model", batch)]["tokens_per_step"] > 3.5
+        assert 1 <= rows[("ngram", batch)]["tokens_per_step"] <= 4
+        assert 1 <= rows[("layer_skip", batch)]["tokens_per_step"] < 4
+    assert all(r["tok_s"] > 0 and r["plain_tok_s"] > 0 for r in rows.values())
+
+
+def test_unknown_method_is_named(tmp_path):
+    cmd = [sys.executable, str(BENCH), "--target", str(BUNDLED_MODEL_DIR), "--device", "cpu",
+           "--corpus", str(_corpus(tmp_path)), "--val-fraction", "1", "--num-prompts", "1",
+           "--methods", "medusa"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--methods" in proc.stderr and "medusa" in proc.stderr
