@@ -86,6 +86,19 @@ for _ in range(180):
                tail -4 "$OUT/decode_step.log" ;;
     timeline) for b in 1 128; do python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
                 --timeline --batch $b > "$OUT/timeline$b.log" 2>&1; tail -8 "$OUT/timeline$b.log"; done ;;
+    specoracle) for shape in llama-3.1-8b llama-3.2-1b; do
+                  python3 benchmarks/spec_oracle_bench.py --config benchmarks/configs/$shape.json \
+                    --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --out "$OUT/spec_oracle_$shape.json" \
+                    > "$OUT/spec_oracle_$shape.log" 2>&1; tail -28 "$OUT/spec_oracle_$shape.log"; done ;;
+    spectrain) # issue 15's larger code model; its weights stay on the machine for `specreal`
+               python3 -m parallm train --config configs/train/code-model-150m.toml --plot \
+                 > "$OUT/train150m.log" 2>&1; tail -8 "$OUT/train150m.log"
+               python3 -m parallm export --checkpoint runs/code-model-150m/checkpoints \
+                 --out runs/code-model-150m/hf 2>&1 | tail -3
+               cp runs/code-model-150m/metrics.jsonl runs/code-model-150m/loss.png "$OUT/" 2>/dev/null
+               cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
+    specreal) python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
+                --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
