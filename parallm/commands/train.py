@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model (FSDP2 + tensor parallel, resumable checkpoints)",
-        description="Train the engine's Llama model on a tokenized corpus. Restarting the same "
+        description="Train the engine's Llama model on a tokenized corpus (or, with "
+        'training.objective = "medusa", Medusa draft heads on a frozen [medusa] target). '
+        "Restarting the same "
         "command resumes from the newest intact checkpoint (each carries a manifest of file "
         "digests; a damaged one is skipped with a warning). A NaN or infinite loss stops the "
         'run with exit status 1 (training.on_nonfinite_loss = "rollback" reloads the newest '
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from parallm.train.trainer import Trainer, TrainingHalted
 
     cfg = TrainConfig.load(args.config, args.overrides)
+    if cfg.training.objective == "medusa":
+        from parallm.train.medusa import MedusaTrainer as Trainer
     with Trainer(cfg) as trainer:
         try:
             history = trainer.train()
@@ -54,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
             last = history[-1]
             val = f", validation loss {last['val_loss']:.4f}" if "val_loss" in last else ""
             print(f"step {last['step']}: loss {last['loss']:.4f}{val}", file=sys.stderr)
+            if "val_head_accuracy" in last:
+                accuracy = ", ".join(f"{a:.3f}" for a in last["val_head_accuracy"])
+                print(f"Medusa heads' validation top-1 accuracy: {accuracy}", file=sys.stderr)
         print(f"checkpoints in {trainer.cfg.checkpoint_dir}", file=sys.stderr)
         if args.plot:
             out = plot_loss(trainer.log.path, Path(cfg.logging.dir) / "loss.png")

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from parallm.config import ModelConfig
+from parallm.train.medusa_config import check_medusa_config
 
 MIXED_PRECISIONS = ("auto", "bfloat16", "float32")
+OBJECTIVES = ("lm", "medusa")
 NONFINITE_POLICIES = ("stop", "rollback")
 
 
@@ -63,6 +65,9 @@ class TrainingSection:
     micro_batch_size: int = 8  # sequences per forward pass on one rank
     seed: int = 0
     device: str = "auto"  # auto, cpu or cuda
+    # "lm": train the model of [model] on next-token prediction; "medusa": train Medusa draft
+    # heads ([medusa]) on a frozen target's hidden states ([model] is then unused)
+    objective: str = "lm"
     eval_every: int = 0  # 0: only after the last step
     eval_samples: int = 64  # held-out sequences per evaluation
     # A NaN or infinite loss (or model state): "stop" exits non-zero; "rollback" reloads the
@@ -96,6 +101,18 @@ class ParallelSection:
 
 
 @dataclass
+class MedusaSection:
+    """Medusa-1 draft heads on a frozen target (``training.objective = "medusa"``)."""
+
+    # The frozen target: a model directory (config.json + safetensors) or a checkpoint folder
+    # or directory written by `parallm train`
+    target: str = ""
+    num_heads: int = 4  # head i predicts the token i + 2 positions ahead
+    num_layers: int = 1  # residual blocks per head before its projection to the vocabulary
+    loss_decay: float = 0.8  # head i's loss weight is loss_decay ** i
+
+
+@dataclass
 class CheckpointSection:
     """Distributed checkpoints (torch.distributed.checkpoint)."""
 
@@ -122,6 +139,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "optim": OptimSection,
     "parallel": ParallelSection,
+    "medusa": MedusaSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
 }
@@ -136,6 +154,7 @@ class TrainConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     optim: OptimSection = field(default_factory=OptimSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    medusa: MedusaSection = field(default_factory=MedusaSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -237,6 +256,12 @@ class TrainConfig:
             )
         if t.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"training.device must be auto, cpu or cuda, got {t.device!r}")
+        if t.objective not in OBJECTIVES:
+            raise ValueError(
+                f"training.objective must be one of {list(OBJECTIVES)}, got {t.objective!r}"
+            )
+        if t.objective == "medusa":
+            check_medusa_config(self)
         _positive("checkpoint.keep", self.checkpoint.keep)
         _positive("logging.every", self.logging.every)
 

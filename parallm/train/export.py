@@ -1,4 +1,5 @@
-"""Turn a training checkpoint into a Hugging Face model directory.
+"""Turn a training checkpoint into a Hugging Face model directory (or, for a checkpoint of
+Medusa heads, a heads folder: ``parallm.train.medusa_export``).
 
 The result (config.json, model.safetensors, tokenizer, generation_config.json) loads in
 transformers (``AutoModelForCausalLM``) and in parallm (``LLM(model=...)``). Runs in one
@@ -22,6 +23,7 @@ from parallm.config import ModelConfig
 from parallm.models.loader import build_model
 from parallm.train.checkpoint import describe_error, read_train_state, resolve_checkpoint
 from parallm.train.integrity import CheckpointError
+from parallm.train.medusa_export import export_medusa_checkpoint, is_medusa_checkpoint
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -46,6 +48,9 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "bfloat16") -> P
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
     source = resolve_checkpoint(checkpoint)
+    if is_medusa_checkpoint(source):
+        export_medusa_checkpoint(source, out, EXPORT_DTYPES[dtype])
+        return source
     try:
         model, hf_config = load_checkpoint_model(source)
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException

@@ -75,12 +75,7 @@ class Trainer:
             self.dp_rank, cfg.parallel.dp,
         )  # fmt: skip
 
-        self.model_config = cfg.model_config()
-        model = build_train_model(
-            self.model_config, cfg.model.max_position_embeddings, self.device,
-            cfg.model.init_std, cfg.training.seed,
-        )  # fmt: skip
-        self.model = parallelize(model, self.mesh, cfg.parallel)
+        self.model = self._build_model(cfg)
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
@@ -98,7 +93,7 @@ class Trainer:
             self._resume()
 
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = telemetry.flops_per_token(self.model_config, cfg.data.seq_len)
+        self.flops_per_token = self._flops_per_token()
         self.peak_flops = telemetry.device_peak_flops(self.device, cfg.logging.peak_flops)
         self.log = (
             telemetry.MetricsLog(Path(cfg.logging.dir) / "metrics.jsonl")
@@ -118,6 +113,18 @@ class Trainer:
         if not builder:
             dataset = prepare_dataset(self.cfg.data, build=False)
         return dataset
+
+    def _build_model(self, cfg: TrainConfig) -> torch.nn.Module:
+        """The parallelized model to train (and so to checkpoint); sets ``model_config``."""
+        self.model_config = cfg.model_config()
+        model = build_train_model(
+            self.model_config, cfg.model.max_position_embeddings, self.device,
+            cfg.model.init_std, cfg.training.seed,
+        )  # fmt: skip
+        return parallelize(model, self.mesh, cfg.parallel)
+
+    def _flops_per_token(self) -> float:
+        return telemetry.flops_per_token(self.model_config, self.cfg.data.seq_len)
 
     def _resume(self) -> bool:
         """Load the newest intact checkpoint (damaged ones are skipped with a warning)."""
@@ -210,6 +217,10 @@ class Trainer:
         dist.all_reduce(count)
         return (total / count).item()
 
+    def evaluate_metrics(self) -> dict[str, Any]:
+        """What an evaluation logs: ``val_loss`` (and, in subclasses, more)."""
+        return {"val_loss": self.evaluate()}
+
     # -- the loop ------------------------------------------------------------------------------
 
     def train(
@@ -294,11 +305,11 @@ class Trainer:
             self.log.write(metrics)
         every = cfg.training.eval_every
         if (every and step % every == 0) or final:
-            val_loss = self.evaluate()
-            metrics["val_loss"] = val_loss
+            val = self.evaluate_metrics()
+            metrics.update(val)
             if self.log is not None:
-                self.log.write({"step": step, "val_loss": val_loss})
-            bar.write(f"step {step}: validation loss {val_loss:.4f}")
+                self.log.write({"step": step, **val})
+            bar.write(f"step {step}: validation loss {val['val_loss']:.4f}")
         self.checkpointer.poll()
         every = cfg.checkpoint.every
         if (every and step % every == 0) or final:

@@ -123,9 +123,15 @@ class MedusaHeads(nn.Module):
                 head[-1].weight.copy_(lm_head_weight)
 
 
-def save_medusa_heads(heads: MedusaHeads, out: Path, dtype: torch.dtype | None = None) -> None:
+def save_medusa_heads(
+    heads: MedusaHeads,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
+) -> None:
     """Write ``out/config.json``, ``out/medusa_lm_head.safetensors`` and the digest manifest
-    (last, so a folder whose files differ from it was damaged after it was written)."""
+    (last, so a folder whose files differ from it was damaged after it was written).
+    ``base_model``: the target the heads were trained on, recorded as Medusa does."""
     from parallm.train.integrity import write_manifest  # see _verify_folder
 
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,10 @@ def save_medusa_heads(heads: MedusaHeads, out: Path, dtype: torch.dtype | None =
         PREFIX + name.removeprefix(PREFIX): t.detach().to("cpu", dtype or t.dtype).contiguous()
         for name, t in heads.state_dict().items()
     }
-    (out / CONFIG_FILE).write_text(json.dumps(heads.config.to_json_dict(), indent=2) + "\n")
+    config = heads.config.to_json_dict()
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     write_manifest(out)
 
