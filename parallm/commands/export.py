@@ -13,7 +13,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="export a training checkpoint as a Hugging Face model directory",
         description="Write config.json, model.safetensors, the tokenizer and "
         "generation_config.json from a checkpoint written by `parallm train`. The result loads "
-        "in transformers and in `parallm generate --model OUT`.",
+        "in transformers and in `parallm generate --model OUT`. A checkpoint of Medusa heads "
+        '(training.objective = "medusa") becomes a heads folder (config.json, '
+        "medusa_lm_head.safetensors, manifest.json) for "
+        '--speculative-config \'{"method": "medusa", "model": "OUT", ...}\'.',
     )
     p.add_argument(
         "--checkpoint",

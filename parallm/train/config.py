@@ -159,8 +159,9 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
-        """Build from nested dicts; unknown sections or keys and wrong types are ValueErrors."""
+    def from_dict(cls, raw: dict[str, Any], check: bool = True) -> TrainConfig:
+        """Build from nested dicts; unknown sections or keys and wrong types are ValueErrors.
+        ``check``: also run :meth:`check` (off while overrides are still to come)."""
         cfg = cls()
         for section, values in raw.items():
             if section not in _SECTIONS:
@@ -169,7 +170,8 @@ class TrainConfig:
                 raise ValueError(f"[{section}] must be a table of keys, got {values!r}")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value)
-        cfg.check()
+        if check:
+            cfg.check()
         return cfg
 
     @classmethod
@@ -182,7 +184,7 @@ class TrainConfig:
                 raise ValueError(f"--config: no such file {file}")
             with file.open("rb") as f:
                 raw = tomllib.load(f)
-        cfg = cls.from_dict(raw)
+        cfg = cls.from_dict(raw, check=False)  # an override may fix a value of the file
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:

@@ -20,10 +20,11 @@ from parallm.engine.spec.medusa_heads import MedusaHeads, load_medusa_heads
 from parallm.models.loader import load_model
 from parallm.train.checkpoint import complete_checkpoints
 from parallm.train.config import TrainConfig
-from parallm.train.export import export_checkpoint
+from parallm.train.export import export_checkpoint, load_checkpoint_model
 from parallm.train.integrity import CheckpointError
 from parallm.train.medusa import MedusaTrainer, head_losses
 from parallm.train.medusa_export import load_checkpoint_heads
+from parallm.train.trainer import Trainer
 
 try:  # tests/ is on sys.path under pytest's default import mode
     from tiny_models import make_tiny_model
@@ -47,7 +48,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def medusa_config(tmp_path: Path, target: Path, corpus: Path, **overrides: Any) -> TrainConfig:
+def medusa_raw(tmp_path: Path, target: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
+    """The config's sections; ``overrides`` are ``section__key=value``."""
     raw: dict[str, dict[str, Any]] = {
         "data": {
             "corpus": str(corpus), "extensions": [".txt"], "dataset_dir": str(tmp_path / "data"),
@@ -65,7 +67,11 @@ def medusa_config(tmp_path: Path, target: Path, corpus: Path, **overrides: Any) 
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         raw.setdefault(section, {})[key] = value
-    return TrainConfig.from_dict(raw)
+    return raw
+
+
+def medusa_config(tmp_path: Path, target: Path, corpus: Path, **overrides: Any) -> TrainConfig:
+    return TrainConfig.from_dict(medusa_raw(tmp_path, target, corpus, **overrides))
 
 
 def run(cfg: TrainConfig, steps: int | None = None) -> list[dict[str, Any]]:
@@ -180,3 +186,29 @@ def test_target_that_does_not_fit_the_data_is_refused(tmp_path, target, corpus):
         MedusaTrainer(cfg)
     with pytest.raises(ValueError, match="is neither a model directory .* nor a training"):
         MedusaTrainer(medusa_config(tmp_path, target, corpus, medusa__target=str(corpus)))
+
+
+def test_target_from_a_training_checkpoint(tmp_path):
+    lm = {
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 1,
+                  "max_position_embeddings": 64},
+        "data": {"corpus": "synthetic", "vocab_size": 64, "seq_len": 16},
+        "training": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 2,
+                     "eval_samples": 2, "device": "cpu"},
+        "checkpoint": {"async_save": False},
+        "logging": {"dir": str(tmp_path / "lm"), "progress_bar": False},
+    }  # fmt: skip
+    with Trainer(TrainConfig.from_dict(lm)) as trainer:
+        trainer.train()
+    checkpoints = tmp_path / "lm" / "checkpoints"
+    cfg = medusa_config(
+        tmp_path, checkpoints, tmp_path, data__corpus="synthetic", data__vocab_size=64,
+        data__seq_len=16, training__steps=2,
+    )  # fmt: skip
+    with MedusaTrainer(cfg) as trainer:
+        history = trainer.train()
+        expected, _ = load_checkpoint_model(complete_checkpoints(checkpoints)[-1])
+        for name, value in expected.state_dict().items():
+            torch.testing.assert_close(trainer.target.state_dict()[name], value, rtol=0, atol=0)
+    assert len(history) == 2 and all(len(m["head_accuracy"]) == 3 for m in history)

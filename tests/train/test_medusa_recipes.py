@@ -29,6 +29,16 @@ def test_recipe_parses_as_medusa_on_the_bundled_model(name):
     assert Path(cfg.medusa.target).resolve() == BUNDLED_MODEL_DIR.resolve()
 
 
+def test_150m_recipe_reuses_its_targets_dataset():
+    # Its target is trained on the GPU, so it stands in the bundled model's place here.
+    cfg = TrainConfig.load(
+        CONFIGS / "medusa-code-150m.toml", [f'medusa.target="{BUNDLED_MODEL_DIR}"']
+    )
+    target = TrainConfig.load(CONFIGS / "code-model-150m.toml")
+    assert cfg.training.objective == "medusa"
+    assert cfg.data == target.data
+
+
 def test_tiny_recipe_trains_and_exports_through_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[2])  # the recipe names the target relative to it
     args = ["train", "--config", str(CONFIGS / "medusa-tiny.toml"),
