@@ -175,3 +175,13 @@ def test_missing_folder_and_weights_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="hold neither medusa_lm_head.safetensors nor"):
         load_medusa_heads(tmp_path, TARGET, "cpu", torch.float32)
+
+
+def test_heads_without_residual_blocks_round_trip(tmp_path):
+    heads = _random_heads(num_heads=2, num_layers=0)
+    assert sorted(heads.state_dict()) == ["medusa_head.0.0.weight", "medusa_head.1.0.weight"]
+    save_medusa_heads(heads, tmp_path)
+    loaded = load_medusa_heads(tmp_path, TARGET, "cpu", torch.float32)
+    hidden = torch.randn(3, HIDDEN)
+    torch.testing.assert_close(loaded(hidden), heads(hidden), rtol=0, atol=0)
+    torch.testing.assert_close(heads(hidden)[1], hidden @ heads.medusa_head[1][0].weight.T)

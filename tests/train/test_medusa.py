@@ -212,3 +212,12 @@ def test_target_from_a_training_checkpoint(tmp_path):
         for name, value in expected.state_dict().items():
             torch.testing.assert_close(trainer.target.state_dict()[name], value, rtol=0, atol=0)
     assert len(history) == 2 and all(len(m["head_accuracy"]) == 3 for m in history)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_in_bfloat16_beats_chance(tmp_path, target, corpus):
+    # mixed_precision "auto": the target runs in bfloat16 and FSDP computes the heads in it,
+    # with float32 masters and gradient reduction.
+    history = run(medusa_config(tmp_path, target, corpus, training__device="cuda"))
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["val_head_accuracy"][0] > 0.8
