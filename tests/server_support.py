@@ -19,7 +19,7 @@ import openai
 import torch
 
 from parallm.server.app import build_app
-from parallm.server.launcher import ServerThread, load_engine
+from parallm.server.launcher import ServerThread, load_engine, start_engine_core
 from parallm.server.limits import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 API_KEY = "test-key"
@@ -44,15 +44,24 @@ def running_server(
     max_num_waiting: int = 64,
     drain_timeout_s: float = 2.0,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    multiprocess: bool = True,
     **engine_kwargs: Any,
 ) -> Iterator[ServerThread]:
-    """The real app under uvicorn on 127.0.0.1:<free port>, stopped (gracefully) at exit."""
+    """The real app under uvicorn on 127.0.0.1:<free port>, stopped (gracefully) at exit.
+
+    ``multiprocess`` runs the engine core in its own process, as ``parallm serve`` does; tests
+    that look inside the engine (or patch it) pass False to run it on a thread here.
+    """
     # One intra-op thread: the model is tiny and the machine's cores are shared.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kwargs = dict(device="cpu", kv_cache_memory=4 << 20, max_model_len=MAX_MODEL_LEN)
     kwargs.update(engine_kwargs)
-    engine = load_engine(model=str(tiny_model_path()), **kwargs)
+    model = str(tiny_model_path())
+    if multiprocess:
+        engine = start_engine_core(num_threads=1, model=model, **kwargs)
+    else:
+        engine = load_engine(model=model, **kwargs)
     app = build_app(
         engine, MODEL_NAME, api_key=api_key, max_num_waiting=max_num_waiting,
         max_request_body_bytes=max_request_body_bytes,
@@ -62,6 +71,8 @@ def running_server(
             yield server
     finally:
         torch.set_num_threads(threads)
+        if multiprocess:  # the app's shutdown stopped it, unless the app never started
+            engine.stop()
 
 
 def client(server: ServerThread, **kwargs: Any) -> openai.OpenAI:

@@ -71,6 +71,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="do not log the throughput / running / waiting / KV cache / prefix cache hit rate "
         "line that the server logs every 10 s while busy",
     )
+    p.add_argument(
+        "--disable-frontend-multiprocessing",
+        action="store_true",
+        help="run the engine on a thread of the API server's process instead of in its own "
+        "engine-core process (unset, the engine core runs apart, so that HTTP, tokenization "
+        "and streaming do not share a GIL with the step loop)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -111,10 +118,20 @@ def run(args: argparse.Namespace) -> int:
     _take_positional_model(args)
     kwargs = engine_kwargs(args)
     from parallm.server.app import build_app
-    from parallm.server.launcher import load_engine, run_server
+    from parallm.server.launcher import engine_failure, load_engine, run_server, start_engine_core
 
-    engine = load_engine(**kwargs)
-    print(engine.summary(), file=sys.stderr)
+    if args.disable_frontend_multiprocessing:
+        engine = load_engine(**kwargs)
+        print(engine.summary(), file=sys.stderr)
+    else:
+        from parallm.engine.core.client import EngineCoreError
+
+        try:
+            engine = start_engine_core(**kwargs)
+        except EngineCoreError as e:
+            print(f"parallm serve: error: {e}", file=sys.stderr)
+            return 1
+        print(engine.info.summary, file=sys.stderr)
     # The server's INFO lines (the stats log) show by default; set after loading, whose INFO
     # summary line is printed just above.
     logging.getLogger("parallm").setLevel(logging.INFO)
@@ -128,4 +145,8 @@ def run(args: argparse.Namespace) -> int:
         app, args.host, args.port, args.drain_timeout, args.log_level,
         access_log=not args.disable_log_requests,
     )  # fmt: skip
+    failure = engine_failure(app)
+    if failure is not None:
+        print(f"parallm serve: error: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from parallm import __version__
+from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.engine import LLMEngine
 from parallm.server.async_engine import (
     RETRY_AFTER_S,
@@ -47,7 +48,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(
-    engine: LLMEngine,
+    engine: LLMEngine | EngineCoreClient,
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_num_waiting: int = 1024,
@@ -55,7 +56,8 @@ def build_app(
     log_stats: bool = True,
     log_stats_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> FastAPI:
-    """An OpenAI-compatible app around ``engine``; the engine thread runs while the app does.
+    """An OpenAI-compatible app around ``engine``: an engine core in its own process
+    (``EngineCoreClient``, stopped with the app) or an ``LLMEngine`` run on a thread here.
 
     A request body over ``max_request_body_bytes`` is refused (413) before it is read.
     ``log_stats`` logs a throughput and usage line every ``log_stats_interval_s`` seconds
@@ -65,13 +67,13 @@ def build_app(
         raise ValueError(f"max_request_body_bytes must be >= 1, got {max_request_body_bytes}")
     if not log_stats_interval_s > 0:
         raise ValueError(f"log_stats_interval_s must be > 0 seconds, got {log_stats_interval_s}")
-    name = served_model_name or engine.config.model or "parallm"
     async_engine = AsyncEngine(engine, max_num_waiting)
-    metrics = ServerMetrics(lambda: async_engine.snapshot, name, engine.max_model_len)
+    view = async_engine.engine  # limits, tokenizer and prompt checks of either kind
+    name = served_model_name or view.config.model or "parallm"
+    metrics = ServerMetrics(lambda: async_engine.snapshot, name, view.max_model_len)
     async_engine.metrics = metrics
-    engine.step_observer = metrics.iteration_tokens.observe
     ctx = ServingContext(
-        async_engine, [name], engine.config.model, max_chars_per_token(engine.tokenizer)
+        async_engine, [name], view.config.model, max_chars_per_token(view.tokenizer)
     )
 
     @asynccontextmanager
@@ -94,6 +96,8 @@ def build_app(
     app.state.metrics = metrics
     # What the launcher calls at the drain deadline: streams then end with "abort" and [DONE].
     app.state.abort_all_requests = async_engine.abort_all
+    # What the launcher polls: once the engine core has died, the server exits (non-zero).
+    app.state.engine_error = lambda: async_engine.error
     app.add_middleware(BodySizeLimit, max_bytes=max_request_body_bytes)
     _add_error_handlers(app)
     app.include_router(_v1_router(ctx, api_key))

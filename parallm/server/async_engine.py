@@ -1,27 +1,40 @@
-"""The bridge between asyncio handlers and the synchronous ``LLMEngine``.
+"""The bridge between asyncio handlers and the engine core.
 
-One background thread owns the engine and runs the step loop; nothing else touches the engine's
-mutable state. Handlers submit work through a thread-safe inbox and get their outputs (deltas,
-since every request is added with ``stream=True``) on a per-request asyncio queue, fed with
-``loop.call_soon_threadsafe`` once per step, so the event loop never waits for the engine.
+The engine core (``parallm/engine/core``) runs the step loop, by default in its own process
+(``EngineCoreClient``), or on a thread of this process (``InProcessCore``, for an engine built
+here). This module owns what belongs to HTTP requests: admission control, one asyncio queue per
+request, metrics. Handlers submit through ``submit``; outputs (deltas: every request is added
+with ``stream=True``) arrive once per step on the core's delivery thread, which hands them to
+each event loop with one ``call_soon_threadsafe`` per loop per step, so the event loop never
+waits for the engine.
 
-Failure isolation: an error while adding or delivering one request fails only that request. An
-error raised by ``engine.step()`` itself cannot be pinned on one request, so every request that
-took part in the step fails and is aborted; the loop goes on with the others.
+Failure isolation: the core fails one request alone where it can (bad input, an error in its
+output processing), or the requests of a step that raised; the others go on. If the core
+itself dies, every live request fails with a 503 naming the cause, the engine reports
+unhealthy (``error``), and the launcher stops the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
+
+from parallm.engine.core.client import EngineCoreClient
+from parallm.engine.core.inproc import InProcessCore
+from parallm.engine.core.messages import (
+    AbortAll,
+    AbortRequests,
+    AddRequests,
+    CoreOutputs,
+    CoreRequest,
+)
 from parallm.engine.engine import LLMEngine
-from parallm.engine.request import SequenceStatus
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
 from parallm.server.metrics import EngineSnapshot, ServerMetrics
@@ -29,7 +42,6 @@ from parallm.server.metrics import EngineSnapshot, ServerMetrics
 logger = logging.getLogger("parallm.server")
 
 RETRY_AFTER_S = 1
-_IDLE_STEP_WAIT_S = 0.005
 
 
 class EngineOverloaded(Exception):
@@ -37,11 +49,11 @@ class EngineOverloaded(Exception):
 
 
 class EngineUnavailable(Exception):
-    """The engine is shutting down or its loop died (HTTP 503)."""
+    """The engine is shutting down or its core died (HTTP 503)."""
 
 
 class RequestFailed(Exception):
-    """One request failed inside the engine thread; ``status`` is the HTTP status to report."""
+    """One request failed inside the engine; ``status`` is the HTTP status to report."""
 
     def __init__(self, message: str, status: int = 500) -> None:
         super().__init__(message)
@@ -94,63 +106,61 @@ class RequestStream:
 
 @dataclass
 class _Tracked:
-    """Engine-thread bookkeeping of one live engine request (for delivery and metrics)."""
+    """Bookkeeping of one live engine request (for delivery and metrics)."""
 
     stream: RequestStream
-    arrival_time: float
+    request: EngineRequest
     last_token_time: float | None = None
     num_generation_tokens: int = 0
 
 
-@dataclass
-class _Add:
-    stream: RequestStream
-    requests: list[EngineRequest]
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-_STOP = object()
-_ABORT_ALL = object()
-
-
 class AsyncEngine:
-    """Runs ``LLMEngine`` in a background thread and serves many asyncio handlers.
+    """Serves many asyncio handlers from one engine core.
 
-    ``max_num_waiting`` bounds the requests that are admitted but not running: beyond it (plus
-    any free running slots) ``submit`` raises ``EngineOverloaded``.
+    ``engine`` is an ``EngineCoreClient`` (the core in its own process) or an ``LLMEngine``
+    (run on a thread here). ``self.engine`` is what handlers read of it: limits, tokenizer,
+    prompt checks. ``max_num_waiting`` bounds the requests that are admitted but not running:
+    beyond it (plus any free running slots) ``submit`` raises ``EngineOverloaded``.
     """
 
     def __init__(
-        self, engine: LLMEngine, max_num_waiting: int = 1024, metrics: ServerMetrics | None = None
+        self,
+        engine: LLMEngine | EngineCoreClient,
+        max_num_waiting: int = 1024,
+        metrics: ServerMetrics | None = None,
     ) -> None:
-        self.engine = engine
+        self.core = engine if isinstance(engine, EngineCoreClient) else InProcessCore(engine)
+        self.engine = self.core.engine
         self.max_num_waiting = max_num_waiting
         self.metrics = metrics
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Inserted by submit (under the lock), removed by the delivery thread and by abort:
+        # single dict operations, atomic under the GIL.
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
-        self._num_pending = 0  # submitted, not yet taken from the inbox
-        self._snapshot = EngineSnapshot(num_blocks=engine.kv.num_blocks)
-        self._thread: threading.Thread | None = None
+        self._num_sent = 0  # requests sent to the core
+        self._num_taken = 0  # of those, taken by the core from its inbox
+        self._snapshot = EngineSnapshot(num_blocks=self.core.info.num_blocks)
+        self._started = False
         self._stopping = False
-        self._error: BaseException | None = None
+        self._error: str | None = None
 
     # ---- called from the event loop ----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread (once)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="parallm-engine", daemon=True)
-            self._thread.start()
+        """Start taking the core's outputs (once)."""
+        if not self._started:
+            self._started = True
+            self.core.start(self._on_outputs, self._on_death)
 
     @property
     def is_healthy(self) -> bool:
-        alive = self._thread is not None and self._thread.is_alive()
+        alive = self._started and self.core.is_alive()
         return alive and not self._stopping and self._error is None
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine core died (None while it lives or after a clean stop)."""
+        return self._error
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -159,20 +169,29 @@ class AsyncEngine:
     def submit(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue the engine requests of one HTTP request; must run on the caller's event loop."""
         stream = RequestStream(self, asyncio.get_running_loop(), [r.request_id for r in requests])
-        # Checked and queued under the lock so that nothing lands in the inbox after _STOP.
+        command = AddRequests([
+            CoreRequest(r.request_id, r.prompt_token_ids, r.params, r.prompt, r.arrival_time)
+            for r in requests
+        ])  # fmt: skip
+        # Checked and sent under the lock so that nothing reaches the core after a shutdown.
         with self._lock:
             if not self.is_healthy:
                 raise EngineUnavailable(self._unavailable_reason())
             self._admit(len(requests))
-            self._num_pending += len(requests)
-            self._inbox.put(_Add(stream, requests))
+            for r in requests:
+                self._tracked[r.request_id] = _Tracked(stream, r)
+            self._num_sent += len(requests)
+            self.core.send(command)
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
         return stream
 
     def _admit(self, num_requests: int) -> None:
         """Raise EngineOverloaded if these requests would overfill the waiting queue."""
         s = self._snapshot
-        free_slots = max(0, self.engine.scheduler.cfg.max_num_seqs - s.num_seqs_running)
-        queued = self._num_pending + s.num_requests_waiting + num_requests
+        free_slots = max(0, self.core.info.max_num_seqs - s.num_seqs_running)
+        in_flight = self._num_sent - self._num_taken
+        queued = in_flight + s.num_requests_waiting + num_requests
         if queued > self.max_num_waiting + free_slots:
             if self.metrics:
                 self.metrics.rejected.inc()
@@ -183,224 +202,118 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort engine requests; applied before the engine's next step."""
-        self._inbox.put(_Abort(request_ids))
+        num_live = sum(self._tracked.pop(i, None) is not None for i in request_ids)
+        if num_live and self.metrics:
+            self.metrics.aborted.inc(num_live)
+        self.core.send(AbortRequests(request_ids))
 
     def abort_all(self) -> None:
         """End every live request now, each with a last output whose finish_reason is "abort",
         so that its stream closes normally (the drain deadline); later submissions get 503."""
         with self._lock:
             self._stopping = True
-            self._inbox.put(_ABORT_ALL)
+            self.core.send(AbortAll())
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the loop, fail what is still live (503) and join the thread."""
+        """Stop the core, then fail what is still live (503)."""
         with self._lock:
             self._stopping = True
-            self._inbox.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self.core.stop(timeout_s)
+        self._fail_all(self._error or "the server is shutting down")
 
     def _unavailable_reason(self) -> str:
         if self._error is not None:
-            return f"the engine loop died: {self._error!r}"
+            return self._error
         return "the server is shutting down" if self._stopping else "the engine is not running"
 
-    # ---- the engine thread -------------------------------------------------------------------
+    # ---- the core's delivery thread ----------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            wait_s: float | None = None  # None: nothing to do, block until told something
-            while self._handle_inbox(wait_s):
-                if not self.engine.has_unfinished_requests():
-                    wait_s = None
+    def _on_outputs(self, batch: CoreOutputs) -> None:
+        """Take one batch of the core's outputs: counters, then deliveries."""
+        self._snapshot = EngineSnapshot(**msgspec.structs.asdict(batch.stats))
+        self._num_taken = batch.num_requests_taken
+        m = self.metrics
+        if m is not None:
+            for num_tokens in batch.step_num_tokens:
+                m.iteration_tokens.observe(num_tokens)
+        deliveries: list[tuple[RequestStream, RequestOutput | RequestFailed]] = []
+        # A rejected request never ran (bad input): it does not count as failed.
+        for failures, counted in ((batch.rejected, False), (batch.failures, True)):
+            for failure in failures:
+                tracked = self._tracked.pop(failure.request_id, None)
+                if tracked is None:
                     continue
-                # A step that scheduled nothing would make this loop spin: wait a little for
-                # an abort or a new request instead.
-                wait_s = 0.0 if self._step() else _IDLE_STEP_WAIT_S
-        except BaseException as exc:  # a bug in this loop: say so everywhere, then stop
-            logger.exception("engine loop died")
-            with self._lock:
-                self._error = exc
-        finally:
-            reason = "the server is shutting down" if self._error is None else repr(self._error)
-            self._fail_all(reason)
-
-    def _fail_all(self, reason: str) -> None:
-        """Fail every live request and every submission still in the inbox with a 503."""
-        for request_id in list(self._tracked):
-            self._fail(request_id, EngineUnavailable(reason), status=503)
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Add):
-                self._deliver(item.stream, RequestFailed(reason, status=503))
-        self._publish()
-
-    def _handle_inbox(self, wait_s: float | None) -> bool:
-        """Apply queued adds and aborts, waiting up to ``wait_s`` for the first (None: no
-        limit); False once asked to stop."""
-        try:
-            item = self._inbox.get_nowait() if wait_s == 0 else self._inbox.get(timeout=wait_s)
-        except queue.Empty:
-            return True
-        while True:
-            if item is _STOP:
-                return False
-            if isinstance(item, _Add):
-                self._add(item)
-            elif item is _ABORT_ALL:
-                self._end_all()
-            else:
-                for request_id in item.request_ids:
-                    self._abort(request_id)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                self._publish()
-                return True
-
-    def _add(self, item: _Add) -> None:
-        with self._lock:
-            self._num_pending -= len(item.requests)
-        for req in item.requests:
-            try:
-                self.engine.add_request(
-                    req.request_id, req.prompt_token_ids, req.params, prompt=req.prompt,
-                    stream=True, arrival_time=req.arrival_time,
-                )  # fmt: skip
-            except Exception as exc:
-                status = 400 if isinstance(exc, ValueError) else 500
-                self._deliver(item.stream, RequestFailed(f"{type(exc).__name__}: {exc}", status))
-                continue
-            self._tracked[req.request_id] = _Tracked(item.stream, req.arrival_time)
-            if self.metrics:
-                self.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
-
-    def _abort(self, request_id: str) -> None:
-        if self._tracked.pop(request_id, None) is not None and self.metrics:
-            self.metrics.aborted.inc()
-        self.engine.abort_request(request_id)
-
-    def _end_all(self) -> None:
-        """Abort every live request, handing each stream the request's last output."""
-        if self._tracked:
-            logger.warning("shutting down: aborting %d unfinished requests", len(self._tracked))
-        deliveries: list[tuple[RequestStream, RequestOutput]] = []
-        for request_id, tracked in list(self._tracked.items()):
-            try:
-                out = self.engine.abort_request(request_id)
-            except Exception as exc:
-                logger.exception("request %s failed while being aborted", request_id)
-                self._fail(request_id, exc)
-                continue
-            del self._tracked[request_id]
-            if self.metrics:
-                self.metrics.aborted.inc()
-            if out is not None:
-                deliveries.append((tracked.stream, out))
-        self._deliver_many(deliveries)
-
-    def _step(self) -> bool:
-        """One engine step and the delivery of its outputs; False if nothing was scheduled."""
-        steps_before = self.engine.num_steps
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            logger.exception("engine step failed; failing the requests that were in it")
-            self._fail_step(exc)
-            self._publish()
-            return True
-        self._publish()
+                if m is not None and counted:
+                    m.failed.inc()
+                error = RequestFailed(failure.message, failure.status)
+                deliveries.append((tracked.stream, error))
+        for out in batch.aborted:
+            tracked = self._tracked.pop(out.request_id, None)
+            if tracked is not None:
+                if m is not None:
+                    m.aborted.inc()
+                deliveries.append((tracked.stream, _with_prompt(out, tracked.request)))
         now = time.monotonic()
-        deliveries: list[tuple[RequestStream, RequestOutput]] = []
-        for out in outputs:
+        for out in batch.outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue  # aborted while the step ran
-            if out.error is not None:  # the engine ended this request alone; fail it alone
-                self._fail(out.request_id, RuntimeError(out.error))
-                continue
+            _with_prompt(out, tracked.request)
             try:
                 self._account(tracked, out, now)
             except Exception as exc:
                 logger.exception("request %s failed while delivering output", out.request_id)
-                self._fail(out.request_id, exc)
+                self._fail(out.request_id, f"{type(exc).__name__}: {exc}")
                 continue
             deliveries.append((tracked.stream, out))
             if out.finished:
-                del self._tracked[out.request_id]
+                self._tracked.pop(out.request_id, None)
         self._deliver_many(deliveries)
-        return self.engine.num_steps != steps_before
+
+    def _on_death(self, reason: str) -> None:
+        with self._lock:
+            self._error = reason
+        self._fail_all(reason)
 
     def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         """Update token counters and latency histograms for one output."""
         num_new = sum(len(c.token_ids) for c in out.outputs)
         m = self.metrics
+        arrival_time = tracked.request.arrival_time
         if num_new and m is not None:
             m.generation_tokens.inc(num_new)
             if tracked.last_token_time is None:
-                m.ttft.observe(now - tracked.arrival_time)
+                m.ttft.observe(now - arrival_time)
             else:
                 m.itl.observe(now - tracked.last_token_time)
         if num_new:
             tracked.last_token_time = now
             tracked.num_generation_tokens += num_new
         if out.finished and m is not None:
-            m.e2e.observe(now - tracked.arrival_time)
+            m.e2e.observe(now - arrival_time)
             m.finished(out.outputs[0].finish_reason or "unknown")
             m.request_done(out.metrics, len(out.prompt_token_ids), tracked.num_generation_tokens)
 
-    def _fail_step(self, exc: Exception) -> None:
-        """After ``step()`` raised: fail the requests that were in the step (running ones)."""
-        for request_id in list(self._tracked):
-            request = self.engine.requests.get(request_id)
-            in_step = (
-                request is None
-                or request.is_finished
-                or any(s.status is SequenceStatus.RUNNING for s in request.seqs)
-            )
-            if in_step:
-                self._fail(request_id, exc)
-
-    def _fail(self, request_id: str, exc: BaseException, status: int = 500) -> None:
+    def _fail(self, request_id: str, message: str) -> None:
+        """Fail one request here (its output could not be delivered) and abort it in the core."""
         tracked = self._tracked.pop(request_id, None)
-        self.engine.abort_request(request_id)
+        self.core.send(AbortRequests([request_id]))
         if tracked is not None:
             if self.metrics:
                 self.metrics.failed.inc()
-            self._deliver(tracked.stream, RequestFailed(f"{type(exc).__name__}: {exc}", status))
+            self._deliver_many([(tracked.stream, RequestFailed(message, 500))])
 
-    def _publish(self) -> None:
-        """Replace the snapshot that metrics and admission control read."""
-        engine = self.engine
-        sched = engine.scheduler
-        stats = sched.stats
-        running = sched.running
-        snapshot = EngineSnapshot(
-            num_requests_running=len({s.request_id for s in running}),
-            num_requests_waiting=len({s.request_id for s in sched.waiting}),
-            num_seqs_running=len(running),
-            num_blocks=engine.kv.num_blocks,
-            num_blocks_in_use=engine.kv.num_blocks - engine.kv.num_free_blocks,
-            num_cached_blocks=engine.kv.num_cached_blocks,
-            prefix_cache_queries=stats.num_prefix_cache_queried_tokens,
-            prefix_cache_hits=stats.num_prefix_cache_hit_tokens,
-            num_preemptions=stats.num_preemptions,
-            num_steps=engine.num_steps,
-            num_prompt_tokens_computed=stats.num_prefill_tokens_computed,
-            num_generated_tokens=engine.num_generated_tokens,
-            spec_num_draft_tokens=engine.spec_stats.draft_tokens,
-            spec_num_accepted_tokens=engine.spec_stats.accepted_tokens,
-            spec_num_drafts=engine.spec_stats.num_proposals,
-            spec_accepted_per_position=tuple(engine.spec_stats.accepted_per_position),
-        )
-        with self._lock:
-            self._snapshot = snapshot
-
-    def _deliver(self, stream: RequestStream, item: RequestOutput | RequestFailed) -> None:
-        self._deliver_many([(stream, item)])
+    def _fail_all(self, reason: str) -> None:
+        """Fail every live request with a 503 naming ``reason``."""
+        deliveries: list[tuple[RequestStream, RequestOutput | RequestFailed]] = []
+        for request_id in list(self._tracked):
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is None:
+                continue
+            if self.metrics:
+                self.metrics.failed.inc()
+            deliveries.append((tracked.stream, RequestFailed(f"EngineUnavailable: {reason}", 503)))
+        self._deliver_many(deliveries)
 
     def _deliver_many(self, items: list[tuple[RequestStream, RequestOutput | RequestFailed]]):
         """Hand outputs to their event loops: one wake-up per loop per step, not per request."""
@@ -412,8 +325,14 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 for stream, _ in batch:
-                    for request_id in stream.request_ids:
-                        self._abort(request_id)
+                    self.abort(stream.request_ids)
+
+
+def _with_prompt(out: RequestOutput, request: EngineRequest) -> RequestOutput:
+    """Put back the prompt that the core leaves out of its outputs."""
+    out.prompt = request.prompt
+    out.prompt_token_ids = request.prompt_token_ids
+    return out
 
 
 def _put_all(batch: list[tuple[RequestStream, RequestOutput | RequestFailed]]) -> None:

@@ -1,9 +1,10 @@
 """Running the app: in the foreground (``parallm serve``) or in a background thread (tests, the
-load test, benchmarks)."""
+load test, benchmarks); and starting its engine, in its own process or in this one."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import sys
@@ -15,7 +16,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.engine import LLMEngine
+
+logger = logging.getLogger("parallm.server")
 
 _BACKLOG = 2048  # uvicorn's default
 # Past the drain deadline the app aborts its requests, and each stream then sends its last
@@ -28,6 +32,18 @@ def load_engine(**engine_kwargs: Any) -> LLMEngine:
     from parallm.llm import LLM
 
     return LLM(**engine_kwargs).engine
+
+
+def start_engine_core(num_threads: int | None = None, **engine_kwargs: Any) -> EngineCoreClient:
+    """An engine core in its own process from ``LLM``'s keyword arguments; returns once it is
+    loaded (its start-up error is raised here)."""
+    return EngineCoreClient(engine_kwargs, num_threads=num_threads)
+
+
+def engine_failure(app: Any) -> str | None:
+    """Why the app's engine core died, or None (also for an app without an engine)."""
+    check = getattr(getattr(app, "state", None), "engine_error", None)
+    return check() if check is not None else None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -49,6 +65,7 @@ class DrainingServer(uvicorn.Server):
     stream ends with finish_reason "abort" and [DONE] instead of being cut; uvicorn's own
     cancellation follows ``_ABORT_GRACE_S`` later for anything still open. Then the app's
     shutdown stops the engine. ``drain_timeout_s=None`` waits for as long as requests run.
+    If the engine core dies, the server shuts down the same way (its requests have failed).
     """
 
     def __init__(
@@ -61,6 +78,13 @@ class DrainingServer(uvicorn.Server):
         ))  # fmt: skip
         self.drain_timeout_s = drain_timeout_s
         self._abort_all = getattr(app.state, "abort_all_requests", None)
+        self._app = app
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.should_exit and engine_failure(self._app) is not None:
+            logger.error("the engine core died; shutting the server down")
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = None

@@ -236,7 +236,8 @@ def test_serve_takes_vllm_spellings(tiny_model_dir, monkeypatch):
     model = str(tiny_model_dir("llama3"))
     code = main(["serve", model, "--device", "cpu", "--served-model-name", "tiny-chat",
                  "--uvicorn-log-level", "warning", "--disable-log-requests",
-                 "--no-enable-prefix-caching", "--chat-template", CHAT_TEMPLATE])  # fmt: skip
+                 "--no-enable-prefix-caching", "--chat-template", CHAT_TEMPLATE,
+                 "--disable-frontend-multiprocessing"])  # fmt: skip
     assert code == 0
     engine = seen["engine"]
     assert engine.config.model == model and engine.config.enable_prefix_caching is False

@@ -152,7 +152,7 @@ def test_serve_hub_id_with_revision_and_download_dir(offline, hub_cache, monkeyp
     monkeypatch.setattr(launcher, "run_server", lambda *args, **kwargs: None)
     argv = ["serve", "Org/Tiny", "--revision", "v2", "--download-dir", str(hub_cache),
             "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
-            "--kv-cache-memory", str(8 << 20)]  # fmt: skip
+            "--kv-cache-memory", str(8 << 20), "--disable-frontend-multiprocessing"]  # fmt: skip
     assert main(argv) == 0
     (engine,) = loaded
     assert Path(engine.model_dir).name == V2_COMMIT

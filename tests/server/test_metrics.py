@@ -225,7 +225,8 @@ def test_serve_logs_stats_at_info_unless_disabled(
     parallm_logger = logging.getLogger("parallm")
     level = parallm_logger.level
     try:
-        assert cli_main(["serve", "--model", str(tiny_model_path()), *flags]) == 0
+        argv = ["serve", "--model", str(tiny_model_path()), "--disable-frontend-multiprocessing"]
+        assert cli_main([*argv, *flags]) == 0
         assert parallm_logger.getEffectiveLevel() == logging.INFO
     finally:
         parallm_logger.setLevel(level)
@@ -238,7 +239,7 @@ def test_speculative_decoding_counters_over_http() -> None:
     from server_support import API_KEY, running_server
 
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
-    with running_server(speculative_config=spec) as server:
+    with running_server(speculative_config=spec, multiprocess=False) as server:
         body = {"model": MODEL_NAME, "prompt": [5, 6, 7, 8] * 6, "max_tokens": 24,
                 "ignore_eos": True, "temperature": 0}  # fmt: skip
         auth = {"Authorization": f"Bearer {API_KEY}"}

@@ -29,7 +29,8 @@ LONG_PROMPT = list(range(10, 10 + MAX_MODEL_LEN + 1))
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    with running_server() as s:
+    # In-process: a test below patches the engine's output processing.
+    with running_server(multiprocess=False) as s:
         yield s
 
 

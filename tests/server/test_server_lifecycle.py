@@ -78,7 +78,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_aborts(server: ServerThread
 
 
 def test_shutdown_past_the_drain_timeout_aborts_what_is_left() -> None:
-    with running_server(drain_timeout_s=0.3, max_model_len=CONTEXT) as server:
+    with running_server(drain_timeout_s=0.3, max_model_len=CONTEXT, multiprocess=False) as server:
         engine = server.app.state.ctx.engine
         stream = client(server).completions.create(model=MODEL_NAME, stream=True, **LONG)
         chunks = iter(stream)

@@ -277,7 +277,8 @@ def test_serve_passes_max_request_body_bytes(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(parallm.server.launcher, "load_engine", lambda **kw: FakeEngine())
     monkeypatch.setattr(parallm.server.launcher, "run_server", lambda *a, **kw: None)
     monkeypatch.setattr(parallm.server.app, "build_app", lambda *a, **kw: built.update(kw))
-    argv = ["serve", "--model", "/some/model", "--served-model-name", "m"]
+    argv = ["serve", "--model", "/some/model", "--served-model-name", "m",
+            "--disable-frontend-multiprocessing"]  # fmt: skip
     assert main([*argv, "--max-request-body-bytes", "1234"]) == 0
     assert built["max_request_body_bytes"] == 1234
     assert build_parser().parse_args(argv).max_request_body_bytes == 16 * 1024 * 1024

@@ -35,7 +35,7 @@ KV_CACHE_BYTES = 96 << 20
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    with running_server(kv_cache_memory=KV_CACHE_BYTES, max_model_len=512) as s:
+    with running_server(kv_cache_memory=KV_CACHE_BYTES, max_model_len=512, multiprocess=False) as s:
         yield s
 
 

@@ -1,0 +1,151 @@
+"""Every message between the API process and the engine core: plain msgspec structs.
+
+Requests go in as token ids and ``SamplingParams`` (a plain dataclass, encoded field by field);
+outputs come back once per step as ``RequestOutput`` deltas (new token ids, text, logprobs,
+finish reasons) without the prompt, which the API process already holds, plus a snapshot of the
+engine's counters for /metrics and admission control. Nothing here is pickled except the
+tokenizer, once, at start-up.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from parallm.outputs import RequestOutput
+from parallm.sampling_params import SamplingParams
+
+# ---- API process -> core ---------------------------------------------------------------------
+
+
+class CoreRequest(msgspec.Struct, array_like=True):
+    """One engine request. ``arrival_time`` is ``time.monotonic()`` in the API process (the
+    clock is system-wide, so the core's request metrics use it as is)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = 0.0
+
+
+class AddRequests(msgspec.Struct, tag=True, array_like=True):
+    requests: list[CoreRequest]
+
+
+class AbortRequests(msgspec.Struct, tag=True, array_like=True):
+    request_ids: list[str]
+
+
+class AbortAll(msgspec.Struct, tag=True, array_like=True):
+    """End every live request with a last output whose finish_reason is "abort"."""
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    """Stop the loop, close the engine (and its tensor-parallel workers) and exit."""
+
+
+Command = AddRequests | AbortRequests | AbortAll | Shutdown
+
+# ---- core -> API process ---------------------------------------------------------------------
+
+
+class EngineStats(msgspec.Struct, array_like=True):
+    """The engine's counters after a step (the fields of the server's ``EngineSnapshot``)."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_seqs_running: int = 0
+    num_blocks: int = 0
+    num_blocks_in_use: int = 0
+    num_cached_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_drafts: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
+
+
+class RequestFailure(msgspec.Struct, array_like=True):
+    """One request that the core ended with an error; ``status`` is the HTTP status."""
+
+    request_id: str
+    message: str
+    status: int = 500
+
+
+class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
+    """What happened since the last message: sent after every step and every batch of commands.
+
+    ``outputs``: deltas of requests that progressed (``prompt`` and ``prompt_token_ids`` left
+    empty). ``aborted``: last outputs of the requests ``AbortAll`` ended. ``rejected``: requests
+    the engine refused to add (bad input). ``failures``: requests that failed while running.
+    ``num_requests_taken``: how many requests the core has taken from its inbox in all (the API
+    process counts what it sent, so it knows what is still in flight). ``step_num_tokens``:
+    the token count of each step launched.
+    """
+
+    outputs: list[RequestOutput] = []
+    aborted: list[RequestOutput] = []
+    rejected: list[RequestFailure] = []
+    failures: list[RequestFailure] = []
+    num_requests_taken: int = 0
+    step_num_tokens: list[int] = []
+    stats: EngineStats = msgspec.field(default_factory=EngineStats)
+
+
+class EngineInfo(msgspec.Struct, array_like=True):
+    """What the API process needs to know of the engine it serves."""
+
+    model: str | None
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    num_blocks: int
+    summary: str
+
+
+class Ready(msgspec.Struct, tag=True, array_like=True):
+    """The core loaded its engine and is listening. ``tokenizer`` is the engine's tokenizer
+    pickled (None without one), so that the API process tokenizes exactly as the engine would
+    (chat template included)."""
+
+    info: EngineInfo
+    tokenizer: bytes | None
+    pid: int
+
+
+class StartupFailed(msgspec.Struct, tag=True, array_like=True):
+    """Building the engine raised; ``error_type`` is the exception's class name."""
+
+    error_type: str
+    message: str
+    traceback: str
+
+
+class CoreFailed(msgspec.Struct, tag=True, array_like=True):
+    """The core's loop raised (a bug) and the core is exiting."""
+
+    message: str
+
+
+CoreMessage = CoreOutputs | Ready | StartupFailed | CoreFailed
+
+
+def encode(message: Command | CoreMessage) -> bytes:
+    """msgpack bytes of one message (msgspec's module-level encoder is thread-safe)."""
+    return msgspec.msgpack.encode(message)
+
+
+def command_decoder() -> msgspec.msgpack.Decoder:
+    """A decoder of ``Command`` messages (one per receiving thread)."""
+    return msgspec.msgpack.Decoder(Command)
+
+
+def core_message_decoder() -> msgspec.msgpack.Decoder:
+    """A decoder of ``CoreMessage`` messages (one per receiving thread)."""
+    return msgspec.msgpack.Decoder(CoreMessage)

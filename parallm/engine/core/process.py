@@ -1,0 +1,132 @@
+"""The engine-core process: loads the engine, then runs its loop behind two ZeroMQ sockets.
+
+It connects a PULL socket to the API process's command address and a PUSH socket to its output
+address (the API process binds both, as ``ipc://`` paths in a private temporary folder). Its
+first message is ``Ready`` (or ``StartupFailed`` with the error, after which it exits 1).
+
+It ignores SIGINT and SIGTERM: a Ctrl-C or a signal to the whole process group must let the API
+process drain its requests first; the API process stops it with ``Shutdown``. It also exits as
+soon as the API process is gone (it watches its parent's sentinel), so it is never orphaned;
+its tensor-parallel workers then exit as their pipe to it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from parallm.engine.core.loop import EngineCoreLoop, engine_info, run_core_loop
+from parallm.engine.core.messages import (
+    Command,
+    CoreFailed,
+    CoreMessage,
+    Ready,
+    StartupFailed,
+    command_decoder,
+    encode,
+)
+
+logger = logging.getLogger("parallm.engine.core")
+
+# How long the last message (an error) may take to leave when the process exits.
+_LAST_MESSAGE_LINGER_MS = 2000
+
+
+class _ParentGone(Exception):
+    """The API process exited: nobody is left to serve."""
+
+
+def run_engine_core(
+    engine_kwargs: dict[str, Any],
+    input_address: str,
+    output_address: str,
+    ipc_dir: str,
+    num_threads: int | None = None,
+) -> None:
+    """The engine-core process's entry point (``multiprocessing`` spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_address)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never block on a slow reader: the reader is the server
+    outbox.connect(output_address)
+    try:
+        code = _serve(engine_kwargs, inbox, outbox)
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=_LAST_MESSAGE_LINGER_MS)
+        ctx.term()
+        # The API process removes the folder when it stops us; if it died, nobody else will.
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    os._exit(code)  # skip interpreter teardown: the engine is closed and the sockets are gone
+
+
+def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket) -> int:
+    """Build the engine and run its loop; the process's exit code."""
+
+    def send(message: CoreMessage) -> None:
+        outbox.send(encode(message), copy=False)
+
+    try:
+        from parallm.llm import LLM
+
+        engine = LLM(**engine_kwargs).engine
+    except BaseException as exc:
+        send(StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
+        return 1
+    try:
+        tokenizer = pickle.dumps(engine.tokenizer) if engine.tokenizer is not None else None
+        send(Ready(engine_info(engine), tokenizer, os.getpid()))
+        receive = _receiver(inbox)
+        run_core_loop(EngineCoreLoop(engine), receive, send)
+        return 0
+    except _ParentGone:
+        logger.warning("the API process exited; the engine core stops")
+        return 1
+    except BaseException as exc:  # a bug in the loop: tell the API process, then exit
+        logger.exception("engine core loop died")
+        send(CoreFailed(f"the engine core loop died: {exc!r}"))
+        return 1
+    finally:
+        engine.close()
+
+
+def _receiver(inbox: zmq.Socket) -> Callable[[float | None], list[Command]]:
+    """``receive(wait_s)`` for ``run_core_loop``: the commands that arrived, waiting up to
+    ``wait_s`` seconds for the first; raises ``_ParentGone`` once the API process exited."""
+    decoder = command_decoder()
+    parent = multiprocessing.parent_process()
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    if parent is not None:
+        poller.register(parent.sentinel, zmq.POLLIN)
+
+    def receive(wait_s: float | None) -> list[Command]:
+        timeout_ms = None if wait_s is None else int(wait_s * 1000)
+        events = dict(poller.poll(timeout_ms))
+        if parent is not None and parent.sentinel in events:
+            raise _ParentGone()
+        commands = []
+        while True:
+            try:
+                data = inbox.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return commands
+            commands.append(decoder.decode(data.buffer))
+
+    return receive
