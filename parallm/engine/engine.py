@@ -390,7 +390,10 @@ class LLMEngine:
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
         for j in range(max(map(len, emitted), default=0)):
-            rows = [i for i, t in enumerate(emitted) if len(t) > j and not sampled[i].is_finished]
+            # A sequence that stopped at an earlier token of this run (its finish_reason is
+            # set; the scheduler finishes it after this step) takes no more of them.
+            rows = [i for i, t in enumerate(emitted)
+                    if len(t) > j and sampled[i].finish_reason is None]  # fmt: skip
             if not rows:
                 break
             if j == 0:  # the first tokens carry the sampler's logprobs, if any were asked for

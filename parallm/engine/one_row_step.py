@@ -22,16 +22,18 @@ from parallm.kernels.pdl import pdl_supported
 from parallm.kernels.rope_store import NewTokenRope
 from parallm.layers.attention import AttentionMetadata
 from parallm.layers.backends import TritonAttention
-from parallm.layers.quantization import is_quantized
+from parallm.layers.quantization import QuantizedLinear
+from parallm.layers.quantization.format import gemv_reads
 
 
 def supports_one_row_step(model: nn.Module, backend: object) -> bool:
-    """Whether :class:`OneRowStep` can run ``model``: packed float projections without bias,
-    one rank, and the Triton attention backend. Its GEMVs read float weights, so a quantized
-    model runs batch 1 through its own forward until they read quantized ones."""
+    """Whether :class:`OneRowStep` can run ``model``: packed projections without bias, one
+    rank, and the Triton attention backend. Quantized projections (int8, e4m3 with per-row
+    scales) are read as stored where the GEMVs read their dtype on this device."""
     if not getattr(model, "packed", False) or not isinstance(backend, TritonAttention):
         return False
-    if is_quantized(model):
+    if not all(gemv_reads(m.weight.dtype, m.weight.device)
+               for m in model.modules() if isinstance(m, QuantizedLinear)):  # fmt: skip
         return False
     embed = model.model.embed_tokens
     layer = model.model.layers[0]
@@ -80,14 +82,18 @@ class OneRowStep:
         gather = input_ids if residual is None else None
         qkv, summed = gemv.rms_norm_gemv(
             x, residual, norm1.weight, attn.qkv_proj.weight, norm1.eps, gather_ids=gather,
-            pdl=pdl,
+            pdl=pdl, weight_scale=_scale(attn.qkv_proj),
         )  # fmt: skip
         heads = self._attention(attn, qkv, rope, meta, kv_cache)
-        h = gemv.gemv(heads.reshape(1, -1), attn.o_proj.weight, pdl=pdl)
+        h = gemv.gemv(heads.reshape(1, -1), attn.o_proj.weight, pdl=pdl,
+                      weight_scale=_scale(attn.o_proj))  # fmt: skip
         gate_up, residual = gemv.rms_norm_gemv(
-            h, summed, norm2.weight, mlp.gate_up_proj.weight, norm2.eps, pdl=pdl
-        )
-        return gemv.silu_mul_gemv(gate_up, mlp.down_proj.weight, pdl=pdl), residual
+            h, summed, norm2.weight, mlp.gate_up_proj.weight, norm2.eps, pdl=pdl,
+            weight_scale=_scale(mlp.gate_up_proj),
+        )  # fmt: skip
+        down = gemv.silu_mul_gemv(gate_up, mlp.down_proj.weight, pdl=pdl,
+                                  weight_scale=_scale(mlp.down_proj))  # fmt: skip
+        return down, residual
 
     def _attention(
         self,
@@ -106,5 +112,10 @@ class OneRowStep:
         return paged_attention.paged_decode_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, attn.attn.scale,
             meta.max_seq_len, rope=new_token, split_counters=self.backend.split_counters(q.device),
-            pdl=self.pdl,
+            kv_scale=attn.attn.kv_scale, pdl=self.pdl,
         )  # fmt: skip
+
+
+def _scale(linear: nn.Module) -> torch.Tensor | None:
+    """A quantized projection's per-row scales (its weight is read as stored); None for float."""
+    return linear.weight_scale if isinstance(linear, QuantizedLinear) else None

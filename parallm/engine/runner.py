@@ -7,6 +7,7 @@ scheduler has already chosen which tokens of which sequences this step computes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from parallm.engine.sampler import (
     greedy_argmax,
     token_logprobs,
 )
-from parallm.engine.scheduler import ScheduledBatch
+from parallm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from parallm.engine.spec.tree import DraftTree, move_kv_slots
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -60,7 +62,11 @@ class StepInputs:
     # Rows of the hidden state whose logits the step needs: sampling sequences in batch order,
     # one row each (its last known token), or k+1 for a sequence with k drafts: its last known
     # token's row, then each draft's, in position order (row j predicts the token after j drafts).
+    # A draft tree's rows are its nodes', in node order.
     sample_indices: np.ndarray
+    # Draft trees only (AttentionMetadata.tree_num_nodes / tree_visible); None in other steps.
+    tree_num_nodes: np.ndarray | None = None
+    tree_visible: np.ndarray | None = None
 
 
 @dataclass
@@ -135,6 +141,9 @@ class ModelRunner:
 
     @property
     def block_size(self) -> int:
+        # Set by a drafter that reads the target's hidden states (Medusa): every step then runs
+        # eagerly and its SamplerOutput carries each sampling sequence's last hidden state.
+        self.keep_hidden = False
         return self.cache_cfg.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -236,6 +245,10 @@ class ModelRunner:
             for it in items
         )
         ids = np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(ends[-1]))
+        # Tree nodes keep the slots above, in node order, and take the rotary position of
+        # their depth: the position each would have on its own path.
+        trees = [i for i, it in enumerate(items) if _tree_of(it) is not None]
+        tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
         samples = np.fromiter((it.samples for it in items), bool, len(items))
         num_drafts = np.fromiter((len(it.draft_token_ids) for it in items), np.int64, len(items))
         return StepInputs(
@@ -251,10 +264,16 @@ class ModelRunner:
     def _build_metadata(self, inputs: StepInputs) -> AttentionMetadata:
         query_lens = np.diff(inputs.query_start_loc)
         return AttentionMetadata(
+            tree_num_nodes=tree_arrays[0],
+            tree_visible=tree_arrays[1],
             slot_mapping=self._to_device(inputs.slot_mapping),
             query_start_loc=self._to_device(inputs.query_start_loc),
             seq_lens=self._to_device(inputs.seq_lens),
             block_tables=self._to_device(inputs.block_tables),
+        trees = {}
+        if inputs.tree_num_nodes is not None:
+            trees = dict(tree_num_nodes=self._to_device(inputs.tree_num_nodes),
+                         tree_visible=self._to_device(inputs.tree_visible))  # fmt: skip
             max_query_len=int(query_lens.max()),
             max_seq_len=int(inputs.seq_lens.max()),
             query_start_loc_cpu=inputs.query_start_loc.tolist(),
@@ -264,6 +283,7 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
+            **trees,
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> float:
         """Capture decode graphs for ``sizes``; returns the seconds it took. With the Triton
         kernels (``fused_kernels``), batch 1 runs the one-row kernel chain."""
@@ -279,7 +299,7 @@ class ModelRunner:
         return self.graphs.capture_seconds
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
-        if self.graphs is None or len(batch.seqs) > self.graphs.max_batch:
+        if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:
             return False
         return batch.is_pure_decode  # a step with drafts runs eagerly
 
@@ -306,7 +326,7 @@ class ModelRunner:
 
         ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
         """
-        greedy = host_ids = None
+        greedy = host_ids = inputs = hidden = None
         scored: list[PromptScores] = []
         if self._use_graph(batch):
             logits, greedy, host_ids = self.graphs.run(*self.prepare_decode(batch),
@@ -317,7 +337,9 @@ class ModelRunner:
             spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
-            if spans:
+            if self.keep_hidden:
+                logits, scored, hidden = self._forward_keeping_hidden(inputs, device_ids, spans)
+            elif spans:
                 logits, scored = self._forward_scoring_prompts(inputs, device_ids, spans)
             else:
                 logits = self.forward_logits(inputs, device_ids)
@@ -325,12 +347,19 @@ class ModelRunner:
             return None, scored
         drafted = [item.draft_token_ids for item in batch.seqs if item.samples]
         if not any(drafted):
-            return self._sample(batch, logits, greedy, host_ids), scored
+            out = self._sample(batch, logits, greedy, host_ids)
+            if hidden is not None:
+                out = dataclasses.replace(out, hidden_states=hidden)
+            return out, scored
         # Each drafted sequence has one row per draft after its own: sample the first rows as
         # in any step, then verify the drafts on the rows after them.
         first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
         out = self._sample(batch, logits[self._to_device(first)], None, None)
-        return self._verify(batch, out, logits, first), scored
+        out, rows = self._verify(batch, out, logits, first, inputs)
+        if hidden is not None:  # each sequence's state at the row of its last emitted token
+            last = self._to_device(np.array([r[-1] for r in rows]))
+            out = dataclasses.replace(out, hidden_states=hidden[last])
+        return out, scored
 
     def _sample(
         self,
@@ -351,41 +380,63 @@ class ModelRunner:
         return self.sampler(logits.float(), tensors)
 
     def _verify(
-        self, batch: ScheduledBatch, out: SamplerOutput, logits: torch.Tensor, first: np.ndarray
-    ) -> SamplerOutput:
-        """``out`` with every sampling sequence's emitted tokens (``spec_token_ids``): a
-        drafted one keeps its drafts while each equals the token sampled at its position,
-        then takes the first token that differs (or the one after the last draft).
+        self,
+        batch: ScheduledBatch,
+        out: SamplerOutput,
+        logits: torch.Tensor,
+        first: np.ndarray,
+        inputs: StepInputs,
+    ) -> tuple[SamplerOutput, list[list[int]]]:
+        """``out`` with every sampling sequence's emitted tokens (``spec_token_ids``), and the
+        logits rows each was sampled from. A chain keeps its drafts while each equals the token
+        sampled at its position, then takes the first token that differs (or the one after
+        the last draft); a tree walks from its root to the child carrying the token sampled
+        at the current node (``DraftTree.walk``), and its accepted nodes' KV moves to the
+        slots that follow the last known token.
 
         Each position is sampled exactly as plain decoding samples it, one draw of the
         sequence's random stream per emitted token: the output is plain decoding's, token for
         token for greedy and seeded requests, and in distribution otherwise. The tokens after
         the first carry their logprobs (``spec_logprobs``) when ``out`` carries the first ones'.
         """
-        items = [item for item in batch.seqs if item.samples]
-        emitted = []
-        for start, item, token in zip(first.tolist(), items, out.token_ids.tolist(), strict=True):
-            tokens = [token]
-            for i, draft in enumerate(item.draft_token_ids):
-                if tokens[-1] != draft:
-                    break
-                tokens.append(self._sample_row(item.seq, logits[start + 1 + i]))
+        emitted, rows, moves = [], [], []
+        sampling = [(b, item) for b, item in enumerate(batch.seqs) if item.samples]
+        tokens_out = out.token_ids.tolist()
+        for (b, item), start, token in zip(sampling, first.tolist(), tokens_out, strict=True):
+            tree = _tree_of(item)
+            if tree is None:
+                tokens = [token]
+                for i, draft in enumerate(item.draft_token_ids):
+                    if tokens[-1] != draft:
+                        break
+                    tokens.append(self._sample_row(item.seq, logits[start + 1 + i]))
+                path = range(len(tokens) - 1)
+            else:
+                sample_at = functools.partial(self._sample_node, item.seq, logits, start)
+                tokens, path = tree.walk(token, sample_at)
+                first_node = int(inputs.query_start_loc[b + 1]) - len(tree)
+                moves += [(first_node + node, first_node + depth)
+                          for depth, node in enumerate(path) if node != depth]  # fmt: skip
             emitted.append(tokens)
         later = None
         if out.logprobs is not None:
             k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
-            later = self._later_token_logprobs(logits, first, emitted, k)
-        return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later)
+            later = self._later_token_logprobs(logits, rows, emitted, k)
+        return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later), rows
+            rows.append([start] + [start + 1 + node for node in path])
+        if moves:
+            src, dst = inputs.slot_mapping[np.array(moves).T]
+            move_kv_slots(self.kv_caches, self._to_device(src), self._to_device(dst))
 
     def _later_token_logprobs(
-        self, logits: torch.Tensor, first: np.ndarray, emitted: list[list[int]], k: int
+        self, logits: torch.Tensor, sampled_rows: list[list[int]], emitted: list[list[int]], k: int
     ) -> SamplerOutput | None:
         """Logprob, rank and top ``k`` of every emitted token after the first, sequence by
-        sequence, each from the raw logits of the row it was sampled from, as the sampler
-        computes them (with the same ``k`` as the step's first tokens); None if there are none.
+        sequence, each from the raw logits of the row it was sampled from (``sampled_rows``),
+        as the sampler computes them (with the same ``k`` as the step's first tokens); None if
+        there are none.
         """
-        rows = [start + 1 + i for start, tokens in zip(first.tolist(), emitted, strict=True)
-                for i in range(len(tokens) - 1)]  # fmt: skip
+        rows = [row for seq_rows in sampled_rows for row in seq_rows[1:]]
         if not rows:
             return None
         ids = torch.tensor([t for tokens in emitted for t in tokens[1:]], device=logits.device)
@@ -396,6 +447,10 @@ class ModelRunner:
         logprobs, if asked for, come batched from ``_later_token_logprobs``."""
         tensors = SamplingTensors.build([self._sampling_row(seq)], self.model_cfg.vocab_size,
                                         self.device)  # fmt: skip
+    def _sample_node(self, seq: Sequence, logits: torch.Tensor, start: int, node: int) -> int:
+        """The token sampled at tree node ``node`` of the sequence whose rows begin at ``start``."""
+        return self._sample_row(seq, logits[start + 1 + node])
+
         tensors.max_num_logprobs = None
         return int(self.sampler(row.float().unsqueeze(0), tensors).token_ids[0])
 
@@ -431,6 +486,18 @@ class ModelRunner:
         """A tensor-parallel worker's share of a step: the driver's forward, sampling logits
         and prompt-scoring logits (for their collectives); nothing is sampled here.
         ``prompt_rows``: the hidden-state rows the driver scores for prompt logprobs."""
+    def _forward_keeping_hidden(
+        self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
+    ) -> tuple[torch.Tensor | None, list[PromptScores], torch.Tensor | None]:
+        """``forward_logits``, the prompt spans' scores and the final hidden states of the
+        sampling rows (``[rows, H]``, None with the logits when no sequence samples)."""
+        hidden = self._hidden(inputs, device_ids)
+        scored = score_prompt_spans(self.model, hidden, spans) if spans else []
+        if len(inputs.sample_indices) == 0:
+            return None, scored, None
+        rows = hidden[self._to_device(inputs.sample_indices)]
+        return self.model.compute_logits(rows), scored, rows
+
         hidden = self._hidden(inputs, None)
         self._sampling_logits(hidden, inputs)
         if prompt_rows is not None:
@@ -482,5 +549,28 @@ def _table_rows(tables: list[list[int]]) -> np.ndarray:
     lengths = np.fromiter(map(len, tables), np.int64, len(tables))
     flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
     out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
+def _tree_of(item: ScheduledSeq) -> DraftTree | None:
+    """The item's draft tree, or None when its drafts form a chain (the chain path)."""
+    tree = item.draft_tree
+    return None if tree is None or tree.is_chain else tree
+
+
+def _lay_out_trees(
+    items: list[ScheduledSeq], trees: list[int], ends: np.ndarray, positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(tree_num_nodes, tree_visible)`` of the step, and each tree node's rotary position
+    (its parent's plus one) written into ``positions``; ``trees``: the items with a tree."""
+    num_nodes = np.zeros(len(items), dtype=np.int32)
+    visible = np.zeros(int(ends[-1]), dtype=np.int64)
+    for i in trees:
+        tree = _tree_of(items[i])
+        end = int(ends[i])
+        begin = end - len(tree)
+        num_nodes[i] = len(tree)
+        visible[begin:end] = tree.visible_bits
+        positions[begin:end] = positions[begin - 1] + np.asarray(tree.depths)
+    return num_nodes, visible
+
+
     out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: each row's prefix
     return out

@@ -141,6 +141,9 @@ class SamplerOutput:
     # With logprobs: the logprobs of the tokens of ``spec_token_ids`` after the first of each
     # sequence, one row per token, sequence by sequence (``token_ids`` are those tokens).
     spec_logprobs: SamplerOutput | None = None
+    # When the runner keeps hidden states (a drafter reads them): per sampling sequence, the
+    # target's final hidden state at the row its last emitted token was sampled from, [B, H].
+    hidden_states: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""

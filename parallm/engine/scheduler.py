@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from parallm.config import SchedulerConfig
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.request import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from parallm.engine.spec.tree import DraftTree
 
 
 class ScheduledSeq:
@@ -27,7 +31,7 @@ class ScheduledSeq:
     token only, so a drafted sequence always samples. ``num_scheduled_tokens`` counts both.
     """
 
-    __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples")
+    __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples", "draft_tree")
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class ScheduledSeq:
         num_new_tokens: int,
         samples: bool | None = None,
         draft_token_ids: list[int] | None = None,
+        draft_tree: DraftTree | None = None,
     ) -> None:
         self.seq = seq
         self.start = start
@@ -45,6 +50,8 @@ class ScheduledSeq:
         self.draft_token_ids = [] if draft_token_ids is None else draft_token_ids
         if self.draft_token_ids and not self.samples:
             raise ValueError("draft_token_ids must follow the sequence's last known token")
+        # The drafts' tree (their tokens are draft_token_ids), or None for a chain.
+        self.draft_tree = draft_tree
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -150,6 +157,7 @@ class Scheduler:
             seq.num_computed_tokens = end + len(item.draft_token_ids)
             if item.samples and seq.draft_token_ids:
                 seq.draft_token_ids = []
+                seq.draft_tree = None
             self._count(item)
         return batch
 
@@ -229,6 +237,9 @@ class Scheduler:
             if item.seq.draft_token_ids and item.samples:
                 item.draft_token_ids = self._fit_drafts(item, budget)
                 budget -= len(item.draft_token_ids)
+                tree = item.seq.draft_tree  # a leading slice of a tree's nodes is a tree
+                if tree is not None and item.draft_token_ids:
+                    item.draft_tree = tree.truncated(len(item.draft_token_ids))
         return budget
 
     def _fit_drafts(self, item: ScheduledSeq, budget: int) -> list[int]:

@@ -13,6 +13,10 @@ once; there is no split over K, so no second kernel. The prologue rounds where
 ``parallm.kernels.elementwise`` rounds (PyTorch's order); its sum of squares and the GEMV's sums
 run in another order than the norm kernel's and cuBLAS's, so results agree to float rounding,
 not bit for bit.
+
+Quantized weights (int8, float8_e4m3fn) are read as they are stored, with ``weight_scale``: one
+float32 scale per output row, applied to each row's float32 sum (``y = scale * (x @ q^T)``, the
+same as ``x @ (q * scale)^T`` up to rounding), so the kernel streams a byte per weight.
 """
 
 from __future__ import annotations
@@ -62,16 +66,20 @@ def _first_tile(w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _finish(y_ptr, offs_n, acc, N, PDL: tl.constexpr):
-    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+def _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE: tl.constexpr):
+    """Each row's sum, times its weight scale when the weight is quantized, stored."""
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + rows)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
 def _norm_gemv_kernel(
-    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, y_ptr, ids_ptr, stride_x, N, K, stride_wn,
-    inv_k, eps, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr,
-    BLOCK_ALL: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, scale_ptr, y_ptr, ids_ptr, stride_x, N, K,
+    stride_wn, inv_k, eps, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_ALL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if GATHER:  # x is a table and the row's id a step input, so it loads before the PDL wait
         x_ptr += tl.load(ids_ptr).to(tl.int64) * stride_x
@@ -100,7 +108,7 @@ def _norm_gemv_kernel(
     for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         v = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, k, offs_k, K, rstd, HAS_RESIDUAL, dtype)
         acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
-    _finish(y_ptr, offs_n, acc, N, PDL)
+    _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
 @triton.jit
@@ -144,9 +152,9 @@ def _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP: tl.constexpr, dtype
 
 @triton.jit
 def _silu_gemv_kernel(
-    gate_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PRECISE_EXP: tl.constexpr, PDL: tl.constexpr,
+    gate_ptr, up_ptr, w_ptr, scale_ptr, y_ptr, N, K, stride_wn,
+    HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PRECISE_EXP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
     dtype: tl.constexpr = gate_ptr.dtype.element_ty
@@ -156,12 +164,12 @@ def _silu_gemv_kernel(
     for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         v = _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP, dtype)
         acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
-    _finish(y_ptr, offs_n, acc, N, PDL)
+    _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+    x_ptr, w_ptr, scale_ptr, y_ptr, N, K, stride_wn, HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -173,7 +181,7 @@ def _gemv_kernel(
         cols = k + offs_k
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * x[None, :]
-    _finish(y_ptr, offs_n, acc, N, PDL)
+    _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
 def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | None,
@@ -181,22 +189,38 @@ def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | Non
           num_stages: int) -> tuple[int, int, int]:  # fmt: skip
     """The tile of a call: the role's default where an argument is left out, with a default
     block_k halved until the pipeline's W stages fit in shared memory (the defaults are sized
-    for 16-bit weights; float32 ones would overflow a Hopper block's 227 KiB)."""
+    for 16-bit weights; float32 ones would overflow a Hopper block's 227 KiB). One-byte
+    (quantized) weights get twice the default block_k: the bytes per tile it was tuned with."""
     block_n, warps = block_n or default[0], num_warps or default[2]
     if block_k is None:
-        block_k = default[1]
+        block_k = default[1] * (2 if weight.element_size() == 1 else 1)
         while num_stages * block_n * block_k * weight.element_size() > _SMEM_BUDGET:
             block_k //= 2
     return block_n, block_k, warps
 
 
-def _checked_output(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
-    """The [1, N] output of a GEMV of the row ``x`` (inner length ``k``) with ``weight``."""
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def _checked_output(
+    x: torch.Tensor, weight: torch.Tensor, k: int, weight_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """The [1, N] output of a GEMV of the row ``x`` (inner length ``k``) with ``weight``;
+    a quantized weight needs its per-row float32 ``weight_scale [N]``."""
     if x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1:
         raise ValueError(f"x must be one contiguous row [1, K], got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with unit stride along K")
-    return torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+    n = weight.shape[0]
+    if weight.dtype in QUANTIZED_DTYPES and weight_scale is None:
+        raise ValueError(f"weight_scale is needed for a {weight.dtype} weight")
+    if weight_scale is not None and (
+        weight_scale.shape != (n,) or weight_scale.dtype != torch.float32
+        or weight_scale.stride(0) != 1
+    ):  # fmt: skip
+        raise ValueError(f"weight_scale must be contiguous float32 [{n}], got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")  # fmt: skip
+    return torch.empty(1, n, dtype=x.dtype, device=x.device)
 
 
 def rms_norm_gemv(
@@ -211,9 +235,11 @@ def rms_norm_gemv(
     num_stages: int = 3,
     gather_ids: torch.Tensor | None = None,
     pdl: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
-    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``.
+    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``;
+    ``weight_scale``: the per-row scales of a quantized ``weight`` (module docstring).
 
     With ``gather_ids`` (one integer id on the device), ``x`` is a table [V, K] (the token
     embedding) and the row is ``x[gather_ids[0]]``, read by the kernel itself: the first
@@ -228,7 +254,7 @@ def rms_norm_gemv(
         if gather_ids.shape != (1,) or gather_ids.is_floating_point():
             raise ValueError(f"gather_ids must be one integer id, got {tuple(gather_ids.shape)}")
         row = x[:1]
-    y = _checked_output(row, weight, k)
+    y = _checked_output(row, weight, k, weight_scale)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(GATE_UP_TILE if n >= _WIDE_N else QKV_TILE, block_n,
                                         block_k, num_warps, weight, num_stages)  # fmt: skip
@@ -237,10 +263,10 @@ def rms_norm_gemv(
     res = residual if residual is not None else row
     block_all = triton.next_power_of_2(k)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, res, res_out if res_out is not None else row, norm_weight, weight, y,
-        gather_ids if gather_ids is not None else y, x.stride(0), n, k, weight.stride(0),
-        1.0 / k, eps, HAS_RESIDUAL=residual is not None, GATHER=gather_ids is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        x, res, res_out if res_out is not None else row, norm_weight, weight,
+        _scale_arg(weight_scale, y), y, gather_ids if gather_ids is not None else y, x.stride(0),
+        n, k, weight.stride(0), 1.0 / k, eps, HAS_RESIDUAL=residual is not None,
+        GATHER=gather_ids is not None, HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all, num_warps=num_warps,
         **_NO_FMA, **pdl_launch(row, pdl),
     )  # fmt: skip
@@ -255,17 +281,18 @@ def silu_mul_gemv(
     num_warps: int | None = None,
     num_stages: int = 3,
     pdl: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up).
-    Tile arguments left out come from ``DOWN_TILE``."""
+    Tile arguments left out come from ``DOWN_TILE``; ``weight_scale`` as in ``rms_norm_gemv``."""
     k = gate_up.shape[-1] // 2
-    y = _checked_output(gate_up, weight, k)
+    y = _checked_output(gate_up, weight, k, weight_scale)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(DOWN_TILE, block_n, block_k, num_warps, weight,
                                         num_stages)  # fmt: skip
     _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
-        gate_up, gate_up[:, k:], weight, y, n, k, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
+        gate_up, gate_up[:, k:], weight, _scale_arg(weight_scale, y), y, n, k, weight.stride(0),
+        HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
         num_warps=num_warps, **_NO_FMA, **pdl_launch(gate_up, pdl),
     )  # fmt: skip
     return y
@@ -279,17 +306,25 @@ def gemv(
     num_warps: int | None = None,
     num_stages: int = 3,
     pdl: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
     one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL.
-    Tile arguments left out come from ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``."""
+    Tile arguments left out come from ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``;
+    ``weight_scale`` as in ``rms_norm_gemv``."""
     k = x.shape[-1]
-    y = _checked_output(x, weight, k)
+    y = _checked_output(x, weight, k, weight_scale)
     n = y.shape[1]
     block_n, block_k, num_warps = _tile(LM_HEAD_TILE if n >= _WIDE_N else O_TILE, block_n,
                                         block_k, num_warps, weight, num_stages)  # fmt: skip
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+        x, weight, _scale_arg(weight_scale, y), y, n, k, weight.stride(0),
+        HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x, pdl),
     )  # fmt: skip
     return y
+
+
+def _scale_arg(weight_scale: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The scale pointer of a launch: any tensor stands in when there is no scale (unread)."""
+    return weight_scale if weight_scale is not None else placeholder

@@ -168,10 +168,16 @@ def rotary_and_store_kv_ref(
 # One-row GEMVs (parallm.kernels.gemv)
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` summed in float32, rounded once to x's dtype (``gemv``)."""
+def gemv_ref(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T`` summed in float32, each output times its row's ``weight_scale`` (a
+    quantized weight), rounded once to x's dtype (``gemv``)."""
     wide = _wide(x.dtype)
-    return F.linear(x.to(wide), weight.to(wide)).to(x.dtype)
+    y = F.linear(x.to(wide), weight.to(wide))
+    if weight_scale is not None:
+        y = y * weight_scale.to(wide)
+    return y.to(x.dtype)
 
 
 def rms_norm_gemv_ref(
@@ -181,6 +187,7 @@ def rms_norm_gemv_ref(
     weight: torch.Tensor,
     eps: float,
     gather_ids: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row (``rms_norm_gemv``).
 
@@ -194,12 +201,14 @@ def rms_norm_gemv_ref(
         normed, stored = rms_norm_ref(row, norm_weight, eps), None
     if gather_ids is not None:
         stored = row
-    return gemv_ref(normed.to(x.dtype), weight), stored
+    return gemv_ref(normed.to(x.dtype), weight, weight_scale), stored
 
 
-def silu_mul_gemv_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def silu_mul_gemv_ref(
+    gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``[1, 2K]`` (``silu_mul_gemv``)."""
-    return gemv_ref(silu_and_mul_ref(gate_up), weight)
+    return gemv_ref(silu_and_mul_ref(gate_up), weight, weight_scale)
 
 
 # Greedy sampling (parallm.kernels.argmax)

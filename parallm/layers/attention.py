@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallm.kernels.reference import tree_mask_ref
+
 if TYPE_CHECKING:
     from parallm.layers.rotary import RopeTables
 
@@ -26,6 +28,12 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Draft trees (speculative decoding), None in any other step: the last tree_num_nodes[b]
+    # [B] int32 tokens of sequence b are tree nodes, and tree_visible[T] int64 holds, for each
+    # node, the bitmask of its sequence's nodes it attends to (bit j: node j); keys before the
+    # nodes stay visible as in any causal step.
+    tree_num_nodes: torch.Tensor | None = None
+    tree_visible: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -113,6 +121,9 @@ class ReferenceAttention:
             values = flat_v[slots].repeat_interleave(group, dim=1).transpose(0, 1)
             query = q[start:end].transpose(0, 1)
             mask = causal_mask(end - start, seq_len, q.device)
+            if meta.tree_num_nodes is not None:
+                visible = meta.tree_visible[start:end]
+                mask = mask & tree_mask_ref(visible, meta.tree_num_nodes[b], seq_len)
             attn = F.scaled_dot_product_attention(
                 query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
             )

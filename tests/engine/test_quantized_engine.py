@@ -112,8 +112,7 @@ def test_bundled_model_quantized_keeps_its_loss_and_greedy_tokens(method):
     [
         ({"quantization": "int4"}, r"quantization must be one of \['fp8', 'int8'\] or None"),
         ({"quantization": "FP8"}, r"quantization must be one of"),
-        ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype='fp8' is not implemented yet"),
-        ({"kv_cache_dtype": "float16"}, r"kv_cache_dtype must be 'auto'"),
+        ({"kv_cache_dtype": "float16"}, r"kv_cache_dtype must be one of \['auto', 'fp8'"),
     ],
 )
 def test_bad_values_are_refused_before_loading(tmp_path, kwargs, message):
@@ -144,8 +143,6 @@ def test_command_line_flags(capsys):
     kwargs = engine_kwargs(args)
     assert kwargs["quantization"] == "fp8" and kwargs["kv_cache_dtype"] == "auto"
     assert engine_kwargs(_parser().parse_args(["--model", "m"]))["quantization"] is None
-    with pytest.raises(ValueError, match="not implemented yet"):
-        engine_kwargs(_parser().parse_args(["--model", "m", "--kv-cache-dtype", "fp8"]))
     with pytest.raises(SystemExit):
         _parser().parse_args(["--model", "m", "--quantization", "int4"])
     assert "--quantization: invalid choice: 'int4'" in capsys.readouterr().err
@@ -153,32 +150,32 @@ def test_command_line_flags(capsys):
     assert "--quantization {fp8,int8}" in help_text and "(default: None" in help_text
 
 
-def test_the_batch_one_triton_chain_declines_quantized_weights(tiny_model_dir):
-    """The chain's GEMVs read ``.weight`` as float; decode graphs then run batch 1 through the
-    model's forward, which dequantizes."""
+@pytest.mark.parametrize("method", QUANTIZATION_METHODS)
+def test_the_batch_one_triton_chain_takes_quantized_weights(tiny_model_dir, method):
+    """The chain's GEMVs read the quantized projections with their scales (their results:
+    tests/kernels/test_quant_gemv_chain.py)."""
     pytest.importorskip("triton")
     from parallm.engine.one_row_step import supports_one_row_step
     from parallm.layers.backends import TritonAttention
 
-    path = tiny_model_dir("llama3")  # no q/k/v bias, so the chain takes the float model
+    path = tiny_model_dir("llama3")  # no q/k/v bias, so the chain takes the model
     model = load_model(path, ModelConfig.from_path(path), torch.float32, torch.device("cpu"),
                        512, packed=True)  # fmt: skip
+    quantize_model(model, method)
     assert supports_one_row_step(model, TritonAttention())
-    quantize_model(model, "fp8")
-    assert not supports_one_row_step(model, TritonAttention())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", QUANTIZATION_METHODS)
 def test_quantized_weights_on_cuda_give_the_reference_tokens(tiny_model_dir, prompts, method):
-    """Triton attention and CUDA graphs (batch 1 through the model's forward, not the chain)
-    over quantized weights give the eager reference path's tokens, batched and alone."""
+    """Triton attention and CUDA graphs (batch 1 through the one-row chain, whose GEMVs read
+    the quantized weights) give the eager reference path's tokens, batched and alone."""
     path = str(tiny_model_dir("llama3"))
     common = {"dtype": "float32", "device": "cuda", "kv_cache_memory": 64 << 20,
               "quantization": method}  # fmt: skip
     fast = LLM(path, **common)
     graphs = fast.engine.runner.graphs
-    assert graphs is not None and graphs.one_row is None
+    assert graphs is not None and graphs.one_row is not None
     ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
     batch = [{"prompt_token_ids": p} for p in prompts]
     assert _generate(fast, batch) == _generate(ref, batch)

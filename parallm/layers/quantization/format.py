@@ -3,13 +3,16 @@ weights to it and back, with one float32 scale per output channel (row of ``W[ou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 Quantize = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Dequantize = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 # A row of zeros still gets a positive scale, so dividing by it is safe (its values stay 0).
 MIN_SCALE = 1e-12
@@ -18,12 +21,15 @@ MIN_SCALE = 1e-12
 @dataclass(frozen=True)
 class WeightFormat:
     """``quantize(w[out, in]) -> (q[out, in] in dtype, scale[out] float32)``;
-    ``dequantize(q, scale, dtype) -> q * scale[:, None]`` computed in float32, cast to dtype."""
+    ``dequantize(q, scale, dtype) -> q * scale[:, None]`` computed in float32, cast to dtype;
+    ``linear(x, q, scale, bias) -> x @ dequantize(q, scale)^T + bias`` through the fastest GEMM
+    the device has for the format (the dequantize reference where it has none)."""
 
     name: str
     dtype: torch.dtype
     quantize: Quantize
     dequantize: Dequantize
+    linear: Linear
 
 
 def row_scales(w: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -35,3 +41,43 @@ def row_scales(w: torch.Tensor, qmax: float) -> torch.Tensor:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``q * scale`` row by row, in float32, then cast to ``dtype`` (the activations')."""
     return (q.float() * scale[:, None]).to(dtype)
+
+
+def dequantized_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The reference GEMM of every format: dequantize the whole weight to x's dtype, then
+    ``F.linear`` (on a GPU this writes and reads a float copy of the weight every call)."""
+    return F.linear(x, dequantize_rows(q, scale, x.dtype), bias)
+
+
+def one_row_gemv(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``x q^T * scale + bias`` by the Triton GEMV that reads the quantized weight, for one row
+    on CUDA (a decode step of one sequence); None where it does not apply, so the caller takes
+    its GEMM."""
+    if not x.is_cuda or x.numel() != x.shape[-1] or not gemv_reads(q.dtype, x.device):
+        return None
+    from parallm.kernels import gemv  # imports triton, present wherever CUDA runs
+
+    y = gemv.gemv(x.reshape(1, -1).contiguous(), q, weight_scale=scale)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def gemv_reads(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the Triton GEMVs read weights of ``dtype`` on ``device``: int8 everywhere, e4m3
+    where the GPU converts it (compute capability 8.9 and later) and on CPU (where Triton
+    runs only as its interpreter, which converts it)."""
+    if dtype == torch.float8_e4m3fn:
+        return device.type == "cpu" or (
+            device.type == "cuda" and device_capability(device) >= (8, 9)
+        )
+    return dtype == torch.int8
+
+
+@functools.cache
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)

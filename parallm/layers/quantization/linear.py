@@ -14,7 +14,6 @@ The GEMM itself is one method, :meth:`QuantizedLinear.quantized_linear`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parallm.layers.linear import (
@@ -38,13 +37,10 @@ class QuantizedLinear(nn.Module):
         return self.quantized_linear(x)
 
     def quantized_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T + b`` with ``W`` the dequantized weight: the PyTorch reference, on every
-        device for now (on CUDA it too materialises the dequantized weight every call, so it is
-        slower than the float model). The GPU kernels replace this method's body: fp8 GEMMs
-        through ``torch._scaled_mm`` with dynamic per-token fp8 activations, an int8
-        weight-only GEMM, and a Triton GEMV reading the quantized weight for one-row steps."""
-        w = self.weight_format.dequantize(self.weight, self.weight_scale, x.dtype)
-        return F.linear(x, w, self.bias)
+        """``x W^T + b`` with ``W`` the dequantized weight, by the format's GEMM for the device
+        (``WeightFormat.linear``: ``torch._scaled_mm``, ``_weight_int8pack_mm``, the Triton
+        GEMV, or the dequantize reference)."""
+        return self.weight_format.linear(x, self.weight, self.weight_scale, self.bias)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None

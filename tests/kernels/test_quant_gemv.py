@@ -1,0 +1,188 @@
+"""The one-row GEMVs reading quantized weights (int8, float8_e4m3fn) with per-row scales, against
+their PyTorch twins and against the dequantized float weight.
+
+Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``), which
+reads both int8 and e4m3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
+
+triton = pytest.importorskip("triton")
+
+from parallm.kernels import gemv as fused_gemv  # noqa: E402
+from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.kernels.reference import gemv_ref, rms_norm_gemv_ref, silu_mul_gemv_ref  # noqa: E402
+from parallm.layers.quantization import WEIGHT_FORMATS  # noqa: E402
+
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_gemv._gemv_kernel)
+EPS = 1e-5
+METHODS = list(WEIGHT_FORMATS)
+SMALL_TILE = {"block_n": 16, "block_k": 32}
+# The kernel and its twin both sum in float32 and scale once per row; they differ only in the
+# order of the sums (and one rounding to the activations' dtype on 16-bit outputs).
+TWIN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _quantized(n, k, method, device, seed):
+    """``(q, scale, w)``: a random [n, k] weight whose rows span two decades, quantized."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5 * torch.logspace(-1, 1, n)[:, None]
+    q, scale = WEIGHT_FORMATS[method].quantize(w)
+    return q.to(device), scale.to(device), w.to(device)
+
+
+def _dequantized(q, scale, dtype):
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def check_gemv(n, k, method, dtype, device, **cfg):
+    q, scale, _ = _quantized(n, k, method, device, seed=n + k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(device)
+    y = gemv(x, q, weight_scale=scale, **cfg)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, gemv_ref(x, q, scale)) < TWIN_TOL[dtype]
+    # The same product as the float GEMV over the dequantized weight (float32 there).
+    want = gemv_ref(x.float(), _dequantized(q, scale, torch.float32))
+    assert _rel(y, want) < TWIN_TOL[dtype]
+    # A scale per row, not one for all: a wrong scale is an error of order one.
+    assert _rel(gemv_ref(x, q, scale.flip(0)), want) > 0.5
+
+
+def check_norm(n, k, method, dtype, device, residual, **cfg):
+    q, scale, _ = _quantized(n, k, method, device, seed=2 * n + k)
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=g).to(dtype).to(device)
+    res = torch.randn(1, k, generator=g).to(dtype).to(device) if residual else None
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
+    y, summed = rms_norm_gemv(x, res, norm_w, q, EPS, weight_scale=scale, **cfg)
+    ref, ref_summed = rms_norm_gemv_ref(x, res, norm_w, q, EPS, weight_scale=scale)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, ref) < TWIN_TOL[dtype]
+    if residual:
+        assert torch.equal(summed, ref_summed)
+    float_y, _ = rms_norm_gemv_ref(x, res, norm_w, _dequantized(q, scale, dtype), EPS)
+    assert _rel(y, float_y) < 2 * TWIN_TOL[dtype]
+
+
+def check_gather(n, k, method, dtype, device, **cfg):
+    q, scale, _ = _quantized(n, k, method, device, seed=3 * n + k)
+    g = torch.Generator().manual_seed(n + 5 * k)
+    table = torch.randn(50, k, generator=g).to(dtype).to(device)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
+    ids = torch.tensor([21], device=device)
+    y, row = rms_norm_gemv(table, None, norm_w, q, EPS, gather_ids=ids, weight_scale=scale, **cfg)
+    ref, ref_row = rms_norm_gemv_ref(table, None, norm_w, q, EPS, gather_ids=ids,
+                                     weight_scale=scale)  # fmt: skip
+    assert _rel(y, ref) < TWIN_TOL[dtype] and torch.equal(row, ref_row)
+
+
+def check_silu(n, k, method, dtype, device, **cfg):
+    q, scale, _ = _quantized(n, k, method, device, seed=n + 7 * k)
+    gate_up = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    gate_up = gate_up.to(device)
+    y = silu_mul_gemv(gate_up, q, weight_scale=scale, **cfg)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, silu_mul_gemv_ref(gate_up, q, scale)) < TWIN_TOL[dtype]
+    float_y = silu_mul_gemv_ref(gate_up, _dequantized(q, scale, dtype))
+    assert _rel(y, float_y) < 2 * TWIN_TOL[dtype]
+
+
+def test_interpreter_suite_in_subprocess():
+    """The interpreter tests run: here when triton was imported in interpreter mode, else in a
+    subprocess that sets TRITON_INTERPRET before triton's first import."""
+    check_interpreter_suite(__file__, INTERPRETING)
+
+
+@interpreter_test
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96)])
+def test_quantized_gemv_interpreter(n, k, method):
+    check_gemv(n, k, method, torch.float32, "cpu", **SMALL_TILE)
+
+
+@interpreter_test
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_quantized_norm_gemv_interpreter(method, residual):
+    check_norm(40, 96, method, torch.float32, "cpu", residual, **SMALL_TILE)
+
+
+@interpreter_test
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_norm_gemv_gathers_its_row_interpreter(method):
+    check_gather(48, 64, method, torch.float32, "cpu", **SMALL_TILE)
+
+
+@interpreter_test
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_silu_gemv_interpreter(method):
+    check_silu(40, 96, method, torch.float32, "cpu", **SMALL_TILE)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_weight_needs_its_per_row_scales(method):
+    q, scale, _ = _quantized(8, 16, method, "cpu", seed=0)
+    x = torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="weight_scale is needed"):
+        gemv(x, q)
+    with pytest.raises(ValueError, match=r"weight_scale must be contiguous float32 \[8\]"):
+        gemv(x, q, weight_scale=scale[:4])
+    with pytest.raises(ValueError, match="weight_scale must be contiguous float32"):
+        silu_mul_gemv(torch.zeros(1, 32), q, weight_scale=scale.double())
+    with pytest.raises(ValueError, match="weight_scale must be contiguous float32"):
+        rms_norm_gemv(x, None, torch.ones(16), q, EPS, weight_scale=scale.view(8, 1))
+
+
+def test_one_byte_weights_get_the_bytes_per_tile_of_16_bit_ones():
+    w8 = torch.empty(2048, 8192, dtype=torch.int8)
+    n, k, warps = fused_gemv.DOWN_TILE
+    bn, bk, _ = fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w8, 3)
+    assert (bn, bk) == (n, 2 * k) and 3 * bn * bk <= fused_gemv._SMEM_BUDGET
+
+
+CUDA_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(2048, 2048), (4096, 4096), (128256, 2048), (1000, 3000)])
+def test_quantized_gemv_cuda(n, k, method, dtype):
+    _skip_without_fp8(method)
+    check_gemv(n, k, method, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(3072, 2048), (28672, 4096), (6144, 4096), (2000, 1000)])
+def test_quantized_norm_gemv_cuda(n, k, method, dtype):
+    _skip_without_fp8(method)
+    check_norm(n, k, method, dtype, "cuda", True)
+    check_norm(n, k, method, dtype, "cuda", False)
+    check_gather(n, k, method, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(2048, 8192), (4096, 14336), (1000, 3000)])
+def test_quantized_silu_gemv_cuda(n, k, method, dtype):
+    _skip_without_fp8(method)
+    check_silu(n, k, method, dtype, "cuda")
+
+
+def _skip_without_fp8(method: str) -> None:
+    if method == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("Triton converts e4m3 on compute capability 8.9 and later")
