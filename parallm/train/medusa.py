@@ -29,6 +29,8 @@ from parallm.train.checkpoint import resolve_checkpoint
 from parallm.train.config import TrainConfig
 from parallm.train.data import eval_batches
 from parallm.train.export import load_checkpoint_model
+from parallm.train.integrity import CheckpointError
+from parallm.train.medusa_export import is_medusa_checkpoint
 from parallm.train.parallelize import compute_dtype
 from parallm.train.trainer import Trainer
 
@@ -42,11 +44,15 @@ class MedusaTarget:
         if self.is_checkpoint:
             try:
                 path = resolve_checkpoint(path)  # verified against its manifest
+            except CheckpointError as e:  # a checkpoint, but damaged
+                raise ValueError(f"medusa.target: {e}") from None
             except ValueError as e:
                 raise ValueError(
                     f"medusa.target: {path} is neither a model directory (config.json and "
                     f"safetensors) nor a training checkpoint ({e})"
                 ) from None
+        if is_medusa_checkpoint(path):
+            raise ValueError(f"medusa.target: {path} holds Medusa heads, not a model to draft for")
         self.source = path
         self.hf_config = json.loads((path / "config.json").read_text())
         self.config = ModelConfig.from_dict(self.hf_config)
@@ -67,7 +73,9 @@ class MedusaTarget:
         return model.eval().requires_grad_(False)
 
 
-def head_losses(logits: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor | None = None):
+def head_losses(
+    logits: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head summed cross-entropy, correct top-1 guesses and scored tokens, each [heads].
 
     ``logits``: [heads, B, S, V] from the hidden states of ``tokens[:, :-1]`` ([B, S + 1]);

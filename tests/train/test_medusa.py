@@ -221,3 +221,13 @@ def test_training_on_cuda_in_bfloat16_beats_chance(tmp_path, target, corpus):
     history = run(medusa_config(tmp_path, target, corpus, training__device="cuda"))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[-1]["val_head_accuracy"][0] > 0.8
+
+
+def test_heads_or_damaged_checkpoint_as_target_is_named(tmp_path, target, corpus):
+    run(medusa_config(tmp_path / "heads-run", target, corpus, training__steps=2))
+    (step,) = complete_checkpoints(tmp_path / "heads-run" / "run" / "checkpoints")
+    with pytest.raises(ValueError, match=r"medusa.target: .*step-00000002 holds Medusa heads"):
+        MedusaTrainer(medusa_config(tmp_path, step, corpus))
+    (step / "train_state.json").write_text("{}")  # no longer what the manifest recorded
+    with pytest.raises(ValueError, match=r"medusa.target: checkpoint .*step-00000002 is damaged"):
+        MedusaTrainer(medusa_config(tmp_path, step, corpus))
