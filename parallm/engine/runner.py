@@ -138,12 +138,12 @@ class ModelRunner:
         # Tensor parallelism: called with every eager step's inputs and prompt spans before
         # the forward, so that the other ranks run the same forward (and collectives).
         self.step_listener: Callable[[StepInputs, list[PromptSpan]], None] | None = None
-
-    @property
-    def block_size(self) -> int:
         # Set by a drafter that reads the target's hidden states (Medusa): every step then runs
         # eagerly and its SamplerOutput carries each sampling sequence's last hidden state.
         self.keep_hidden = False
+
+    @property
+    def block_size(self) -> int:
         return self.cache_cfg.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -240,15 +240,15 @@ class ModelRunner:
         )
         bs = self.block_size
         slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        # Tree nodes keep the slots above, in node order, and take the rotary position of
+        # their depth: the position each would have on its own path.
+        trees = [i for i, it in enumerate(items) if _tree_of(it) is not None]
+        tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
         parts = itertools.chain.from_iterable(
             (it.seq.token_ids[it.start : it.start + it.num_new_tokens], it.draft_token_ids)
             for it in items
         )
         ids = np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(ends[-1]))
-        # Tree nodes keep the slots above, in node order, and take the rotary position of
-        # their depth: the position each would have on its own path.
-        trees = [i for i, it in enumerate(items) if _tree_of(it) is not None]
-        tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
         samples = np.fromiter((it.samples for it in items), bool, len(items))
         num_drafts = np.fromiter((len(it.draft_token_ids) for it in items), np.int64, len(items))
         return StepInputs(
@@ -259,31 +259,31 @@ class ModelRunner:
             seq_lens=(starts + lengths).astype(np.int32),
             block_tables=block_tables,
             sample_indices=_sample_rows(ends, samples, num_drafts),
+            tree_num_nodes=tree_arrays[0],
+            tree_visible=tree_arrays[1],
         )
 
     def _build_metadata(self, inputs: StepInputs) -> AttentionMetadata:
         query_lens = np.diff(inputs.query_start_loc)
-        return AttentionMetadata(
-            tree_num_nodes=tree_arrays[0],
-            tree_visible=tree_arrays[1],
-            slot_mapping=self._to_device(inputs.slot_mapping),
-            query_start_loc=self._to_device(inputs.query_start_loc),
-            seq_lens=self._to_device(inputs.seq_lens),
-            block_tables=self._to_device(inputs.block_tables),
         trees = {}
         if inputs.tree_num_nodes is not None:
             trees = dict(tree_num_nodes=self._to_device(inputs.tree_num_nodes),
                          tree_visible=self._to_device(inputs.tree_visible))  # fmt: skip
+        return AttentionMetadata(
+            slot_mapping=self._to_device(inputs.slot_mapping),
+            query_start_loc=self._to_device(inputs.query_start_loc),
+            seq_lens=self._to_device(inputs.seq_lens),
+            block_tables=self._to_device(inputs.block_tables),
             max_query_len=int(query_lens.max()),
             max_seq_len=int(inputs.seq_lens.max()),
             query_start_loc_cpu=inputs.query_start_loc.tolist(),
             seq_lens_cpu=inputs.seq_lens.tolist(),
+            **trees,
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-            **trees,
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> float:
         """Capture decode graphs for ``sizes``; returns the seconds it took. With the Triton
         kernels (``fused_kernels``), batch 1 runs the one-row kernel chain."""
@@ -418,15 +418,15 @@ class ModelRunner:
                 moves += [(first_node + node, first_node + depth)
                           for depth, node in enumerate(path) if node != depth]  # fmt: skip
             emitted.append(tokens)
+            rows.append([start] + [start + 1 + node for node in path])
+        if moves:
+            src, dst = inputs.slot_mapping[np.array(moves).T]
+            move_kv_slots(self.kv_caches, self._to_device(src), self._to_device(dst))
         later = None
         if out.logprobs is not None:
             k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
             later = self._later_token_logprobs(logits, rows, emitted, k)
         return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later), rows
-            rows.append([start] + [start + 1 + node for node in path])
-        if moves:
-            src, dst = inputs.slot_mapping[np.array(moves).T]
-            move_kv_slots(self.kv_caches, self._to_device(src), self._to_device(dst))
 
     def _later_token_logprobs(
         self, logits: torch.Tensor, sampled_rows: list[list[int]], emitted: list[list[int]], k: int
@@ -442,15 +442,15 @@ class ModelRunner:
         ids = torch.tensor([t for tokens in emitted for t in tokens[1:]], device=logits.device)
         return token_logprobs(logits[self._to_device(np.array(rows))].float(), ids, k)
 
+    def _sample_node(self, seq: Sequence, logits: torch.Tensor, start: int, node: int) -> int:
+        """The token sampled at tree node ``node`` of the sequence whose rows begin at ``start``."""
+        return self._sample_row(seq, logits[start + 1 + node])
+
     def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
         """One token of ``seq`` from one row of logits, as a plain step samples it; its
         logprobs, if asked for, come batched from ``_later_token_logprobs``."""
         tensors = SamplingTensors.build([self._sampling_row(seq)], self.model_cfg.vocab_size,
                                         self.device)  # fmt: skip
-    def _sample_node(self, seq: Sequence, logits: torch.Tensor, start: int, node: int) -> int:
-        """The token sampled at tree node ``node`` of the sequence whose rows begin at ``start``."""
-        return self._sample_row(seq, logits[start + 1 + node])
-
         tensors.max_num_logprobs = None
         return int(self.sampler(row.float().unsqueeze(0), tensors).token_ids[0])
 
@@ -481,11 +481,6 @@ class ModelRunner:
         hidden = self._hidden(inputs, device_ids)
         return self._sampling_logits(hidden, inputs), score_prompt_spans(self.model, hidden, spans)
 
-    @torch.inference_mode()
-    def execute_forward(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
-        """A tensor-parallel worker's share of a step: the driver's forward, sampling logits
-        and prompt-scoring logits (for their collectives); nothing is sampled here.
-        ``prompt_rows``: the hidden-state rows the driver scores for prompt logprobs."""
     def _forward_keeping_hidden(
         self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
     ) -> tuple[torch.Tensor | None, list[PromptScores], torch.Tensor | None]:
@@ -498,6 +493,11 @@ class ModelRunner:
         rows = hidden[self._to_device(inputs.sample_indices)]
         return self.model.compute_logits(rows), scored, rows
 
+    @torch.inference_mode()
+    def execute_forward(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
+        """A tensor-parallel worker's share of a step: the driver's forward, sampling logits
+        and prompt-scoring logits (for their collectives); nothing is sampled here.
+        ``prompt_rows``: the hidden-state rows the driver scores for prompt logprobs."""
         hidden = self._hidden(inputs, None)
         self._sampling_logits(hidden, inputs)
         if prompt_rows is not None:
@@ -544,11 +544,6 @@ def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) 
     return first + offsets
 
 
-def _table_rows(tables: list[list[int]]) -> np.ndarray:
-    """Block tables as one zero-padded [rows, longest] int32 array."""
-    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
-    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
-    out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
 def _tree_of(item: ScheduledSeq) -> DraftTree | None:
     """The item's draft tree, or None when its drafts form a chain (the chain path)."""
     tree = item.draft_tree
@@ -572,5 +567,10 @@ def _lay_out_trees(
     return num_nodes, visible
 
 
+def _table_rows(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one zero-padded [rows, longest] int32 array."""
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
+    out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
     out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: each row's prefix
     return out

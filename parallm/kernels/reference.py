@@ -218,3 +218,61 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, NaN counted as +inf (``triton_argmax``); int64 ``[rows]``."""
     x = logits.float()
     return torch.where(x.isnan(), float("inf"), x).argmax(dim=-1)
+
+
+# Tree attention (parallm.kernels.tree_attention)
+
+
+def tree_mask_ref(visible: torch.Tensor, num_nodes: torch.Tensor | int, seq_len: int) -> torch.Tensor:
+    """Bool ``[q_len, seq_len]``: which keys the tree mask lets each of a sequence's queries see.
+
+    The sequence's last ``num_nodes`` keys are draft-tree nodes; a key before them is
+    visible, node ``j`` only to the queries whose ``visible`` bitmask (int64 ``[q_len]``) has
+    bit ``j``. Causality is the caller's: AND it with the causal mask.
+    """
+    keys = torch.arange(seq_len, device=visible.device)
+    node = keys - (seq_len - num_nodes)  # the key's node index; negative before the tree
+    bits = (visible[:, None] >> node.clamp(0, 63)[None, :]) & 1
+    return (node < 0)[None, :] | (bits == 1)
+
+
+def paged_tree_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    tree_num_nodes: torch.Tensor,
+    tree_visible: torch.Tensor,
+) -> torch.Tensor:
+    """``paged_prefill_attention_ref`` with draft trees (``paged_tree_attention``).
+
+    The last ``tree_num_nodes[b]`` queries and keys of sequence ``b`` are tree nodes; a node
+    query sees the context before the tree and the nodes of its ``tree_visible`` bitmask
+    (:func:`tree_mask_ref`); every other query is causal as in any step.
+    """
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    groups = q.shape[1] // num_kv_heads
+    wide = _wide(q.dtype)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        pages = block_tables[b, : -(-seq_len // block_size)].long()
+        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        visible &= tree_mask_ref(tree_visible[q_start:q_end], tree_num_nodes[b], seq_len)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
