@@ -231,3 +231,11 @@ def test_heads_or_damaged_checkpoint_as_target_is_named(tmp_path, target, corpus
     (step / "train_state.json").write_text("{}")  # no longer what the manifest recorded
     with pytest.raises(ValueError, match=r"medusa.target: checkpoint .*step-00000002 is damaged"):
         MedusaTrainer(medusa_config(tmp_path, step, corpus))
+
+
+def test_sequence_length_is_bounded_by_the_targets_positions(tmp_path, target, corpus):
+    # [model] is unused by a Medusa run: its default positions (1024) bound nothing.
+    cfg = medusa_config(tmp_path, target, corpus, data__seq_len=2048)
+    with pytest.raises(ValueError, match=r"data.seq_len \(2048\) must be <= the "
+                                         r"max_position_embeddings of medusa.target \(512\)"):  # fmt: skip
+        MedusaTrainer(cfg)
