@@ -163,14 +163,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+# vLLM's names: "fp8" is e4m3 (float8_e4m3fn), with per-layer float32 k/v scales.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 def _check_kv_cache_dtype(kv_cache_dtype: str) -> None:
-    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(
-            f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet: an fp8 KV cache needs the "
-            "fp8 store and read in the Triton attention kernels; use 'auto'"
+            f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
         )
-    if kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype must be 'auto' (fp8: not yet), got {kv_cache_dtype!r}")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's ``dtype`` for ``auto``, else float8 e4m3."""
+    _check_kv_cache_dtype(kv_cache_dtype)
+    return dtype if kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 def _check_tensor_parallel_size(size: object) -> None:
@@ -187,8 +194,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks: int = 0  # set by the runner once memory is measured
+    cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype (vLLM's CacheConfig name)
 
     def validate(self) -> None:
+        _check_kv_cache_dtype(self.cache_dtype)
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -261,7 +270,8 @@ class EngineConfig:
     # Online weight quantization at load, vLLM's name: "fp8" (e4m3) or "int8", one scale per
     # output channel, every linear layer but the LM head (None: weights stay in dtype).
     quantization: str | None = None
-    # The KV cache's element type; "auto" is the model's dtype (fp8 is not implemented yet).
+    # The KV cache's element type: "auto" is the model's dtype; "fp8" (= "fp8_e4m3") stores
+    # keys and values as float8 e4m3 with per-layer scales, twice the tokens per byte.
     kv_cache_dtype: str = "auto"
     # Ranks the model is sharded over (Megatron style), one process each; >1 is CPU/gloo so far.
     tensor_parallel_size: int = 1
@@ -288,6 +298,7 @@ class EngineConfig:
             kv_cache_memory=self.kv_cache_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
+            cache_dtype=self.kv_cache_dtype,
         )
         cfg.validate()
         return cfg

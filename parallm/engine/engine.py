@@ -18,6 +18,7 @@ from parallm.config import (
     SchedulerConfig,
     resolve_device,
     resolve_dtype,
+    resolve_kv_cache_dtype,
 )
 from parallm.engine.executor import TensorParallelExecutor, WorkerSpec, check_tensor_parallel
 from parallm.engine.kv_cache import KVCacheManager
@@ -30,8 +31,12 @@ from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.stats import SpecStats
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
-from parallm.layers.backends import select_backend
-from parallm.layers.quantization import quantization_summary, quantize_model
+from parallm.layers.backends import check_kv_cache_dtype_support, select_backend
+from parallm.layers.quantization import (
+    check_stored_quantization,
+    quantization_summary,
+    quantize_model,
+)
 from parallm.models.loader import load_model
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import MAX_SEED, SamplingParams
@@ -51,10 +56,15 @@ class LLMEngine:
         self.model_config = model_config or ModelConfig.from_path(_require(self.model_dir))
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
+        self.stored_quantization = check_stored_quantization(
+            config.quantization, self.model_config.raw, config.load_format
+        )
         # Every argument is checked before the (slow) model load.
         cache_cfg = config.cache_config()
         sched_cfg = config.scheduler_config(self.max_model_len)
         backend = select_backend(config.attention_backend, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        check_kv_cache_dtype_support(backend, self.kv_cache_dtype, self.device)
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
@@ -189,8 +199,9 @@ class LLMEngine:
             f"device={self.device} attention={self.runner.backend.name} "
             f"fused_kernels={'on' if self.fused_kernels else 'off'} "
             f"{_tp_summary(self.tp_size)}"
-            f"{quantization_summary(self.config.quantization)} "
-            f"max_model_len={self.max_model_len} KV cache: {self.kv.num_blocks} blocks x "
+            f"{quantization_summary(self.config.quantization, self.stored_quantization)} "
+            f"max_model_len={self.max_model_len} KV cache "
+            f"({str(self.kv_cache_dtype).replace('torch.', '')}): {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
             f"loaded in {self.load_seconds:.1f}s; {graphs}"
         )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from parallm.config import CacheConfig, ModelConfig
+from parallm.config import CacheConfig, ModelConfig, resolve_kv_cache_dtype
 from parallm.engine.prompt_logprobs import (
     PromptScores,
     PromptSpan,
@@ -100,7 +100,8 @@ def kv_heads_per_rank(cfg: ModelConfig, tp_size: int = 1) -> int:
 def kv_bytes_per_block(
     cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1
 ) -> int:
-    """Bytes one block takes across all layers (keys and values), on one rank."""
+    """Bytes one block takes across all layers (keys and values), on one rank; ``dtype`` is
+    the cache's element type (one byte for fp8)."""
     elem = torch.empty((), dtype=dtype).element_size()
     heads = kv_heads_per_rank(cfg, tp_size)
     per_token = 2 * cfg.num_hidden_layers * heads * cfg.head_dim * elem
@@ -127,6 +128,8 @@ class ModelRunner:
         self.cache_cfg = cache_cfg
         self.device = device
         self.dtype = dtype
+        # The KV cache's element type: the model's, or float8 e4m3 (``cache_cfg.cache_dtype``).
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cache_cfg.cache_dtype, dtype)
         self.backend = backend or ReferenceAttention()
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
@@ -159,7 +162,7 @@ class ModelRunner:
         heads = kv_heads_per_rank(cfg, self.tp_size)
         shape = (2, num_blocks + 1, self.block_size, heads, cfg.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.cache_cfg.num_blocks = num_blocks
@@ -168,7 +171,9 @@ class ModelRunner:
         self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
     ) -> int:
         """How many blocks fit: a byte budget on CPU, the measured free card on CUDA."""
-        per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype, self.tp_size)
+        per_block = kv_bytes_per_block(
+            self.model_cfg, self.block_size, self.kv_cache_dtype, self.tp_size
+        )
         if self.cache_cfg.kv_cache_memory is not None:
             return int(self.cache_cfg.kv_cache_memory // per_block) - 1
         if self.device.type != "cuda":

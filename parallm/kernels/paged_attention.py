@@ -4,6 +4,11 @@ Both kernels read keys/values from the paged KV cache ``[num_blocks, block_size,
 through per-sequence block tables (see docs/INTERFACES.md). Softmax runs online in float32 in
 base 2 (the scale is pre-multiplied by log2(e)).
 
+An fp8 cache (``torch.float8_e4m3fn``) holds ``k / k_scale`` and ``v / v_scale`` (``kv_scale =
+[k_scale, v_scale]``, float32, per layer). The kernels load its tiles as fp8 (half the bytes)
+and widen them to q's dtype, which holds every e4m3 value exactly; the scales are applied in
+float32 outside the dots: ``k_scale`` with the softmax scale, ``v_scale`` to the output.
+
 CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 first imported).
 """
@@ -19,9 +24,10 @@ import triton
 import triton.language as tl
 
 from parallm.kernels.pdl import pdl_launch, wait_for_producer
-from parallm.kernels.rope_store import NewTokenRope, rope_and_store
+from parallm.kernels.rope_store import NewTokenRope, check_kv_scale, load_kv_scales, rope_and_store
 
 _LOG2E = math.log2(math.e)
+_FP8_KV = torch.float8_e4m3fn
 
 # Decode: aim for up to this many programs per SM so that HBM stays busy while some stall.
 _DECODE_PROGRAMS_PER_SM = 4
@@ -58,6 +64,7 @@ def _prefill_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    kv_scale_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -77,6 +84,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # A tile's BLOCK_M rows are BLOCK_T tokens x the NUM_GROUPS query heads of one KV head
     # (token-major), so each K/V tile is loaded once for all the query heads that read it.
@@ -103,6 +111,8 @@ def _prefill_kernel(
     q_ptrs = q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     q_pos = prefix_len + offs_t
+    k_scale, v_scale = load_kv_scales(kv_scale_ptr, KV_FP8)
+    qk_scale = qk_scale * k_scale
 
     # Keys past the tile's last query position are invisible to every row; keys before its
     # first query position are visible to every row, so only tiles after that need a mask.
@@ -120,7 +130,7 @@ def _prefill_kernel(
         in_page = offs_n % PAGE_SIZE
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k_ptrs = _page_rows(k_ptr, pages, in_page, kv_head, stride_kb, stride_kt, stride_kh, offs_d)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(q.dtype)  # exact for e4m3
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if start_n + BLOCK_N > unmasked_end:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -131,11 +141,13 @@ def _prefill_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
+    if KV_FP8:
+        acc = acc * v_scale
     out_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
@@ -151,6 +163,7 @@ def _decode_split_kernel(
     counter_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    kv_scale_ptr,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -186,6 +199,7 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    KV_FP8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -210,6 +224,7 @@ def _decode_split_kernel(
     d_valid = offs_d < HEAD_DIM
     heads = kv_head * NUM_GROUPS + offs_g
     q_row = q_ptr + seq.to(tl.int64) * stride_qb
+    k_scale, v_scale = load_kv_scales(kv_scale_ptr, KV_FP8)
     if ROPE:
         # q, k and v are this step's raw projections: rotate q here, and the split that holds
         # the new token rotates k and stores k and v in the cache before it reads the cache.
@@ -217,8 +232,8 @@ def _decode_split_kernel(
             q_row, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seq,
             kv_head, heads, g_valid, d_valid, offs_d, stride_qh, stride_knb, stride_knh,
             stride_vnb, stride_vnh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, stride_cos, stride_sin, end == seq_len, HEAD_DIM, PAGE_SIZE,
-            q_ptr.dtype.element_ty,
+            stride_vh, stride_cos, stride_sin, end == seq_len, k_scale, v_scale, HEAD_DIM,
+            PAGE_SIZE, q_ptr.dtype.element_ty,
         ).to(q_ptr.dtype.element_ty)  # fmt: skip
     else:
         q_ptrs = q_row + heads[:, None] * stride_qh + offs_d[None, :]
@@ -236,8 +251,9 @@ def _decode_split_kernel(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # issued with K: one memory round trip
+        k, v = k.to(q.dtype), v.to(q.dtype)  # exact for e4m3
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(n_valid[None, :], qk * (qk_scale * k_scale), float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -250,6 +266,8 @@ def _decode_split_kernel(
         pages = tl.load(table + next_n // PAGE_SIZE, mask=next_n < end, other=0).to(tl.int64)
 
     acc = acc / l_i[:, None]
+    if KV_FP8:
+        acc = acc * v_scale
     store_mask = g_valid[:, None] & d_valid[None, :]
     out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     used_splits = tl.cdiv(seq_len, split_len)
@@ -329,11 +347,19 @@ def _device_sms(device: torch.device) -> int:
     return _num_sms(index)
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scale: torch.Tensor | None
+) -> None:
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
         raise ValueError(
             f"k/v cache shapes differ or are not 4-D: {k_cache.shape}, {v_cache.shape}"
         )
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, _FP8_KV):
+        raise ValueError(
+            f"the k/v caches must both be in q's dtype {q.dtype} or {_FP8_KV}, got "
+            f"{k_cache.dtype} and {v_cache.dtype}"
+        )
+    check_kv_scale(k_cache, kv_scale)
     if q.dim() != 3 or q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} does not match cache head dim {k_cache.shape[-1]}")
     if q.shape[1] % k_cache.shape[2] != 0:
@@ -415,25 +441,28 @@ def paged_prefill_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged KV cache.
 
     Args:
         q: ``[T, Hq, D]`` queries of the new tokens of B sequences, packed.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; the new tokens' keys/values
-            must already be written. ``Hq`` must be a multiple of ``Hkv`` (GQA).
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` in q's dtype or float8_e4m3fn;
+            the new tokens' keys/values must already be written. ``Hq`` must be a multiple of
+            ``Hkv`` (GQA).
         block_tables: ``[B, max_blocks]`` int32 block ids of each sequence.
         query_start_loc: ``[B+1]`` int32 cumulative query lengths.
         seq_lens: ``[B]`` int32 context lengths including the new tokens.
         max_query_len: an upper bound of the per-sequence query lengths.
         scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[T, Hq, D]`` buffer to write into (contiguous in D).
+        kv_scale: ``[k_scale, v_scale]`` float32 of an fp8 cache (ignored for a float one).
 
     Returns:
         ``[T, Hq, D]`` in q's dtype. Query ``i`` of sequence ``b`` sits at position
         ``seq_lens[b] - q_len_b + i`` and attends to keys ``0..`` that position.
     """
-    _check_inputs(q, k_cache, v_cache)
+    _check_inputs(q, k_cache, v_cache, kv_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     out = _output_buffer(q, out)
@@ -454,6 +483,7 @@ def paged_prefill_attention(
         block_tables,
         query_start_loc,
         seq_lens,
+        _scale_arg(k_cache, kv_scale),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -473,6 +503,7 @@ def paged_prefill_attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         DOT_PRECISION=_dot_precision(q.dtype),
+        KV_FP8=k_cache.dtype == _FP8_KV,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -495,6 +526,11 @@ def _decode_config(head_dim: int, groups: int, elem_bytes: int, smem_bytes: int)
         elem_bytes, smem_bytes,
     )  # fmt: skip
     return _DecodeConfig(block_g, block_n, _DECODE_NUM_WARPS, stages)
+
+
+def _scale_arg(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' ``kv_scale_ptr``: the scales, or any pointer for a float cache (unread)."""
+    return kv_scale if kv_scale is not None and k_cache.dtype == _FP8_KV else k_cache
 
 
 def _no_rope_args(q: torch.Tensor) -> tuple:
@@ -524,6 +560,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     rope: NewTokenRope | None = None,
     split_counters: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache (flash decoding).
@@ -536,7 +573,8 @@ def paged_decode_attention(
 
     Args:
         q: ``[B, Hq, D]``; the query of sequence ``b`` sits at position ``seq_lens[b] - 1``.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` holding the new token's k/v.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` holding the new token's k/v, in
+            q's dtype or float8_e4m3fn.
         block_tables: ``[B, max_blocks]`` int32.
         seq_lens: ``[B]`` int32 context lengths including the new token.
         scale: softmax scale.
@@ -550,11 +588,13 @@ def paged_decode_attention(
             Every call leaves them at zero again, so one buffer serves every layer and step,
             but calls sharing it must not run concurrently (on different streams). None
             allocates zeroed counters for this call (one fill kernel more).
+        kv_scale: ``[k_scale, v_scale]`` float32 of an fp8 cache (ignored for a float one);
+            with ``rope`` the new k and v are stored quantized with it.
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
-    _check_inputs(q, k_cache, v_cache)
+    _check_inputs(q, k_cache, v_cache, kv_scale)
     if rope is not None:
         rope.check(q, k_cache)
     batch, num_heads, head_dim = q.shape
@@ -588,6 +628,7 @@ def paged_decode_attention(
         counters,
         block_tables,
         seq_lens,
+        _scale_arg(k_cache, kv_scale),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -612,6 +653,7 @@ def paged_decode_attention(
         SPLIT=num_splits > 1,
         DOT_PRECISION=_dot_precision(q.dtype),
         ROPE=rope is not None,
+        KV_FP8=k_cache.dtype == _FP8_KV,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(q, pdl),

@@ -23,6 +23,46 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# fp8 KV cache: float8 e4m3 values with per-layer float32 scales ``kv_scale = [k_scale,
+# v_scale]``; a cached value stands for ``value * scale``.
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # e4m3fn's largest finite value; it has no inf, and 480 and up are NaN
+
+
+def is_fp8_kv(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_KV_DTYPE
+
+
+def quantize_kv_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` in float32, clamped to +-448, rounded to the nearest e4m3 (ties to even).
+
+    The error is at most 2^-4 of ``|x|`` where ``2^-6 <= |x / scale| <= 448`` (3 mantissa
+    bits) and at most ``2^-10 * scale`` below that (subnormals); NaN stays NaN.
+    """
+    return (x.float() / scale.float()).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv_ref(
+    x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Cached values as ``dtype``: fp8 ones times their scale (in ``dtype``), others cast (a
+    float cache has no scale)."""
+    if not is_fp8_kv(x):
+        return x.to(dtype)
+    return x.to(dtype) * scale.to(dtype)
+
+
+def _kv_scales(
+    kv_scale: torch.Tensor | None, cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if kv_scale is None:
+        if is_fp8_kv(cache):
+            raise ValueError("an fp8 KV cache needs kv_scale ([k_scale, v_scale] float32)")
+        kv_scale = torch.ones(2, device=cache.device)
+    return kv_scale[0], kv_scale[1]
+
+
 # Attention (parallm.kernels.paged_attention)
 
 
@@ -35,12 +75,16 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    *,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over their paged context (``paged_prefill_attention``).
 
     Query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and sees keys
     up to it; only the context's slots of the cache are read. ``max_query_len`` is unused.
+    An fp8 cache is dequantized with ``kv_scale`` (``[k_scale, v_scale]``).
     """
+    k_scale, v_scale = _kv_scales(kv_scale, k_cache)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     groups = q.shape[1] // num_kv_heads
     wide = _wide(q.dtype)
@@ -52,8 +96,9 @@ def paged_prefill_attention_ref(
         if q_len == 0:
             continue
         pages = block_tables[b, : -(-seq_len // block_size)].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k, v = dequantize_kv_ref(k, k_scale, wide), dequantize_kv_ref(v, v_scale, wide)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
@@ -74,6 +119,7 @@ def paged_decode_attention_ref(
     max_seq_len: int,
     *,
     rope: NewTokenRope | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence at position ``seq_lens[b] - 1`` (``paged_decode_attention``).
 
@@ -82,22 +128,27 @@ def paged_decode_attention_ref(
     """
     if rope is not None:
         q, k = apply_rotary_ref(q, rope.k, rope.cos_cache, rope.sin_cache, rope.positions)
-        _store_kv(k, rope.v, k_cache, v_cache, rope.slot_mapping)
+        _store_kv(k, rope.v, k_cache, v_cache, rope.slot_mapping, kv_scale)
     query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_prefill_attention_ref(
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, scale
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, scale, kv_scale=kv_scale
     )
 
 
 def _store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    slots: torch.Tensor, kv_scale: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """k and v of each token at its slot of the paged caches; negative slots store nothing."""
+    """k and v of each token at its slot of the paged caches (quantized with ``kv_scale`` in
+    an fp8 cache); negative slots store nothing."""
     live = slots >= 0
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = k[live].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = v[live].to(v_cache.dtype)
+    k, v = k[live], v[live]
+    if is_fp8_kv(k_cache):
+        k_scale, v_scale = _kv_scales(kv_scale, k_cache)
+        k, v = quantize_kv_ref(k, k_scale), quantize_kv_ref(v, v_scale)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = v.to(v_cache.dtype)
 
 
 # Norms, SiLU-and-mul, rotary (parallm.kernels.elementwise, parallm.kernels.rope_store)
@@ -156,12 +207,14 @@ def rotary_and_store_kv_ref(
     positions: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k, store the rotated k and v at ``slot_mapping`` of ``kv_cache``
-    ``[2, blocks, block_size, Hkv, D]`` (negative slots store nothing); returns the rotated q
-    (``rotary_and_store_kv``)."""
+    ``[2, blocks, block_size, Hkv, D]`` (negative slots store nothing; an fp8 cache quantizes
+    with ``kv_scale``); returns the rotated q (``rotary_and_store_kv``)."""
     q_rot, k_rot = apply_rotary_ref(q, k, cos_cache, sin_cache, positions)
-    _store_kv(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
+    _store_kv(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping, kv_scale)
     return q_rot
 
 

@@ -6,6 +6,10 @@ rotated into the output, and its rotated k and its v go straight to ``slot_mappi
 cache, never materialised anywhere else. The rotation rounds exactly as PyTorch's rotary does:
 the cache ends up bit-for-bit as ``rotary_and_store_kv_ref`` leaves it.
 
+An fp8 cache (``torch.float8_e4m3fn``) stores ``x / scale`` clamped to +-448 and rounded to the
+nearest e4m3 value, with the layer's ``kv_scale = [k_scale, v_scale]`` (float32), as
+``quantize_kv_ref`` does, bit for bit; the rotation still rounds to the model's dtype first.
+
 No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
 CPU tensors work only under the Triton interpreter, as for ``parallm.kernels.elementwise``.
 """
@@ -23,6 +27,55 @@ from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 # Each program covers up to this many (head, dim-pair) elements.
 _TILE = 2048
+_FP8_KV = torch.float8_e4m3fn
+_E4M3_MAX: tl.constexpr = 448.0
+_E4M3_MIN_NORMAL: tl.constexpr = 2.0**-6
+# Adding 2^14 to a float32 below 2^-6 rounds it to a multiple of 2^-9, e4m3's subnormal step
+# (float32's ulp at 2^14), to nearest even; subtracting it again is exact.
+_E4M3_SUBNORMAL_SHIFTER: tl.constexpr = 2.0**14
+
+
+# fp8 (e4m3) cache elements.
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """float32 ``x`` with ``|x| <= 448`` rounded to the nearest e4m3 value (ties to even), as
+    float32. By hand, as ``_round_to`` rounds to bfloat16: the Triton interpreter's float32 to
+    fp8 cast does not round to nearest, and a value already on e4m3's grid casts exactly."""
+    ax = tl.abs(x)
+    bits = ax.to(tl.int32, bitcast=True)
+    # Normals: keep 3 of float32's 23 mantissa bits, nearest-even (a carry bumps the exponent).
+    normal = ((bits + (0x7FFFF + ((bits >> 20) & 1))) >> 20 << 20).to(tl.float32, bitcast=True)
+    subnormal = (ax + _E4M3_SUBNORMAL_SHIFTER) - _E4M3_SUBNORMAL_SHIFTER
+    rounded = tl.where(ax < _E4M3_MIN_NORMAL, subnormal, normal)
+    # The sign from the bits, so that -0.0 stays -0.0 as in PyTorch's cast.
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
+
+
+@triton.jit
+def to_cache(x, scale, dtype: tl.constexpr):
+    """float32 ``x`` (already rounded to the model's dtype) as a ``dtype`` cache element: for
+    e4m3, ``x / scale`` clamped to +-448 (never inf: NaN stays NaN) and rounded to nearest."""
+    if dtype == tl.float8e4nv:
+        scaled = tl.math.div_rn(x, scale)
+        clamped = tl.clamp(scaled, -_E4M3_MAX, _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+        y = _round_to_e4m3(clamped).to(dtype)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def load_kv_scales(kv_scale_ptr, KV_FP8: tl.constexpr):
+    """``(k_scale, v_scale)`` of an fp8 cache (float32), ones for a float cache."""
+    if KV_FP8:
+        k_scale = tl.load(kv_scale_ptr).to(tl.float32)
+        v_scale = tl.load(kv_scale_ptr + 1).to(tl.float32)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k_scale, v_scale
 
 
 # Rotary helpers, rounding as ``RotaryEmbedding`` does in PyTorch.
@@ -64,13 +117,16 @@ def _rope_heads(
     s2,
     d,
     dmask,
+    scale,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    dtype: tl.constexpr,
 ):
-    """Heads [head0, head0 + BLOCK_H) of one token: x * cos + rotate_half(x) * sin.
+    """Heads [head0, head0 + BLOCK_H) of one token: x * cos + rotate_half(x) * sin, rounded to
+    ``dtype`` (the model's) and stored as ``to_cache`` makes them (``scale``: fp8 only).
 
     c1/s1 are the cos/sin of the first half of the dims, c2/s2 of the second, already
-    rounded to the output dtype.
+    rounded to ``dtype``.
     """
     h = head0 + tl.arange(0, BLOCK_H)
     mask = (h < num_heads)[:, None] & dmask[None, :]
@@ -78,15 +134,16 @@ def _rope_heads(
     out_offs = h[:, None] * stride_out_h + d[None, :]
     x1 = tl.load(in_row + in_offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(in_row + in_offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = out_row.dtype.element_ty
+    out_dtype: tl.constexpr = out_row.dtype.element_ty
     # Each product, then the sum, is rounded to the dtype, as PyTorch's separate kernels do.
     # rotate_half(x) = [-x2, x1]; rounding commutes with negation.
     a1 = _round_to(x1 * c1[None, :], dtype)
     b1 = _round_to(x2 * s1[None, :], dtype)
     a2 = _round_to(x2 * c2[None, :], dtype)
     b2 = _round_to(x1 * s2[None, :], dtype)
-    tl.store(out_row + out_offs, _round_to(a1 - b1, dtype).to(dtype), mask=mask)
-    tl.store(out_row + out_offs + HALF, _round_to(a2 + b2, dtype).to(dtype), mask=mask)
+    y1, y2 = _round_to(a1 - b1, dtype), _round_to(a2 + b2, dtype)
+    tl.store(out_row + out_offs, to_cache(y1, scale, out_dtype), mask=mask)
+    tl.store(out_row + out_offs + HALF, to_cache(y2, scale, out_dtype), mask=mask)
 
 
 def _check_rotary_inputs(
@@ -133,16 +190,20 @@ def _copy_heads(
     num_heads,
     d,
     dmask,
+    scale,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Heads [head0, head0 + BLOCK_H) of one token, copied unchanged (same dtype)."""
+    """Heads [head0, head0 + BLOCK_H) of one token, stored as ``to_cache`` makes them (the
+    same values in a cache of their dtype; ``scale``: fp8 only)."""
     h = head0 + tl.arange(0, BLOCK_H)
     mask = (h < num_heads)[:, None] & dmask[None, :]
     in_offs = h[:, None] * stride_in_h + d[None, :]
     out_offs = h[:, None] * stride_out_h + d[None, :]
-    tl.store(out_row + out_offs, tl.load(in_row + in_offs, mask=mask), mask=mask)
-    tl.store(out_row + out_offs + HALF, tl.load(in_row + in_offs + HALF, mask=mask), mask=mask)
+    out_dtype: tl.constexpr = out_row.dtype.element_ty
+    for half in tl.static_range(2):
+        x = tl.load(in_row + in_offs + half * HALF, mask=mask).to(tl.float32)
+        tl.store(out_row + out_offs + half * HALF, to_cache(x, scale, out_dtype), mask=mask)
 
 
 @triton.jit
@@ -175,6 +236,7 @@ def _rope_store_kernel(
     sin_ptr,
     pos_ptr,
     slot_ptr,
+    kv_scale_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -195,6 +257,7 @@ def _rope_store_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
+    KV_FP8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_producer(PDL)
@@ -208,7 +271,7 @@ def _rope_store_kernel(
         q_row, q_out_row = q_ptr + t * stride_qt, q_out_ptr + t * stride_qot
         _rope_heads(
             q_row, q_out_row, stride_qh, stride_qoh, hb * BLOCK_HQ, num_q_heads, c1, c2, s1, s2,
-            d, dmask, HALF, BLOCK_HQ,
+            d, dmask, 1.0, HALF, BLOCK_HQ, dtype,
         )  # fmt: skip
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -217,26 +280,49 @@ def _rope_store_kernel(
         if slot >= 0:
             head0 = (hb - num_q_blocks) * BLOCK_HKV
             k_dst = cache_ptr + slot * stride_cache_slot
+            k_scale, v_scale = load_kv_scales(kv_scale_ptr, KV_FP8)
             _rope_heads(
                 k_ptr + t * stride_kt, k_dst, stride_kh, stride_cache_h, head0, num_kv_heads,
-                c1, c2, s1, s2, d, dmask, HALF, BLOCK_HKV,
+                c1, c2, s1, s2, d, dmask, k_scale, HALF, BLOCK_HKV, dtype,
             )  # fmt: skip
             _copy_heads(
                 v_ptr + t * stride_vt, k_dst + stride_cache_kv, stride_vh, stride_cache_h, head0,
-                num_kv_heads, d, dmask, HALF, BLOCK_HKV,
+                num_kv_heads, d, dmask, v_scale, HALF, BLOCK_HKV,
             )  # fmt: skip
 
 
+def check_kv_scale(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    """An fp8 cache needs its ``[k_scale, v_scale]``: float32, on the cache's device."""
+    if cache.dtype != _FP8_KV:
+        return
+    if kv_scale is None:
+        raise ValueError(f"a {_FP8_KV} KV cache needs kv_scale ([k_scale, v_scale] float32)")
+    if kv_scale.dtype != torch.float32 or kv_scale.numel() != 2 or not kv_scale.is_contiguous():
+        raise ValueError(
+            f"kv_scale must be 2 contiguous float32 values [k_scale, v_scale], got "
+            f"{kv_scale.dtype} {tuple(kv_scale.shape)}"
+        )
+    if kv_scale.device != cache.device:
+        raise ValueError(f"kv_scale must be on the cache's device {cache.device}")
+
+
 def _check_store_inputs(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None,
 ) -> None:
     if v.shape != k.shape or v.dtype != k.dtype or v.stride(-1) != 1:
         raise ValueError("v must have k's shape and dtype and a contiguous head_dim")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != k.shape[1:]:
         raise ValueError("kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim]")
-    # The kernel rounds to k's dtype once; a cast to another cache dtype would round again.
-    if kv_cache.dtype != k.dtype:
-        raise ValueError(f"kv_cache must have k's dtype {k.dtype}, got {kv_cache.dtype}")
+    # The kernel rounds to k's dtype once; a cast to another float dtype would round again.
+    if kv_cache.dtype not in (k.dtype, _FP8_KV):
+        raise ValueError(
+            f"kv_cache must have k's dtype {k.dtype} or {_FP8_KV}, got {kv_cache.dtype}"
+        )
+    check_kv_scale(kv_cache, kv_scale)
     if kv_cache.stride(-1) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
         raise ValueError("kv_cache needs a contiguous head_dim and blocks laid out as slots")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.is_floating_point():
@@ -254,6 +340,7 @@ def rotary_and_store_kv(
     slot_mapping: torch.Tensor,
     *,
     q_out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache.
@@ -261,14 +348,15 @@ def rotary_and_store_kv(
     Equivalent to rotate-half RoPE of q and k followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)``,
     bit for bit, in one launch. q: [T, Hq, D]; k, v: [T, Hkv, D], any token/head strides with a
     contiguous D (views into a fused qkv projection work); cos_cache, sin_cache and positions
-    [max_positions, D] float32 and [T] positions; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype;
+    [max_positions, D] float32 and [T] positions; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype,
+    or float8_e4m3fn with ``kv_scale`` ``[k_scale, v_scale]`` float32 (the module docstring);
     slot_mapping: [T] integer slots (block * block_size + offset), each in range (not checked:
     that would sync with the host). Rows with a negative slot store nothing.
 
     Returns the rotated q: a new contiguous tensor, or ``q_out`` (which may be q itself).
     """
     _check_rotary_inputs(q, k, cos_cache, sin_cache, positions)
-    _check_store_inputs(k, v, kv_cache, slot_mapping)
+    _check_store_inputs(k, v, kv_cache, slot_mapping, kv_scale)
     q_out = _rotary_out(q_out, q)
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -284,6 +372,7 @@ def rotary_and_store_kv(
     grid = (tokens, num_q_blocks + triton.cdiv(num_kv_heads, block_hkv))
     _rope_store_kernel[grid](
         q, k, v, q_out, kv_cache, cos_cache, sin_cache, positions, slot_mapping,
+        kv_scale if kv_scale is not None else cos_cache,  # read for an fp8 cache only
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
@@ -293,6 +382,7 @@ def rotary_and_store_kv(
         BLOCK_HALF=block_half,
         BLOCK_HQ=block_hq,
         BLOCK_HKV=block_hkv,
+        KV_FP8=kv_cache.dtype == _FP8_KV,
         num_warps=4,
         **_NO_FMA,
         **pdl_launch(q, pdl),
@@ -305,10 +395,12 @@ def rope_and_store(
     q_row, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seq, kv_head,
     heads, g_valid, d_valid, offs_d, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_cos, stride_sin,
-    holds_new_token, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, dtype: tl.constexpr,
+    holds_new_token, k_scale, v_scale, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    dtype: tl.constexpr,
 ):  # fmt: skip
     """The rotated query heads of this program; stores the new token's k (rotated) and v of
-    this KV head when ``holds_new_token`` (as ``rotary_and_store_kv`` does, bit for bit)."""
+    this KV head when ``holds_new_token`` (as ``rotary_and_store_kv`` does, bit for bit; the
+    scales serve an fp8 cache only)."""
     half: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + seq).to(tl.int64)
     cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_sin
@@ -323,10 +415,12 @@ def rope_and_store(
                               cos_row, sin_row, offs_d, half, dtype)  # fmt: skip
             page, in_page = slot // PAGE_SIZE, slot % PAGE_SIZE
             k_dst = k_ptr + page * stride_kb + in_page * stride_kt + kv_head * stride_kh
-            tl.store(k_dst + offs_d[None, :], k_new.to(dtype), mask=mask)
+            k_new = to_cache(k_new, k_scale, k_ptr.dtype.element_ty)
+            tl.store(k_dst + offs_d[None, :], k_new, mask=mask)
             v_src = vn_ptr + seq.to(tl.int64) * stride_vnb + kv_head * stride_vnh + offs_d
             v_dst = v_ptr + page * stride_vb + in_page * stride_vt + kv_head * stride_vh
-            tl.store(v_dst + offs_d, tl.load(v_src, mask=d_valid), mask=d_valid)
+            v_new = tl.load(v_src, mask=d_valid).to(tl.float32)
+            tl.store(v_dst + offs_d, to_cache(v_new, v_scale, v_ptr.dtype.element_ty), mask=d_valid)
         # The loop below reads these stores back from the cache: make them visible to every
         # thread of the program first.
         tl.debug_barrier()
@@ -351,9 +445,10 @@ class NewTokenRope:
         """Shapes, dtypes and strides the kernel relies on."""
         batch, _, head_dim = q.shape
         want = (batch, k_cache.shape[2], head_dim)
+        dtype = q.dtype if k_cache.dtype == _FP8_KV else k_cache.dtype
         for name, t in (("k", self.k), ("v", self.v)):
-            if tuple(t.shape) != want or t.dtype != k_cache.dtype or t.stride(-1) != 1:
-                raise ValueError(f"rope.{name} must be {want} in the cache dtype, contiguous in D")
+            if tuple(t.shape) != want or t.dtype != dtype or t.stride(-1) != 1:
+                raise ValueError(f"rope.{name} must be {want} in {dtype}, contiguous in D")
         for name, t in (("cos_cache", self.cos_cache), ("sin_cache", self.sin_cache)):
             if t.dim() != 2 or t.shape[1] != head_dim or t.stride(1) != 1:
                 raise ValueError(f"rope.{name} must be [max_positions, {head_dim}], contiguous")

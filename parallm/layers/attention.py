@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallm.kernels.reference import tree_mask_ref
+from parallm.kernels.reference import (
+    dequantize_kv_ref,
+    is_fp8_kv,
+    quantize_kv_ref,
+    tree_mask_ref,
+)
 
 if TYPE_CHECKING:
     from parallm.layers.rotary import RopeTables
@@ -51,6 +56,9 @@ class AttentionBackend(Protocol):
     rotates q and k, writes k and v into ``kv_cache`` at ``meta.slot_mapping`` and attends over
     each sequence's context (causal within the sequence's new tokens, any number of them).
     Whether rotary and the store run inside its attention kernel is the backend's own choice.
+    An fp8 (e4m3) cache holds ``k / k_scale`` and ``v / v_scale``, ``kv_scale = [k_scale,
+    v_scale]`` (float32, the layer's): the backend quantizes on the store and dequantizes on
+    the read.
     """
 
     name: str
@@ -64,6 +72,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         rope: RopeTables,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -76,9 +85,22 @@ class ForwardContext:
     backend: AttentionBackend
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store new keys and values at their slots (kv_cache: [2, blocks, block_size, Hkv, D])."""
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    """Store new keys and values at their slots (kv_cache: [2, blocks, block_size, Hkv, D]);
+    an fp8 cache stores them quantized with ``kv_scale`` (``[k_scale, v_scale]``)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
+    if is_fp8_kv(kv_cache):
+        if kv_scale is None:
+            raise ValueError("an fp8 KV cache needs kv_scale ([k_scale, v_scale] float32)")
+        k, v = quantize_kv_ref(k, kv_scale[0]), quantize_kv_ref(v, kv_scale[1])
+        # index_copy_ has no float8 kernels on every device: copy the bytes.
+        kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
 
@@ -105,9 +127,11 @@ class ReferenceAttention:
         meta: AttentionMetadata,
         scale: float,
         rope: RopeTables,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k = rope.apply(q, k)
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
+        k_scale, v_scale = (None, None) if kv_scale is None else kv_scale  # fp8 caches only
         block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
         flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
         flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
@@ -117,16 +141,16 @@ class ReferenceAttention:
             start, end = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
             seq_len = meta.seq_lens_cpu[b]
             slots = context_slots(meta.block_tables[b], seq_len, block_size)
-            keys = flat_k[slots].repeat_interleave(group, dim=1).transpose(0, 1)
-            values = flat_v[slots].repeat_interleave(group, dim=1).transpose(0, 1)
+            keys = dequantize_kv_ref(flat_k[slots], k_scale, q.dtype)
+            values = dequantize_kv_ref(flat_v[slots], v_scale, q.dtype)
+            keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+            values = values.repeat_interleave(group, dim=1).transpose(0, 1)
             query = q[start:end].transpose(0, 1)
             mask = causal_mask(end - start, seq_len, q.device)
             if meta.tree_num_nodes is not None:
                 visible = meta.tree_visible[start:end]
                 mask = mask & tree_mask_ref(visible, meta.tree_num_nodes[b], seq_len)
-            attn = F.scaled_dot_product_attention(
-                query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
-            )
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
             out[start:end] = attn.transpose(0, 1)
         return out
 
@@ -160,6 +184,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.scale = scale
+        # [k_scale, v_scale] of an fp8 KV cache (float32, unused by a float cache). Fixed at
+        # 1.0, vLLM's default without calibrated scales: e4m3 spans +-448 with 3 mantissa bits
+        # from 2^-6 up, which covers keys and values of usual magnitudes at 2^-4 relative error.
+        # Scales set from the first prefill's amax (vLLM's calculate_kv_scales) would depend on
+        # which prompt came first, and a prefix-cached block is read with the scale it was
+        # written with, so they would have to be fixed before any block is written anyway. A
+        # buffer (not a float) so that kernels and captured graphs read it from the device.
+        self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32), persistent=False)
 
     def forward(
         self,
@@ -173,4 +205,4 @@ class Attention(nn.Module):
             q, k = rope.apply(q, k)
             return dense_causal_attention(q, k, v, self.scale)
         kv_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale, rope)
+        return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale, rope, self.kv_scale)

@@ -45,6 +45,7 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
         rope: RopeTables,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tables = (rope.cos_cache, rope.sin_cache, rope.positions)
         if meta.is_pure_decode:
@@ -52,12 +53,31 @@ class TritonAttention:
             return self.attention.paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
                 meta.max_seq_len, rope=new_token, split_counters=self.split_counters(q.device),
+                kv_scale=kv_scale,
             )  # fmt: skip
-        q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping)
+        q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping,
+                                                kv_scale=kv_scale)  # fmt: skip
         return self.attention.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            meta.max_query_len, scale,
+            meta.max_query_len, scale, kv_scale=kv_scale,
         )  # fmt: skip
+
+
+def check_kv_cache_dtype_support(
+    backend: AttentionBackend, kv_cache_dtype: torch.dtype, device: torch.device
+) -> None:
+    """ValueError, before the model loads, for an fp8 KV cache that the backend's kernels
+    cannot convert on this GPU: Triton's e4m3 (fp8e4nv) needs compute capability 8.9 (Ada,
+    Hopper) or newer."""
+    if kv_cache_dtype != torch.float8_e4m3fn or backend.name != "triton":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype='fp8' with the Triton attention backend needs compute capability "
+            f">= 8.9 (Ada, Hopper) for e4m3; this GPU has {capability[0]}.{capability[1]}: use "
+            "kv_cache_dtype='auto' or attention_backend='reference'"
+        )
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:

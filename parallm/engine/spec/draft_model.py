@@ -138,8 +138,9 @@ class DraftModelProposer:
         the draft cache, with as many blocks, fits the same budget (each cache also has its
         scratch block)."""
         target = self.target
-        per_target = kv_bytes_per_block(target.model_cfg, target.block_size, target.dtype)
-        per_draft = kv_bytes_per_block(self.model_cfg, target.block_size, target.dtype)
+        cache_dtype = target.kv_cache_dtype  # the draft's cache has the target's dtype
+        per_target = kv_bytes_per_block(target.model_cfg, target.block_size, cache_dtype)
+        per_draft = kv_bytes_per_block(self.model_cfg, target.block_size, cache_dtype)
         return max(0, (num_blocks + 1) * per_target // (per_target + per_draft) - 1)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
