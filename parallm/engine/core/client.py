@@ -177,6 +177,7 @@ class EngineCoreClient:
                 if isinstance(message, Ready):
                     return message
                 if isinstance(message, StartupFailed):
+                    self.process.join(_STOP_TIMEOUT_S)  # it exits right after saying so
                     raise _startup_error(message)
                 raise EngineCoreError(f"unexpected first message {type(message).__name__}")
             if self.process.sentinel in events:

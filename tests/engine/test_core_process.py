@@ -1,0 +1,166 @@
+"""The engine-core process: serves through its client, stops cleanly, reports its start-up
+error, and never outlives its client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from server_support import tiny_model_path
+
+from parallm.engine.core.client import EngineCoreClient, EngineCoreError
+from parallm.engine.core.messages import AddRequests, CoreOutputs, CoreRequest
+from parallm.sampling_params import SamplingParams
+
+ENGINE_KWARGS = dict(device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
+
+
+def process_gone(pid: int, timeout_s: float = 30.0) -> bool:
+    """Whether ``pid`` exits within ``timeout_s`` (a zombie nobody reaped counts as exited)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+class Collector:
+    """Gathers a client's outputs; ``wait_finished`` until a request has finished."""
+
+    def __init__(self) -> None:
+        self.outputs: list = []
+        self.deaths: list[str] = []
+        self.changed = threading.Condition()
+
+    def on_outputs(self, batch: CoreOutputs) -> None:
+        with self.changed:
+            self.outputs += batch.outputs
+            self.changed.notify_all()
+
+    def on_death(self, reason: str) -> None:
+        with self.changed:
+            self.deaths.append(reason)
+            self.changed.notify_all()
+
+    def wait(self, predicate, timeout_s: float = 60.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout_s)
+
+
+def _add(client: EngineCoreClient, request_id: str, max_tokens: int) -> None:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+    client.send(
+        AddRequests([CoreRequest(request_id, [5, 6, 7, 8], params, None, time.monotonic())])
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(tiny_model_path())
+
+
+def test_client_generates_and_stops_cleanly(model: str) -> None:
+    client = EngineCoreClient({"model": model, **ENGINE_KWARGS}, num_threads=1)
+    folder = Path(client._dir)
+    assert client.engine.max_model_len == 256 and client.engine.tokenizer is not None
+    assert client.info.num_blocks > 0 and (folder / "commands").exists()
+    got = Collector()
+    client.start(got.on_outputs, got.on_death)
+    _add(client, "r", max_tokens=5)
+    got.wait(lambda: any(out.finished for out in got.outputs))
+    assert sum(len(out.outputs[0].token_ids) for out in got.outputs) == 5
+    pid = client.pid
+    client.stop()
+    assert client.process.exitcode == 0 and process_gone(pid)
+    assert not folder.exists() and got.deaths == [] and client.failure is None
+
+
+def test_a_killed_core_is_reported_once_with_its_exit_code(model: str) -> None:
+    client = EngineCoreClient({"model": model, **ENGINE_KWARGS}, num_threads=1)
+    got = Collector()
+    client.start(got.on_outputs, got.on_death)
+    _add(client, "long", max_tokens=200)
+    got.wait(lambda: len(got.outputs) >= 2)
+    os.kill(client.pid, signal.SIGKILL)
+    got.wait(lambda: got.deaths)
+    (reason,) = got.deaths
+    assert f"engine core process (pid {client.pid}) died unexpectedly with exit code -9" in reason
+    assert not client.is_alive() and client.failure == reason
+    client.stop()  # still releases the sockets and the folder
+    assert not Path(client._dir).exists()
+    _add(client, "after", max_tokens=1)  # a send after the death is dropped, not an error
+
+
+def test_a_bad_argument_raises_the_cores_value_error(model: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown engine argument\(s\) \['bogus_option'\]"):
+        EngineCoreClient({"model": model, "bogus_option": 1, **ENGINE_KWARGS})
+
+
+def test_a_failed_start_up_carries_the_cores_error_and_leaves_nothing(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("parallm-core-*"))
+    with pytest.raises(EngineCoreError, match="the engine core failed to start: JSONDecodeError"):
+        EngineCoreClient({"model": str(broken), **ENGINE_KWARGS})
+    after = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("parallm-core-*"))
+    assert after <= before  # its socket folder is gone
+    assert [p for p in _children(os.getpid()) if "spawn_main" in _cmdline(p)] == []
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from parallm.engine.core.client import EngineCoreClient
+client = EngineCoreClient({"model": sys.argv[1], "device": "cpu", "kv_cache_memory": 4 << 20,
+                           "max_model_len": 256}, num_threads=1)
+print(client.pid, client._dir, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_core_exits_when_its_client_process_dies(model: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, model], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    core_pid = None
+    try:
+        pid_text, folder = proc.stdout.readline().split()
+        core_pid = int(pid_text)
+        assert not process_gone(core_pid, timeout_s=0.5)
+        proc.kill()  # SIGKILL: no clean-up runs in the client
+        proc.wait()
+        assert process_gone(core_pid)
+        deadline = time.monotonic() + 10
+        while Path(folder).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(folder).exists()  # the core removed the sockets' folder
+    finally:
+        proc.kill()
+        proc.wait()
+        if core_pid is not None and not process_gone(core_pid, timeout_s=0):
+            os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
