@@ -1,18 +1,29 @@
 """Tensor-parallel execution: one model shard per rank, the scheduler once, in the driver.
 
 Rank 0 is the engine's own process (the driver): it schedules, runs its shard and samples.
-Ranks 1..N-1 are worker processes (``spawn``), each with its shard and the KV cache of its
-heads. Every eager step the driver sends the step's flat inputs (``StepInputs``: numpy arrays,
-plain data, no ``Sequence`` objects) to each worker over a ``multiprocessing`` pipe; all ranks
-then run the same forward, kept in lockstep by the all-reduces of the row-parallel layers and
-the embedding and the all-gather of the LM head (``torch.distributed``, gloo). The pipe is the
-first transport; ZeroMQ with msgspec replaces it when the engine core moves to its own process.
+Ranks 1..N-1 are workers, each with its shard and the KV cache of its heads. They come from
+one of two places:
+
+- one host (the default): the driver spawns them (``spawn``) and they rendezvous with it on a
+  localhost port;
+- a ``torchrun`` job (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+  ``MASTER_PORT`` in the environment, possibly across hosts): the process with ``RANK=0`` is
+  the driver and every other rank runs ``torchrun_worker_main`` (``parallm`` on the command
+  line and ``LLM(...)`` call it for them), so the world size must equal
+  ``tensor_parallel_size``.
+
+Every eager step the driver broadcasts the step's flat inputs (``StepInputs``: numpy arrays,
+no ``Sequence`` objects) to the workers over a gloo control group (``StepChannel``: a fixed
+header, then one int64 payload); all ranks then run the same forward, kept in lockstep by the
+all-reduces of the row-parallel layers and the embedding and the all-gather of the LM head
+over the default group. The control group waits without a deadline (an idle server sends no
+steps); a rank that dies closes its connections, which fails the waits of the others at once.
 
 Workers exit when the driver closes the executor (``LLMEngine.close``, or at interpreter exit)
-or when the driver's end of their pipe closes (the driver died). A worker that dies makes the
-driver's next step raise a ``RuntimeError`` that names it, and the remaining workers are
-stopped. As with any ``spawn`` start, a script that builds a tensor-parallel engine at import
-time must guard it with ``if __name__ == "__main__":``.
+or when their connection to it fails (the driver died). A worker that dies makes the driver's
+next step raise a ``RuntimeError`` that names it, and the remaining workers are stopped. As
+with any ``spawn`` start, a script that builds a tensor-parallel engine at import time must
+guard it with ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,24 +42,69 @@ from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallm.config import CacheConfig, EngineConfig, ModelConfig
+from parallm.config import CacheConfig, EngineConfig, ModelConfig, resolve_device
 from parallm.engine.prompt_logprobs import PromptSpan, span_rows
 from parallm.engine.runner import ModelRunner, StepInputs
 
-# How long a collective waits for a rank that is alive but late (a slow CPU step). A rank that
-# dies closes its connections, which fails the collective at once instead.
+# How long a collective inside a step waits for a rank that is alive but late (a slow CPU
+# step). A rank that dies closes its connections, which fails the collective at once instead.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# The control group's waits: a worker waits there for the next step as long as the server idles.
+_CONTROL_TIMEOUT = timedelta(days=3650)
 _POLL_SECONDS = 0.1
 _STOP_SECONDS = 10.0
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """This process's place in a job that torchrun (or an equivalent launcher) describes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """The torchrun-compatible environment of this process, None when it has none."""
+    if not all(name in os.environ for name in _TORCHRUN_VARS):
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    return TorchrunEnv(
+        rank=int(os.environ["RANK"]), world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    )  # fmt: skip
+
+
+def is_torchrun_worker(tensor_parallel_size: int) -> bool:
+    """Whether this process is rank 1..N-1 of a tensor-parallel torchrun job: it serves the
+    driver's steps (``torchrun_worker_main``) instead of building an engine."""
+    env = torchrun_env()
+    return tensor_parallel_size > 1 and env is not None and env.rank != 0
+
+
+def check_torchrun_world(tensor_parallel_size: int) -> None:
+    """ValueError when a torchrun job's world size is not ``tensor_parallel_size``."""
+    env = torchrun_env()
+    if tensor_parallel_size > 1 and env is not None and env.world_size != tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size ({tensor_parallel_size}) must equal the torchrun job's "
+            f"WORLD_SIZE ({env.world_size}, rank {env.rank}): launch nnodes x nproc-per-node "
+            "= tensor_parallel_size processes, one per rank"
+        )
 
 
 def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torch.device) -> None:
     """ValueError, before anything loads, for a ``tensor_parallel_size`` this model or this
-    engine cannot run: heads or MLP width that do not split evenly, a device other than the
-    CPU, and the features not combined with tensor parallelism yet."""
+    engine cannot run: heads or MLP width that do not split evenly, a torchrun job of another
+    size, a device other than the CPU, and the features not combined with tensor parallelism
+    yet."""
     tp = config.tensor_parallel_size
     if tp == 1:
         return
@@ -63,6 +120,7 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torc
         raise ValueError(
             f"tensor_parallel_size ({tp}) must divide intermediate_size ({model.intermediate_size})"
         )
+    check_torchrun_world(tp)
     if device.type != "cpu":
         raise ValueError(
             f"tensor_parallel_size > 1 runs on device='cpu' (gloo) only so far, got "
@@ -79,7 +137,7 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torc
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs to build its shard and runner (picklable)."""
+    """What a worker needs to build its shard and runner (picklable; the driver broadcasts it)."""
 
     model_dir: str | None
     model_config: ModelConfig
@@ -92,11 +150,80 @@ class WorkerSpec:
     quantization: str | None
     attention_backend: str
     tp_size: int
-    init_method: str = ""
+
+
+class StepChannel:
+    """The driver's commands to the workers over a gloo group: a fixed int64 header, then,
+    for a step, one int64 payload holding every array of it. The header's words: the command,
+    its argument (blocks to allocate), and the length of each payload array."""
+
+    STEP, ALLOCATE, CLOSE = 1, 2, 3
+    # The payload's arrays in order, with the dtype the runner reads each in.
+    _ARRAYS = (
+        ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
+        ("query_start_loc", np.int32), ("seq_lens", np.int32), ("block_tables", np.int32),
+        ("sample_indices", np.int64), ("prompt_rows", np.int64),
+    )  # fmt: skip
+    _HEADER = 3 + len(_ARRAYS)  # command, argument, block table width, array lengths
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def send_spec(self, spec: WorkerSpec) -> None:
+        dist.broadcast_object_list([spec], src=0, group=self.group)
+
+    def recv_spec(self) -> WorkerSpec:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def send_command(self, command: int, argument: int = 0) -> None:
+        header = torch.zeros(self._HEADER, dtype=torch.int64)
+        header[:2] = torch.tensor([command, argument])
+        dist.broadcast(header, src=0, group=self.group)
+
+    def send_step(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
+        arrays = [getattr(inputs, name) for name, _ in self._ARRAYS[:-1]]
+        arrays.append(np.zeros(0, np.int64) if prompt_rows is None else prompt_rows)
+        header = [self.STEP, int(prompt_rows is not None), inputs.block_tables.shape[1]]
+        header += [a.size for a in arrays]
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=self.group)
+        payload = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays])
+        dist.broadcast(torch.from_numpy(payload), src=0, group=self.group)
+
+    def recv(self) -> tuple[int, int, StepInputs | None, np.ndarray | None]:
+        """(command, argument, the step's inputs and prompt rows when the command is STEP)."""
+        header = torch.empty(self._HEADER, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.group)
+        command, argument, width, *sizes = header.tolist()
+        if command != self.STEP:
+            return command, argument, None, None
+        payload = torch.empty(sum(sizes), dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=self.group)
+        parts = np.split(payload.numpy(), np.cumsum(sizes)[:-1])
+        arrays = {
+            name: part.astype(dtype)
+            for (name, dtype), part in zip(self._ARRAYS, parts, strict=True)
+        }
+        arrays["block_tables"] = arrays["block_tables"].reshape(-1, width)
+        rows = arrays.pop("prompt_rows")
+        return command, argument, StepInputs(**arrays), rows if argument else None
+
+    def allocate(self, num_blocks: int) -> list[str | None]:
+        """Tell the workers to allocate their caches; every rank's error (None: ready)."""
+        self.send_command(self.ALLOCATE, num_blocks)
+        return self.gather_errors(None)
+
+    def gather_errors(self, error: str | None) -> list[str | None]:
+        """Every rank's error (None: fine), on the driver; workers get an empty list."""
+        out: list[str | None] | None = [None] * self.group.size() if dist.get_rank() == 0 else None
+        dist.gather_object(error, out, dst=0, group=self.group)
+        return out or []
 
 
 class TensorParallelExecutor:
-    """Starts ranks 1..N-1 and joins the default process group as rank 0 (this process)."""
+    """Joins the default process group as rank 0 (this process) with ranks 1..N-1: spawned
+    here, or the other ranks of this process's torchrun job."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         if dist.is_initialized():
@@ -104,49 +231,56 @@ class TensorParallelExecutor:
                 "tensor_parallel_size > 1: this process already has a torch.distributed "
                 "group (another tensor-parallel engine still open?); close it first"
             )
-        spec.init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.tp_size = spec.tp_size
+        self.torchrun = torchrun_env()
         self.failure: str | None = None
         self._closed = False
-        ctx = mp.get_context("spawn")
         self.workers: list[BaseProcess] = []
         self.conns: list[Connection] = []
+        self.channel: StepChannel | None = None
         atexit.register(self.close)
+        try:
+            if self.torchrun is None:
+                self._spawn_workers(spec)
+            else:
+                check_torchrun_world(spec.tp_size)
+                if self.torchrun.rank != 0:
+                    raise ValueError("only the torchrun job's rank 0 builds the engine")
+                _join(spec.device, "env://", 0, spec.tp_size)
+            self.channel = StepChannel(_control_group())
+            self.channel.send_spec(spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn_workers(self, spec: WorkerSpec) -> None:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
         for rank in range(1, spec.tp_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(spec, rank, child), daemon=True,
+            args = (spec.device, init_method, rank, spec.tp_size, child)
+            proc = ctx.Process(target=_worker_main, args=args, daemon=True,
                                name=f"parallm-tp-rank{rank}")  # fmt: skip
             proc.start()
             child.close()
             self.workers.append(proc)
             self.conns.append(parent)
-        try:
-            for rank in range(1, spec.tp_size):
-                self._expect(rank, "joining", "while starting")
-            dist.init_process_group(
-                "gloo", init_method=spec.init_method, rank=0, world_size=spec.tp_size,
-                timeout=_COLLECTIVE_TIMEOUT,
-            )  # fmt: skip
-        except BaseException:
-            self.close()
-            raise
+        for rank in range(1, spec.tp_size):
+            self._expect(rank, "joining", "while starting")
+        _join(spec.device, init_method, 0, spec.tp_size)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Each worker allocates its heads' cache; returns once every shard is loaded and ready."""
-        for conn in self.conns:
-            conn.send(("allocate", num_blocks))
-        for rank in range(1, self.tp_size):
-            self._expect(rank, "ready", "while loading its shard")
+        errors = self._control(lambda channel: channel.allocate(num_blocks))
+        for rank, error in enumerate(errors):
+            if error is not None:
+                self._fail(rank, "while loading its shard", error)
 
     def send_step(self, inputs: StepInputs, spans: list[PromptSpan]) -> None:
         """Hand one step to every worker (``ModelRunner.step_listener``)."""
         self.check_workers()
         rows = span_rows(spans) if spans else None
-        for rank, conn in enumerate(self.conns, start=1):
-            try:
-                conn.send(("step", inputs, rows))
-            except OSError:
-                self._fail(rank, "while receiving a step")
+        self._control(lambda ch: ch.send_step(inputs, rows))
 
     def check_workers(self) -> None:
         """RuntimeError, and every worker stopped, if a worker has died or the executor failed."""
@@ -158,6 +292,8 @@ class TensorParallelExecutor:
 
     def explain(self, error: BaseException) -> None:
         """Raise the worker failure behind ``error`` (a failed collective), if there is one."""
+        if self.torchrun is not None:
+            self._lost(error)
         deadline = time.monotonic() + 2.0  # a killed peer's exit may not be reaped yet
         while time.monotonic() < deadline:
             self.check_workers()
@@ -176,11 +312,11 @@ class TensorParallelExecutor:
             return
         self._closed = True
         atexit.unregister(self.close)
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("close",))
-        # Leaving the group first fails any collective a worker still waits in (a step the
-        # driver abandoned), so that it exits instead of waiting for the timeout.
+        if self.channel is not None:
+            with contextlib.suppress(RuntimeError):  # a dead peer fails the send
+                self.channel.send_command(StepChannel.CLOSE)
+        # Leaving the group fails any collective a worker still waits in (a step the driver
+        # abandoned), so that it exits instead of waiting for the timeout.
         if dist.is_initialized():
             dist.destroy_process_group()
         deadline = time.monotonic() + _STOP_SECONDS
@@ -191,6 +327,25 @@ class TensorParallelExecutor:
                 proc.join()
         for conn in self.conns:
             conn.close()
+
+    def _control(self, send):
+        """Run ``send(channel)``; a failed send is a lost rank, reported as such."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        try:
+            return send(self.channel)
+        except RuntimeError as e:
+            self.explain(e)
+            self._lost(e)
+
+    def _lost(self, error: BaseException) -> None:
+        """A torchrun job's peer is gone (only its connection tells): stop and raise."""
+        self.failure = (
+            "tensor-parallel engine stopped: a rank of the job died or lost its connection "
+            f"({type(error).__name__}: {error}); see that rank's log, then restart the job"
+        )
+        self.close()
+        raise RuntimeError(self.failure) from error
 
     def _expect(self, rank: int, kind: str, when: str) -> None:
         conn, proc = self.conns[rank - 1], self.workers[rank - 1]
@@ -209,11 +364,16 @@ class TensorParallelExecutor:
                 self._fail(rank, when)
 
     def _fail(self, rank: int, when: str, detail: str | None = None) -> None:
-        proc = self.workers[rank - 1]
-        proc.join(_POLL_SECONDS)
-        state = "is not responding" if proc.is_alive() else f"exited with code {proc.exitcode}"
+        if self.torchrun is not None:
+            where = f"tensor-parallel rank {rank}"
+        else:
+            proc = self.workers[rank - 1]
+            proc.join(_POLL_SECONDS)
+            state = "is not responding" if proc.is_alive() else f"exited with code {proc.exitcode}"
+            where = f"tensor-parallel worker rank {rank} (pid {proc.pid}) {state}"
+            detail = detail or _pending_error(self.conns[rank - 1])
         message = (
-            f"tensor-parallel worker rank {rank} (pid {proc.pid}) {state}"
+            f"{where}{' failed' if self.torchrun is not None else ''}"
             f"{' ' + when if when else ''}; the engine cannot continue and has stopped its "
             "other workers (build a new one)"
         )
@@ -224,51 +384,123 @@ class TensorParallelExecutor:
         raise RuntimeError(message)
 
 
+def _pending_error(conn: Connection) -> str | None:
+    """The traceback a spawned worker sent before it exited, if any."""
+    with contextlib.suppress(OSError, EOFError):
+        while conn.poll(0):
+            msg = conn.recv()
+            if msg[0] == "error":
+                return msg[1]
+    return None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
-    """A worker's life: join the group, build the shard, then run the driver's steps."""
+def _join(device: str, init_method: str, rank: int, world_size: int) -> None:
+    """Join the default group, whose collectives run inside each step's forward."""
+    backend = "gloo" if torch.device(device).type == "cpu" else "nccl"
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size,
+        timeout=_COLLECTIVE_TIMEOUT,
+    )  # fmt: skip
+
+
+def _control_group() -> dist.ProcessGroup:
+    """A gloo group over every rank for the driver's commands (collective: every rank calls)."""
+    return dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+
+
+def _ignore_stop_signals() -> None:
     # The driver decides when workers stop (a Ctrl-C or a SIGTERM to the whole process group
-    # must let it drain first); they also exit when its end of the pipe closes.
+    # must let it drain first); they also exit when their connection to it fails.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.tp_size))
+
+
+def _worker_main(
+    device: str, init_method: str, rank: int, world_size: int, conn: Connection
+) -> None:
+    """A spawned worker's life: join the group, then serve the driver (``_serve``)."""
+    _ignore_stop_signals()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         conn.send(("joining",))
-        dist.init_process_group(
-            "gloo", init_method=spec.init_method, rank=rank, world_size=spec.tp_size,
-            timeout=_COLLECTIVE_TIMEOUT,
-        )  # fmt: skip
-        runner = _build_runner(spec, rank)
-        while True:
-            msg = conn.recv()
-            if msg[0] == "step":
-                runner.execute_forward(msg[1], msg[2])
-            elif msg[0] == "allocate":
-                runner.allocate_kv_cache(msg[1])
-                conn.send(("ready",))
-            elif msg[0] == "close":
-                break
-    except EOFError:
-        pass  # the driver is gone
+        _join(device, init_method, rank, world_size)
+        _serve(rank, rank)
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
         os._exit(1)  # skip the process group's teardown, which would wait for the others
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
-def _build_runner(spec: WorkerSpec, rank: int) -> ModelRunner:
+def torchrun_worker_main(tensor_parallel_size: int, device: str = "auto") -> int:
+    """Rank 1..N-1 of a torchrun job: join rank 0's engine, serve its steps until it closes
+    (exit code 0) or fails (1: its connection broke, or this rank failed, traceback on
+    stderr). ``device`` is the engine's setting, as rank 0 has it (it picks the backend).
+    ValueError when the job's size is not ``tensor_parallel_size``."""
+    check_torchrun_world(tensor_parallel_size)
+    env = torchrun_env()
+    if env is None or env.rank == 0:
+        raise ValueError("torchrun_worker_main runs on ranks 1..N-1 of a torchrun job")
+    _ignore_stop_signals()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    try:
+        _join(str(resolve_device(device)), "env://", env.rank, env.world_size)
+        _serve(env.rank, env.local_rank)
+    except BaseException:
+        traceback.print_exc()
+        print(f"parallm: tensor-parallel rank {env.rank} failed; exiting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # skip the process group's teardown, which would wait for the others
+    dist.destroy_process_group()
+    return 0
+
+
+def _serve(rank: int, local_rank: int) -> None:
+    """Build this rank's shard from the driver's spec, then run its commands until CLOSE.
+    A failure to build or allocate is reported to the driver (which names this rank) and
+    raised; a failure inside a step is raised (the driver's collectives then fail)."""
+    channel = StepChannel(_control_group())
+    spec = channel.recv_spec()
+    runner, error = None, None
+    try:
+        runner = _build_runner(spec, rank, local_rank)
+    except Exception:
+        error = traceback.format_exc()
+    while True:
+        command, argument, inputs, rows = channel.recv()
+        if command == StepChannel.STEP:
+            runner.execute_forward(inputs, rows)
+        elif command == StepChannel.ALLOCATE:
+            if error is None:
+                try:
+                    runner.allocate_kv_cache(argument)
+                except Exception:
+                    error = traceback.format_exc()
+            channel.gather_errors(error)
+            if error is not None:
+                raise RuntimeError(f"rank {rank} could not load its shard:\n{error}")
+        elif command == StepChannel.CLOSE:
+            return
+
+
+def _worker_device(device: str, local_rank: int) -> torch.device:
+    """Rank 0's device type on this rank: ``cuda:LOCAL_RANK`` for a GPU, else as given."""
+    kind = torch.device(device).type
+    return torch.device(kind, local_rank) if kind == "cuda" else torch.device(device)
+
+
+def _build_runner(spec: WorkerSpec, rank: int, local_rank: int) -> ModelRunner:
     from parallm.layers.backends import select_backend
     from parallm.layers.quantization import quantize_model
     from parallm.models.loader import load_model
 
-    device = torch.device(spec.device)
+    device = _worker_device(spec.device, local_rank)
     model = load_model(
         spec.model_dir, spec.model_config, spec.dtype, device, spec.max_positions,
         load_format=spec.load_format, seed=spec.seed, packed=True, tp_rank=rank,
