@@ -300,13 +300,17 @@ def paged_tree_attention_ref(
     scale: float,
     tree_num_nodes: torch.Tensor,
     tree_visible: torch.Tensor,
+    *,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``paged_prefill_attention_ref`` with draft trees (``paged_tree_attention``).
 
     The last ``tree_num_nodes[b]`` queries and keys of sequence ``b`` are tree nodes; a node
     query sees the context before the tree and the nodes of its ``tree_visible`` bitmask
-    (:func:`tree_mask_ref`); every other query is causal as in any step.
+    (:func:`tree_mask_ref`); every other query is causal as in any step. An fp8 cache is
+    dequantized with ``kv_scale``.
     """
+    k_scale, v_scale = _kv_scales(kv_scale, k_cache)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     groups = q.shape[1] // num_kv_heads
     wide = _wide(q.dtype)
@@ -318,8 +322,9 @@ def paged_tree_attention_ref(
         if q_len == 0:
             continue
         pages = block_tables[b, : -(-seq_len // block_size)].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(wide)
+        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k, v = dequantize_kv_ref(k, k_scale, wide), dequantize_kv_ref(v, v_scale, wide)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
