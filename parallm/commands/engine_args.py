@@ -70,8 +70,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         default=None,
         choices=list(QUANTIZATION_METHODS),
         help="quantize the checkpoint's weights at load: fp8 (e4m3) or int8, one scale per output "
-        "channel, every linear layer but the LM head; GEMMs dequantize in PyTorch for now "
-        "(default: None, weights stay in --dtype)",
+        "channel, every linear layer but the LM head (fp8 GEMMs on fp8 tensor cores, compute "
+        "capability 8.9+; batch-1 decode reads the quantized weights). A checkpoint stored "
+        "quantized (config.json quantization_config: fp8 or compressed-tensors, 8-bit) loads "
+        "as it is stored without this flag (default: None, weights stay in --dtype or as the "
+        "checkpoint stores them)",
     )
     g.add_argument(
         "--kv-cache-dtype",

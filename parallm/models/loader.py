@@ -14,6 +14,12 @@ from tqdm import tqdm
 
 from parallm.config import ModelConfig
 from parallm.layers.linear import packed_shard_ids
+from parallm.layers.quantization.checkpoint import (
+    StoredQuantization,
+    quantize_stored_layers,
+    runtime_weight,
+    stored_quantization,
+)
 from parallm.models.registry import model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -57,11 +63,11 @@ def load_model(
     tp_size: int = 1,
 ) -> nn.Module:
     """A model with weights from ``path`` or, for ``load_format='dummy'``, random ones; with
-    ``tp_size > 1`` only rank ``tp_rank``'s shard (each parameter's loader takes its slice)."""
+    ``tp_size > 1`` only rank ``tp_rank``'s shard (each parameter's loader takes its slice).
+    A checkpoint stored quantized (``quantization_config``) loads into quantized layers."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
-    if load_format != "dummy":
-        _check_not_prequantized(cfg)
+    stored = stored_quantization(cfg.raw) if load_format != "dummy" else None
     torch.manual_seed(seed)
     model = build_model(cfg, dtype, device, max_positions, packed, tp_rank, tp_size)
     if load_format == "dummy":
@@ -69,21 +75,8 @@ def load_model(
     else:
         if path is None:
             raise ValueError("model: a path is needed unless load_format='dummy'")
-        load_safetensors(model, Path(path))
+        load_safetensors(model, Path(path), stored)
     return model
-
-
-def _check_not_prequantized(cfg: ModelConfig) -> None:
-    """Checkpoints stored quantized (a ``quantization_config`` in config.json) are not read
-    yet; their float versions quantize at load instead."""
-    quant = cfg.raw.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise ValueError(
-            f"model: the checkpoint is stored quantized (quantization_config quant_method "
-            f"{method!r}), which is not supported yet; load its bf16/fp16 version with "
-            "quantization='fp8' or 'int8' to quantize at load"
-        )
 
 
 def _init_dummy(model: nn.Module) -> None:
@@ -126,7 +119,11 @@ class CheckpointSlice:
         return self._lazy[index]
 
     def full(self) -> torch.Tensor:
-        return self._lazy[:]
+        return self._lazy[...]  # ``[:]`` fails on a 0-dim tensor (a per-tensor scale)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.narrow(0, 0, min(1, self.shape[0])).dtype
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The whole tensor (a loader that needs it all, e.g. to quantize whole rows)."""
@@ -151,22 +148,29 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_safetensors(model: nn.Module, path: Path) -> None:
+def load_safetensors(
+    model: nn.Module, path: Path, stored: StoredQuantization | None = None
+) -> None:
     """Copy checkpoint tensors into the model through each parameter's ``weight_loader`` (its
     shard, or its rows of a packed layer); missing, unknown or misshapen tensors are errors.
 
     A tensor-parallel shard (``tp_size > 1``) reads only its slice of each weight matrix from
-    the files; vectors (norms, biases) are read whole."""
-    params = dict(model.named_parameters())
+    the files; vectors (norms, biases) are read whole. With ``stored`` (a checkpoint stored
+    quantized) the layers whose weights carry scales become quantized first, and each such
+    weight reaches its loader with its scales in the runtime's per-row form."""
     sharded = getattr(model, "tp_size", 1) > 1
     tied = getattr(model.config, "tie_word_embeddings", False)
     mapping = (
         getattr(model, "packed_modules_mapping", {}) if getattr(model, "packed", False) else {}
     )
+    scales = _stored_scales(model, path, stored, mapping) if stored is not None else {}
+    params = dict(model.named_parameters())
     loaded: set[tuple[str, str | int | None]] = set()
     with torch.no_grad():
         for name, lazy in iter_checkpoint_slices(path):
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if stored is not None and (stored.is_scale(name) or stored.is_skipped(name)):
                 continue
             target, shard_id = _target(name, params, mapping)
             param = params[target]
@@ -175,6 +179,8 @@ def load_safetensors(model: nn.Module, path: Path) -> None:
             partial = sharded and loader is not None and param.dim() == 2
             tensor = lazy if partial else lazy.full()
             try:
+                if name in scales:
+                    tensor = runtime_weight(stored, name, tensor, scales[name], param.device)
                 if loader is not None:
                     loader(param, tensor, shard_id)
                 else:
@@ -185,6 +191,25 @@ def load_safetensors(model: nn.Module, path: Path) -> None:
     missing = sorted(_checkpoint_name(*m, mapping) for m in _expected(model, params, tied) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
+
+
+def _stored_scales(
+    model: nn.Module, path: Path, stored: StoredQuantization, mapping: dict
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's weight scales by the name of the weight they scale (read whole: they
+    are small), after turning the layers they belong to into quantized ones."""
+    scales = {
+        name.rsplit(".", 1)[0] + ".weight": lazy.full()
+        for name, lazy in iter_checkpoint_slices(path)
+        if stored.is_scale(name)
+    }
+
+    def checkpoint_weights(module_name: str, module: nn.Module) -> list[str]:
+        shards = packed_shard_ids(module) or (None,)
+        return [_checkpoint_name(f"{module_name}.weight", s, mapping) for s in shards]
+
+    quantize_stored_layers(model, stored, checkpoint_weights, scales)
+    return scales
 
 
 def _target(

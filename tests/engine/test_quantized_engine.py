@@ -6,8 +6,6 @@ model in loss and greedy tokens."""
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 
 import pytest
 import torch
@@ -121,15 +119,6 @@ def test_bad_values_are_refused_before_loading(tmp_path, kwargs, message):
         LLM(str(missing), **kwargs)
     with pytest.raises(ValueError, match=message):
         EngineConfig(**kwargs)
-
-
-def test_a_checkpoint_stored_quantized_is_refused_by_name(tiny_model_dir, tmp_path):
-    path = shutil.copytree(tiny_model_dir("llama2"), tmp_path / "fp8-model")
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="stored quantized .*'fp8'.*quantization='fp8'"):
-        LLM(str(path), **CPU_ENGINE)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,9 @@ The GEMM itself is one method, :meth:`QuantizedLinear.quantized_linear`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,6 +26,20 @@ from parallm.layers.linear import (
     RowParallelLinear,
 )
 from parallm.layers.quantization.format import WeightFormat
+
+
+@dataclass(frozen=True)
+class QuantizedCheckpointTensor:
+    """A checkpoint weight stored quantized, in the runtime's form: ``values [N, K]`` in the
+    format's dtype (a tensor, or an unread checkpoint slice that a tensor-parallel loader
+    narrows) and ``row_scales [N]`` float32 (``checkpoint.runtime_weight`` builds it)."""
+
+    values: Any
+    row_scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.values.shape)
 
 
 class QuantizedLinear(nn.Module):
@@ -47,10 +64,15 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         """A float checkpoint tensor for ``weight``: quantized whole (one scale per row of the
         checkpoint tensor), then its values and scales go where the float layer puts its rows.
-        Other parameters (the bias) load as in the float layer."""
+        A stored-quantized one (``QuantizedCheckpointTensor``: values and per-row scales) is
+        placed as it is. Other parameters (the bias) load as in the float layer."""
         parent = super().weight_loader  # type: ignore[misc]
         if param is not self.weight:
             parent(param, loaded, shard_id)
+            return
+        if isinstance(loaded, QuantizedCheckpointTensor):
+            parent(self.weight, loaded.values, shard_id)
+            parent(self.weight_scale, loaded.row_scales, shard_id)
             return
         q, scale = self.weight_format.quantize(loaded.to(param.device))
         parent(self.weight, q, shard_id)
