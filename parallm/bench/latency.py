@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import time
 from typing import Any
 
 import torch
 
+from parallm.bench import vllm_peer
 from parallm.bench.common import (
     copy_bandwidth_gbps,
     environment,
@@ -37,6 +39,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=3,
         help="timed repetitions after a warm-up run (the median is kept)",
     )
+    # At these shapes (batches of at most 128 prompts of 128 tokens) parallm's limits change
+    # only how a batch's prompts are chunked, not the decode steps timed: one vLLM run is enough.
+    vllm_peer.add_args(p, default_configs="defaults")
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -96,6 +101,12 @@ def graph_replay_ms(llm: Any, batch: int, iters: int = 50) -> float | None:
     return start.elapsed_time(end) / iters
 
 
+def run_prompts(batch: int, input_len: int, vocab: int, run: int) -> list[list[int]]:
+    """The prompts of run ``run`` (0: the warm-up) at one batch size; --compare-vllm gives
+    vLLM these same token ids."""
+    return random_prompts(batch, [input_len] * batch, vocab, seed=run)
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -111,7 +122,7 @@ def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int) -
     vocab = llm.engine.model_config.vocab_size
     decode, prefill = [], []
     for i in range(iters + 1):  # the first run warms up
-        prompts = random_prompts(batch, [input_len] * batch, vocab, seed=i)
+        prompts = run_prompts(batch, input_len, vocab, i)
         llm.engine.kv.reset_prefix_cache()
         t_first, t_decode = _timed_run(llm, prompts, output_len)
         if i:
@@ -131,21 +142,29 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     rows = []
     for batch in args.batch_sizes:
         before = engine.spec_stats.copy()
-        row = measure(llm, batch, args.input_len, args.output_len, args.iters)
+        measured = measure(llm, batch, args.input_len, args.output_len, args.iters)
+        row = {"engine": "parallm", **measured}
         if engine.drafter is not None:
             row["tokens_per_drafted_step"] = engine.spec_stats.mean_since(before)
-        avg_context = args.input_len + args.output_len / 2
-        row["bytes_per_step"] = weights + batch * avg_context * kv_per_token
-        row["gb_per_step"] = row["bytes_per_step"] / 1e9
-        row["achieved_gbps"] = row["bytes_per_step"] / (row["step_ms"] / 1e3) / 1e9
-        if copy_gbps:
-            row["roofline_pct"] = 100 * row["achieved_gbps"] / copy_gbps
+        _add_traffic(row, args, weights, kv_per_token, copy_gbps)
         row["ms_per_token"] = row["step_ms"]
         row["graph_ms"] = graph_replay_ms(llm, batch)
         rows.append(row)
-    print(engine.summary())
+    summary, device_type, drafter = engine.summary(), engine.device.type, engine.drafter
+    if args.compare_vllm:
+        peer = vllm_peer.peer_model(engine, args)
+        vocab = engine.model_config.vocab_size
+        runs = {b: [run_prompts(b, args.input_len, vocab, i) for i in range(args.iters + 1)]
+                for b in args.batch_sizes}  # fmt: skip
+        del llm, engine
+        gc.collect()  # the runner and its CUDA graphs reference each other
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        for row in vllm_peer.latency_rows(peer, args.vllm_configs, runs, args.output_len):
+            rows.append(_add_traffic(row, args, weights, kv_per_token, copy_gbps))
+        vllm_peer.add_speedups(rows, "ms_per_token", higher_is_better=False, match="batch_size")
+    print(summary)
     bandwidth = (f"{copy_gbps:.0f} GB/s" if copy_gbps
-                 else f"not measured on {engine.device.type} (no roofline columns)")  # fmt: skip
+                 else f"not measured on {device_type} (no roofline columns)")  # fmt: skip
     print(f"copy bandwidth (read+write): {bandwidth}; weights read per step: "
           f"{weights / 1e9:.3f} GB; input {args.input_len}, output {args.output_len} tokens")  # fmt: skip
     columns = [("batch_size", "batch", "d"), ("ms_per_token", "ms/token", ".3f"),
@@ -153,11 +172,33 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     if copy_gbps:
         columns += [("achieved_gbps", "GB/s", ".0f"), ("roofline_pct", "% copy bw", ".1f"),
                     ("graph_ms", "graph ms", ".3f")]  # fmt: skip
-    if engine.drafter is not None:
+    if drafter is not None:
         columns.append(("tokens_per_drafted_step", "tok/drafted step", ".2f"))
-    print_table(rows, [*columns, ("prefill_ms", "prefill ms", ".1f")])
-    payload = {"benchmark": "latency", "env": environment(), "summary": engine.summary(),
+    columns.append(("prefill_ms", "prefill ms", ".1f"))
+    if args.compare_vllm:
+        columns = [("engine", "engine", "s"), *columns, ("parallm_speedup", "parallm x", ".2f")]
+    print_table(rows, columns)
+    payload = {"benchmark": "latency", "env": environment(), "summary": summary,
                "copy_bandwidth_gbps": copy_gbps, "weight_bytes": weights, "args": vars(args) | {"func": None},
                "results": rows}  # fmt: skip
+    if args.compare_vllm:
+        payload["vllm"] = vllm_peer.describe(peer)
     write_json(args.out, payload)
+    if args.plot is not None:
+        title = (f"{vllm_peer.model_name(args)}: decode, input {args.input_len}, "
+                 f"output {args.output_len} tokens")  # fmt: skip
+        vllm_peer.plot_latency(rows, args.plot, title)
     return payload
+
+
+def _add_traffic(row: dict[str, Any], args: argparse.Namespace, weights: int, kv_per_token: int,
+                 copy_gbps: float | None) -> dict[str, Any]:  # fmt: skip
+    """Bytes a decode step reads (all weights, and each sequence's KV at the mean context),
+    and the rate that makes of the row's step time; the same model shape for every engine."""
+    avg_context = args.input_len + args.output_len / 2
+    row["bytes_per_step"] = weights + row["batch_size"] * avg_context * kv_per_token
+    row["gb_per_step"] = row["bytes_per_step"] / 1e9
+    row["achieved_gbps"] = row["bytes_per_step"] / (row["step_ms"] / 1e3) / 1e9
+    if copy_gbps:
+        row["roofline_pct"] = 100 * row["achieved_gbps"] / copy_gbps
+    return row

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from parallm.bench import vllm_peer
 from parallm.bench.common import environment, print_table, random_prompts, write_json
 
 
@@ -27,6 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run transformers' generate_batch on the same prompts (mean output length each)",
     )
+    vllm_peer.add_args(p, default_configs=",".join(vllm_peer.CONFIGS))
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -99,14 +101,19 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     if engine.drafter is not None:
         rows[0]["tokens_per_drafted_step"] = engine.spec_stats.mean_accepted_per_step
     summary = engine.summary()
-    if args.compare_hf:
+    peer = vllm_peer.peer_model(engine, args) if args.compare_vllm else None
+    if args.compare_hf or args.compare_vllm:
         del llm, engine
         gc.collect()  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.compare_hf:
         mean_out = round(sum(out_lens) / len(out_lens))
         hf = run_hf(args.model, args.config, _dtype(args.dtype), prompts, mean_out)
         rows.append(hf)
         rows[0]["speedup_vs_hf"] = rows[0]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+    if peer is not None:
+        rows += vllm_peer.throughput_rows(peer, args.vllm_configs, prompts, out_lens)
+        vllm_peer.add_speedups(rows, "output_tokens_per_s", higher_is_better=True)
     print(summary)
     columns = [
         ("engine", "engine", "s"), ("requests_per_s", "req/s", ".2f"),
@@ -114,12 +121,19 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         ("seconds", "seconds", ".1f"), ("peak_gpu_mem_gib", "peak GiB", ".1f"),
         ("speedup_vs_hf", "x HF", ".1f"),
     ]  # fmt: skip
+    if peer is not None:
+        columns.append(("parallm_speedup", "parallm x", ".2f"))
     if "tokens_per_drafted_step" in rows[0]:
         columns.append(("tokens_per_drafted_step", "tok/drafted step", ".2f"))
     print_table(rows, columns)
     payload = {"benchmark": "throughput", "env": environment(), "summary": summary,
                "args": vars(args) | {"func": None}, "results": rows}  # fmt: skip
+    if peer is not None:
+        payload["vllm"] = vllm_peer.describe(peer)
     write_json(args.out, payload)
+    if args.plot is not None:
+        title = f"{vllm_peer.model_name(args)}: {len(prompts)} requests, output tokens/s"
+        vllm_peer.plot_throughput(rows, args.plot, title)
     return payload
 
 
