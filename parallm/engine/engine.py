@@ -29,6 +29,7 @@ from parallm.engine.sampler import SamplerOutput
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
 from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
+from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.stats import SpecStats
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import check_kv_cache_dtype_support, select_backend
@@ -377,6 +378,8 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self.outputs.forget(self.requests.pop(out.request_id))
+        if result is not None and result.hidden_states is not None:  # Medusa reads them
+            self.draft_model.observe(sampled, result.hidden_states)
         if self.draft_model is not None:  # finished or preempted sequences' draft blocks
             self.draft_model.release(self.scheduler.running)
         pending = self._inflight
@@ -446,8 +449,12 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
             "proposed from tokens a step run ahead has not returned yet"
         )
     spec.check_implemented()
-    # A draft model's configuration is checked here, before the target loads.
-    model = DraftModelProposer(spec, target, config) if spec.method in MODEL_METHODS else None
+    # A draft model's configuration (Medusa: its heads) is checked here, before the target loads.
+    model = None
+    if spec.method in MODEL_METHODS:
+        model = DraftModelProposer(spec, target, config)
+    elif spec.method == "medusa":
+        model = MedusaProposer(spec, target, config)
     return Drafter(spec, model)
 
 

@@ -49,8 +49,10 @@ def test_other_methods_take_their_own_keys():
                                          "num_speculative_tokens": 3})  # fmt: skip
     assert skip.num_layers == 2
     medusa = SpeculativeConfig.from_value({"method": "medusa", "num_speculative_tokens": 3,
-                                           "disable_by_batch_size": 8})  # fmt: skip
-    assert medusa.disable_by_batch_size == 8
+                                           "model": "heads", "disable_by_batch_size": 8,
+                                           "speculative_token_tree": "[(0,), (1,), (0, 0)]"})  # fmt: skip
+    assert medusa.disable_by_batch_size == 8 and medusa.model == "heads"
+    assert medusa.speculative_token_tree == ((0,), (1,), (0, 0))
 
 
 def test_the_config_is_frozen():
@@ -83,13 +85,14 @@ def test_the_config_is_frozen():
         ({**NGRAM, "prompt_lookup_min": 1, "prompt_lookup_max": "4"},
          "speculative_config.prompt_lookup_max must be an integer >= 1, got '4'"),
         ({**NGRAM, "model": "small"},
-         "speculative_config.model is for method 'draft_model' only; method 'ngram' takes "
+         "speculative_config.model is for methods ['draft_model', 'medusa'] only; method "
+         "'ngram' takes "
          "['prompt_lookup_min', 'prompt_lookup_max']"),
         ({**NGRAM, "num_layers": 2},
          "speculative_config.num_layers is for method 'layer_skip' only"),
         ({"method": "medusa", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
          "speculative_config.prompt_lookup_max is for method 'ngram' only; method 'medusa' "
-         "takes []"),
+         "takes ['model', 'speculative_token_tree']"),
         ({"method": "draft_model", "num_speculative_tokens": 2},
          "speculative_config.model is required for method 'draft_model'"),
         ({"method": "draft_model", "num_speculative_tokens": 2, "model": ""},
@@ -103,7 +106,7 @@ def test_the_config_is_frozen():
         ({**NGRAM, "acceptance_method": "typical", "zeta": 1},
          "speculative_config: unknown key(s) ['acceptance_method', 'zeta']; allowed: "
          "['method', 'num_speculative_tokens', 'prompt_lookup_min', 'prompt_lookup_max', "
-         "'model', 'num_layers', 'disable_by_batch_size']"),
+         "'model', 'num_layers', 'disable_by_batch_size', 'speculative_token_tree']"),
         ('{"method": "ngram",', "speculative_config must be a JSON object such as"),
         ("[1, 2]", "speculative_config must be a dict, a JSON object string or a "
          "SpeculativeConfig, got list"),
@@ -117,19 +120,13 @@ def test_bad_values_are_named_with_what_is_allowed(value, message):
     assert message in str(info.value)
 
 
-def test_unimplemented_methods_say_so():
-    assert IMPLEMENTED_METHODS == ("ngram", "draft_model", "layer_skip")
-    extra = {"draft_model": {"model": "small"}, "layer_skip": {"num_layers": 1}, "medusa": {}}
-    for method in IMPLEMENTED_METHODS:
+def test_every_method_is_implemented():
+    assert IMPLEMENTED_METHODS == METHODS
+    extra = {"draft_model": {"model": "small"}, "layer_skip": {"num_layers": 1},
+             "medusa": {"model": "heads"}}  # fmt: skip
+    for method in METHODS:
         config = SpeculativeConfig(method=method, num_speculative_tokens=2, **extra.get(method, {}))
         config.check_implemented()
-    assert set(METHODS) - set(IMPLEMENTED_METHODS) == {"medusa"}
-    with pytest.raises(ValueError) as info:
-        SpeculativeConfig(method="medusa", num_speculative_tokens=2).check_implemented()
-    assert str(info.value) == (
-        "speculative_config.method 'medusa' is not implemented yet; "
-        "implemented: ['ngram', 'draft_model', 'layer_skip']"
-    )
 
 
 def test_engine_config_parses_and_checks_it():

@@ -6,13 +6,14 @@ by the engine) are kept apart: a later drafter only joins ``IMPLEMENTED_METHODS`
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
-IMPLEMENTED_METHODS = ("ngram", "draft_model", "layer_skip")
+IMPLEMENTED_METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
 
 # vLLM's default when neither prompt_lookup_min nor prompt_lookup_max is given.
 DEFAULT_PROMPT_LOOKUP = 5
@@ -22,9 +23,13 @@ _METHOD_KEYS = {
     "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
     "draft_model": ("model",),
     "layer_skip": ("num_layers",),
-    "medusa": (),
+    "medusa": ("model", "speculative_token_tree"),
 }
-_REQUIRED_KEYS = {"draft_model": ("model",), "layer_skip": ("num_layers",)}
+_REQUIRED_KEYS = {
+    "draft_model": ("model",),
+    "layer_skip": ("num_layers",),
+    "medusa": ("model",),
+}
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,13 @@ class SpeculativeConfig:
 
     ``method``: ``ngram`` (prompt lookup, no model), ``draft_model`` (a smaller model sharing the
     target's tokenizer), ``layer_skip`` (the target's first ``num_layers`` layers draft) or
-    ``medusa`` (extra heads on the target's last hidden state). ``num_speculative_tokens``: most
-    tokens proposed per sequence and step. ``disable_by_batch_size``: no speculation in a step
+    ``medusa`` (extra heads on the target's last hidden state; ``model``: the heads' folder).
+    ``num_speculative_tokens``: most tokens proposed per sequence and step (for ``medusa``: how
+    many heads draft, the tree's depth). ``speculative_token_tree`` (``medusa`` only, vLLM's
+    key): the draft tree as index paths, ``[(0,), (0, 0), (1,), ...]`` (or its string), where
+    path ``(r0, .., rd)`` is the node carrying head ``d``'s rank-``rd`` token below the node of
+    ``(r0, ..)``; ``"chain"`` is every head's top token in a row; unset: a default sparse tree
+    (``parallm.engine.spec.medusa.default_tree_paths``). ``disable_by_batch_size``: no speculation in a step
     whose running batch is larger than this (None: always speculate). For ``ngram``, unset
     ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
     """
@@ -46,6 +56,7 @@ class SpeculativeConfig:
     model: str | None = None
     num_layers: int | None = None
     disable_by_batch_size: int | None = None
+    speculative_token_tree: Any = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +73,9 @@ class SpeculativeConfig:
             )
         if self.num_layers is not None:
             _check_int("num_layers", self.num_layers, minimum=1)
+        if self.speculative_token_tree is not None:
+            paths = parse_token_tree(self.speculative_token_tree, self.num_speculative_tokens)
+            object.__setattr__(self, "speculative_token_tree", paths)
         if self.disable_by_batch_size is not None:
             # vLLM's bound: a threshold of 1 would never speculate.
             _check_int("disable_by_batch_size", self.disable_by_batch_size, minimum=2)
@@ -107,13 +121,14 @@ class SpeculativeConfig:
 
     def _check_method_keys(self) -> None:
         own = _METHOD_KEYS[self.method]
-        for method, keys in _METHOD_KEYS.items():
-            for key in keys:
-                if key not in own and getattr(self, key) is not None:
-                    raise ValueError(
-                        f"speculative_config.{key} is for method {method!r} only; "
-                        f"method {self.method!r} takes {list(own)}"
-                    )
+        for key in dict.fromkeys(k for keys in _METHOD_KEYS.values() for k in keys):
+            if key not in own and getattr(self, key) is not None:
+                owners = [m for m, keys in _METHOD_KEYS.items() if key in keys]
+                which = f"method {owners[0]!r}" if len(owners) == 1 else f"methods {owners}"
+                raise ValueError(
+                    f"speculative_config.{key} is for {which} only; "
+                    f"method {self.method!r} takes {list(own)}"
+                )
         for key in _REQUIRED_KEYS.get(self.method, ()):
             if getattr(self, key) is None:
                 raise ValueError(f"speculative_config.{key} is required for method {self.method!r}")
@@ -134,6 +149,46 @@ class SpeculativeConfig:
             )
         object.__setattr__(self, "prompt_lookup_min", low)
         object.__setattr__(self, "prompt_lookup_max", high)
+
+
+_TREE_EXAMPLE = "[(0,), (0, 0), (1,)]"
+
+
+def parse_token_tree(value: Any, depth: int) -> tuple[tuple[int, ...], ...]:
+    """``speculative_token_tree`` as sorted index paths (breadth-first), checked: each path a
+    non-empty sequence of ranks >= 0 no longer than ``depth`` (``num_speculative_tokens``),
+    no repeats, every path's parent path present, at most 64 paths; ``"chain"``: the top
+    token of each of the ``depth`` heads."""
+    from parallm.engine.spec.tree import MAX_TREE_NODES
+
+    key = "speculative_config.speculative_token_tree"
+    if value == "chain":
+        return tuple((0,) * d for d in range(1, depth + 1))
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"{key} must be a list of index paths such as {_TREE_EXAMPLE!r} or 'chain', "
+                f"got {value!r}"
+            ) from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key} must be a non-empty list of index paths such as {_TREE_EXAMPLE}")
+    paths = []
+    for path in value:
+        ok = isinstance(path, (list, tuple)) and 0 < len(path) <= depth
+        if not ok or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path):
+            raise ValueError(
+                f"{key}: each path must be 1 to num_speculative_tokens ({depth}) ranks >= 0, "
+                f"got {path!r}"
+            )
+        paths.append(tuple(path))
+    if len(set(paths)) != len(paths) or len(paths) > MAX_TREE_NODES:
+        raise ValueError(f"{key} must hold at most {MAX_TREE_NODES} distinct paths")
+    orphans = [p for p in paths if len(p) > 1 and p[:-1] not in set(paths)]
+    if orphans:
+        raise ValueError(f"{key}: paths {orphans[:3]} lack their parent paths")
+    return tuple(sorted(paths, key=lambda p: (len(p), p)))
 
 
 def _check_int(key: str, value: Any, minimum: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from parallm.engine.request import Sequence
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.draft_model import DraftModelProposer
+from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.ngram import propose_ngram
 
 
@@ -28,10 +29,13 @@ def draftable(seq: Sequence) -> bool:
 class Drafter:
     """Proposes draft tokens for the running sequences before the scheduler runs."""
 
-    def __init__(self, config: SpeculativeConfig, model: DraftModelProposer | None = None) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, model: DraftModelProposer | MedusaProposer | None = None
+    ) -> None:
         config.check_implemented()
         self.config = config
-        # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); None: n-grams.
+        # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); medusa: heads
+        # on the target's hidden states (spec/medusa.py); None: n-grams.
         self.model = model
 
     def propose(self, running: list[Sequence]) -> None:
