@@ -3,8 +3,9 @@
 For each shape ``[M, K] x [N, K]^T`` and activation dtype it prints the median time of: the
 float ``F.linear``; the dequantize reference (``dequantized_linear``); int8
 ``torch._weight_int8pack_mm`` (``int8pack_linear``); fp8 ``torch._scaled_mm`` with per-token
-activations (``scaled_mm_linear``); and, on CUDA, the path each format picks
-(``WeightFormat.linear``: the Triton GEMV for one row). Each quantized result's relative error
+activations (``scaled_mm_linear``); on CUDA the Triton kernels that read the quantized weight
+(the GEMV for one row, the few-rows GEMM up to 64 rows; None past that); and the path each
+format picks (``WeightFormat.linear``). Each quantized result's relative error
 against the float GEMM over the dequantized weight comes with it, so speed is read next to
 accuracy.
 
@@ -27,7 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallm.layers.quantization import WEIGHT_FORMATS  # noqa: E402
-from parallm.layers.quantization.format import dequantized_linear  # noqa: E402
+from parallm.layers.quantization.format import (  # noqa: E402
+    dequantized_linear,
+    triton_weight_only_linear,
+)
 from parallm.layers.quantization.fp8 import scaled_mm_linear  # noqa: E402
 from parallm.layers.quantization.int8 import int8pack_linear  # noqa: E402
 
@@ -66,9 +70,13 @@ def bench_shape(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device
             paths[f"{method} _weight_int8pack_mm"] = int8pack_linear
         if method == "fp8" and (device.type == "cpu" or _has_fp8_mma(device)):
             paths[f"{method} _scaled_mm per-token"] = scaled_mm_linear
+        if device.type == "cuda" and (method == "int8" or _has_fp8_mma(device)):
+            paths[f"{method} Triton weight-only"] = triton_weight_only_linear
         for name, path in paths.items():
             try:
                 got = path(x, q, scale, None)
+                if got is None:  # the Triton kernels past their row count
+                    continue
                 seconds = median_seconds(
                     lambda p=path, q=q, s=scale: p(x, q, s, None), device, budget
                 )

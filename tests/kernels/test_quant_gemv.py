@@ -1,8 +1,9 @@
-"""The one-row GEMVs reading quantized weights (int8, float8_e4m3fn) with per-row scales, against
-their PyTorch twins and against the dequantized float weight.
+"""The one-row GEMVs and the few-rows weight-only GEMM reading quantized weights (int8,
+float8_e4m3fn) with per-row scales, against their PyTorch twins and against the dequantized
+float weight.
 
 Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``), which
-reads both int8 and e4m3.
+reads both int8 and e4m3; its ``tl.dot`` has no bfloat16, so the GEMM's bf16 runs are GPU tests.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ triton = pytest.importorskip("triton")
 
 from parallm.kernels import gemv as fused_gemv  # noqa: E402
 from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
+from parallm.kernels.quant_gemv import MAX_ROWS, weight_only_gemm  # noqa: E402
 from parallm.kernels.reference import gemv_ref, rms_norm_gemv_ref, silu_mul_gemv_ref  # noqa: E402
 from parallm.layers.quantization import WEIGHT_FORMATS  # noqa: E402
 
@@ -95,6 +97,19 @@ def check_silu(n, k, method, dtype, device, **cfg):
     assert _rel(y, float_y) < 2 * TWIN_TOL[dtype]
 
 
+def check_gemm(m, n, k, method, dtype, device, **cfg):
+    q, scale, _ = _quantized(n, k, method, device, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(dtype).to(device)
+    y = weight_only_gemm(x, q, scale, **cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, gemv_ref(x, q, scale)) < TWIN_TOL[dtype]
+    want = gemv_ref(x.float(), _dequantized(q, scale, torch.float32))
+    assert _rel(y, want) < TWIN_TOL[dtype]
+    # Every row is its own GEMV: row i alone gives row i (no mixing across rows or tiles).
+    for i in {0, m // 2, m - 1}:
+        assert _rel(y[i : i + 1], gemv_ref(x[i : i + 1], q, scale)) < TWIN_TOL[dtype]
+
+
 def test_interpreter_suite_in_subprocess():
     """The interpreter tests run: here when triton was imported in interpreter mode, else in a
     subprocess that sets TRITON_INTERPRET before triton's first import."""
@@ -125,6 +140,24 @@ def test_quantized_norm_gemv_gathers_its_row_interpreter(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_silu_gemv_interpreter(method):
     check_silu(40, 96, method, torch.float32, "cpu", **SMALL_TILE)
+
+
+@interpreter_test
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (3, 40, 200), (17, 70, 130), (64, 33, 96)])
+def test_weight_only_gemm_interpreter(m, n, k, method, dtype):
+    check_gemm(m, n, k, method, dtype, "cpu", block_n=32)
+
+
+def test_weight_only_gemm_refuses_what_it_does_not_compute():
+    q, scale, _ = _quantized(8, 16, "int8", "cpu", seed=0)
+    with pytest.raises(ValueError, match=rf"1 <= M <= {MAX_ROWS}"):
+        weight_only_gemm(torch.zeros(MAX_ROWS + 1, 16), q, scale)
+    with pytest.raises(ValueError, match=r"weight must be \[N, 32\]"):
+        weight_only_gemm(torch.zeros(2, 32), q, scale)
+    with pytest.raises(ValueError, match=r"weight_scale must be float32 \[8\]"):
+        weight_only_gemm(torch.zeros(2, 16), q, scale.half())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -186,3 +219,14 @@ def test_quantized_silu_gemv_cuda(n, k, method, dtype):
 def _skip_without_fp8(method: str) -> None:
     if method == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("Triton converts e4m3 on compute capability 8.9 and later")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [*CUDA_DTYPES, torch.float32])
+@pytest.mark.parametrize("m", [2, 7, 16, 33, 64])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (28672, 4096), (1000, 3000)])
+def test_weight_only_gemm_cuda(m, n, k, method, dtype):
+    _skip_without_fp8(method)
+    check_gemm(m, n, k, method, dtype, "cuda")

@@ -1,7 +1,8 @@
 """The quantized layers' GEMM paths (``WeightFormat.linear``) against the dequantize reference:
 int8 through ``torch._weight_int8pack_mm`` on CPU, fp8 through ``torch._scaled_mm`` with
 per-token fp8 activations (checked on CPU, whose torch runs it too, and on CUDA where the
-layers take it), one-row calls on CUDA through the Triton GEMV, and which path each call takes."""
+layers take it), one-row and few-row calls on CUDA through the Triton kernels that read the
+quantized weight, and which path each call takes."""
 
 from __future__ import annotations
 
@@ -165,3 +166,21 @@ def test_one_row_calls_on_cuda_read_the_quantized_weight(method, dtype, monkeypa
     assert _rel(got.view(1, -1), want) < 2 * BF16_REL
     fmt.linear(torch.cat([x, x]), q, scale, b)
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_decode_batches_on_cuda_read_the_int8_weight(dtype, monkeypatch):
+    """2..MAX_ROWS rows take the few-rows Triton GEMM (weight-only), more rows dequantize."""
+    from parallm.kernels import quant_gemv
+
+    calls = []
+    real = quant_gemv.weight_only_gemm
+    monkeypatch.setattr(quant_gemv, "weight_only_gemm",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))  # fmt: skip
+    for rows in (2, quant_gemv.MAX_ROWS, quant_gemv.MAX_ROWS + 1):
+        x, q, scale, b, want = _case(rows, 4096, 4096, "int8", dtype, seed=6, device="cuda",
+                                     bias=True)  # fmt: skip
+        got = WEIGHT_FORMATS["int8"].linear(x, q, scale, b)
+        assert got.dtype == dtype and _rel(got, want) < 2 * BF16_REL
+    assert calls == [2, quant_gemv.MAX_ROWS]

@@ -51,17 +51,24 @@ def dequantized_linear(
     return F.linear(x, dequantize_rows(q, scale, x.dtype), bias)
 
 
-def one_row_gemv(
+def triton_weight_only_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """``x q^T * scale + bias`` by the Triton GEMV that reads the quantized weight, for one row
-    on CUDA (a decode step of one sequence); None where it does not apply, so the caller takes
-    its GEMM."""
-    if not x.is_cuda or x.numel() != x.shape[-1] or not gemv_reads(q.dtype, x.device):
+    """``x q^T * scale + bias`` by a Triton kernel that reads the quantized weight as stored
+    (weight-only: x stays in its dtype), on CUDA: one row through the GEMV, a few rows (a
+    decode batch, up to ``quant_gemv.MAX_ROWS``) through the few-rows GEMM. None where neither
+    applies, so the caller takes another GEMM."""
+    if not x.is_cuda or not gemv_reads(q.dtype, x.device):
         return None
-    from parallm.kernels import gemv  # imports triton, present wherever CUDA runs
+    from parallm.kernels import gemv, quant_gemv  # import triton, present wherever CUDA runs
 
-    y = gemv.gemv(x.reshape(1, -1).contiguous(), q, weight_scale=scale)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        y = gemv.gemv(rows.contiguous(), q, weight_scale=scale)
+    elif rows.shape[0] <= quant_gemv.MAX_ROWS:
+        y = quant_gemv.weight_only_gemm(rows.contiguous(), q, scale)
+    else:
+        return None
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], q.shape[0])

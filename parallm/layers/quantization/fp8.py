@@ -8,8 +8,9 @@ The GEMM (:func:`fp8_linear`): on GPUs with fp8 tensor cores (compute capability
 later) the activations are quantized per token (row) to e4m3 at each call, and
 ``torch._scaled_mm`` multiplies the two fp8 operands with rowwise scales (per-token for x,
 per-output-channel for W) into bf16; one-row calls read the fp8 weight with the Triton GEMV
-instead (weight-only, the activations stay in their dtype). Elsewhere, and for float32
-activations, the weight is dequantized (the reference)."""
+instead (weight-only, the activations stay in their dtype), as do calls of a few rows with
+float32 activations (the few-rows Triton GEMM). Elsewhere the weight is dequantized (the
+reference)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from parallm.layers.quantization.format import (
     dequantize_rows,
     dequantized_linear,
     device_capability,
-    one_row_gemv,
     row_scales,
+    triton_weight_only_linear,
 )
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -73,12 +74,10 @@ def fp8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The fp8 GEMM: see the module docstring for which path runs where."""
-    y = one_row_gemv(x, q, scale, bias)
-    if y is not None:
-        return y
-    if _scaled_mm_runs(x, q):
+    if x.numel() > x.shape[-1] and _scaled_mm_runs(x, q):
         return scaled_mm_linear(x, q, scale, bias)
-    return dequantized_linear(x, q, scale, bias)
+    y = triton_weight_only_linear(x, q, scale, bias)
+    return y if y is not None else dequantized_linear(x, q, scale, bias)
 
 
 def _scaled_mm_runs(x: torch.Tensor, q: torch.Tensor) -> bool:

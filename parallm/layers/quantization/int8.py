@@ -4,9 +4,10 @@ int8): ``q = round(w / s)`` with ``s = max|row| / 127``, so ``|w - q s| <= s / 2
 The GEMM (:func:`int8_linear`) is weight-only: the activations stay in their dtype. On CPU,
 ``torch._weight_int8pack_mm`` for bf16 activations and up to ``INT8PACK_MAX_ROWS`` rows (it
 takes the scales in the activations' dtype; for float32 and float16 activations and for more
-rows it is slower than dequantizing: ``benchmarks/quant_gemm_bench.py``); one-row calls on CUDA
-read the int8 weight with the Triton GEMV; other calls dequantize (torch's CUDA
-``_weight_int8pack_mm`` is a one-thread-per-output kernel, slower than that)."""
+rows it is slower than dequantizing: ``benchmarks/quant_gemm_bench.py``). On CUDA, calls of one
+row read the int8 weight with the Triton GEMV and calls of a few rows (a decode batch) with the
+few-rows Triton GEMM (``parallm.kernels.quant_gemv``); larger ones dequantize for cuBLAS
+(torch's CUDA ``_weight_int8pack_mm`` is a one-thread-per-output kernel)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from parallm.layers.quantization.format import (
     WeightFormat,
     dequantize_rows,
     dequantized_linear,
-    one_row_gemv,
     row_scales,
+    triton_weight_only_linear,
 )
 
 INT8_MAX = 127  # -128 is left unused so the range is symmetric
@@ -58,10 +59,8 @@ def int8_linear(
         and x.numel() <= (INT8PACK_MAX_ROWS * x.shape[-1])
     ):
         return int8pack_linear(x, q, scale, bias)
-    y = one_row_gemv(x, q, scale, bias)
-    if y is not None:
-        return y
-    return dequantized_linear(x, q, scale, bias)
+    y = triton_weight_only_linear(x, q, scale, bias)
+    return y if y is not None else dequantized_linear(x, q, scale, bias)
 
 
 INT8PACK_MAX_ROWS = 32
