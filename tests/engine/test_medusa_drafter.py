@@ -132,3 +132,20 @@ def test_heads_that_do_not_fit_are_refused_before_the_target_loads(
     save_medusa_heads(MedusaHeads(MedusaConfig(cfg.hidden_size * 2, cfg.vocab_size, 3)), wide)
     with pytest.raises(ValueError, match="hidden_size=128, but the target model has"):
         LLM(path, speculative_config=_spec(str(wide)), **ENGINE)
+
+
+@pytest.mark.gpu
+def test_medusa_on_cuda_with_triton_attention_is_lossless(
+    tiny_model_dir, tmp_path, ordinary_token_ids
+):
+    """Tree steps through the Triton backend (the tree attention kernel) and the KV move on
+    the GPU give plain decoding's greedy tokens (float32: a multi-token step's rounding then
+    stays far below the tiny model's logit gaps)."""
+    path = str(tiny_model_dir("llama3"))
+    gpu = dict(ENGINE, device="cuda", dtype="float32", attention_backend="triton")
+    plain = LLM(path, **gpu)
+    llm = LLM(path, speculative_config=_spec(_heads_dir(tmp_path, plain)), **gpu)
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
+    assert llm.engine.stats["spec_accepted_tokens"] > 0

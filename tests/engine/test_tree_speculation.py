@@ -194,3 +194,24 @@ def test_a_stop_string_inside_an_accepted_run_ends_the_output_there(
             assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
             stopped += w.finish_reason == "stop"
     assert stopped >= 5
+
+
+def test_preemption_with_trees_is_lossless(tiny_model_dir, ordinary_token_ids, monkeypatch):
+    """A cache with room for about one long sequence: sequences are preempted and recomputed
+    between tree steps; the output is plain decoding's and every block comes back."""
+    from parallm.engine.runner import kv_bytes_per_block
+
+    path = str(tiny_model_dir("qwen3"))
+    prompts = _repetitive_prompts(ordinary_token_ids) * 2
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain_llm = LLM(path, **ENGINE)
+    plain = _tokens(plain_llm, prompts, params)
+    per_block = kv_bytes_per_block(plain_llm.engine.model_config, 16, plain_llm.engine.dtype)
+    tight = dict(ENGINE, max_model_len=256, kv_cache_memory=per_block * 18)
+    tree_drafts(monkeypatch, _future(prompts, plain), seed=3)
+    llm = LLM(path, speculative_config=SPEC, **tight)
+    free = llm.engine.kv.num_free_blocks
+    assert _tokens(llm, prompts, params) == plain
+    assert llm.engine.stats["num_preemptions"] > 0
+    assert llm.engine.spec_stats.accepted_tokens > 0
+    assert llm.engine.kv.num_free_blocks == free
