@@ -12,28 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from server_support import tiny_model_path
+from server_support import descendants, process_gone, tiny_model_path
 
 from parallm.engine.core.client import EngineCoreClient, EngineCoreError
 from parallm.engine.core.messages import AddRequests, CoreOutputs, CoreRequest
 from parallm.sampling_params import SamplingParams
 
 ENGINE_KWARGS = dict(device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
-
-
-def process_gone(pid: int, timeout_s: float = 30.0) -> bool:
-    """Whether ``pid`` exits within ``timeout_s`` (a zombie nobody reaped counts as exited)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 class Collector:
@@ -113,11 +98,12 @@ def test_a_failed_start_up_carries_the_cores_error_and_leaves_nothing(tmp_path: 
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("parallm-core-*"))
+    spawned_before = _spawned_children()
     with pytest.raises(EngineCoreError, match="the engine core failed to start: JSONDecodeError"):
         EngineCoreClient({"model": str(broken), **ENGINE_KWARGS})
     after = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("parallm-core-*"))
     assert after <= before  # its socket folder is gone
-    assert [p for p in _children(os.getpid()) if "spawn_main" in _cmdline(p)] == []
+    assert _spawned_children() <= spawned_before  # no core process is left
 
 
 _ORPHAN_SCRIPT = """
@@ -154,9 +140,8 @@ def test_the_core_exits_when_its_client_process_dies(model: str) -> None:
             os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
 
 
-def _children(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
+def _spawned_children() -> set[int]:
+    return {p for p in descendants(os.getpid()) if "spawn_main" in _cmdline(p)}
 
 
 def _cmdline(pid: int) -> str:

@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -73,7 +74,9 @@ def run_engine_core(
         ctx.term()
         # The API process removes the folder when it stops us; if it died, nobody else will.
         shutil.rmtree(ipc_dir, ignore_errors=True)
-    os._exit(code)  # skip interpreter teardown: the engine is closed and the sockets are gone
+    # A normal exit runs multiprocessing's finalizers, which release the semaphores that
+    # libraries made here (tqdm's lock); os._exit would leave them to the resource tracker.
+    sys.exit(code)
 
 
 def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket) -> int:

@@ -1,0 +1,161 @@
+"""The server with its engine core in its own process: the core's death fails every request
+with a clear error, marks the server unhealthy and stops it (``parallm serve`` exits 1);
+Ctrl-C stops the server, the core and its workers; a core that cannot start says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import (
+    API_KEY,
+    MODEL_NAME,
+    descendants,
+    process_gone,
+    running_server,
+    tiny_model_path,
+)
+
+from parallm.server.launcher import engine_failure
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+CONTEXT = 2048
+# Thousands of engine steps: the stream is still running when the core is killed.
+LONG = {"model": MODEL_NAME, "prompt": "def f():", "max_tokens": CONTEXT - 16, "ignore_eos": True}
+
+
+class StreamReader(threading.Thread):
+    """Reads one long completion stream; ``started`` is set once two events came."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.events: list[str] = []
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        body = {**LONG, "stream": True}
+        with httpx.stream(
+            "POST", self.url + "/v1/completions", json=body, headers=HEADERS, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line.removeprefix("data: "))
+                    if len(self.events) == 2:
+                        self.started.set()
+        self.started.set()
+
+
+def test_killing_the_core_mid_stream_fails_requests_and_stops_the_server() -> None:
+    with running_server(max_model_len=CONTEXT) as server:
+        async_engine = server.app.state.ctx.engine
+        core_pid = async_engine.core.pid
+        reader = StreamReader(server.url)
+        reader.start()
+        assert reader.started.wait(60)
+        assert httpx.get(server.url + "/health").status_code == 200
+        os.kill(core_pid, signal.SIGKILL)
+        reader.join(60)
+        assert not reader.is_alive()
+        *_, error_event, done = reader.events
+        assert done == "[DONE]"
+        error = json.loads(error_event)["error"]
+        expected = f"engine core process (pid {core_pid}) died unexpectedly with exit code -9"
+        assert expected in error["message"] and error["code"] == "503"
+        assert not async_engine.is_healthy and expected in engine_failure(server.app)
+        server._thread.join(30)  # the server stops itself
+        assert not server._thread.is_alive()
+        assert process_gone(core_pid, timeout_s=0)
+
+
+def _serve(*flags: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "parallm", "serve", *flags, "--port", "0", "--device", "cpu",
+        "--kv-cache-memory", str(4 << 20), "--max-model-len", str(CONTEXT),
+        "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--drain-timeout", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session of its own: a signal to its process group is what a terminal's Ctrl-C sends.
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def _url_once_serving(proc: subprocess.Popen, stderr: list[str]) -> str:
+    for line in proc.stderr:
+        stderr.append(line)
+        if "serving on " in line:
+            threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+            return line.split("serving on ", 1)[1].strip().removesuffix("/v1")
+    raise AssertionError(f"the server did not start: {''.join(stderr)}")
+
+
+def _core_pid(serve_pid: int) -> int:
+    (core,) = [p for p in Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+               if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]  # fmt: skip
+    return int(core)
+
+
+@pytest.fixture
+def serve_process():
+    """Starts ``parallm serve`` with the given flags; kills whatever is left at the end."""
+    started: list[tuple[subprocess.Popen, list[int]]] = []
+
+    def start(*flags: str) -> tuple[subprocess.Popen, str, list[str]]:
+        proc = _serve("--model", str(tiny_model_path()), *flags)
+        stderr: list[str] = []
+        url = _url_once_serving(proc, stderr)
+        started.append((proc, descendants(proc.pid)))
+        return proc, url, stderr
+
+    yield start
+    for proc, children in started:
+        for pid in [proc.pid, *children]:
+            if not process_gone(pid, timeout_s=0):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_serve_exits_1_when_its_core_dies_and_leaves_no_process(serve_process) -> None:
+    proc, url, stderr = serve_process("--tensor-parallel-size", "2")
+    processes = descendants(proc.pid)  # the core, its worker, multiprocessing's tracker
+    core_pid = _core_pid(proc.pid)
+    assert len(processes) >= 3 and core_pid in processes
+    reader = StreamReader(url)
+    reader.start()
+    assert reader.started.wait(60)
+    os.kill(core_pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    reader.join(30)
+    assert "engine core process" in reader.events[-2] and reader.events[-1] == "[DONE]"
+    assert all(process_gone(pid) for pid in processes)
+    message = f"engine core process (pid {core_pid}) died unexpectedly with exit code -9"
+    assert f"parallm serve: error: the {message}" in "".join(stderr)
+
+
+def test_ctrl_c_stops_the_server_the_core_and_its_worker(serve_process) -> None:
+    proc, url, stderr = serve_process("--tensor-parallel-size", "2")
+    processes = descendants(proc.pid)
+    r = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 4}, headers=HEADERS,
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200
+    os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C does
+    assert proc.wait(timeout=60) == 130  # 128 + SIGINT, the shell's convention for Ctrl-C
+    assert all(process_gone(pid) for pid in processes)
+    assert "Traceback" not in "".join(stderr)
+
+
+def test_serve_reports_the_cores_start_up_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    proc = _serve("--model", str(broken))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "parallm serve: error: the engine core failed to start: JSONDecodeError" in err
