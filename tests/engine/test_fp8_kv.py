@@ -6,6 +6,11 @@ refused before loading."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ import torch
 from parallm import LLM, SamplingParams
 from parallm.commands.engine_args import add_engine_args, engine_kwargs
 from parallm.config import EngineConfig, resolve_kv_cache_dtype
+from parallm.engine.runner import kv_bytes_per_block
 from parallm.kernels.reference import dequantize_kv_ref, quantize_kv_ref
 from parallm.layers import attention
 
@@ -137,3 +143,88 @@ def test_the_triton_backend_refuses_fp8_on_gpus_without_e4m3(monkeypatch):
     check_kv_cache_dtype_support(Triton(), torch.bfloat16, torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_kv_cache_dtype_support(Triton(), torch.float8_e4m3fn, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("method", ["draft_model", "layer_skip"])
+def test_a_draft_models_cache_is_fp8_too_and_drafting_stays_lossless(
+    tiny_model_dir, prompts, method
+):
+    """The draft's cache takes the target's KV dtype, and the two share the budget by their
+    fp8 bytes per block; the target's verification keeps the fp8 engine's own greedy tokens."""
+    path = str(tiny_model_dir("qwen3"))
+    if method == "draft_model":
+        spec = {"method": method, "model": str(tiny_model_dir("qwen2")),
+                "num_speculative_tokens": 3}  # fmt: skip
+    else:
+        spec = {"method": method, "num_layers": 1, "num_speculative_tokens": 3}
+    budget = CPU_ENGINE["kv_cache_memory"]
+    fp8 = LLM(path, kv_cache_dtype="fp8", **CPU_ENGINE)
+    drafted = LLM(path, kv_cache_dtype="fp8", speculative_config=spec, **CPU_ENGINE)
+    engine, draft = drafted.engine, drafted.engine.draft_model
+    assert {c.dtype for c in draft.runner.kv_caches} == {torch.float8_e4m3fn}
+    per_block = [kv_bytes_per_block(cfg, 16, torch.float8_e4m3fn)
+                 for cfg in (engine.model_config, draft.model_cfg)]  # fmt: skip
+    used = (engine.kv.num_blocks + 1) * sum(per_block)
+    assert budget - 2 * sum(per_block) < used <= budget
+    assert _generate(drafted, prompts) == _generate(fp8, prompts)
+    assert engine.spec_stats.draft_tokens > 0
+
+
+_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from parallm import LLM, SamplingParams
+    from parallm.engine.one_row_step import OneRowStep
+    from parallm.layers.backends import TritonAttention
+
+    def engine(triton):
+        llm = LLM(sys.argv[1], device="cpu", max_model_len=128, kv_cache_dtype="fp8",
+                  max_num_batched_tokens=32)
+        if triton:  # what CUDA gets; the interpreter runs its kernels
+            llm.engine.runner.backend = TritonAttention()
+        return llm, llm.engine.runner
+
+    prompts = [{"prompt_token_ids": [5 + i for i in range(n)]} for n in (1, 7, 40)]
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    llm, runner = engine(triton=False)
+    assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    ref, ref_caches = llm.generate(prompts, p, use_tqdm=False), runner.kv_caches
+    llm, runner = engine(triton=True)
+    triton = llm.generate(prompts, p, use_tqdm=False)
+    # The kernels stored exactly the bytes the reference path stored, slot for slot.
+    for a, b in zip(ref_caches, runner.kv_caches):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    llm, runner = engine(triton=True)
+    step, plain = OneRowStep(runner.model, runner.backend), runner.forward_logits
+    def forward_logits(inputs, device_ids=None):
+        if len(inputs.input_ids) != 1:
+            return plain(inputs, device_ids)
+        ids, positions = (torch.from_numpy(a) for a in (inputs.input_ids, inputs.positions))
+        return step.logits(ids, positions, runner._build_metadata(inputs), runner.kv_caches)
+    runner.forward_logits = forward_logits
+    one_row = [llm.generate([prompt], p, use_tqdm=False)[0] for prompt in prompts]
+    for run in (triton, one_row):
+        for a, b in zip(ref, run):
+            x, y = a.outputs[0], b.outputs[0]
+            assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)
+            for t, lx, ly in zip(x.token_ids, x.logprobs, y.logprobs):
+                assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+    print("fp8 triton ok")
+    """
+)
+
+
+def test_triton_kernels_and_the_one_row_chain_match_the_reference_fp8_path(tiny_model_dir):
+    """Under the Triton interpreter: the Triton backend (fused rotary+fp8 store, prefill over
+    chunks, decode) and the batch-1 kernel chain give the reference backend's tokens and
+    logprobs over an fp8 cache, and store the same cache bytes. A subprocess, because
+    TRITON_INTERPRET must be set before triton is first imported."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tiny_model_dir("llama3"))],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fp8 triton ok" in out.stdout
