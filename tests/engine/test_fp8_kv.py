@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from parallm import LLM, SamplingParams
+from parallm.bundled import BUNDLED_MODEL_DIR
 from parallm.commands.engine_args import add_engine_args, engine_kwargs
 from parallm.config import EngineConfig, resolve_kv_cache_dtype
 from parallm.engine.runner import kv_bytes_per_block
@@ -228,3 +229,48 @@ def test_triton_kernels_and_the_one_row_chain_match_the_reference_fp8_path(tiny_
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fp8 triton ok" in out.stdout
+
+
+# --- quality on the bundled trained model ---------------------------------------------------
+
+needs_bundled = pytest.mark.skipif(
+    not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model in this checkout"
+)
+CODE_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):",
+                "import os\n\ndef list_files(path):", "def is_prime(n):",
+                "def quicksort(xs):", "for i in range(10):"]  # fmt: skip
+# Held-out text (parallm's own source, which the model never saw) in 512-token rows, scored
+# through the engine's paged attention (prompt_logprobs), so every key and value the scores
+# attend to comes from the KV cache. Measured: loss 4.493 float, fp8 +0.04%; greedy agreement
+# over the first 16 tokens of the six prompts 0.89 (over 64 tokens: 0.77). The loss bound is
+# issue 17's quality target; the floor leaves one more early flip than measured.
+HELD_OUT_FILES = ["engine/scheduler.py", "engine/kv_cache.py", "sampling_params.py"]
+LOSS_REL_BOUND = 0.005
+GREEDY_AGREEMENT_FLOOR = 0.7
+
+
+def _paged_held_out_loss(llm: LLM, rows: list[list[int]]) -> float:
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+    logprobs = [scores[token].logprob for out, row in zip(outs, rows, strict=True)
+                for scores, token in zip(out.prompt_logprobs[1:], row[1:], strict=True)]  # fmt: skip
+    return -sum(logprobs) / len(logprobs)
+
+
+@needs_bundled
+def test_bundled_model_with_fp8_kv_keeps_its_loss_and_greedy_tokens():
+    engine = {**CPU_ENGINE, "kv_cache_memory": 32 << 20, "max_num_batched_tokens": 2048}
+    plain = LLM(str(BUNDLED_MODEL_DIR), **engine)
+    fp8 = LLM(str(BUNDLED_MODEL_DIR), kv_cache_dtype="fp8", **engine)
+    package = BUNDLED_MODEL_DIR.parent.parent
+    text = "\n".join((package / f).read_text() for f in HELD_OUT_FILES)
+    ids = plain.get_tokenizer()(text)["input_ids"]
+    rows = [ids[i : i + 512] for i in range(0, len(ids) - 512, 512)][:8]
+    want, got = _paged_held_out_loss(plain, rows), _paged_held_out_loss(fp8, rows)
+    prompts = [plain.get_tokenizer()(p)["input_ids"] for p in CODE_PROMPTS]
+    agreement = _agreement(_generate(plain, prompts), _generate(fp8, prompts))
+    print(f"bundled fp8 KV: held-out loss {want:.4f} -> {got:.4f} "
+          f"({(got / want - 1) * 100:+.3f}%), greedy agreement {agreement:.2f}")  # fmt: skip
+    assert got != want  # the scores did go through the fp8 cache
+    assert abs(got / want - 1) <= LOSS_REL_BOUND
+    assert agreement >= GREEDY_AGREEMENT_FLOOR
