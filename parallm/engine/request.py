@@ -7,12 +7,15 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from parallm.outputs import PromptLogprobs, SampleLogprobs
 from parallm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from parallm.engine.spec.tree import DraftTree
 
 _seq_ids = itertools.count()
 
@@ -49,9 +52,8 @@ class Sequence:
     # Proposed next tokens (speculative decoding) for the scheduler to verify after the last
     # known token in the sequence's next step; it takes those that fit and clears the rest.
     draft_token_ids: list[int] = field(default_factory=list)
-    # A tree of drafts (parallm.engine.spec.tree.DraftTree, tokens = draft_token_ids), or
-    # None: draft_token_ids form a chain.
-    draft_tree: Any = None
+    # A tree of drafts (its tokens are draft_token_ids), or None: draft_token_ids form a chain.
+    draft_tree: DraftTree | None = None
     logprobs: SampleLogprobs | None = None
     # One entry per prompt token scored so far (None for the first, which has no context);
     # None when not asked for. Only the first sample of a request computes them.

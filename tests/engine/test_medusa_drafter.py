@@ -127,6 +127,8 @@ def test_heads_that_do_not_fit_are_refused_before_the_target_loads(
         LLM(path, speculative_config=_spec(heads, k=3), **ENGINE)
     with pytest.raises(ValueError, match="speculative_config.model: .* is neither a local dir"):
         LLM(path, speculative_config=_spec(str(tmp_path / "missing")), **ENGINE)
+    with pytest.raises(ValueError, match="'medusa' does not run with tensor_parallel_size > 1"):
+        LLM(path, speculative_config=_spec(heads, k=2), tensor_parallel_size=2, **ENGINE)
     cfg = plain.engine.model_config
     wide = tmp_path / "wide"
     save_medusa_heads(MedusaHeads(MedusaConfig(cfg.hidden_size * 2, cfg.vocab_size, 3)), wide)
