@@ -1,6 +1,7 @@
-"""Weight-only GEMM for a few rows over quantized weights: ``y = (x @ q^T) * scale`` for
-``x [M, K]`` (M up to ``MAX_ROWS``, a decode batch), ``q [N, K]`` int8 or float8_e4m3fn with one
-float32 ``scale`` per output row.
+"""Triton kernels of the quantized linear layers (besides the one-row GEMVs of ``gemv.py``).
+
+``weight_only_gemm``: ``y = (x @ q^T) * scale`` for ``x [M, K]`` (M up to ``MAX_ROWS``, a decode
+batch), ``q [N, K]`` int8 or float8_e4m3fn with one float32 ``scale`` per output row.
 
 A decode step of a few sequences reads every weight once and does little arithmetic, so its
 time is the weight stream: reading one byte per weight instead of dequantizing to a 16-bit copy
@@ -11,6 +12,11 @@ batches the one-row GEMVs (``parallm.kernels.gemv``) do not cover. Every program
 row scales multiply the sums once at the end. float32 activations use IEEE float32 products
 (no TF32). The PyTorch twin is ``parallm.kernels.reference.gemv_ref`` (which takes any number
 of rows). Tiles are fixed, not autotuned: the kernel runs inside captured CUDA graphs.
+
+``per_token_fp8``: the dynamic per-token activation quantization in front of ``torch._scaled_mm``
+in one pass over x (PyTorch's version reads and writes it several times): each row's scale
+``max(|row|, 1e-12) / 448`` and the row divided by it, clamped and rounded to nearest e4m3,
+bit for bit what ``parallm.layers.quantization.fp8.quantize_fp8`` computes (its twin).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.kernels.rope_store import to_cache
+
+MIN_SCALE: tl.constexpr = 1e-12  # as parallm.layers.quantization.format.MIN_SCALE
+E4M3_MAX: tl.constexpr = 448.0
+PER_TOKEN_MAX_K = 32768  # a row is quantized from registers in one load
 MAX_ROWS = 64  # past this the GEMM is no longer weight-bound; callers dequantize for cuBLAS
 _BLOCK_M = 16  # tl.dot's smallest M; fewer rows are masked
 _BLOCK_K = 128
@@ -76,3 +87,34 @@ def weight_only_gemm(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=4,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def _per_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          BLOCK_K: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), MIN_SCALE), E4M3_MAX)
+    tl.store(scale_ptr + row, scale)
+    tl.store(q_ptr + row * stride_qm + cols, to_cache(x, scale, tl.float8e4nv), mask=mask)
+
+
+def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (unit stride along K, K <= ``PER_TOKEN_MAX_K``) -> ``(e4m3 [M, K], float32
+    scale [M, 1])``, one scale per row (module docstring)."""
+    if x.dim() != 2 or x.stride(-1) != 1 or not 1 <= x.shape[1] <= PER_TOKEN_MAX_K:
+        raise ValueError(f"x must be [M, K] with K <= {PER_TOKEN_MAX_K} and unit stride along "
+                         f"K, got {tuple(x.shape)}")  # fmt: skip
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block_k = triton.next_power_of_2(k)
+    _per_token_fp8_kernel[(m,)](
+        x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k,
+        num_warps=min(16, max(4, block_k // 1024)),
+    )  # fmt: skip
+    return q, scale

@@ -1,6 +1,6 @@
 """The one-row GEMVs and the few-rows weight-only GEMM reading quantized weights (int8,
 float8_e4m3fn) with per-row scales, against their PyTorch twins and against the dequantized
-float weight.
+float weight; the per-token fp8 activation quantization, bit for bit against PyTorch's.
 
 Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``), which
 reads both int8 and e4m3; its ``tl.dot`` has no bfloat16, so the GEMM's bf16 runs are GPU tests.
@@ -16,9 +16,10 @@ triton = pytest.importorskip("triton")
 
 from parallm.kernels import gemv as fused_gemv  # noqa: E402
 from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
-from parallm.kernels.quant_gemv import MAX_ROWS, weight_only_gemm  # noqa: E402
+from parallm.kernels.quant_gemv import MAX_ROWS, per_token_fp8, weight_only_gemm  # noqa: E402
 from parallm.kernels.reference import gemv_ref, rms_norm_gemv_ref, silu_mul_gemv_ref  # noqa: E402
 from parallm.layers.quantization import WEIGHT_FORMATS  # noqa: E402
+from parallm.layers.quantization.fp8 import quantize_fp8_per_token  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_gemv._gemv_kernel)
 EPS = 1e-5
@@ -110,6 +111,22 @@ def check_gemm(m, n, k, method, dtype, device, **cfg):
         assert _rel(y[i : i + 1], gemv_ref(x[i : i + 1], q, scale)) < TWIN_TOL[dtype]
 
 
+def check_per_token(m, k, dtype, device):
+    """Rows spanning magnitudes (a zero row, a tiny one, outliers past 448): the same bits and
+    scales as the PyTorch quantizer."""
+    g = torch.Generator().manual_seed(m + k)
+    spread = torch.logspace(-9, 4, m)[torch.randperm(m, generator=g)]
+    x = torch.randn(m, k, generator=g) * spread[:, None]
+    x[0] = 0.0
+    x[-1, k // 2] = 3e3
+    x = x.clamp(-6e4, 6e4).to(dtype).to(device)
+    q, scale = per_token_fp8(x)
+    want_q, want_scale = quantize_fp8_per_token(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (m, 1)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
 def test_interpreter_suite_in_subprocess():
     """The interpreter tests run: here when triton was imported in interpreter mode, else in a
     subprocess that sets TRITON_INTERPRET before triton's first import."""
@@ -148,6 +165,13 @@ def test_quantized_silu_gemv_interpreter(method):
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (3, 40, 200), (17, 70, 130), (64, 33, 96)])
 def test_weight_only_gemm_interpreter(m, n, k, method, dtype):
     check_gemm(m, n, k, method, dtype, "cpu", block_n=32)
+
+
+@interpreter_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (9, 300), (33, 1024)])
+def test_per_token_fp8_interpreter(m, k, dtype):
+    check_per_token(m, k, dtype, "cpu")
 
 
 def test_weight_only_gemm_refuses_what_it_does_not_compute():
@@ -230,3 +254,11 @@ def _skip_without_fp8(method: str) -> None:
 def test_weight_only_gemm_cuda(m, n, k, method, dtype):
     _skip_without_fp8(method)
     check_gemm(m, n, k, method, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [*CUDA_DTYPES, torch.float32])
+@pytest.mark.parametrize(("m", "k"), [(1, 4096), (7, 2048), (4096, 4096), (256, 14336), (3, 100)])
+def test_per_token_fp8_cuda(m, k, dtype):
+    check_per_token(m, k, dtype, "cuda")

@@ -58,7 +58,7 @@ def scaled_mm_linear(
     second operand must be column-major: ``q.t()`` of the row-major ``[N, K]`` weight is. The
     rowwise kernels write bf16 only, so other activation dtypes get a cast of the output."""
     rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_fp8_per_token(rows)
+    xq, x_scale = _activations_per_token(rows)
     fused_bias = bias if bias is not None and x.dtype == torch.bfloat16 else None
     y = torch._scaled_mm(
         xq, q.t(), scale_a=x_scale, scale_b=scale.view(1, -1), bias=fused_bias,
@@ -68,6 +68,16 @@ def scaled_mm_linear(
     if bias is not None and fused_bias is None:
         y = y + bias
     return y.view(*x.shape[:-1], q.shape[0])
+
+
+def _activations_per_token(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_fp8_per_token`, by the one-pass Triton kernel on CUDA."""
+    if rows.is_cuda:
+        from parallm.kernels import quant_gemv  # imports triton, present wherever CUDA runs
+
+        if rows.shape[-1] <= quant_gemv.PER_TOKEN_MAX_K:
+            return quant_gemv.per_token_fp8(rows.contiguous())
+    return quantize_fp8_per_token(rows)
 
 
 def fp8_linear(
