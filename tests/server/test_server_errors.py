@@ -29,8 +29,7 @@ LONG_PROMPT = list(range(10, 10 + MAX_MODEL_LEN + 1))
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    # In-process: a test below patches the engine's output processing.
-    with running_server(multiprocess=False) as s:
+    with running_server() as s:
         yield s
 
 
@@ -245,9 +244,17 @@ class _FaultyDetokenizer(output_processor.IncrementalDetokenizer):
         return super().add_tokens(token_ids)
 
 
+@pytest.fixture(scope="module")
+def in_process_server() -> Iterator[ServerThread]:
+    """The engine on a thread of this process, where a test can patch it."""
+    with running_server(multiprocess=False) as s:
+        yield s
+
+
 def test_fault_in_one_request_is_500_and_engine_survives(
-    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    in_process_server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    server = in_process_server
     monkeypatch.setattr(output_processor, "IncrementalDetokenizer", _FaultyDetokenizer)
     api = client(server)
     with pytest.raises(openai.InternalServerError) as info:
