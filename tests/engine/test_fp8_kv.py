@@ -274,3 +274,30 @@ def test_bundled_model_with_fp8_kv_keeps_its_loss_and_greedy_tokens():
     assert got != want  # the scores did go through the fp8 cache
     assert abs(got / want - 1) <= LOSS_REL_BOUND
     assert agreement >= GREEDY_AGREEMENT_FLOOR
+
+
+def test_tensor_parallel_ranks_cache_fp8_like_one_rank(tiny_model_dir, prompts):
+    """Each rank's cache of its KV heads is fp8 (the cache config travels to the workers):
+    two ranks give one rank's fp8 tokens and logprobs."""
+    path = str(tiny_model_dir("qwen3"))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    batch = [{"prompt_token_ids": p} for p in prompts[:3]]
+
+    def run(llm: LLM) -> tuple[list, list]:
+        outs = [o.outputs[0] for o in llm.generate(batch, params, use_tqdm=False)]
+        logprobs = [lp[t].logprob for o in outs
+                    for t, lp in zip(o.token_ids, o.logprobs, strict=True)]  # fmt: skip
+        return [o.token_ids for o in outs], logprobs
+
+    want_tokens, want_logprobs = run(LLM(path, kv_cache_dtype="fp8", **CPU_ENGINE))
+    plain_tokens, plain_logprobs = run(LLM(path, **CPU_ENGINE))
+    llm = LLM(path, kv_cache_dtype="fp8", tensor_parallel_size=2, **CPU_ENGINE)
+    try:
+        assert llm.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+        tokens, logprobs = run(llm)
+    finally:
+        llm.close()
+    assert tokens == want_tokens
+    assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+    # The fp8 rounding moves the logprobs by more than that: a float cache anywhere would show.
+    assert plain_logprobs != pytest.approx(want_logprobs, abs=1e-4)
