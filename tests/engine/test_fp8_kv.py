@@ -301,3 +301,28 @@ def test_tensor_parallel_ranks_cache_fp8_like_one_rank(tiny_model_dir, prompts):
     assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
     # The fp8 rounding moves the logprobs by more than that: a float cache anywhere would show.
     assert plain_logprobs != pytest.approx(want_logprobs, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_and_cuda_graphs_over_fp8_give_the_reference_tokens(tiny_model_dir, prompts, fused):
+    """On CUDA (compute capability 8.9+): Triton attention storing and reading e4m3, CUDA
+    graphs (batch 1 through the one-row chain when fused) give the eager reference backend's
+    greedy tokens over an fp8 cache, on float32 weights; a bf16 model's fp8 cache holds twice
+    the tokens of its bf16 cache."""
+    path = str(tiny_model_dir("llama3"))
+    common = {"dtype": "float32", "device": "cuda", "kv_cache_memory": 64 << 20,
+              "kv_cache_dtype": "fp8"}  # fmt: skip
+    fast = LLM(path, fused_kernels=fused, **common)
+    assert fast.engine.runner.backend.name == "triton" and fast.engine.runner.graphs is not None
+    assert (fast.engine.runner.graphs.one_row is not None) == fused
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    assert _generate(fast, prompts) == _generate(ref, prompts)
+    alone = [prompts[-1]]
+    assert _generate(fast, alone) == _generate(ref, alone)
+    # 16 MiB: below the engine's cap on blocks (twice what max_num_seqs full sequences need).
+    bf16 = {**common, "dtype": "bfloat16", "kv_cache_dtype": "auto", "kv_cache_memory": 16 << 20}
+    auto_blocks = LLM(path, **bf16).engine.kv.num_blocks
+    fp8_blocks = LLM(path, **{**bf16, "kv_cache_dtype": "fp8"}).engine.kv.num_blocks
+    assert fp8_blocks + 1 == 2 * (auto_blocks + 1)
