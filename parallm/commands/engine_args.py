@@ -153,7 +153,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="speculative decoding, vLLM's keys as a JSON object: method "
         f"({', '.join(METHODS)}; implemented: {', '.join(IMPLEMENTED_METHODS)}), "
         "num_speculative_tokens, prompt_lookup_min/prompt_lookup_max "
-        f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), model (draft_model), num_layers (layer_skip), "
+        f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), model (draft_model; medusa: the heads "
+        "folder), num_layers (layer_skip), speculative_token_tree (medusa: index paths such as "
+        "\"[(0,), (0, 0), (1,)]\" or \"chain\"; unset: a sparse tree), "
         "disable_by_batch_size (no drafts in steps with more running sequences); e.g. "
         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
         "(unset: off)",
