@@ -6,6 +6,7 @@ refused before loading."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -326,3 +327,23 @@ def test_triton_and_cuda_graphs_over_fp8_give_the_reference_tokens(tiny_model_di
     auto_blocks = LLM(path, **bf16).engine.kv.num_blocks
     fp8_blocks = LLM(path, **{**bf16, "kv_cache_dtype": "fp8"}).engine.kv.num_blocks
     assert fp8_blocks + 1 == 2 * (auto_blocks + 1)
+
+
+def test_latency_benchmark_counts_one_byte_per_cached_element(tiny_model_dir, tmp_path):
+    """``bench latency``'s bytes per step (weights plus the KV read at the mean context)
+    count the fp8 cache's bytes: a quarter of a float32 cache's."""
+    from parallm.cli import main
+
+    config = tiny_model_dir("llama3") / "config.json"
+    rows = {}
+    for dtype in ("auto", "fp8"):
+        out = tmp_path / f"{dtype}.json"
+        code = main(["bench", "latency", "--config", str(config), "--device", "cpu",
+                     "--dtype", "float32", "--kv-cache-dtype", dtype, "--batch-sizes", "2",
+                     "--input-len", "8", "--output-len", "4", "--iters", "1",
+                     "--out", str(out)])  # fmt: skip
+        assert code == 0
+        result = json.loads(out.read_text())
+        (row,) = result["results"]
+        rows[dtype] = row["bytes_per_step"] - result["weight_bytes"]
+    assert rows["auto"] > 0 and rows["fp8"] * 4 == rows["auto"]
