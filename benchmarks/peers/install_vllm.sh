@@ -83,7 +83,8 @@ import torch
 import vllm
 import vllm.v1.engine.core  # imports llguidance and xgrammar through annotations
 import vllm.entrypoints.openai.api_server  # what `vllm serve` needs
-print(f"import vllm {vllm.__version__} ok in {time.perf_counter() - start:.1f} s; torch "
-      f"{torch.__version__}, cuda {torch.cuda.is_available()}, {torch.cuda.get_device_name()}")
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"import vllm {vllm.__version__} ok in {time.perf_counter() - start:.1f} s; "
+      f"torch {torch.__version__}, {gpu}")
 EOF
 echo "vllm ready: PYTHONPATH=$SITE"

@@ -1,0 +1,334 @@
+"""parallm and vLLM side by side on the GPU machine, in one call: offline throughput, decode
+latency and serving, on the same model shapes, requests and GPU.
+
+Run from the repository root after install_vllm.sh, with its environment
+(``source benchmarks/peers/vllm_env.sh``; run_peers.sh does both):
+
+    python3 benchmarks/peers/run_vllm.py --models llama-3.2-1b --steps offline,latency,serve \
+        --trace .peers/data/AzureLLMInferenceTrace_conv.csv
+
+- offline: ``parallm bench throughput --compare-vllm`` (the 256-request workload; vLLM's
+  ``LLM.generate`` gets the same token ids, in both configurations);
+- latency: ``parallm bench latency --compare-vllm`` (batch 1/8/32/128, 128 in, 128 out);
+- serve: ``vllm serve`` (each configuration) and ``parallm serve`` in turn on one port, each
+  loaded by ``parallm bench serve`` replaying the Azure conversation trace at each time scale.
+  Both servers get a model folder with the config and parallm's id tokenizer (token i is the
+  text ``<i>``), so both stream one non-empty piece per token and detokenize as they would
+  with a real model.
+
+Every step writes parallm's bench JSON (rows side by side) and a log under ``--work``;
+summary.json and summary.md gather the figures RESULTS.md needs. At the end everything is
+packed into one tar.gz in ``$OUT`` with the summaries and this run's log beside it (the device
+tool returns at most 8 files). A failed step is logged and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "benchmarks" / "configs"
+STEPS = ("smoke", "offline", "latency", "serve")
+SERVERS = ("parallm", "vllm-defaults", "vllm-parallm-limits")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--models", default="llama-3.2-1b",
+                   help="model shapes from benchmarks/configs, separated by commas")  # fmt: skip
+    p.add_argument("--steps", default="offline,latency,serve",
+                   help=f"steps to run, separated by commas, from {', '.join(STEPS)}")  # fmt: skip
+    p.add_argument("--vllm-configs", default="defaults,parallm-limits",
+                   help="offline: vLLM configurations (latency runs defaults; serve: --servers)")  # fmt: skip
+    p.add_argument("--batch-sizes", default="1,8,32,128", help="latency batch sizes")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context limit of every run")
+    p.add_argument("--trace", type=Path, default=REPO / ".peers/data/AzureLLMInferenceTrace_conv.csv",
+                   help="the Azure conversation trace CSV (serve)")  # fmt: skip
+    p.add_argument("--time-scales", default="4,16",
+                   help="serve: trace replay speed-ups, one load each, separated by commas")  # fmt: skip
+    p.add_argument("--trace-duration-s", type=float, default=120.0,
+                   help="serve: seconds of trace replayed (trace time, before scaling)")  # fmt: skip
+    p.add_argument("--max-input-tokens", type=int, default=3500,
+                   help="serve: cap on a trace request's prompt tokens")  # fmt: skip
+    p.add_argument("--goodput", default="ttft:500 tpot:50", help="serve: SLOs of goodput")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"serve: servers to load, from {', '.join(SERVERS)}")  # fmt: skip
+    p.add_argument("--port", type=int, default=8100, help="serve: port of the server under test")
+    p.add_argument("--start-timeout-s", type=float, default=420.0,
+                   help="serve: longest wait for a server to answer /health")  # fmt: skip
+    p.add_argument("--work", type=Path, default=Path("/tmp/peers-work"),
+                   help="folder of every JSON, plot and log (packed into $OUT at the end)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")),
+                   help="where the tar.gz and the summaries go (the device tool's $OUT)")  # fmt: skip
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.steps = [s for s in args.steps.split(",") if s]
+    args.servers = [s for s in args.servers.split(",") if s]
+    for name, given, allowed in (
+        ("--steps", args.steps, STEPS),
+        ("--servers", args.servers, SERVERS),
+    ):
+        bad = [g for g in given if g not in allowed]
+        if bad:
+            p.error(f"{name}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    for model in args.models:
+        if not (CONFIGS / f"{model}.json").is_file():
+            known = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
+            p.error(f"--models: no benchmarks/configs/{model}.json; known: {known}")
+    if "serve" in args.steps and not args.trace.is_file():
+        p.error(f"--trace {args.trace}: no such file (carry .peers/data, see README.md)")
+    return args
+
+
+# ---- steps ------------------------------------------------------------------------------------
+
+
+def parallm_cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "parallm.cli", *argv]
+
+
+def run_logged(name: str, cmd: list[str], work: Path, timeout: float | None = None) -> bool:
+    """Run ``cmd`` with its output in work/logs/NAME.log; print its tail; True if it passed."""
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  cwd=REPO).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    tail = log.read_text(errors="replace").splitlines()[-14:]
+    print("\n".join(f"   {line[-160:]}" for line in tail))
+    print(f"== {name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
+    return code == 0
+
+
+def step_smoke(args: argparse.Namespace, model: str) -> None:
+    """A small run of both engines: does vLLM start and generate here at all."""
+    run_logged(f"smoke_{model}", parallm_cli(
+        "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
+        "--max-model-len", str(args.max_model_len), "--num-requests", "32", "--min-len", "32",
+        "--max-len", "128", "--compare-vllm", "--vllm-configs", "defaults",
+        "--out", str(args.work / f"smoke_{model}.json"),
+    ), args.work)  # fmt: skip
+
+
+def step_offline(args: argparse.Namespace, model: str) -> None:
+    run_logged(f"throughput_{model}", parallm_cli(
+        "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
+        "--max-model-len", str(args.max_model_len), "--compare-vllm",
+        "--vllm-configs", args.vllm_configs,
+        "--out", str(args.work / f"throughput_{model}.json"),
+        "--plot", str(args.work / f"throughput_{model}.png"),
+    ), args.work)  # fmt: skip
+
+
+def step_latency(args: argparse.Namespace, model: str) -> None:
+    run_logged(f"latency_{model}", parallm_cli(
+        "bench", "latency", "--config", str(CONFIGS / f"{model}.json"),
+        "--max-model-len", str(args.max_model_len), "--batch-sizes", args.batch_sizes,
+        "--compare-vllm", "--vllm-configs", "defaults",
+        "--out", str(args.work / f"latency_{model}.json"),
+        "--plot", str(args.work / f"latency_{model}.png"),
+    ), args.work)  # fmt: skip
+
+
+def step_serve(args: argparse.Namespace, model: str) -> None:
+    folder = serving_model_dir(CONFIGS / f"{model}.json", args.work / "models" / model)
+    limits = parallm_limits(args)
+    for server in args.servers:
+        name = f"serve_{model}_{server}"
+        log = args.work / "logs" / f"{name}_server.log"
+        proc = start_server(server_command(server, folder, args, limits), log)
+        try:
+            if not wait_healthy(proc, args.port, args.start_timeout_s):
+                print(f"== {name}: no answer on /health; server log tail:")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+                continue
+            for scale in args.time_scales.split(","):
+                run_logged(f"{name}_x{scale}", parallm_cli(
+                    "bench", "serve", "--base-url", f"http://127.0.0.1:{args.port}",
+                    "--dataset-name", "trace", "--dataset-path", str(args.trace),
+                    "--time-scale", scale, "--trace-duration-s", str(args.trace_duration_s),
+                    "--max-input-tokens", str(args.max_input_tokens), "--goodput",
+                    *args.goodput.split(), "--no-progress",
+                    "--out", str(args.work / f"{name}_x{scale}.json"),
+                ), args.work, timeout=900)  # fmt: skip
+        finally:
+            stop_server(proc)
+
+
+# ---- servers ----------------------------------------------------------------------------------
+
+
+def serving_model_dir(config: Path, folder: Path) -> Path:
+    """config.json plus parallm's id tokenizer saved beside it, for both servers."""
+    from parallm.tokenizer import id_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, folder / "config.json")
+    id_tokenizer(json.loads(config.read_text())["vocab_size"]).save_pretrained(str(folder))
+    return folder
+
+
+def parallm_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """parallm serve's scheduler and memory limits, read from its own defaults."""
+    from parallm.config import EngineConfig
+
+    cfg = EngineConfig()
+    return {"max-num-seqs": cfg.max_num_seqs, "max-num-batched-tokens": cfg.max_num_batched_tokens,
+            "block-size": cfg.block_size, "gpu-memory-utilization": cfg.gpu_memory_utilization}  # fmt: skip
+
+
+def server_command(server: str, folder: Path, args: argparse.Namespace,
+                   limits: dict[str, Any]) -> list[str]:  # fmt: skip
+    common = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len",
+              str(args.max_model_len), "--port", str(args.port), "--served-model-name", "peer",
+              "--seed", "0"]  # fmt: skip
+    if server == "parallm":
+        return parallm_cli("serve", "--model", str(folder), *common)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *common]
+    if server == "vllm-parallm-limits":
+        for flag, value in limits.items():
+            cmd += [f"--{flag}", str(value)]
+    return cmd
+
+
+def start_server(cmd: list[str], log: Path) -> subprocess.Popen:
+    """In its own process group, so that stopping it also stops vLLM's engine-core process."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"== server: {' '.join(cmd)}", flush=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)  # fmt: skip
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    print(f"== server healthy after {time.monotonic() - start:.0f} s", flush=True)
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the group, SIGKILL after 30 s; the port and the GPU are free afterwards."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # what is left of the group (vLLM's engine core)
+        os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(3)  # the driver hands the memory back
+
+
+# ---- summary ----------------------------------------------------------------------------------
+
+
+def summarize(work: Path) -> dict[str, Any]:
+    """The figures RESULTS.md's side-by-side table needs, from every JSON of the run."""
+    out: dict[str, Any] = {"offline": {}, "latency": {}, "serve": {}}
+    for path in sorted(work.glob("throughput_*.json")):
+        rows = json.loads(path.read_text())["results"]
+        out["offline"][path.stem.removeprefix("throughput_")] = {
+            r["engine"]: r["output_tokens_per_s"] for r in rows
+        }
+    for path in sorted(work.glob("latency_*.json")):
+        rows = json.loads(path.read_text())["results"]
+        table: dict[str, dict[str, float]] = {}
+        for r in rows:
+            table.setdefault(r["engine"], {})[str(r["batch_size"])] = r["ms_per_token"]
+        out["latency"][path.stem.removeprefix("latency_")] = table
+    for path in sorted(work.glob("serve_*_x*.json")):
+        s = json.loads(path.read_text())["summary"]
+        out["serve"][path.stem.removeprefix("serve_")] = {
+            "ttft_p50": s["ttft_ms"]["p50"], "ttft_p99": s["ttft_ms"]["p99"],
+            "tpot_p50": s["tpot_ms"]["p50"], "tpot_p99": s["tpot_ms"]["p99"],
+            "goodput": s["goodput"], "completed": s["completed"], "failed": s["failed"],
+            "output_token_throughput": s["output_token_throughput"],
+        }  # fmt: skip
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["| model | engine | offline out tok/s | b1 ms | b8 ms | b32 ms | b128 ms |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    models = sorted(set(summary["offline"]) | set(summary["latency"]))
+    for model in models:
+        offline, lat = summary["offline"].get(model, {}), summary["latency"].get(model, {})
+        for engine in dict.fromkeys([*offline, *lat]):
+            ms = [lat.get(engine, {}).get(b) for b in ("1", "8", "32", "128")]
+            cells = [_fmt(offline.get(engine), ".0f"), *(_fmt(m, ".3f") for m in ms)]
+            lines.append(f"| {model} | {engine} | " + " | ".join(cells) + " |")
+    lines += ["", "| model, server, load | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | goodput req/s | "
+              "completed/failed |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for key, s in summary["serve"].items():
+        cells = [_fmt(s[k], ".1f") for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")]
+        lines.append(f"| {key} | " + " | ".join(cells)
+                     + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, summary.md and one tar.gz of the whole work folder into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with tarfile.open(out / f"peers-{stamp}.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname=f"peers-{stamp}")
+    print(markdown(summary))
+    print(f"packed {work} into {out}/peers-{stamp}.tar.gz")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    steps = {"smoke": step_smoke, "offline": step_offline, "latency": step_latency,
+             "serve": step_serve}  # fmt: skip
+    try:
+        for model in args.models:
+            for step in args.steps:
+                steps[step](args, model)
+    finally:
+        pack(args.work, args.out, summarize(args.work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""benchmarks/peers/run_vllm.py, the GPU machine's side-by-side runner, on CPU: its flags, the
+server commands it builds, the serving step end to end against parallm's own server on a tiny
+model (vLLM's server is not here), the summary, and that stopping a server stops its whole
+process group. Plumbing only: no figure here says anything about speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_vllm():
+    spec = importlib.util.spec_from_file_location("run_vllm", REPO / "benchmarks/peers/run_vllm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flags_are_checked_before_anything_runs(run_vllm, tmp_path, capsys):
+    for argv, message in (
+        (["--steps", "offline,train"], "--steps: unknown train"),
+        (["--models", "llama-9t"], "--models: no benchmarks/configs/llama-9t.json"),
+        (["--servers", "sglang"], "--servers: unknown sglang"),
+        (["--trace", str(tmp_path / "none.csv")], "no such file"),
+    ):
+        with pytest.raises(SystemExit):
+            run_vllm.parse_args(argv)
+        assert message in capsys.readouterr().err
+    args = run_vllm.parse_args(["--models", "qwen3-0.6b,llama-3.1-8b", "--steps", "latency"])
+    assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.steps == ["latency"]
+
+
+def test_server_commands_differ_only_where_the_configurations_do(run_vllm, tmp_path):
+    args = run_vllm.parse_args(["--steps", "latency", "--port", "8123"])
+    limits = run_vllm.parallm_limits(args)
+    assert limits == {"max-num-seqs": 256, "max-num-batched-tokens": 8192, "block-size": 16,
+                      "gpu-memory-utilization": 0.9}  # fmt: skip
+    ours = run_vllm.server_command("parallm", tmp_path, args, limits)
+    defaults = run_vllm.server_command("vllm-defaults", tmp_path, args, limits)
+    limited = run_vllm.server_command("vllm-parallm-limits", tmp_path, args, limits)
+    assert ours[1:5] == ["-m", "parallm.cli", "serve", "--model"]
+    assert defaults[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
+    shared = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096",
+              "--port", "8123", "--served-model-name", "peer", "--seed", "0"]  # fmt: skip
+    assert ours[-len(shared) :] == shared and defaults[-len(shared) :] == shared
+    assert limited[: len(defaults)] == defaults
+    assert limited[len(defaults) :] == ["--max-num-seqs", "256", "--max-num-batched-tokens",
+                                        "8192", "--block-size", "16",
+                                        "--gpu-memory-utilization", "0.9"]  # fmt: skip
+
+
+def test_serving_step_end_to_end_against_parallm(run_vllm, tiny_model_dir, tmp_path,
+                                                  monkeypatch):  # fmt: skip
+    """A trace replayed against `parallm serve` on a tiny shape: the server gets a folder with
+    the config and the id tokenizer, the bench's JSON lands in the summary and the tar.gz,
+    and the server is gone afterwards."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny.json").write_text((tiny_model_dir("llama3") / "config.json").read_text())
+    monkeypatch.setattr(run_vllm, "CONFIGS", configs)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,20,8\n"
+                     "2023-11-16 18:15:46.5,30,6\n2023-11-16 18:15:47.0,12,5\n")  # fmt: skip
+    port = _free_port()
+    work, out = tmp_path / "work", tmp_path / "out"
+    code = run_vllm.main(["--models", "tiny", "--steps", "serve", "--servers", "parallm",
+                          "--trace", str(trace), "--time-scales", "4", "--max-model-len", "256",
+                          "--max-input-tokens", "100", "--port", str(port), "--work", str(work),
+                          "--out", str(out), "--start-timeout-s", "120"])  # fmt: skip
+    assert code == 0
+    folder = work / "models" / "tiny"
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    row = summary["serve"]["tiny_parallm_x4"]
+    assert row["completed"] == 3 and row["failed"] == 0 and row["ttft_p50"] > 0
+    assert "| tiny_parallm_x4 |" in (out / "summary.md").read_text()
+    (packed,) = out.glob("peers-*.tar.gz")
+    with tarfile.open(packed) as tar:
+        assert any(n.endswith("serve_tiny_parallm_x4.json") for n in tar.getnames())
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT may linger)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_summary_puts_engines_side_by_side(run_vllm, tmp_path):
+    rows = [{"engine": "parallm", "output_tokens_per_s": 1000.0},
+            {"engine": "vllm 0.26.0 (defaults)", "output_tokens_per_s": 800.0}]  # fmt: skip
+    (tmp_path / "throughput_m.json").write_text(json.dumps({"results": rows}))
+    lat = [{"engine": e, "batch_size": b, "ms_per_token": ms}
+           for e, ms in (("parallm", 1.0), ("vllm 0.26.0 (defaults)", 1.25)) for b in (1, 8)]  # fmt: skip
+    (tmp_path / "latency_m.json").write_text(json.dumps({"results": lat}))
+    summary = run_vllm.summarize(tmp_path)
+    assert summary["offline"]["m"] == {"parallm": 1000.0, "vllm 0.26.0 (defaults)": 800.0}
+    assert summary["latency"]["m"]["vllm 0.26.0 (defaults)"] == {"1": 1.25, "8": 1.25}
+    table = run_vllm.markdown(summary)
+    assert "| m | parallm | 1000 | 1.000 | 1.000 | - | - |" in table
+    assert "| m | vllm 0.26.0 (defaults) | 800 | 1.250 | 1.250 | - | - |" in table
+
+
+def test_stopping_a_server_stops_its_process_group(run_vllm, tmp_path):
+    """vLLM's server starts an engine-core process; stopping the server must end it too."""
+    child_pid = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(child_pid)!r}, 'w').write(str(c.pid))\n"
+              "time.sleep(120)\n")  # fmt: skip
+    proc = run_vllm.start_server([sys.executable, "-c", script], tmp_path / "server.log")
+    for _ in range(100):
+        if child_pid.exists() and child_pid.read_text():
+            break
+        subprocess.run(["sleep", "0.1"])
+    pid = int(child_pid.read_text())
+    run_vllm.stop_server(proc)
+    assert proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped by init, or at least gone
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
