@@ -184,3 +184,5 @@ def test_int8_decode_batches_on_cuda_read_the_int8_weight(dtype, monkeypatch):
         got = WEIGHT_FORMATS["int8"].linear(x, q, scale, b)
         assert got.dtype == dtype and _rel(got, want) < 2 * BF16_REL
     assert calls == [2, quant_gemv.MAX_ROWS]
+    empty = WEIGHT_FORMATS["int8"].linear(x[:0], q, scale, b)  # a step with no rows
+    assert empty.shape == (0, 4096) and calls == [2, quant_gemv.MAX_ROWS]

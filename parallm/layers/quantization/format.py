@@ -65,7 +65,7 @@ def triton_weight_only_linear(
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1:
         y = gemv.gemv(rows.contiguous(), q, weight_scale=scale)
-    elif rows.shape[0] <= quant_gemv.MAX_ROWS:
+    elif 1 < rows.shape[0] <= quant_gemv.MAX_ROWS:
         y = quant_gemv.weight_only_gemm(rows.contiguous(), q, scale)
     else:
         return None
