@@ -100,6 +100,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def print_thresholds(rows: list[dict]) -> None:
+    """The break-even tokens per step at each batch size (where speculation starts to pay:
+    ``min_tokens_per_step``), from the mean efficiency of its rows; a batch size at which even
+    all-correct drafts lose is where ``disable_by_batch_size`` belongs."""
+    for batch in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == batch]
+        efficiency = sum(r["efficiency"] for r in mine) / len(mine)
+        best = max(r["speedup"] for r in mine)
+        verdict = "speculation pays" if best > 1 else "no row pays: disable at this batch size"
+        print(f"batch {batch:>3}: break-even {1 / efficiency:.2f} tokens/step "
+              f"(mean efficiency {efficiency:.2f}); best speedup {best:.2f}x, {verdict}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
@@ -115,6 +128,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     rows = run(args)
+    print_thresholds(rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

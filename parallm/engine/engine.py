@@ -400,6 +400,7 @@ class LLMEngine:
             if proposed:
                 self.kv.rollback(seq, proposed - (len(tokens) - 1))
                 self.spec_stats.record(proposed, len(tokens) - 1)
+                seq.draft_history.record(len(tokens) - 1)
         finished: list[Sequence] = []
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))

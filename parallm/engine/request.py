@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallm.engine.spec.throttle import DraftHistory
 from parallm.outputs import PromptLogprobs, SampleLogprobs
 from parallm.sampling_params import SamplingParams
 
@@ -54,6 +55,8 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     # A tree of drafts (its tokens are draft_token_ids), or None: draft_token_ids form a chain.
     draft_tree: DraftTree | None = None
+    # Tokens per drafted step lately: whether it keeps drafting (spec/throttle.py).
+    draft_history: DraftHistory = field(default_factory=DraftHistory)
     logprobs: SampleLogprobs | None = None
     # One entry per prompt token scored so far (None for the first, which has no context);
     # None when not asked for. Only the first sample of a request computes them.

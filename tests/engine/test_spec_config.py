@@ -106,7 +106,8 @@ def test_the_config_is_frozen():
         ({**NGRAM, "acceptance_method": "typical", "zeta": 1},
          "speculative_config: unknown key(s) ['acceptance_method', 'zeta']; allowed: "
          "['method', 'num_speculative_tokens', 'prompt_lookup_min', 'prompt_lookup_max', "
-         "'model', 'num_layers', 'disable_by_batch_size', 'speculative_token_tree']"),
+         "'model', 'num_layers', 'disable_by_batch_size', 'speculative_token_tree', "
+         "'min_tokens_per_step']"),
         ('{"method": "ngram",', "speculative_config must be a JSON object such as"),
         ("[1, 2]", "speculative_config must be a dict, a JSON object string or a "
          "SpeculativeConfig, got list"),

@@ -44,8 +44,11 @@ class SpeculativeConfig:
     key): the draft tree as index paths, ``[(0,), (0, 0), (1,), ...]`` (or its string), where
     path ``(r0, .., rd)`` is the node carrying head ``d``'s rank-``rd`` token below the node of
     ``(r0, ..)``; ``"chain"`` is every head's top token in a row; unset: a default sparse tree
-    (``parallm.engine.spec.medusa.default_tree_paths``). ``disable_by_batch_size``: no speculation in a step
-    whose running batch is larger than this (None: always speculate). For ``ngram``, unset
+    (``parallm.engine.spec.medusa.default_tree_paths``). ``disable_by_batch_size``: no
+    speculation in a step whose running batch is larger than this (None: always speculate).
+    ``min_tokens_per_step``: a request whose running mean of tokens per drafted step (accepted
+    drafts plus one) falls below this stops drafting, and tries again every few steps
+    (``spec/throttle.py``; None: never stops). For ``ngram``, unset
     ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
     """
 
@@ -57,6 +60,7 @@ class SpeculativeConfig:
     num_layers: int | None = None
     disable_by_batch_size: int | None = None
     speculative_token_tree: Any = None
+    min_tokens_per_step: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +83,8 @@ class SpeculativeConfig:
         if self.disable_by_batch_size is not None:
             # vLLM's bound: a threshold of 1 would never speculate.
             _check_int("disable_by_batch_size", self.disable_by_batch_size, minimum=2)
+        if self.min_tokens_per_step is not None:
+            _check_min_tokens_per_step(self.min_tokens_per_step, self.num_speculative_tokens)
 
     @classmethod
     def from_value(cls, value: Any) -> SpeculativeConfig | None:
@@ -189,6 +195,17 @@ def parse_token_tree(value: Any, depth: int) -> tuple[tuple[int, ...], ...]:
     if orphans:
         raise ValueError(f"{key}: paths {orphans[:3]} lack their parent paths")
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
+
+
+def _check_min_tokens_per_step(value: Any, k: int) -> None:
+    # A step emits between 1 and k + 1 tokens: a threshold outside that range would either never
+    # or always pause a request.
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 1.0 < value <= k + 1:
+        raise ValueError(
+            "speculative_config.min_tokens_per_step must be a number in (1, "
+            f"num_speculative_tokens + 1 = {k + 1}], got {value!r}"
+        )
 
 
 def _check_int(key: str, value: Any, minimum: int) -> None:

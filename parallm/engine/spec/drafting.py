@@ -7,7 +7,8 @@ sampling its position exactly as plain decoding would and keeping the draft when
 output (no penalties) and whose stop tokens are allowed already are drafted, greedy or
 sampled, and emit plain decoding's tokens; the logprobs of every emitted token come from the
 row it was sampled from. Every other request decodes as usual in the same steps. Above
-``disable_by_batch_size`` running sequences a step carries no drafts.
+``disable_by_batch_size`` running sequences a step carries no drafts, and a request whose
+drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ class Drafter:
         limit = cfg.disable_by_batch_size
         if limit is not None and len(running) > limit:
             return
+        threshold = cfg.min_tokens_per_step
+        seqs = [s for s in running if draftable(s) and s.draft_history.should_draft(threshold)]
         if self.model is not None:
-            self.model.propose([seq for seq in running if draftable(seq)])
+            self.model.propose(seqs)
             return
-        for seq in running:
-            if draftable(seq):
-                seq.draft_token_ids = propose_ngram(
-                    seq.token_ids, cfg.num_speculative_tokens, cfg.prompt_lookup_min,
-                    cfg.prompt_lookup_max,
-                )  # fmt: skip
+        for seq in seqs:
+            seq.draft_token_ids = propose_ngram(
+                seq.token_ids, cfg.num_speculative_tokens, cfg.prompt_lookup_min,
+                cfg.prompt_lookup_max,
+            )  # fmt: skip

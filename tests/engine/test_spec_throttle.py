@@ -1,0 +1,77 @@
+"""A request whose drafts keep being rejected stops drafting and tries again every few steps
+(``min_tokens_per_step``); one whose drafts are accepted keeps drafting; the output stays plain
+decoding's either way."""
+
+from __future__ import annotations
+
+import pytest
+from test_speculative import ENGINE
+
+from parallm import LLM, SamplingParams
+from parallm.engine.spec import drafting
+from parallm.engine.spec.throttle import PROBE_EVERY, DraftHistory
+
+K = 4
+
+
+def test_history_pauses_below_the_threshold_and_probes():
+    history = DraftHistory()
+    assert history.should_draft(2.0)  # nothing known yet: draft
+    history.record(accepted=0)  # one token from a drafted step
+    assert history.mean_tokens_per_step == 1.0
+    assert [history.should_draft(2.0) for _ in range(PROBE_EVERY + 1)] == [False] * PROBE_EVERY + [
+        True
+    ]
+    history.record(accepted=4)  # the probe paid off: 5 tokens
+    assert history.mean_tokens_per_step == pytest.approx(1.0 + 0.3 * 4)
+    assert history.should_draft(2.0) and history.steps_paused == 0
+    assert DraftHistory(mean_tokens_per_step=1.0).should_draft(None)  # no threshold: always
+
+
+def _oracle_ngram(monkeypatch, future: dict[tuple[int, ...], list[int]], right: bool) -> None:
+    """Prompt lookup replaced by plain decoding's next K tokens (``right``) or K wrong ones."""
+
+    def propose(token_ids, k, lookup_min, lookup_max):
+        for prompt, out in future.items():
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                nxt = out[len(token_ids) - len(prompt) : len(token_ids) - len(prompt) + K]
+                return nxt if right else [(t + 1) % 50 for t in nxt]
+        raise AssertionError("unknown prompt")
+
+    monkeypatch.setattr(drafting, "propose_ngram", propose)
+
+
+def _run(path, prompts, params, spec):
+    llm = LLM(path, speculative_config=spec, **ENGINE)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], llm.engine.spec_stats.num_proposals
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_rejected_requests_pause_and_accepted_ones_keep_drafting(
+    right, tiny_model_dir, ordinary_token_ids, monkeypatch
+):
+    path = str(tiny_model_dir("llama3"))
+    prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
+    params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True)
+    plain = LLM(path, **ENGINE).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
+    future = {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+    _oracle_ngram(monkeypatch, future, right)
+    spec = {"method": "ngram", "num_speculative_tokens": K}
+    always, always_proposals = _run(path, prompts, params, spec)
+    paused, paused_proposals = _run(path, prompts, params, {**spec, "min_tokens_per_step": 1.5})
+    assert always == paused == list(future.values())
+    if right:  # every step emits K + 1 tokens: never paused
+        assert paused_proposals == always_proposals
+    else:  # every drafted step emits one token: one probe in PROBE_EVERY + 1 steps
+        assert always_proposals >= 2 * 40
+        assert paused_proposals <= 2 * (1 + 45 // (PROBE_EVERY + 1) + 1)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, 6.0, "2", True])
+def test_bad_threshold_is_named(value, tiny_model_dir):
+    spec = {"method": "ngram", "num_speculative_tokens": K, "min_tokens_per_step": value}
+    with pytest.raises(ValueError, match=r"min_tokens_per_step must be a number in \(1, "):
+        LLM(str(tiny_model_dir("llama3")), speculative_config=spec, **ENGINE)
