@@ -180,7 +180,7 @@ def load_safetensors(
             tensor = lazy if partial else lazy.full()
             try:
                 if name in scales:
-                    tensor = runtime_weight(stored, name, tensor, scales[name], param.device)
+                    tensor = runtime_weight(stored, name, tensor, scales[name], param)
                 if loader is not None:
                     loader(param, tensor, shard_id)
                 else:

@@ -134,16 +134,16 @@ def _float_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_checkpoints(src: Path, dst: Path, fmt: str) -> tuple[Path, Path]:
-    """``(quantized, dequantized float twin)`` checkpoint directories made from ``src``."""
+def write_checkpoints(src: Path, dst: Path, fmt: str, lm_head: bool = False) -> tuple[Path, Path]:
+    """``(quantized, dequantized float twin)`` checkpoint directories made from ``src``; with
+    ``lm_head`` the LM head is stored quantized too."""
     config, quantize, kind, scale_name, scale_dtype, block, input_scale = FORMATS[fmt]
     ct = config["quant_method"] == "compressed-tensors"
     weights, scales, dequantized = {}, {}, {}
     for name, w in _float_tensors(src).items():
         stem = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and stem.split(".")[-1] in LINEARS) or (
-            ct and name == KEPT_FLOAT
-        ):
+        linear = stem.split(".")[-1] in LINEARS or (lm_head and name == "lm_head.weight")
+        if not (name.endswith(".weight") and linear) or (ct and name == KEPT_FLOAT):
             weights[name] = dequantized[name] = w
             continue
         q, s = quantize(w.float(), kind)
@@ -177,11 +177,11 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
     """``checkpoints(fmt, arch="qwen2") -> (quantized dir, float twin dir)``, built once each."""
     built = {}
 
-    def get(fmt, arch="qwen2"):
-        if (fmt, arch) not in built:
+    def get(fmt, arch="qwen2", lm_head=False):
+        if (fmt, arch, lm_head) not in built:
             dst = tmp_path_factory.mktemp(f"{arch}-{fmt}")
-            built[fmt, arch] = write_checkpoints(tiny_model_dir(arch), dst, fmt)
-        return built[fmt, arch]
+            built[fmt, arch, lm_head] = write_checkpoints(tiny_model_dir(arch), dst, fmt, lm_head)
+        return built[fmt, arch, lm_head]
 
     return get
 
@@ -254,6 +254,23 @@ def test_block_scales_requantize_per_row_like_online_fp8(checkpoints, prompts, f
     rel = [float((a - b).norm() / b.norm())
            for a, b in zip(_logits(model, prompts), _logits(twin, prompts), strict=True)]  # fmt: skip
     assert 0 < max(rel) < 0.35  # the online fp8 bound of tests/layers/test_quantization.py
+
+
+@pytest.mark.parametrize("fmt", ["fp8-tensor", "fp8-block", "ct-int8-channel"])
+def test_a_stored_quantized_lm_head_loads_dequantized(checkpoints, prompts, fmt):
+    """The runtime keeps the LM head float: stored quantized (qwen2's own, untied), it loads as
+    its dequantized values, block-wise ones without a second rounding; on two ranks each takes
+    its vocabulary rows of them."""
+    quant_dir, float_dir = checkpoints(fmt, lm_head=True)
+    model, twin = _load(quant_dir), _load(float_dir)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, twin.lm_head.weight)
+    shard = _load(quant_dir, tp_rank=1, tp_size=2)
+    rows = shard.lm_head.weight.shape[0]
+    assert torch.equal(shard.lm_head.weight, twin.lm_head.weight[rows : 2 * rows])
+    if fmt in EXACT:
+        for got, want in zip(_logits(model, prompts[:2]), _logits(twin, prompts[:2]), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fp8-tensor", "ct-fp8-channel", "ct-int8-channel", "fp8-block"])

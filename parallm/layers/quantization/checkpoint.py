@@ -156,12 +156,14 @@ def _block_size(value: Any, field: str, required: bool = False) -> tuple[int, in
 
 
 def runtime_weight(
-    spec: StoredQuantization, name: str, values: Any, scale: torch.Tensor, device: torch.device
-) -> QuantizedCheckpointTensor:
+    spec: StoredQuantization, name: str, values: Any, scale: torch.Tensor, param: torch.Tensor
+) -> QuantizedCheckpointTensor | torch.Tensor:
     """The checkpoint weight ``name`` (``values [N, K]``, a tensor or an unread slice, and its
-    stored ``scale``) in the runtime's per-row form. Per-tensor and per-channel scales keep the
-    stored values (a slice stays unread); block scales requantize the whole weight per row, on
-    ``device`` (the layer's)."""
+    stored ``scale``) as ``param``'s loader takes it. A quantized layer's weight (``param`` in
+    the format's dtype) gets the runtime's per-row form: per-tensor and per-channel scales keep
+    the stored values (a slice stays unread), block scales requantize the whole weight per row
+    on the layer's device. A layer the runtime keeps float (the LM head) gets the weight
+    dequantized, in ``param``'s dtype."""
     fmt = spec.weight_format
     if values.dtype != fmt.dtype:
         raise ValueError(f"checkpoint tensor {name!r} is {values.dtype}; quant_method "
@@ -169,18 +171,22 @@ def runtime_weight(
     if len(values.shape) != 2:
         raise ValueError(f"checkpoint tensor {name!r}: a quantized weight must be 2-D, "
                          f"got shape {tuple(values.shape)}")  # fmt: skip
+    quantized = param.dtype == fmt.dtype
     rows, cols = values.shape
     scale = scale.float()
-    if scale.numel() == 1:
-        return QuantizedCheckpointTensor(values, scale.reshape(1).expand(rows).contiguous())
-    if scale.numel() == rows and scale.shape in ((rows,), (rows, 1)):
-        return QuantizedCheckpointTensor(values, scale.reshape(rows).contiguous())
+    if scale.numel() == 1 or (scale.numel() == rows and scale.shape in ((rows,), (rows, 1))):
+        row_scales = scale.reshape(-1).expand(rows).contiguous()
+        if quantized:
+            return QuantizedCheckpointTensor(values, row_scales)
+        return fmt.dequantize(_whole(values, param.device), row_scales.to(param.device),
+                              param.dtype)  # fmt: skip
     if spec.block_size is not None:
         bn, bk = spec.block_size
-        grid = (math.ceil(rows / bn), math.ceil(cols / bk))
-        if tuple(scale.shape) == grid:
-            q = values if isinstance(values, torch.Tensor) else values.full()
-            return _requantized(fmt, q.to(device), scale.to(device), bn, bk)
+        if tuple(scale.shape) == (math.ceil(rows / bn), math.ceil(cols / bk)):
+            scale = scale.to(param.device)
+            per_element = scale.repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)
+            w = _whole(values, param.device).float() * per_element[:, :cols]
+            return QuantizedCheckpointTensor(*fmt.quantize(w)) if quantized else w.to(param.dtype)
     block = f", or per {list(spec.block_size)} block" if spec.block_size else ""
     raise ValueError(
         f"checkpoint tensor {name!r}: scale of shape {tuple(scale.shape)} does not fit the "
@@ -188,13 +194,9 @@ def runtime_weight(
     )
 
 
-def _requantized(
-    fmt: WeightFormat, q: torch.Tensor, scale: torch.Tensor, bn: int, bk: int
-) -> QuantizedCheckpointTensor:
-    rows, cols = q.shape
-    per_element = scale.repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
-    values, row_scales = fmt.quantize(q.float() * per_element)
-    return QuantizedCheckpointTensor(values, row_scales)
+def _whole(values: Any, device: torch.device) -> torch.Tensor:
+    """A checkpoint tensor read whole (from an unread slice if need be), on ``device``."""
+    return (values if isinstance(values, torch.Tensor) else values.full()).to(device)
 
 
 # --- the model ------------------------------------------------------------------------------
