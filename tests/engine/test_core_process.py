@@ -4,6 +4,7 @@ error, and never outlives its client."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,59 @@ def test_the_core_exits_when_its_client_process_dies(model: str) -> None:
         proc.wait()
         if core_pid is not None and not process_gone(core_pid, timeout_s=0):
             os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_LOADING_SCRIPT = """
+import sys, time
+from parallm.engine.core import client
+
+def report_and_wait(self):  # the client's process dies while its core is still loading
+    print(self.process.pid, self._dir, flush=True)
+    time.sleep(600)
+
+client.EngineCoreClient._wait_ready = report_and_wait
+if __name__ == "__main__":
+    client.EngineCoreClient({"model": sys.argv[1], "device": "cpu"}, num_threads=1)
+"""
+
+
+def test_the_core_stops_loading_when_its_client_process_dies(tmp_path: Path) -> None:
+    """A load that never ends (its config.json is a FIFO nobody writes) is interrupted."""
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "config.json")
+    script = tmp_path / "client.py"
+    script.write_text(_LOADING_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    core_pid = None
+    try:
+        pid_text, folder = proc.stdout.readline().split()
+        core_pid = int(pid_text)
+        deadline = time.monotonic() + 60
+        while not _blocked_opening_a_fifo(core_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _blocked_opening_a_fifo(core_pid)  # loading
+        proc.kill()
+        proc.wait()
+        assert process_gone(core_pid)
+        assert not Path(folder).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        if core_pid is not None and not process_gone(core_pid, timeout_s=0):
+            os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _blocked_opening_a_fifo(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except FileNotFoundError:
+        return False
 
 
 def _spawned_children() -> set[int]:

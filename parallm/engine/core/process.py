@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +87,7 @@ def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket)
     def send(message: CoreMessage) -> None:
         outbox.send(encode(message), copy=False)
 
+    loaded = _stop_loading_if_the_parent_dies()
     try:
         from parallm.llm import LLM
 
@@ -92,6 +95,8 @@ def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket)
     except BaseException as exc:
         send(StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
         return 1
+    finally:
+        loaded()
     try:
         tokenizer = pickle.dumps(engine.tokenizer) if engine.tokenizer is not None else None
         send(Ready(engine_info(engine), tokenizer, os.getpid()))
@@ -107,6 +112,37 @@ def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket)
         return 1
     finally:
         engine.close()
+
+
+def _stop_loading_if_the_parent_dies() -> Callable[[], None]:
+    """Watch the API process while the engine loads (which may take minutes and reads no
+    socket): if it dies, interrupt the load with ``_ParentGone``. Returns the call that ends
+    the watch; from then on the loop's poll watches the parent."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return lambda: None
+    done = threading.Event()
+    main_thread = threading.main_thread().ident
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _ParentGone()
+
+    def watch() -> None:
+        while not done.is_set():
+            if multiprocessing.connection.wait([parent.sentinel], timeout=0.2):
+                if not done.is_set():
+                    # To the main thread itself, so that a blocking call there (a read of a
+                    # slow file system) fails with EINTR and the handler runs.
+                    signal.pthread_kill(main_thread, signal.SIGUSR1)
+                return
+
+    def stop_watching() -> None:
+        done.set()
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # one sent just now must not land later
+
+    signal.signal(signal.SIGUSR1, interrupt)
+    threading.Thread(target=watch, name="parallm-parent-watch", daemon=True).start()
+    return stop_watching
 
 
 def _receiver(inbox: zmq.Socket) -> Callable[[float | None], list[Command]]:
