@@ -133,18 +133,23 @@ def test_interpreter_suite_in_subprocess():
     check_interpreter_suite(__file__, INTERPRETING)
 
 
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
 @interpreter_test
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (40, 96)])
-def test_quantized_gemv_interpreter(n, k, method):
-    check_gemv(n, k, method, torch.float32, "cpu", **SMALL_TILE)
+def test_quantized_gemv_interpreter(n, k, dtype, method):
+    check_gemv(n, k, method, dtype, "cpu", **SMALL_TILE)
 
 
 @interpreter_test
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_quantized_norm_gemv_interpreter(method, residual):
-    check_norm(40, 96, method, torch.float32, "cpu", residual, **SMALL_TILE)
+def test_quantized_norm_gemv_interpreter(method, dtype, residual):
+    check_norm(40, 96, method, dtype, "cpu", residual, **SMALL_TILE)
 
 
 @interpreter_test
@@ -155,8 +160,9 @@ def test_quantized_norm_gemv_gathers_its_row_interpreter(method):
 
 @interpreter_test
 @pytest.mark.parametrize("method", METHODS)
-def test_quantized_silu_gemv_interpreter(method):
-    check_silu(40, 96, method, torch.float32, "cpu", **SMALL_TILE)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_quantized_silu_gemv_interpreter(method, dtype):
+    check_silu(40, 96, method, dtype, "cpu", **SMALL_TILE)
 
 
 @interpreter_test
