@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -61,12 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if _torchrun_worker(args):
+            from parallm.engine.executor import torchrun_worker_main
+
+            return torchrun_worker_main(args.tensor_parallel_size, args.device)
         return int(args.func(args) or 0)
     except ValueError as e:
         print(f"{_prog(args)}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _torchrun_worker(args: argparse.Namespace) -> bool:
+    """Whether this process is rank 1..N-1 of a tensor-parallel torchrun job: every rank runs
+    the same command, rank 0 runs it and the others serve its engine's steps."""
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp == 1 or "RANK" not in os.environ:
+        return False  # (skips importing torch for the check)
+    from parallm.engine.executor import check_torchrun_world, is_torchrun_worker
+
+    check_torchrun_world(tp)  # every rank reports a job of the wrong size
+    return is_torchrun_worker(tp)
 
 
 def _prog(args: argparse.Namespace) -> str:

@@ -15,6 +15,7 @@ from parallm.chat_messages import check_messages
 from parallm.chat_template import load_chat_template
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.engine import LLMEngine
+from parallm.engine.executor import is_torchrun_worker, torchrun_worker_main
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
 
@@ -45,6 +46,9 @@ class LLM:
         if model is None:
             model = default_model_path()
         config = EngineConfig.from_kwargs(model=model, **kwargs)
+        if is_torchrun_worker(config.tensor_parallel_size):
+            # Rank 1..N-1 of a torchrun job: serve rank 0's engine until it closes, then exit.
+            raise SystemExit(torchrun_worker_main(config.tensor_parallel_size, config.device))
         # Read and checked before the model loads; it then replaces the tokenizer's template,
         # for chat() and the server's chat route alike.
         chat_template = config.chat_template and load_chat_template(config.chat_template)

@@ -292,6 +292,8 @@ class TensorParallelExecutor:
 
     def explain(self, error: BaseException) -> None:
         """Raise the worker failure behind ``error`` (a failed collective), if there is one."""
+        if self.failure is not None:  # already explained (a failed send of this step)
+            raise RuntimeError(self.failure) from error
         if self.torchrun is not None:
             self._lost(error)
         deadline = time.monotonic() + 2.0  # a killed peer's exit may not be reaped yet
