@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8100, help="serve: port of the server under test")
     p.add_argument("--start-timeout-s", type=float, default=420.0,
                    help="serve: longest wait for a server to answer /health")  # fmt: skip
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="no step starts after this many seconds, and a step still running "
+                   "then is killed (the device tool stops a call at 600 s)")  # fmt: skip
+    p.add_argument("--keep-going", action="store_true",
+                   help="run the remaining steps after a failed one (default: stop, to save "
+                   "device time)")  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("/tmp/peers-work"),
                    help="folder of every JSON, plot and log (packed into $OUT at the end)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")),
@@ -101,77 +107,87 @@ def parallm_cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "parallm.cli", *argv]
 
 
-def run_logged(name: str, cmd: list[str], work: Path, timeout: float | None = None) -> bool:
-    """Run ``cmd`` with its output in work/logs/NAME.log; print its tail; True if it passed."""
-    log = work / "logs" / f"{name}.log"
+def run_logged(name: str, cmd: list[str], args: argparse.Namespace) -> bool:
+    """Run ``cmd`` with its output in work/logs/NAME.log; print its tail; True if it passed.
+    Past the run's deadline its whole process group is killed (vLLM's engine core too)."""
+    log = args.work / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)  # fmt: skip
         try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  cwd=REPO).returncode  # fmt: skip
+            code: int | str = proc.wait(timeout=max(args.deadline - start, 1.0))
         except subprocess.TimeoutExpired:
-            code = "timeout"
+            code = "killed at the run's --budget-s"
+        finally:
+            stop_group(proc, grace_s=10)
     tail = log.read_text(errors="replace").splitlines()[-14:]
-    print("\n".join(f"   {line[-160:]}" for line in tail))
+    print("\n".join(f"   {line[:400]}" for line in tail))
     print(f"== {name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
     return code == 0
 
 
-def step_smoke(args: argparse.Namespace, model: str) -> None:
+def step_smoke(args: argparse.Namespace, model: str) -> bool:
     """A small run of both engines: does vLLM start and generate here at all."""
-    run_logged(f"smoke_{model}", parallm_cli(
+    return run_logged(f"smoke_{model}", parallm_cli(
         "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
         "--max-model-len", str(args.max_model_len), "--num-requests", "32", "--min-len", "32",
         "--max-len", "128", "--compare-vllm", "--vllm-configs", "defaults",
         "--out", str(args.work / f"smoke_{model}.json"),
-    ), args.work)  # fmt: skip
+    ), args)  # fmt: skip
 
 
-def step_offline(args: argparse.Namespace, model: str) -> None:
-    run_logged(f"throughput_{model}", parallm_cli(
+def step_offline(args: argparse.Namespace, model: str) -> bool:
+    return run_logged(f"throughput_{model}", parallm_cli(
         "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
         "--max-model-len", str(args.max_model_len), "--compare-vllm",
         "--vllm-configs", args.vllm_configs,
         "--out", str(args.work / f"throughput_{model}.json"),
         "--plot", str(args.work / f"throughput_{model}.png"),
-    ), args.work)  # fmt: skip
+    ), args)  # fmt: skip
 
 
-def step_latency(args: argparse.Namespace, model: str) -> None:
-    run_logged(f"latency_{model}", parallm_cli(
+def step_latency(args: argparse.Namespace, model: str) -> bool:
+    return run_logged(f"latency_{model}", parallm_cli(
         "bench", "latency", "--config", str(CONFIGS / f"{model}.json"),
         "--max-model-len", str(args.max_model_len), "--batch-sizes", args.batch_sizes,
         "--compare-vllm", "--vllm-configs", "defaults",
         "--out", str(args.work / f"latency_{model}.json"),
         "--plot", str(args.work / f"latency_{model}.png"),
-    ), args.work)  # fmt: skip
+    ), args)  # fmt: skip
 
 
-def step_serve(args: argparse.Namespace, model: str) -> None:
+def step_serve(args: argparse.Namespace, model: str) -> bool:
+    """Each server in turn on one port, loaded at each time scale; True if all ran."""
     folder = serving_model_dir(CONFIGS / f"{model}.json", args.work / "models" / model)
     limits = parallm_limits(args)
+    ok = True
     for server in args.servers:
         name = f"serve_{model}_{server}"
         log = args.work / "logs" / f"{name}_server.log"
         proc = start_server(server_command(server, folder, args, limits), log)
         try:
-            if not wait_healthy(proc, args.port, args.start_timeout_s):
+            wait_s = min(args.start_timeout_s, args.deadline - time.monotonic())
+            if not wait_healthy(proc, args.port, wait_s):
                 print(f"== {name}: no answer on /health; server log tail:")
                 print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+                ok = False
                 continue
             for scale in args.time_scales.split(","):
-                run_logged(f"{name}_x{scale}", parallm_cli(
+                ok &= run_logged(f"{name}_x{scale}", parallm_cli(
                     "bench", "serve", "--base-url", f"http://127.0.0.1:{args.port}",
                     "--dataset-name", "trace", "--dataset-path", str(args.trace),
                     "--time-scale", scale, "--trace-duration-s", str(args.trace_duration_s),
                     "--max-input-tokens", str(args.max_input_tokens), "--goodput",
                     *args.goodput.split(), "--no-progress",
                     "--out", str(args.work / f"{name}_x{scale}.json"),
-                ), args.work, timeout=900)  # fmt: skip
+                ), args)  # fmt: skip
         finally:
-            stop_server(proc)
+            stop_group(proc, grace_s=30)
+            time.sleep(3)  # the driver hands the GPU memory back
+    return ok
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -235,22 +251,17 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
     return False
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the group, SIGKILL after 30 s; the port and the GPU are free afterwards."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):  # what is left of the group (vLLM's engine core)
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the process group, SIGKILL after ``grace_s``, then SIGKILL to whatever is
+    left in the group (vLLM's engine core outlives a killed server otherwise)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(3)  # the driver hands the memory back
+    proc.wait()
 
 
 # ---- summary ----------------------------------------------------------------------------------
@@ -304,11 +315,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
-    """summary.json, summary.md and one tar.gz of the whole work folder into ``out``."""
+def write_summaries(out: Path, summary: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary))
+
+
+def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, summary.md and one tar.gz of the whole work folder into ``out``."""
+    write_summaries(out, summary)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tarfile.open(out / f"peers-{stamp}.tar.gz", "w:gz") as tar:
         tar.add(work, arcname=f"peers-{stamp}")
@@ -319,15 +334,25 @@ def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    args.deadline = time.monotonic() + args.budget_s
     steps = {"smoke": step_smoke, "offline": step_offline, "latency": step_latency,
              "serve": step_serve}  # fmt: skip
+    failed = []
     try:
-        for model in args.models:
-            for step in args.steps:
-                steps[step](args, model)
+        for model, step in [(m, s) for m in args.models for s in args.steps]:
+            if time.monotonic() > args.deadline:
+                print(f"== --budget-s spent: {step} of {model} and later steps not run")
+                break
+            if not steps[step](args, model):
+                failed.append(f"{step} of {model}")
+                if not args.keep_going:
+                    print("== stopping after a failed step (--keep-going runs the rest)")
+                    break
+            write_summaries(args.out, summarize(args.work))  # kept even if the call is cut
     finally:
         pack(args.work, args.out, summarize(args.work))
-    return 0
+    print(f"== failed: {', '.join(failed)}" if failed else "== every step ran")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -226,15 +226,17 @@ def run_latency(vllm: Any, kwargs: dict[str, Any], runs: dict[str, list[list[lis
             first, last, queued = _timestamps(outs)
             if i:
                 decode.append(last - first)
-                prefill.append(first - queued)
+                prefill.append(first - queued if queued else None)
         step_s = max(_median(decode), 1e-9) / (output_len - 1)
+        prefill_s = None if None in prefill else _median(prefill)
         rows.append({"batch_size": int(batch), "step_ms": step_s * 1e3, "ms_per_token": step_s * 1e3,
-                     "prefill_ms": _median(prefill) * 1e3, "tokens_per_s": int(batch) / step_s})  # fmt: skip
+                     "prefill_ms": prefill_s and prefill_s * 1e3, "tokens_per_s": int(batch) / step_s})  # fmt: skip
     return rows
 
 
 def _timestamps(outs: list[Any]) -> tuple[float, float, float]:
-    """(every first token, the last token, the first request queued), engine-core seconds."""
+    """(every first token, the last token, the first request queued), engine-core seconds;
+    queued is 0 when the engine core sent no queueing events."""
     stats = [o.metrics for o in outs]
     if any(s is None or not s.first_token_ts for s in stats):
         raise RuntimeError("vLLM returned no per-request timestamps (RequestOutput.metrics); "
