@@ -270,6 +270,7 @@ def launch(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     is already imported here."""
     if "vllm" in sys.modules:
         return run_job(job)
+    _print_free_gpu_memory()  # vLLM sizes its cache from this: a failure to start shows why
     job_file, result_file = scratch / "job.json", scratch / "result.json"
     job_file.write_text(json.dumps(job))
     result_file.unlink(missing_ok=True)
@@ -278,6 +279,14 @@ def launch(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     if code != 0 or not result_file.is_file():
         raise RuntimeError(f"the vLLM run failed (exit status {code}); its output is above")
     return json.loads(result_file.read_text())
+
+
+def _print_free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print(f"GPU memory free before vLLM starts: {free / 2**30:.1f} of {total / 2**30:.1f} GiB")
 
 
 def compare(kind: str, model: PeerModel, configs: tuple[str, ...],
