@@ -19,6 +19,7 @@ SITE=${SITE:-/tmp/vllm-site}
 OUT=${OUT:-/tmp/out}
 CARRIED=${CARRIED:-.peers}
 PIP=${PIP:-python3 -m pip}
+if ! $PIP --version > /dev/null 2>&1; then PIP=""; fi  # then the wheels are unpacked by hand
 mkdir -p "$PARTS" "$OUT"
 LOG=$OUT/install_vllm.log
 exec > >(tee -a "$LOG") 2>&1
@@ -68,8 +69,29 @@ else
   echo "reassembled $wheel ($(du -m "$PARTS/$wheel" | cut -f1) MiB), md5 ok"
   rm -rf "$SITE" && mkdir -p "$SITE"
   start=$(date +%s)
-  $PIP install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-    "$PARTS"/*.whl || { echo "pip install failed"; exit 1; }
+  if [ -n "$PIP" ]; then
+    $PIP install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+      "$PARTS"/*.whl || { echo "pip install failed"; exit 1; }
+  else
+    # No pip for this python: a wheel is a zip whose root goes to site-packages, and whose
+    # NAME.data/{purelib,platlib} go there too (console scripts are not needed: python3 -m).
+    echo "no pip: unpacking the wheels into $SITE"
+    python3 - "$SITE" "$PARTS"/*.whl <<'UNPACK' || { echo "unpacking failed"; exit 1; }
+import shutil, sys, zipfile
+from pathlib import Path
+site = Path(sys.argv[1])
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+for data in site.glob("*.data"):
+    for lib in ("purelib", "platlib"):
+        if (data / lib).is_dir():
+            shutil.copytree(data / lib, site, dirs_exist_ok=True)
+    shutil.rmtree(data)
+for so in site.rglob("*.so"):
+    so.chmod(0o755)
+UNPACK
+  fi
   echo "installed $(ls "$PARTS"/*.whl | wc -l) wheels into $SITE in $(( $(date +%s) - start )) s"
   touch "$stamp"
 fi

@@ -73,7 +73,9 @@ def carried(tmp_path):
     return root
 
 
-def _install_call(tmp_path: Path, carry: list[Path]) -> subprocess.CompletedProcess:
+def _install_call(
+    tmp_path: Path, carry: list[Path], pip: str = f"{sys.executable} -m pip"
+) -> subprocess.CompletedProcess:
     """One device call: only the folders in ``carry`` are there."""
     here = tmp_path / "call"
     shutil.rmtree(here, ignore_errors=True)
@@ -84,22 +86,25 @@ def _install_call(tmp_path: Path, carry: list[Path]) -> subprocess.CompletedProc
     env = dict(os.environ, CARRIED=str(here), PARTS=str(tmp_path / "parts"),
                SITE=str(tmp_path / "site"), OUT=str(tmp_path / "out"),
                PATH=venv_bin + os.pathsep + os.environ["PATH"],
-               PIP=f"{sys.executable} -m pip")  # fmt: skip
+               PIP=pip)  # fmt: skip
     return subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, env=env)
 
 
-def test_parts_are_staged_call_by_call_then_installed(carried, tmp_path):
-    first = _install_call(tmp_path, [carried / "carry1"])
+@pytest.mark.parametrize("pip", [f"{sys.executable} -m pip", "false"], ids=["pip", "no-pip"])
+def test_parts_are_staged_call_by_call_then_installed(carried, tmp_path, pip):
+    """With pip, and on a python without pip (the wheels are then unpacked by hand)."""
+    first = _install_call(tmp_path, [carried / "carry1"], pip)
     assert first.returncode == 3
     assert "still missing: vllm parts [ vllm.whl.part01 ] and 1 small wheels" in first.stdout
 
-    second = _install_call(tmp_path, [carried / "carry2", carried / "carry3"])
+    second = _install_call(tmp_path, [carried / "carry2", carried / "carry3"], pip)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "md5 ok" in second.stdout and "import vllm 0.26.0 ok" in second.stdout
     assert (tmp_path / "site" / "vllm" / "v1" / "engine" / "core.py").is_file()
     assert "import vllm 0.26.0 ok" in (tmp_path / "out" / "install_vllm.log").read_text()
 
-    again = _install_call(tmp_path, [])  # the next call finds it installed
+    assert ("no pip: unpacking" in second.stdout) == (pip == "false")
+    again = _install_call(tmp_path, [], pip)  # the next call finds it installed
     assert again.returncode == 0 and "already installed" in again.stdout
 
 
