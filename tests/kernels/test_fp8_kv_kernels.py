@@ -133,8 +133,14 @@ def test_reference_fp8_attention_is_within_the_bound_of_float_attention():
     got = paged_prefill_attention_ref(case["q"], quant["k_cache"], quant["v_cache"], *args,
                                       kv_scale=quant["kv_scale"])  # fmt: skip
     err = (got - want).abs().amax(-1)
+    # Rigorous, and loose (exp(2M) - 1 assumes every key's score error adds up): measured
+    # errors stay below 5% of it.
     assert (err <= attention_error_bound(case, KV_SCALE)).all()
-    assert err.max() > 1e-3  # the caches do hold e4m3 values
+    # Tight, stated from e4m3's own error: over the whole output, the relative L2 error is
+    # within the per-element worst case 2^-4 (the rounding errors do not add up; measured
+    # 0.031), and not zero (the caches do hold e4m3 values).
+    rel = ((got - want).norm() / want.norm()).item()
+    assert 1e-3 < rel <= REL_BOUND
 
 
 def test_reference_backend_needs_the_scales_of_an_fp8_cache():
