@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 import msgspec
 
 from parallm.engine.core.client import EngineCoreClient
+from parallm.engine.core.detokenize import (
+    OutputDetokenizer,
+    detokenizes_here,
+    without_detokenization,
+)
 from parallm.engine.core.inproc import InProcessCore
 from parallm.engine.core.messages import (
     AbortAll,
@@ -140,6 +145,11 @@ class AsyncEngine:
         self._num_sent = 0  # requests sent to the core
         self._num_taken = 0  # of those, taken by the core from its inbox
         self._snapshot = EngineSnapshot(num_blocks=self.core.info.num_blocks)
+        # With the core in its own process, text is decoded here, off its step loop (except
+        # for requests with stop strings, which the core must see as text).
+        tokenizer = self.engine.tokenizer
+        remote = isinstance(self.core, EngineCoreClient)
+        self._detokenizer = OutputDetokenizer(tokenizer) if remote and tokenizer else None
         self._started = False
         self._stopping = False
         self._error: str | None = None
@@ -169,17 +179,24 @@ class AsyncEngine:
     def submit(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue the engine requests of one HTTP request; must run on the caller's event loop."""
         stream = RequestStream(self, asyncio.get_running_loop(), [r.request_id for r in requests])
+        detokenizer = self._detokenizer
+        here = [detokenizer is not None and detokenizes_here(r.params, detokenizer.tokenizer)
+                for r in requests]  # fmt: skip
         command = AddRequests([
-            CoreRequest(r.request_id, r.prompt_token_ids, r.params, r.prompt, r.arrival_time)
-            for r in requests
+            CoreRequest(r.request_id, r.prompt_token_ids,
+                        without_detokenization(r.params) if local else r.params, r.prompt,
+                        r.arrival_time)
+            for r, local in zip(requests, here, strict=True)
         ])  # fmt: skip
         # Checked and sent under the lock so that nothing reaches the core after a shutdown.
         with self._lock:
             if not self.is_healthy:
                 raise EngineUnavailable(self._unavailable_reason())
             self._admit(len(requests))
-            for r in requests:
+            for r, local in zip(requests, here, strict=True):
                 self._tracked[r.request_id] = _Tracked(stream, r)
+                if local:
+                    detokenizer.register(r.request_id, r.prompt_token_ids, r.params)
             self._num_sent += len(requests)
             self.core.send(command)
         if self.metrics:
@@ -202,7 +219,7 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort engine requests; applied before the engine's next step."""
-        num_live = sum(self._tracked.pop(i, None) is not None for i in request_ids)
+        num_live = sum(self._untrack(i) is not None for i in request_ids)
         if num_live and self.metrics:
             self.metrics.aborted.inc(num_live)
         self.core.send(AbortRequests(request_ids))
@@ -240,7 +257,7 @@ class AsyncEngine:
         # A rejected request never ran (bad input): it does not count as failed.
         for failures, counted in ((batch.rejected, False), (batch.failures, True)):
             for failure in failures:
-                tracked = self._tracked.pop(failure.request_id, None)
+                tracked = self._untrack(failure.request_id)
                 if tracked is None:
                     continue
                 if m is not None and counted:
@@ -248,8 +265,9 @@ class AsyncEngine:
                 error = RequestFailed(failure.message, failure.status)
                 deliveries.append((tracked.stream, error))
         for out in batch.aborted:
-            tracked = self._tracked.pop(out.request_id, None)
-            if tracked is not None:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is not None and self._decode(out):
+                self._untrack(out.request_id)
                 if m is not None:
                     m.aborted.inc()
                 deliveries.append((tracked.stream, _with_prompt(out, tracked.request)))
@@ -258,6 +276,8 @@ class AsyncEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue  # aborted while the step ran
+            if not self._decode(out):
+                continue
             _with_prompt(out, tracked.request)
             try:
                 self._account(tracked, out, now)
@@ -267,8 +287,27 @@ class AsyncEngine:
                 continue
             deliveries.append((tracked.stream, out))
             if out.finished:
-                self._tracked.pop(out.request_id, None)
+                self._untrack(out.request_id)
         self._deliver_many(deliveries)
+
+    def _decode(self, out: RequestOutput) -> bool:
+        """Decode the output's text here if this process detokenizes it; False (and the
+        request failed) if that raised."""
+        if self._detokenizer is None:
+            return True
+        try:
+            self._detokenizer.apply(out)
+        except Exception as exc:
+            logger.exception("request %s failed while decoding its output", out.request_id)
+            self._fail(out.request_id, f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _untrack(self, request_id: str) -> _Tracked | None:
+        """Stop tracking a request (finished, failed or aborted); its entry, if it had one."""
+        if self._detokenizer is not None:
+            self._detokenizer.forget(request_id)
+        return self._tracked.pop(request_id, None)
 
     def _on_death(self, reason: str) -> None:
         with self._lock:
@@ -296,7 +335,7 @@ class AsyncEngine:
 
     def _fail(self, request_id: str, message: str) -> None:
         """Fail one request here (its output could not be delivered) and abort it in the core."""
-        tracked = self._tracked.pop(request_id, None)
+        tracked = self._untrack(request_id)
         self.core.send(AbortRequests([request_id]))
         if tracked is not None:
             if self.metrics:
@@ -307,7 +346,7 @@ class AsyncEngine:
         """Fail every live request with a 503 naming ``reason``."""
         deliveries: list[tuple[RequestStream, RequestOutput | RequestFailed]] = []
         for request_id in list(self._tracked):
-            tracked = self._tracked.pop(request_id, None)
+            tracked = self._untrack(request_id)
             if tracked is None:
                 continue
             if self.metrics:

@@ -17,10 +17,12 @@ import pytest
 from server_support import (
     API_KEY,
     MODEL_NAME,
+    client,
     descendants,
     process_gone,
     running_server,
     tiny_model_path,
+    wait_until_idle,
 )
 
 from parallm.server.launcher import engine_failure
@@ -73,6 +75,26 @@ def test_killing_the_core_mid_stream_fails_requests_and_stops_the_server() -> No
         server._thread.join(30)  # the server stops itself
         assert not server._thread.is_alive()
         assert process_gone(core_pid, timeout_s=0)
+
+
+def test_requests_leave_nothing_behind_in_the_api_process() -> None:
+    """Finished, failed and abandoned requests leave no bookkeeping (streams, detokenizers)."""
+    with running_server(max_model_len=CONTEXT) as server:
+        async_engine = server.app.state.ctx.engine
+        api = client(server)
+        api.completions.create(model=MODEL_NAME, prompt="x = 1", max_tokens=8, n=2, logprobs=2)
+        for chunk in api.completions.create(model=MODEL_NAME, prompt="y", max_tokens=8,
+                                            stream=True):  # fmt: skip
+            assert chunk.choices
+        stream = api.completions.create(model=MODEL_NAME, prompt="z", max_tokens=CONTEXT - 16,
+                                        stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        next(iter(stream))
+        stream.close()  # the client goes away mid-stream
+        bad = httpx.post(server.url + "/v1/completions", headers=HEADERS,
+                         json={**LONG, "prompt": [10**6]})  # fmt: skip
+        assert bad.status_code == 400
+        wait_until_idle(server)
+        assert async_engine._tracked == {} and len(async_engine._detokenizer) == 0
 
 
 def _serve(*flags: str) -> subprocess.Popen:
