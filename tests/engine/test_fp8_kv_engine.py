@@ -1,7 +1,9 @@
 """``kv_cache_dtype="fp8"`` (``--kv-cache-dtype fp8``): an e4m3 KV cache with per-layer
-scales. The engine allocates it, plans twice the blocks for the same bytes, says so in its
-summary, and generates (CPU, reference backend) close to the float cache; bad values are
-refused before loading."""
+scales. The engine allocates it, plans twice a bf16 cache's blocks for the same bytes, says so
+in its summary and reads back exactly what it stored; draft models and tensor-parallel ranks
+cache fp8 too; the Triton kernels (interpreter on CPU) and the batch-1 chain give the
+reference path's tokens; on the bundled trained model the held-out loss stays within 0.5%;
+bad values are refused before loading."""
 
 from __future__ import annotations
 
