@@ -112,5 +112,9 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-echo "  $((n + 1)). run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh smoke\")"
-echo "then the measuring calls: benchmarks/peers/README.md"
+for what in "llama-3.2-1b --steps offline,latency" "llama-3.2-1b --steps serve" \
+            "qwen3-0.6b --steps offline,latency" "llama-3.1-8b --steps latency"; do
+  n=$((n + 1))
+  echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
+done
+echo "(benchmarks/peers/README.md: what each call prints, device time, what to do when one fails)"
