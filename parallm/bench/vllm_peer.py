@@ -344,6 +344,7 @@ def plot_throughput(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.bar_label(bars, fmt="%.0f")
     ax.set_xticks(range(len(rows)), names, rotation=15, ha="right")
     ax.set_ylabel("output tokens/s")
+    ax.set_ylim(top=max(values) * 1.12)  # room for the labels
     ax.set_title(title)
     _save(fig, path)
 
@@ -356,7 +357,11 @@ def plot_latency(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["batch_size"])
         ax.plot([r["batch_size"] for r in mine], [r["ms_per_token"] for r in mine], marker="o",
                 label=engine, color=_color(mine[0]))  # fmt: skip
+    sizes = sorted({r["batch_size"] for r in rows})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(0, max(r["ms_per_token"] for r in rows) * 1.1)
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode ms per step")
     ax.set_title(title)
@@ -390,9 +395,11 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def model_name(args: argparse.Namespace) -> str:
-    """A short name of the bench's model for titles: the config file's stem, else --model."""
+    """A short name of the bench's model for titles: the config file's name (its folder's for
+    a config.json), else --model."""
     if getattr(args, "config", None):
-        return Path(args.config).stem
+        path = Path(args.config)
+        return path.parent.name if path.stem == "config" else path.stem
     return args.model or "the bundled model"
 
 
