@@ -22,7 +22,8 @@ PIP=${PIP:-python3 -m pip}
 if ! $PIP --version > /dev/null 2>&1; then PIP=""; fi  # then the wheels are unpacked by hand
 mkdir -p "$PARTS" "$OUT"
 LOG=$OUT/install_vllm.log
-exec > >(tee -a "$LOG") 2>&1
+
+install() {
 echo "== install_vllm $(date -u +%H:%M:%S) on $(hostname)"
 
 # 1. stage what this call carried
@@ -110,3 +111,8 @@ print(f"import vllm {vllm.__version__} ok in {time.perf_counter() - start:.1f} s
       f"torch {torch.__version__}, {gpu}")
 EOF
 echo "vllm ready: PYTHONPATH=$SITE"
+}
+
+# Through tee in a pipeline, not `exec > >(tee)`: the call's output then ends when the log does.
+install 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -404,8 +404,9 @@ def model_name(args: argparse.Namespace) -> str:
 
 
 def describe(model: PeerModel) -> dict[str, Any]:
-    """The peer's settings for the bench JSON."""
-    return {"version_expected": VLLM_VERSION, "model": asdict(model)}
+    """The peer's settings for the bench JSON, with the VLLM_* variables it ran under."""
+    env = {k: v for k, v in child_env().items() if k.startswith("VLLM_")}
+    return {"version_expected": VLLM_VERSION, "model": asdict(model), "env": env}
 
 
 def main(argv: list[str] | None = None) -> int:
