@@ -149,7 +149,8 @@ class AsyncEngine:
         # for requests with stop strings, which the core must see as text).
         tokenizer = self.engine.tokenizer
         remote = isinstance(self.core, EngineCoreClient)
-        self._detokenizer = OutputDetokenizer(tokenizer) if remote and tokenizer else None
+        here = remote and tokenizer is not None
+        self._detokenizer = OutputDetokenizer(tokenizer) if here else None
         self._started = False
         self._stopping = False
         self._error: str | None = None
