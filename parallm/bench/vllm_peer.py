@@ -98,6 +98,21 @@ def require_vllm() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def check_comparable(args: argparse.Namespace) -> None:
+    """Refuse engine flags whose parallm run vLLM would not mirror (it gets the model, dtype,
+    context limit and scheduler limits only), before anything starts."""
+    differing = {
+        "--quantization": getattr(args, "quantization", None),
+        "--kv-cache-dtype": None if getattr(args, "kv_cache_dtype", "auto") == "auto" else args.kv_cache_dtype,
+        "--speculative-config": getattr(args, "speculative_config", None),
+        "--tensor-parallel-size": None if getattr(args, "tensor_parallel_size", 1) == 1 else args.tensor_parallel_size,
+    }  # fmt: skip
+    given = [f"{flag} {value}" for flag, value in differing.items() if value is not None]
+    if given:
+        raise ValueError(f"--compare-vllm compares plain runs of one model on one GPU; vLLM would "
+                         f"not get {', '.join(given)}: drop it, or run without --compare-vllm")  # fmt: skip
+
+
 def child_env() -> dict[str, str]:
     """The environment of vLLM's process: this one's, plus what a run without flashinfer needs
     (vLLM's sampler imports flashinfer unless told not to) and no usage reports."""

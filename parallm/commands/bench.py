@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from parallm import LLM
 
     if getattr(args, "compare_vllm", False):
-        from parallm.bench.vllm_peer import require_vllm
+        from parallm.bench.vllm_peer import check_comparable, require_vllm
 
+        check_comparable(args)
         require_vllm()  # before the engine starts: a missing vLLM fails in seconds, not after it
     # No local reference: throughput --compare-hf frees the engine before loading transformers.
     _module(args.bench).run(args, LLM(**engine_kwargs(args)))

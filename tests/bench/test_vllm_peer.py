@@ -153,6 +153,25 @@ def test_missing_vllm_fails_before_the_engine_starts(monkeypatch, tmp_path, caps
     assert "benchmarks/peers/README.md" in err
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--quantization", "int8"], "--quantization int8"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "--speculative-config"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2"),
+])  # fmt: skip
+def test_flags_vllm_would_not_mirror_are_refused_first(
+    flags, named, fake_vllm, monkeypatch, capsys
+):
+    def no_engine(**kwargs):
+        raise AssertionError("the engine started before the check")
+
+    monkeypatch.setattr("parallm.LLM", no_engine)
+    code = main(["bench", "latency", "--config", "unused.json", "--compare-vllm", *flags])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--compare-vllm compares plain runs" in err and named in err
+    assert not fake_vllm.exists()  # vLLM was never asked anything
+
+
 def test_half_installed_vllm_names_its_missing_module(monkeypatch, tmp_path):
     """A vllm that is found but does not import (a wheel left out) is reported with the import
     error, before anything runs."""
