@@ -9,6 +9,7 @@ it is asked and answers outputs of the right shape; no figure here says anything
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -360,3 +361,20 @@ def test_child_entry_point_runs_a_job_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "parallm.bench.vllm_peer", str(job),
                            str(tmp_path / "r.json")], capture_output=True, text=True, env=env)  # fmt: skip
     assert done.returncode != 0 and "unknown job kind 'nonsense'" in done.stderr
+
+
+@pytest.mark.gpu
+def test_real_vllm_generates_the_workload_it_is_given(tmp_path):
+    """With vLLM installed (benchmarks/peers on the GPU machine): a small --compare-vllm run
+    where vLLM's row produces exactly the workload's output tokens."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (benchmarks/peers/README.md installs it)")
+    config = Path(__file__).resolve().parents[2] / "benchmarks/configs/qwen3-0.6b.json"
+    out = tmp_path / "throughput.json"
+    code = main(["bench", "throughput", "--config", str(config), "--max-model-len", "1024",
+                 "--num-requests", "16", "--min-len", "16", "--max-len", "64", "--compare-vllm",
+                 "--vllm-configs", "defaults", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    ours, peer = json.loads(out.read_text())["results"]
+    assert peer["vllm_config"] == "defaults" and peer["engine"].startswith("vllm 0.26")
+    assert peer["output_tokens"] == ours["output_tokens"] and peer["output_tokens_per_s"] > 0
