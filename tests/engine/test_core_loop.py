@@ -49,12 +49,14 @@ def _run_until_idle(loop: EngineCoreLoop) -> list[CoreOutputs]:
     return batches
 
 
-def test_deltas_leave_out_the_prompt_and_count_every_step(engine: LLMEngine) -> None:
+def test_deltas_leave_out_the_prompt_and_timings_and_count_every_step(engine: LLMEngine) -> None:
     loop = EngineCoreLoop(engine)
     loop.handle(AddRequests([_request("a", PROMPT, max_tokens=3)]))
     batches = _run_until_idle(loop)
     outputs = [out for b in batches for out in b.outputs]
     assert all(out.prompt is None and out.prompt_token_ids == [] for out in outputs)
+    assert all((out.metrics is not None) == out.finished for out in outputs)
+    assert outputs[-1].metrics.first_token_time is not None
     assert sum(len(out.outputs[0].token_ids) for out in outputs) == 3
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
     assert not any(out.finished for out in outputs[:-1])

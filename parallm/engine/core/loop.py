@@ -80,7 +80,7 @@ class EngineCoreLoop:
                 continue
             if out.finished:
                 self._live.discard(out.request_id)
-            self._pending.outputs.append(_without_prompt(out))
+            self._pending.outputs.append(_for_the_wire(out))
         return self.engine.num_steps != steps_before
 
     def has_news(self) -> bool:
@@ -125,7 +125,7 @@ class EngineCoreLoop:
                 continue
             self._live.discard(request_id)
             if out is not None:
-                self._pending.aborted.append(_without_prompt(out))
+                self._pending.aborted.append(_for_the_wire(out))
 
     def _fail_step(self, exc: Exception) -> None:
         """After ``step()`` raised: fail the requests that were in the step (running ones)."""
@@ -208,9 +208,12 @@ def engine_stats(engine: LLMEngine) -> EngineStats:
     )
 
 
-def _without_prompt(out: RequestOutput) -> RequestOutput:
-    """The output without its prompt (the API process holds it): a delta then carries only
-    what is new, whatever the prompt's length."""
+def _for_the_wire(out: RequestOutput) -> RequestOutput:
+    """The output as sent: without its prompt (the API process holds it), so that a delta
+    carries only what is new whatever the prompt's length, and with its timings only once
+    the request has finished (the server reads them then)."""
     out.prompt = None
     out.prompt_token_ids = []
+    if not out.finished:
+        out.metrics = None
     return out

@@ -82,7 +82,7 @@ class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
     """What happened since the last message: sent after every step and every batch of commands.
 
     ``outputs``: deltas of requests that progressed (``prompt`` and ``prompt_token_ids`` left
-    empty). ``aborted``: last outputs of the requests ``AbortAll`` ended. ``rejected``: requests
+    empty, ``metrics`` only on a request's last output). ``aborted``: last outputs of the requests ``AbortAll`` ended. ``rejected``: requests
     the engine refused to add (bad input). ``failures``: requests that failed while running.
     ``num_requests_taken``: how many requests the core has taken from its inbox in all (the API
     process counts what it sent, so it knows what is still in flight). ``step_num_tokens``:
