@@ -326,7 +326,9 @@ def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
     write_summaries(out, summary)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tarfile.open(out / f"peers-{stamp}.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname=f"peers-{stamp}")
+        for path in sorted(work.iterdir()):
+            if path.name != "models":  # generated again from benchmarks/configs
+                tar.add(path, arcname=f"peers-{stamp}/{path.name}")
     print(markdown(summary))
     print(f"packed {work} into {out}/peers-{stamp}.tar.gz")
 
