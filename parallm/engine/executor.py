@@ -314,7 +314,10 @@ class TensorParallelExecutor:
             return
         self._closed = True
         atexit.unregister(self.close)
-        if self.channel is not None:
+        # A failed or abandoned engine's workers may be inside a step's collectives and never
+        # take the command (a broadcast waits for every receiver): they learn it from the
+        # group's teardown instead.
+        if self.channel is not None and self.failure is None:
             with contextlib.suppress(RuntimeError):  # a dead peer fails the send
                 self.channel.send_command(StepChannel.CLOSE)
         # Leaving the group fails any collective a worker still waits in (a step the driver
