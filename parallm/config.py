@@ -180,9 +180,9 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dty
     return dtype if kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
-def _check_tensor_parallel_size(size: object) -> None:
+def _check_parallel_size(size: object, name: str) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
 
 
 @dataclass
@@ -275,13 +275,16 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Ranks the model is sharded over (Megatron style), one process each; >1 is CPU/gloo so far.
     tensor_parallel_size: int = 1
+    # Engine replicas, one process each, behind a prefix-aware router (LLM(...) only so far).
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         # Checked where the value enters, before anything loads.
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         check_quantization(self.quantization)
         _check_kv_cache_dtype(self.kv_cache_dtype)
-        _check_tensor_parallel_size(self.tensor_parallel_size)
+        _check_parallel_size(self.tensor_parallel_size, "tensor_parallel_size")
+        _check_parallel_size(self.data_parallel_size, "data_parallel_size")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -14,6 +14,7 @@ from parallm.bundled import default_model_path
 from parallm.chat_messages import check_messages
 from parallm.chat_template import load_chat_template
 from parallm.config import EngineConfig, ModelConfig
+from parallm.engine.data_parallel import DataParallelEngine
 from parallm.engine.engine import LLMEngine
 from parallm.engine.executor import is_torchrun_worker, torchrun_worker_main
 from parallm.outputs import RequestOutput
@@ -40,6 +41,8 @@ class LLM:
     ``speculative_config`` turns on speculative decoding in vLLM's form, for example
     ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` (see
     :class:`parallm.engine.spec.config.SpeculativeConfig`); a bad value raises before loading.
+    ``data_parallel_size=N`` runs N engine replicas, one process each, and sends each prompt to
+    the replica that caches the longest prefix of it, else the least loaded one.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -58,7 +61,10 @@ class LLM:
                 raise ValueError("model: a config file alone needs load_format='dummy'")
             model_config = ModelConfig.from_path(model)
             config.model = None
-        self.engine = LLMEngine(config, model_config)
+        if config.data_parallel_size > 1:
+            self.engine = DataParallelEngine(config, model_config)
+        else:
+            self.engine = LLMEngine(config, model_config)
         if chat_template:
             if self.engine.tokenizer is None:
                 raise ValueError("chat_template needs a tokenizer, and this engine has none")
@@ -70,8 +76,9 @@ class LLM:
         return self.engine.tokenizer
 
     def close(self) -> None:
-        """Stop the worker processes of a tensor-parallel engine (``tensor_parallel_size > 1``;
-        they also stop at interpreter exit). The LLM cannot generate afterwards."""
+        """Stop the worker processes of a tensor-parallel or data-parallel engine
+        (``tensor_parallel_size > 1``, ``data_parallel_size > 1``; they also stop at
+        interpreter exit). The LLM cannot generate afterwards."""
         self.engine.close()
 
     def generate(

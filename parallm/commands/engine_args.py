@@ -94,6 +94,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "above 1 needs --device cpu for now (gloo; CUDA graphs and async scheduling off)",
     )
     g.add_argument(
+        "-dp",
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="run this many engine replicas, one process each, and send each request to the "
+        "one that caches the longest prefix of it, else the least loaded (generate only so far)",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -198,6 +206,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         speculative_config=args.speculative_config,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
+    if args.data_parallel_size > 1 and getattr(args, "command", None) != "generate":
+        raise ValueError(
+            "--data-parallel-size above 1 works with `parallm generate` (and LLM(...)) only "
+            f"so far, got {args.data_parallel_size} for `parallm {args.command}`"
+        )
     return kwargs

@@ -1,0 +1,112 @@
+"""Offline data parallelism: ``LLM(data_parallel_size=N)`` runs N replica processes behind the
+prefix-aware router. Outputs equal one engine's, in order; a replica's death fails the next
+generate with an error naming it, and no process is left behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from parallm import LLM, SamplingParams
+from parallm.cli import build_parser
+from parallm.commands.engine_args import engine_kwargs
+from parallm.engine.dp_router import PrefixRouter
+
+ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size": 16,
+          "kv_cache_memory": 8 << 20}  # fmt: skip
+PARAMS = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+ONE_SAMPLE = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    """Three prompts sharing a 32-token prefix and three that share nothing."""
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(0, vocab, 32).tolist()
+    shared = [prefix + rng.integers(0, vocab, n).tolist() for n in (5, 17, 9)]
+    return shared + [rng.integers(0, vocab, n).tolist() for n in (40, 3, 21)]
+
+
+def _samples(outs) -> list:
+    return [
+        [(c.token_ids, c.text, c.finish_reason, [list(d) for d in c.logprobs]) for c in o.outputs]
+        for o in outs
+    ]
+
+
+def test_data_parallel_outputs_equal_one_engine_in_order(tiny_model_dir, monkeypatch):
+    path = str(tiny_model_dir("llama3"))
+    one = LLM(path, **ENGINE)
+    prompts = _prompts(one.engine.model_config.vocab_size)
+    want = _samples(one.generate(prompts, PARAMS, use_tqdm=False))
+    picks = []
+    route = PrefixRouter.route
+
+    def spy(self, request_id, prompt_token_ids):
+        picks.append(route(self, request_id, prompt_token_ids))
+        return picks[-1]
+
+    monkeypatch.setattr(PrefixRouter, "route", spy)
+    llm = LLM(path, data_parallel_size=2, **ENGINE)
+    try:
+        assert len(multiprocessing.active_children()) == 2
+        got = _samples(llm.generate(prompts, PARAMS, use_tqdm=False))
+        first_round = list(picks)
+        again = _samples(llm.generate(prompts[:3], PARAMS, use_tqdm=False))
+        streamed = [o.outputs[0].token_ids for o in llm.stream(prompts[3], ONE_SAMPLE)]
+    finally:
+        llm.close()
+    assert got == want
+    assert again == want[:3]
+    assert sum(streamed, []) == want[3][0][0]
+    assert sorted(set(first_round)) == [0, 1]  # both replicas served
+    # The shared-prefix prompts follow the first one's replica, in both rounds.
+    assert len(set(picks[:3] + picks[6:9])) == 1
+    assert multiprocessing.active_children() == []
+
+
+def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        replica = next(p for p in multiprocessing.active_children() if p.name.endswith("1"))
+        assert len(llm.generate([[5, 17, 42, 99]], params, use_tqdm=False)) == 1
+        os.kill(replica.pid, signal.SIGKILL)
+        replica.join(30)
+        message = r"data-parallel replica 1 \(pid \d+\) exited with code -9"
+        with pytest.raises(RuntimeError, match=message):
+            llm.generate([[5, 17, 42], [7, 8, 9]], params, use_tqdm=False)
+        assert multiprocessing.active_children() == []
+        assert not llm.engine.has_unfinished_requests()
+        with pytest.raises(RuntimeError, match=message):  # and stays failed
+            llm.generate([[5, 17, 42]], params, use_tqdm=False)
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_replicas_bad_argument_is_a_value_error_and_nothing_is_left(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"max_model_len must be in \[1, \d+\], got 1000000"):
+        LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **{**ENGINE,
+            "max_model_len": 1_000_000})  # fmt: skip
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, "2", True])
+def test_data_parallel_size_must_be_a_positive_integer(tiny_model_dir, size):
+    with pytest.raises(ValueError, match=r"data_parallel_size must be an integer >= 1"):
+        LLM(str(tiny_model_dir("llama3")), data_parallel_size=size, **ENGINE)
+    assert multiprocessing.active_children() == []
+
+
+def test_cli_flag_reaches_the_engine_and_serve_refuses_it():
+    args = build_parser().parse_args(["generate", "--data-parallel-size", "2", "x"])
+    assert engine_kwargs(args)["data_parallel_size"] == 2
+    assert engine_kwargs(build_parser().parse_args(["generate", "x"]))["data_parallel_size"] == 1
+    args = build_parser().parse_args(["serve", "-dp", "2"])
+    with pytest.raises(ValueError, match=r"--data-parallel-size above 1 works with `parallm "
+                                         r"generate` .* got 2 for `parallm serve`"):  # fmt: skip
+        engine_kwargs(args)
