@@ -16,8 +16,9 @@ Every eager step the driver broadcasts the step's flat inputs (``StepInputs``: n
 no ``Sequence`` objects) to the workers over a gloo control group (``StepChannel``: a fixed
 header, then one int64 payload); all ranks then run the same forward, kept in lockstep by the
 all-reduces of the row-parallel layers and the embedding and the all-gather of the LM head
-over the default group. The control group waits without a deadline (an idle server sends no
-steps); a rank that dies closes its connections, which fails the waits of the others at once.
+over the default group. A rank that dies closes its connections, which fails the waits of
+the others at once; one that falls silent (its host vanished) is noticed when a wait times out,
+and an idle driver sends no-ops (a heartbeat) so that idle workers never time out.
 
 Workers exit when the driver closes the executor (``LLMEngine.close``, or at interpreter exit)
 or when their connection to it fails (the driver died). A worker that dies makes the driver's
@@ -35,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -53,8 +55,12 @@ from parallm.engine.runner import ModelRunner, StepInputs
 # How long a collective inside a step waits for a rank that is alive but late (a slow CPU
 # step). A rank that dies closes its connections, which fails the collective at once instead.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-# The control group's waits: a worker waits there for the next step as long as the server idles.
-_CONTROL_TIMEOUT = timedelta(days=3650)
+# The control group's waits (a worker for the next command, the driver for a worker to take
+# one or to load its shard). The driver sends a no-op when it has sent nothing for
+# _HEARTBEAT_SECONDS, so idle workers keep waiting, and a rank that is gone without closing
+# its connections (its host vanished) is noticed within the timeout.
+_CONTROL_TIMEOUT = timedelta(minutes=30)
+_HEARTBEAT_SECONDS = 30.0
 _POLL_SECONDS = 0.1
 _STOP_SECONDS = 10.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -157,7 +163,7 @@ class StepChannel:
     for a step, one int64 payload holding every array of it. The header's words: the command,
     its argument (blocks to allocate), and the length of each payload array."""
 
-    STEP, ALLOCATE, CLOSE = 1, 2, 3
+    STEP, ALLOCATE, CLOSE, NOOP = 1, 2, 3, 4
     # The payload's arrays in order, with the dtype the runner reads each in.
     _ARRAYS = (
         ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
@@ -238,6 +244,12 @@ class TensorParallelExecutor:
         self.workers: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self.channel: StepChannel | None = None
+        # Sends on the control group, the engine's and the heartbeat's, one at a time.
+        self._send_lock = threading.Lock()
+        self._last_send = time.monotonic()
+        self._stopping = threading.Event()
+        self._heartbeat_error: BaseException | None = None
+        self._heartbeat: threading.Thread | None = None
         atexit.register(self.close)
         try:
             if self.torchrun is None:
@@ -249,9 +261,26 @@ class TensorParallelExecutor:
                 _join(spec.device, "env://", 0, spec.tp_size)
             self.channel = StepChannel(_control_group())
             self.channel.send_spec(spec)
+            self._heartbeat = threading.Thread(target=self._keep_alive, daemon=True,
+                                               name="parallm-tp-heartbeat")  # fmt: skip
+            self._heartbeat.start()
         except BaseException:
             self.close()
             raise
+
+    def _keep_alive(self) -> None:
+        """Send a no-op whenever the control group has been quiet for a heartbeat period."""
+        while not self._stopping.wait(_HEARTBEAT_SECONDS / 4):
+            with self._send_lock:
+                quiet = time.monotonic() - self._last_send >= _HEARTBEAT_SECONDS
+                if self._stopping.is_set() or not quiet:
+                    continue
+                try:
+                    self.channel.send_command(StepChannel.NOOP)
+                except RuntimeError as e:  # the engine's next step reports it
+                    self._heartbeat_error = e
+                    return
+                self._last_send = time.monotonic()
 
     def _spawn_workers(self, spec: WorkerSpec) -> None:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -314,11 +343,12 @@ class TensorParallelExecutor:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._stopping.set()
         # A failed or abandoned engine's workers may be inside a step's collectives and never
         # take the command (a broadcast waits for every receiver): they learn it from the
         # group's teardown instead.
         if self.channel is not None and self.failure is None:
-            with contextlib.suppress(RuntimeError):  # a dead peer fails the send
+            with self._send_lock, contextlib.suppress(RuntimeError):  # a dead peer fails it
                 self.channel.send_command(StepChannel.CLOSE)
         # Leaving the group fails any collective a worker still waits in (a step the driver
         # abandoned), so that it exits instead of waiting for the timeout.
@@ -337,8 +367,13 @@ class TensorParallelExecutor:
         """Run ``send(channel)``; a failed send is a lost rank, reported as such."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
+        if self._heartbeat_error is not None:
+            self._lost(self._heartbeat_error)
         try:
-            return send(self.channel)
+            with self._send_lock:
+                result = send(self.channel)
+                self._last_send = time.monotonic()
+                return result
         except RuntimeError as e:
             self.explain(e)
             self._lost(e)
@@ -492,6 +527,7 @@ def _serve(rank: int, local_rank: int) -> None:
                 raise RuntimeError(f"rank {rank} could not load its shard:\n{error}")
         elif command == StepChannel.CLOSE:
             return
+        # NOOP: the driver's heartbeat
 
 
 def _worker_device(device: str, local_rank: int) -> torch.device:

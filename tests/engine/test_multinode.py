@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,6 +34,12 @@ _SCRIPT = """
 import json, sys
 from parallm import LLM, SamplingParams
 path, tp, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if len(sys.argv) > 5:  # how long any wait for a silent rank may last; heartbeats to match
+    import datetime
+    import parallm.engine.executor as executor
+    timeout = datetime.timedelta(seconds=float(sys.argv[5]))
+    executor._COLLECTIVE_TIMEOUT = executor._CONTROL_TIMEOUT = timeout
+    executor._HEARTBEAT_SECONDS = timeout.total_seconds() / 6
 llm = LLM(path, tensor_parallel_size=tp, **json.loads(sys.argv[4]))
 params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 try:
@@ -73,12 +81,12 @@ class Job:
     """Every rank of a job as its own process: rank 0 the script, each other rank the same
     script or ``parallm generate`` (``worker``); whatever is still running at the end is killed."""
 
-    def __init__(self, tmp_path, path, tp: int, world_size: int, rounds: int, worker: str):
+    def __init__(self, tmp_path, path, tp, world_size, rounds, worker, timeout_s=None):
         script = tmp_path / "job.py"
         script.write_text(_SCRIPT)
         port = _free_port()
         run_script = [sys.executable, str(script), str(path), str(tp), str(rounds),
-                      json.dumps(ENGINE)]  # fmt: skip
+                      json.dumps(ENGINE)] + ([] if timeout_s is None else [str(timeout_s)])  # fmt: skip
         self.procs = []
         for rank in range(world_size):
             command = run_script if rank == 0 or worker == "script" else _cli(path, tp)
@@ -107,9 +115,9 @@ class Job:
 def job_factory(tiny_model_dir, tmp_path):
     jobs = []
 
-    def start(tp: int = 2, world_size: int = 2, rounds: int = 1, worker: str = "cli") -> Job:
+    def start(tp=2, world_size=2, rounds=1, worker="cli", timeout_s=None) -> Job:
         path = tiny_model_dir("llama3")
-        jobs.append(Job(tmp_path, path, tp, world_size, rounds, worker))
+        jobs.append(Job(tmp_path, path, tp, world_size, rounds, worker, timeout_s))
         return jobs[-1]
 
     yield start
@@ -161,6 +169,36 @@ def test_a_dead_rank_fails_the_driver_with_a_clear_error(job_factory):
     assert json.loads(message).startswith(
         "tensor-parallel engine stopped: a rank of the job died or lost its connection"
     )
+
+
+def test_a_silent_rank_fails_the_driver_after_the_collective_timeout(job_factory):
+    """A rank that is there but does not answer (a vanished host keeps no connection open to
+    close; a stopped process stands in for it): the driver's next step gives up after the
+    collective timeout (here 3 s) instead of waiting for ever."""
+    job = job_factory(rounds=2, worker="script", timeout_s=3)
+    json.loads(job.driver_line())
+    os.kill(job.procs[1].pid, signal.SIGSTOP)
+    job.procs[0].stdin.write("go\n")
+    job.procs[0].stdin.flush()
+    code0, out0, err0 = job.wait(0)
+    assert code0 == 3, err0
+    message = json.loads(out0.split(" ", 1)[1])
+    assert message.startswith("tensor-parallel engine stopped: a rank of the job died or lost")
+    assert "timed out" in message.lower()
+
+
+def test_heartbeats_keep_an_idle_job_alive_past_the_timeout(job_factory):
+    """The control group's waits are bounded (2 s here); the driver's no-ops keep idle
+    workers waiting for its next step well past that."""
+    job = job_factory(rounds=2, worker="script", timeout_s=2)
+    first = json.loads(job.driver_line())
+    time.sleep(6)  # idle for three timeouts
+    job.procs[0].stdin.write("go\n")
+    job.procs[0].stdin.flush()
+    assert json.loads(job.driver_line()) == first
+    code0, _, err0 = job.wait(0)
+    code1, _, err1 = job.wait(1)
+    assert (code0, code1) == (0, 0), err0 + err1
 
 
 def test_workers_exit_when_the_driver_dies(job_factory):
