@@ -7,6 +7,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +78,9 @@ def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model
     try:
         replica = next(p for p in multiprocessing.active_children() if p.name.endswith("1"))
         assert len(llm.generate([[5, 17, 42, 99]], params, use_tqdm=False)) == 1
+        with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, "):
+            llm.generate([[5, 10**9]], params, use_tqdm=False)  # checked here, before routing
+        assert llm.engine.router.load == [0, 0]
         os.kill(replica.pid, signal.SIGKILL)
         replica.join(30)
         message = r"data-parallel replica 1 \(pid \d+\) exited with code -9"
@@ -86,6 +93,44 @@ def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model
     finally:
         llm.close()
     assert multiprocessing.active_children() == []
+
+
+_PARENT = """
+import multiprocessing, sys, time
+from parallm import LLM
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], data_parallel_size=2, dtype="float32", device="cpu",
+              max_model_len=128, kv_cache_memory=8 << 20)
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one that nobody reaped yet is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_replicas_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir("llama3"))],
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+    finally:
+        parent.kill()
+        parent.wait()
+    assert len(pids) == 2
+    deadline = time.monotonic() + 60  # a liveness bound: each replica sees its pipe close
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids)
 
 
 def test_a_replicas_bad_argument_is_a_value_error_and_nothing_is_left(tiny_model_dir):
