@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -142,6 +143,48 @@ def test_two_host_job_generates_like_one_rank(tiny_model_dir, job_factory, worke
     assert (code0, code1) == (0, 0), err0 + err1
     assert got == _one_rank(tiny_model_dir("llama3"))
     assert out1 == ""  # the worker rank generated nothing of its own
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_serve_runs_on_rank_0_and_a_sigterm_stops_the_job(tiny_model_dir, tmp_path):
+    """``parallm serve ... -tp 2`` on both "hosts": rank 0 answers HTTP with the same greedy
+    text as one rank; SIGTERM to rank 0 drains it, closes the worker, and both exit 0."""
+    path, port, http = tiny_model_dir("llama3"), _free_port(), _free_port()
+    command = [sys.executable, "-m", "parallm", "serve", "--model", str(path), "--device", "cpu",
+               "--dtype", "float32", "-tp", "2", "--max-model-len", "128",
+               "--kv-cache-memory", str(8 << 20), "--port", str(http)]  # fmt: skip
+    procs = [subprocess.Popen(command, env=_env(rank, 2, port), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # a liveness bound: both ranks load and join
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), procs[1].communicate()[1]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        body = {"model": str(path), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        text = _post(f"http://127.0.0.1:{http}/v1/completions", body)["choices"][0]["text"]
+        procs[1].send_signal(signal.SIGTERM)  # torchrun's stop reaches every rank
+        procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert codes == [0, 0]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert text == LLM(str(path), **ENGINE).generate([PROMPTS[0]], params)[0].outputs[0].text
 
 
 def test_a_job_of_another_size_fails_on_every_rank(job_factory):
