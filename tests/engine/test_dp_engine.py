@@ -72,6 +72,22 @@ def test_data_parallel_outputs_equal_one_engine_in_order(tiny_model_dir, monkeyp
     assert multiprocessing.active_children() == []
 
 
+def test_replicas_may_each_be_tensor_parallel(tiny_model_dir):
+    """data_parallel_size=2 x tensor_parallel_size=2: each replica process starts its own
+    worker (replicas are not daemons, so that they may have children)."""
+    path = str(tiny_model_dir("qwen3"))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 17, 42, 99, 7] * 4, [3, 11, 29] * 5, [8, 4, 2]]
+    want = [o.outputs[0].token_ids for o in LLM(path, **ENGINE).generate(prompts, params)]
+    llm = LLM(path, data_parallel_size=2, tensor_parallel_size=2, **ENGINE)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.close()
+    assert got == want
+    assert multiprocessing.active_children() == []
+
+
 def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
