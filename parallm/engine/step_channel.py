@@ -1,0 +1,85 @@
+"""The tensor-parallel driver's messages to its workers, over a gloo process group.
+
+Once, the worker spec (pickled, ``broadcast_object_list``). Then commands: a fixed int64
+header broadcast from rank 0 and, for a step, one int64 payload holding every array of the
+step's ``StepInputs`` and the prompt-logprob rows; no pickling per step. A broadcast returns on
+rank 0 only once every receiver has taken it, so the driver sends only while the workers wait
+for a command (never while they may be inside a step's collectives).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallm.engine.runner import StepInputs
+
+
+class StepChannel:
+    """The driver's commands to the workers over a gloo group: a fixed int64 header, then,
+    for a step, one int64 payload holding every array of it. The header's words: the command,
+    its argument (blocks to allocate), and the length of each payload array."""
+
+    STEP, ALLOCATE, CLOSE, NOOP = 1, 2, 3, 4
+    # The payload's arrays in order, with the dtype the runner reads each in.
+    _ARRAYS = (
+        ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
+        ("query_start_loc", np.int32), ("seq_lens", np.int32), ("block_tables", np.int32),
+        ("sample_indices", np.int64), ("prompt_rows", np.int64),
+    )  # fmt: skip
+    _HEADER = 3 + len(_ARRAYS)  # command, argument, block table width, array lengths
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def send_spec(self, spec: object) -> None:
+        dist.broadcast_object_list([spec], src=0, group=self.group)
+
+    def recv_spec(self) -> object:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def send_command(self, command: int, argument: int = 0) -> None:
+        header = torch.zeros(self._HEADER, dtype=torch.int64)
+        header[:2] = torch.tensor([command, argument])
+        dist.broadcast(header, src=0, group=self.group)
+
+    def send_step(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
+        arrays = [getattr(inputs, name) for name, _ in self._ARRAYS[:-1]]
+        arrays.append(np.zeros(0, np.int64) if prompt_rows is None else prompt_rows)
+        header = [self.STEP, int(prompt_rows is not None), inputs.block_tables.shape[1]]
+        header += [a.size for a in arrays]
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=self.group)
+        payload = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays])
+        dist.broadcast(torch.from_numpy(payload), src=0, group=self.group)
+
+    def recv(self) -> tuple[int, int, StepInputs | None, np.ndarray | None]:
+        """(command, argument, the step's inputs and prompt rows when the command is STEP)."""
+        header = torch.empty(self._HEADER, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.group)
+        command, argument, width, *sizes = header.tolist()
+        if command != self.STEP:
+            return command, argument, None, None
+        payload = torch.empty(sum(sizes), dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=self.group)
+        parts = np.split(payload.numpy(), np.cumsum(sizes)[:-1])
+        arrays = {
+            name: part.astype(dtype)
+            for (name, dtype), part in zip(self._ARRAYS, parts, strict=True)
+        }
+        arrays["block_tables"] = arrays["block_tables"].reshape(-1, width)
+        rows = arrays.pop("prompt_rows")
+        return command, argument, StepInputs(**arrays), rows if argument else None
+
+    def allocate(self, num_blocks: int) -> list[str | None]:
+        """Tell the workers to allocate their caches; every rank's error (None: ready)."""
+        self.send_command(self.ALLOCATE, num_blocks)
+        return self.gather_errors(None)
+
+    def gather_errors(self, error: str | None) -> list[str | None]:
+        """Every rank's error (None: fine), on the driver; workers get an empty list."""
+        out: list[str | None] | None = [None] * self.group.size() if dist.get_rank() == 0 else None
+        dist.gather_object(error, out, dst=0, group=self.group)
+        return out or []
