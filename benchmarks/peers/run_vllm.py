@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "benchmarks" / "configs"
 STEPS = ("smoke", "offline", "latency", "serve")
-SERVERS = ("parallm", "vllm-defaults", "vllm-parallm-limits")
+SERVERS = ("parallm", "vllm-stock", "vllm-parallm-limits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model shapes from benchmarks/configs, separated by commas")  # fmt: skip
     p.add_argument("--steps", default="offline,latency,serve",
                    help=f"steps to run, separated by commas, from {', '.join(STEPS)}")  # fmt: skip
-    p.add_argument("--vllm-configs", default="defaults,parallm-limits",
-                   help="offline: vLLM configurations (latency runs defaults; serve: --servers)")  # fmt: skip
+    p.add_argument("--vllm-configs", default="stock,parallm-limits",
+                   help="offline: vLLM configurations (latency runs stock; serve: --servers)")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,8,32,128", help="latency batch sizes")
     p.add_argument("--max-model-len", type=int, default=4096, help="context limit of every run")
     p.add_argument("--trace", type=Path, default=REPO / ".peers/data/AzureLLMInferenceTrace_conv.csv",
@@ -134,7 +134,7 @@ def step_smoke(args: argparse.Namespace, model: str) -> bool:
     return run_logged(f"smoke_{model}", parallm_cli(
         "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
         "--max-model-len", str(args.max_model_len), "--num-requests", "32", "--min-len", "32",
-        "--max-len", "128", "--compare-vllm", "--vllm-configs", "defaults",
+        "--max-len", "128", "--compare-vllm", "--vllm-configs", "stock",
         "--out", str(args.work / f"smoke_{model}.json"),
     ), args)  # fmt: skip
 
@@ -153,7 +153,7 @@ def step_latency(args: argparse.Namespace, model: str) -> bool:
     return run_logged(f"latency_{model}", parallm_cli(
         "bench", "latency", "--config", str(CONFIGS / f"{model}.json"),
         "--max-model-len", str(args.max_model_len), "--batch-sizes", args.batch_sizes,
-        "--compare-vllm", "--vllm-configs", "defaults",
+        "--compare-vllm", "--vllm-configs", "stock",
         "--out", str(args.work / f"latency_{model}.json"),
         "--plot", str(args.work / f"latency_{model}.png"),
     ), args)  # fmt: skip

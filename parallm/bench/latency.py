@@ -41,7 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     # At these shapes (batches of at most 128 prompts of 128 tokens) parallm's limits change
     # only how a batch's prompts are chunked, not the decode steps timed: one vLLM run is enough.
-    vllm_peer.add_args(p, default_configs="defaults")
+    vllm_peer.add_args(p, default_configs="stock")
 
 
 def batch_sizes(text: str) -> list[int]:

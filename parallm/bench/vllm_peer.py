@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 VLLM_VERSION = "0.26.0"  # the version benchmarks/peers carries to the GPU machine
-CONFIGS = ("defaults", "parallm-limits")
+CONFIGS = ("stock", "parallm-limits")
 INSTALL_HINT = (
     f"install vLLM (pip install vllm=={VLLM_VERSION}, which needs a CUDA build of torch); on a "
     "machine without network, benchmarks/peers/README.md carries its wheels"
@@ -45,7 +45,7 @@ class VllmUnavailable(ValueError):
 
 
 def vllm_configs(text: str) -> tuple[str, ...]:
-    """``"defaults,parallm-limits"`` -> the configurations, each one of ``CONFIGS``."""
+    """``"stock,parallm-limits"`` -> the configurations, each one of ``CONFIGS``."""
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
@@ -67,7 +67,7 @@ def add_args(p: argparse.ArgumentParser, default_configs: str) -> None:
         "--vllm-configs",
         type=vllm_configs,
         default=default_configs,
-        help="with --compare-vllm: vLLM configurations to run, separated by commas: defaults "
+        help="with --compare-vllm: vLLM configurations to run, separated by commas: stock "
         "(vLLM's own scheduler limits) and parallm-limits (parallm's max_num_seqs, "
         "max_num_batched_tokens, block_size, gpu_memory_utilization, prefix caching, chunked "
         "prefill, eager mode)",
@@ -181,7 +181,7 @@ def llm_kwargs(model: PeerModel, folder: str, config: str) -> dict[str, Any]:
     }  # fmt: skip
     if config == "parallm-limits":
         kwargs.update(model.limits)
-    elif config != "defaults":
+    elif config != "stock":
         raise ValueError(f"unknown vLLM configuration {config!r}; expected one of {CONFIGS}")
     return kwargs
 
@@ -394,7 +394,7 @@ def _pyplot() -> Any:
 
 
 def _color(row: dict[str, Any]) -> str:
-    return {"defaults": "tab:orange", "parallm-limits": "tab:red"}.get(
+    return {"stock": "tab:orange", "parallm-limits": "tab:red"}.get(
         row.get("vllm_config", ""), "tab:blue" if row.get("engine") == "parallm" else "tab:gray"
     )
 

@@ -110,8 +110,8 @@ def _throughput_args(config: Path, out: Path, *extra: str) -> list[str]:
 # ---- flags ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bench, default", [("throughput", "defaults,parallm-limits"),
-                                            ("latency", "defaults")])  # fmt: skip
+@pytest.mark.parametrize("bench, default", [("throughput", "stock,parallm-limits"),
+                                            ("latency", "stock")])  # fmt: skip
 def test_help_names_the_vllm_flags_and_defaults(bench, default, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", bench, "--help"])
@@ -123,10 +123,10 @@ def test_help_names_the_vllm_flags_and_defaults(bench, default, capsys):
 
 
 def test_vllm_configs_parse_and_refuse_unknown_names(capsys):
-    assert vllm_peer.vllm_configs("parallm-limits, defaults") == ("parallm-limits", "defaults")
-    assert vllm_peer.vllm_configs("defaults,defaults") == ("defaults",)
-    for bad in ("", "fast", "defaults,tuned"):
-        with pytest.raises(argparse.ArgumentTypeError, match="defaults, parallm-limits"):
+    assert vllm_peer.vllm_configs("parallm-limits, stock") == ("parallm-limits", "stock")
+    assert vllm_peer.vllm_configs("stock,stock") == ("stock",)
+    for bad in ("", "fast", "stock,tuned"):
+        with pytest.raises(argparse.ArgumentTypeError, match="stock, parallm-limits"):
             vllm_peer.vllm_configs(bad)
     with pytest.raises(SystemExit):
         main(["bench", "latency", "--vllm-configs", "tuned"])
@@ -224,7 +224,7 @@ def test_throughput_gives_vllm_the_same_requests_and_both_configs(tiny_model_dir
 
     ours, *peers = result["results"]
     assert ours["engine"] == "parallm"
-    assert [r["engine"] for r in peers] == ["vllm 0.0-fake (defaults)",
+    assert [r["engine"] for r in peers] == ["vllm 0.0-fake (stock)",
                                             "vllm 0.0-fake (parallm-limits)"]  # fmt: skip
     for row in peers:
         assert row["output_tokens"] == sum(out_lens) and row["requests"] == 6
@@ -299,7 +299,7 @@ def test_a_failing_vllm_child_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), str(repo)]))
     model = vllm_peer.PeerModel("some/hub-id", "auto", "bfloat16", 64, 0)
     with pytest.raises(RuntimeError, match="vLLM run failed \\(exit status 3\\)"):
-        vllm_peer.throughput_rows(model, ("defaults",), [[1]], [1])
+        vllm_peer.throughput_rows(model, ("stock",), [[1]], [1])
 
 
 # ---- merging and plots ------------------------------------------------------------------------
@@ -309,14 +309,14 @@ def test_speedups_match_rows_by_batch_and_skip_rows_without_a_partner():
     rows = [
         {"engine": "parallm", "batch_size": 1, "ms_per_token": 2.0},
         {"engine": "parallm", "batch_size": 8, "ms_per_token": 4.0},
-        {"engine": "vllm", "vllm_config": "defaults", "batch_size": 1, "ms_per_token": 3.0},
-        {"engine": "vllm", "vllm_config": "defaults", "batch_size": 8, "ms_per_token": 2.0},
-        {"engine": "vllm", "vllm_config": "defaults", "batch_size": 32, "ms_per_token": 5.0},
+        {"engine": "vllm", "vllm_config": "stock", "batch_size": 1, "ms_per_token": 3.0},
+        {"engine": "vllm", "vllm_config": "stock", "batch_size": 8, "ms_per_token": 2.0},
+        {"engine": "vllm", "vllm_config": "stock", "batch_size": 32, "ms_per_token": 5.0},
     ]
     vllm_peer.add_speedups(rows, "ms_per_token", higher_is_better=False, match="batch_size")
     assert [r.get("parallm_speedup") for r in rows] == [None, None, 1.5, 0.5, None]
     rates = [{"engine": "parallm", "tok": 300.0}, {"engine": "hf", "tok": 10.0},
-             {"engine": "v", "vllm_config": "defaults", "tok": 200.0}]  # fmt: skip
+             {"engine": "v", "vllm_config": "stock", "tok": 200.0}]  # fmt: skip
     vllm_peer.add_speedups(rates, "tok", higher_is_better=True)
     assert [r.get("parallm_speedup") for r in rates] == [None, None, 1.5]
 
@@ -325,12 +325,12 @@ def test_plot_is_written(tiny_model_dir, tmp_path, fake_vllm):
     config = tiny_model_dir("qwen3") / "config.json"
     chart = tmp_path / "charts" / "throughput.png"
     args = _throughput_args(config, tmp_path / "t.json", "--compare-vllm",
-                            "--vllm-configs", "defaults", "--plot", str(chart))  # fmt: skip
+                            "--vllm-configs", "stock", "--plot", str(chart))  # fmt: skip
     assert main(args) == 0
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = tmp_path / "latency.png"
     rows = [{"engine": e, "batch_size": b, "ms_per_token": m, **c}
-            for e, c, m in (("parallm", {}, 1.0), ("vllm x (defaults)", {"vllm_config": "defaults"}, 1.2))
+            for e, c, m in (("parallm", {}, 1.0), ("vllm x (stock)", {"vllm_config": "stock"}, 1.2))
             for b in (1, 8)]  # fmt: skip
     vllm_peer.plot_latency(rows, lines, "decode")
     assert lines.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -373,8 +373,8 @@ def test_real_vllm_generates_the_workload_it_is_given(tmp_path):
     out = tmp_path / "throughput.json"
     code = main(["bench", "throughput", "--config", str(config), "--max-model-len", "1024",
                  "--num-requests", "16", "--min-len", "16", "--max-len", "64", "--compare-vllm",
-                 "--vllm-configs", "defaults", "--out", str(out)])  # fmt: skip
+                 "--vllm-configs", "stock", "--out", str(out)])  # fmt: skip
     assert code == 0
     ours, peer = json.loads(out.read_text())["results"]
-    assert peer["vllm_config"] == "defaults" and peer["engine"].startswith("vllm 0.26")
+    assert peer["vllm_config"] == "stock" and peer["engine"].startswith("vllm 0.26")
     assert peer["output_tokens"] == ours["output_tokens"] and peer["output_tokens_per_s"] > 0

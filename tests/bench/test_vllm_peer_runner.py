@@ -66,7 +66,7 @@ def test_server_commands_differ_only_where_the_configurations_do(run_vllm, tmp_p
     assert limits == {"max-num-seqs": 256, "max-num-batched-tokens": 8192, "block-size": 16,
                       "gpu-memory-utilization": 0.9}  # fmt: skip
     ours = run_vllm.server_command("parallm", tmp_path, args, limits)
-    defaults = run_vllm.server_command("vllm-defaults", tmp_path, args, limits)
+    defaults = run_vllm.server_command("vllm-stock", tmp_path, args, limits)
     limited = run_vllm.server_command("vllm-parallm-limits", tmp_path, args, limits)
     assert ours[1:5] == ["-m", "parallm.cli", "serve", "--model"]
     assert defaults[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
@@ -114,17 +114,17 @@ def test_serving_step_end_to_end_against_parallm(run_vllm, tiny_model_dir, tmp_p
 
 def test_summary_puts_engines_side_by_side(run_vllm, tmp_path):
     rows = [{"engine": "parallm", "output_tokens_per_s": 1000.0},
-            {"engine": "vllm 0.26.0 (defaults)", "output_tokens_per_s": 800.0}]  # fmt: skip
+            {"engine": "vllm 0.26.0 (stock)", "output_tokens_per_s": 800.0}]  # fmt: skip
     (tmp_path / "throughput_m.json").write_text(json.dumps({"results": rows}))
     lat = [{"engine": e, "batch_size": b, "ms_per_token": ms}
-           for e, ms in (("parallm", 1.0), ("vllm 0.26.0 (defaults)", 1.25)) for b in (1, 8)]  # fmt: skip
+           for e, ms in (("parallm", 1.0), ("vllm 0.26.0 (stock)", 1.25)) for b in (1, 8)]  # fmt: skip
     (tmp_path / "latency_m.json").write_text(json.dumps({"results": lat}))
     summary = run_vllm.summarize(tmp_path)
-    assert summary["offline"]["m"] == {"parallm": 1000.0, "vllm 0.26.0 (defaults)": 800.0}
-    assert summary["latency"]["m"]["vllm 0.26.0 (defaults)"] == {"1": 1.25, "8": 1.25}
+    assert summary["offline"]["m"] == {"parallm": 1000.0, "vllm 0.26.0 (stock)": 800.0}
+    assert summary["latency"]["m"]["vllm 0.26.0 (stock)"] == {"1": 1.25, "8": 1.25}
     table = run_vllm.markdown(summary)
     assert "| m | parallm | 1000 | 1.000 | 1.000 | - | - |" in table
-    assert "| m | vllm 0.26.0 (defaults) | 800 | 1.250 | 1.250 | - | - |" in table
+    assert "| m | vllm 0.26.0 (stock) | 800 | 1.250 | 1.250 | - | - |" in table
 
 
 def test_stopping_a_server_stops_its_process_group(run_vllm, tmp_path):
