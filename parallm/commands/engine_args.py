@@ -98,8 +98,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--data-parallel-size",
         type=int,
         default=1,
-        help="run this many engine replicas, one process each, and send each request to the "
-        "one that caches the longest prefix of it, else the least loaded (generate only so far)",
+        help="run this many engine replicas, one process each (each of --tensor-parallel-size "
+        "ranks; on GPUs replica i takes GPUs i*tp..(i+1)*tp-1), and send each request to the "
+        "one that caches the longest prefix of it, else the least loaded (generate and serve)",
     )
     g.add_argument(
         "--max-model-len",
@@ -209,9 +210,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         data_parallel_size=args.data_parallel_size,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
-    if args.data_parallel_size > 1 and getattr(args, "command", None) != "generate":
+    if args.data_parallel_size > 1 and getattr(args, "command", None) not in ("generate", "serve"):
         raise ValueError(
-            "--data-parallel-size above 1 works with `parallm generate` (and LLM(...)) only "
-            f"so far, got {args.data_parallel_size} for `parallm {args.command}`"
+            "--data-parallel-size above 1 works with `parallm generate`, `parallm serve` (and "
+            f"LLM(...)) only so far, got {args.data_parallel_size} for `parallm {args.command}`"
         )
     return kwargs

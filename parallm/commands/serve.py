@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
         "/tokenize, /detokenize, /version, /health, /ping and /metrics. One engine loop batches "
-        "all connections. SIGTERM stops accepting, lets running requests finish (up to "
+        "all connections (with --data-parallel-size N: N engines, each request sent to the one "
+        "that caches the longest prefix of it, else the least loaded). SIGTERM stops accepting, lets running requests finish (up to "
         "--drain-timeout), then exits.",
     )
     p.add_argument(
@@ -93,6 +94,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}"
         )
+    if args.disable_frontend_multiprocessing and args.data_parallel_size > 1:
+        raise ValueError(
+            "--data-parallel-size above 1 runs one engine-core process per replica; it cannot "
+            f"be combined with --disable-frontend-multiprocessing (got {args.data_parallel_size})"
+        )
 
 
 def _default_name(model: str) -> str:
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     _take_positional_model(args)
     kwargs = engine_kwargs(args)
     from parallm.server.app import build_app
-    from parallm.server.launcher import engine_failure, load_engine, run_server, start_engine_core
+    from parallm.server.launcher import engine_failure, load_engine, run_server, start_engine_cores
 
     if args.disable_frontend_multiprocessing:
         engine = load_engine(**kwargs)
@@ -127,11 +133,15 @@ def run(args: argparse.Namespace) -> int:
         from parallm.engine.core.client import EngineCoreError
 
         try:
-            engine = start_engine_core(**kwargs)
+            cores = start_engine_cores(**kwargs)
         except EngineCoreError as e:
             print(f"parallm serve: error: {e}", file=sys.stderr)
             return 1
-        print(engine.info.summary, file=sys.stderr)
+        summary = cores[0].info.summary
+        if len(cores) > 1:
+            summary = f"data_parallel_size={len(cores)}, each replica: {summary}"
+        print(summary, file=sys.stderr)
+        engine = cores if len(cores) > 1 else cores[0]
     # The server's INFO lines (the stats log) show by default; set after loading, whose INFO
     # summary line is printed just above.
     logging.getLogger("parallm").setLevel(logging.INFO)

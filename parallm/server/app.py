@@ -48,7 +48,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(
-    engine: LLMEngine | EngineCoreClient,
+    engine: LLMEngine | EngineCoreClient | list[EngineCoreClient],
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_num_waiting: int = 1024,
@@ -57,7 +57,8 @@ def build_app(
     log_stats_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> FastAPI:
     """An OpenAI-compatible app around ``engine``: an engine core in its own process
-    (``EngineCoreClient``, stopped with the app) or an ``LLMEngine`` run on a thread here.
+    (``EngineCoreClient``, stopped with the app), several (a list: data-parallel replicas), or
+    an ``LLMEngine`` run on a thread here.
 
     A request body over ``max_request_body_bytes`` is refused (413) before it is read.
     ``log_stats`` logs a throughput and usage line every ``log_stats_interval_s`` seconds
@@ -70,7 +71,7 @@ def build_app(
     async_engine = AsyncEngine(engine, max_num_waiting)
     view = async_engine.engine  # limits, tokenizer and prompt checks of either kind
     name = served_model_name or view.config.model or "parallm"
-    metrics = ServerMetrics(lambda: async_engine.snapshot, name, view.max_model_len)
+    metrics = ServerMetrics(lambda: async_engine.snapshots, name, view.max_model_len)
     async_engine.metrics = metrics
     ctx = ServingContext(
         async_engine, [name], view.config.model, max_chars_per_token(view.tokenizer)

@@ -8,22 +8,33 @@ with ``stream=True``) arrive once per step on the core's delivery thread, which 
 each event loop with one ``call_soon_threadsafe`` per loop per step, so the event loop never
 waits for the engine.
 
+Data parallelism: given several engine-core clients (``parallm serve --data-parallel-size N``),
+each new engine request goes to the replica that the ``PrefixRouter`` picks (the longest prefix
+it caches, else the least loaded; the n samples of a request stay together as one engine
+request); aborts go to the replica that holds the request, and the router is told when each
+request ends (with its first sample's tokens, which that replica now caches). Each core has its
+own delivery thread; they deliver one at a time. /metrics reports each replica's counters
+(label ``engine``), the stats log and admission control their sums.
+
 Failure isolation: the core fails one request alone where it can (bad input, an error in its
 output processing), or the requests of a step that raised; the others go on. If the core
-itself dies, every live request fails with a 503 naming the cause, the engine reports
-unhealthy (``error``), and the launcher stops the server.
+itself dies, every live request on it fails with a 503 naming the cause (and the replica),
+the engine reports unhealthy (``error``), and the launcher stops the server, which drains the
+other replicas' requests as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import msgspec
+from typing import Any
 
 from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.core.detokenize import (
@@ -38,7 +49,9 @@ from parallm.engine.core.messages import (
     AddRequests,
     CoreOutputs,
     CoreRequest,
+    total_stats,
 )
+from parallm.engine.dp_router import PrefixRouter
 from parallm.engine.engine import LLMEngine
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
@@ -115,67 +128,95 @@ class _Tracked:
 
     stream: RequestStream
     request: EngineRequest
+    replica: int = 0
     last_token_time: float | None = None
     num_generation_tokens: int = 0
+    # The first sample's tokens so far, for the router (data parallelism only).
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 class AsyncEngine:
-    """Serves many asyncio handlers from one engine core.
+    """Serves many asyncio handlers from one engine core, or several (data parallelism).
 
-    ``engine`` is an ``EngineCoreClient`` (the core in its own process) or an ``LLMEngine``
-    (run on a thread here). ``self.engine`` is what handlers read of it: limits, tokenizer,
-    prompt checks. ``max_num_waiting`` bounds the requests that are admitted but not running:
-    beyond it (plus any free running slots) ``submit`` raises ``EngineOverloaded``.
+    ``engine`` is an ``EngineCoreClient`` (the core in its own process), a sequence of them
+    (one per data-parallel replica), or an ``LLMEngine`` (run on a thread here).
+    ``self.engine`` is what handlers read of it: limits, tokenizer, prompt checks.
+    ``max_num_waiting`` bounds the requests that are admitted but not running: beyond it (plus
+    any free running slots) ``submit`` raises ``EngineOverloaded``.
     """
 
     def __init__(
         self,
-        engine: LLMEngine | EngineCoreClient,
+        engine: LLMEngine | EngineCoreClient | Sequence[EngineCoreClient],
         max_num_waiting: int = 1024,
         metrics: ServerMetrics | None = None,
     ) -> None:
-        self.core = engine if isinstance(engine, EngineCoreClient) else InProcessCore(engine)
-        self.engine = self.core.engine
+        self.cores = _as_cores(engine)
+        self.engine = self.cores[0].engine
         self.max_num_waiting = max_num_waiting
         self.metrics = metrics
-        # Inserted by submit (under the lock), removed by the delivery thread and by abort:
+        # Inserted by submit (under the lock), removed by the delivery threads and by abort:
         # single dict operations, atomic under the GIL.
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
-        self._num_sent = 0  # requests sent to the core
-        self._num_taken = 0  # of those, taken by the core from its inbox
-        self._snapshot = EngineSnapshot(num_blocks=self.core.info.num_blocks)
+        # The delivery threads (one per core) take their cores' outputs one at a time.
+        self._delivery_lock = threading.Lock()
+        self._route_lock = threading.Lock()
+        num = len(self.cores)
+        self._num_sent = [0] * num  # requests sent to each core
+        self._num_taken = [0] * num  # of those, taken by the core from its inbox
+        self._snapshots = [EngineSnapshot(num_blocks=c.info.num_blocks) for c in self.cores]
+        self._snapshot = total_stats(self._snapshots)
+        self.router = _router(self.cores) if num > 1 else None
         # With the core in its own process, text is decoded here, off its step loop (except
         # for requests with stop strings, which the core must see as text).
         tokenizer = self.engine.tokenizer
-        remote = isinstance(self.core, EngineCoreClient)
+        remote = not isinstance(self.cores[0], InProcessCore)
         here = remote and tokenizer is not None
         self._detokenizer = OutputDetokenizer(tokenizer) if here else None
         self._started = False
         self._stopping = False
         self._error: str | None = None
 
+    @property
+    def core(self) -> Any:
+        """The first (with data parallelism: replica 0's) engine core."""
+        return self.cores[0]
+
     # ---- called from the event loop ----------------------------------------------------------
 
     def start(self) -> None:
-        """Start taking the core's outputs (once)."""
+        """Start taking the cores' outputs (once)."""
         if not self._started:
             self._started = True
-            self.core.start(self._on_outputs, self._on_death)
+            for replica, core in enumerate(self.cores):
+                core.start(functools.partial(self._on_outputs, replica),
+                           functools.partial(self._on_death, replica))  # fmt: skip
 
     @property
     def is_healthy(self) -> bool:
-        alive = self._started and self.core.is_alive()
+        alive = self._started and all(core.is_alive() for core in self.cores)
         return alive and not self._stopping and self._error is None
 
     @property
     def error(self) -> str | None:
-        """Why the engine core died (None while it lives or after a clean stop)."""
+        """Why an engine core died (None while they live or after a clean stop)."""
         return self._error
 
     @property
     def snapshot(self) -> EngineSnapshot:
+        """The engine's counters (with data parallelism: the replicas' summed)."""
         return self._snapshot
+
+    @property
+    def snapshots(self) -> list[EngineSnapshot]:
+        """Each replica's counters (one entry without data parallelism)."""
+        return list(self._snapshots)
+
+    def replica_of(self, request_id: str) -> int | None:
+        """The replica that runs a live engine request (None once it ended)."""
+        tracked = self._tracked.get(request_id)
+        return None if tracked is None else tracked.replica
 
     def submit(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue the engine requests of one HTTP request; must run on the caller's event loop."""
@@ -183,32 +224,53 @@ class AsyncEngine:
         detokenizer = self._detokenizer
         here = [detokenizer is not None and detokenizes_here(r.params, detokenizer.tokenizer)
                 for r in requests]  # fmt: skip
-        command = AddRequests([
-            CoreRequest(r.request_id, r.prompt_token_ids,
-                        without_detokenization(r.params) if local else r.params, r.prompt,
-                        r.arrival_time)
-            for r, local in zip(requests, here, strict=True)
-        ])  # fmt: skip
-        # Checked and sent under the lock so that nothing reaches the core after a shutdown.
+        sent = [CoreRequest(r.request_id, r.prompt_token_ids,
+                            without_detokenization(r.params) if local else r.params, r.prompt,
+                            r.arrival_time)
+                for r, local in zip(requests, here, strict=True)]  # fmt: skip
+        # Checked and sent under the lock so that nothing reaches a core after a shutdown.
         with self._lock:
             if not self.is_healthy:
                 raise EngineUnavailable(self._unavailable_reason())
+            self._check_new_ids(requests)
             self._admit(len(requests))
-            for r, local in zip(requests, here, strict=True):
-                self._tracked[r.request_id] = _Tracked(stream, r)
+            replicas = self._route(requests)
+            by_replica: dict[int, list[CoreRequest]] = defaultdict(list)
+            for r, local, replica, core_request in zip(requests, here, replicas, sent,
+                                                       strict=True):  # fmt: skip
+                self._tracked[r.request_id] = _Tracked(stream, r, replica)
                 if local:
                     detokenizer.register(r.request_id, r.prompt_token_ids, r.params)
-            self._num_sent += len(requests)
-            self.core.send(command)
+                by_replica[replica].append(core_request)
+            for replica, core_requests in by_replica.items():
+                self._num_sent[replica] += len(core_requests)
+                self.cores[replica].send(AddRequests(core_requests))
         if self.metrics:
             self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
         return stream
 
+    def _check_new_ids(self, requests: list[EngineRequest]) -> None:
+        """Engine request ids are unique among live requests, on every replica."""
+        ids = [r.request_id for r in requests]
+        clash = [i for i in ids if i in self._tracked] or ([] if len(set(ids)) == len(ids) else ids)
+        if clash:
+            raise ValueError(f"request_id {clash[0]!r} is already in flight")
+
+    def _route(self, requests: list[EngineRequest]) -> list[int]:
+        """The replica of each request (all 0 without data parallelism)."""
+        if self.router is None:
+            return [0] * len(requests)
+        with self._route_lock:
+            return [self.router.route(r.request_id, r.prompt_token_ids) for r in requests]
+
     def _admit(self, num_requests: int) -> None:
         """Raise EngineOverloaded if these requests would overfill the waiting queue."""
         s = self._snapshot
-        free_slots = max(0, self.core.info.max_num_seqs - s.num_seqs_running)
-        in_flight = self._num_sent - self._num_taken
+        free_slots = sum(
+            max(0, core.info.max_num_seqs - snapshot.num_seqs_running)
+            for core, snapshot in zip(self.cores, self._snapshots, strict=True)
+        )
+        in_flight = sum(self._num_sent) - sum(self._num_taken)
         queued = in_flight + s.num_requests_waiting + num_requests
         if queued > self.max_num_waiting + free_slots:
             if self.metrics:
@@ -219,24 +281,36 @@ class AsyncEngine:
             )
 
     def abort(self, request_ids: list[str]) -> None:
-        """Abort engine requests; applied before the engine's next step."""
-        num_live = sum(self._untrack(i) is not None for i in request_ids)
+        """Abort engine requests, each on its replica; applied before that engine's next step.
+        Requests that already ended are left alone."""
+        by_replica: dict[int, list[str]] = defaultdict(list)
+        for request_id in request_ids:
+            tracked = self._untrack(request_id)
+            if tracked is not None:
+                by_replica[tracked.replica].append(request_id)
+        num_live = sum(len(ids) for ids in by_replica.values())
         if num_live and self.metrics:
             self.metrics.aborted.inc(num_live)
-        self.core.send(AbortRequests(request_ids))
+        for replica, ids in by_replica.items():
+            self.cores[replica].send(AbortRequests(ids))
 
     def abort_all(self) -> None:
         """End every live request now, each with a last output whose finish_reason is "abort",
         so that its stream closes normally (the drain deadline); later submissions get 503."""
         with self._lock:
             self._stopping = True
-            self.core.send(AbortAll())
+            for core in self.cores:
+                core.send(AbortAll())
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the core, then fail what is still live (503)."""
+        """Stop the cores (all at once), then fail what is still live (503)."""
         with self._lock:
             self._stopping = True
-        self.core.stop(timeout_s)
+        if len(self.cores) == 1:
+            self.core.stop(timeout_s)
+        else:
+            with ThreadPoolExecutor(len(self.cores)) as pool:
+                list(pool.map(lambda core: core.stop(timeout_s), self.cores))
         self._fail_all(self._error or "the server is shutting down")
 
     def _unavailable_reason(self) -> str:
@@ -246,10 +320,16 @@ class AsyncEngine:
 
     # ---- the core's delivery thread ----------------------------------------------------------
 
-    def _on_outputs(self, batch: CoreOutputs) -> None:
-        """Take one batch of the core's outputs: counters, then deliveries."""
-        self._snapshot = EngineSnapshot(**msgspec.structs.asdict(batch.stats))
-        self._num_taken = batch.num_requests_taken
+    def _on_outputs(self, replica: int, batch: CoreOutputs) -> None:
+        """Take one batch of a core's outputs (on its delivery thread, one core at a time)."""
+        with self._delivery_lock:
+            self._take(replica, batch)
+
+    def _take(self, replica: int, batch: CoreOutputs) -> None:
+        """Counters, then deliveries."""
+        self._snapshots[replica] = batch.stats
+        self._snapshot = batch.stats if self.router is None else total_stats(self._snapshots)
+        self._num_taken[replica] = batch.num_requests_taken
         m = self.metrics
         if m is not None:
             for num_tokens in batch.step_num_tokens:
@@ -287,8 +367,12 @@ class AsyncEngine:
                 self._fail(out.request_id, f"{type(exc).__name__}: {exc}")
                 continue
             deliveries.append((tracked.stream, out))
+            if self.router is not None:
+                for sample in out.outputs:
+                    if sample.index == 0:
+                        tracked.output_token_ids.extend(sample.token_ids)
             if out.finished:
-                self._untrack(out.request_id)
+                self._untrack(out.request_id, finished=True)
         self._deliver_many(deliveries)
 
     def _decode(self, out: RequestOutput) -> bool:
@@ -304,16 +388,27 @@ class AsyncEngine:
             return False
         return True
 
-    def _untrack(self, request_id: str) -> _Tracked | None:
-        """Stop tracking a request (finished, failed or aborted); its entry, if it had one."""
+    def _untrack(self, request_id: str, finished: bool = False) -> _Tracked | None:
+        """Stop tracking a request (finished, failed or aborted); its entry, if it had one.
+        The router learns that it no longer loads its replica, and for a finished one, that
+        the replica caches its prompt and first sample."""
         if self._detokenizer is not None:
             self._detokenizer.forget(request_id)
-        return self._tracked.pop(request_id, None)
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None and self.router is not None:
+            cached = None
+            if finished:
+                cached = [*tracked.request.prompt_token_ids, *tracked.output_token_ids]
+            with self._route_lock:
+                self.router.finish(request_id, cached)
+        return tracked
 
-    def _on_death(self, reason: str) -> None:
+    def _on_death(self, replica: int, reason: str) -> None:
+        """A core died (``reason`` names it): its requests fail; the server stops."""
         with self._lock:
-            self._error = reason
-        self._fail_all(reason)
+            if self._error is None:
+                self._error = reason
+        self._fail_all(reason, replica)
 
     def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         """Update token counters and latency histograms for one output."""
@@ -337,16 +432,18 @@ class AsyncEngine:
     def _fail(self, request_id: str, message: str) -> None:
         """Fail one request here (its output could not be delivered) and abort it in the core."""
         tracked = self._untrack(request_id)
-        self.core.send(AbortRequests([request_id]))
         if tracked is not None:
+            self.cores[tracked.replica].send(AbortRequests([request_id]))
             if self.metrics:
                 self.metrics.failed.inc()
             self._deliver_many([(tracked.stream, RequestFailed(message, 500))])
 
-    def _fail_all(self, reason: str) -> None:
-        """Fail every live request with a 503 naming ``reason``."""
+    def _fail_all(self, reason: str, replica: int | None = None) -> None:
+        """Fail every live request (of ``replica``, if given) with a 503 naming ``reason``."""
         deliveries: list[tuple[RequestStream, RequestOutput | RequestFailed]] = []
-        for request_id in list(self._tracked):
+        for request_id, tracked in list(self._tracked.items()):
+            if replica is not None and tracked.replica != replica:
+                continue
             tracked = self._untrack(request_id)
             if tracked is None:
                 continue
@@ -366,6 +463,24 @@ class AsyncEngine:
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 for stream, _ in batch:
                     self.abort(stream.request_ids)
+
+
+def _as_cores(engine: Any) -> list[Any]:
+    """The engine cores to serve from: the clients given, or one loop on a thread here."""
+    if isinstance(engine, list | tuple):
+        if not engine:
+            raise ValueError("AsyncEngine needs at least one engine core, got none")
+        return list(engine)
+    return [engine if isinstance(engine, EngineCoreClient) else InProcessCore(engine)]
+
+
+def _router(cores: list[Any]) -> PrefixRouter:
+    """The data-parallel router, hashing prompts as the replicas' cache managers do."""
+    info = cores[0].info
+    return PrefixRouter(
+        len(cores), info.block_size, min(core.info.num_blocks for core in cores),
+        enable_prefix_caching=info.enable_prefix_caching,
+    )  # fmt: skip
 
 
 def _with_prompt(out: RequestOutput, request: EngineRequest) -> RequestOutput:

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from parallm.engine.core import replicas
 from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.engine import LLMEngine
 
@@ -38,6 +39,15 @@ def start_engine_core(num_threads: int | None = None, **engine_kwargs: Any) -> E
     """An engine core in its own process from ``LLM``'s keyword arguments; returns once it is
     loaded (its start-up error is raised here)."""
     return EngineCoreClient(engine_kwargs, num_threads=num_threads)
+
+
+def start_engine_cores(
+    num_threads: int | None = None, **engine_kwargs: Any
+) -> list[EngineCoreClient]:
+    """One engine core per data-parallel replica (``data_parallel_size``, default 1), each in
+    its own process on its own devices; returns once all are loaded (the first start-up error
+    is raised here, naming its replica, after the others are stopped)."""
+    return replicas.start_engine_cores(engine_kwargs, num_threads=num_threads)
 
 
 def engine_failure(app: Any) -> str | None:

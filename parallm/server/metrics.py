@@ -3,14 +3,14 @@
 Names and labels are vLLM's with the ``parallm:`` prefix in place of ``vllm:``, so that a
 vLLM dashboard works after that one substitution. Each server owns its registry (several
 servers may live in one process, as in tests). Gauges are read at scrape time from the
-snapshot the engine thread publishes after every step; counters and histograms are updated by
-the engine thread as steps run and outputs are delivered.
+snapshots the engine cores publish after every step, one series per engine (label ``engine``,
+its data-parallel index, as vLLM labels them); counters and histograms are updated by the
+delivery threads as steps run and outputs are delivered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from parallm.engine.core.messages import EngineStats
 from parallm.outputs import RequestMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,46 +41,22 @@ _PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5,
 _ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Engine state after a step, published by the engine thread (replaced, never mutated)."""
-
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    num_seqs_running: int = 0
-    num_blocks: int = 0
-    num_blocks_in_use: int = 0
-    num_cached_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    # Prompt tokens run through the model (prefix-cache hits excluded, recomputation included).
-    num_prompt_tokens_computed: int = 0
-    num_generated_tokens: int = 0
-    # Speculative decoding: drafts proposed (scheduled), kept, and kept by draft position.
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_num_drafts: int = 0
-    spec_accepted_per_position: tuple[int, ...] = ()
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.num_blocks_in_use / self.num_blocks if self.num_blocks else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        if not self.prefix_cache_queries:
-            return 0.0
-        return self.prefix_cache_hits / self.prefix_cache_queries
+# The engine's counters after a step, as the engine core reports them (one definition for
+# both sides of the process boundary).
+EngineSnapshot = EngineStats
 
 
 class ServerMetrics:
     """All metrics of one server; ``render()`` is the body of ``GET /metrics``."""
 
     def __init__(
-        self, snapshot: Callable[[], EngineSnapshot], model_name: str, max_model_len: int = 2048
+        self,
+        snapshots: Callable[[], Sequence[EngineSnapshot]],
+        model_name: str,
+        max_model_len: int = 2048,
     ) -> None:
+        """``snapshots`` returns the latest counters of each engine (one per data-parallel
+        replica), which /metrics labels with ``engine="<index>"`` as vLLM does."""
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"model_name": model_name}
 
@@ -139,7 +116,7 @@ class ServerMetrics:
             "Tokens computed per engine step (prompt chunks and decode tokens).",
             _ITERATION_TOKEN_BUCKETS,
         )  # fmt: skip
-        self.registry.register(_EngineCollector(snapshot, labels))
+        self.registry.register(_EngineCollector(snapshots, labels))
         # process_resident_memory_bytes and friends: the load test watches the server's memory.
         ProcessCollector(registry=self.registry)
 
@@ -167,53 +144,62 @@ class ServerMetrics:
 
 
 class _EngineCollector(Collector):
-    """Gauges (and the engine's own cumulative counters) read from the latest snapshot."""
+    """Gauges (and the engines' own cumulative counters) read from the latest snapshots, one
+    series per engine (label ``engine``: its data-parallel index)."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], labels: dict[str, str]) -> None:
-        self._snapshot = snapshot
+    def __init__(
+        self, snapshots: Callable[[], Sequence[EngineSnapshot]], labels: dict[str, str]
+    ) -> None:
+        self._snapshots = snapshots
         self._labels = labels
 
     def collect(self) -> Iterator[Metric]:
-        s = self._snapshot()
-        names, values = list(self._labels), list(self._labels.values())
+        snapshots = list(self._snapshots())
+        names = [*self._labels, "engine"]
+        label_values = [[*self._labels.values(), str(i)] for i in range(len(snapshots))]
         gauges = {
-            "num_requests_running": ("Requests with a sequence running.", s.num_requests_running),
-            "num_requests_waiting": ("Requests queued, not yet running.", s.num_requests_waiting),
+            "num_requests_running": ("Requests with a sequence running.",
+                                     lambda s: s.num_requests_running),
+            "num_requests_waiting": ("Requests queued, not yet running.",
+                                     lambda s: s.num_requests_waiting),
             "kv_cache_usage_perc": ("Fraction of KV blocks held by live requests.",
-                                    s.kv_cache_usage),
-            "kv_cache_blocks_in_use": ("KV blocks held by live requests.", s.num_blocks_in_use),
-            "kv_cache_blocks_total": ("KV blocks in the cache.", s.num_blocks),
+                                    lambda s: s.kv_cache_usage),
+            "kv_cache_blocks_in_use": ("KV blocks held by live requests.",
+                                       lambda s: s.num_blocks_in_use),
+            "kv_cache_blocks_total": ("KV blocks in the cache.", lambda s: s.num_blocks),
             "prefix_cache_cached_blocks": ("Free blocks kept for prefix reuse.",
-                                           s.num_cached_blocks),
+                                           lambda s: s.num_cached_blocks),
             "prefix_cache_hit_rate": ("Prefix cache hit tokens / queried tokens, since start.",
-                                      s.prefix_cache_hit_rate),
+                                      lambda s: s.prefix_cache_hit_rate),
         }  # fmt: skip
-        for name, (doc, value) in gauges.items():
-            family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
-            family.add_metric(values, value)
-            yield family
         counters = {
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
-                                     s.prefix_cache_queries),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-            "num_preemptions": ("Sequences preempted for lack of KV blocks.", s.num_preemptions),
+                                     lambda s: s.prefix_cache_queries),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.",
+                                  lambda s: s.prefix_cache_hits),
+            "num_preemptions": ("Sequences preempted for lack of KV blocks.",
+                                lambda s: s.num_preemptions),
             "spec_decode_num_drafts": ("Sequence steps that carried draft tokens.",
-                                       s.spec_num_drafts),
-            "spec_decode_num_draft_tokens": ("Draft tokens verified.", s.spec_num_draft_tokens),
+                                       lambda s: s.spec_num_drafts),
+            "spec_decode_num_draft_tokens": ("Draft tokens verified.",
+                                             lambda s: s.spec_num_draft_tokens),
             "spec_decode_num_accepted_tokens": ("Draft tokens accepted.",
-                                                s.spec_num_accepted_tokens),
+                                                lambda s: s.spec_num_accepted_tokens),
         }  # fmt: skip
-        for name, (doc, value) in counters.items():
-            family = CounterMetricFamily(PREFIX + name, doc, labels=names)
-            family.add_metric(values, value)
-            yield family
+        for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, (doc, read) in table.items():
+                family = kind(PREFIX + name, doc, labels=names)
+                for values, s in zip(label_values, snapshots, strict=True):
+                    family.add_metric(values, read(s))
+                yield family
         per_position = CounterMetricFamily(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by their position in the draft (0 first).",
             labels=[*names, "position"],
         )
-        for position, value in enumerate(s.spec_accepted_per_position):
-            per_position.add_metric([*values, str(position)], value)
+        for values, s in zip(label_values, snapshots, strict=True):
+            for position, value in enumerate(s.spec_accepted_per_position):
+                per_position.add_metric([*values, str(position)], value)
         yield per_position
 
 

@@ -83,7 +83,15 @@ class EngineCoreClient:
     failure, with the core's message. ``num_threads`` sets the core's torch intra-op threads.
     """
 
-    def __init__(self, engine_kwargs: dict[str, Any], num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        engine_kwargs: dict[str, Any],
+        num_threads: int | None = None,
+        replica: int | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
+        self.replica = replica
         self.failure: str | None = None
         self._closing = False
         self._closed = False
@@ -97,15 +105,26 @@ class EngineCoreClient:
         self._outputs = self._zmq.socket(zmq.PULL)
         self._outputs.bind(f"ipc://{self._dir}/outputs")
         self._decoder = core_message_decoder()
+        suffix = "" if replica is None else f"-dp{replica}"
         self.process = mp.get_context("spawn").Process(
             target=run_engine_core,
             args=(engine_kwargs, f"ipc://{self._dir}/commands", f"ipc://{self._dir}/outputs",
-                  self._dir, num_threads),
-            name="parallm-engine-core",
+                  self._dir, num_threads, env),
+            name=f"parallm-engine-core{suffix}",
         )  # fmt: skip
         atexit.register(self.stop)
         try:
             self.process.start()
+        except BaseException:
+            self.stop(timeout_s=0)
+            raise
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the core to load its engine (its start-up error is raised here, and the
+        core stopped). The constructor calls it unless given ``wait=False``."""
+        try:
             ready = self._wait_ready()
         except BaseException:
             self.stop(timeout_s=0)  # a core still loading reads no Shutdown
@@ -113,6 +132,12 @@ class EngineCoreClient:
         self.info = ready.info
         tokenizer = pickle.loads(ready.tokenizer) if ready.tokenizer is not None else None
         self.engine = EngineView(ready.info, tokenizer)
+
+    def named(self, message: str) -> str:
+        """``message`` with the data-parallel replica it concerns, when there are several."""
+        return (
+            message if self.replica is None else f"data-parallel replica {self.replica}: {message}"
+        )
 
     @property
     def pid(self) -> int | None:
@@ -178,14 +203,16 @@ class EngineCoreClient:
                     return message
                 if isinstance(message, StartupFailed):
                     self.process.join(_STOP_TIMEOUT_S)  # it exits right after saying so
-                    raise _startup_error(message)
-                raise EngineCoreError(f"unexpected first message {type(message).__name__}")
+                    raise _startup_error(message, self.named)
+                raise EngineCoreError(
+                    self.named(f"unexpected first message {type(message).__name__}")
+                )
             if self.process.sentinel in events:
                 self.process.join()
-                raise EngineCoreError(
+                raise EngineCoreError(self.named(
                     f"the engine core process exited with code {self.process.exitcode} "
                     "while loading the engine"
-                )
+                ))  # fmt: skip
 
     def _receive(
         self, on_outputs: Callable[[CoreOutputs], None], on_death: Callable[[str], None]
@@ -210,10 +237,10 @@ class EngineCoreClient:
         self.process.join()
         if self._closing and last_words is None:
             return  # stopped on purpose
-        self.failure = last_words or (
+        self.failure = self.named(last_words or (
             f"the engine core process (pid {self.process.pid}) died unexpectedly with exit "
             f"code {self.process.exitcode}"
-        )
+        ))  # fmt: skip
         logger.error("%s", self.failure)
         on_death(self.failure)
 
@@ -232,12 +259,13 @@ class EngineCoreClient:
                 last_words = message.message
 
 
-def _startup_error(message: StartupFailed) -> Exception:
+def _startup_error(message: StartupFailed, named: Callable[[str], str]) -> Exception:
     """The core's start-up error in this process: a bad argument stays a ValueError (the CLI
-    reports it as usage error); anything else carries the core's traceback."""
+    reports it as usage error); anything else carries the core's traceback. ``named`` adds
+    the replica's name."""
     if message.error_type == "ValueError":
         return ValueError(message.message)
-    return EngineCoreError(
+    return EngineCoreError(named(
         f"the engine core failed to start: {message.error_type}: {message.message}\n"
         f"--- engine core traceback ---\n{message.traceback}"
-    )
+    ))  # fmt: skip

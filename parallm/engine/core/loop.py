@@ -180,6 +180,8 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         max_num_seqs=engine.scheduler.cfg.max_num_seqs,
         num_blocks=engine.kv.num_blocks,
         summary=engine.summary(),
+        block_size=engine.kv.block_size,
+        enable_prefix_caching=engine.kv.enable_prefix_caching,
     )
 
 

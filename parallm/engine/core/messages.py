@@ -9,6 +9,8 @@ tokenizer, once, at start-up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from parallm.outputs import RequestOutput
@@ -49,8 +51,10 @@ Command = AddRequests | AbortRequests | AbortAll | Shutdown
 # ---- core -> API process ---------------------------------------------------------------------
 
 
-class EngineStats(msgspec.Struct, array_like=True):
-    """The engine's counters after a step (the fields of the server's ``EngineSnapshot``)."""
+class EngineStats(msgspec.Struct, array_like=True, frozen=True):
+    """One engine's counters after a step: sent by the core with every ``CoreOutputs``, and
+    read by the server's /metrics, stats log and admission control (``EngineSnapshot`` there).
+    Replaced, never mutated."""
 
     num_requests_running: int = 0
     num_requests_waiting: int = 0
@@ -62,12 +66,39 @@ class EngineStats(msgspec.Struct, array_like=True):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    # Prompt tokens run through the model (prefix-cache hits excluded, recomputation included).
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
+    # Speculative decoding: drafts proposed (scheduled), kept, and kept by draft position.
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_drafts: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_blocks_in_use / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+
+def total_stats(stats: Sequence[EngineStats]) -> EngineStats:
+    """The counters of several engines (data-parallel replicas) as one: every count summed,
+    so the KV cache usage is the blocks in use over all blocks."""
+    fields = {
+        name: sum(getattr(s, name) for s in stats)
+        for name in EngineStats.__struct_fields__
+        if name != "spec_accepted_per_position"
+    }
+    per_position = [0] * max((len(s.spec_accepted_per_position) for s in stats), default=0)
+    for s in stats:
+        for position, value in enumerate(s.spec_accepted_per_position):
+            per_position[position] += value
+    return EngineStats(**fields, spec_accepted_per_position=tuple(per_position))
 
 
 class RequestFailure(msgspec.Struct, array_like=True):
@@ -107,6 +138,9 @@ class EngineInfo(msgspec.Struct, array_like=True):
     max_num_seqs: int
     num_blocks: int
     summary: str
+    # What the server's data-parallel router needs to hash prompts as the cache manager does.
+    block_size: int = 16
+    enable_prefix_caching: bool = True
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

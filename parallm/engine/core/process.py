@@ -54,8 +54,13 @@ def run_engine_core(
     output_address: str,
     ipc_dir: str,
     num_threads: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """The engine-core process's entry point (``multiprocessing`` spawn target)."""
+    """The engine-core process's entry point (``multiprocessing`` spawn target). ``env`` is
+    set before anything runs: a data-parallel replica's ``CUDA_VISIBLE_DEVICES`` (CUDA reads
+    it when first used, later than the imports that brought us here); its tensor-parallel
+    workers inherit it."""
+    os.environ.update(env or {})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if num_threads is not None:

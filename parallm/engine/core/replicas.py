@@ -1,0 +1,106 @@
+"""Data-parallel engine cores for the server: N core processes, each on its own devices.
+
+``start_engine_cores`` starts one ``EngineCoreClient`` per replica (``data_parallel_size``),
+each an engine of ``tensor_parallel_size`` ranks, and waits until every one has loaded. On
+CUDA, replica i sees only GPUs ``[i * tp, (i + 1) * tp)`` of this process's visible ones
+(``CUDA_VISIBLE_DEVICES``, as vLLM hands each data-parallel engine its devices), so that inside
+it the engine and its tensor-parallel workers use ``cuda:0 .. cuda:tp-1`` as usual. If any
+replica fails to start, the others are stopped and its error, naming it, is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+
+from parallm.config import resolve_device
+from parallm.engine.core.client import EngineCoreClient
+
+
+def replica_environments(
+    device: str, data_parallel_size: int, tensor_parallel_size: int
+) -> list[dict[str, str]]:
+    """Per replica, the environment variables that give it its own GPUs (none on CPU, or
+    with one replica, which keeps this process's devices)."""
+    n, tp = data_parallel_size, tensor_parallel_size
+    resolved = resolve_device(device)
+    if n == 1 or resolved.type != "cuda":
+        return [{} for _ in range(n)]
+    if resolved.index is not None:
+        raise ValueError(
+            f"data_parallel_size={n} gives each replica its own GPUs, so device must be 'cuda' "
+            f"or 'auto', got device={device!r}"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    if len(gpus) < n * tp:
+        raise ValueError(
+            f"data_parallel_size={n} x tensor_parallel_size={tp} needs {n * tp} GPUs; "
+            f"this process sees {len(gpus)}"
+        )
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp : (i + 1) * tp])} for i in range(n)]
+
+
+def start_engine_cores(
+    engine_kwargs: dict[str, Any], num_threads: int | None = None
+) -> list[EngineCoreClient]:
+    """One loaded engine core per data-parallel replica of ``LLM(**engine_kwargs)``.
+
+    Raises the first replica's start-up error (``ValueError`` for a bad argument, else
+    ``EngineCoreError`` naming the replica) after stopping the others. ``num_threads`` (unset:
+    this machine's cores shared out) sets each core's torch intra-op threads.
+    """
+    n = engine_kwargs.get("data_parallel_size", 1)
+    if n == 1:
+        return [EngineCoreClient(engine_kwargs, num_threads=num_threads)]
+    envs = replica_environments(
+        engine_kwargs.get("device", "auto"), n, engine_kwargs.get("tensor_parallel_size", 1)
+    )
+    one_replica = {**engine_kwargs, "data_parallel_size": 1}
+    if num_threads is None:
+        num_threads = max(1, (os.cpu_count() or 1) // n)
+    clients: list[EngineCoreClient] = []
+    try:
+        for replica, env in enumerate(envs):
+            clients.append(EngineCoreClient(
+                one_replica, num_threads=num_threads, replica=replica, env=env, wait=False
+            ))  # fmt: skip
+        _wait_until_ready(clients)
+    except BaseException:
+        for client in clients:
+            client.stop(timeout_s=0)
+        raise
+    return clients
+
+
+def _wait_until_ready(clients: list[EngineCoreClient]) -> None:
+    """Wait for every core to load (in parallel); at the first failure, kill the cores still
+    loading and raise that failure."""
+    failures: list[BaseException] = []  # in the order they happened
+    lock = threading.Lock()
+
+    def wait_ready(client: EngineCoreClient) -> None:
+        try:
+            client.wait_ready()
+        except BaseException as exc:
+            with lock:
+                failures.append(exc)
+            raise
+
+    with ThreadPoolExecutor(len(clients), thread_name_prefix="parallm-dp-start") as pool:
+        futures = [pool.submit(wait_ready, client) for client in clients]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if failures:
+            # A loading core reads no Shutdown; killing it ends its wait_ready at once.
+            for client, future in zip(clients, futures, strict=True):
+                if not future.done():
+                    client.process.kill()
+    if failures:
+        raise failures[0]

@@ -1,0 +1,174 @@
+"""``parallm serve --data-parallel-size 2`` as a process: the death of one replica fails its
+streams with a 503 naming it and stops the server (exit 1); SIGTERM drains the requests of
+both replicas (exit 0); with ``--tensor-parallel-size 2`` it runs four engine processes and
+answers as one engine does. Nothing is left behind: no process, no socket folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import API_KEY, MODEL_NAME, descendants, process_gone, tiny_model_path
+
+from parallm import LLM, SamplingParams
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+CONTEXT = 2048
+
+
+class StreamReader(threading.Thread):
+    """Reads one completion stream; ``started`` is set once two events came."""
+
+    def __init__(self, url: str, prompt: list[int], max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                     "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+        self.events: list[str] = []
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, headers=HEADERS,
+                          timeout=120) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line.removeprefix("data: "))
+                    if len(self.events) == 2:
+                        self.started.set()
+        self.started.set()
+
+    def finish_reason(self) -> str | None:
+        """The finish reason of the stream's last choice chunk."""
+        reasons = [json.loads(e)["choices"][0].get("finish_reason") for e in self.events
+                   if e != "[DONE]" and json.loads(e).get("choices")]  # fmt: skip
+        return reasons[-1] if reasons else None
+
+
+def _core_pids(serve_pid: int) -> list[int]:
+    """The engine-core processes: the spawned children of the server (their own tensor-parallel
+    workers are their children)."""
+    children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+    return sorted(int(p) for p in children
+                  if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())  # fmt: skip
+
+
+def _spawned(pids: list[int]) -> list[int]:
+    return [p for p in pids if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """Starts ``parallm serve --data-parallel-size 2`` (plus flags) with a private TMPDIR;
+    kills whatever is left at the end."""
+    started: list[tuple[subprocess.Popen, list[int]]] = []
+
+    def start(*flags: str) -> tuple[subprocess.Popen, str, list[str]]:
+        cmd = [
+            sys.executable, "-m", "parallm", "serve", "--model", str(tiny_model_path()),
+            "--data-parallel-size", "2", "--port", "0", "--device", "cpu",
+            "--kv-cache-memory", str(4 << 20), "--max-model-len", str(CONTEXT),
+            "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *flags,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+        stderr: list[str] = []
+        for line in proc.stderr:
+            stderr.append(line)
+            if "serving on " in line:
+                break
+        else:
+            raise AssertionError(f"the server did not start: {''.join(stderr)}")
+        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+        url = line.split("serving on ", 1)[1].strip().removesuffix("/v1")
+        started.append((proc, descendants(proc.pid)))
+        return proc, url, stderr
+
+    yield start
+    for proc, children in started:
+        for pid in [proc.pid, *children]:
+            if not process_gone(pid, timeout_s=0):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _no_socket_folders(tmp: Path) -> bool:
+    return not list(tmp.glob("parallm-core-*"))
+
+
+def test_killing_one_replica_fails_its_streams_and_stops_the_server(serve, tmp_path) -> None:
+    proc, url, stderr = serve("--drain-timeout", "1")
+    processes = descendants(proc.pid)
+    cores = _core_pids(proc.pid)
+    assert len(cores) == 2
+    # The first stream goes to replica 0; the second, while it runs, to replica 1.
+    readers = [StreamReader(url, [30 + i, 40 + i], CONTEXT - 16) for i in range(2)]
+    for reader in readers:
+        reader.start()
+        assert reader.started.wait(60)
+    killed = cores[1]
+    os.kill(killed, signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    for reader in readers:
+        reader.join(30)
+        assert reader.events[-1] == "[DONE]"
+    failed = [i for i, r in enumerate(readers) if "error" in json.loads(r.events[-2])]
+    assert len(failed) == 1, [r.events[-2] for r in readers]
+    (replica,) = failed  # stream i runs on replica i
+    message = f"data-parallel replica {replica}: the engine core process (pid {killed}) died"
+    error = json.loads(readers[replica].events[-2])["error"]
+    assert message in error["message"] and error["code"] == "503"
+    # The other replica's stream was not failed: the server drained it (aborted at the
+    # deadline).
+    assert readers[1 - replica].finish_reason() in ("length", "abort")
+    assert f"parallm serve: error: {message}" in "".join(stderr)
+    assert all(process_gone(pid) for pid in processes)
+    assert _no_socket_folders(tmp_path)
+
+
+def test_sigterm_drains_the_requests_of_both_replicas(serve, tmp_path) -> None:
+    proc, url, stderr = serve("--drain-timeout", "120")
+    processes = descendants(proc.pid)
+    assert len(_core_pids(proc.pid)) == 2
+    readers = [StreamReader(url, [50 + i, 60 + i], 200) for i in range(2)]
+    for reader in readers:
+        reader.start()
+        assert reader.started.wait(60)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(stderr)
+    for reader in readers:
+        reader.join(30)
+        assert reader.events[-1] == "[DONE]" and reader.finish_reason() == "length"
+    assert all(process_gone(pid) for pid in processes)
+    assert _no_socket_folders(tmp_path)
+
+
+def test_two_replicas_of_two_tensor_parallel_ranks(serve, tmp_path) -> None:
+    proc, url, stderr = serve("--tensor-parallel-size", "2", "--drain-timeout", "5")
+    processes = descendants(proc.pid)
+    assert len(_core_pids(proc.pid)) == 2 and len(_spawned(processes)) == 4
+    prompts = [[70, 71, 72], [80, 81, 82, 83]]
+    body = {"model": MODEL_NAME, "prompt": prompts, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    out = httpx.post(url + "/v1/completions", json=body, headers=HEADERS, timeout=120)
+    assert out.status_code == 200, out.text
+    texts = [c["text"] for c in sorted(out.json()["choices"], key=lambda c: c["index"])]
+    llm = LLM(model=str(tiny_model_path()), device="cpu", kv_cache_memory=4 << 20,
+              max_model_len=CONTEXT)  # fmt: skip
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].text for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]  # fmt: skip
+    llm.close()
+    assert texts == expected
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(stderr)
+    assert all(process_gone(pid) for pid in processes)
+    assert _no_socket_folders(tmp_path)
