@@ -95,9 +95,11 @@ class DataParallelEngine:
     def data_parallel_size(self) -> int:
         return len(self.replicas)
 
-    # The same checks as one engine's, on the attributes they read.
+    # One engine's checks and argument handling, on the attributes they read; a request that
+    # passes them goes to _queue_request, which routes it.
     validate_prompt = LLMEngine.validate_prompt
     validate_params = LLMEngine.validate_params
+    add_request = LLMEngine.add_request
 
     def summary(self) -> str:
         return f"data_parallel_size={self.data_parallel_size}, each replica: {self._summary}"
@@ -105,23 +107,15 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: str | None = None,
-        stream: bool = False,
-        arrival_time: float | None = None,
-    ) -> None:
-        """Send the request to the replica the router picks."""
+    def _queue_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None,
+        stream: bool, now: float,
+    ) -> None:  # fmt: skip
+        """Send the checked request to the replica the router picks."""
         self._check_alive()
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        replica = self.router.route(request_id, prompt_token_ids)
+        replica = self.router.route(request_id, ids)
         self.requests[request_id] = replica
-        args = (request_id, prompt_token_ids, params, prompt, stream, arrival_time)
-        self._send(replica, ("add", *args))
+        self._send(replica, ("add", request_id, ids, params, prompt, stream, now))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request on its replica; unknown ids are ignored."""

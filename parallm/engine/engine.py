@@ -248,8 +248,15 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         self.validate_params(params)
         now = time.monotonic() if arrival_time is None else arrival_time
-        seqs = self._make_sequences(request_id, list(prompt_token_ids), params, now)
-        request = Request(request_id, prompt, list(prompt_token_ids), params, seqs, now)
+        self._queue_request(request_id, list(prompt_token_ids), params, prompt, stream, now)
+
+    def _queue_request(
+        self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None,
+        stream: bool, now: float,
+    ) -> None:  # fmt: skip
+        """Start a checked request: its sequences join the scheduler's queue."""
+        seqs = self._make_sequences(request_id, ids, params, now)
+        request = Request(request_id, prompt, list(ids), params, seqs, now)
         self.requests[request_id] = request
         self.outputs.register(request, stream)
         for seq in seqs:

@@ -7,13 +7,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from process_checks import assert_children_exit_when_killed
 
 from parallm import LLM, SamplingParams
 from parallm.cli import build_parser
@@ -96,7 +93,10 @@ def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model
         assert len(llm.generate([[5, 17, 42, 99]], params, use_tqdm=False)) == 1
         with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, "):
             llm.generate([[5, 10**9]], params, use_tqdm=False)  # checked here, before routing
+        with pytest.raises(ValueError, match=r"prompt_token_ids must be integers in \[0, "):
+            llm.engine.add_request("direct", [5, 10**9], params)  # the engine checks too
         assert llm.engine.router.load == [0, 0]
+        assert not llm.engine.has_unfinished_requests()
         os.kill(replica.pid, signal.SIGKILL)
         replica.join(30)
         message = r"data-parallel replica 1 \(pid \d+\) exited with code -9"
@@ -122,31 +122,8 @@ if __name__ == "__main__":
 """
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (an exited one that nobody reaped yet is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_replicas_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
-    script = tmp_path / "parent.py"
-    script.write_text(_PARENT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir("llama3"))],
-                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    try:
-        pids = [int(pid) for pid in parent.stdout.readline().split()]
-    finally:
-        parent.kill()
-        parent.wait()
-    assert len(pids) == 2
-    deadline = time.monotonic() + 60  # a liveness bound: each replica sees its pipe close
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_running(pid) for pid in pids)
+    assert_children_exit_when_killed(_PARENT, tmp_path, str(tiny_model_dir("llama3")), count=2)
 
 
 def test_a_replicas_bad_argument_is_a_value_error_and_nothing_is_left(tiny_model_dir):

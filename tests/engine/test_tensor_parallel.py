@@ -10,15 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from process_checks import assert_children_exit_when_killed
 
 from parallm import LLM, SamplingParams
 from parallm.cli import build_parser
@@ -226,31 +223,8 @@ if __name__ == "__main__":
 """
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (an exited one that nobody reaped yet is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_workers_exit_when_the_driver_is_killed(tiny_model_dir, tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(_DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    driver = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir("llama3"))],
-                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    try:
-        pids = [int(pid) for pid in driver.stdout.readline().split()]
-    finally:
-        driver.kill()
-        driver.wait()
-    assert len(pids) == 1
-    deadline = time.monotonic() + 60  # a liveness bound: the worker sees its pipe close
-    while _running(pids[0]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _running(pids[0])
+    assert_children_exit_when_killed(_DRIVER, tmp_path, str(tiny_model_dir("llama3")), count=1)
 
 
 def test_cli_flag_reaches_the_engine():
