@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from bundled_quality import CODE_PROMPTS, held_out_rows, needs_bundled
+from interpreted_engine import run_interpreted
 
 from parallm import LLM, SamplingParams
 from parallm.bundled import BUNDLED_MODEL_DIR
@@ -200,8 +198,8 @@ _TRITON_SCRIPT = textwrap.dedent(
     """
     import sys
     import torch
+    from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams
-    from parallm.engine.one_row_step import OneRowStep
     from parallm.layers.backends import TritonAttention
 
     def engine(triton):
@@ -222,20 +220,10 @@ _TRITON_SCRIPT = textwrap.dedent(
     for a, b in zip(ref_caches, runner.kv_caches):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     llm, runner = engine(triton=True)
-    step, plain = OneRowStep(runner.model, runner.backend), runner.forward_logits
-    def forward_logits(inputs, device_ids=None):
-        if len(inputs.input_ids) != 1:
-            return plain(inputs, device_ids)
-        ids, positions = (torch.from_numpy(a) for a in (inputs.input_ids, inputs.positions))
-        return step.logits(ids, positions, runner._build_metadata(inputs), runner.kv_caches)
-    runner.forward_logits = forward_logits
+    use_one_row_chain(runner)
     one_row = [llm.generate([prompt], p, use_tqdm=False)[0] for prompt in prompts]
     for run in (triton, one_row):
-        for a, b in zip(ref, run):
-            x, y = a.outputs[0], b.outputs[0]
-            assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)
-            for t, lx, ly in zip(x.token_ids, x.logprobs, y.logprobs):
-                assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+        assert_same_tokens_and_logprobs(ref, run)
     print("fp8 triton ok")
     """
 )
@@ -247,30 +235,18 @@ def test_triton_kernels_and_the_one_row_chain_match_the_reference_fp8_path(tiny_
     logprobs over an fp8 cache, and store the same cache bytes. A subprocess, because
     TRITON_INTERPRET must be set before triton is first imported."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tiny_model_dir("llama3"))],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "fp8 triton ok" in out.stdout
+    out = run_interpreted(_TRITON_SCRIPT, str(tiny_model_dir("llama3")), timeout=600)
+    assert "fp8 triton ok" in out
 
 
 # --- quality on the bundled trained model ---------------------------------------------------
 
-needs_bundled = pytest.mark.skipif(
-    not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model in this checkout"
-)
-CODE_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):",
-                "import os\n\ndef list_files(path):", "def is_prime(n):",
-                "def quicksort(xs):", "for i in range(10):"]  # fmt: skip
-# Held-out text (parallm's own source, which the model never saw) in 512-token rows, scored
+# Held-out text (bundled_quality.held_out_rows) in 512-token rows, scored
 # through the engine's paged attention (prompt_logprobs), so every key and value the scores
 # attend to comes from the KV cache. Measured: loss 4.493 float, fp8 +0.04%; greedy agreement
 # over the first 16 tokens of the six prompts 0.89 before the first difference (over 64
 # tokens: 0.77), and 0.99 of the top tokens given the float run's context (95 of 96). The loss
 # bound is issue 17's quality target; the floors leave one more flip than measured.
-HELD_OUT_FILES = ["engine/scheduler.py", "engine/kv_cache.py", "sampling_params.py"]
 LOSS_REL_BOUND = 0.005
 GREEDY_AGREEMENT_FLOOR = 0.7
 SAME_CONTEXT_FLOOR = 0.97
@@ -289,10 +265,7 @@ def test_bundled_model_with_fp8_kv_keeps_its_loss_and_greedy_tokens():
     engine = {**CPU_ENGINE, "kv_cache_memory": 32 << 20, "max_num_batched_tokens": 2048}
     plain = LLM(str(BUNDLED_MODEL_DIR), **engine)
     fp8 = LLM(str(BUNDLED_MODEL_DIR), kv_cache_dtype="fp8", **engine)
-    package = BUNDLED_MODEL_DIR.parent.parent
-    text = "\n".join((package / f).read_text() for f in HELD_OUT_FILES)
-    ids = plain.get_tokenizer()(text)["input_ids"]
-    rows = [ids[i : i + 512] for i in range(0, len(ids) - 512, 512)][:8]
+    rows = held_out_rows(plain.get_tokenizer())
     want, got = _paged_held_out_loss(plain, rows), _paged_held_out_loss(fp8, rows)
     prompts = [plain.get_tokenizer()(p)["input_ids"] for p in CODE_PROMPTS]
     float_tokens = _generate(plain, prompts)

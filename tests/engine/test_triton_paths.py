@@ -6,21 +6,18 @@ Runs in a subprocess because TRITON_INTERPRET must be set before triton is first
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from interpreted_engine import run_interpreted
 
 _SCRIPT = textwrap.dedent(
     """
     import sys
     from collections import Counter
-    import torch
+    from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams
-    from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
+    from parallm.engine.one_row_step import supports_one_row_step
     from parallm.kernels import paged_attention, rope_store
     from parallm.layers.backends import TritonAttention
     from parallm.layers.triton_layers import use_triton_layers
@@ -51,22 +48,11 @@ _SCRIPT = textwrap.dedent(
 
     # Batch-1 decode rows through the one-row kernel chain (what the batch-1 graph captures).
     assert supports_one_row_step(runner.model, runner.backend)
-    step, plain = OneRowStep(runner.model, runner.backend), runner.forward_logits
-    def forward_logits(inputs, device_ids=None):
-        if len(inputs.input_ids) != 1:
-            return plain(inputs, device_ids)
-        calls["one_row"] += 1
-        ids, positions = (torch.from_numpy(a) for a in (inputs.input_ids, inputs.positions))
-        return step.logits(ids, positions, runner._build_metadata(inputs), runner.kv_caches)
-    runner.forward_logits = forward_logits
+    rows = use_one_row_chain(runner)
     one_row = [llm.generate([prompt], p, use_tqdm=False)[0] for prompt in prompts]
-    assert calls["one_row"] >= 3 * 7, calls
+    assert len(rows) >= 3 * 7, rows
     for run in (backend_only, layers, one_row):
-        for a, b in zip(ref, run):
-            x, y = a.outputs[0], b.outputs[0]
-            assert x.token_ids == y.token_ids, (x.token_ids, y.token_ids)
-            for t, lx, ly in zip(x.token_ids, x.logprobs, y.logprobs):
-                assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+        assert_same_tokens_and_logprobs(ref, run)
     print("fused ok")
     """
 )
@@ -74,10 +60,4 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_fused_kernels_match_the_pytorch_path(tiny_model_dir, arch):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(tiny_model_dir(arch))],
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "fused ok" in out.stdout
+    assert "fused ok" in run_interpreted(_SCRIPT, str(tiny_model_dir(arch)))

@@ -214,20 +214,22 @@ def test_one_byte_weights_get_the_bytes_per_tile_of_16_bit_ones():
 CUDA_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def on_cuda_over_formats(test):
+    """A GPU test over every weight format and 16-bit activation dtype."""
+    for mark in (pytest.mark.parametrize("dtype", CUDA_DTYPES),
+                 pytest.mark.parametrize("method", METHODS), requires_cuda, pytest.mark.gpu):  # fmt: skip
+        test = mark(test)
+    return test
+
+
+@on_cuda_over_formats
 @pytest.mark.parametrize(("n", "k"), [(2048, 2048), (4096, 4096), (128256, 2048), (1000, 3000)])
 def test_quantized_gemv_cuda(n, k, method, dtype):
     _skip_without_fp8(method)
     check_gemv(n, k, method, dtype, "cuda")
 
 
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@on_cuda_over_formats
 @pytest.mark.parametrize(("n", "k"), [(3072, 2048), (28672, 4096), (6144, 4096), (2000, 1000)])
 def test_quantized_norm_gemv_cuda(n, k, method, dtype):
     _skip_without_fp8(method)
@@ -236,10 +238,7 @@ def test_quantized_norm_gemv_cuda(n, k, method, dtype):
     check_gather(n, k, method, dtype, "cuda")
 
 
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@on_cuda_over_formats
 @pytest.mark.parametrize(("n", "k"), [(2048, 8192), (4096, 14336), (1000, 3000)])
 def test_quantized_silu_gemv_cuda(n, k, method, dtype):
     _skip_without_fp8(method)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import ast
 
-import pytest
+from bundled_quality import needs_bundled
 
 from parallm import LLM, SamplingParams
 from parallm.bundled import BUNDLED_MODEL_DIR
 
-pytestmark = pytest.mark.skipif(
-    not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model in this checkout"
-)
+pytestmark = needs_bundled
 
 
 def _function_body(text: str) -> str:

@@ -419,14 +419,20 @@ def test_another_quantization_argument_is_refused_before_loading(checkpoints, mo
         LLM(str(quant_dir), quantization="int8", **ENGINE)
 
 
+def _with_tensor(checkpoints, tmp_path, fmt, file, name, change):
+    """A copy of the ``fmt`` checkpoint whose tensor ``name`` (in ``file``) is ``change``d."""
+    quant_dir, _ = checkpoints(fmt)
+    path = shutil.copytree(quant_dir, tmp_path / "changed")
+    tensors = load_file(str(path / file))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path / file))
+    return path
+
+
 def test_a_scale_that_fits_no_form_is_refused_by_tensor(checkpoints, tmp_path):
-    quant_dir, _ = checkpoints("ct-fp8-channel")
-    path = shutil.copytree(quant_dir, tmp_path / "bad-scale")
-    scales_file = path / "model-00002-of-00002.safetensors"
-    scales = load_file(str(scales_file))
     name = "model.layers.0.self_attn.o_proj.weight_scale"
-    scales[name] = scales[name][:5]
-    save_file(scales, str(scales_file))
+    path = _with_tensor(checkpoints, tmp_path, "ct-fp8-channel",
+                        "model-00002-of-00002.safetensors", name, lambda s: s[:5])  # fmt: skip
     with pytest.raises(ValueError, match=r"o_proj.weight'.*scale of shape \(5, 1\) does not fit "
                                          r"the weight \(64, 64\); supported: one per tensor, "
                                          r"one per output row"):  # fmt: skip
@@ -434,13 +440,9 @@ def test_a_scale_that_fits_no_form_is_refused_by_tensor(checkpoints, tmp_path):
 
 
 def test_weights_of_another_dtype_are_refused_by_tensor(checkpoints, tmp_path):
-    quant_dir, _ = checkpoints("fp8-tensor")
-    path = shutil.copytree(quant_dir, tmp_path / "bf16-weights")
-    weights_file = path / "model-00001-of-00002.safetensors"
-    weights = load_file(str(weights_file))
     name = "model.layers.0.mlp.up_proj.weight"
-    weights[name] = weights[name].to(torch.bfloat16)
-    save_file(weights, str(weights_file))
+    path = _with_tensor(checkpoints, tmp_path, "fp8-tensor", "model-00001-of-00002.safetensors",
+                        name, lambda w: w.to(torch.bfloat16))  # fmt: skip
     with pytest.raises(ValueError, match=r"up_proj.weight' is torch.bfloat16; quant_method "
                                          r"'fp8' stores fp8 weights as torch.float8_e4m3fn"):  # fmt: skip
         _load(path)

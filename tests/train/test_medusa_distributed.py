@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from test_medusa import corpus, medusa_raw, target  # noqa: F401 - fixtures
-from test_train import _toml_value, train_losses
+from test_train import train_losses, write_toml
 from test_train_distributed import TOLERANCE, launch
 
 pytestmark = pytest.mark.slow
@@ -17,12 +17,7 @@ STEPS = 6
 
 def write_medusa_config(path: Path, run: Path, target: Path, corpus: Path) -> Path:  # noqa: F811
     raw = medusa_raw(run, target, corpus, training__steps=STEPS, checkpoint__every=3)
-    lines = []
-    for name, values in raw.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_toml(path, raw)
 
 
 def test_two_ranks_match_one_rank(tmp_path: Path, target: Path, corpus: Path) -> None:  # noqa: F811

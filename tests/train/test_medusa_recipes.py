@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundled_quality import needs_bundled
 
 from parallm.bundled import BUNDLED_MODEL_DIR
 from parallm.cli import main
@@ -17,9 +18,7 @@ from parallm.train.config import TrainConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "train"
 
-pytestmark = pytest.mark.skipif(
-    not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model in this checkout"
-)
+pytestmark = needs_bundled
 
 
 @pytest.mark.parametrize("name", ["medusa-code.toml", "medusa-tiny.toml"])

@@ -58,6 +58,11 @@ def write_config(path: Path, dataset_dir: Path, run_dir: Path, **overrides: Any)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         sections.setdefault(section, {})[key] = value
+    return write_toml(path, sections)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """``sections`` (name -> key -> value) as a TOML file at ``path``."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
