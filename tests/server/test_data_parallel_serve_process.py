@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,3 +173,34 @@ def test_two_replicas_of_two_tensor_parallel_ranks(serve, tmp_path) -> None:
     assert proc.wait(timeout=60) == 0, "".join(stderr)
     assert all(process_gone(pid) for pid in processes)
     assert _no_socket_folders(tmp_path)
+
+
+def test_a_replica_that_cannot_start_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    cmd = [sys.executable, "-m", "parallm", "serve", "--model", str(broken), "-dp", "2",
+           "--device", "cpu", "--port", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert re.search(r"parallm serve: error: data-parallel replica [01]: the engine core failed "
+                     r"to start: JSONDecodeError", err), err  # fmt: skip
+    # (The resource tracker may outlive the server by a moment; it must exit.)
+    assert all(process_gone(pid) for pid in _session_processes(proc.pid))
+    assert _no_socket_folders(tmp_path)
+
+
+def _session_processes(session: int) -> list[int]:
+    """The live processes of a session (the server's own, started with a new session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == session and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found

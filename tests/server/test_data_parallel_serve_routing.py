@@ -8,14 +8,16 @@ test_data_parallel_serve.py.)"""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
 from parallm.cli import build_parser
 from parallm.cli import main as cli_main
 from parallm.commands.engine_args import engine_kwargs
-from parallm.engine.core.client import EngineView
+from parallm.engine.core.client import EngineCoreError, EngineView
 from parallm.engine.core.messages import (
     AbortAll,
     AbortRequests,
@@ -24,6 +26,7 @@ from parallm.engine.core.messages import (
     EngineInfo,
     EngineStats,
 )
+from parallm.engine.core.replicas import _wait_until_ready, start_engine_cores
 from parallm.outputs import CompletionOutput, RequestOutput
 from parallm.sampling_params import SamplingParams
 from parallm.server.async_engine import (
@@ -182,3 +185,34 @@ def test_serve_takes_the_data_parallel_flag_and_refuses_it_without_core_processe
     assert "--data-parallel-size above 1 runs one engine-core process per replica" in (
         capsys.readouterr().err
     )
+
+
+class LoadingClient:
+    """A core client for ``_wait_until_ready``: loads until killed, or fails at once."""
+
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.failure = failure
+        self.killed = threading.Event()
+        self.process = SimpleNamespace(kill=self.killed.set)
+
+    def wait_ready(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.killed.wait(60):
+            raise EngineCoreError("exited with code -9 while loading the engine")
+
+
+def test_the_first_replica_failing_to_start_is_raised_and_the_loading_ones_killed() -> None:
+    clients = [LoadingClient(), LoadingClient(EngineCoreError("data-parallel replica 1: boom"))]
+    with pytest.raises(EngineCoreError, match="data-parallel replica 1: boom"):
+        _wait_until_ready(clients)
+    assert clients[0].killed.is_set()
+
+
+def test_data_parallel_serving_refuses_a_tensor_parallel_torchrun_job(monkeypatch) -> None:
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="data_parallel_size=2 cannot be combined with a "
+                                         "tensor-parallel torchrun job"):  # fmt: skip
+        start_engine_cores({"model": "x", "data_parallel_size": 2, "tensor_parallel_size": 2})

@@ -19,6 +19,7 @@ import torch
 
 from parallm.config import resolve_device
 from parallm.engine.core.client import EngineCoreClient
+from parallm.engine.executor import torchrun_env
 
 
 def replica_environments(
@@ -60,9 +61,13 @@ def start_engine_cores(
     n = engine_kwargs.get("data_parallel_size", 1)
     if n == 1:
         return [EngineCoreClient(engine_kwargs, num_threads=num_threads)]
-    envs = replica_environments(
-        engine_kwargs.get("device", "auto"), n, engine_kwargs.get("tensor_parallel_size", 1)
-    )
+    tp = engine_kwargs.get("tensor_parallel_size", 1)
+    if tp > 1 and torchrun_env() is not None:
+        raise ValueError(
+            f"data_parallel_size={n} cannot be combined with a tensor-parallel torchrun job "
+            "(its ranks form one engine); run data parallelism within one host, without torchrun"
+        )
+    envs = replica_environments(engine_kwargs.get("device", "auto"), n, tp)
     one_replica = {**engine_kwargs, "data_parallel_size": 1}
     if num_threads is None:
         num_threads = max(1, (os.cpu_count() or 1) // n)
