@@ -4,7 +4,8 @@ Every interval (10 s by default) the line gives the prompt and generation throug
 previous line, the requests running and waiting, the KV cache usage and the prefix-cache hit
 rate. It is logged at INFO on the ``parallm`` logger while the server is busy, and once more
 when it goes idle; idle intervals after that are logged at DEBUG only. Everything is computed
-from the engine snapshots that the engine thread publishes, so no lock is needed.
+from the engine snapshots that the engine thread publishes (with data parallelism: the
+replicas' counters summed), so no lock is needed.
 """
 
 from __future__ import annotations
