@@ -1,4 +1,5 @@
-"""Paged attention kernels in Triton: prefill (packed variable-length queries) and decode.
+"""Paged attention kernels in Triton: prefill (packed variable-length queries, optionally with
+draft trees) and decode.
 
 Both kernels read keys/values from the paged KV cache ``[num_blocks, block_size, Hkv, D]``
 through per-sequence block tables (see docs/INTERFACES.md). Softmax runs online in float32 in
@@ -8,6 +9,11 @@ An fp8 cache (``torch.float8_e4m3fn``) holds ``k / k_scale`` and ``v / v_scale``
 [k_scale, v_scale]``, float32, per layer). The kernels load its tiles as fp8 (half the bytes)
 and widen them to q's dtype, which holds every e4m3 value exactly; the scales are applied in
 float32 outside the dots: ``k_scale`` with the softmax scale, ``v_scale`` to the output.
+
+Draft trees (speculative decoding): the last ``tree_num_nodes[b]`` tokens of sequence ``b`` are
+the nodes of a draft tree, and a node attends to the context before the tree and to the nodes
+its ``tree_visible`` bitmask names (its ancestors and itself, bit ``j`` for node ``j``; int64,
+so at most 64 nodes). Queries before the tree are causal as in any step.
 
 CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 first imported).
@@ -56,6 +62,16 @@ def _page_rows(cache_ptr, pages, in_page, kv_head, stride_b, stride_t, stride_h,
 
 
 @triton.jit
+def _tree_visible(offs_n, tree_start, visible_nodes):
+    """``[M, N]``: which keys the tree mask lets each row see: every key before the tree, and
+    node ``j`` where bit ``j`` of the row's ``visible_nodes`` is set."""
+    node = offs_n - tree_start  # the key's node index, negative before the tree
+    shift = tl.minimum(tl.maximum(node, 0), 63).to(tl.int64)
+    bit = (visible_nodes[:, None] >> shift[None, :]) & 1
+    return (node[None, :] < 0) | (bit != 0)
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -65,6 +81,8 @@ def _prefill_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     kv_scale_ptr,
+    tree_num_nodes_ptr,
+    tree_visible_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -85,6 +103,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    HAS_TREE: tl.constexpr,
 ):
     # A tile's BLOCK_M rows are BLOCK_T tokens x the NUM_GROUPS query heads of one KV head
     # (token-major), so each K/V tile is loaded once for all the query heads that read it.
@@ -115,9 +134,15 @@ def _prefill_kernel(
     qk_scale = qk_scale * k_scale
 
     # Keys past the tile's last query position are invisible to every row; keys before its
-    # first query position are visible to every row, so only tiles after that need a mask.
+    # first query position (and before the tree) are visible to every row, so only tiles after
+    # that need a mask.
     kv_end = tl.minimum(seq_len, prefix_len + (m_block + 1) * BLOCK_T)
     unmasked_end = prefix_len + m_block * BLOCK_T
+    if HAS_TREE:
+        tree_start = seq_len - tl.load(tree_num_nodes_ptr + seq)
+        unmasked_end = tl.minimum(unmasked_end, tree_start)
+        # Rows before the tree never reach a node key (causality): their bits are unread.
+        visible_nodes = tl.load(tree_visible_ptr + q_rows, mask=row_valid, other=0).to(tl.int64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,11 +159,19 @@ def _prefill_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if start_n + BLOCK_N > unmasked_end:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+            if HAS_TREE:
+                visible = visible & _tree_visible(offs_n, tree_start, visible_nodes)
             qk = tl.where(visible, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_sub = m_new
+        if HAS_TREE:
+            # A node may see no key of a whole tile (a tree from key 0 whose ancestors are all
+            # later): subtract 0 then, not -inf, so that the tile adds nothing instead of NaN.
+            # Causal rows always see key 0, so only trees need this.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(qk - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = _page_rows(v_ptr, pages, in_page, kv_head, stride_vb, stride_vt, stride_vh, offs_d)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
@@ -372,6 +405,26 @@ def _check_inputs(
             raise ValueError(f"{name} must be contiguous in its last (head) dim")
 
 
+def _check_tree_inputs(
+    q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tree_num_nodes: torch.Tensor | None,
+    tree_visible: torch.Tensor | None,
+) -> None:
+    if (tree_num_nodes is None) != (tree_visible is None):
+        raise ValueError("tree_num_nodes and tree_visible go together: pass both or neither")
+    if tree_num_nodes is None:
+        return
+    if tree_num_nodes.shape != seq_lens.shape or tree_visible.shape != q.shape[:1]:
+        raise ValueError(
+            f"tree_num_nodes must be [B] = {tuple(seq_lens.shape)} and tree_visible [T] = "
+            f"{tuple(q.shape[:1])}, got {tuple(tree_num_nodes.shape)} and "
+            f"{tuple(tree_visible.shape)}"
+        )
+    if tree_visible.dtype != torch.int64:
+        raise ValueError(f"tree_visible must be int64 bitmasks, got {tree_visible.dtype}")
+
+
 def _output_buffer(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty_like(q)
@@ -442,8 +495,11 @@ def paged_prefill_attention(
     *,
     out: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
+    tree_num_nodes: torch.Tensor | None = None,
+    tree_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed new tokens over their sequences' paged KV cache.
+    """Causal attention of packed new tokens over their sequences' paged KV cache, optionally
+    with draft trees.
 
     Args:
         q: ``[T, Hq, D]`` queries of the new tokens of B sequences, packed.
@@ -457,12 +513,19 @@ def paged_prefill_attention(
         scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[T, Hq, D]`` buffer to write into (contiguous in D).
         kv_scale: ``[k_scale, v_scale]`` float32 of an fp8 cache (ignored for a float one).
+        tree_num_nodes: draft trees (with ``tree_visible``; both None: none): ``[B]`` int32,
+            how many of sequence ``b``'s last tokens are tree nodes (0: a causal sequence).
+        tree_visible: ``[T]`` int64: for each node query, the bitmask of its sequence's nodes
+            it sees (its ancestors and itself); ignored for other queries.
 
     Returns:
         ``[T, Hq, D]`` in q's dtype. Query ``i`` of sequence ``b`` sits at position
-        ``seq_lens[b] - q_len_b + i`` and attends to keys ``0..`` that position.
+        ``seq_lens[b] - q_len_b + i`` and attends to keys ``0..`` that position (a tree node
+        only to those the tree mask leaves).
     """
     _check_inputs(q, k_cache, v_cache, kv_scale)
+    _check_tree_inputs(q, seq_lens, tree_num_nodes, tree_visible)
+    has_tree = tree_num_nodes is not None
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     out = _output_buffer(q, out)
@@ -484,6 +547,8 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         _scale_arg(k_cache, kv_scale),
+        tree_num_nodes if has_tree else q,  # any pointer without trees (unread)
+        tree_visible if has_tree else q,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -504,6 +569,7 @@ def paged_prefill_attention(
         BLOCK_N=cfg.block_n,
         DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == _FP8_KV,
+        HAS_TREE=has_tree,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -66,6 +66,21 @@ def _kv_scales(
 # Attention (parallm.kernels.paged_attention)
 
 
+def tree_mask_ref(
+    visible: torch.Tensor, num_nodes: torch.Tensor | int, seq_len: int
+) -> torch.Tensor:
+    """Bool ``[q_len, seq_len]``: which keys the tree mask lets each of a sequence's queries see.
+
+    The sequence's last ``num_nodes`` keys are draft-tree nodes; a key before them is
+    visible, node ``j`` only to the queries whose ``visible`` bitmask (int64 ``[q_len]``) has
+    bit ``j``. Causality is the caller's: AND it with the causal mask.
+    """
+    keys = torch.arange(seq_len, device=visible.device)
+    node = keys - (seq_len - num_nodes)  # the key's node index; negative before the tree
+    bits = (visible[:, None] >> node.clamp(0, 63)[None, :]) & 1
+    return (node < 0)[None, :] | (bits == 1)
+
+
 def paged_prefill_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -77,12 +92,17 @@ def paged_prefill_attention_ref(
     scale: float,
     *,
     kv_scale: torch.Tensor | None = None,
+    tree_num_nodes: torch.Tensor | None = None,
+    tree_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over their paged context (``paged_prefill_attention``).
 
     Query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and sees keys
     up to it; only the context's slots of the cache are read. ``max_query_len`` is unused.
-    An fp8 cache is dequantized with ``kv_scale`` (``[k_scale, v_scale]``).
+    An fp8 cache is dequantized with ``kv_scale`` (``[k_scale, v_scale]``). With draft trees,
+    the last ``tree_num_nodes[b]`` queries and keys of sequence ``b`` are tree nodes and a node
+    query sees only the context before the tree and the nodes of its ``tree_visible`` bitmask
+    (:func:`tree_mask_ref`).
     """
     k_scale, v_scale = _kv_scales(kv_scale, k_cache)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -104,6 +124,8 @@ def paged_prefill_attention_ref(
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        if tree_num_nodes is not None:
+            visible &= tree_mask_ref(tree_visible[q_start:q_end], tree_num_nodes[b], seq_len)
         scores = scores.masked_fill(~visible, float("-inf"))
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
@@ -271,66 +293,3 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, NaN counted as +inf (``triton_argmax``); int64 ``[rows]``."""
     x = logits.float()
     return torch.where(x.isnan(), float("inf"), x).argmax(dim=-1)
-
-
-# Tree attention (parallm.kernels.tree_attention)
-
-
-def tree_mask_ref(visible: torch.Tensor, num_nodes: torch.Tensor | int, seq_len: int) -> torch.Tensor:
-    """Bool ``[q_len, seq_len]``: which keys the tree mask lets each of a sequence's queries see.
-
-    The sequence's last ``num_nodes`` keys are draft-tree nodes; a key before them is
-    visible, node ``j`` only to the queries whose ``visible`` bitmask (int64 ``[q_len]``) has
-    bit ``j``. Causality is the caller's: AND it with the causal mask.
-    """
-    keys = torch.arange(seq_len, device=visible.device)
-    node = keys - (seq_len - num_nodes)  # the key's node index; negative before the tree
-    bits = (visible[:, None] >> node.clamp(0, 63)[None, :]) & 1
-    return (node < 0)[None, :] | (bits == 1)
-
-
-def paged_tree_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    max_query_len: int,
-    scale: float,
-    tree_num_nodes: torch.Tensor,
-    tree_visible: torch.Tensor,
-    *,
-    kv_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``paged_prefill_attention_ref`` with draft trees (``paged_tree_attention``).
-
-    The last ``tree_num_nodes[b]`` queries and keys of sequence ``b`` are tree nodes; a node
-    query sees the context before the tree and the nodes of its ``tree_visible`` bitmask
-    (:func:`tree_mask_ref`); every other query is causal as in any step. An fp8 cache is
-    dequantized with ``kv_scale``.
-    """
-    k_scale, v_scale = _kv_scales(kv_scale, k_cache)
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    groups = q.shape[1] // num_kv_heads
-    wide = _wide(q.dtype)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[b], starts[b + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        pages = block_tables[b, : -(-seq_len // block_size)].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        k, v = dequantize_kv_ref(k, k_scale, wide), dequantize_kv_ref(v, v_scale, wide)
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        visible &= tree_mask_ref(tree_visible[q_start:q_end], tree_num_nodes[b], seq_len)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
-    return out

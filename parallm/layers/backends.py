@@ -17,15 +17,14 @@ BACKENDS = ("auto", "reference", "triton")
 class TritonAttention:
     """Paged attention in Triton. A pure decode step is one kernel per layer (rotary, KV store
     and split-K attention); any other step rotates and stores in one kernel, then attends with
-    the prefill kernel (any number of new tokens per sequence)."""
+    the prefill kernel (any number of new tokens per sequence, draft trees included)."""
 
     name = "triton"
 
     def __init__(self) -> None:
-        from parallm.kernels import paged_attention, rope_store, tree_attention  # triton here
+        from parallm.kernels import paged_attention, rope_store  # triton here
 
         self.attention = paged_attention
-        self.tree_attention = tree_attention
         self.rope_store = rope_store
         # The split merge's arrival counters, shared by all layers and steps (every call
         # leaves them at zero). Allocated by the first decode call, which the warm-up before a
@@ -58,15 +57,10 @@ class TritonAttention:
             )  # fmt: skip
         q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping,
                                                 kv_scale=kv_scale)  # fmt: skip
-        if meta.tree_num_nodes is not None:  # draft trees: the prefill kernel with a tree mask
-            return self.tree_attention.paged_tree_attention(
-                q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc,
-                meta.seq_lens, meta.max_query_len, scale, meta.tree_num_nodes, meta.tree_visible,
-                kv_scale=kv_scale,
-            )  # fmt: skip
         return self.attention.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            meta.max_query_len, scale, kv_scale=kv_scale,
+            meta.max_query_len, scale, kv_scale=kv_scale, tree_num_nodes=meta.tree_num_nodes,
+            tree_visible=meta.tree_visible,
         )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""Tree attention: the Triton kernel against its PyTorch twin on random paged caches and random
-draft trees, and the twin against attention computed node by node over the context and the
+"""Tree attention (the prefill kernel with draft trees): the Triton kernel against its PyTorch
+twin on random paged caches and random draft trees, and the twin against attention computed node by node over the context and the
 node's own ancestors (what sequential decoding along the node's path attends to).
 
 Without CUDA the kernel runs under the Triton interpreter (see ``triton_interpreter``).
@@ -7,6 +7,7 @@ Without CUDA the kernel runs under the Triton interpreter (see ``triton_interpre
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -18,10 +19,10 @@ triton = pytest.importorskip("triton")
 from test_paged_attention import INTERPRETER_WORKS, OLD_INTERPRETER, make_paged_case  # noqa: E402
 
 from parallm.engine.spec.tree import DraftTree  # noqa: E402
-from parallm.kernels import tree_attention  # noqa: E402
-from parallm.kernels.reference import paged_tree_attention_ref  # noqa: E402
+from parallm.kernels import paged_attention  # noqa: E402
+from parallm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
 
-INTERPRETING, _, requires_cuda = kernel_modes(tree_attention._tree_kernel)
+INTERPRETING, _, requires_cuda = kernel_modes(paged_attention._prefill_kernel)
 interpreter_test = pytest.mark.skipif(
     not (INTERPRETING and INTERPRETER_WORKS),
     reason=OLD_INTERPRETER
@@ -56,8 +57,23 @@ def make_tree_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, d
 def _args(case: dict, max_query_len: int, wide: bool = False) -> tuple:
     cast = (lambda t: t.double()) if wide else (lambda t: t)
     return (cast(case["q"]), cast(case["k_cache"]), cast(case["v_cache"]), case["block_tables"],
-            case["query_start_loc"], case["seq_lens"], max_query_len, case["scale"],
-            case["tree_num_nodes"], case["tree_visible"])  # fmt: skip
+            case["query_start_loc"], case["seq_lens"], max_query_len, case["scale"])  # fmt: skip
+
+
+def _trees(case: dict) -> dict:
+    return {"tree_num_nodes": case["tree_num_nodes"], "tree_visible": case["tree_visible"]}
+
+
+def tree_attention(case: dict, max_query_len: int, **kw) -> torch.Tensor:
+    """The kernel on a tree case."""
+    return paged_attention.paged_prefill_attention(
+        *_args(case, max_query_len), **_trees(case), **kw
+    )
+
+
+def tree_attention_ref(case: dict, max_query_len: int, **kw) -> torch.Tensor:
+    """The twin on a tree case, in float64."""
+    return paged_prefill_attention_ref(*_args(case, max_query_len, wide=True), **_trees(case), **kw)
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -68,8 +84,8 @@ def check_kernel(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, dev
     case, _ = make_tree_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
     max_q = max(q for q, _, _ in lens)
     out = torch.full_like(case["q"], float("nan"))
-    tree_attention.paged_tree_attention(*_args(case, max_q), out=out)
-    ref = paged_tree_attention_ref(*_args(case, max_q, wide=True))
+    tree_attention(case, max_q, out=out)
+    ref = tree_attention_ref(case, max_q)
     assert out.dtype == case["q"].dtype and torch.isfinite(out).all()
     assert _rel_err(out, ref) < tol
 
@@ -85,7 +101,7 @@ def test_the_twin_is_attention_over_context_and_ancestors():
     keys sequential decoding along its path holds: the context before the tree, then its
     ancestors and itself."""
     case, trees = make_tree_case(MIXED, 4, 2, 32, 16, torch.float64, "cpu", seed=3)
-    out = paged_tree_attention_ref(*_args(case, 65))
+    out = paged_prefill_attention_ref(*_args(case, 65), **_trees(case))
     k_flat, v_flat = (case[c].view(-1, 2, 32) for c in ("k_cache", "v_cache"))
     starts = case["query_start_loc"].tolist()
     for b, ((q_len, seq_len, n), tree) in enumerate(zip(MIXED, trees, strict=True)):
@@ -131,8 +147,12 @@ def test_tree_kernel_interpreter_long_prompt_next_to_a_tree():
 @interpreter_test
 def test_tree_kernel_interpreter_tiles_a_node_sees_nothing_of(monkeypatch):
     # 16-key tiles over sequences that are all tree: some nodes see no key of a whole tile.
-    tiles = tree_attention._tiles
-    monkeypatch.setattr(tree_attention, "_tiles", lambda *a: (16, 16, *tiles(*a)[2:]))
+    config = paged_attention._prefill_config
+    monkeypatch.setattr(
+        paged_attention,
+        "_prefill_config",
+        lambda *a: dataclasses.replace(config(*a), block_m=16, block_n=16),
+    )
     lens = [(64, 64, 64), (50, 50, 50), (20, 70, 19)]
     check_kernel(lens, 2, 2, 32, 16, torch.float32, "cpu", 1e-3)
 
@@ -147,17 +167,17 @@ def test_tree_kernel_interpreter_fp8_cache():
     kv_scale = torch.tensor([0.5, 2.0])
     for name, scale in (("k_cache", kv_scale[0]), ("v_cache", kv_scale[1])):
         case[name] = quantize_kv_ref(case[name], scale)
-    out = tree_attention.paged_tree_attention(*_args(case, 65), kv_scale=kv_scale)
-    ref = paged_tree_attention_ref(*_args(case, 65), kv_scale=kv_scale.double())
+    out = tree_attention(case, 65, kv_scale=kv_scale)
+    ref = paged_prefill_attention_ref(*_args(case, 65), **_trees(case), kv_scale=kv_scale.double())
     assert torch.isfinite(out).all() and _rel_err(out, ref.double()) < 1e-3
     with pytest.raises(ValueError, match="kv_scale"):
-        tree_attention.paged_tree_attention(*_args(case, 65))
+        tree_attention(case, 65)
 
 
 @interpreter_test
 def test_triton_backend_takes_the_tree_kernel_for_tree_steps():
-    """``TritonAttention`` on a step with trees (rotary at base + depth, store, tree kernel)
-    gives the reference backend's output and cache."""
+    """``TritonAttention`` on a step with trees (rotary at base + depth, store, the prefill
+    kernel with the tree mask) gives the reference backend's output and cache."""
     from parallm.layers.attention import AttentionMetadata, ReferenceAttention
     from parallm.layers.backends import TritonAttention
     from parallm.layers.rotary import RotaryEmbedding
@@ -194,13 +214,14 @@ def test_triton_backend_takes_the_tree_kernel_for_tree_steps():
 
 def test_bad_tree_inputs_are_refused():
     case, _ = make_tree_case([(3, 10, 2)], 2, 1, 32, 16, torch.float32, "cpu")
-    args = list(_args(case, 3))
-    args[9] = args[9].to(torch.int32)
+    args, nodes = _args(case, 3), case["tree_num_nodes"]
+    attend = paged_attention.paged_prefill_attention
     with pytest.raises(ValueError, match="tree_visible must be int64"):
-        tree_attention.paged_tree_attention(*args)
-    args[9] = torch.zeros(5, dtype=torch.int64)
+        attend(*args, tree_num_nodes=nodes, tree_visible=case["tree_visible"].to(torch.int32))
     with pytest.raises(ValueError, match="tree_visible \\[T\\]"):
-        tree_attention.paged_tree_attention(*args)
+        attend(*args, tree_num_nodes=nodes, tree_visible=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="pass both or neither"):
+        attend(*args, tree_num_nodes=nodes)
 
 
 GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
