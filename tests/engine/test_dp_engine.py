@@ -111,19 +111,10 @@ def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model
     assert multiprocessing.active_children() == []
 
 
-_PARENT = """
-import multiprocessing, sys, time
-from parallm import LLM
-if __name__ == "__main__":
-    llm = LLM(sys.argv[1], data_parallel_size=2, dtype="float32", device="cpu",
-              max_model_len=128, kv_cache_memory=8 << 20)
-    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
-    time.sleep(600)
-"""
-
-
 def test_replicas_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
-    assert_children_exit_when_killed(_PARENT, tmp_path, str(tiny_model_dir("llama3")), count=2)
+    path = str(tiny_model_dir("llama3"))
+    engine = {**ENGINE, "data_parallel_size": 2}
+    assert_children_exit_when_killed(tmp_path, path, "parallm-dp-replica", 2, **engine)
 
 
 def test_a_replicas_bad_argument_is_a_value_error_and_nothing_is_left(tiny_model_dir):

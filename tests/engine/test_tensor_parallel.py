@@ -211,20 +211,11 @@ def test_workers_leave_sigint_and_sigterm_to_the_driver(tiny_model_dir):
     assert multiprocessing.active_children() == []
 
 
-_DRIVER = """
-import multiprocessing, sys, time
-from parallm import LLM
-if __name__ == "__main__":
-    llm = LLM(sys.argv[1], tensor_parallel_size=2, dtype="float32", device="cpu",
-              max_model_len=128, kv_cache_memory=8 << 20)
-    print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("parallm-tp")],
-          flush=True)
-    time.sleep(600)
-"""
-
-
 def test_workers_exit_when_the_driver_is_killed(tiny_model_dir, tmp_path):
-    assert_children_exit_when_killed(_DRIVER, tmp_path, str(tiny_model_dir("llama3")), count=1)
+    engine = {**ENGINE, "kv_cache_memory": 8 << 20, "tensor_parallel_size": 2}
+    assert_children_exit_when_killed(
+        tmp_path, str(tiny_model_dir("llama3")), "parallm-tp", 1, **engine
+    )
 
 
 def test_cli_flag_reaches_the_engine():
