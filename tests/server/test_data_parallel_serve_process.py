@@ -204,3 +204,22 @@ def _session_processes(session: int) -> list[int]:
         if int(fields[3]) == session and fields[0] not in ("Z", "X"):
             found.append(int(stat.parent.name))
     return found
+
+
+@pytest.mark.gpu
+def test_each_replica_runs_on_its_own_gpu(serve) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    free_before = [torch.cuda.mem_get_info(i)[0] for i in range(2)]
+    proc, url, stderr = serve("--device", "cuda", "--drain-timeout", "5")
+    body = {"model": MODEL_NAME, "prompt": [[70, 71], [80, 81]], "max_tokens": 4,
+            "ignore_eos": True}  # fmt: skip
+    out = httpx.post(url + "/v1/completions", json=body, headers=HEADERS, timeout=120)
+    assert out.status_code == 200, out.text
+    # Each replica's engine (its CUDA context, weights and KV cache) took memory on its own GPU.
+    used = [before - torch.cuda.mem_get_info(i)[0] for i, before in enumerate(free_before)]
+    assert all(u > 64 << 20 for u in used), used
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(stderr)

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from parallm.cli import build_parser
 from parallm.cli import main as cli_main
 from parallm.commands.engine_args import engine_kwargs
+from parallm.engine.core import replicas
 from parallm.engine.core.client import EngineCoreError, EngineView
 from parallm.engine.core.messages import (
     AbortAll,
@@ -216,3 +218,23 @@ def test_data_parallel_serving_refuses_a_tensor_parallel_torchrun_job(monkeypatc
     with pytest.raises(ValueError, match="data_parallel_size=2 cannot be combined with a "
                                          "tensor-parallel torchrun job"):  # fmt: skip
         start_engine_cores({"model": "x", "data_parallel_size": 2, "tensor_parallel_size": 2})
+
+
+def test_each_replica_sees_its_own_gpus(monkeypatch) -> None:
+    """On CUDA replica i sees GPUs [i * tp, (i + 1) * tp) of this process's visible ones."""
+    monkeypatch.setattr(replicas, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    envs = replicas.replica_environments("cuda", 2, 2)
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert replicas.replica_environments("cuda", 1, 2) == [{}]  # one replica keeps them all
+    assert replicas.replica_environments("cpu", 2, 2) == [{}, {}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in replicas.replica_environments("cuda", 4, 1)] == [
+        "4", "5", "6", "7"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"data_parallel_size=2 x tensor_parallel_size=4 needs "
+                                         r"8 GPUs; this process sees 4"):  # fmt: skip
+        replicas.replica_environments("cuda", 2, 4)
+    with pytest.raises(ValueError, match="device must be 'cuda' or 'auto', got device='cuda:1'"):
+        replicas.replica_environments("cuda:1", 2, 1)
