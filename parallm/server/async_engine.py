@@ -161,6 +161,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         # The delivery threads (one per core) take their cores' outputs one at a time.
         self._delivery_lock = threading.Lock()
+        # The router is plain data: submit routes (event loop), delivery threads and aborts
+        # finish; one at a time.
         self._route_lock = threading.Lock()
         num = len(self.cores)
         self._num_sent = [0] * num  # requests sent to each core
