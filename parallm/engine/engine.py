@@ -76,7 +76,7 @@ class LLMEngine:
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.executor = self._start_executor(cache_cfg)
+        self.executor = self._start_executor(cache_cfg, sched_cfg)
         try:
             self.runner = ModelRunner(
                 self._load_model(), self.model_config, cache_cfg, self.device, self.dtype,
@@ -101,7 +101,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         # Drafts are proposed from the host's tokens, which a step run ahead has not returned.
-        self.async_scheduling = self.drafter is None and _on_cuda_unless_set(
+        # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
+        self.async_scheduling = self.drafter is None and self.tp_size == 1 and _on_cuda_unless_set(
             config.async_scheduling, self.device
         )
         self.spec_stats = SpecStats()
@@ -114,7 +115,9 @@ class LLMEngine:
         # decode tokens), from the thread that calls step(); the server feeds a histogram.
         self.step_observer: Callable[[int], None] | None = None
 
-    def _start_executor(self, cache_cfg: CacheConfig) -> TensorParallelExecutor | None:
+    def _start_executor(
+        self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig
+    ) -> TensorParallelExecutor | None:
         """Ranks 1..N-1 of a tensor-parallel engine, loading their shards as this process
         loads rank 0's; None for one rank."""
         if self.tp_size == 1:
@@ -123,7 +126,8 @@ class LLMEngine:
         return TensorParallelExecutor(WorkerSpec(
             self.model_dir, self.model_config, cache_cfg, self.dtype, str(self.device),
             self.max_model_len + 1, cfg.load_format, cfg.seed, cfg.quantization,
-            cfg.attention_backend, self.tp_size,
+            cfg.attention_backend, self.tp_size, self.fused_kernels,
+            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len,
         ))  # fmt: skip
 
     def close(self) -> None:
@@ -148,9 +152,13 @@ class LLMEngine:
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
-        num_blocks = self.runner.plan_num_blocks(
-            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
-        )
+        def plan() -> int:
+            return self.runner.plan_num_blocks(
+                sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
+            )
+
+        # Each tensor-parallel rank measures its own card; every rank takes the fewest blocks.
+        num_blocks = plan() if self.executor is None else self.executor.plan_num_blocks(plan)
         if self.draft_model is not None:  # its cache, as many blocks, shares the budget
             num_blocks = self.draft_model.target_share(num_blocks)
         # Past twice what max_num_seqs full-length sequences need, blocks only feed the prefix
@@ -161,8 +169,8 @@ class LLMEngine:
         return num_blocks
 
     def _capture_graphs(self, max_num_seqs: int) -> float | None:
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return None
+        if self.device.type != "cuda" or self.config.enforce_eager or self.tp_size > 1:
+            return None  # tensor parallelism runs eagerly: workers replay no graphs yet
         sizes = [s for s in self.config.cuda_graph_sizes if s <= max_num_seqs] or [1]
         return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
 
@@ -191,6 +199,8 @@ class LLMEngine:
         """One line for start-up: model, dtype, device, attention backend and KV capacity."""
         cfg = self.model_config
         graphs = "CUDA graphs off"
+        if self.device.type == "cuda" and self.tp_size > 1 and not self.config.enforce_eager:
+            graphs += " (tensor_parallel_size > 1 runs eagerly: no decode graphs or one-row chain)"
         if self.graph_capture_seconds is not None:
             sizes = self.runner.graphs.sizes
             graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]} in {self.graph_capture_seconds:.1f}s"
@@ -199,7 +209,7 @@ class LLMEngine:
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
             f"device={self.device} attention={self.runner.backend.name} "
             f"fused_kernels={'on' if self.fused_kernels else 'off'} "
-            f"{_tp_summary(self.tp_size)}"
+            f"{_tp_summary(self.tp_size, self.device)}"
             f"{quantization_summary(self.config.quantization, self.stored_quantization)} "
             f"max_model_len={self.max_model_len} KV cache "
             f"({str(self.kv_cache_dtype).replace('torch.', '')}): {self.kv.num_blocks} blocks x "
@@ -466,10 +476,11 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     return Drafter(spec, model)
 
 
-def _tp_summary(tp_size: int) -> str:
+def _tp_summary(tp_size: int, device: torch.device) -> str:
     if tp_size == 1:
         return ""
-    return f"tensor_parallel_size={tp_size} (gloo, one process per rank) "
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return f"tensor_parallel_size={tp_size} ({backend}, one process per rank) "
 
 
 def _stamp_first_scheduled(batch: ScheduledBatch) -> None:

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -127,11 +128,12 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torc
             f"tensor_parallel_size ({tp}) must divide intermediate_size ({model.intermediate_size})"
         )
     check_torchrun_world(tp)
-    if device.type != "cpu":
+    if device.type == "cuda":
+        check_cuda_devices(tp, device)
+    elif device.type != "cpu":
         raise ValueError(
-            f"tensor_parallel_size > 1 runs on device='cpu' (gloo) only so far, got "
-            f"device={device.type!r}: NCCL, CUDA graphs over the collectives and async "
-            "scheduling are not implemented yet"
+            f"tensor_parallel_size > 1 runs on device='cpu' (gloo) or 'cuda' (NCCL), got "
+            f"device={device.type!r}"
         )
     if config.async_scheduling:
         raise ValueError(
@@ -139,6 +141,30 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torc
         )
     if config.speculative_config is not None:
         raise ValueError("speculative_config cannot be combined with tensor_parallel_size > 1 yet")
+
+
+def check_cuda_devices(tp: int, device: torch.device) -> None:
+    """ValueError when this host has too few GPUs for its ranks: rank r (local rank r of a
+    torchrun job) runs on ``cuda:(device index + r)``."""
+    env = torchrun_env()
+    local_ranks = env.local_world_size if env is not None else tp
+    first = device.index or 0
+    count = torch.cuda.device_count()
+    if first + local_ranks > count:
+        where = f"device={str(device)!r}: GPUs {first}..{first + local_ranks - 1}"
+        raise ValueError(
+            f"tensor_parallel_size ({tp}) needs {local_ranks} GPUs on this host ({where}, one "
+            f"per rank), but it has {count}; lower tensor_parallel_size or pick another device"
+        )
+
+
+def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
+    """Where a rank runs: ``cuda:(index + local_rank)`` on GPUs (index 0 when the engine's
+    device names none), the engine's device otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + local_rank)
 
 
 @dataclass
@@ -156,6 +182,13 @@ class WorkerSpec:
     quantization: str | None
     attention_backend: str
     tp_size: int
+    # Rank 0's settings that a worker's runner must share: the Triton norm and activation
+    # layers (the replicated hidden state is then normalised alike on every rank), and the
+    # step shape that memory planning profiles (its forward's collectives pair up across ranks).
+    fused_kernels: bool = False
+    max_num_batched_tokens: int = 0
+    max_num_seqs: int = 0
+    max_model_len: int = 0
 
 
 class TensorParallelExecutor:
@@ -189,7 +222,7 @@ class TensorParallelExecutor:
                 check_torchrun_world(spec.tp_size)
                 if self.torchrun.rank != 0:
                     raise ValueError("only the torchrun job's rank 0 builds the engine")
-                _join(spec.device, "env://", 0, spec.tp_size)
+                _join(rank_device(spec.device, 0), "env://", 0, spec.tp_size)
             self.channel = StepChannel(_control_group())
             self.channel.send_spec(spec)
             self._heartbeat = threading.Thread(target=self._keep_alive, daemon=True,
@@ -227,7 +260,27 @@ class TensorParallelExecutor:
             self.conns.append(parent)
         for rank in range(1, spec.tp_size):
             self._expect(rank, "joining", "while starting")
-        _join(spec.device, init_method, 0, spec.tp_size)
+        _join(rank_device(spec.device, 0), init_method, 0, spec.tp_size)
+
+    def plan_num_blocks(self, plan: Callable[[], int]) -> int:
+        """The KV blocks every rank has room for: each rank plans its own (``plan`` is rank
+        0's, ``ModelRunner.plan_num_blocks``; on CUDA its profiling forward runs alongside
+        the workers', collectives included) and the fewest wins. Raises, naming the rank,
+        when a worker could not load its shard."""
+
+        def plan_everywhere(channel: StepChannel) -> tuple[list[str | None], int]:
+            errors = channel.plan()
+            if any(error is not None for error in errors):
+                return errors, 0
+            # The lock is held through rank 0's plan: a heartbeat sent now would meet the
+            # workers' all-reduce instead of their next command.
+            return errors, channel.min_blocks(plan())
+
+        errors, num_blocks = self._control(plan_everywhere)
+        for rank, error in enumerate(errors):
+            if error is not None:
+                self._fail(rank, "while loading its shard", error)
+        return num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Each worker allocates its heads' cache; returns once every shard is loaded and ready."""
@@ -371,9 +424,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _join(device: str, init_method: str, rank: int, world_size: int) -> None:
-    """Join the default group, whose collectives run inside each step's forward."""
-    backend = "gloo" if torch.device(device).type == "cpu" else "nccl"
+# NVLink multicast (NVLS) stays off: the lent multi-GPU machines do not support it, and NCCL or
+# symmetric memory would fail at start-up trying it. A value the user set is kept.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def _join(device: torch.device, init_method: str, rank: int, world_size: int) -> None:
+    """Join the default group, whose collectives run inside each step's forward: gloo on
+    the CPU, NCCL on GPUs (``device`` is this rank's own GPU, made current first so that
+    NCCL binds to it)."""
+    backend = "gloo"
+    if device.type == "cuda":
+        backend = "nccl"
+        for name, value in _NCCL_ENV.items():
+            os.environ.setdefault(name, value)
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=_COLLECTIVE_TIMEOUT,
@@ -400,7 +465,7 @@ def _worker_main(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         conn.send(("joining",))
-        _join(device, init_method, rank, world_size)
+        _join(rank_device(device, rank), init_method, rank, world_size)
         _serve(rank, rank)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -421,7 +486,8 @@ def torchrun_worker_main(tensor_parallel_size: int, device: str = "auto") -> int
     _ignore_stop_signals()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     try:
-        _join(str(resolve_device(device)), "env://", env.rank, env.world_size)
+        _join(rank_device(resolve_device(device), env.local_rank), "env://", env.rank,
+              env.world_size)  # fmt: skip
         _serve(env.rank, env.local_rank)
     except BaseException:
         traceback.print_exc()
@@ -447,6 +513,14 @@ def _serve(rank: int, local_rank: int) -> None:
         command, argument, inputs, rows = channel.recv()
         if command == StepChannel.STEP:
             runner.execute_forward(inputs, rows)
+        elif command == StepChannel.PLAN:
+            if any(e is not None for e in channel.share_errors(error)):
+                if error is not None:
+                    raise RuntimeError(f"rank {rank} could not load its shard:\n{error}")
+                continue  # another rank failed: the driver stops the job
+            channel.min_blocks(runner.plan_num_blocks(
+                spec.max_num_batched_tokens, spec.max_num_seqs, spec.max_model_len
+            ))  # fmt: skip
         elif command == StepChannel.ALLOCATE:
             if error is None:
                 try:
@@ -461,18 +535,12 @@ def _serve(rank: int, local_rank: int) -> None:
         # NOOP: the driver's heartbeat
 
 
-def _worker_device(device: str, local_rank: int) -> torch.device:
-    """Rank 0's device type on this rank: ``cuda:LOCAL_RANK`` for a GPU, else as given."""
-    kind = torch.device(device).type
-    return torch.device(kind, local_rank) if kind == "cuda" else torch.device(device)
-
-
 def _build_runner(spec: WorkerSpec, rank: int, local_rank: int) -> ModelRunner:
     from parallm.layers.backends import select_backend
     from parallm.layers.quantization import quantize_model
     from parallm.models.loader import load_model
 
-    device = _worker_device(spec.device, local_rank)
+    device = rank_device(spec.device, local_rank)
     model = load_model(
         spec.model_dir, spec.model_config, spec.dtype, device, spec.max_positions,
         load_format=spec.load_format, seed=spec.seed, packed=True, tp_rank=rank,
@@ -480,6 +548,10 @@ def _build_runner(spec: WorkerSpec, rank: int, local_rank: int) -> ModelRunner:
     )  # fmt: skip
     if spec.quantization is not None:
         quantize_model(model, spec.quantization)
+    if spec.fused_kernels:
+        from parallm.layers.triton_layers import use_triton_layers  # imports triton
+
+        use_triton_layers(model)
     backend = select_backend(spec.attention_backend, device)
     return ModelRunner(model, spec.model_config, spec.cache_config, device, spec.dtype, backend,
-                       tp_size=spec.tp_size)  # fmt: skip
+                       fused_kernels=spec.fused_kernels, tp_size=spec.tp_size)  # fmt: skip

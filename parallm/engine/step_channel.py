@@ -21,7 +21,7 @@ class StepChannel:
     for a step, one int64 payload holding every array of it. The header's words: the command,
     its argument (blocks to allocate), and the length of each payload array."""
 
-    STEP, ALLOCATE, CLOSE, NOOP = 1, 2, 3, 4
+    STEP, ALLOCATE, CLOSE, NOOP, PLAN = 1, 2, 3, 4, 5
     # The payload's arrays in order, with the dtype the runner reads each in.
     _ARRAYS = (
         ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
@@ -77,6 +77,24 @@ class StepChannel:
         """Tell the workers to allocate their caches; every rank's error (None: ready)."""
         self.send_command(self.ALLOCATE, num_blocks)
         return self.gather_errors(None)
+
+    def plan(self) -> list[str | None]:
+        """Tell the workers to plan their caches; every rank's load error (None: loaded).
+        ``min_blocks`` follows only when every rank loaded."""
+        self.send_command(self.PLAN)
+        return self.share_errors(None)
+
+    def share_errors(self, error: str | None) -> list[str | None]:
+        """Every rank's error (None: fine), on every rank (collective)."""
+        out: list[str | None] = [None] * self.group.size()
+        dist.all_gather_object(out, error, group=self.group)
+        return out
+
+    def min_blocks(self, num_blocks: int) -> int:
+        """The fewest KV blocks any rank has room for (collective: every rank calls)."""
+        box = torch.tensor([num_blocks], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self.group)
+        return int(box.item())
 
     def gather_errors(self, error: str | None) -> list[str | None]:
         """Every rank's error (None: fine), on the driver; workers get an empty list."""
