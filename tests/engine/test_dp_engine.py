@@ -131,11 +131,12 @@ def test_data_parallel_size_must_be_a_positive_integer(tiny_model_dir, size):
     assert multiprocessing.active_children() == []
 
 
-def test_cli_flag_reaches_the_engine_and_serve_refuses_it():
+def test_cli_flag_reaches_the_engine_and_bench_refuses_it():
     args = build_parser().parse_args(["generate", "--data-parallel-size", "2", "x"])
     assert engine_kwargs(args)["data_parallel_size"] == 2
     assert engine_kwargs(build_parser().parse_args(["generate", "x"]))["data_parallel_size"] == 1
-    args = build_parser().parse_args(["serve", "-dp", "2"])
+    assert engine_kwargs(build_parser().parse_args(["serve", "-dp", "2"]))["data_parallel_size"] == 2
+    args = build_parser().parse_args(["bench", "latency", "-dp", "2"])
     with pytest.raises(ValueError, match=r"--data-parallel-size above 1 works with `parallm "
-                                         r"generate` .* got 2 for `parallm serve`"):  # fmt: skip
+                                         r"generate`, `parallm serve` .* got 2 for `parallm bench`"):  # fmt: skip
         engine_kwargs(args)
