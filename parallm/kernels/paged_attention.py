@@ -549,17 +549,7 @@ def paged_prefill_attention(
         _scale_arg(k_cache, kv_scale),
         tree_num_nodes if has_tree else q,  # any pointer without trees (unread)
         tree_visible if has_tree else q,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
+        *_strides(q, out, k_cache, v_cache, block_tables),
         scale * _LOG2E,
         NUM_GROUPS=groups,
         HEAD_DIM=head_dim,
@@ -592,6 +582,19 @@ def _decode_config(head_dim: int, groups: int, elem_bytes: int, smem_bytes: int)
         elem_bytes, smem_bytes,
     )  # fmt: skip
     return _DecodeConfig(block_g, block_n, _DECODE_NUM_WARPS, stages)
+
+
+def _strides(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> tuple[int, ...]:
+    """Both kernels' stride arguments, in their order: q's and out's token and head strides,
+    each cache's block, slot and head strides, the block tables' row stride."""
+    return (*q.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            block_tables.stride(0))  # fmt: skip
 
 
 def _scale_arg(k_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
@@ -695,17 +698,7 @@ def paged_decode_attention(
         block_tables,
         seq_lens,
         _scale_arg(k_cache, kv_scale),
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
+        *_strides(q, out, k_cache, v_cache, block_tables),
         scale * _LOG2E,
         split_len,
         num_splits,

@@ -81,6 +81,20 @@ def tree_mask_ref(
     return (node < 0)[None, :] | (bits == 1)
 
 
+def causal_mask_ref(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[q_len, seq_len]``: query ``i`` (at position ``seq_len - q_len + i``) sees the
+    keys up to itself."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def context_ref(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[seq_len, Hkv, D]``: one sequence's cached keys (or values), read through its block
+    table from a paged cache ``[num_blocks, block_size, Hkv, D]``."""
+    pages = block_table[: -(-seq_len // cache.shape[1])].long()
+    return cache[pages].flatten(0, 1)[:seq_len]
+
+
 def paged_prefill_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -105,8 +119,7 @@ def paged_prefill_attention_ref(
     (:func:`tree_mask_ref`).
     """
     k_scale, v_scale = _kv_scales(kv_scale, k_cache)
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    groups = q.shape[1] // num_kv_heads
+    groups = q.shape[1] // k_cache.shape[2]
     wide = _wide(q.dtype)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
@@ -115,15 +128,12 @@ def paged_prefill_attention_ref(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        pages = block_tables[b, : -(-seq_len // block_size)].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        k, v = dequantize_kv_ref(k, k_scale, wide), dequantize_kv_ref(v, v_scale, wide)
+        k = dequantize_kv_ref(context_ref(k_cache, block_tables[b], seq_len), k_scale, wide)
+        v = dequantize_kv_ref(context_ref(v_cache, block_tables[b], seq_len), v_scale, wide)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        visible = causal_mask_ref(q_len, seq_len, q.device)
         if tree_num_nodes is not None:
             visible &= tree_mask_ref(tree_visible[q_start:q_end], tree_num_nodes[b], seq_len)
         scores = scores.masked_fill(~visible, float("-inf"))

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallm.kernels.reference import (
+    causal_mask_ref,
+    context_ref,
     dequantize_kv_ref,
     is_fp8_kv,
     quantize_kv_ref,
@@ -105,14 +107,6 @@ def write_kv(
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
 
 
-def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """Slots of positions 0..seq_len-1 of one sequence."""
-    num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks].long()
-    offsets = torch.arange(block_size, device=block_table.device)
-    return (blocks[:, None] * block_size + offsets).flatten()[:seq_len]
-
-
 class ReferenceAttention:
     """Plain PyTorch attention, one sequence at a time: the correctness baseline on any device."""
 
@@ -132,33 +126,23 @@ class ReferenceAttention:
         q, k = rope.apply(q, k)
         write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
         k_scale, v_scale = (None, None) if kv_scale is None else kv_scale  # fp8 caches only
-        block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-        flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
-        flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
         out = torch.empty_like(q)
-        group = q.shape[1] // num_kv_heads
+        group = q.shape[1] // kv_cache.shape[3]
         for b in range(meta.num_seqs):
             start, end = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
-            seq_len = meta.seq_lens_cpu[b]
-            slots = context_slots(meta.block_tables[b], seq_len, block_size)
-            keys = dequantize_kv_ref(flat_k[slots], k_scale, q.dtype)
-            values = dequantize_kv_ref(flat_v[slots], v_scale, q.dtype)
+            seq_len, table = meta.seq_lens_cpu[b], meta.block_tables[b]
+            keys = dequantize_kv_ref(context_ref(kv_cache[0], table, seq_len), k_scale, q.dtype)
+            values = dequantize_kv_ref(context_ref(kv_cache[1], table, seq_len), v_scale, q.dtype)
             keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
             values = values.repeat_interleave(group, dim=1).transpose(0, 1)
             query = q[start:end].transpose(0, 1)
-            mask = causal_mask(end - start, seq_len, q.device)
+            mask = causal_mask_ref(end - start, seq_len, q.device)
             if meta.tree_num_nodes is not None:
                 visible = meta.tree_visible[start:end]
                 mask = mask & tree_mask_ref(visible, meta.tree_num_nodes[b], seq_len)
             attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
             out[start:end] = attn.transpose(0, 1)
         return out
-
-
-def causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [q_len, seq_len]: query i (at position seq_len-q_len+i) sees keys up to itself."""
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
-    return torch.arange(seq_len, device=device)[None, :] <= q_pos
 
 
 def dense_causal_attention(
