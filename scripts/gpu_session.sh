@@ -99,6 +99,27 @@ for _ in range(180):
                cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
     specreal) python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
+    tp) # issue 18: Llama-3.1-8B shape at TP=1 (CUDA graphs, then eager: what graphs alone give)
+        # and TP=N (N = this machine's GPUs; eager under tensor parallelism so far)
+        n=$(nvidia-smi -L | wc -l)
+        runs=("1" "1 --enforce-eager"); (( n > 1 )) && runs+=("$n")
+        for run in "${runs[@]}"; do  # $run unquoted below: "1 --enforce-eager" is two arguments
+          tp=${run%% *}; name=tp$tp; [[ $run == *eager* ]] && name+=eager
+          python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
+              --max-model-len 4096 --batch-sizes 1,8,32 --tensor-parallel-size $run \
+              --out "$OUT/latency_llama8b_$name.json" > "$OUT/latency_llama8b_$name.log" 2>&1
+          tail -7 "$OUT/latency_llama8b_$name.log"
+          [[ $run == *eager* ]] && continue
+          python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.1-8b.json \
+              --max-model-len 4096 --tensor-parallel-size "$tp" \
+              --out "$OUT/throughput_llama8b_$name.json" > "$OUT/throughput_llama8b_$name.log" 2>&1
+          tail -4 "$OUT/throughput_llama8b_$name.log"
+        done ;;
+    allreduce) # NCCL against symmetric memory's one-shot all-reduce at decode sizes, all GPUs
+               n=$(nvidia-smi -L | wc -l)
+               torchrun --standalone --nproc-per-node "$n" benchmarks/allreduce_bench.py \
+                 --out "$OUT/allreduce_${n}gpu.json" > "$OUT/allreduce_${n}gpu.log" 2>&1
+               tail -22 "$OUT/allreduce_${n}gpu.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -136,7 +136,10 @@ def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int) -
 def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     engine = llm.engine
     weights = weight_bytes_per_step(engine.runner.model)
-    kv_per_token = kv_bytes_per_block(engine.model_config, 1, engine.runner.kv_cache_dtype)
+    # Per GPU: a tensor-parallel rank reads its shard of the weights and its heads' KV.
+    kv_per_token = kv_bytes_per_block(
+        engine.model_config, 1, engine.runner.kv_cache_dtype, engine.tp_size
+    )
     # Only a GPU's copy rate is a roofline for decode; on a CPU the figure would be meaningless.
     copy_gbps = copy_bandwidth_gbps(engine.device)
     rows = []

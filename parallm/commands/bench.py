@@ -52,4 +52,13 @@ def run(args: argparse.Namespace) -> int:
         require_vllm()  # before the engine starts: a missing vLLM fails in seconds, not after it
     # No local reference: throughput --compare-hf frees the engine before loading transformers.
     _module(args.bench).run(args, LLM(**engine_kwargs(args)))
+    _close_tensor_parallel_workers()
     return 0
+
+
+def _close_tensor_parallel_workers() -> None:
+    """A tensor-parallel engine's workers and process group end with the benchmark, not at
+    interpreter exit (``main`` may run again in this process)."""
+    from parallm.engine.executor import close_open_executors
+
+    close_open_executors()

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +66,16 @@ _HEARTBEAT_SECONDS = 30.0
 _POLL_SECONDS = 0.1
 _STOP_SECONDS = 10.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# Executors not closed yet: ``close_open_executors`` ends them before interpreter exit.
+_OPEN: weakref.WeakSet[TensorParallelExecutor] = weakref.WeakSet()
+
+
+def close_open_executors() -> None:
+    """Close every tensor-parallel executor of this process (their workers and group)."""
+    for executor in list(_OPEN):
+        executor.close()
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,7 @@ class TensorParallelExecutor:
         self._heartbeat_error: BaseException | None = None
         self._heartbeat: threading.Thread | None = None
         atexit.register(self.close)
+        _OPEN.add(self)
         try:
             if self.torchrun is None:
                 self._spawn_workers(spec)
@@ -327,6 +339,7 @@ class TensorParallelExecutor:
             return
         self._closed = True
         atexit.unregister(self.close)
+        _OPEN.discard(self)
         self._stopping.set()
         # A failed or abandoned engine's workers may be inside a step's collectives and never
         # take the command (a broadcast waits for every receiver): they learn it from the

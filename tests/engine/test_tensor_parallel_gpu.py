@@ -9,6 +9,7 @@ tests check the start-up checks with a monkeypatched GPU count.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from parallm import LLM, SamplingParams
+from parallm.cli import main
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.executor import check_tensor_parallel, rank_device
 from parallm.engine.runner import kv_bytes_per_block
@@ -202,3 +204,32 @@ def test_rank_r_runs_on_the_gpu_r_after_the_engine_device():
     assert rank_device("cuda:2", 1) == torch.device("cuda", 3)
     assert rank_device(torch.device("cuda:0"), 0) == torch.device("cuda", 0)
     assert rank_device("cpu", 3) == torch.device("cpu")
+
+
+def test_bench_latency_and_throughput_run_tensor_parallel(tiny_model_dir, tmp_path):
+    """Issue 18's benchmarks go through the executor (gloo here), report per-GPU bytes
+    (each rank reads half the weights and half the KV), and leave no worker behind."""
+    config = str(tiny_model_dir("llama3") / "config.json")
+    latency = ["bench", "latency", "--config", config, "--device", "cpu", "--batch-sizes", "2",
+               "--input-len", "8", "--output-len", "4", "--iters", "1"]  # fmt: skip
+    results = {}
+    for tp in (1, 2):
+        out = tmp_path / f"latency-tp{tp}.json"
+        assert main([*latency, "--tensor-parallel-size", str(tp), "--out", str(out)]) == 0
+        results[tp] = json.loads(out.read_text())
+        assert multiprocessing.active_children() == [] and not dist.is_initialized()
+    assert "tensor_parallel_size=2 (gloo" in results[2]["summary"]
+    assert results[2]["weight_bytes"] < results[1]["weight_bytes"]
+    kv_bytes = {
+        tp: r["results"][0]["bytes_per_step"] - r["weight_bytes"] for tp, r in results.items()
+    }
+    assert kv_bytes[2] == kv_bytes[1] / 2
+
+    out = tmp_path / "throughput.json"
+    assert main(["bench", "throughput", "--config", config, "--device", "cpu",
+                 "--num-requests", "4", "--min-len", "4", "--max-len", "8",
+                 "--tensor-parallel-size", "2", "--out", str(out)]) == 0  # fmt: skip
+    payload = json.loads(out.read_text())
+    assert "tensor_parallel_size=2 (gloo" in payload["summary"]
+    assert payload["results"][0]["requests"] == 4
+    assert multiprocessing.active_children() == [] and not dist.is_initialized()
