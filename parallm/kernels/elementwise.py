@@ -1,12 +1,11 @@
 """Fused Triton kernels for the small per-layer ops of a decoder: RMSNorm (optionally with the
-residual add), SiLU-and-mul, and rotary embedding.
+residual add) and SiLU-and-mul (rotary embedding: ``parallm.kernels.rope_store``).
 
 Each replaces a chain of PyTorch kernels with one launch and reproduces PyTorch's rounding
-order, so results match the modules in ``parallm.layers`` (RMSNorm, RotaryEmbedding) and
-``F.silu(gate) * up``: math runs in float32 and every intermediate result that PyTorch
-materialises in a half type is rounded to that type at the same point. bfloat16 rounding is
-done on the bits (``_round_to``) so the Triton interpreter, whose float32->bfloat16 cast
-truncates, gives the same answers as the GPU.
+order, so results match ``parallm.layers``' RMSNorm and ``F.silu(gate) * up``: math runs in
+float32 and every intermediate result that PyTorch materialises in a half type is rounded to
+that type at the same point. bfloat16 rounding is done on the bits (``_round_to``) so the
+Triton interpreter, whose float32->bfloat16 cast truncates, gives the same answers as the GPU.
 
 All functions take tensors whose last dim is contiguous, flatten the leading dims to rows, and
 never synchronise with the host, so they can be captured in a CUDA graph (compile them once

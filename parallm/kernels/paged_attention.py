@@ -45,9 +45,10 @@ _DECODE_MAX_SPLITS = 64
 _DECODE_BLOCK_N = 128
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
-# Shared memory a block may opt into where the device cannot be asked (the interpreter on CPU):
-# Hopper's 227 KiB.
+# Where the device cannot be asked (the interpreter on CPU): an H100's shared memory a block
+# may opt into (227 KiB) and SM count.
 _DEFAULT_SMEM_BYTES = 232448
+_DEFAULT_SMS = 132
 # Left free beyond the estimated K/V stages and Q tile: Triton's own scratch (layout conversions
 # of the score tile, reductions) comes out of the same shared memory.
 _SMEM_RESERVE_BYTES = 48 * 1024
@@ -355,29 +356,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
 
 
-@functools.cache
-def _smem_optin(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", _DEFAULT_SMEM_BYTES)
+def _properties(device: torch.device):
+    """The CUDA device's properties; None for another device, which then gets the defaults."""
+    if device.type != "cuda":
+        return None
+    return _cuda_properties(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 def shared_memory_bytes(device: torch.device) -> int:
     """Shared memory one block of a kernel on ``device`` may use."""
-    if device.type != "cuda":
-        return _DEFAULT_SMEM_BYTES
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _smem_optin(index)
+    return getattr(_properties(device), "shared_memory_per_block_optin", _DEFAULT_SMEM_BYTES)
 
 
 def _device_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _num_sms(index)
+    return getattr(_properties(device), "multi_processor_count", _DEFAULT_SMS)
 
 
 def _check_inputs(
@@ -606,7 +604,9 @@ def _no_rope_args(q: torch.Tensor) -> tuple:
     return (q, q, 0, 0, 0, 0, q, q, 0, 0, q, q)
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+def decode_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = _DEFAULT_SMS
+) -> int:
     """How many context splits decode uses so that ``batch * num_kv_heads * splits`` fills the GPU."""
     programs = batch * num_kv_heads
     target = _DECODE_PROGRAMS_PER_SM * num_sms
