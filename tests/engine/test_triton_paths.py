@@ -48,11 +48,15 @@ _SCRIPT = textwrap.dedent(
 
     # Batch-1 decode rows through the one-row kernel chain (what the batch-1 graph captures).
     assert supports_one_row_step(runner.model, runner.backend)
+    # The 1-token prompt's prefill is a row too; the 40-token one decodes over three blocks.
+    # (Each row runs a few dozen interpreted kernels: the 7-token prompt, one block like the
+    # 1-token one, is left out here.)
     rows = use_one_row_chain(runner)
-    one_row = [llm.generate([prompt], p, use_tqdm=False)[0] for prompt in prompts]
-    assert len(rows) >= 3 * 7, rows
-    for run in (backend_only, layers, one_row):
+    one_row = [llm.generate([prompts[i]], p, use_tqdm=False)[0] for i in (0, 2)]
+    assert len(rows) >= 2 * 7, rows
+    for run in (backend_only, layers):
         assert_same_tokens_and_logprobs(ref, run)
+    assert_same_tokens_and_logprobs([ref[0], ref[2]], one_row)
     print("fused ok")
     """
 )
