@@ -16,9 +16,12 @@ Every eager step the driver broadcasts the step's flat inputs (``StepInputs``: n
 no ``Sequence`` objects) to the workers over a gloo control group (``StepChannel``: a fixed
 header, then one int64 payload); all ranks then run the same forward, kept in lockstep by the
 all-reduces of the row-parallel layers and the embedding and the all-gather of the LM head
-over the default group. A rank that dies closes its connections, which fails the waits of
-the others at once; one that falls silent (its host vanished) is noticed when a wait times out,
-and an idle driver sends no-ops (a heartbeat) so that idle workers never time out.
+over the default group (gloo on the CPU; NCCL on GPUs, rank r on ``cuda:(index + r)``, where
+steps run eagerly: the driver captures no decode graphs, since workers replay none). Each rank
+sizes its KV cache for its own device and all take the fewest blocks. A rank that dies closes
+its connections, which fails the waits of the others at once; one that falls silent (its host
+vanished) is noticed when a wait times out, and an idle driver sends no-ops (a heartbeat) so
+that idle workers never time out.
 
 Workers exit when the driver closes the executor (``LLMEngine.close``, or at interpreter exit)
 or when their connection to it fails (the driver died). A worker that dies makes the driver's
@@ -121,8 +124,8 @@ def check_torchrun_world(tensor_parallel_size: int) -> None:
 def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: torch.device) -> None:
     """ValueError, before anything loads, for a ``tensor_parallel_size`` this model or this
     engine cannot run: heads or MLP width that do not split evenly, a torchrun job of another
-    size, a device other than the CPU, and the features not combined with tensor parallelism
-    yet."""
+    size, too few GPUs on this host, a device other than the CPU or CUDA, and the features not
+    combined with tensor parallelism yet."""
     tp = config.tensor_parallel_size
     if tp == 1:
         return
@@ -350,7 +353,7 @@ class TensorParallelExecutor:
         # Leaving the group fails any collective a worker still waits in (a step the driver
         # abandoned), so that it exits instead of waiting for the timeout.
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group(aborting=self.failure is not None)
         deadline = time.monotonic() + _STOP_SECONDS
         for proc in self.workers:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -456,6 +459,16 @@ def _join(device: torch.device, init_method: str, rank: int, world_size: int) ->
         backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=_COLLECTIVE_TIMEOUT,
     )  # fmt: skip
+
+
+def _leave_group(aborting: bool) -> None:
+    """Leave the default group (and the control group). A failed engine's NCCL group may hold
+    a collective that a dead rank never joins, which a destroy would wait for: it is aborted."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if aborting and abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
 
 
 def _control_group() -> dist.ProcessGroup:

@@ -137,6 +137,31 @@ def test_a_killed_gpu_worker_fails_the_next_generate_and_nothing_is_left(tiny_mo
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.gpu
+@needs_two_gpus
+def test_a_gpu_step_the_driver_abandons_stops_the_engine(tiny_model_dir, monkeypatch):
+    """The driver raises after the worker got the step: the worker's all-reduces wait on the
+    GPU for a rank that never joins, so the NCCL group is aborted (a destroy would wait), the
+    worker exits and the engine stays stopped."""
+    llm = LLM(str(tiny_model_dir("llama3", head_dim=64)), tensor_parallel_size=2, **ENGINE)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        monkeypatch.setattr(llm.engine.runner, "_hidden", _interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5, 17, 42]], params, use_tqdm=False)
+        assert multiprocessing.active_children() == []
+        assert not dist.is_initialized()
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match=r"stopped: a step raised KeyboardInterrupt"):
+            llm.generate([[5, 17, 42]], params, use_tqdm=False)
+    finally:
+        llm.close()
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 # CPU: the start-up checks, with the GPU count monkeypatched.
 
 
