@@ -117,18 +117,12 @@ def test_tensor_parallel_two_matches_one(
     reference: Path,
     dataset_dir: Path,  # noqa: F811
 ) -> None:
-    launch(2, write_config(tmp_path / "run.toml", dataset_dir, tmp_path / "run"), "parallel.tp=2")
-    assert_same_losses(tmp_path / "run", train_losses(reference), range(1, STEPS + 1))
-
-
-def test_fsdp_layers_return_no_views_under_tensor_parallel(
-    tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
-) -> None:
-    """FSDP2 warns when a wrapped layer returns a view (an in-place op on it would drop the
-    pre-backward hook and skip an all-gather); here that warning is an error in every rank."""
-    config = write_config(tmp_path / "run.toml", dataset_dir, tmp_path / "run", training__steps=2)
+    """Also: FSDP2 warns when a wrapped layer returns a view (an in-place op on it would drop
+    the pre-backward hook and skip an all-gather); here that warning is an error in every
+    rank."""
+    config = write_config(tmp_path / "run.toml", dataset_dir, tmp_path / "run")
     launch(2, config, "parallel.tp=2", env={"PYTHONWARNINGS": "error:FSDP2-wrapped module"})
+    assert_same_losses(tmp_path / "run", train_losses(reference), range(1, STEPS + 1))
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(
