@@ -42,6 +42,15 @@ INTERPRETING, interpreter_test, requires_cuda = kernel_modes(fused_ops._rms_norm
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 EPS = 1e-5
+# Llama 3 rope scaling over an 8-position original context: its frequency changes show at the
+# small head dims these tests use.
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
 
 
 # Comparison helpers.
@@ -306,14 +315,7 @@ def test_rotary_interpreter_in_place_many_head_blocks(monkeypatch, dtype):
 
 @interpreter_test
 def test_rotary_interpreter_llama3_scaling():
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8,
-    }
-    check_rotary(6, (4, 2), 64, torch.bfloat16, "cpu", scaling=scaling)
+    check_rotary(6, (4, 2), 64, torch.bfloat16, "cpu", scaling=LLAMA3_SCALING)
 
 
 @interpreter_test

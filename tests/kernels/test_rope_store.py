@@ -17,7 +17,13 @@ from triton_interpreter import (  # before triton: sets the interpreter
 )
 
 triton = pytest.importorskip("triton")
-from test_elementwise import assert_matches, make_qkv, nan_like, randn  # noqa: E402
+from test_elementwise import (  # noqa: E402
+    LLAMA3_SCALING,
+    assert_matches,
+    make_qkv,
+    nan_like,
+    randn,
+)
 
 from parallm.kernels import rope_store as fused_rope_store  # noqa: E402
 from parallm.kernels.reference import rotary_and_store_kv_ref  # noqa: E402
@@ -131,16 +137,9 @@ def test_rope_store_interpreter_in_place_many_head_blocks(monkeypatch, dtype):
 
 @interpreter_test
 def test_rope_store_interpreter_llama3_scaling_and_padding_rows():
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8,
-    }
     # Negative slots store nothing; their q is rotated all the same.
     slots = torch.tensor([3, -1, 40, 17, -5, 0])
-    check_rope_store(6, (4, 2), 64, torch.bfloat16, "cpu", block_size=8, scaling=scaling,
+    check_rope_store(6, (4, 2), 64, torch.bfloat16, "cpu", block_size=8, scaling=LLAMA3_SCALING,
                      slots=slots)  # fmt: skip
 
 
