@@ -100,9 +100,9 @@ for _ in range(180):
     specreal) python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     tp) # issue 18: Llama-3.1-8B shape at TP=1 (CUDA graphs, then eager: what graphs alone give)
-        # and TP=N (N = this machine's GPUs; eager under tensor parallelism so far)
+        # and TP=N (N = this machine's GPUs), with graphs and, should those fail, eager
         n=$(nvidia-smi -L | wc -l)
-        runs=("1" "1 --enforce-eager"); (( n > 1 )) && runs+=("$n")
+        runs=("1" "1 --enforce-eager"); (( n > 1 )) && runs+=("$n" "$n --enforce-eager")
         for run in "${runs[@]}"; do  # $run unquoted below: "1 --enforce-eager" is two arguments
           tp=${run%% *}; name=tp$tp; [[ $run == *eager* ]] && name+=eager
           python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \

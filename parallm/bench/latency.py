@@ -87,6 +87,8 @@ _request_ids = itertools.count()
 def graph_replay_ms(llm: Any, batch: int, iters: int = 50) -> float | None:
     """Device time of the captured decode graph alone, to split a step into GPU and host."""
     graphs = llm.engine.runner.graphs
+    if llm.engine.tp_size > 1:  # rank 0's graph alone would wait in its collectives for ever
+        return None
     size = graphs.padded_size(batch) if graphs is not None else None
     if size is None:
         return None

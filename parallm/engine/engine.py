@@ -90,10 +90,11 @@ class LLMEngine:
             if self.executor is not None:
                 self.executor.allocate_kv_cache(num_blocks)
                 self.runner.step_listener = self.executor.send_step
+                self.runner.graph_step_listener = self.executor.send_graph_step
+            self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
         except BaseException:
             self.close()
             raise
-        self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
         if self.draft_model is not None:
             self.draft_model.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
@@ -128,6 +129,7 @@ class LLMEngine:
             self.max_model_len + 1, cfg.load_format, cfg.seed, cfg.quantization,
             cfg.attention_backend, self.tp_size, self.fused_kernels,
             sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len,
+            tuple(self._graph_sizes(sched_cfg.max_num_seqs)),
         ))  # fmt: skip
 
     def close(self) -> None:
@@ -168,11 +170,23 @@ class LLMEngine:
         _check_capacity(num_blocks, block_size, self.max_model_len)
         return num_blocks
 
+    def _graph_sizes(self, max_num_seqs: int) -> list[int]:
+        """The decode graphs' batch sizes (none: every step runs eagerly)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return []
+        return [s for s in self.config.cuda_graph_sizes if s <= max_num_seqs] or [1]
+
     def _capture_graphs(self, max_num_seqs: int) -> float | None:
-        if self.device.type != "cuda" or self.config.enforce_eager or self.tp_size > 1:
-            return None  # tensor parallelism runs eagerly: workers replay no graphs yet
-        sizes = [s for s in self.config.cuda_graph_sizes if s <= max_num_seqs] or [1]
-        return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
+        sizes = self._graph_sizes(max_num_seqs)
+        if not sizes:
+            return None
+
+        def capture() -> float:
+            return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
+
+        # Tensor parallelism: every rank captures the same sizes, collectives included, and
+        # replays the graph that rank 0 replays (ModelRunner.graph_step_listener).
+        return capture() if self.executor is None else self.executor.capture_graphs(capture)
 
     def _load_tokenizer(self) -> Any | None:
         cfg = self.config
@@ -199,11 +213,11 @@ class LLMEngine:
         """One line for start-up: model, dtype, device, attention backend and KV capacity."""
         cfg = self.model_config
         graphs = "CUDA graphs off"
-        if self.device.type == "cuda" and self.tp_size > 1 and not self.config.enforce_eager:
-            graphs += " (tensor_parallel_size > 1 runs eagerly: no decode graphs or one-row chain)"
         if self.graph_capture_seconds is not None:
             sizes = self.runner.graphs.sizes
             graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]} in {self.graph_capture_seconds:.1f}s"
+            if self.fused_kernels and self.tp_size > 1:
+                graphs += " (no one-row chain at batch 1: it has no tensor-parallel collectives)"
         return (
             f"parallm: {self.config.model or 'dummy'} ({cfg.architecture}, "
             f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "

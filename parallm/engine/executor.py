@@ -16,9 +16,10 @@ Every eager step the driver broadcasts the step's flat inputs (``StepInputs``: n
 no ``Sequence`` objects) to the workers over a gloo control group (``StepChannel``: a fixed
 header, then one int64 payload); all ranks then run the same forward, kept in lockstep by the
 all-reduces of the row-parallel layers and the embedding and the all-gather of the LM head
-over the default group (gloo on the CPU; NCCL on GPUs, rank r on ``cuda:(index + r)``, where
-steps run eagerly: the driver captures no decode graphs, since workers replay none). Each rank
-sizes its KV cache for its own device and all take the fewest blocks. A rank that dies closes
+over the default group (gloo on the CPU; NCCL on GPUs, rank r on ``cuda:(index + r)``). On
+GPUs every rank captures the same decode graphs together, and for a pure decode step the driver
+sends the graph step's arrays instead and every rank replays the same graph. Each rank sizes
+its KV cache for its own device and all take the fewest blocks. A rank that dies closes
 its connections, which fails the waits of the others at once; one that falls silent (its host
 vanished) is noticed when a wait times out, and an idle driver sends no-ops (a heartbeat) so
 that idle workers never time out.
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,8 @@ _POLL_SECONDS = 0.1
 _STOP_SECONDS = 10.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
+
+T = TypeVar("T")
 
 # Executors not closed yet: ``close_open_executors`` ends them before interpreter exit.
 _OPEN: weakref.WeakSet[TensorParallelExecutor] = weakref.WeakSet()
@@ -203,6 +207,8 @@ class WorkerSpec:
     max_num_batched_tokens: int = 0
     max_num_seqs: int = 0
     max_model_len: int = 0
+    # The decode graphs' batch sizes; every rank captures the same ones (empty: eager).
+    graph_sizes: tuple[int, ...] = ()
 
 
 class TensorParallelExecutor:
@@ -289,13 +295,47 @@ class TensorParallelExecutor:
                 return errors, 0
             # The lock is held through rank 0's plan: a heartbeat sent now would meet the
             # workers' all-reduce instead of their next command.
-            return errors, channel.min_blocks(plan())
+            return errors, channel.min_blocks(self._on_rank_0(plan, "plan its KV cache"))
 
         errors, num_blocks = self._control(plan_everywhere)
         for rank, error in enumerate(errors):
             if error is not None:
                 self._fail(rank, "while loading its shard", error)
         return num_blocks
+
+    def capture_graphs(self, capture: Callable[[], float]) -> float:
+        """Every rank captures its decode graphs (``spec.graph_sizes``) together: their
+        warm-up forwards and captures hold the same collectives in the same order. ``capture``
+        is rank 0's (``ModelRunner.capture_cuda_graphs``); returns what it returns. Raises,
+        naming the rank, when a worker could not capture."""
+
+        def capture_everywhere(channel: StepChannel) -> tuple[float, list[str | None]]:
+            # The lock is held through rank 0's capture: a heartbeat sent now would meet the
+            # workers' error report instead of their next command.
+            channel.send_command(StepChannel.CAPTURE)
+            seconds = self._on_rank_0(capture, "capture its CUDA graphs")
+            return seconds, channel.gather_errors(None)
+
+        seconds, errors = self._control(capture_everywhere)
+        for rank, error in enumerate(errors):
+            if error is not None:
+                self._fail(rank, "while capturing its CUDA graphs", error)
+        return seconds
+
+    def _on_rank_0(self, work: Callable[[], T], what: str) -> T:
+        """Rank 0's share of work the workers do alongside it (collectives included): if it
+        fails, the workers may wait in those collectives, so the engine stops for good."""
+        try:
+            return work()
+        except BaseException as e:
+            self.abandon(f"rank 0 could not {what} ({type(e).__name__}: {e})")
+            raise
+
+    def send_graph_step(self, *arrays) -> None:
+        """Hand one graph-replayed decode step to every worker
+        (``ModelRunner.graph_step_listener``: ``DecodeGraphs.run``'s arrays)."""
+        self.check_workers()
+        self._control(lambda ch: ch.send_graph_step(arrays))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Each worker allocates its heads' cache; returns once every shard is loaded and ready."""
@@ -539,6 +579,18 @@ def _serve(rank: int, local_rank: int) -> None:
         command, argument, inputs, rows = channel.recv()
         if command == StepChannel.STEP:
             runner.execute_forward(inputs, rows)
+        elif command == StepChannel.GRAPH_STEP:
+            with torch.inference_mode():
+                runner.graphs.run(*inputs)
+        elif command == StepChannel.CAPTURE:
+            failure = None
+            try:
+                runner.capture_cuda_graphs(list(spec.graph_sizes), spec.max_model_len)
+            except Exception:
+                failure = traceback.format_exc()
+            channel.gather_errors(failure)
+            if failure is not None:
+                raise RuntimeError(f"rank {rank} could not capture its CUDA graphs:\n{failure}")
         elif command == StepChannel.PLAN:
             if any(e is not None for e in channel.share_errors(error)):
                 if error is not None:

@@ -141,6 +141,9 @@ class ModelRunner:
         # Tensor parallelism: called with every eager step's inputs and prompt spans before
         # the forward, so that the other ranks run the same forward (and collectives).
         self.step_listener: Callable[[StepInputs, list[PromptSpan]], None] | None = None
+        # Likewise with a graph-replayed decode step's arrays (``DecodeGraphs.run``'s), so that
+        # the other ranks replay the same graph.
+        self.graph_step_listener: Callable[..., None] | None = None
         # Set by a drafter that reads the target's hidden states (Medusa): every step then runs
         # eagerly and its SamplerOutput carries each sampling sequence's last hidden state.
         self.keep_hidden = False
@@ -291,14 +294,15 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> float:
         """Capture decode graphs for ``sizes``; returns the seconds it took. With the Triton
-        kernels (``fused_kernels``), batch 1 runs the one-row kernel chain."""
+        kernels (``fused_kernels``), batch 1 runs the one-row kernel chain, except under tensor
+        parallelism: the chain has no collectives."""
         from parallm.engine.decode_graph import DecodeGraphs  # imports triton
 
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
             self.model, self.backend, self.kv_caches, sizes, max_blocks, max_model_len,
             scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size,
-            device=self.device, one_row=self.fused_kernels,
+            device=self.device, one_row=self.fused_kernels and self.tp_size == 1,
         )  # fmt: skip
         self.graphs.capture()
         return self.graphs.capture_seconds
@@ -334,8 +338,10 @@ class ModelRunner:
         greedy = host_ids = inputs = hidden = None
         scored: list[PromptScores] = []
         if self._use_graph(batch):
-            logits, greedy, host_ids = self.graphs.run(*self.prepare_decode(batch),
-                                                       device_ids=device_ids)  # fmt: skip
+            decode = self.prepare_decode(batch)
+            if self.graph_step_listener is not None:
+                self.graph_step_listener(*decode)
+            logits, greedy, host_ids = self.graphs.run(*decode, device_ids=device_ids)
         else:
             inputs = self.prepare(batch)
             # A decode row predicts an output token: only prompt chunks have prompt tokens to score.

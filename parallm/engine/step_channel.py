@@ -21,12 +21,17 @@ class StepChannel:
     for a step, one int64 payload holding every array of it. The header's words: the command,
     its argument (blocks to allocate), and the length of each payload array."""
 
-    STEP, ALLOCATE, CLOSE, NOOP, PLAN = 1, 2, 3, 4, 5
+    STEP, ALLOCATE, CLOSE, NOOP, PLAN, CAPTURE, GRAPH_STEP = 1, 2, 3, 4, 5, 6, 7
     # The payload's arrays in order, with the dtype the runner reads each in.
     _ARRAYS = (
         ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
         ("query_start_loc", np.int32), ("seq_lens", np.int32), ("block_tables", np.int32),
         ("sample_indices", np.int64), ("prompt_rows", np.int64),
+    )  # fmt: skip
+    # A graph step's arrays: ``DecodeGraphs.run``'s arguments, in order.
+    _GRAPH_ARRAYS = (
+        ("input_ids", np.int64), ("positions", np.int64), ("slot_mapping", np.int64),
+        ("seq_lens", np.int32), ("block_tables", np.int32),
     )  # fmt: skip
     _HEADER = 3 + len(_ARRAYS)  # command, argument, block table width, array lengths
 
@@ -55,21 +60,35 @@ class StepChannel:
         payload = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays])
         dist.broadcast(torch.from_numpy(payload), src=0, group=self.group)
 
-    def recv(self) -> tuple[int, int, StepInputs | None, np.ndarray | None]:
-        """(command, argument, the step's inputs and prompt rows when the command is STEP)."""
+    def send_graph_step(self, arrays: tuple[np.ndarray, ...]) -> None:
+        """A decode step that every rank replays from its captured graph (``GRAPH_STEP``)."""
+        header = [self.GRAPH_STEP, 0, arrays[-1].shape[1]] + [a.size for a in arrays]
+        header += [0] * (self._HEADER - len(header))
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=self.group)
+        payload = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays])
+        dist.broadcast(torch.from_numpy(payload), src=0, group=self.group)
+
+    def recv(
+        self,
+    ) -> tuple[int, int, StepInputs | tuple[np.ndarray, ...] | None, np.ndarray | None]:
+        """(command, argument, the step's inputs and prompt rows when the command is STEP;
+        ``DecodeGraphs.run``'s arrays and None for GRAPH_STEP)."""
         header = torch.empty(self._HEADER, dtype=torch.int64)
         dist.broadcast(header, src=0, group=self.group)
         command, argument, width, *sizes = header.tolist()
-        if command != self.STEP:
+        if command not in (self.STEP, self.GRAPH_STEP):
             return command, argument, None, None
+        names = self._ARRAYS if command == self.STEP else self._GRAPH_ARRAYS
+        sizes = sizes[: len(names)]
         payload = torch.empty(sum(sizes), dtype=torch.int64)
         dist.broadcast(payload, src=0, group=self.group)
         parts = np.split(payload.numpy(), np.cumsum(sizes)[:-1])
         arrays = {
-            name: part.astype(dtype)
-            for (name, dtype), part in zip(self._ARRAYS, parts, strict=True)
+            name: part.astype(dtype) for (name, dtype), part in zip(names, parts, strict=True)
         }
         arrays["block_tables"] = arrays["block_tables"].reshape(-1, width)
+        if command == self.GRAPH_STEP:
+            return command, argument, tuple(arrays.values()), None
         rows = arrays.pop("prompt_rows")
         return command, argument, StepInputs(**arrays), rows if argument else None
 

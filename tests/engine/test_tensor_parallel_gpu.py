@@ -59,20 +59,26 @@ def _run(llm: LLM) -> tuple[list, list]:
 
 @pytest.mark.gpu
 @needs_two_gpus
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
-def test_two_gpus_give_one_gpu_greedy_tokens(tiny_model_dir, arch):
+def test_two_gpus_give_one_gpu_greedy_tokens(tiny_model_dir, arch, eager):
+    """TP=2 with decode graphs (every rank replays the graph rank 0 replays) and eagerly both
+    give one GPU's tokens: graphs and eager agree under tensor parallelism."""
     path = str(tiny_model_dir(arch, head_dim=64))
     reference = LLM(path, **ENGINE)
     want_tokens, want_logprobs = _run(reference)
     del reference
 
-    llm = LLM(path, tensor_parallel_size=2, **ENGINE)
+    llm = LLM(path, tensor_parallel_size=2, enforce_eager=eager, **ENGINE)
     try:
         assert len(multiprocessing.active_children()) == 1
         summary = llm.engine.summary()
         assert "tensor_parallel_size=2 (nccl" in summary
-        assert "runs eagerly" in summary  # no decode graphs across ranks yet
-        assert llm.engine.runner.graphs is None and not llm.engine.async_scheduling
+        assert (llm.engine.runner.graphs is None) == eager
+        if not eager:
+            assert llm.engine.runner.graphs.one_row is None  # the chain has no collectives
+            assert "no one-row chain" in summary
+        assert not llm.engine.async_scheduling
         assert os.environ.get("NCCL_NVLS_ENABLE") is not None
         assert os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") is not None
         tokens, logprobs = _run(llm)
