@@ -24,6 +24,7 @@ from parallm.cli import main
 from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.executor import check_tensor_parallel, rank_device
 from parallm.engine.runner import kv_bytes_per_block
+from parallm.engine.step_channel import StepChannel
 
 BLOCK = 16
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)
@@ -264,3 +265,37 @@ def test_bench_latency_and_throughput_run_tensor_parallel(tiny_model_dir, tmp_pa
     assert "tensor_parallel_size=2 (gloo" in payload["summary"]
     assert payload["results"][0]["requests"] == 4
     assert multiprocessing.active_children() == [] and not dist.is_initialized()
+
+
+def _receive_one_graph_step(init_method: str, conn) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=1, world_size=2)
+    channel = StepChannel(dist.new_group(backend="gloo"))
+    command, _, arrays, rows = channel.recv()
+    conn.send((command, [(a.dtype.str, a.shape, a.tolist()) for a in arrays], rows))
+    dist.destroy_process_group()
+
+
+def test_a_graph_step_reaches_the_workers_as_decode_graphs_run_takes_it(tmp_path):
+    """GRAPH_STEP carries ``DecodeGraphs.run``'s arrays: each arrives with its dtype and
+    shape (the block tables as rows of the sent width)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    worker = ctx.Process(target=_receive_one_graph_step, args=(init_method, child))
+    worker.start()
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=2)
+    try:
+        channel = StepChannel(dist.new_group(backend="gloo"))
+        sent = (
+            np.array([5, 17, 42], np.int64), np.array([9, 30, 2], np.int64),
+            np.array([153, 510, 66], np.int64), np.array([10, 31, 3], np.int32),
+            np.array([[9, 0], [31, 32], [4, 0]], np.int32),
+        )  # fmt: skip
+        channel.send_graph_step(sent)
+        command, got, rows = parent.recv()
+    finally:
+        dist.destroy_process_group()
+        worker.join(30)
+    assert command == StepChannel.GRAPH_STEP and rows is None
+    assert got == [(a.dtype.str, a.shape, a.tolist()) for a in sent]
+    assert worker.exitcode == 0
