@@ -98,7 +98,7 @@ def test_each_rank_plans_its_own_card_and_the_fewest_blocks_win(tiny_model_dir):
     and the engine must use rank 1's count on both ranks."""
     path = tiny_model_dir("llama3", head_dim=64)
     cfg = ModelConfig.from_path(str(path))
-    engine = {**ENGINE, "max_model_len": 4096, "max_num_seqs": 256}
+    engine = {**ENGINE, "max_model_len": 4096, "max_num_seqs": 256, "enforce_eager": True}
     cap = 2 * 256 * (4096 // BLOCK)  # the engine's ceiling on blocks (prefix-cache room)
     per_rank_block = kv_bytes_per_block(cfg, BLOCK, torch.float32, 2)
     one_rank = LLM(str(path), tensor_parallel_size=1, **engine)
