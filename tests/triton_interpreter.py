@@ -8,6 +8,7 @@ its interpreter tests in a fresh subprocess instead.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -16,6 +17,44 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _remember_builtin_names() -> None:
+    """Make Triton's interpreter list each package's builtins once.
+
+    The interpreter patches ``triton.language`` again at every call of a nested ``@jit``
+    function, finding the builtins with ``inspect.getmembers`` over whole modules and classes
+    each time: about a third of an interpreted kernel's time. Here each package's builtin
+    names are listed once; every call still checks and patches the members as before (those
+    already patched are no builtins any more and are skipped, as before). Without that
+    function (another Triton) nothing changes.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_builtin = getattr(interpreter, "_patch_builtin", None)
+    patch_attr = getattr(interpreter, "_patch_attr", None)
+    if patch_builtin is None or patch_attr is None or hasattr(patch_builtin, "names"):
+        return
+    names: dict[int, list[str]] = {}
+
+    def remembering(pkg, builder, scope):
+        if id(pkg) not in names:
+            members = inspect.getmembers(pkg)
+            names[id(pkg)] = [name for name, member in members if tl.core.is_builtin(member)]
+        for name in names[id(pkg)]:
+            member = getattr(pkg, name)
+            if tl.core.is_builtin(member):
+                patch_attr(pkg, name, member, builder, scope)
+
+    remembering.names = names
+    interpreter._patch_builtin = remembering
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _remember_builtin_names()
 
 
 def run_interpreter_suite(test_file: str) -> tuple[str, str]:

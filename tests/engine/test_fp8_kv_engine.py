@@ -197,6 +197,7 @@ def test_a_draft_models_cache_is_fp8_too_and_drafting_stays_lossless(
 _TRITON_SCRIPT = textwrap.dedent(
     """
     import sys
+    import triton_interpreter  # before triton: lists its builtins once (speed)
     import torch
     from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams

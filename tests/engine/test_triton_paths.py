@@ -14,6 +14,7 @@ from interpreted_engine import run_interpreted
 _SCRIPT = textwrap.dedent(
     """
     import sys
+    import triton_interpreter  # before triton: lists its builtins once (speed)
     from collections import Counter
     from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams

@@ -13,6 +13,7 @@ from interpreted_engine import run_interpreted
 _SCRIPT = textwrap.dedent(
     """
     import sys
+    import triton_interpreter  # before triton: lists its builtins once (speed)
     from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams
     from parallm.engine.one_row_step import supports_one_row_step
