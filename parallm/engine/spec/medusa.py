@@ -16,8 +16,7 @@ heads change speed only, never output. No KV cache of its own: the heads read on
 
 from __future__ import annotations
 
-import itertools
-import math
+import heapq
 
 import torch
 
@@ -42,11 +41,17 @@ def default_tree_paths(num_heads: int) -> tuple[tuple[int, ...], ...]:
     20 for three, 28 for four. Every prefix of a chosen path scores higher, so the set is
     closed under parents; the top-1 chain is always in it."""
     size = min(MAX_TREE_NODES, _DEFAULT_NODES.get(num_heads, 28 + 8 * (num_heads - 4)))
-    ranks = range(len(_RANK_PRIOR))
-    candidates = [p for d in range(1, num_heads + 1) for p in itertools.product(ranks, repeat=d)
-                  if len(p) <= 2 or max(p[2:], default=0) < 3]  # fmt: skip
-    score = {p: math.prod(_RANK_PRIOR[r] for r in p) for p in candidates}
-    chosen = sorted(candidates, key=lambda p: (-score[p], len(p), p))[:size]
+    # Best-first from the root: a child never scores above its parent and is longer, so paths
+    # leave the heap in the order (-score, depth, path) without enumerating every path.
+    heap = [(-_RANK_PRIOR[r], 1, (r,)) for r in range(len(_RANK_PRIOR))]
+    chosen = []
+    while heap and len(chosen) < size:
+        neg_score, depth, path = heapq.heappop(heap)
+        chosen.append(path)
+        if depth < num_heads:
+            ranks = len(_RANK_PRIOR) if depth < 2 else 3  # deep nodes: only each head's top 3
+            for r in range(ranks):
+                heapq.heappush(heap, (neg_score * _RANK_PRIOR[r], depth + 1, (*path, r)))
     chain = [(0,) * d for d in range(1, num_heads + 1)]
     chosen = list(dict.fromkeys(chain + chosen))[:size]
     return tuple(sorted(chosen, key=lambda p: (len(p), p)))
