@@ -175,7 +175,12 @@ def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_
 def test_a_step_the_driver_abandons_stops_the_engine(tiny_model_dir, monkeypatch):
     """The driver's forward raises after the workers got the step (they wait in its first
     all-reduce): the ranks are out of step, so the engine stops for good, workers included."""
-    llm = LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=2, **ENGINE)
+    check_abandoned_step_stops_the_engine(str(tiny_model_dir("llama3")), ENGINE, monkeypatch)
+
+
+def check_abandoned_step_stops_the_engine(model: str, engine: dict, monkeypatch) -> None:
+    """Also the GPU test's body (test_tensor_parallel_gpu.py)."""
+    llm = LLM(model, tensor_parallel_size=2, **engine)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     try:
         monkeypatch.setattr(llm.engine.runner, "_hidden", _interrupted)

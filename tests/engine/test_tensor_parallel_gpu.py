@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from test_tensor_parallel import check_abandoned_step_stops_the_engine
 
 from parallm import LLM, SamplingParams
 from parallm.cli import main
@@ -152,23 +153,8 @@ def test_a_gpu_step_the_driver_abandons_stops_the_engine(tiny_model_dir, monkeyp
     """The driver raises after the worker got the step: the worker's all-reduces wait on the
     GPU for a rank that never joins, so the NCCL group is aborted (a destroy would wait), the
     worker exits and the engine stays stopped."""
-    llm = LLM(str(tiny_model_dir("llama3", head_dim=64)), tensor_parallel_size=2, **ENGINE)
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    try:
-        monkeypatch.setattr(llm.engine.runner, "_hidden", _interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            llm.generate([[5, 17, 42]], params, use_tqdm=False)
-        assert multiprocessing.active_children() == []
-        assert not dist.is_initialized()
-        monkeypatch.undo()
-        with pytest.raises(RuntimeError, match=r"stopped: a step raised KeyboardInterrupt"):
-            llm.generate([[5, 17, 42]], params, use_tqdm=False)
-    finally:
-        llm.close()
-
-
-def _interrupted(*args, **kwargs):
-    raise KeyboardInterrupt
+    model = str(tiny_model_dir("llama3", head_dim=64))
+    check_abandoned_step_stops_the_engine(model, ENGINE, monkeypatch)
 
 
 # CPU: the start-up checks, with the GPU count monkeypatched.
