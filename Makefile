@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput bench-train bench-serve gpu-session peers-wheels clean
+.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput bench-train bench-serve gpu-session peers-wheels server-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -64,6 +64,12 @@ gpu-session: setup  ## GPU tests and benchmarks in one go (STEPS="tests latency 
 
 peers-wheels: setup  ## fetch vLLM 0.26.0's wheels into .peers/ and print the GPU machine's calls (benchmarks/peers)
 	PY=$(BIN)/python bash benchmarks/peers/fetch_vllm_wheels.sh
+
+server-wheels: setup  ## fetch the server's wheels (not on the GPU image) into .whl/server for gpu_session.sh serve
+	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl/server fastapi uvicorn pyzmq msgspec 'pydantic>=2.6'
+	@du -sh .whl/server
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs
