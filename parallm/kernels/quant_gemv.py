@@ -27,8 +27,8 @@ import triton.language as tl
 
 from parallm.kernels.rope_store import to_cache
 
-MIN_SCALE: tl.constexpr = 1e-12  # as parallm.layers.quantization.format.MIN_SCALE
-E4M3_MAX: tl.constexpr = 448.0
+MIN_SCALE = tl.constexpr(1e-12)  # as parallm.layers.quantization.format.MIN_SCALE
+E4M3_MAX = tl.constexpr(448.0)
 PER_TOKEN_MAX_K = 32768  # a row is quantized from registers in one load
 MAX_ROWS = 64  # past this the GEMM is no longer weight-bound; callers dequantize for cuBLAS
 _BLOCK_M = 16  # tl.dot's smallest M; fewer rows are masked

@@ -28,11 +28,11 @@ from parallm.kernels.pdl import pdl_launch, wait_for_producer
 # Each program covers up to this many (head, dim-pair) elements.
 _TILE = 2048
 _FP8_KV = torch.float8_e4m3fn
-_E4M3_MAX: tl.constexpr = 448.0
-_E4M3_MIN_NORMAL: tl.constexpr = 2.0**-6
+_E4M3_MAX = tl.constexpr(448.0)
+_E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)
 # Adding 2^14 to a float32 below 2^-6 rounds it to a multiple of 2^-9, e4m3's subnormal step
 # (float32's ulp at 2^14), to nearest even; subtracting it again is exact.
-_E4M3_SUBNORMAL_SHIFTER: tl.constexpr = 2.0**14
+_E4M3_SUBNORMAL_SHIFTER = tl.constexpr(2.0**14)
 
 
 # fp8 (e4m3) cache elements.
