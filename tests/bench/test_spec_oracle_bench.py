@@ -21,6 +21,7 @@ def test_oracle_bench_reports_tokens_per_step(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r["k"], r["wrong"]): r for r in json.loads(out.read_text())}
     assert set(rows) == {(2, 0.0), (2, 0.6), (4, 0.0), (4, 0.6)}
+    assert all(r["identical_outputs"] == 1.0 for r in rows.values())  # float32: plain decoding's
     for k in (2, 4):
         right, wrong = rows[(k, 0.0)]["tokens_per_step"], rows[(k, 0.6)]["tokens_per_step"]
         assert k / 2 < right <= k + 1  # every draft right: close to k + 1 a step
