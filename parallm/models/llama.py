@@ -73,27 +73,23 @@ class LlamaAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: RopeTables, ctx: ForwardContext | None
     ) -> torch.Tensor:
+        if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        else:
+            qkv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         lead = x.shape[:-1]
-        q, k, v = (t.view(*lead, -1, self.head_dim) for t in self.project(x))
+        q, k, v = (t.view(*lead, -1, self.head_dim) for t in qkv)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, rope, ctx)
         # -1: the local heads when tensor parallelism shards them.
         return _join_partial_sums(self.o_proj(out.reshape(*lead, -1)), self.tp_size)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw q, k and v, heads flattened."""
-        if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward block."""
 
-    def __init__(
-        self, cfg: ModelConfig, packed: bool, tp_rank: int = 0, tp_size: int = 1
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, packed: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.tp_size = tp_size
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -157,12 +153,7 @@ class DecoderModel(nn.Module):
     """Embeddings, decoder layers and the final norm (Hugging Face's ``model.*`` prefix)."""
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        max_positions: int,
-        packed: bool,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        self, cfg: ModelConfig, max_positions: int, packed: bool, tp_rank: int, tp_size: int
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(

@@ -139,15 +139,6 @@ def iter_checkpoint_slices(path: Path) -> Iterator[tuple[str, CheckpointSlice]]:
                 yield name, CheckpointSlice(f.get_slice(name))
 
 
-def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor in the checkpoint, shard by shard."""
-    files = checkpoint_files(path)
-    for file in tqdm(files, desc="Loading shards", disable=len(files) < 2, leave=False):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, f.get_tensor(name)
-
-
 def load_safetensors(
     model: nn.Module, path: Path, stored: StoredQuantization | None = None
 ) -> None:
@@ -158,11 +149,9 @@ def load_safetensors(
     the files; vectors (norms, biases) are read whole. With ``stored`` (a checkpoint stored
     quantized) the layers whose weights carry scales become quantized first, and each such
     weight reaches its loader with its scales in the runtime's per-row form."""
-    sharded = getattr(model, "tp_size", 1) > 1
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    mapping = (
-        getattr(model, "packed_modules_mapping", {}) if getattr(model, "packed", False) else {}
-    )
+    sharded = model.tp_size > 1
+    tied = model.config.tie_word_embeddings
+    mapping = model.packed_modules_mapping if model.packed else {}
     scales = _stored_scales(model, path, stored, mapping) if stored is not None else {}
     params = dict(model.named_parameters())
     loaded: set[tuple[str, str | int | None]] = set()
