@@ -67,53 +67,42 @@ class SamplingTensors:
         params = [r.params for r in rows]
         greedy = [_is_greedy(p) for p in params]
         knobs = [_sampling_knobs(p, g, vocab_size) for p, g in zip(params, greedy, strict=True)]
-        temperatures = [k[0] for k in knobs]
-        top_ks = [k[1] for k in knobs]
-        top_ps = [k[2] for k in knobs]
-        min_ps = [k[3] for k in knobs]
 
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        def tensor(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
 
-        top_k = top_p = min_p = None
-        if any(k < vocab_size for k in top_ks):
-            top_k = torch.tensor(top_ks, dtype=torch.int64, device=device)
-        if any(p < 1.0 for p in top_ps):
-            top_p = floats(top_ps)
-        if any(m > 0.0 for m in min_ps):
-            min_p = floats(min_ps)
+        def knob(i: int, off: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            """Column ``i`` of ``knobs``, or None when every row has it at ``off``."""
+            values = [k[i] for k in knobs]
+            return tensor(values, dtype) if any(v != off for v in values) else None
 
-        rep = presence = frequency = prompt_ids = output_ids = None
-        use_rep = any(p.repetition_penalty != 1.0 for p in params)
-        use_additive = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
-        if use_rep:
-            rep = floats([p.repetition_penalty for p in params])
-            prompt_ids = _pad([r.prompt_token_ids for r in rows], vocab_size, device)
-        if use_additive:
-            presence = floats([p.presence_penalty for p in params])
-            frequency = floats([p.frequency_penalty for p in params])
-        if use_rep or use_additive:
-            output_ids = _pad([r.output_token_ids for r in rows], vocab_size, device)
+        def penalty(name: str, off: float) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in params]
+            return tensor(values) if any(v != off for v in values) else None
 
-        banned = None
-        if any(r.banned_token_ids for r in rows):
-            banned = _pad([r.banned_token_ids for r in rows], vocab_size, device)
+        def token_ids(lists: list[list[int]], needed: bool) -> torch.Tensor | None:
+            return _pad(lists, vocab_size, device) if needed else None
 
+        rep = penalty("repetition_penalty", 1.0)
+        presence = penalty("presence_penalty", 0.0)
+        frequency = penalty("frequency_penalty", 0.0)
+        penalised = rep is not None or presence is not None or frequency is not None
+        banned = [r.banned_token_ids for r in rows]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
-            temperature=floats(temperatures),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device) if any(greedy) else None,
+            temperature=tensor([k[0] for k in knobs]),
+            greedy=tensor(greedy, torch.bool) if any(greedy) else None,
             all_greedy=all(greedy),
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
+            top_k=knob(1, vocab_size, torch.int64),
+            top_p=knob(2, math.inf),
+            min_p=knob(3, 0.0),
             repetition_penalty=rep,
             presence_penalty=presence,
             frequency_penalty=frequency,
-            prompt_token_ids=prompt_ids,
-            output_token_ids=output_ids,
-            banned_token_ids=banned,
+            prompt_token_ids=token_ids([r.prompt_token_ids for r in rows], rep is not None),
+            output_token_ids=token_ids([r.output_token_ids for r in rows], penalised),
+            banned_token_ids=token_ids(banned, any(banned)),
             generators=[
                 (i, r.generator)
                 for i, (r, g) in enumerate(zip(rows, greedy, strict=True))
@@ -211,29 +200,23 @@ def _mask_tokens(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     vocab = logits.shape[1]
-    output_counts = None
-    if t.output_token_ids is not None:
+    if t.output_token_ids is not None:  # set whenever a penalty is
         output_counts = _token_counts(t.output_token_ids, vocab)
     if t.repetition_penalty is not None:
-        assert t.prompt_token_ids is not None and output_counts is not None
         seen = (output_counts > 0) | (_token_counts(t.prompt_token_ids, vocab) > 0)
         penalty = t.repetition_penalty.unsqueeze(1)
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
-    if t.presence_penalty is not None and t.frequency_penalty is not None:
-        assert output_counts is not None
+    if t.frequency_penalty is not None:
         logits = logits - t.frequency_penalty.unsqueeze(1) * output_counts
+    if t.presence_penalty is not None:
         logits = logits - t.presence_penalty.unsqueeze(1) * (output_counts > 0)
     return logits
 
 
 def _sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    greedy_ids = logits.argmax(dim=-1) if t.greedy is not None else None
     sampled = exponential_race(sampling_probs(logits, t), t.generators)
-    if greedy_ids is None:
-        return sampled
-    assert t.greedy is not None
-    return torch.where(t.greedy, greedy_ids, sampled)
+    return sampled if t.greedy is None else torch.where(t.greedy, logits.argmax(dim=-1), sampled)
 
 
 def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
