@@ -1,22 +1,15 @@
-"""Batch-1 GEMVs for the one-row decode layer, with their producer fused in where there is one:
-RMSNorm (+ residual add) before q/k/v and gate/up, SiLU-and-mul before down, nothing before the
-o projection. Each fusion removes a kernel and a kernel boundary, and pays for it only while the
-GEMV itself keeps up with cuBLAS (``benchmarks/fused_gemv_bench.py`` compares each fused pair with
-cuBLAS plus the separate kernel), so one-token decode steps use them (the one-row step,
-on with the fused kernels). With ``pdl=True`` they launch with
-PDL and load their first W tile before waiting for the previous kernel.
+"""One-row GEMVs for batch-1 decode, with their producer fused in: RMSNorm (+ residual add)
+before q/k/v and gate/up, SiLU-and-mul before down, nothing before o and the LM head. With
+``pdl=True`` they launch with PDL and load their first W tile before waiting for the producer.
 
-``y = rms_norm(x [+ residual]) @ W^T``, ``y = silu(gate) * up @ W^T`` and ``y = x @ W^T`` for one
-row, W of shape [N, K] with unit stride along K. Every program owns BLOCK_N output features,
-recomputes the (cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W
-once; there is no split over K, so no second kernel. The prologue rounds where
-``parallm.kernels.elementwise`` rounds (PyTorch's order); its sum of squares and the GEMV's sums
-run in another order than the norm kernel's and cuBLAS's, so results agree to float rounding,
-not bit for bit.
+W is [N, K] with unit stride along K. Every program owns BLOCK_N output features, recomputes
+the (cheap, L2-resident) prologue vector chunk by chunk and streams its rows of W once; there is
+no split over K, so no second kernel. The prologue rounds where ``parallm.kernels.elementwise``
+rounds; the sums run in another order than the norm kernel's and cuBLAS's, so results agree to
+float rounding, not bit for bit.
 
-Quantized weights (int8, float8_e4m3fn) are read as they are stored, with ``weight_scale``: one
-float32 scale per output row, applied to each row's float32 sum (``y = scale * (x @ q^T)``, the
-same as ``x @ (q * scale)^T`` up to rounding), so the kernel streams a byte per weight.
+Quantized weights (int8, float8_e4m3fn) are read as stored, with ``weight_scale``: one float32
+scale per output row, applied to each row's float32 sum, so the kernel streams a byte a weight.
 """
 
 from __future__ import annotations
@@ -76,8 +69,8 @@ def _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE: tl.constexpr):
 
 @triton.jit
 def _norm_gemv_kernel(
-    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, scale_ptr, y_ptr, ids_ptr, stride_x, N, K,
-    stride_wn, inv_k, eps, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr,
+    x_ptr, res_ptr, res_out_ptr, norm_w_ptr, ids_ptr, stride_x, inv_k, eps, w_ptr, scale_ptr,
+    y_ptr, N, K, stride_wn, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_ALL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -187,10 +180,9 @@ def _gemv_kernel(
 def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | None,
           num_warps: int | None, weight: torch.Tensor,
           num_stages: int) -> tuple[int, int, int]:  # fmt: skip
-    """The tile of a call: the role's default where an argument is left out, with a default
-    block_k halved until the pipeline's W stages fit in shared memory (the defaults are sized
-    for 16-bit weights; float32 ones would overflow a Hopper block's 227 KiB). One-byte
-    (quantized) weights get twice the default block_k: the bytes per tile it was tuned with."""
+    """The role's default tile where an argument is left out. A default block_k is doubled for
+    one-byte weights (the bytes per tile it was tuned with), then halved until the W stages fit
+    in shared memory (float32 weights would overflow a Hopper block's 227 KiB)."""
     block_n, warps = block_n or default[0], num_warps or default[2]
     if block_k is None:
         block_k = default[1] * (2 if weight.element_size() == 1 else 1)
@@ -199,20 +191,18 @@ def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | Non
     return block_n, block_k, warps
 
 
-QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
-
-
-def _checked_output(
-    x: torch.Tensor, weight: torch.Tensor, k: int, weight_scale: torch.Tensor | None
-) -> torch.Tensor:
-    """The [1, N] output of a GEMV of the row ``x`` (inner length ``k``) with ``weight``;
-    a quantized weight needs its per-row float32 ``weight_scale [N]``."""
-    if x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1:
-        raise ValueError(f"x must be one contiguous row [1, K], got {tuple(x.shape)}")
+def _launch(kernel, head: tuple, row: torch.Tensor, k: int, weight: torch.Tensor,
+            weight_scale: torch.Tensor | None, tile: tuple[int, int, int], num_stages: int,
+            pdl: bool, **constexprs) -> torch.Tensor:  # fmt: skip
+    """Checks the row ``[1, K]`` and ``weight [N, K]`` (a quantized one needs its per-row
+    float32 ``weight_scale [N]``) and runs ``kernel(*head, W, scale, y, N, K, ...)``; returns
+    y [1, N] in the row's dtype."""
+    if row.dim() != 2 or row.shape[0] != 1 or row.stride(-1) != 1:
+        raise ValueError(f"x must be one contiguous row [1, K], got {tuple(row.shape)}")
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with unit stride along K")
     n = weight.shape[0]
-    if weight.dtype in QUANTIZED_DTYPES and weight_scale is None:
+    if weight.dtype in (torch.int8, torch.float8_e4m3fn) and weight_scale is None:
         raise ValueError(f"weight_scale is needed for a {weight.dtype} weight")
     if weight_scale is not None and (
         weight_scale.shape != (n,) or weight_scale.dtype != torch.float32
@@ -220,7 +210,15 @@ def _checked_output(
     ):  # fmt: skip
         raise ValueError(f"weight_scale must be contiguous float32 [{n}], got "
                          f"{weight_scale.dtype} {tuple(weight_scale.shape)}")  # fmt: skip
-    return torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=row.dtype, device=row.device)
+    block_n, block_k, num_warps = tile
+    kernel[(triton.cdiv(n, block_n),)](
+        *head, weight, weight_scale if weight_scale is not None else y, y, n, k, weight.stride(0),
+        HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        NUM_STAGES=num_stages, num_warps=num_warps, **constexprs, **_NO_FMA,
+        **pdl_launch(row, pdl),
+    )  # fmt: skip
+    return y
 
 
 def rms_norm_gemv(
@@ -238,8 +236,7 @@ def rms_norm_gemv(
     weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
-    Tile arguments left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``;
-    ``weight_scale``: the per-row scales of a quantized ``weight`` (module docstring).
+    Tiles left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``.
 
     With ``gather_ids`` (one integer id on the device), ``x`` is a table [V, K] (the token
     embedding) and the row is ``x[gather_ids[0]]``, read by the kernel itself: the first
@@ -254,22 +251,17 @@ def rms_norm_gemv(
         if gather_ids.shape != (1,) or gather_ids.is_floating_point():
             raise ValueError(f"gather_ids must be one integer id, got {tuple(gather_ids.shape)}")
         row = x[:1]
-    y = _checked_output(row, weight, k, weight_scale)
-    n = y.shape[1]
-    block_n, block_k, num_warps = _tile(GATE_UP_TILE if n >= _WIDE_N else QKV_TILE, block_n,
-                                        block_k, num_warps, weight, num_stages)  # fmt: skip
+    default = GATE_UP_TILE if weight.shape[0] >= _WIDE_N else QKV_TILE
+    tile = _tile(default, block_n, block_k, num_warps, weight, num_stages)
     stored = residual is not None or gather_ids is not None
     res_out = torch.empty_like(row) if stored else None
     res = residual if residual is not None else row
     block_all = triton.next_power_of_2(k)
-    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, res, res_out if res_out is not None else row, norm_weight, weight,
-        _scale_arg(weight_scale, y), y, gather_ids if gather_ids is not None else y, x.stride(0),
-        n, k, weight.stride(0), 1.0 / k, eps, HAS_RESIDUAL=residual is not None,
-        GATHER=gather_ids is not None, HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-        ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all, num_warps=num_warps,
-        **_NO_FMA, **pdl_launch(row, pdl),
-    )  # fmt: skip
+    head = (x, res, res_out if stored else row, norm_weight,
+            gather_ids if gather_ids is not None else row, x.stride(0), 1.0 / k, eps)  # fmt: skip
+    y = _launch(_norm_gemv_kernel, head, row, k, weight, weight_scale, tile, num_stages, pdl,
+                HAS_RESIDUAL=residual is not None, GATHER=gather_ids is not None,
+                ONE_PASS=block_all <= _ONE_PASS_MAX, BLOCK_ALL=block_all)  # fmt: skip
     return y, res_out
 
 
@@ -284,18 +276,11 @@ def silu_mul_gemv(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up).
-    Tile arguments left out come from ``DOWN_TILE``; ``weight_scale`` as in ``rms_norm_gemv``."""
+    Tiles left out come from ``DOWN_TILE``."""
     k = gate_up.shape[-1] // 2
-    y = _checked_output(gate_up, weight, k, weight_scale)
-    n = y.shape[1]
-    block_n, block_k, num_warps = _tile(DOWN_TILE, block_n, block_k, num_warps, weight,
-                                        num_stages)  # fmt: skip
-    _silu_gemv_kernel[(triton.cdiv(n, block_n),)](
-        gate_up, gate_up[:, k:], weight, _scale_arg(weight_scale, y), y, n, k, weight.stride(0),
-        HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, PRECISE_EXP=gate_up.is_cuda,
-        num_warps=num_warps, **_NO_FMA, **pdl_launch(gate_up, pdl),
-    )  # fmt: skip
-    return y
+    tile = _tile(DOWN_TILE, block_n, block_k, num_warps, weight, num_stages)
+    return _launch(_silu_gemv_kernel, (gate_up, gate_up[:, k:]), gate_up, k, weight,
+                   weight_scale, tile, num_stages, pdl, PRECISE_EXP=gate_up.is_cuda)  # fmt: skip
 
 
 def gemv(
@@ -308,23 +293,9 @@ def gemv(
     pdl: bool = False,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T`` for one row ``x`` of [1, K]: the o projection (and LM head) of the
-    one-row decode layer, so that the whole layer is Triton kernels that can chain with PDL.
-    Tile arguments left out come from ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``;
-    ``weight_scale`` as in ``rms_norm_gemv``."""
-    k = x.shape[-1]
-    y = _checked_output(x, weight, k, weight_scale)
-    n = y.shape[1]
-    block_n, block_k, num_warps = _tile(LM_HEAD_TILE if n >= _WIDE_N else O_TILE, block_n,
-                                        block_k, num_warps, weight, num_stages)  # fmt: skip
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, _scale_arg(weight_scale, y), y, n, k, weight.stride(0),
-        HAS_SCALE=weight_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, num_warps=num_warps, **_NO_FMA, **pdl_launch(x, pdl),
-    )  # fmt: skip
-    return y
-
-
-def _scale_arg(weight_scale: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    """The scale pointer of a launch: any tensor stands in when there is no scale (unread)."""
-    return weight_scale if weight_scale is not None else placeholder
+    """``x @ weight.T`` for one row ``x`` of [1, K] (the o projection and LM head, so that the
+    whole one-row step is Triton kernels that chain with PDL). Tiles left out come from
+    ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``."""
+    default = LM_HEAD_TILE if weight.shape[0] >= _WIDE_N else O_TILE
+    tile = _tile(default, block_n, block_k, num_warps, weight, num_stages)
+    return _launch(_gemv_kernel, (x,), x, x.shape[-1], weight, weight_scale, tile, num_stages, pdl)
