@@ -348,12 +348,8 @@ class ModelRunner:
             spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
-            if self.keep_hidden:
-                logits, scored, hidden = self._forward_keeping_hidden(inputs, device_ids, spans)
-            elif spans:
-                logits, scored = self._forward_scoring_prompts(inputs, device_ids, spans)
-            else:
-                logits = self.forward_logits(inputs, device_ids)
+            logits, scored, hidden = self._forward(inputs, device_ids, spans)
+            hidden = hidden if self.keep_hidden else None
         if logits is None:
             return None, scored
         drafted = [item.draft_token_ids for item in batch.seqs if item.samples]
@@ -483,32 +479,22 @@ class ModelRunner:
         self, inputs: StepInputs, device_ids: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Logits (model dtype) at the sampling rows, or None when no sequence samples."""
-        return self._sampling_logits(self._hidden(inputs, device_ids), inputs)
+        return self._forward(inputs, device_ids, [])[0]
 
-    def _forward_scoring_prompts(
-        self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
-    ) -> tuple[torch.Tensor | None, list[PromptScores]]:
-        """``forward_logits``, and the scores of the spans' prompt tokens from the same pass."""
-        hidden = self._hidden(inputs, device_ids)
-        return self._sampling_logits(hidden, inputs), score_prompt_spans(self.model, hidden, spans)
-
-    def _forward_keeping_hidden(
+    def _forward(
         self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
     ) -> tuple[torch.Tensor | None, list[PromptScores], torch.Tensor | None]:
-        """``forward_logits``, the prompt spans' scores and the final hidden states of the
-        sampling rows (``[rows, H]``, None with the logits when no sequence samples)."""
+        """``forward_logits``, the scores of the spans' prompt tokens from the same pass, and
+        the final hidden states of the sampling rows (``[rows, H]``, None with the logits)."""
         hidden = self._hidden(inputs, device_ids)
-        scored = score_prompt_spans(self.model, hidden, spans) if spans else []
-        if len(inputs.sample_indices) == 0:
-            return None, scored, None
-        rows = hidden[self._to_device(inputs.sample_indices)]
-        return self.model.compute_logits(rows), scored, rows
+        rows, logits = self._sampling_logits(hidden, inputs)
+        return logits, score_prompt_spans(self.model, hidden, spans) if spans else [], rows
 
     @torch.inference_mode()
     def execute_forward(self, inputs: StepInputs, prompt_rows: np.ndarray | None) -> None:
         """A tensor-parallel worker's share of a step: the driver's forward, sampling logits
-        and prompt-scoring logits (for their collectives); nothing is sampled here.
-        ``prompt_rows``: the hidden-state rows the driver scores for prompt logprobs."""
+        and prompt-scoring logits (for their collectives, in the driver's order); nothing is
+        sampled here. ``prompt_rows``: the hidden-state rows the driver scores."""
         hidden = self._hidden(inputs, None)
         self._sampling_logits(hidden, inputs)
         if prompt_rows is not None:
@@ -520,14 +506,16 @@ class ModelRunner:
         meta = self._build_metadata(inputs)
         ctx = ForwardContext(meta, self.kv_caches, self.backend)
         ids = self._to_device(inputs.input_ids) if device_ids is None else device_ids
-        positions = self._to_device(inputs.positions)
-        return self.model(ids, positions, ctx)
+        return self.model(ids, self._to_device(inputs.positions), ctx)
 
-    def _sampling_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
+    def _sampling_logits(
+        self, hidden: torch.Tensor, inputs: StepInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sampling rows of ``hidden`` and their logits; (None, None) when none samples."""
         if len(inputs.sample_indices) == 0:
-            return None
-        hidden = hidden[self._to_device(inputs.sample_indices)]
-        return self.model.compute_logits(hidden)
+            return None, None
+        rows = hidden[self._to_device(inputs.sample_indices)]
+        return rows, self.model.compute_logits(rows)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         return SamplingRow(
