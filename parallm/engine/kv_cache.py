@@ -107,12 +107,7 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks; cached full blocks stay reusable until evicted."""
-        # Tail blocks are the least shareable, so queue them for eviction before the head.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._release(block)
+        self._unref(seq.block_table)
         seq.block_table.clear()
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
@@ -137,11 +132,7 @@ class KVCacheManager:
                 f"cannot roll back to token {keep}: it is inside a block shared with another "
                 "sequence"
             )
-        for block_id in reversed(seq.block_table[num_kept_blocks:]):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._release(block)  # its KV still matches its hash: it stays reusable
+        self._unref(seq.block_table[num_kept_blocks:])  # their KV still matches their hashes
         del seq.block_table[num_kept_blocks:]
         if tail:
             self._forget(self.blocks[seq.block_table[-1]])
@@ -155,13 +146,19 @@ class KVCacheManager:
         for block_id in list(self.free_queue):
             self._forget(self.blocks[block_id])
 
-    def _release(self, block: Block) -> None:
-        if block.hash is not None and self.enable_prefix_caching:
-            self.free_queue[block.block_id] = None
-        else:
-            self._forget(block)
-            self.free_queue[block.block_id] = None
-            self.free_queue.move_to_end(block.block_id, last=False)
+    def _unref(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; a block no sequence holds joins the free queue,
+        at its back while it is cached, at its front (reused first) when it is not."""
+        # Tail blocks are the least shareable, so queue them for eviction before the head.
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count > 0:
+                continue
+            self.free_queue[block_id] = None
+            if block.hash is None or not self.enable_prefix_caching:
+                self._forget(block)
+                self.free_queue.move_to_end(block_id, last=False)
 
     def _forget(self, block: Block) -> None:
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:
