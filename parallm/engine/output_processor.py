@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from parallm.detokenizer import IncrementalDetokenizer, decode_in_context
@@ -259,23 +258,17 @@ class OutputProcessor:
 
 
 def _request_metrics(request: Request) -> RequestMetrics:
-    seqs = request.seqs
-    finished = [s.finish_time for s in seqs]
+    def times(stage: str) -> list[float]:
+        return [t for s in request.seqs if (t := getattr(s, stage)) is not None]
+
+    finished = times("finish_time")
     return RequestMetrics(
         arrival_time=request.arrival_time,
-        first_scheduled_time=_earliest(s.first_scheduled_time for s in seqs),
-        first_token_time=_earliest(s.first_token_time for s in seqs),
-        last_token_time=_latest(s.last_token_time for s in seqs),
-        finished_time=max(finished) if None not in finished else None,
+        first_scheduled_time=min(times("first_scheduled_time"), default=None),
+        first_token_time=min(times("first_token_time"), default=None),
+        last_token_time=max(times("last_token_time"), default=None),
+        finished_time=max(finished) if len(finished) == len(request.seqs) else None,
     )
-
-
-def _earliest(times: Iterable[float | None]) -> float | None:
-    return min((t for t in times if t is not None), default=None)
-
-
-def _latest(times: Iterable[float | None]) -> float | None:
-    return max((t for t in times if t is not None), default=None)
 
 
 def _finish(seq: Sequence, reason: str, stop_reason: int | str | None) -> bool:

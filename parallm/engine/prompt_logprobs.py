@@ -99,13 +99,14 @@ def score_prompt_spans(
         token_logprobs(raw.float(), targets[lo : lo + len(raw)], k)
         for lo, raw in prompt_logit_chunks(model, hidden, rows)
     ]
-    logprobs = torch.cat([p.logprobs for p in parts]).tolist()
-    ranks = torch.cat([p.ranks for p in parts]).tolist()
-    top_ids: list[list[int]] = [[] for _ in logprobs]
-    top_lps: list[list[float]] = [[] for _ in logprobs]
-    if k > 0:
-        top_ids = torch.cat([p.top_token_ids for p in parts]).tolist()
-        top_lps = torch.cat([p.top_logprobs for p in parts]).tolist()
+
+    def joined(column: str) -> list:
+        return torch.cat([getattr(p, column) for p in parts]).tolist()
+
+    logprobs, ranks = joined("logprobs"), joined("ranks")
+    no_top = [[]] * len(ranks)  # k == 0: the sampler computes no top-k columns
+    top_ids = joined("top_token_ids") if k else no_top
+    top_lps = joined("top_logprobs") if k else no_top
     out, lo = [], 0
     for s in spans:
         hi = lo + len(s.targets)
