@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -54,7 +55,11 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         # A Hub id becomes its snapshot's directory here (a download unless cached).
         self.model_dir = _model_dir(config)
-        self.model_config = model_config or ModelConfig.from_path(_require(self.model_dir))
+        if model_config is None and self.model_dir is None:
+            raise ValueError(
+                "model: a model directory is required (or pass a ModelConfig for dummy)"
+            )
+        self.model_config = model_config or ModelConfig.from_path(self.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         self.stored_quantization = check_stored_quantization(
@@ -103,7 +108,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         # Drafts are proposed from the host's tokens, which a step run ahead has not returned.
         # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
-        self.async_scheduling = self.drafter is None and self.tp_size == 1 and _on_cuda_unless_set(
+        can_run_ahead = self.drafter is None and self.tp_size == 1
+        self.async_scheduling = can_run_ahead and _on_cuda_unless_set(
             config.async_scheduling, self.device
         )
         self.spec_stats = SpecStats()
@@ -154,11 +160,8 @@ class LLMEngine:
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
-        def plan() -> int:
-            return self.runner.plan_num_blocks(
-                sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs, self.max_model_len
-            )
-
+        plan = functools.partial(self.runner.plan_num_blocks, sched_cfg.max_num_batched_tokens,
+                                 sched_cfg.max_num_seqs, self.max_model_len)  # fmt: skip
         # Each tensor-parallel rank measures its own card; every rank takes the fewest blocks.
         num_blocks = plan() if self.executor is None else self.executor.plan_num_blocks(plan)
         if self.draft_model is not None:  # its cache, as many blocks, shares the budget
@@ -180,10 +183,7 @@ class LLMEngine:
         sizes = self._graph_sizes(max_num_seqs)
         if not sizes:
             return None
-
-        def capture() -> float:
-            return self.runner.capture_cuda_graphs(sizes, self.max_model_len)
-
+        capture = functools.partial(self.runner.capture_cuda_graphs, sizes, self.max_model_len)
         # Tensor parallelism: every rank captures the same sizes, collectives included, and
         # replays the graph that rank 0 replays (ModelRunner.graph_step_listener).
         return capture() if self.executor is None else self.executor.capture_graphs(capture)
@@ -279,16 +279,6 @@ class LLMEngine:
         stream: bool, now: float,
     ) -> None:  # fmt: skip
         """Start a checked request: its sequences join the scheduler's queue."""
-        seqs = self._make_sequences(request_id, ids, params, now)
-        request = Request(request_id, prompt, list(ids), params, seqs, now)
-        self.requests[request_id] = request
-        self.outputs.register(request, stream)
-        for seq in seqs:
-            self.scheduler.add(seq)
-
-    def _make_sequences(
-        self, request_id: str, ids: list[int], params: SamplingParams, now: float
-    ) -> list[Sequence]:
         seqs: list[Sequence] = []
         for i in range(params.n):
             generator = None
@@ -301,7 +291,11 @@ class LLMEngine:
                 Sequence(request_id, i, ids, params, now, generator,
                          share_prefix=parent is not None, wait_for=parent)
             )  # fmt: skip
-        return seqs
+        request = Request(request_id, prompt, list(ids), params, seqs, now)
+        self.requests[request_id] = request
+        self.outputs.register(request, stream)
+        for seq in seqs:
+            self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and return its blocks; unknown ids are ignored (None).
@@ -347,7 +341,6 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return []
-            _stamp_first_scheduled(batch)
             handle = self._launch(batch)
             self._count_step(batch)
         if self.async_scheduling and handle.result is not None:
@@ -497,14 +490,6 @@ def _tp_summary(tp_size: int, device: torch.device) -> str:
     return f"tensor_parallel_size={tp_size} ({backend}, one process per rank) "
 
 
-def _stamp_first_scheduled(batch: ScheduledBatch) -> None:
-    """Record when each sequence is first scheduled (a preempted one keeps its first time)."""
-    now = time.monotonic()
-    for item in batch.seqs:
-        if item.seq.first_scheduled_time is None:
-            item.seq.first_scheduled_time = now
-
-
 def _model_dir(config: EngineConfig) -> str | None:
     """The local directory of ``config.model`` (a directory or a Hub id), or None without one."""
     if config.model is None:
@@ -515,12 +500,6 @@ def _model_dir(config: EngineConfig) -> str | None:
         patterns=DUMMY_MODEL_PATTERNS if dummy else MODEL_PATTERNS,
         required=("config.json",) if dummy else ("config.json", "*.safetensors"),
     )  # fmt: skip
-
-
-def _require(model: str | None) -> str:
-    if model is None:
-        raise ValueError("model: a model directory is required (or pass a ModelConfig for dummy)")
-    return model
 
 
 def _check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:

@@ -10,6 +10,7 @@ blocks back and is recomputed later. The scheduler decides; it never touches ten
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -146,8 +147,11 @@ class Scheduler:
             budget = self._schedule_drafts(batch, budget)
             self._schedule_waiting(batch, budget)
         block_size = self.kv.block_size
+        now = time.monotonic()
         for item in batch.seqs:
             seq = item.seq
+            if seq.first_scheduled_time is None:  # a preempted sequence keeps its first time
+                seq.first_scheduled_time = now
             # Only known tokens are hashed into the prefix cache, never drafts.
             end = item.start + item.num_new_tokens
             if end // block_size > seq.num_registered_blocks:
