@@ -153,16 +153,17 @@ def load_safetensors(
     tied = model.config.tie_word_embeddings
     mapping = model.packed_modules_mapping if model.packed else {}
     scales = _stored_scales(model, path, stored, mapping) if stored is not None else {}
-    params = dict(model.named_parameters())
-    loaded: set[tuple[str, str | int | None]] = set()
+    names = _checkpoint_names(model, mapping)
+    unfilled = set(names)
     with torch.no_grad():
         for name, lazy in iter_checkpoint_slices(path):
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
             if stored is not None and (stored.is_scale(name) or stored.is_skipped(name)):
                 continue
-            target, shard_id = _target(name, params, mapping)
-            param = params[target]
+            if name not in names:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+            param, shard_id = names[name]
             loader = getattr(param, "weight_loader", None)
             # Before quantize_model's swap every 2-D loader only narrows or indexes.
             partial = sharded and loader is not None and param.dim() == 2
@@ -176,10 +177,9 @@ def load_safetensors(
                     _copy_whole(param, tensor)
             except ValueError as e:
                 raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
-            loaded.add((target, shard_id))
-    missing = sorted(_checkpoint_name(*m, mapping) for m in _expected(model, params, tied) - loaded)
-    if missing:
-        raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
+            unfilled.discard(name)
+    if unfilled:
+        raise ValueError(f"checkpoint is missing tensor(s): {sorted(unfilled)[:8]}")
 
 
 def _stored_scales(
@@ -201,17 +201,17 @@ def _stored_scales(
     return scales
 
 
-def _target(
-    name: str, params: dict[str, nn.Parameter], mapping: dict[str, tuple[str, str | int]]
-) -> tuple[str, str | int | None]:
-    """The model parameter a checkpoint tensor fills, and its shard in a packed layer."""
-    if name in params:
-        return name, None
-    for part, (packed, shard_id) in mapping.items():
-        target = name.replace(f".{part}.", f".{packed}.")
-        if target != name and target in params:
-            return target, shard_id
-    raise ValueError(f"checkpoint tensor {name!r} has no matching model parameter")
+def _checkpoint_names(
+    model: nn.Module, mapping: dict[str, tuple[str, str | int]]
+) -> dict[str, tuple[nn.Parameter, str | int | None]]:
+    """Every tensor a complete checkpoint holds: its name -> the parameter it fills and its
+    shard of a packed layer. A tied LM head shares the embedding's parameter and is left out."""
+    names = {}
+    for target, param in model.named_parameters():  # each shared parameter once
+        module = model.get_submodule(target.rpartition(".")[0])
+        for shard_id in packed_shard_ids(module) or (None,):
+            names[_checkpoint_name(target, shard_id, mapping)] = (param, shard_id)
+    return names
 
 
 def _checkpoint_name(
@@ -228,18 +228,3 @@ def _copy_whole(param: nn.Parameter, tensor: torch.Tensor) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
         raise ValueError(f"shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
     param.copy_(tensor)
-
-
-def _expected(
-    model: nn.Module, params: dict[str, nn.Parameter], tied: bool
-) -> set[tuple[str, str | int | None]]:
-    """Every (parameter, shard) a complete checkpoint fills."""
-    expected = set()
-    for module_name, module in model.named_modules():
-        for short, _param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{short}" if module_name else short
-            if name not in params or (tied and name == "lm_head.weight"):
-                continue
-            shards = packed_shard_ids(module) or (None,)
-            expected.update((name, shard) for shard in shards)
-    return expected
