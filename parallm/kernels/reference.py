@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from parallm.layers.activation import silu_and_mul as silu_and_mul_ref
+from parallm.layers.norm import rms_norm as rms_norm_ref
+from parallm.layers.rotary import RopeTables
+
 if TYPE_CHECKING:  # importing it pulls in triton
     from parallm.kernels.rope_store import NewTokenRope
 
@@ -81,18 +85,48 @@ def tree_mask_ref(
     return (node < 0)[None, :] | (bits == 1)
 
 
-def causal_mask_ref(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Bool ``[q_len, seq_len]``: query ``i`` (at position ``seq_len - q_len + i``) sees the
-    keys up to itself."""
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
-    return torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
-
-
-def context_ref(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``[seq_len, Hkv, D]``: one sequence's cached keys (or values), read through its block
-    table from a paged cache ``[num_blocks, block_size, Hkv, D]``."""
+def _context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, groups: int,
+             scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``[Hq, seq_len, D]``: one sequence's cached keys (or values) in ``dtype``, read through
+    its block table and repeated for the query heads of each KV head."""
     pages = block_table[: -(-seq_len // cache.shape[1])].long()
-    return cache[pages].flatten(0, 1)[:seq_len]
+    cached = dequantize_kv_ref(cache[pages].flatten(0, 1)[:seq_len], scale, dtype)
+    return cached.repeat_interleave(groups, dim=1).transpose(0, 1)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    scale: float,
+    kv_scale: torch.Tensor | None,
+    tree_num_nodes: torch.Tensor | None,
+    tree_visible: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Causal attention of packed queries over their paged context, one sequence at a time in
+    ``dtype``: ``paged_prefill_attention_ref`` and the reference attention backend."""
+    k_scale, v_scale = _kv_scales(kv_scale, k_cache)
+    groups = q.shape[1] // k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[b], query_start_loc[b + 1]
+        if start == end:
+            continue
+        keys = _context(k_cache, block_tables[b], seq_len, groups, k_scale, dtype)
+        values = _context(v_cache, block_tables[b], seq_len, groups, v_scale, dtype)
+        # Query i sits at position seq_len - q_len + i and sees the keys up to itself.
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        if tree_num_nodes is not None:
+            mask &= tree_mask_ref(tree_visible[start:end], tree_num_nodes[b], seq_len)
+        query = q[start:end].to(dtype).transpose(0, 1)
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        out[start:end] = attn.transpose(0, 1).to(q.dtype)
+    return out
 
 
 def paged_prefill_attention_ref(
@@ -109,36 +143,13 @@ def paged_prefill_attention_ref(
     tree_num_nodes: torch.Tensor | None = None,
     tree_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed queries over their paged context (``paged_prefill_attention``).
-
-    Query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and sees keys
-    up to it; only the context's slots of the cache are read. ``max_query_len`` is unused.
-    An fp8 cache is dequantized with ``kv_scale`` (``[k_scale, v_scale]``). With draft trees,
-    the last ``tree_num_nodes[b]`` queries and keys of sequence ``b`` are tree nodes and a node
-    query sees only the context before the tree and the nodes of its ``tree_visible`` bitmask
-    (:func:`tree_mask_ref`).
-    """
-    k_scale, v_scale = _kv_scales(kv_scale, k_cache)
-    groups = q.shape[1] // k_cache.shape[2]
-    wide = _wide(q.dtype)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[b], starts[b + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        k = dequantize_kv_ref(context_ref(k_cache, block_tables[b], seq_len), k_scale, wide)
-        v = dequantize_kv_ref(context_ref(v_cache, block_tables[b], seq_len), v_scale, wide)
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].to(wide), k) * scale
-        visible = causal_mask_ref(q_len, seq_len, q.device)
-        if tree_num_nodes is not None:
-            visible &= tree_mask_ref(tree_visible[q_start:q_end], tree_num_nodes[b], seq_len)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
-    return out
+    """``paged_prefill_attention`` (its arguments; ``max_query_len`` is unused), in float32 or
+    float64 for float64 inputs. A node query of a draft tree sees the context before the tree
+    and the nodes of its ``tree_visible`` bitmask (:func:`tree_mask_ref`)."""
+    return paged_attention_ref(
+        q, k_cache, v_cache, block_tables, query_start_loc.tolist(), seq_lens.tolist(), scale,
+        kv_scale, tree_num_nodes, tree_visible, _wide(q.dtype),
+    )  # fmt: skip
 
 
 def paged_decode_attention_ref(
@@ -167,30 +178,33 @@ def paged_decode_attention_ref(
     )
 
 
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    """Store new keys and values at their slots of ``kv_cache`` (``[2, blocks, block_size, Hkv,
+    D]``, or the k and v caches); an fp8 cache stores them quantized with ``kv_scale``."""
+    for i, (cache, x) in enumerate(((kv_cache[0], k), (kv_cache[1], v))):
+        if is_fp8_kv(cache):
+            x = quantize_kv_ref(x, _kv_scales(kv_scale, cache)[i])
+            # index_copy_ has no float8 kernels on every device: copy the bytes.
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, *cache.shape[-2:]).index_copy_(0, slots, x.to(cache.dtype))
+
+
 def _store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slots: torch.Tensor, kv_scale: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """k and v of each token at its slot of the paged caches (quantized with ``kv_scale`` in
-    an fp8 cache); negative slots store nothing."""
+    """:func:`write_kv` of the tokens whose slot is not negative (the kernels skip those)."""
     live = slots >= 0
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k, v = k[live], v[live]
-    if is_fp8_kv(k_cache):
-        k_scale, v_scale = _kv_scales(kv_scale, k_cache)
-        k, v = quantize_kv_ref(k, k_scale), quantize_kv_ref(v, v_scale)
-    k_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = k.to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots[live].long()] = v.to(v_cache.dtype)
+    write_kv(k[live], v[live], (k_cache, v_cache), slots[live].long(), kv_scale)
 
 
 # Norms, SiLU-and-mul, rotary (parallm.kernels.elementwise, parallm.kernels.rope_store)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 statistics, cast to x's dtype, then times ``weight`` (``rms_norm``)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def fused_add_rms_norm_ref(
@@ -201,21 +215,6 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(summed, weight, eps), summed
 
 
-def silu_and_mul_ref(gate_up_or_gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.silu(gate) * up`` of a merged ``[..., 2n]`` gate/up, or of gate and up
-    (``silu_and_mul``)."""
-    if up is None:
-        gate, up = gate_up_or_gate.chunk(2, dim=-1)
-    else:
-        gate = gate_up_or_gate
-    return F.silu(gate) * up
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 def apply_rotary_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,11 +222,8 @@ def apply_rotary_ref(
     sin_cache: torch.Tensor,
     positions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D] at ``positions``;
-    the cos/sin rows are cast to q's dtype first."""
-    cos = cos_cache[positions].unsqueeze(-2).to(q.dtype)
-    sin = sin_cache[positions].unsqueeze(-2).to(q.dtype)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D] at ``positions``, as the model does."""
+    return RopeTables(positions, cos_cache, sin_cache).apply(q, k)
 
 
 def rotary_and_store_kv_ref(

@@ -7,10 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SiluAndMul(nn.Module):
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` of a packed ``[..., 2 * I]`` input (gate first), or of two inputs."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
+
+class SiluAndMul(nn.Module):
     def forward(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-        if up is None:
-            gate, up = gate.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(gate, up)

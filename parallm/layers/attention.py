@@ -10,14 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallm.kernels.reference import (
-    causal_mask_ref,
-    context_ref,
-    dequantize_kv_ref,
-    is_fp8_kv,
-    quantize_kv_ref,
-    tree_mask_ref,
-)
+from parallm.kernels.reference import paged_attention_ref, write_kv
 
 if TYPE_CHECKING:
     from parallm.layers.rotary import RopeTables
@@ -87,26 +80,6 @@ class ForwardContext:
     backend: AttentionBackend
 
 
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slots: torch.Tensor,
-    kv_scale: torch.Tensor | None = None,
-) -> None:
-    """Store new keys and values at their slots (kv_cache: [2, blocks, block_size, Hkv, D]);
-    an fp8 cache stores them quantized with ``kv_scale`` (``[k_scale, v_scale]``)."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    if is_fp8_kv(kv_cache):
-        if kv_scale is None:
-            raise ValueError("an fp8 KV cache needs kv_scale ([k_scale, v_scale] float32)")
-        k, v = quantize_kv_ref(k, kv_scale[0]), quantize_kv_ref(v, kv_scale[1])
-        # index_copy_ has no float8 kernels on every device: copy the bytes.
-        kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
-
-
 class ReferenceAttention:
     """Plain PyTorch attention, one sequence at a time: the correctness baseline on any device."""
 
@@ -125,24 +98,10 @@ class ReferenceAttention:
     ) -> torch.Tensor:
         q, k = rope.apply(q, k)
         write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
-        k_scale, v_scale = (None, None) if kv_scale is None else kv_scale  # fp8 caches only
-        out = torch.empty_like(q)
-        group = q.shape[1] // kv_cache.shape[3]
-        for b in range(meta.num_seqs):
-            start, end = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
-            seq_len, table = meta.seq_lens_cpu[b], meta.block_tables[b]
-            keys = dequantize_kv_ref(context_ref(kv_cache[0], table, seq_len), k_scale, q.dtype)
-            values = dequantize_kv_ref(context_ref(kv_cache[1], table, seq_len), v_scale, q.dtype)
-            keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
-            values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-            query = q[start:end].transpose(0, 1)
-            mask = causal_mask_ref(end - start, seq_len, q.device)
-            if meta.tree_num_nodes is not None:
-                visible = meta.tree_visible[start:end]
-                mask = mask & tree_mask_ref(visible, meta.tree_num_nodes[b], seq_len)
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
-            out[start:end] = attn.transpose(0, 1)
-        return out
+        return paged_attention_ref(
+            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc_cpu,
+            meta.seq_lens_cpu, scale, kv_scale, meta.tree_num_nodes, meta.tree_visible, q.dtype,
+        )  # fmt: skip
 
 
 def dense_causal_attention(

@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 statistics; the normalised row is cast to x's dtype before the scale, as Hugging
+    Face does, so bf16 results match bit for bit."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned scale.
 
@@ -22,13 +30,6 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return self._norm(x)
+            return rms_norm(x, self.weight, self.eps)
         x = residual + x
-        return self._norm(x), x
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Cast before the scale, as Hugging Face does, so bf16 results match bit for bit.
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps), x
