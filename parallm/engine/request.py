@@ -55,6 +55,9 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     # A tree of drafts (its tokens are draft_token_ids), or None: draft_token_ids form a chain.
     draft_tree: DraftTree | None = None
+    # The distributions [len(draft_token_ids), V] the drafts were sampled from, when a draft
+    # model sampled them (verified by speculative sampling); None for any other drafts.
+    draft_probs: torch.Tensor | None = None
     # Tokens per drafted step lately: whether it keeps drafting (spec/throttle.py).
     draft_history: DraftHistory = field(default_factory=DraftHistory)
     logprobs: SampleLogprobs | None = None

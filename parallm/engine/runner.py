@@ -35,6 +35,7 @@ from parallm.engine.sampler import (
     token_logprobs,
 )
 from parallm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from parallm.engine.spec.rejection import rejection_sample, target_probs
 from parallm.engine.spec.tree import DraftTree, move_kv_slots
 from parallm.layers.attention import (
     AttentionBackend,
@@ -405,13 +406,18 @@ class ModelRunner:
         sequence's random stream per emitted token: the output is plain decoding's, token for
         token for greedy and seeded requests, and in distribution otherwise. The tokens after
         the first carry their logprobs (``spec_logprobs``) when ``out`` carries the first ones'.
+        Drafts sampled from a draft model's distribution (``draft_probs``) are verified by
+        speculative sampling instead (``_speculative_sample``).
         """
         emitted, rows, moves = [], [], []
         sampling = [(b, item) for b, item in enumerate(batch.seqs) if item.samples]
         tokens_out = out.token_ids.tolist()
         for (b, item), start, token in zip(sampling, first.tolist(), tokens_out, strict=True):
             tree = _tree_of(item)
-            if tree is None:
+            if item.draft_probs is not None:
+                tokens = self._speculative_sample(item, logits, start)
+                path = range(len(tokens) - 1)
+            elif tree is None:
                 tokens = [token]
                 for i, draft in enumerate(item.draft_token_ids):
                     if tokens[-1] != draft:
@@ -426,6 +432,9 @@ class ModelRunner:
                           for depth, node in enumerate(path) if node != depth]  # fmt: skip
             emitted.append(tokens)
             rows.append([start] + [start + 1 + node for node in path])
+        firsts = [tokens[0] for tokens in emitted]
+        if firsts != tokens_out:  # speculative sampling drew some first tokens itself
+            out = self._with_first_tokens(out, logits[self._to_device(first)], firsts)
         if moves:
             src, dst = inputs.slot_mapping[np.array(moves).T]
             move_kv_slots(self.kv_caches, self._to_device(src), self._to_device(dst))
@@ -434,6 +443,32 @@ class ModelRunner:
             k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
             later = self._later_token_logprobs(logits, rows, emitted, k)
         return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later), rows
+
+    def _speculative_sample(
+        self, item: ScheduledSeq, logits: torch.Tensor, start: int
+    ) -> list[int]:
+        """The tokens emitted by a sequence whose drafts a draft model sampled from
+        ``item.draft_probs``: speculative sampling against the distribution plain sampling
+        draws from at its rows (spec/rejection.py), on the sequence's generator. The first
+        token ``_sample`` drew for it is discarded (a fixed draw, so seeds stay reproducible).
+
+        Every other drafter's drafts are point masses; for those, keeping a draft while it
+        equals the token sampled at its position accepts it with the same probability p(x) as
+        speculative sampling would, and emits plain decoding's very tokens.
+        """
+        probs = target_probs(logits[start : start + len(item.draft_token_ids) + 1], item.seq.params)
+        return rejection_sample(probs, item.draft_token_ids, item.draft_probs, item.seq.generator)
+
+    def _with_first_tokens(
+        self, out: SamplerOutput, first_logits: torch.Tensor, token_ids: list[int]
+    ) -> SamplerOutput:
+        """``out`` with other first tokens, and their logprobs from their raw logits rows
+        ``first_logits`` when ``out`` carries logprobs (with its top-k width)."""
+        ids = torch.tensor(token_ids, device=out.token_ids.device)
+        if out.logprobs is None:
+            return dataclasses.replace(out, token_ids=ids)
+        k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
+        return token_logprobs(first_logits.float(), ids, k)
 
     def _later_token_logprobs(
         self, logits: torch.Tensor, sampled_rows: list[list[int]], emitted: list[list[int]], k: int

@@ -20,6 +20,8 @@ from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.request import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
+    import torch
+
     from parallm.engine.spec.tree import DraftTree
 
 
@@ -32,7 +34,8 @@ class ScheduledSeq:
     token only, so a drafted sequence always samples. ``num_scheduled_tokens`` counts both.
     """
 
-    __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples", "draft_tree")
+    __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples", "draft_tree",
+                 "draft_probs")  # fmt: skip
 
     def __init__(
         self,
@@ -53,6 +56,8 @@ class ScheduledSeq:
             raise ValueError("draft_token_ids must follow the sequence's last known token")
         # The drafts' tree (their tokens are draft_token_ids), or None for a chain.
         self.draft_tree = draft_tree
+        # The rows of ``seq.draft_probs`` for these drafts (sampled by a draft model), or None.
+        self.draft_probs: torch.Tensor | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -162,6 +167,7 @@ class Scheduler:
             if item.samples and seq.draft_token_ids:
                 seq.draft_token_ids = []
                 seq.draft_tree = None
+                seq.draft_probs = None
             self._count(item)
         return batch
 
@@ -244,6 +250,9 @@ class Scheduler:
                 tree = item.seq.draft_tree  # a leading slice of a tree's nodes is a tree
                 if tree is not None and item.draft_token_ids:
                     item.draft_tree = tree.truncated(len(item.draft_token_ids))
+                probs = item.seq.draft_probs
+                if probs is not None and item.draft_token_ids:
+                    item.draft_probs = probs[: len(item.draft_token_ids)]
         return budget
 
     def _fit_drafts(self, item: ScheduledSeq, budget: int) -> list[int]:

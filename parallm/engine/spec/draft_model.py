@@ -15,15 +15,28 @@ from the target (those equal the target's, whose tokens are only ever appended).
 2. feeds the unseen tokens through the draft model, batched over all sequences in chunks of
    at most ``max_num_batched_tokens`` (a whole prompt on a sequence's first draft; after that,
    the token the target emitted past the accepted drafts, or the last draft and the bonus
-   token when all were accepted), taking the greedy next token of each as its first draft;
+   token when all were accepted), taking the next token of each as its first draft;
 3. runs one batched decode step per further draft, feeding each step the previous step's tokens
    on the device (on CUDA a captured graph that carries them over itself), and reads all the
    drafts back to the host once.
 
+Which next token: for greedy requests, and for every request of ``layer_skip``, the draft's
+argmax, which the target keeps while it equals the token it samples itself. For sampled
+requests of ``draft_model``, a sample from the draft's own distribution ``q`` under the
+request's temperature, top-k, top-p and min-p, drawn from the request's generator; ``q`` goes
+with the drafts (``Sequence.draft_probs``) and the target verifies them by speculative
+sampling (:mod:`parallm.engine.spec.rejection`). That accepts ``sum_x min(p(x), q(x))`` of a
+draft in expectation, against ``p(argmax q)`` for the argmax: much more when ``p`` is flat.
+The output then has the target's distribution but is no longer plain decoding's token for
+token: a seeded request gives the same tokens again on a fresh engine of the same
+configuration running the same requests, but not necessarily beside other requests or after
+others filled the prefix cache (which of its steps draft, and how many drafts each verifies,
+depend on the batch, and each changes how far its random stream advances).
+
 The target verifies every draft (``ModelRunner._verify``), so what the draft proposes changes
-speed only, never output. A sequence whose mirror finds no room in the draft cache is not
-drafted that step; the mirrors of sequences that left the running set (finished, aborted,
-preempted) are freed by :meth:`release`.
+speed only, never the output's distribution. A sequence whose mirror finds no room in the
+draft cache is not drafted that step; the mirrors of sequences that left the running set
+(finished, aborted, preempted) are freed by :meth:`release`.
 
 KV cache size: the draft cache has as many blocks as the target's, and both come out of the
 one KV budget (``kv_cache_memory`` or ``gpu_memory_utilization``), split in proportion to their
@@ -43,17 +56,18 @@ from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.request import Sequence
 from parallm.engine.runner import ModelRunner, kv_bytes_per_block
-from parallm.engine.sampler import SamplerOutput
 from parallm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.layer_skip import LayerSkipModel, check_num_layers
+from parallm.engine.spec.rejection import is_sampled, sample_drafts
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, resolve_model_dir
 from parallm.models.loader import load_model
 from parallm.sampling_params import SamplingParams
 
 MODEL_METHODS = ("draft_model", "layer_skip")
 
-# The draft proposes its argmax; the target's verification makes any proposal lossless.
+# The mirrors' own parameters: the draft runner proposes its argmax (sampled drafts are drawn
+# from its logits by :meth:`DraftModelProposer._next_drafts` under the target request's).
 _DRAFT_PARAMS = SamplingParams(temperature=0.0, max_tokens=None)
 
 
@@ -77,7 +91,10 @@ class _Round:
     seq: Sequence
     draft: Sequence
     num_drafts: int
+    # Drafts sampled from the draft's distribution (else its argmax), whose rows are ``probs``.
+    sampled: bool = False
     tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
 
 
 class DraftModelProposer:
@@ -96,6 +113,10 @@ class DraftModelProposer:
         self.load_format = config.load_format
         self.seed = config.seed
         self.model_dir: str | None = None
+        # Sampled requests draft by sampling (see the module's docstring). Not layer_skip:
+        # verified by exact match, its argmax is accepted as often as a draft sampled from a
+        # point mass would be, and changing it would change that method's seeded output.
+        self.samples_drafts = spec.method == "draft_model"
         if spec.method == "layer_skip":
             check_num_layers(spec.num_layers, target)
             self.model_cfg = dataclasses.replace(target, num_hidden_layers=spec.num_layers)
@@ -166,6 +187,7 @@ class DraftModelProposer:
         for r in rounds:
             r.draft.token_ids.extend(r.tokens)
             r.seq.draft_token_ids = r.tokens
+            r.seq.draft_probs = torch.stack(r.probs) if r.sampled else None
 
     def _num_drafts(self, seq: Sequence) -> int:
         """Drafts that the target could take: within its context and ``max_tokens``, and within
@@ -195,7 +217,7 @@ class DraftModelProposer:
         # The unseen tokens, and every draft but the last (whose KV nothing needs yet).
         if not self.kv.allocate(draft, seq.num_tokens - keep + num - 1):
             return None
-        return _Round(seq, draft, num)
+        return _Round(seq, draft, num, sampled=self.samples_drafts and is_sampled(seq.params))
 
     @torch.inference_mode()
     def _run(self, rounds: list[_Round]) -> None:
@@ -213,7 +235,7 @@ class DraftModelProposer:
             for r in still:
                 r.draft.num_computed_tokens += 1
             # ``ids`` uncloned: a graph recognises its own last output and keeps it in place.
-            ids = self._execute(batch, ids).token_ids
+            ids = self._next_drafts(batch, still, ids)
             steps.append((still, ids.clone()))
             active = still
         flat = iter(torch.cat([t for _, t in steps]).tolist())  # the one read back to the host
@@ -239,17 +261,41 @@ class DraftModelProposer:
                 budget -= take
                 if draft.num_computed_tokens == draft.num_tokens:
                     done.append(queue.popleft())
-            result = self._execute(batch)
+            ids = self._next_drafts(batch, done)
             if done:
                 order += done
-                outputs.append(result.token_ids)
+                outputs.append(ids)
         return order, outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _execute(
-        self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None
-    ) -> SamplerOutput | None:
-        result, _ = self.runner.execute(batch, device_ids)
-        return result
+    def _next_drafts(
+        self, batch: ScheduledBatch, rounds: list[_Round], device_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Run the draft over ``batch``; the next draft of each of ``rounds`` (its sampling
+        sequences, in batch order) on the device, the distribution of each sampled one appended
+        to its round's ``probs``. None when no sequence samples."""
+        if not any(r.sampled for r in rounds):
+            result, _ = self.runner.execute(batch, device_ids)
+            return None if result is None else result.token_ids
+        logits = self._logits(batch, device_ids).float()
+        ids = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rounds) if r.sampled]
+        rows = torch.tensor(sampled, device=ids.device)
+        requests = [(rounds[i].seq.params, rounds[i].seq.generator) for i in sampled]
+        tokens, probs = sample_drafts(logits[rows], requests)
+        ids[rows] = tokens
+        for i, q in zip(sampled, probs, strict=True):
+            rounds[i].probs.append(q)
+        return ids
+
+    def _logits(self, batch: ScheduledBatch, device_ids: torch.Tensor | None) -> torch.Tensor:
+        """The draft's logits at the batch's sampling rows: from a captured graph for a decode
+        batch that has one, else from an eager forward."""
+        runner = self.runner
+        graphs = runner.graphs
+        if graphs is not None and batch.is_pure_decode and len(batch.seqs) <= graphs.max_batch:
+            logits, _, _ = graphs.run(*runner.prepare_decode(batch), device_ids=device_ids)
+            return logits
+        return runner.forward_logits(runner.prepare(batch), device_ids)
 
 
 def _common_prefix(mirror: _Mirror, seq: Sequence) -> int:

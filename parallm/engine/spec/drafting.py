@@ -6,7 +6,10 @@ sampling its position exactly as plain decoding would and keeping the draft when
 (``ModelRunner._verify``), so requests whose distribution does not depend on their earlier
 output (no penalties) and whose stop tokens are allowed already are drafted, greedy or
 sampled, and emit plain decoding's tokens; the logprobs of every emitted token come from the
-row it was sampled from. Every other request decodes as usual in the same steps. Above
+row it was sampled from. The exception is a draft model's drafts for sampled requests, which
+are samples from its distribution, verified by speculative sampling (spec/draft_model.py): the
+output keeps the target's distribution, not plain decoding's tokens. Every other request
+decodes as usual in the same steps. Above
 ``disable_by_batch_size`` running sequences a step carries no drafts, and a request whose
 drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py).
 """

@@ -1,9 +1,10 @@
 """Verifying draft tokens against the target model without changing what it would emit.
 
 Greedy requests keep the drafts up to the first one that differs from the target's argmax
-(:func:`greedy_accept`). Sampled requests use speculative sampling (Leviathan et al. 2023;
-Chen et al. 2023, :func:`rejection_sample`): draft ``x_i`` is accepted with probability
-``min(1, p_i(x_i) / q_i(x_i))``; the first rejected one is replaced by a sample from
+(:func:`greedy_accept`). Sampled requests whose drafts were sampled from a draft model's own
+distribution ``q`` (:func:`sample_drafts`) are verified by speculative sampling (Leviathan et
+al. 2023; Chen et al. 2023, :func:`rejection_sample`): draft ``x_i`` is accepted with
+probability ``min(1, p_i(x_i) / q_i(x_i))``; the first rejected one is replaced by a sample from
 ``norm(max(0, p_i - q_i))``, and when every draft is accepted a bonus token is drawn from
 ``p_k``. Either way each emitted token is distributed exactly as plain sampling from ``p``
 would emit it, where ``p`` is the distribution the plain sampler draws from
@@ -14,7 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from parallm.engine.sampler import SamplingRow, SamplingTensors, exponential_race, sampling_probs
+from parallm.engine.sampler import (
+    SamplingRow,
+    SamplingTensors,
+    _is_greedy,
+    exponential_race,
+    sampling_probs,
+)
 from parallm.sampling_params import SamplingParams
 
 
@@ -35,15 +42,52 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
     _refuse_penalties(params)
-    rows, vocab_size = logits.shape
-    row = SamplingRow(params, prompt_token_ids=[], output_token_ids=[])
-    tensors = SamplingTensors.build([row] * rows, vocab_size, logits.device)
-    logits = logits.float()
-    if tensors.all_greedy:
+    if not is_sampled(params):
+        logits = logits.float()
         one_hot = torch.zeros_like(logits)
         return one_hot.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    probs = sampling_probs(logits, tensors)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    row = SamplingRow(params, prompt_token_ids=[], output_token_ids=[])
+    probs, _ = _sampled_probs(logits, [row] * logits.shape[0])
+    return probs
+
+
+def is_sampled(params: SamplingParams) -> bool:
+    """Whether the sampler draws the request's tokens at random rather than taking the argmax
+    (temperature 0 or below the sampler's floor, or top_k 1)."""
+    return not _is_greedy(params)
+
+
+def sample_drafts(
+    logits: torch.Tensor, requests: list[tuple[SamplingParams, torch.Generator | None]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft tokens drawn from a draft model's ``logits`` [B, V], row ``i`` as plain sampling
+    would draw under request ``i``'s temperature, top-k, top-p and min-p, and the distributions
+    ``q`` [B, V] (float32, rows summing to 1) they were drawn from, which
+    :func:`rejection_sample` takes as ``draft_probs``. ``requests``: each row's sampling
+    parameters (sampled, :func:`is_sampled`, and without penalties) and generator (the
+    request's seeded one, or None for the global RNG of the logits' device)."""
+    if logits.dim() != 2 or logits.shape[0] != len(requests):
+        raise ValueError(
+            f"logits must be [len(requests), vocab] = [{len(requests)}, V], "
+            f"got shape {tuple(logits.shape)}"
+        )
+    greedy = [i for i, (params, _) in enumerate(requests) if not is_sampled(params)]
+    if greedy:
+        raise ValueError(f"sample_drafts samples sampled requests only; rows {greedy} are greedy")
+    for params, _ in requests:
+        _refuse_penalties(params)
+    rows = [SamplingRow(params, [], [], generator) for params, generator in requests]
+    probs, tensors = _sampled_probs(logits, rows)
+    return exponential_race(probs, tensors.generators), probs
+
+
+def _sampled_probs(
+    logits: torch.Tensor, rows: list[SamplingRow]
+) -> tuple[torch.Tensor, SamplingTensors]:
+    """The normalised distributions the sampler draws sampled ``rows`` from, and its tensors."""
+    tensors = SamplingTensors.build(rows, logits.shape[1], logits.device)
+    probs = sampling_probs(logits.float(), tensors)
+    return probs / probs.sum(dim=-1, keepdim=True), tensors
 
 
 def _refuse_penalties(params: SamplingParams) -> None:
