@@ -71,7 +71,6 @@ class OutputProcessor:
 
     def _record_prompt_scores(self, seq: Sequence, scores: PromptScores) -> None:
         entries = seq.prompt_logprobs
-        decode = self._detokenizes(seq.params)
         prompt = seq.prompt_token_ids
         for j, logprob in enumerate(scores.logprobs):
             position = scores.first + j
@@ -80,9 +79,8 @@ class OutputProcessor:
             if position != len(entries):
                 raise RuntimeError(f"prompt token {position} scored before {len(entries)}")
             top = (scores.top_ids[j], scores.top_logprobs[j])
-            entries.append(self._logprob_entry(
-                seq.params, prompt[position], logprob, scores.ranks[j], top, decode
-            ))  # fmt: skip
+            entry = self._logprob_entry(seq.params, prompt[position], logprob, scores.ranks[j], top)
+            entries.append(entry)
 
     def process(self, sampled: list[Sequence], result: SamplerOutput | None) -> list[Sequence]:
         """Append one token to each sampling sequence; return those that finished."""
@@ -133,9 +131,8 @@ class OutputProcessor:
         logprob: float,
         rank: int,
         top: tuple[list[int], list[float]],
-        decode: bool | None = None,
     ) -> dict[int, Logprob]:
-        decode = self._detokenizes(params) if decode is None else decode
+        decode = self._detokenizes(params)
         entry = {
             tid: Logprob(lp, r + 1, self._decode_one(tid) if decode else None)
             for r, (tid, lp) in enumerate(zip(*top, strict=True))
