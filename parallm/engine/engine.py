@@ -32,6 +32,7 @@ from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.stats import SpecStats
+from parallm.engine.verify_graph import drafter_shapes
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.backends import check_kv_cache_dtype_support, select_backend
 from parallm.layers.quantization import (
@@ -97,6 +98,13 @@ class LLMEngine:
                 self.runner.step_listener = self.executor.send_step
                 self.runner.graph_step_listener = self.executor.send_graph_step
             self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
+            # Verify steps of speculation in graphs too (not under tensor parallelism).
+            verify = self.drafter is not None and self.executor is None
+            if verify and self.graph_capture_seconds is not None:
+                self.graph_capture_seconds += self.runner.capture_verify_graphs(
+                    drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
+                                   sched_cfg.max_num_batched_tokens), self.max_model_len,
+                )  # fmt: skip
         except BaseException:
             self.close()
             raise

@@ -46,6 +46,7 @@ from parallm.layers.attention import (
 
 if TYPE_CHECKING:
     from parallm.engine.decode_graph import DecodeGraphs
+    from parallm.engine.verify_graph import VerifyGraphs, VerifyShape
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -138,6 +139,8 @@ class ModelRunner:
         self.fused_kernels = fused_kernels
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
+        # Graph-captured verify steps of speculative decoding (engine/verify_graph.py).
+        self.verify_graphs: VerifyGraphs | None = None
         self.tp_size = tp_size
         # Tensor parallelism: called with every eager step's inputs and prompt spans before
         # the forward, so that the other ranks run the same forward (and collectives).
@@ -308,6 +311,23 @@ class ModelRunner:
         self.graphs.capture()
         return self.graphs.capture_seconds
 
+    def capture_verify_graphs(
+        self, shapes: list[VerifyShape], max_model_len: int, capture: bool = True
+    ) -> float:
+        """Verify graphs for ``shapes`` (``capture=False``: the same buffers run eagerly, for
+        tests off CUDA); returns the seconds capture took. Not under tensor parallelism: the
+        other ranks would have to replay them too."""
+        from parallm.engine.verify_graph import VerifyGraphs
+
+        self.verify_graphs = VerifyGraphs(
+            self.model, self.backend, self.kv_caches, shapes, -(-max_model_len // self.block_size),
+            max_model_len, scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size,
+            device=self.device, capture=capture,
+        )  # fmt: skip
+        if capture:
+            self.verify_graphs.capture()
+        return self.verify_graphs.capture_seconds
+
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:
             return False
@@ -349,7 +369,11 @@ class ModelRunner:
             spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
-            logits, scored, hidden = self._forward(inputs, device_ids, spans)
+            replayed = self._replay_verify(inputs, device_ids, spans)
+            if replayed is not None:  # a verify step's rows are all sampling rows
+                logits, hidden = replayed
+            else:
+                logits, scored, hidden = self._forward(inputs, device_ids, spans)
             hidden = hidden if self.keep_hidden else None
         if logits is None:
             return None, scored
@@ -368,6 +392,17 @@ class ModelRunner:
             last = self._to_device(np.array([r[-1] for r in rows]))
             out = dataclasses.replace(out, hidden_states=hidden[last])
         return out, scored
+
+    def _replay_verify(
+        self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits and hidden states of a verify step from a captured graph, or None when none
+        fits (or the step has prompt tokens, host-less ids or other ranks to feed)."""
+        if self.verify_graphs is None or spans or device_ids is not None:
+            return None
+        if self.step_listener is not None:
+            return None
+        return self.verify_graphs.run(inputs)
 
     def _sample(
         self,

@@ -1,0 +1,308 @@
+"""Graph-captured verify steps of speculative decoding, applied to the model from outside.
+
+A verify step computes, for every drafted sequence, its last known token and its drafts (a
+chain, or a draft tree's nodes): ``q = 1 + drafts`` tokens a sequence, and logits at every one
+of them. Launched eagerly on a large model it costs several graph-replayed decode steps, which
+eats what accepted drafts gain. As vLLM captures its uniform-decode batches with
+``num_speculative_tokens + 1`` query tokens per request, one graph is captured per
+:class:`VerifyShape` (padded batch size, tokens per sequence, chains or trees) and replayed
+when every sequence of a step computes the same ``q`` tokens and samples at all of them; any
+other step runs eagerly.
+
+Graph safety: the attention takes the backend's multi-token path (rotary and KV store, then
+the prefill kernel, with the tree mask when the step has draft trees), which reads only device
+tensors and the fixed ``max_query_len = q``. Inputs are copied into static buffers; padding
+sequences compute ``q`` tokens whose keys and values go to the scratch block that no sequence
+owns, and whose block tables point at it, so padding never touches live KV entries.
+
+Without capture (``capture=False``, any device) :meth:`VerifyGraphs.run` runs the same static
+buffers through an eager forward: the CPU tests check the layout that way against the eager
+verify step, with the reference attention (which reads the host-side lengths, set per run).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
+
+if TYPE_CHECKING:
+    from parallm.engine.runner import StepInputs
+    from parallm.engine.spec.drafting import Drafter
+
+# Verify graphs stop at this batch size unless ``disable_by_batch_size`` sets the limit:
+# speculation pays at small batches, and each shape's logits take q * batch * vocab elements.
+DEFAULT_MAX_VERIFY_BATCH = 64
+
+
+@dataclass(frozen=True, order=True)
+class VerifyShape:
+    """What one verify graph computes: ``batch`` sequences (the real ones padded up to it) of
+    ``tokens_per_seq`` tokens each, with the tree mask (``tree``) or causal chains."""
+
+    batch: int
+    tokens_per_seq: int
+    tree: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.tokens_per_seq
+
+    @property
+    def region_words(self) -> int:
+        """Int32 words of the shape's input region (``_VerifyInputs.region``)."""
+        return 8 * self.num_tokens + 2 * self.batch
+
+
+def verify_shapes(
+    batch_sizes: Iterable[int],
+    chain_drafts: int | None = None,
+    tree_nodes: int | None = None,
+    max_batch: int = DEFAULT_MAX_VERIFY_BATCH,
+    max_tokens: int | None = None,
+) -> list[VerifyShape]:
+    """The shapes to capture: each batch size up to ``max_batch`` (and ``batch * q`` up to
+    ``max_tokens``) with every chain length 1..``chain_drafts`` (a drafter may propose fewer
+    than its maximum), and with a full tree of ``tree_nodes`` nodes (Medusa's fixed tree; a
+    cut tree runs eagerly). Largest first, the order in which capture shares memory."""
+    per_seq = [(1 + d, False) for d in range(1, (chain_drafts or 0) + 1)]
+    if tree_nodes:
+        per_seq.append((1 + tree_nodes, True))
+    shapes = {
+        VerifyShape(size, q, tree)
+        for size in batch_sizes
+        for q, tree in per_seq
+        if size <= max_batch and (max_tokens is None or size * q <= max_tokens)
+    }
+    return sorted(shapes, key=lambda s: (s.num_tokens, s), reverse=True)
+
+
+def drafter_shapes(
+    drafter: Drafter, batch_sizes: Iterable[int], max_tokens: int | None = None
+) -> list[VerifyShape]:
+    """``verify_shapes`` for what ``drafter`` proposes: Medusa its tree (a chain when its
+    paths are one chain), every other method chains of up to ``num_speculative_tokens``;
+    batch sizes up to ``disable_by_batch_size`` (above it nothing is drafted) or
+    ``DEFAULT_MAX_VERIFY_BATCH``."""
+    spec = drafter.config
+    max_batch = spec.disable_by_batch_size or DEFAULT_MAX_VERIFY_BATCH
+    paths = getattr(drafter.model, "paths", None) if spec.method == "medusa" else None
+    if paths is None:
+        return verify_shapes(batch_sizes, spec.num_speculative_tokens, None, max_batch, max_tokens)
+    if len(paths) == max(map(len, paths)):  # one node a level: the top-1 chain
+        return verify_shapes(batch_sizes, len(paths), None, max_batch, max_tokens)
+    return verify_shapes(batch_sizes, None, len(paths), max_batch, max_tokens)
+
+
+def uniform_tokens_per_seq(inputs: StepInputs) -> int | None:
+    """``q`` when every sequence of the step computes ``q >= 2`` tokens and samples at each of
+    them (its last known token and ``q - 1`` drafts: a verify step whose rows are all sampling
+    rows, in order); None for any other step."""
+    query_lens = np.diff(inputs.query_start_loc)
+    q = int(query_lens[0]) if len(query_lens) else 0
+    if q < 2 or not (query_lens == q).all():
+        return None
+    return q if len(inputs.sample_indices) == int(inputs.query_start_loc[-1]) else None
+
+
+class _VerifyInputs:
+    """The static inputs of one shape: one int32 region holding the token rows (ids,
+    positions, slots, tree bitmasks: int64 each) then the per-sequence rows (seq_lens, tree
+    node counts), copied in one transfer; block tables apart (only the columns in use move)."""
+
+    def __init__(self, shape: VerifyShape, max_blocks: int, device: torch.device) -> None:
+        tokens, size = shape.num_tokens, shape.batch
+        self.region = torch.zeros(shape.region_words, dtype=torch.int32, device=device)
+        rows = self.region[: 8 * tokens].view(torch.int64).view(4, tokens)
+        self.input_ids, self.positions, self.slot_mapping, self.tree_visible = rows.unbind(0)
+        self.seq_lens = self.region[8 * tokens : 8 * tokens + size]
+        self.tree_num_nodes = self.region[8 * tokens + size :]
+        self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(
+            0, tokens + 1, shape.tokens_per_seq, dtype=torch.int32, device=device
+        )
+
+
+class VerifyGraphs:
+    """Owns the static input buffers and one captured graph per :class:`VerifyShape`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: AttentionBackend,
+        kv_caches: list[torch.Tensor],
+        shapes: list[VerifyShape],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        scratch_block: int,
+        block_size: int,
+        device: torch.device,
+        capture: bool = True,
+    ) -> None:
+        if not shapes:
+            raise ValueError("verify graphs need at least one shape")
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.shapes = sorted(shapes, key=lambda s: (s.num_tokens, s), reverse=True)
+        self.max_blocks = max_blocks_per_seq
+        self.max_seq_len = max_seq_len
+        self.scratch_block = scratch_block
+        self.block_size = block_size
+        self.device = device
+        self.captures = capture
+        self.inputs = {s: _VerifyInputs(s, max_blocks_per_seq, device) for s in self.shapes}
+        # (tokens per sequence, tree) -> the captured batch sizes, ascending.
+        self.sizes: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for s in sorted(self.shapes):
+            self.sizes[(s.tokens_per_seq, s.tree)].append(s.batch)
+        self.graphs: dict[VerifyShape, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[VerifyShape, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, hidden
+        self.capture_seconds = 0.0
+        self.num_replays = 0
+
+    def shape_for(self, inputs: StepInputs) -> VerifyShape | None:
+        """The smallest shape that holds this step, or None (the step runs eagerly)."""
+        q = uniform_tokens_per_seq(inputs)
+        if q is None or inputs.block_tables.shape[1] > self.max_blocks:
+            return None
+        sizes = self.sizes.get((q, inputs.tree_num_nodes is not None), [])
+        i = bisect.bisect_left(sizes, len(inputs.seq_lens))
+        return (
+            VerifyShape(sizes[i], q, inputs.tree_num_nodes is not None) if i < len(sizes) else None
+        )
+
+    def _metadata(self, shape: VerifyShape, seq_lens_cpu: list[int]) -> AttentionMetadata:
+        buf = self.inputs[shape]
+        trees = {}
+        if shape.tree:
+            trees = dict(tree_num_nodes=buf.tree_num_nodes, tree_visible=buf.tree_visible)
+        return AttentionMetadata(
+            slot_mapping=buf.slot_mapping,
+            query_start_loc=buf.query_start_loc,
+            seq_lens=buf.seq_lens,
+            block_tables=buf.block_tables,
+            max_query_len=shape.tokens_per_seq,
+            max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=list(range(0, shape.num_tokens + 1, shape.tokens_per_seq)),
+            seq_lens_cpu=seq_lens_cpu,
+            **trees,
+        )
+
+    def forward(
+        self, shape: VerifyShape, seq_lens_cpu: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured work of one shape: logits (model dtype) and final hidden states of
+        every token. ``seq_lens_cpu``: the host lengths for a backend that reads them (the
+        reference one, uncaptured); captured graphs use the Triton backend, which does not."""
+        buf = self.inputs[shape]
+        lens = seq_lens_cpu or [self.max_seq_len] * shape.batch
+        ctx = ForwardContext(self._metadata(shape, lens), self.kv_caches, self.backend)
+        hidden = self.model(buf.input_ids, buf.positions, ctx)
+        return self.model.compute_logits(hidden), hidden
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every shape, largest first so smaller graphs reuse its memory pool (each
+        replay's outputs are read before the next replay). A pool of their own: decode graphs'
+        outputs may feed the next decode step."""
+        started = time.perf_counter()
+        pool = None
+        for shape in self.shapes:
+            self._stage_padding(shape)
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self.forward(shape)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[shape] = self.forward(shape)
+            pool = graph.pool()
+            self.graphs[shape] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - started
+
+    def _stage_padding(self, shape: VerifyShape) -> None:
+        """Every sequence of the shape a padding one (what capture runs on)."""
+        buf = self.inputs[shape]
+        head, _ = self._staged(shape, _empty_step(shape.tree))
+        buf.region.copy_(head)
+        buf.block_tables.fill_(self.scratch_block)
+
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits and final hidden states of the step's tokens (rows in the step's order,
+        every one a sampling row) from the graph of the smallest shape that holds the step;
+        None when none does. The outputs are the graph's own buffers: read them before the
+        next replay."""
+        shape = self.shape_for(inputs)
+        if shape is None:
+            return None
+        buf = self.inputs[shape]
+        head, tables = self._staged(shape, inputs)
+        buf.region.copy_(head, non_blocking=True)
+        buf.block_tables[:, : tables.shape[1]].copy_(tables, non_blocking=True)
+        self.num_replays += 1
+        tokens = int(inputs.query_start_loc[-1])
+        if self.captures:
+            self.graphs[shape].replay()
+            logits, hidden = self.outputs[shape]
+        else:
+            lens = inputs.seq_lens.tolist() + [shape.tokens_per_seq] * (
+                shape.batch - len(inputs.seq_lens)
+            )
+            with torch.inference_mode():
+                logits, hidden = self.forward(shape, lens)
+        return logits[:tokens], hidden[:tokens]
+
+    def _staged(self, shape: VerifyShape, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shape's region and block tables (columns in use) for ``inputs``, in fresh host
+        memory (pinned on CUDA: a step may be staged while the last one's copy is in flight).
+        Padding sequences: ``q`` tokens at positions 0.., all stored in the scratch block's
+        first slot, over a table of scratch blocks, causal (no tree nodes)."""
+        pinned = self.device.type == "cuda"
+        batch, q, size = len(inputs.seq_lens), shape.tokens_per_seq, shape.batch
+        real, tokens = batch * q, shape.num_tokens
+        head = torch.empty(shape.region_words, dtype=torch.int32, pin_memory=pinned)
+        rows = head[: 8 * tokens].view(torch.int64).view(4, tokens)
+        rows[0, :real] = torch.from_numpy(inputs.input_ids)
+        rows[1, :real] = torch.from_numpy(inputs.positions)
+        rows[2, :real] = torch.from_numpy(inputs.slot_mapping)
+        rows[0, real:] = 0
+        rows[1, real:] = torch.arange(q).repeat(size - batch)
+        rows[2, real:] = self.scratch_block * self.block_size
+        rows[3] = 0
+        lens = head[8 * tokens : 8 * tokens + size]
+        lens[:batch] = torch.from_numpy(inputs.seq_lens)
+        lens[batch:] = q
+        nodes = head[8 * tokens + size :]
+        nodes.zero_()
+        if inputs.tree_visible is not None:
+            rows[3, :real] = torch.from_numpy(inputs.tree_visible)
+            nodes[:batch] = torch.from_numpy(inputs.tree_num_nodes)
+        width = inputs.block_tables.shape[1]
+        tables = torch.empty((size, width), dtype=torch.int32, pin_memory=pinned)
+        tables[:batch] = torch.from_numpy(inputs.block_tables)
+        tables[batch:] = self.scratch_block
+        return head, tables
+
+
+def _empty_step(tree: bool) -> StepInputs:
+    """A step of no sequences (every row of a shape padding), for capture."""
+    from parallm.engine.runner import StepInputs
+
+    empty = np.zeros(0, dtype=np.int64)
+    return StepInputs(
+        input_ids=empty, positions=empty, slot_mapping=empty,
+        query_start_loc=np.zeros(1, dtype=np.int32), seq_lens=np.zeros(0, dtype=np.int32),
+        block_tables=np.zeros((0, 1), dtype=np.int32), sample_indices=empty,
+        tree_num_nodes=np.zeros(0, dtype=np.int32) if tree else None,
+        tree_visible=empty if tree else None,
+    )  # fmt: skip

@@ -1,0 +1,192 @@
+"""Verify graphs (engine/verify_graph.py) on CPU, run without capture: the shapes they bucket
+steps into, and their static buffers run through the same forward give the eager verify
+step's logits, hidden states and, end to end, its tokens (chains and Medusa trees, padded
+batches), without touching any live KV entry."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_medusa_drafter import _heads_dir
+from test_multi_token_step import _finish, _run, _start
+from test_speculative import ENGINE, SPEC, _repetitive_prompts, _tokens, oracle_drafts
+
+from parallm import LLM, SamplingParams
+from parallm.engine.runner import StepInputs
+from parallm.engine.spec.config import SpeculativeConfig
+from parallm.engine.spec.tree import DraftTree
+from parallm.engine.verify_graph import VerifyShape, drafter_shapes, verify_shapes
+
+SIZES = [1, 2, 4, 8]
+
+
+def test_shapes_bucket_batch_sizes_and_tokens_per_sequence():
+    shapes = verify_shapes([1, 2, 4, 8, 16], chain_drafts=3, max_batch=8)
+    assert {(s.batch, s.tokens_per_seq, s.tree) for s in shapes} == {
+        (b, q, False) for b in (1, 2, 4, 8) for q in (2, 3, 4)
+    }
+    # Largest first (capture shares the first one's memory pool).
+    assert [s.num_tokens for s in shapes] == sorted((s.num_tokens for s in shapes), reverse=True)
+    capped = verify_shapes([1, 2, 4, 8], chain_drafts=3, tree_nodes=12, max_tokens=16)
+    assert all(s.num_tokens <= 16 for s in capped)
+    assert VerifyShape(1, 13, True) in capped and VerifyShape(2, 13, True) not in capped
+    assert VerifyShape(4, 4, False) in capped and VerifyShape(8, 2, False) in capped
+
+
+def _drafter(spec: dict, paths=None):
+    return SimpleNamespace(config=SpeculativeConfig.from_value(spec),
+                           model=SimpleNamespace(paths=paths))  # fmt: skip
+
+
+def test_drafter_shapes_follow_the_method():
+    ngram = _drafter({"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": 4})
+    assert {(s.batch, s.tokens_per_seq, s.tree) for s in drafter_shapes(ngram, SIZES)} == {
+        (b, q, False) for b in (1, 2, 4) for q in (2, 3, 4, 5)
+    }
+    tree = ((0,), (1,), (0, 0), (1, 0), (0, 0, 0))
+    medusa = _drafter(
+        {"method": "medusa", "model": "heads", "num_speculative_tokens": 3}, paths=tree
+    )
+    assert {(s.batch, s.tokens_per_seq, s.tree) for s in drafter_shapes(medusa, SIZES)} == {
+        (b, 6, True) for b in SIZES
+    }
+    chain = _drafter({"method": "medusa", "model": "heads", "num_speculative_tokens": 3},
+                     paths=((0,), (0, 0), (0, 0, 0)))  # fmt: skip
+    assert {s.tree for s in drafter_shapes(chain, SIZES)} == {False}
+
+
+def _step(query_lens: list[int], sampling_rows: int | None = None, width: int = 2) -> StepInputs:
+    ends = np.cumsum(query_lens)
+    tokens = int(ends[-1])
+    rows = np.arange(tokens if sampling_rows is None else sampling_rows, dtype=np.int64)
+    return StepInputs(
+        input_ids=np.zeros(tokens, np.int64), positions=np.zeros(tokens, np.int64),
+        slot_mapping=np.zeros(tokens, np.int64),
+        query_start_loc=np.concatenate([[0], ends]).astype(np.int32),
+        seq_lens=np.full(len(query_lens), 40, np.int32),
+        block_tables=np.zeros((len(query_lens), width), np.int32), sample_indices=rows,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir("llama3")), dtype="float32", device="cpu", max_model_len=256,
+               enable_prefix_caching=False, kv_cache_memory=8 << 20)  # fmt: skip
+
+
+def _install(engine, shapes: list[VerifyShape]):
+    engine.runner.capture_verify_graphs(shapes, engine.max_model_len, capture=False)
+    return engine.runner.verify_graphs
+
+
+def test_a_step_goes_to_the_smallest_shape_that_holds_it(llm):
+    graphs = _install(llm.engine, verify_shapes(SIZES, chain_drafts=4))
+    try:
+        assert graphs.shape_for(_step([5, 5, 5])) == VerifyShape(4, 5, False)
+        assert graphs.shape_for(_step([2])) == VerifyShape(1, 2, False)
+        assert graphs.shape_for(_step([5] * 9)) is None  # more sequences than any shape
+        assert graphs.shape_for(_step([5, 4, 5])) is None  # drafts of different lengths
+        assert graphs.shape_for(_step([6, 6])) is None  # more drafts than captured
+        assert graphs.shape_for(_step([1, 1])) is None  # a plain decode step
+        assert graphs.shape_for(_step([5, 5], sampling_rows=6)) is None  # a prompt chunk's rows
+        assert graphs.shape_for(_step([5], width=graphs.max_blocks + 1)) is None
+        tree = _step([5, 5])
+        tree.tree_num_nodes, tree.tree_visible = np.full(2, 4, np.int32), np.ones(10, np.int64)
+        assert graphs.shape_for(tree) is None  # no tree shape captured
+    finally:
+        llm.engine.runner.verify_graphs = None
+
+
+# (context length, draft tree parents or a chain length): three sequences, padded to four.
+CHAINS = [(37, 3), (16, 3), (5, 3)]
+TREES = [(37, [-1, -1, 0, 0, 1]), (16, [-1, 0, 0, 1, 3]), (20, [-1, -1, -1, 1, 2])]
+
+
+@pytest.mark.parametrize("cases", [CHAINS, TREES], ids=["chains", "trees"])
+def test_the_buffers_give_the_eager_steps_logits_and_leave_live_kv_alone(llm, cases,
+                                                                         ordinary_token_ids):  # fmt: skip
+    engine, rng = llm.engine, random.Random(3)
+    tokens = lambda n: rng.choices(ordinary_token_ids, k=n)  # noqa: E731
+    seqs = _start(engine, [tokens(n) for n, _ in cases], tokens(len(cases)))
+    for seq, (_, drafts) in zip(seqs, cases, strict=True):
+        if isinstance(drafts, int):
+            seq.draft_token_ids = tokens(drafts)
+        else:
+            tree = DraftTree(tuple(tokens(len(drafts))), tuple(drafts))
+            seq.draft_token_ids, seq.draft_tree = list(tree.tokens), tree
+    batch, inputs, eager = _run(engine)
+    with torch.inference_mode():
+        _, _, eager_hidden = engine.runner._forward(inputs, None, [])
+    q = 1 + len(batch.seqs[0].draft_token_ids)
+    graphs = _install(engine, [VerifyShape(4, q, cases is TREES)])
+    try:
+        owned = {b for seq in seqs for b in seq.block_table}
+        before = [cache.clone() for cache in engine.runner.kv_caches]
+        logits, hidden = graphs.run(inputs)
+        assert graphs.num_replays == 1 and logits.shape[0] == len(cases) * q
+        torch.testing.assert_close(logits.float(), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, eager_hidden, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), eager.argmax(-1))
+        scratch = engine.runner.cache_cfg.num_blocks
+        for old, new in zip(before, engine.runner.kv_caches, strict=True):
+            others = [b for b in range(old.shape[1]) if b not in owned and b != scratch]
+            assert torch.equal(old[:, others], new[:, others])  # padding wrote the scratch only
+            torch.testing.assert_close(old[:, sorted(owned)], new[:, sorted(owned)])
+    finally:
+        engine.runner.verify_graphs = None
+        _finish(engine, seqs)
+    assert batch.seqs and all(item.draft_token_ids for item in batch.seqs)
+
+
+def _spec_tokens(path, spec, prompts, params, graphs: bool, **engine_args):
+    llm = LLM(path, speculative_config=spec, **{**ENGINE, **engine_args})
+    replays = None
+    if graphs:
+        cfg = llm.engine.config
+        shapes = drafter_shapes(llm.engine.drafter, SIZES, cfg.max_num_batched_tokens)
+        replays = _install(llm.engine, shapes)
+    free = llm.engine.kv.num_free_blocks
+    out = [_tokens(llm, prompts, p) for p in params]
+    assert llm.engine.kv.num_free_blocks == free
+    return out, llm.engine.stats, replays
+
+
+PARAMS = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+          SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=7, n=2)]  # fmt: skip
+
+
+def test_chain_verify_through_the_buffers_gives_the_eager_tokens(
+    tiny_model_dir, ordinary_token_ids, monkeypatch
+):
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    plain = LLM(path, **ENGINE)
+    future = {tuple(p): out[0] for p, out in zip(prompts, _tokens(plain, prompts, PARAMS[0]),
+                                                   strict=True)}  # fmt: skip
+    oracle_drafts(monkeypatch, future)  # four drafts a step, the third wrong
+    eager, eager_stats, _ = _spec_tokens(path, SPEC, prompts, PARAMS, graphs=False)
+    graph, graph_stats, graphs = _spec_tokens(path, SPEC, prompts, PARAMS, graphs=True)
+    assert graph == eager == [_tokens(plain, prompts, p) for p in PARAMS]
+    assert graphs.num_replays > 0
+    assert graph_stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"] > 0
+
+
+def test_medusa_tree_verify_through_the_buffers_gives_the_eager_tokens_and_hidden_states(
+    tiny_model_dir, ordinary_token_ids, tmp_path
+):
+    path = str(tiny_model_dir("llama3"))
+    plain = LLM(path, **ENGINE)
+    spec = {"method": "medusa", "model": _heads_dir(tmp_path, plain), "num_speculative_tokens": 2}
+    prompts = _repetitive_prompts(ordinary_token_ids)[:3]
+    wide = dict(max_num_batched_tokens=256)  # room for whole trees of three sequences
+    eager, eager_stats, _ = _spec_tokens(path, spec, prompts, PARAMS, False, **wide)
+    graph, graph_stats, graphs = _spec_tokens(path, spec, prompts, PARAMS, True, **wide)
+    assert graph == eager == [_tokens(plain, prompts, p) for p in PARAMS]
+    assert graphs.num_replays > 0 and all(s.tree for s in graphs.shapes)
+    # The heads read the graph's hidden states: the same drafts, so the same acceptance.
+    assert graph_stats["spec_draft_tokens"] == eager_stats["spec_draft_tokens"]
+    assert graph_stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"] > 0
