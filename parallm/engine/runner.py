@@ -372,8 +372,10 @@ class ModelRunner:
             replayed = self._replay_verify(inputs, device_ids, spans)
             if replayed is not None:  # a verify step's rows are all sampling rows
                 logits, hidden = replayed
-            else:
+            elif spans or self.keep_hidden:
                 logits, scored, hidden = self._forward(inputs, device_ids, spans)
+            else:  # benchmarks and the interpreted-engine tests swap forward_logits
+                logits = self.forward_logits(inputs, device_ids)
             hidden = hidden if self.keep_hidden else None
         if logits is None:
             return None, scored
