@@ -232,11 +232,10 @@ class DecodeGraphs:
         lens = host[6 * size : buf.head_len]
         lens[:batch] = torch.from_numpy(seq_lens)
         lens[batch:] = 1
-        predict = one_copy
         if one_copy:
             tables = host[buf.head_len :].view(size, self.max_blocks)[:, :width]
-            if predict:  # every word defined, so the region compares whole
-                host[buf.head_len :].view(size, self.max_blocks)[:, width:] = self.scratch_block
+            # Every word defined, so the region compares whole with the predicted one.
+            host[buf.head_len :].view(size, self.max_blocks)[:, width:] = self.scratch_block
         else:
             tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
         tables[:batch] = torch.from_numpy(block_tables)
@@ -250,7 +249,7 @@ class DecodeGraphs:
             buf.region[skip:words].copy_(host[skip:], non_blocking=True)
             if not one_copy:  # long contexts: only the columns in use
                 buf.block_tables[:, :width].copy_(tables, non_blocking=True)
-        self._expected[size] = self._advanced(staged, size) if predict else None
+        self._expected[size] = self._advanced(staged, size) if one_copy else None
         if carried:
             self.num_carried_ids += 1
         elif device_ids is not None:

@@ -347,7 +347,7 @@ class LLMEngine:
             if self.drafter is not None:
                 self.drafter.propose(self.scheduler.running)
             batch = self.scheduler.schedule()
-            if batch.is_empty:
+            if not batch.seqs:
                 return []
             handle = self._launch(batch)
             self._count_step(batch)

@@ -9,6 +9,7 @@ recently freed first. This module only does bookkeeping; the tensors live in the
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -65,14 +66,8 @@ class KVCacheManager:
             return []  # prompt logprobs need the logits of every prompt position, cached or not
         # The last token must be computed to produce logits, so never match the whole sequence.
         num_full = (seq.num_tokens - 1) // self.block_size
-        hashes = self._full_block_hashes(seq, num_full)
-        hits = []
-        for h in hashes:
-            block_id = self.cached.get(h)
-            if block_id is None:
-                break
-            hits.append(block_id)
-        return hits
+        cached = (self.cached.get(h) for h in self._full_block_hashes(seq, num_full))
+        return list(itertools.takewhile(lambda block_id: block_id is not None, cached))
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_hits: list[int] = ()) -> bool:
         """Give ``seq`` room for ``num_new_tokens`` more tokens; False (and no change) if full."""

@@ -43,10 +43,10 @@ def supports_one_row_step(model: nn.Module, backend: object) -> bool:
 class OneRowStep:
     """Logits of one decode row, computed by the kernel chain described above."""
 
-    def __init__(self, model: nn.Module, backend: TritonAttention, pdl: bool = True) -> None:
+    def __init__(self, model: nn.Module, backend: TritonAttention) -> None:
         self.model = model
         self.backend = backend  # owns the decode attention's split counters
-        self.pdl = pdl and pdl_supported(model.lm_head.weight)
+        self.pdl = pdl_supported(model.lm_head.weight)
 
     def logits(
         self,

@@ -108,10 +108,6 @@ class ScheduledBatch:
         """One known token per sequence, each sampling, no drafts: the graph-captured step."""
         return all(s.num_new_tokens == 1 and s.samples and not s.draft_token_ids for s in self.seqs)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
 
 @dataclass
 class SchedulerStats:
