@@ -1,17 +1,14 @@
 """Rotary embedding fused with the paged KV-cache store: one launch per layer and step.
 
-Unfused, a layer would run a rotary kernel and then ``write_kv``'s two ``index_copy_`` kernels;
-at batch-1 decode those launches cost more than the bytes they move. Here each token's q is
-rotated into the output, and its rotated k and its v go straight to ``slot_mapping[t]`` of the
-cache, never materialised anywhere else. The rotation rounds exactly as PyTorch's rotary does:
-the cache ends up bit-for-bit as ``rotary_and_store_kv_ref`` leaves it.
+Each token's q is rotated into the output, and its rotated k and its v go straight to
+``slot_mapping[t]`` of the cache. The rotation rounds exactly as PyTorch's rotary does, so the
+cache ends up bit for bit as ``rotary_and_store_kv_ref`` leaves it. An fp8 cache
+(``torch.float8_e4m3fn``) stores ``x / scale`` clamped to +-448 and rounded to the nearest e4m3
+value, with the layer's ``kv_scale = [k_scale, v_scale]`` (float32), as ``quantize_kv_ref``
+does; the rotation still rounds to the model's dtype first.
 
-An fp8 cache (``torch.float8_e4m3fn``) stores ``x / scale`` clamped to +-448 and rounded to the
-nearest e4m3 value, with the layer's ``kv_scale = [k_scale, v_scale]`` (float32), as
-``quantize_kv_ref`` does, bit for bit; the rotation still rounds to the model's dtype first.
-
-No host synchronisation, so it can be captured in a CUDA graph (compile it before capturing).
-CPU tensors work only under the Triton interpreter, as for ``parallm.kernels.elementwise``.
+No host synchronisation, so it can be captured in a CUDA graph. CPU tensors work only under
+the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import triton
 import triton.language as tl
 
 from parallm.kernels.elementwise import _NO_FMA, _round_to
-from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 # Each program covers up to this many (head, dim-pair) elements.
 _TILE = 2048
@@ -90,20 +86,6 @@ def _load_cos_sin(row_ptr, d, dmask, HALF: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rope_token_setup(pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
-    """The program's token and head block, and its position's cos/sin halves (loaded once)."""
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
-    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, DTYPE)
-    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, DTYPE)
-    return t, hb, d, dmask, c1, c2, s1, s2
-
-
-@triton.jit
 def _rope_heads(
     in_row,
     out_row,
@@ -146,38 +128,25 @@ def _rope_heads(
     tl.store(out_row + out_offs + HALF, to_cache(y2, scale, out_dtype), mask=mask)
 
 
-def _check_rotary_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
+def _check_tables(
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
     positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    tokens: int,
+    head_dim: int,
+    prefix: str = "",
 ) -> None:
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0]:
-        raise ValueError("q and k must be [tokens, heads, head_dim] with the same tokens")
-    head_dim = q.shape[-1]
-    if head_dim % 2 or k.shape[-1] != head_dim or cos_cache.shape[-1] != head_dim:
-        raise ValueError("q, k and the caches need one even head_dim")
-    if q.dtype != k.dtype:
-        raise ValueError("q and k must share a dtype")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("q and k need a contiguous head_dim (row strides are fine)")
-    if cos_cache.shape != sin_cache.shape or cos_cache.dim() != 2:
-        raise ValueError("cos_cache and sin_cache must both be [max_positions, head_dim]")
-    if positions.shape != (q.shape[0],):
-        raise ValueError("positions must be [tokens]")
-
-
-def _rotary_out(out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError("a rotary output must match its input's shape and dtype")
-    return out
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """What both rotary kernels read: the cos/sin tables ``[max_positions, head_dim]`` with
+    contiguous rows, and each token's integer position and cache slot."""
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+    for name, t in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+        if t.dim() != 2 or t.shape[1] != head_dim or t.stride(1) != 1:
+            raise ValueError(f"{prefix}{name} must be [max_positions, {head_dim}], contiguous")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if tuple(t.shape) != (tokens,) or t.is_floating_point():
+            raise ValueError(f"{prefix}{name} must be [{tokens}] integer")
 
 
 @triton.jit
@@ -258,15 +227,17 @@ def _rope_store_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     KV_FP8: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_for_producer(PDL)
     # Grid: (tokens, q head blocks + kv head blocks). A kv program stores both k and v of its
     # heads, so the slot is loaded once.
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-    t, hb, d, dmask, c1, c2, s1, s2 = _rope_token_setup(
-        pos_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF, BLOCK_HALF, dtype
-    )
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c1, c2 = _load_cos_sin(cos_ptr + pos * stride_cos, d, dmask, HALF, dtype)
+    s1, s2 = _load_cos_sin(sin_ptr + pos * stride_sin, d, dmask, HALF, dtype)
     if hb < num_q_blocks:
         q_row, q_out_row = q_ptr + t * stride_qt, q_out_ptr + t * stride_qot
         _rope_heads(
@@ -307,12 +278,16 @@ def check_kv_scale(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
 
 
 def _check_store_inputs(
+    q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
     kv_scale: torch.Tensor | None,
 ) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError("q and k must be [tokens, heads, head_dim] with the same tokens and D")
+    if q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need one dtype and a contiguous head_dim (row strides are fine)")
     if v.shape != k.shape or v.dtype != k.dtype or v.stride(-1) != 1:
         raise ValueError("v must have k's shape and dtype and a contiguous head_dim")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != k.shape[1:]:
@@ -325,8 +300,6 @@ def _check_store_inputs(
     check_kv_scale(kv_cache, kv_scale)
     if kv_cache.stride(-1) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
         raise ValueError("kv_cache needs a contiguous head_dim and blocks laid out as slots")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.is_floating_point():
-        raise ValueError("slot_mapping must be [tokens] integer")
 
 
 def rotary_and_store_kv(
@@ -341,28 +314,27 @@ def rotary_and_store_kv(
     *,
     q_out: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
-    """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache.
+    """Rotate q and k (rotate-half RoPE) and store rotated k and v in the paged cache, as the
+    PyTorch rotary followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)`` does, bit for bit.
 
-    Equivalent to rotate-half RoPE of q and k followed by ``write_kv(k_rot, v, kv_cache, slot_mapping)``,
-    bit for bit, in one launch. q: [T, Hq, D]; k, v: [T, Hkv, D], any token/head strides with a
-    contiguous D (views into a fused qkv projection work); cos_cache, sin_cache and positions
-    [max_positions, D] float32 and [T] positions; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype,
-    or float8_e4m3fn with ``kv_scale`` ``[k_scale, v_scale]`` float32 (the module docstring);
-    slot_mapping: [T] integer slots (block * block_size + offset), each in range (not checked:
-    that would sync with the host). Rows with a negative slot store nothing.
-
-    Returns the rotated q: a new contiguous tensor, or ``q_out`` (which may be q itself).
+    q: [T, Hq, D]; k, v: [T, Hkv, D], any token/head strides with a contiguous D (views into a
+    fused qkv projection work); cos_cache, sin_cache: [max_positions, D] float32; positions:
+    [T]; kv_cache: [2, num_blocks, block_size, Hkv, D] in k's dtype, or float8_e4m3fn with
+    ``kv_scale``; slot_mapping: [T] slots, each in range (not checked: that would sync with the
+    host), negative ones storing nothing. Returns the rotated q: a new contiguous tensor, or
+    ``q_out`` (which may be q itself).
     """
-    _check_rotary_inputs(q, k, cos_cache, sin_cache, positions)
-    _check_store_inputs(k, v, kv_cache, slot_mapping, kv_scale)
-    q_out = _rotary_out(q_out, q)
+    _check_store_inputs(q, k, v, kv_cache, kv_scale)
     tokens, num_q_heads, head_dim = q.shape
+    _check_tables(cos_cache, sin_cache, positions, slot_mapping, tokens, head_dim)
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(-1) != 1:
+        raise ValueError("q_out must match q's shape and dtype, with a contiguous head_dim")
     num_kv_heads = k.shape[1]
     if tokens == 0:
         return q_out
-    cos_cache, sin_cache = _unit_last_stride(cos_cache), _unit_last_stride(sin_cache)
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
     max_heads = max(1, _TILE // block_half)
@@ -385,7 +357,6 @@ def rotary_and_store_kv(
         KV_FP8=kv_cache.dtype == _FP8_KV,
         num_warps=4,
         **_NO_FMA,
-        **pdl_launch(q, pdl),
     )  # fmt: skip
     return q_out
 
@@ -442,21 +413,14 @@ class NewTokenRope:
     slot_mapping: torch.Tensor
 
     def check(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
-        """Shapes, dtypes and strides the kernel relies on."""
         batch, _, head_dim = q.shape
         want = (batch, k_cache.shape[2], head_dim)
         dtype = q.dtype if k_cache.dtype == _FP8_KV else k_cache.dtype
         for name, t in (("k", self.k), ("v", self.v)):
             if tuple(t.shape) != want or t.dtype != dtype or t.stride(-1) != 1:
                 raise ValueError(f"rope.{name} must be {want} in {dtype}, contiguous in D")
-        for name, t in (("cos_cache", self.cos_cache), ("sin_cache", self.sin_cache)):
-            if t.dim() != 2 or t.shape[1] != head_dim or t.stride(1) != 1:
-                raise ValueError(f"rope.{name} must be [max_positions, {head_dim}], contiguous")
-        for name, t in (("positions", self.positions), ("slot_mapping", self.slot_mapping)):
-            if tuple(t.shape) != (batch,) or t.is_floating_point():
-                raise ValueError(f"rope.{name} must be [{batch}] integer")
-        if head_dim % 2:
-            raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+        _check_tables(self.cos_cache, self.sin_cache, self.positions, self.slot_mapping, batch,
+                      head_dim, prefix="rope.")  # fmt: skip
 
     def kernel_args(self) -> tuple:
         k, v, cos, sin = self.k, self.v, self.cos_cache, self.sin_cache
