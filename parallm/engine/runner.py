@@ -199,10 +199,7 @@ class ModelRunner:
         inputs = self._dummy_inputs(num_tokens, max_model_len)
         self.allocate_kv_cache(int(inputs.block_tables.max()) + 1)
         torch.cuda.reset_peak_memory_stats(self.device)
-        meta = self._build_metadata(inputs)
-        ids = self._to_device(inputs.input_ids)
-        ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        hidden = self.model(ids, self._to_device(inputs.positions), ctx)
+        hidden = self._hidden(inputs, None)
         self.model.compute_logits(hidden[:num_seqs]).float()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -213,23 +210,33 @@ class ModelRunner:
 
     def _dummy_inputs(self, num_tokens: int, max_model_len: int) -> StepInputs:
         """``num_tokens`` split into sequences no longer than the model's context."""
-        lengths = [max_model_len] * (num_tokens // max_model_len)
-        if num_tokens % max_model_len:
-            lengths.append(num_tokens % max_model_len)
-        blocks_per_seq = -(-max(lengths) // self.block_size)
+        full, rest = divmod(num_tokens, max_model_len)
+        lengths = np.array([max_model_len] * full + [rest] * (rest > 0), dtype=np.int64)
+        blocks_per_seq = -(-int(lengths.max()) // self.block_size)
         tables = np.arange(len(lengths) * blocks_per_seq, dtype=np.int32).reshape(len(lengths), -1)
-        positions = np.concatenate([np.arange(n) for n in lengths])
-        seq_index = np.repeat(np.arange(len(lengths)), lengths)
-        slots = tables[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
+        ends = np.cumsum(lengths)
+        positions, slots = self._positions_and_slots(np.zeros_like(lengths), lengths, ends, tables)
         return StepInputs(
             input_ids=np.zeros(num_tokens, dtype=np.int64),
-            positions=positions.astype(np.int64),
-            slot_mapping=slots + positions % self.block_size,
-            query_start_loc=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
-            seq_lens=np.asarray(lengths, dtype=np.int32),
+            positions=positions,
+            slot_mapping=slots,
+            query_start_loc=np.concatenate([[0], ends]).astype(np.int32),
+            seq_lens=lengths.astype(np.int32),
             block_tables=tables,
-            sample_indices=np.cumsum(lengths) - 1,
+            sample_indices=ends - 1,
         )
+
+    def _positions_and_slots(
+        self, starts: np.ndarray, lengths: np.ndarray, ends: np.ndarray, tables: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and KV slots of a step's flat tokens, sequence ``i`` computing
+        ``lengths[i]`` tokens (ending at row ``ends[i]``) from position ``starts[i]``."""
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        positions = np.arange(ends[-1], dtype=np.int64) - np.repeat(
+            ends - lengths - starts, lengths
+        )
+        bs = self.block_size
+        return positions, tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: token ids, positions, slots, query offsets, block tables."""
@@ -246,12 +253,7 @@ class ModelRunner:
         lengths = np.fromiter((it.num_scheduled_tokens for it in items), np.int64, len(items))
         ends = np.cumsum(lengths)
         block_tables = _table_rows([it.seq.block_table for it in items])
-        rows = np.repeat(np.arange(len(items)), lengths)
-        positions = np.arange(ends[-1], dtype=np.int64) - np.repeat(
-            ends - lengths - starts, lengths
-        )
-        bs = self.block_size
-        slots = block_tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        positions, slots = self._positions_and_slots(starts, lengths, ends, block_tables)
         # Tree nodes keep the slots above, in node order, and take the rotary position of
         # their depth: the position each would have on its own path.
         trees = [i for i, it in enumerate(items) if _tree_of(it) is not None]
