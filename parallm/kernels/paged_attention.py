@@ -497,29 +497,17 @@ def paged_prefill_attention(
     tree_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged KV cache, optionally
-    with draft trees.
+    with draft trees; ``[T, Hq, D]`` in q's dtype (into ``out`` when given).
 
-    Args:
-        q: ``[T, Hq, D]`` queries of the new tokens of B sequences, packed.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` in q's dtype or float8_e4m3fn;
-            the new tokens' keys/values must already be written. ``Hq`` must be a multiple of
-            ``Hkv`` (GQA).
-        block_tables: ``[B, max_blocks]`` int32 block ids of each sequence.
-        query_start_loc: ``[B+1]`` int32 cumulative query lengths.
-        seq_lens: ``[B]`` int32 context lengths including the new tokens.
-        max_query_len: an upper bound of the per-sequence query lengths.
-        scale: softmax scale, usually ``D ** -0.5``.
-        out: optional ``[T, Hq, D]`` buffer to write into (contiguous in D).
-        kv_scale: ``[k_scale, v_scale]`` float32 of an fp8 cache (ignored for a float one).
-        tree_num_nodes: draft trees (with ``tree_visible``; both None: none): ``[B]`` int32,
-            how many of sequence ``b``'s last tokens are tree nodes (0: a causal sequence).
-        tree_visible: ``[T]`` int64: for each node query, the bitmask of its sequence's nodes
-            it sees (its ancestors and itself); ignored for other queries.
-
-    Returns:
-        ``[T, Hq, D]`` in q's dtype. Query ``i`` of sequence ``b`` sits at position
-        ``seq_lens[b] - q_len_b + i`` and attends to keys ``0..`` that position (a tree node
-        only to those the tree mask leaves).
+    q: ``[T, Hq, D]``, the new tokens of B sequences packed; query ``i`` of sequence ``b`` sits
+    at position ``seq_lens[b] - q_len_b + i`` and attends to the keys up to it. The caches
+    (``[num_blocks, block_size, Hkv, D]``, q's dtype or float8_e4m3fn with ``kv_scale``)
+    already hold the new tokens' keys and values; ``Hq`` is a multiple of ``Hkv``.
+    block_tables ``[B, max_blocks]``, query_start_loc ``[B+1]`` (cumulative query lengths) and
+    seq_lens ``[B]`` (context lengths including the new tokens) are int32; ``max_query_len``
+    bounds the query lengths. Draft trees (both or neither): ``tree_num_nodes [B]`` int32 (how
+    many of a sequence's last tokens are nodes) and ``tree_visible [T]`` int64 (module
+    docstring).
     """
     _check_inputs(q, k_cache, v_cache, kv_scale)
     _check_tree_inputs(q, seq_lens, tree_num_nodes, tree_visible)
@@ -582,15 +570,9 @@ def _decode_config(head_dim: int, groups: int, elem_bytes: int, smem_bytes: int)
     return _DecodeConfig(block_g, block_n, _DECODE_NUM_WARPS, stages)
 
 
-def _strides(
-    q: torch.Tensor,
-    out: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-) -> tuple[int, ...]:
-    """Both kernels' stride arguments, in their order: q's and out's token and head strides,
-    each cache's block, slot and head strides, the block tables' row stride."""
+def _strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             block_tables: torch.Tensor) -> tuple[int, ...]:  # fmt: skip
+    """Both kernels' stride arguments, in their order."""
     return (*q.stride()[:2], *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
             block_tables.stride(0))  # fmt: skip
 
@@ -632,36 +614,22 @@ def paged_decode_attention(
     kv_scale: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """Attention of one new token per sequence over its paged KV cache (flash decoding).
+    """Attention of one new token per sequence over its paged KV cache (flash decoding);
+    ``[B, Hq, D]`` in q's dtype. The arguments are ``paged_prefill_attention``'s for one query
+    per sequence (at position ``seq_lens[b] - 1``), except:
 
     The context is cut into ``decode_num_splits`` ranges handled by separate programs; the
     last of a (sequence, KV head)'s programs to finish merges the partial results (one launch;
     a context that fits one split skips the merge). All ``Hq / Hkv`` query heads of a KV head
-    share one program, so each K/V block is read once per KV head. ``max_seq_len`` shapes the
-    launch grid: keep it fixed when the call is captured in a CUDA graph.
+    share one program, so each K/V block is read once per KV head. ``max_seq_len`` bounds
+    ``seq_lens`` and shapes the grid: keep it fixed when the call is captured in a CUDA graph.
 
-    Args:
-        q: ``[B, Hq, D]``; the query of sequence ``b`` sits at position ``seq_lens[b] - 1``.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` holding the new token's k/v, in
-            q's dtype or float8_e4m3fn.
-        block_tables: ``[B, max_blocks]`` int32.
-        seq_lens: ``[B]`` int32 context lengths including the new token.
-        scale: softmax scale.
-        max_seq_len: an upper bound of ``seq_lens`` (keys past it are ignored).
-        out: optional ``[B, Hq, D]`` buffer to write into (contiguous in D).
-        rope: this step's raw k and v and the rotary tables: q is then the raw query, and the
-            kernel rotates q and k and stores k and v in the cache itself (what
-            ``rotary_and_store_kv`` does before a plain call, in the same launch).
-        split_counters: the merge's arrival counters, from :func:`new_split_counters`: int32
-            zeros on q's device, at least ``B * Hkv`` of them whenever the context is split.
-            Every call leaves them at zero again, so one buffer serves every layer and step,
-            but calls sharing it must not run concurrently (on different streams). None
-            allocates zeroed counters for this call (one fill kernel more).
-        kv_scale: ``[k_scale, v_scale]`` float32 of an fp8 cache (ignored for a float one);
-            with ``rope`` the new k and v are stored quantized with it.
-
-    Returns:
-        ``[B, Hq, D]`` in q's dtype.
+    ``rope``: this step's raw k and v and the rotary tables; q is then the raw query, and the
+    kernel rotates q and k and stores k and v (quantized with ``kv_scale`` in an fp8 cache) as
+    ``rotary_and_store_kv`` would before a plain call. ``split_counters``: the merge's arrival
+    counters from :func:`new_split_counters` (None: zeroed ones for this call). Every call
+    leaves them at zero, so one buffer serves every layer and step, but calls sharing it must
+    not run concurrently (on different streams).
     """
     _check_inputs(q, k_cache, v_cache, kv_scale)
     if rope is not None:
