@@ -247,6 +247,17 @@ def fused_add_rms_norm(
 
 
 @triton.jit
+def silu_mul(g, u, PRECISE_EXP: tl.constexpr, dtype: tl.constexpr):
+    """``silu(g) * u`` of float32 g and u, rounded to ``dtype`` where PyTorch rounds. PyTorch's
+    silu is x / (1 + expf(-x)) with an IEEE division; tl.exp would use the faster, less accurate
+    ex2.approx. libdevice is compiled-only, so the interpreter (numpy's exact exp) takes the
+    other branch."""
+    e = libdevice.exp(-g) if PRECISE_EXP else tl.exp(-g)
+    silu = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
+    return _round_to(silu * u, dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     gate_ptr,
     up_ptr,
@@ -263,13 +274,8 @@ def _silu_and_mul_kernel(
     mask = cols < n_cols
     g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
-    # PyTorch's silu is x / (1 + expf(-x)) with an IEEE division; tl.exp would use the
-    # faster, less accurate ex2.approx. libdevice is compiled-only, so the interpreter
-    # (numpy's exact exp) takes the other branch.
-    e = libdevice.exp(-g) if PRECISE_EXP else tl.exp(-g)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    silu = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
-    y = _round_to(silu * u, dtype)
+    y = silu_mul(g, u, PRECISE_EXP, dtype)
     tl.store(out_ptr + row * stride_out + cols, y.to(dtype), mask=mask)
 
 

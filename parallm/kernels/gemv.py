@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from parallm.kernels.elementwise import _NO_FMA, _round_to
+from parallm.kernels.elementwise import _NO_FMA, _round_to, silu_mul
 from parallm.kernels.pdl import pdl_launch, wait_for_producer
 
 _ONE_PASS_MAX = 8192  # rows up to this many elements are summed in one load (registers)
@@ -105,14 +104,20 @@ def _norm_gemv_kernel(
 
 
 @triton.jit
-def _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL: tl.constexpr,
-                  STORE: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
-    """x (+ residual, rounded to the model dtype) at ``cols``; with ``STORE``, program 0 writes
-    it out (the residual stream of the next norm)."""
+def _sum_chunk(x_ptr, res_ptr, cols, K, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr):
+    """x (+ residual, rounded to the model dtype) at ``cols``, as float32."""
     h = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         h = _round_to(h + r, dtype)
+    return h
+
+
+@triton.jit
+def _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL: tl.constexpr,
+                  STORE: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+    """``_sum_chunk``; with ``STORE``, program 0 writes it out (the next norm's residual)."""
+    h = _sum_chunk(x_ptr, res_ptr, cols, K, HAS_RESIDUAL, dtype)
     if STORE:  # noqa: SIM102 (a constexpr test, then a runtime one)
         if tl.program_id(0) == 0:
             tl.store(res_out_ptr + cols, h.to(dtype), mask=cols < K)
@@ -123,24 +128,17 @@ def _summed_chunk(x_ptr, res_ptr, res_out_ptr, cols, K, HAS_RESIDUAL: tl.constex
 def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, k, offs_k, K, rstd, HAS_RESIDUAL: tl.constexpr,
                   dtype: tl.constexpr):  # fmt: skip
     cols = k + offs_k
-    kmask = cols < K
-    h = tl.load(x_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        h = _round_to(h + r, dtype)
-    g = tl.load(norm_w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+    h = _sum_chunk(x_ptr, res_ptr, cols, K, HAS_RESIDUAL, dtype)
+    g = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     return _round_to(_round_to(h * rstd, dtype) * g, dtype)
 
 
 @triton.jit
 def _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP: tl.constexpr, dtype: tl.constexpr):
     cols = k + offs_k
-    kmask = cols < K
-    g = tl.load(gate_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-    e = libdevice.exp(-g) if PRECISE_EXP else tl.exp(-g)  # libdevice: compiled only
-    silu = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
-    return _round_to(silu * u, dtype)
+    g = tl.load(gate_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return silu_mul(g, u, PRECISE_EXP, dtype)
 
 
 @triton.jit
