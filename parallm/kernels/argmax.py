@@ -1,11 +1,10 @@
 """Greedy sampling on the GPU: a two-stage Triton argmax over the vocabulary.
 
-PyTorch's argmax reduces a row of a vocabulary in one block, which leaves most of the GPU idle.
-Here the first stage splits each row into chunks across the card and the second picks the best
-chunk; neither synchronises with the host, so both are captured in the decode graph. The
-result equals ``torch.argmax`` (``argmax_ref`` is its twin): on ties
-the first index wins. NaN counts as +inf (PyTorch ranks NaN above +inf; a row holding both
-then differs, which healthy logits never do).
+The first stage splits each row into chunks across the GPU (PyTorch's argmax reduces a row in
+one block), the second picks the best chunk; neither synchronises with the host, so both are
+captured in the decode graph. The result equals ``torch.argmax`` (``argmax_ref``): on ties the
+first index wins. NaN counts as +inf (PyTorch ranks NaN above +inf; a row holding both then
+differs, which healthy logits never do).
 """
 
 from __future__ import annotations
@@ -46,17 +45,17 @@ class DecodeInputs:
     block_size: int
 
     def check(self, rows: int) -> None:
-        """Shapes and dtypes the kernel relies on (it indexes them by row)."""
         want = {"positions": torch.long, "seq_lens": torch.int32, "slot_mapping": torch.long}
         for name, dtype in want.items():
             t = getattr(self, name)
             if t.shape != (rows,) or t.dtype != dtype or t.stride(0) != 1:
                 raise ValueError(f"next inputs: {name} must be a contiguous {dtype} [{rows}]")
         tables = self.block_tables
-        if tables.dim() != 2 or tables.shape[0] != rows or tables.dtype != torch.int32:
-            raise ValueError(f"next inputs: block_tables must be int32 [{rows}, max_blocks]")
-        if tables.stride(1) != 1:
-            raise ValueError("next inputs: block_tables needs contiguous rows")
+        if tables.dim() != 2 or tables.shape[0] != rows or tables.dtype != torch.int32 or (
+            tables.stride(1) != 1
+        ):  # fmt: skip
+            raise ValueError(f"next inputs: block_tables must be int32 [{rows}, max_blocks], "
+                             "contiguous rows")  # fmt: skip
         if self.block_size < 1:
             raise ValueError(f"next inputs: block_size must be >= 1, got {self.block_size}")
 

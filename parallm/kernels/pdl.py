@@ -1,17 +1,12 @@
 """Programmatic dependent launch (PDL, Hopper and later) for chains of small kernels.
 
-A batch-1 decode step is a chain of short kernels, most of them GEMVs that stream weights.
-Each one loses time at its start (the grid launches, then its first loads wait a full memory
-latency) and at its tail (the last wave drains while most SMs idle). A kernel launched with
-PDL is scheduled while its predecessor drains: it first lets its own successor launch, may
-issue loads that do not depend on the predecessor (weights), and only then waits
-(``griddepcontrol.wait``) for the predecessor's results.
+A kernel launched with PDL is scheduled while its predecessor drains: it lets its own
+successor launch, may issue loads that do not depend on the predecessor (weights), and only
+then waits (``griddepcontrol.wait``) for the predecessor's results.
 
 Rules every PDL kernel here keeps: it reads nothing a predecessor writes and writes nothing
-before :func:`wait_for_producer`, so results never change with PDL on or off. A caller asks
-for PDL per launch (the kernels' ``pdl`` argument); :func:`pdl_launch` turns it off where it is
-unsupported (a Triton without ``launch_pdl``, a GPU before Hopper, the interpreter). No cuBLAS
-call may sit inside a PDL chain: a later CUDA-graph capture failed inside cuBLAS when one did.
+before :func:`wait_for_producer`, so results never change with PDL on or off. No cuBLAS call
+may sit inside a PDL chain: a CUDA-graph capture failed inside cuBLAS when one did.
 """
 
 from __future__ import annotations
