@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from parallm.engine.sampler import Sampler, SamplingRow, SamplingTensors
-from parallm.engine.spec.rejection import greedy_accept, rejection_sample, target_probs
+from parallm.engine.spec.rejection import (
+    greedy_accept,
+    is_sampled,
+    rejection_sample,
+    sample_drafts,
+    target_probs,
+)
 from parallm.sampling_params import SamplingParams
 
 VOCAB = 6
@@ -335,3 +341,61 @@ def test_sampler_draws_from_target_probs(knobs: dict) -> None:
 def test_target_probs_refuses_penalties(penalty: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(penalty))):
         target_probs(torch.randn(2, 8), SamplingParams(**penalty))
+
+
+def test_sample_drafts_draws_each_row_from_its_requests_distribution() -> None:
+    """Row i is drawn from target_probs under request i's parameters, and q is that
+    distribution: two requests with other knobs side by side, thousands of draws each."""
+    draws, vocab = 8000, 12
+    logits = 2.0 * torch.randn(2, vocab, generator=torch.Generator().manual_seed(4))
+    knobs = [SamplingParams(temperature=0.7, top_k=6), SamplingParams(temperature=1.3, top_p=0.8)]
+    expected = torch.cat([target_probs(logits[i : i + 1], p) for i, p in enumerate(knobs)])
+    torch.manual_seed(5)
+    counts = torch.zeros(2, vocab, dtype=torch.long)
+    for _ in range(draws // 100):
+        batch = logits.repeat(100, 1)
+        tokens, q = sample_drafts(batch, [(knobs[0], None), (knobs[1], None)] * 100)
+        torch.testing.assert_close(q, expected.repeat(100, 1))
+        counts += torch.nn.functional.one_hot(tokens.view(100, 2), vocab).sum(dim=0)
+    for row in range(2):
+        assert chi_square_p_value(counts[row], expected[row]) > ALPHA
+
+
+def test_sample_drafts_follows_each_rows_generator() -> None:
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed: int) -> list[int]:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(3)]
+        return [sample_drafts(logits, list(zip([params] * 3, gens, strict=True)))[0].tolist()
+                for _ in range(20)]  # fmt: skip
+
+    first = draw(1)
+    torch.rand(9)  # the global RNG must not matter to seeded rows
+    assert draw(1) == first
+    assert draw(2) != first
+
+
+def test_sample_drafts_refuses_greedy_rows_penalties_and_bad_shapes() -> None:
+    logits = torch.randn(2, 8)
+    sampled = (SamplingParams(temperature=1.0), None)
+    with pytest.raises(ValueError, match=r"rows \[1\] are greedy"):
+        sample_drafts(logits, [sampled, (SamplingParams(temperature=0.0), None)])
+    with pytest.raises(ValueError, match="presence_penalty"):
+        sample_drafts(logits, [sampled, (SamplingParams(presence_penalty=0.5), None)])
+    with pytest.raises(ValueError, match="logits must be"):
+        sample_drafts(logits, [sampled])
+
+
+@pytest.mark.parametrize(
+    ("knobs", "sampled"),
+    [
+        (dict(temperature=0.0), False),
+        (dict(temperature=1e-7), False),  # below the sampler's floor: its argmax
+        (dict(temperature=0.8, top_k=1), False),
+        (dict(temperature=0.8), True),
+        (dict(temperature=0.8, top_p=0.5), True),
+    ],
+)
+def test_is_sampled_is_the_samplers_choice(knobs: dict, sampled: bool) -> None:
+    assert is_sampled(SamplingParams(**knobs)) is sampled
