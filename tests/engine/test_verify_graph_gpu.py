@@ -1,0 +1,142 @@
+"""Verify graphs on CUDA: graph-replayed verify steps give the eager verify step's tokens, token
+for token (greedy; chains of 1 to 4 drafts and a Medusa tree; batch 1 and 8, both captured
+sizes, so no padding; bf16 and fp16), and a replay makes no host synchronisation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_medusa_drafter import _heads_dir
+from test_multi_token_step import _finish, _run, _start
+
+from parallm import LLM, SamplingParams
+from parallm.engine.spec import drafting
+from parallm.engine.verify_graph import VerifyShape
+
+pytestmark = pytest.mark.gpu
+
+GRAPH_SIZES = (1, 8)
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def _llm(path: str, dtype: str, spec: dict) -> LLM:
+    return LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
+               cuda_graph_sizes=GRAPH_SIZES, speculative_config=spec)  # fmt: skip
+
+
+def _prompts(ordinary_token_ids: list[int], batch: int) -> list[list[int]]:
+    rng = random.Random(batch)
+    return [rng.choices(ordinary_token_ids, k=rng.randint(5, 60)) for _ in range(batch)]
+
+
+def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _graph_and_eager(llm: LLM, prompts: list[list[int]]):
+    """Tokens and acceptance with the verify graphs, then with the same engine's eager verify."""
+    runner = llm.engine.runner
+    graphs = runner.verify_graphs
+    assert graphs is not None and graphs.graphs
+    replays, accepted = graphs.num_replays, llm.engine.spec_stats.accepted_tokens
+    with_graphs = _tokens(llm, prompts)
+    assert graphs.num_replays > replays
+    graph_accepted = llm.engine.spec_stats.accepted_tokens - accepted
+    runner.verify_graphs = None
+    try:
+        accepted = llm.engine.spec_stats.accepted_tokens
+        eager = _tokens(llm, prompts)
+        eager_accepted = llm.engine.spec_stats.accepted_tokens - accepted
+    finally:
+        runner.verify_graphs = graphs
+    return (with_graphs, graph_accepted), (eager, eager_accepted)
+
+
+def _oracle(monkeypatch, future: dict[tuple[int, ...], list[int]], k: int) -> None:
+    """Draft plain decoding's next ``k`` tokens, the last one wrong every third step (partial
+    acceptance). Every sequence of a step then carries ``k`` drafts (a uniform step)."""
+
+    def propose(self, running):
+        for seq in running:
+            if not drafting.draftable(seq):
+                continue
+            done = seq.num_output_tokens
+            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + k])
+            if len(drafts) == k and done % 3 == 0:
+                drafts[-1] = (drafts[-1] + 1) % 50
+            seq.draft_token_ids = drafts
+
+    monkeypatch.setattr(drafting.Drafter, "propose", propose)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_graph_verify_gives_the_eager_verify_tokens_for_chains(
+    tiny_model_dir, ordinary_token_ids, monkeypatch, dtype, k, batch
+):
+    llm = _llm(str(tiny_model_dir("llama3")), dtype, {"method": "ngram",
+                                                       "num_speculative_tokens": k})  # fmt: skip
+    shapes = set(llm.engine.runner.verify_graphs.graphs)
+    assert {VerifyShape(b, 1 + d, False) for b in GRAPH_SIZES for d in range(1, k + 1)} == shapes
+    prompts = _prompts(ordinary_token_ids, batch)
+    monkeypatch.setattr(drafting.Drafter, "propose", lambda self, running: None)
+    plain = _tokens(llm, prompts)
+    _oracle(monkeypatch, {tuple(p): t for p, t in zip(prompts, plain, strict=True)}, k)
+    graph, eager = _graph_and_eager(llm, prompts)
+    assert graph == eager
+    assert graph[1] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_graph_verify_gives_the_eager_verify_tokens_for_a_medusa_tree(
+    tiny_model_dir, ordinary_token_ids, tmp_path, dtype, batch
+):
+    path = str(tiny_model_dir("llama3"))
+    heads = _heads_dir(tmp_path, LLM(path, dtype="float32", device="cpu"))
+    llm = _llm(path, dtype, {"method": "medusa", "model": heads, "num_speculative_tokens": 3})
+    assert all(shape.tree for shape in llm.engine.runner.verify_graphs.graphs)
+    graph, eager = _graph_and_eager(llm, _prompts(ordinary_token_ids, batch))
+    assert graph == eager  # tokens, and acceptance: the heads read the same hidden states
+    assert graph[1] > 0
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_a_verify_replay_makes_no_host_sync(tiny_model_dir, ordinary_token_ids, tmp_path, tree):
+    path = str(tiny_model_dir("llama3"))
+    if tree:
+        heads = _heads_dir(tmp_path, LLM(path, dtype="float32", device="cpu"))
+        spec = {"method": "medusa", "model": heads, "num_speculative_tokens": 2,
+                "speculative_token_tree": [(0,), (1,), (0, 0), (1, 0)]}  # fmt: skip
+    else:
+        spec = {"method": "ngram", "num_speculative_tokens": 3}
+    llm = _llm(path, "bfloat16", spec)
+    engine, rng = llm.engine, random.Random(5)
+    seqs = _start(engine, _prompts(ordinary_token_ids, 8), rng.choices(ordinary_token_ids, k=8))
+    for seq in seqs:
+        if tree:
+            from parallm.engine.spec.tree import DraftTree
+
+            draft = DraftTree(tuple(rng.choices(ordinary_token_ids, k=4)), (-1, -1, 0, 1))
+            seq.draft_token_ids, seq.draft_tree = list(draft.tokens), draft
+        else:
+            seq.draft_token_ids = rng.choices(ordinary_token_ids, k=3)
+    try:
+        batch, inputs, eager = _run(engine)
+        graphs = engine.runner.verify_graphs
+        assert graphs.shape_for(inputs) == VerifyShape(8, 5 if tree else 4, tree)
+        graphs.run(inputs)  # staging buffers warm
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits, hidden = graphs.run(inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(logits.float(), eager, rtol=2e-2, atol=2e-2)
+        assert hidden.shape == (len(batch.seqs) * (5 if tree else 4), hidden.shape[1])
+    finally:
+        _finish(engine, seqs)
