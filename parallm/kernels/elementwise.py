@@ -1,16 +1,14 @@
 """Fused Triton kernels for the small per-layer ops of a decoder: RMSNorm (optionally with the
 residual add) and SiLU-and-mul (rotary embedding: ``parallm.kernels.rope_store``).
 
-Each replaces a chain of PyTorch kernels with one launch and reproduces PyTorch's rounding
-order, so results match ``parallm.layers``' RMSNorm and ``F.silu(gate) * up``: math runs in
-float32 and every intermediate result that PyTorch materialises in a half type is rounded to
-that type at the same point. bfloat16 rounding is done on the bits (``_round_to``) so the
-Triton interpreter, whose float32->bfloat16 cast truncates, gives the same answers as the GPU.
+Results match ``parallm.layers``' RMSNorm and ``F.silu(gate) * up``: math runs in float32 and
+every intermediate result that PyTorch materialises in a half type is rounded to that type at
+the same point. bfloat16 rounding is done on the bits (``_round_to``) so the Triton
+interpreter, whose float32->bfloat16 cast truncates, gives the same answers as the GPU.
 
-All functions take tensors whose last dim is contiguous, flatten the leading dims to rows, and
-never synchronise with the host, so they can be captured in a CUDA graph (compile them once
-before capturing). CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1``
-set before triton is first imported).
+The functions flatten the leading dims to rows (the last dim contiguous) and never synchronise
+with the host, so they can be captured in a CUDA graph. CPU tensors work only under the Triton
+interpreter.
 """
 
 from __future__ import annotations

@@ -52,9 +52,7 @@ def dequantize_kv_ref(
 ) -> torch.Tensor:
     """Cached values as ``dtype``: fp8 ones times their scale (in ``dtype``), others cast (a
     float cache has no scale)."""
-    if not is_fp8_kv(x):
-        return x.to(dtype)
-    return x.to(dtype) * scale.to(dtype)
+    return x.to(dtype) * scale.to(dtype) if is_fp8_kv(x) else x.to(dtype)
 
 
 def _kv_scales(
@@ -171,7 +169,7 @@ def paged_decode_attention_ref(
     """
     if rope is not None:
         q, k = apply_rotary_ref(q, rope.k, rope.cos_cache, rope.sin_cache, rope.positions)
-        _store_kv(k, rope.v, k_cache, v_cache, rope.slot_mapping, kv_scale)
+        _store_kv(k, rope.v, (k_cache, v_cache), rope.slot_mapping, kv_scale)
     query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_prefill_attention_ref(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 1, scale, kv_scale=kv_scale
@@ -196,12 +194,12 @@ def write_kv(
 
 
 def _store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slots: torch.Tensor, kv_scale: torch.Tensor | None = None,
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor, kv_scale: torch.Tensor | None,
 ) -> None:  # fmt: skip
     """:func:`write_kv` of the tokens whose slot is not negative (the kernels skip those)."""
     live = slots >= 0
-    write_kv(k[live], v[live], (k_cache, v_cache), slots[live].long(), kv_scale)
+    write_kv(k[live], v[live], kv_cache, slots[live].long(), kv_scale)
 
 
 # Norms, SiLU-and-mul, rotary (parallm.kernels.elementwise, parallm.kernels.rope_store)
@@ -242,7 +240,7 @@ def rotary_and_store_kv_ref(
     ``[2, blocks, block_size, Hkv, D]`` (negative slots store nothing; an fp8 cache quantizes
     with ``kv_scale``); returns the rotated q (``rotary_and_store_kv``)."""
     q_rot, k_rot = apply_rotary_ref(q, k, cos_cache, sin_cache, positions)
-    _store_kv(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping, kv_scale)
+    _store_kv(k_rot, v, kv_cache, slot_mapping, kv_scale)
     return q_rot
 
 
