@@ -36,10 +36,6 @@ class AttentionMetadata:
     tree_visible: torch.Tensor | None = None
 
     @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
-
-    @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
 
