@@ -451,6 +451,7 @@ class ModelRunner:
         emitted, rows, moves = [], [], []
         sampling = [(b, item) for b, item in enumerate(batch.seqs) if item.samples]
         tokens_out = out.token_ids.tolist()
+        argmax_rows = self._argmax_rows(logits, [item.seq for _, item in sampling])
         for (b, item), start, token in zip(sampling, first.tolist(), tokens_out, strict=True):
             tree = _tree_of(item)
             if item.draft_probs is not None:
@@ -461,10 +462,11 @@ class ModelRunner:
                 for i, draft in enumerate(item.draft_token_ids):
                     if tokens[-1] != draft:
                         break
-                    tokens.append(self._sample_row(item.seq, logits[start + 1 + i]))
+                    tokens.append(self._sample_at(item.seq, logits, start + 1 + i, argmax_rows))
                 path = range(len(tokens) - 1)
             else:
-                sample_at = functools.partial(self._sample_node, item.seq, logits, start)
+                sample_at = functools.partial(self._sample_node, item.seq, logits, start,
+                                              argmax_rows)  # fmt: skip
                 tokens, path = tree.walk(token, sample_at)
                 first_node = int(inputs.query_start_loc[b + 1]) - len(tree)
                 moves += [(first_node + node, first_node + depth)
@@ -523,9 +525,29 @@ class ModelRunner:
         ids = torch.tensor([t for tokens in emitted for t in tokens[1:]], device=logits.device)
         return token_logprobs(logits[self._to_device(np.array(rows))].float(), ids, k)
 
-    def _sample_node(self, seq: Sequence, logits: torch.Tensor, start: int, node: int) -> int:
+    def _sample_node(
+        self, seq: Sequence, logits: torch.Tensor, start: int, argmax_rows: list[int] | None,
+        node: int,
+    ) -> int:  # fmt: skip
         """The token sampled at tree node ``node`` of the sequence whose rows begin at ``start``."""
-        return self._sample_row(seq, logits[start + 1 + node])
+        return self._sample_at(seq, logits, start + 1 + node, argmax_rows)
+
+    def _argmax_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
+        """Every row's argmax in one host copy when some sequence samples by plain argmax
+        (``_argmax_samples``): its drafts are then checked without a sampler call and a host
+        sync per draft. The argmax of the float rows, as the sampler takes it."""
+        if not any(map(_argmax_samples, seqs)):
+            return None
+        return logits.float().argmax(dim=-1).tolist()
+
+    def _sample_at(
+        self, seq: Sequence, logits: torch.Tensor, row: int, argmax_rows: list[int] | None
+    ) -> int:
+        """The token ``seq`` samples at ``row`` of ``logits``: from ``argmax_rows`` when it
+        samples by plain argmax, else as a plain step samples it (``_sample_row``)."""
+        if argmax_rows is not None and _argmax_samples(seq):
+            return argmax_rows[row]
+        return self._sample_row(seq, logits[row])
 
     def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
         """One token of ``seq`` from one row of logits, as a plain step samples it; its
@@ -599,6 +621,12 @@ class ModelRunner:
             generator=seq.generator,
             banned_token_ids=seq.banned_stop_token_ids(self.eos_token_ids),
         )
+
+
+def _argmax_samples(seq: Sequence) -> bool:
+    """Whether the sampler takes ``seq``'s tokens as the plain argmax of the raw logits:
+    greedy, no penalties, no banned stop tokens."""
+    return seq.params.greedy and seq.params.penalty_free and not seq.bans_stop_tokens
 
 
 def _has_prefill(batch: ScheduledBatch) -> bool:

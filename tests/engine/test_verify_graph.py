@@ -190,3 +190,27 @@ def test_medusa_tree_verify_through_the_buffers_gives_the_eager_tokens_and_hidde
     # The heads read the graph's hidden states: the same drafts, so the same acceptance.
     assert graph_stats["spec_draft_tokens"] == eager_stats["spec_draft_tokens"]
     assert graph_stats["spec_accepted_tokens"] == eager_stats["spec_accepted_tokens"] > 0
+
+
+def test_greedy_drafts_are_checked_from_one_argmax_not_a_sampler_call_each(
+    tiny_model_dir, ordinary_token_ids, monkeypatch, tmp_path
+):
+    """A verify step's greedy rows come to the host in one copy (no sampler call and host sync
+    per draft); sampled requests keep sampling each position; tokens stay plain decoding's."""
+    from parallm.engine.runner import ModelRunner
+
+    calls = []
+    sample_row = ModelRunner._sample_row
+    monkeypatch.setattr(ModelRunner, "_sample_row",
+                        lambda self, seq, row: calls.append(seq.params) or sample_row(self, seq, row))  # fmt: skip
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    plain = LLM(path, **ENGINE)
+    heads = _heads_dir(tmp_path, plain)
+    for spec in (SPEC, {"method": "medusa", "model": heads, "num_speculative_tokens": 2}):
+        llm = LLM(path, speculative_config=spec, **ENGINE)
+        for params in PARAMS:
+            calls.clear()
+            assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
+            assert bool(calls) == (params.temperature > 0), spec["method"]
+        assert llm.engine.spec_stats.accepted_tokens > 0
