@@ -86,7 +86,10 @@ for _ in range(180):
                tail -4 "$OUT/decode_step.log" ;;
     timeline) for b in 1 128; do python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
                 --timeline --batch $b > "$OUT/timeline$b.log" 2>&1; tail -8 "$OUT/timeline$b.log"; done ;;
-    specoracle) for shape in llama-3.1-8b llama-3.2-1b; do
+    specoracle) # verify graphs against the eager verify first: the table means nothing if they differ
+                python3 -m pytest -q -m gpu tests/engine/test_verify_graph_gpu.py -p no:cacheprovider \
+                  > "$OUT/pytest_verify_graph.log" 2>&1; tail -3 "$OUT/pytest_verify_graph.log"
+                for shape in llama-3.1-8b llama-3.2-1b; do
                   python3 benchmarks/spec_oracle_bench.py --config benchmarks/configs/$shape.json \
                     --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --out "$OUT/spec_oracle_$shape.json" \
                     > "$OUT/spec_oracle_$shape.log" 2>&1; tail -28 "$OUT/spec_oracle_$shape.log"; done ;;
