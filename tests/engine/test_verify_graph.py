@@ -6,11 +6,13 @@ batches), without touching any live KV entry."""
 from __future__ import annotations
 
 import random
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from interpreted_engine import run_interpreted
 from test_medusa_drafter import _heads_dir
 from test_multi_token_step import _finish, _run, _start
 from test_speculative import ENGINE, SPEC, _repetitive_prompts, _tokens, oracle_drafts
@@ -214,3 +216,69 @@ def test_greedy_drafts_are_checked_from_one_argmax_not_a_sampler_call_each(
             assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
             assert bool(calls) == (params.temperature > 0), spec["method"]
         assert llm.engine.spec_stats.accepted_tokens > 0
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import sys
+    import triton_interpreter  # before triton: lists its builtins once (speed)
+    from parallm import LLM, SamplingParams
+    from parallm.engine.spec import drafting
+    from parallm.engine.spec.tree import DraftTree
+    from parallm.engine.verify_graph import drafter_shapes
+    from parallm.kernels import paged_attention
+    from parallm.layers.backends import TritonAttention
+
+    tree = sys.argv[2] == "tree"
+    prefill_calls = []
+    prefill = paged_attention.paged_prefill_attention
+    def counted(*args, **kwargs):
+        prefill_calls.append(kwargs.get("tree_num_nodes") is not None)
+        return prefill(*args, **kwargs)
+    paged_attention.paged_prefill_attention = counted
+
+    prompts = [[5 + i for i in range(n)] for n in (3, 20, 9)]  # three sequences: one pad row
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    engine = dict(device="cpu", max_model_len=128)
+    plain = LLM(sys.argv[1], **engine)
+    future = {tuple(p): o.outputs[0].token_ids
+              for p, o in zip(prompts, plain.generate(
+                  [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))}
+
+    def propose(self, running):  # plain decoding's next tokens, as a chain or in a tree
+        for seq in running:
+            if not drafting.draftable(seq) or seq.num_output_tokens + 4 > 7:
+                continue
+            ahead = list(future[tuple(seq.prompt_token_ids)][seq.num_output_tokens:])
+            if tree:  # nodes 0 and 2 on the right path, 1 and 3 off it
+                draft = DraftTree((ahead[0], ahead[0] + 1, ahead[1], 3), (-1, -1, 0, 1))
+                seq.draft_token_ids, seq.draft_tree = list(draft.tokens), draft
+            else:
+                seq.draft_token_ids = ahead[:3]
+    drafting.Drafter.propose = propose
+    spec = {"method": "ngram", "num_speculative_tokens": 4 if tree else 3}
+    llm = LLM(sys.argv[1], speculative_config=spec, **engine)
+    runner = llm.engine.runner
+    runner.backend = TritonAttention()  # what CUDA gets; the interpreter runs its kernels
+    shapes = drafter_shapes(llm.engine.drafter, [1, 2, 4])
+    if tree:
+        from parallm.engine.verify_graph import VerifyShape
+        shapes = [VerifyShape(4, 5, True)]
+    runner.capture_verify_graphs(shapes, llm.engine.max_model_len, capture=False)
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [future[tuple(p)] for p in prompts]
+    graphs = runner.verify_graphs
+    assert graphs.num_replays >= 1, graphs.num_replays
+    assert llm.engine.spec_stats.accepted_tokens > 0
+    assert any(prefill_calls) == tree, prefill_calls
+    print("verify ok", graphs.num_replays)
+    """
+)
+
+
+@pytest.mark.parametrize("drafts", ["chain", "tree"])
+def test_the_buffers_run_the_triton_kernels_to_plain_decodings_tokens(tiny_model_dir, drafts):
+    """Under the Triton interpreter: the static buffers (full-width tables, a padding sequence
+    at the scratch block, tree bitmasks) through the Triton rotary/store and prefill kernels."""
+    out = run_interpreted(_INTERPRETED, str(tiny_model_dir("llama3")), drafts, timeout=600)
+    assert "verify ok" in out
