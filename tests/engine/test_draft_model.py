@@ -334,8 +334,9 @@ def test_cuda_graphs_and_triton_kernels_draft_losslessly(
     method, tiny_model_dir, ordinary_token_ids
 ):
     """On CUDA the draft runs the target's backend, Triton layers and captured decode graphs
-    (each draft step takes the previous step's ids on the device); float32, so the tokens are
-    the reference path's."""
+    (each draft step takes the previous step's ids on the device; sampled drafts come from
+    the graphs' logits); float32, so the tokens are the reference path's, and sampled
+    draft_model requests repeat theirs on a fresh engine."""
     path = str(tiny_model_dir("llama3"))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20,
                   max_num_batched_tokens=64)  # fmt: skip
@@ -346,7 +347,12 @@ def test_cuda_graphs_and_triton_kernels_draft_losslessly(
     plain = _tokens(ref, prompts, params)
     llm = LLM(path, speculative_config=_spec(method, path, 1), **common)
     free = llm.engine.kv.num_free_blocks
-    _assert_plain_where_exact(method, _tokens(llm, prompts, params), plain, params)
+    first = _tokens(llm, prompts, params)
+    _assert_plain_where_exact(method, first, plain, params)
+    again = LLM(path, speculative_config=_spec(method, path, 1), **common)
+    assert _tokens(again, prompts, params) == first
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    assert _tokens(llm, prompts, greedy) == _tokens(ref, prompts, greedy)  # argmax drafts only
     graphs = llm.engine.draft_model.runner.graphs
     assert graphs is not None and graphs.num_carried_ids > 0
     assert llm.engine.stats["spec_accepted_tokens"] > 0
