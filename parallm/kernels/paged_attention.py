@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.kernels.elementwise import _NO_FMA
 from parallm.kernels.pdl import pdl_launch, wait_for_producer
 from parallm.kernels.rope_store import NewTokenRope, check_kv_scale, load_kv_scales, rope_and_store
 
@@ -683,9 +684,18 @@ def paged_decode_attention(
         KV_FP8=k_cache.dtype == _FP8_KV,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **_rope_fp_options(rope, q),
         **pdl_launch(q, pdl),
     )
     return out
+
+
+def _rope_fp_options(rope, q: torch.Tensor) -> dict:
+    """In float32 nothing rounds between rotary's products and their sum, so a fused
+    multiply-add would store k one ulp off ``rotary_and_store_kv``'s (compiled without
+    fusion): the cache must not depend on which kernel wrote it. bf16/fp16 round each
+    product explicitly, which already rules the fusion out."""
+    return _NO_FMA if rope is not None and q.dtype == torch.float32 else {}
 
 
 def new_split_counters(device: torch.device) -> torch.Tensor:

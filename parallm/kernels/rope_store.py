@@ -45,8 +45,11 @@ def _round_to_e4m3(x):
     normal = ((bits + (0x7FFFF + ((bits >> 20) & 1))) >> 20 << 20).to(tl.float32, bitcast=True)
     subnormal = (ax + _E4M3_SUBNORMAL_SHIFTER) - _E4M3_SUBNORMAL_SHIFTER
     rounded = tl.where(ax < _E4M3_MIN_NORMAL, subnormal, normal)
-    # The sign from the bits, so that -0.0 stays -0.0 as in PyTorch's cast.
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
+    # x's sign bit put back by bit operations: compiled for a GPU, ``-rounded`` becomes
+    # ``0 - rounded``, which turns a negative value that rounds to zero into +0.0, where
+    # PyTorch's cast gives -0.0.
+    sign = x.to(tl.int32, bitcast=True) >> 31 << 31
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
