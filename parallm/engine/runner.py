@@ -535,10 +535,11 @@ class ModelRunner:
     def _argmax_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
         """Every row's argmax in one host copy when some sequence samples by plain argmax
         (``_argmax_samples``): its drafts are then checked without a sampler call and a host
-        sync per draft. The argmax of the float rows, as the sampler takes it."""
+        sync per draft. The sampler takes the argmax of the rows widened to float32, which is
+        exact: the model dtype's argmax is the same index, without a float32 copy."""
         if not any(map(_argmax_samples, seqs)):
             return None
-        return logits.float().argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1).tolist()
 
     def _sample_at(
         self, seq: Sequence, logits: torch.Tensor, row: int, argmax_rows: list[int] | None

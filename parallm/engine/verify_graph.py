@@ -6,14 +6,19 @@ of them. Launched eagerly on a large model it costs several graph-replayed decod
 eats what accepted drafts gain. As vLLM captures its uniform-decode batches with
 ``num_speculative_tokens + 1`` query tokens per request, one graph is captured per
 :class:`VerifyShape` (padded batch size, tokens per sequence, chains or trees) and replayed
-when every sequence of a step computes the same ``q`` tokens and samples at all of them; any
-other step runs eagerly.
+for a step whose sequences all decode (one known token, then drafts, every row sampled):
+chains shorter than the longest one are padded up to its ``q`` tokens, draft trees must all
+have ``q`` tokens; any other step (prompt chunks, mixed tree sizes) runs eagerly.
 
 Graph safety: the attention takes the backend's multi-token path (rotary and KV store, then
 the prefill kernel, with the tree mask when the step has draft trees), which reads only device
-tensors and the fixed ``max_query_len = q``. Inputs are copied into static buffers; padding
-sequences compute ``q`` tokens whose keys and values go to the scratch block that no sequence
-owns, and whose block tables point at it, so padding never touches live KV entries.
+tensors and the fixed ``max_query_len = q``. Inputs are copied into static buffers. Padding
+tokens (after a short chain's real ones, and the ``q`` tokens of each padding sequence) store
+their keys and values in the scratch block that no sequence owns, so padding never touches
+live KV entries; a padded chain's length counts its padding tokens, which puts its real
+tokens at their positions and leaves the padding keys after them, out of their causal view.
+The graph gathers the real rows' hidden states (a gather index in the inputs) before the LM
+head, so its outputs are the step's sampling rows in order, as the eager step's are.
 
 Without capture (``capture=False``, any device) :meth:`VerifyGraphs.run` runs the same static
 buffers through an eager forward: the CPU tests check the layout that way against the eager
@@ -42,6 +47,9 @@ if TYPE_CHECKING:
 # Verify graphs stop at this batch size unless ``disable_by_batch_size`` sets the limit:
 # speculation pays at small batches, and each shape's logits take q * batch * vocab elements.
 DEFAULT_MAX_VERIFY_BATCH = 64
+# int64 rows per token in a shape's input region: ids, positions, slots, tree bitmasks and the
+# gather index of the sampling rows.
+_TOKEN_ROWS = 5
 
 
 @dataclass(frozen=True, order=True)
@@ -60,7 +68,7 @@ class VerifyShape:
     @property
     def region_words(self) -> int:
         """Int32 words of the shape's input region (``_VerifyInputs.region``)."""
-        return 8 * self.num_tokens + 2 * self.batch
+        return 2 * _TOKEN_ROWS * self.num_tokens + 2 * self.batch
 
 
 def verify_shapes(
@@ -103,15 +111,18 @@ def drafter_shapes(
     return verify_shapes(batch_sizes, None, len(paths), max_batch, max_tokens)
 
 
-def uniform_tokens_per_seq(inputs: StepInputs) -> int | None:
-    """``q`` when every sequence of the step computes ``q >= 2`` tokens and samples at each of
-    them (its last known token and ``q - 1`` drafts: a verify step whose rows are all sampling
-    rows, in order); None for any other step."""
+def verify_tokens_per_seq(inputs: StepInputs) -> int | None:
+    """``q >= 2``, the most tokens a sequence of the step computes, when the step is a verify
+    step: every sequence samples at each of its tokens (its last known token and its drafts,
+    if any), and with draft trees every sequence computes ``q``; None for any other step."""
     query_lens = np.diff(inputs.query_start_loc)
-    q = int(query_lens[0]) if len(query_lens) else 0
-    if q < 2 or not (query_lens == q).all():
+    total = int(inputs.query_start_loc[-1])
+    q = int(query_lens.max()) if len(query_lens) else 0
+    if q < 2 or len(inputs.sample_indices) != total:
         return None
-    return q if len(inputs.sample_indices) == int(inputs.query_start_loc[-1]) else None
+    if inputs.tree_num_nodes is not None and not (query_lens == q).all():
+        return None
+    return q
 
 
 class _VerifyInputs:
@@ -120,12 +131,13 @@ class _VerifyInputs:
     node counts), copied in one transfer; block tables apart (only the columns in use move)."""
 
     def __init__(self, shape: VerifyShape, max_blocks: int, device: torch.device) -> None:
-        tokens, size = shape.num_tokens, shape.batch
+        tokens, size, head = shape.num_tokens, shape.batch, 2 * _TOKEN_ROWS * shape.num_tokens
         self.region = torch.zeros(shape.region_words, dtype=torch.int32, device=device)
-        rows = self.region[: 8 * tokens].view(torch.int64).view(4, tokens)
-        self.input_ids, self.positions, self.slot_mapping, self.tree_visible = rows.unbind(0)
-        self.seq_lens = self.region[8 * tokens : 8 * tokens + size]
-        self.tree_num_nodes = self.region[8 * tokens + size :]
+        rows = self.region[:head].view(torch.int64).view(_TOKEN_ROWS, tokens)
+        self.input_ids, self.positions, self.slot_mapping, self.tree_visible = rows[:4].unbind(0)
+        self.sample_rows = rows[4]
+        self.seq_lens = self.region[head : head + size]
+        self.tree_num_nodes = self.region[head + size :]
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(
             0, tokens + 1, shape.tokens_per_seq, dtype=torch.int32, device=device
@@ -160,7 +172,10 @@ class VerifyGraphs:
         self.block_size = block_size
         self.device = device
         self.captures = capture
-        self.inputs = {s: _VerifyInputs(s, max_blocks_per_seq, device) for s in self.shapes}
+        # Padding tokens sit past a chain's end: up to q - 1 positions more than any sequence.
+        most_tokens = max(s.tokens_per_seq for s in self.shapes)
+        columns = max_blocks_per_seq + -(-most_tokens // block_size)
+        self.inputs = {s: _VerifyInputs(s, columns, device) for s in self.shapes}
         # (tokens per sequence, tree) -> the captured batch sizes, ascending.
         self.sizes: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for s in sorted(self.shapes):
@@ -172,7 +187,7 @@ class VerifyGraphs:
 
     def shape_for(self, inputs: StepInputs) -> VerifyShape | None:
         """The smallest shape that holds this step, or None (the step runs eagerly)."""
-        q = uniform_tokens_per_seq(inputs)
+        q = verify_tokens_per_seq(inputs)
         if q is None or inputs.block_tables.shape[1] > self.max_blocks:
             return None
         sizes = self.sizes.get((q, inputs.tree_num_nodes is not None), [])
@@ -201,14 +216,15 @@ class VerifyGraphs:
     def forward(
         self, shape: VerifyShape, seq_lens_cpu: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captured work of one shape: logits (model dtype) and final hidden states of
-        every token. ``seq_lens_cpu``: the host lengths for a backend that reads them (the
+        """The captured work of one shape: the final hidden states of the sampling rows (the
+        real tokens first, in the step's order; ``sample_rows``) and their logits (model
+        dtype). ``seq_lens_cpu``: the host lengths for a backend that reads them (the
         reference one, uncaptured); captured graphs use the Triton backend, which does not."""
         buf = self.inputs[shape]
         lens = seq_lens_cpu or [self.max_seq_len] * shape.batch
         ctx = ForwardContext(self._metadata(shape, lens), self.kv_caches, self.backend)
-        hidden = self.model(buf.input_ids, buf.positions, ctx)
-        return self.model.compute_logits(hidden), hidden
+        rows = self.model(buf.input_ids, buf.positions, ctx)[buf.sample_rows]
+        return self.model.compute_logits(rows), rows
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -233,7 +249,7 @@ class VerifyGraphs:
     def _stage_padding(self, shape: VerifyShape) -> None:
         """Every sequence of the shape a padding one (what capture runs on)."""
         buf = self.inputs[shape]
-        head, _ = self._staged(shape, _empty_step(shape.tree))
+        head, _, _ = self._staged(shape, _empty_step(shape.tree))
         buf.region.copy_(head)
         buf.block_tables.fill_(self.scratch_block)
 
@@ -246,52 +262,56 @@ class VerifyGraphs:
         if shape is None:
             return None
         buf = self.inputs[shape]
-        head, tables = self._staged(shape, inputs)
+        head, tables, lens = self._staged(shape, inputs)
         buf.region.copy_(head, non_blocking=True)
         buf.block_tables[:, : tables.shape[1]].copy_(tables, non_blocking=True)
         self.num_replays += 1
-        tokens = int(inputs.query_start_loc[-1])
         if self.captures:
             self.graphs[shape].replay()
             logits, hidden = self.outputs[shape]
         else:
-            lens = inputs.seq_lens.tolist() + [shape.tokens_per_seq] * (
-                shape.batch - len(inputs.seq_lens)
-            )
             with torch.inference_mode():
                 logits, hidden = self.forward(shape, lens)
+        tokens = int(inputs.query_start_loc[-1])
         return logits[:tokens], hidden[:tokens]
 
-    def _staged(self, shape: VerifyShape, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shape's region and block tables (columns in use) for ``inputs``, in fresh host
-        memory (pinned on CUDA: a step may be staged while the last one's copy is in flight).
-        Padding sequences: ``q`` tokens at positions 0.., all stored in the scratch block's
-        first slot, over a table of scratch blocks, causal (no tree nodes)."""
+    def _staged(
+        self, shape: VerifyShape, inputs: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The shape's region, its block tables (columns in use) and its sequence lengths for
+        ``inputs``, in fresh host memory (pinned on CUDA: a step may be staged while the last
+        one's copy is in flight). Sequence ``b``'s tokens go to rows ``b * q ..``; padding
+        tokens (the rest of a short chain's rows, and every row of a padding sequence) have id
+        0 at position 0, store into the scratch block's first slot, and are no tree nodes; a
+        padding sequence is ``q`` tokens long over a table of scratch blocks."""
         pinned = self.device.type == "cuda"
         batch, q, size = len(inputs.seq_lens), shape.tokens_per_seq, shape.batch
-        real, tokens = batch * q, shape.num_tokens
+        tokens, total = shape.num_tokens, int(inputs.query_start_loc[-1])
         head = torch.empty(shape.region_words, dtype=torch.int32, pin_memory=pinned)
-        rows = head[: 8 * tokens].view(torch.int64).view(4, tokens)
-        rows[0, :real] = torch.from_numpy(inputs.input_ids)
-        rows[1, :real] = torch.from_numpy(inputs.positions)
-        rows[2, :real] = torch.from_numpy(inputs.slot_mapping)
-        rows[0, real:] = 0
-        rows[1, real:] = torch.arange(q).repeat(size - batch)
-        rows[2, real:] = self.scratch_block * self.block_size
-        rows[3] = 0
-        lens = head[8 * tokens : 8 * tokens + size]
-        lens[:batch] = torch.from_numpy(inputs.seq_lens)
+        words = head.numpy()
+        rows = words[: 2 * _TOKEN_ROWS * tokens].view(np.int64).reshape(_TOKEN_ROWS, tokens)
+        rows[:] = 0
+        rows[2] = self.scratch_block * self.block_size
+        query_lens = np.diff(inputs.query_start_loc)
+        dest = np.arange(total) + np.repeat(np.arange(batch) * q - inputs.query_start_loc[:-1],
+                                            query_lens)  # fmt: skip
+        rows[0, dest] = inputs.input_ids
+        rows[1, dest] = inputs.positions
+        rows[2, dest] = inputs.slot_mapping
+        rows[4, :total] = dest
+        lens = words[2 * _TOKEN_ROWS * tokens : 2 * _TOKEN_ROWS * tokens + size]
+        lens[:batch] = inputs.seq_lens + (q - query_lens)  # the padding tokens count
         lens[batch:] = q
-        nodes = head[8 * tokens + size :]
-        nodes.zero_()
+        nodes = words[2 * _TOKEN_ROWS * tokens + size :]
+        nodes[:] = 0
         if inputs.tree_visible is not None:
-            rows[3, :real] = torch.from_numpy(inputs.tree_visible)
-            nodes[:batch] = torch.from_numpy(inputs.tree_num_nodes)
+            rows[3, dest] = inputs.tree_visible
+            nodes[:batch] = inputs.tree_num_nodes
         width = inputs.block_tables.shape[1]
         tables = torch.empty((size, width), dtype=torch.int32, pin_memory=pinned)
         tables[:batch] = torch.from_numpy(inputs.block_tables)
         tables[batch:] = self.scratch_block
-        return head, tables
+        return head, tables, lens.tolist()
 
 
 def _empty_step(tree: bool) -> StepInputs:

@@ -13,6 +13,7 @@ from test_multi_token_step import _finish, _run, _start
 
 from parallm import LLM, SamplingParams
 from parallm.engine.spec import drafting
+from parallm.engine.spec.tree import DraftTree
 from parallm.engine.verify_graph import VerifyShape
 
 pytestmark = pytest.mark.gpu
@@ -105,9 +106,11 @@ def test_graph_verify_gives_the_eager_verify_tokens_for_a_medusa_tree(
     assert graph[1] > 0
 
 
-@pytest.mark.parametrize("tree", [False, True])
-def test_a_verify_replay_makes_no_host_sync(tiny_model_dir, ordinary_token_ids, tmp_path, tree):
-    path = str(tiny_model_dir("llama3"))
+@pytest.mark.parametrize("drafts", ["chains", "padded chains", "tree"])
+def test_a_verify_replay_makes_no_host_sync(tiny_model_dir, ordinary_token_ids, tmp_path, drafts):
+    """Also the eager step's logits, with chains of one length, of lengths 0 to 3 (shorter ones
+    padded inside the graph), and draft trees."""
+    path, tree = str(tiny_model_dir("llama3")), drafts == "tree"
     if tree:
         heads = _heads_dir(tmp_path, LLM(path, dtype="float32", device="cpu"))
         spec = {"method": "medusa", "model": heads, "num_speculative_tokens": 2,
@@ -117,14 +120,13 @@ def test_a_verify_replay_makes_no_host_sync(tiny_model_dir, ordinary_token_ids, 
     llm = _llm(path, "bfloat16", spec)
     engine, rng = llm.engine, random.Random(5)
     seqs = _start(engine, _prompts(ordinary_token_ids, 8), rng.choices(ordinary_token_ids, k=8))
-    for seq in seqs:
+    for i, seq in enumerate(seqs):
         if tree:
-            from parallm.engine.spec.tree import DraftTree
-
             draft = DraftTree(tuple(rng.choices(ordinary_token_ids, k=4)), (-1, -1, 0, 1))
             seq.draft_token_ids, seq.draft_tree = list(draft.tokens), draft
         else:
-            seq.draft_token_ids = rng.choices(ordinary_token_ids, k=3)
+            k = 3 if drafts == "chains" or i % 4 == 0 else i % 4 - 1  # padded: 3, 0, 1, 2, ..
+            seq.draft_token_ids = rng.choices(ordinary_token_ids, k=k)
     try:
         batch, inputs, eager = _run(engine)
         graphs = engine.runner.verify_graphs
@@ -137,6 +139,6 @@ def test_a_verify_replay_makes_no_host_sync(tiny_model_dir, ordinary_token_ids, 
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.testing.assert_close(logits.float(), eager, rtol=2e-2, atol=2e-2)
-        assert hidden.shape == (len(batch.seqs) * (5 if tree else 4), hidden.shape[1])
+        assert hidden.shape[0] == logits.shape[0] == eager.shape[0]
     finally:
         _finish(engine, seqs)
