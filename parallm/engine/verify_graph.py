@@ -127,8 +127,9 @@ def verify_tokens_per_seq(inputs: StepInputs) -> int | None:
 
 class _VerifyInputs:
     """The static inputs of one shape: one int32 region holding the token rows (ids,
-    positions, slots, tree bitmasks: int64 each) then the per-sequence rows (seq_lens, tree
-    node counts), copied in one transfer; block tables apart (only the columns in use move)."""
+    positions, slots, tree bitmasks, the sampling rows' gather index: int64 each) then the
+    per-sequence rows (seq_lens, tree node counts), copied in one transfer; block tables apart
+    (only the columns in use move)."""
 
     def __init__(self, shape: VerifyShape, max_blocks: int, device: torch.device) -> None:
         tokens, size, head = shape.num_tokens, shape.batch, 2 * _TOKEN_ROWS * shape.num_tokens
