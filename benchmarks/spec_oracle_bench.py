@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not args.raw_dummy_weights:
         _install_peaked_dummy_weights()
     engine_args = dict(load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
-                       device=args.device, gpu_memory_utilization=0.6)  # fmt: skip
+                       device=args.device, dtype=args.dtype, gpu_memory_utilization=0.6)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     plain = LLM(args.config, **engine_args)
     vocab = plain.engine.model_config.vocab_size
@@ -176,6 +176,8 @@ def main() -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto (the config's torch_dtype), bfloat16, float16 or float32")  # fmt: skip
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 8, 32], help="decode batch sizes")  # fmt: skip
     ap.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
@@ -187,7 +189,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--raw-dummy-weights", action="store_true",
                     help="keep the plain dummy weights (near-tied logits: in bf16 the oracle's "
-                         "drafts stop matching; default: peaked, see peak_dummy_logits)")  # fmt: skip
+                         "drafts stop matching); unset, they are peaked (peak_dummy_logits)")  # fmt: skip
     args = ap.parse_args()
     rows = run(args)
     print_thresholds(rows)

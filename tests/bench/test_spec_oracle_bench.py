@@ -23,7 +23,7 @@ BENCH = REPO / "benchmarks/spec_oracle_bench.py"
 def test_oracle_bench_reports_tokens_per_step(tiny_model_dir, tmp_path):
     out = tmp_path / "oracle.json"
     cmd = [sys.executable, str(REPO / "benchmarks/spec_oracle_bench.py"),
-           "--config", str(tiny_model_dir("llama3") / "config.json"), "--device", "cpu",
+           "--config", str(tiny_model_dir("llama3") / "config.json"), "--device", "cpu", "--dtype", "float32",
            "--batch-sizes", "2", "--k", "2,4", "--wrong", "0,0.6", "--input-len", "8",
            "--output-len", "20", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
