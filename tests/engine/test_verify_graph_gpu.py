@@ -58,15 +58,18 @@ def _graph_and_eager(llm: LLM, prompts: list[list[int]]):
 
 def _oracle(monkeypatch, future: dict[tuple[int, ...], list[int]], k: int) -> None:
     """Draft plain decoding's next ``k`` tokens, the last one wrong every third step (partial
-    acceptance). Every sequence of a step then carries ``k`` drafts (a uniform step)."""
+    acceptance), in steps where every sequence can take ``k`` drafts, else none: every verify
+    step is uniform, so graph and eager run the same kernels on the same shapes (a padded
+    step's GEMMs would have more rows, which may round differently in half precision)."""
 
     def propose(self, running):
+        room = [seq.num_output_tokens + k + 1 <= GREEDY.max_tokens for seq in running]
+        if not running or not all(room) or not all(map(drafting.draftable, running)):
+            return
         for seq in running:
-            if not drafting.draftable(seq):
-                continue
             done = seq.num_output_tokens
             drafts = list(future[tuple(seq.prompt_token_ids)][done : done + k])
-            if len(drafts) == k and done % 3 == 0:
+            if done % 3 == 0:
                 drafts[-1] = (drafts[-1] + 1) % 50
             seq.draft_token_ids = drafts
 
