@@ -183,6 +183,7 @@ class VerifyGraphs:
             self.sizes[(s.tokens_per_seq, s.tree)].append(s.batch)
         self.graphs: dict[VerifyShape, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[VerifyShape, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, hidden
+        self._shared_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.capture_seconds = 0.0
         self.num_replays = 0
 
@@ -231,21 +232,33 @@ class VerifyGraphs:
     def capture(self) -> None:
         """Capture every shape, largest first so smaller graphs reuse its memory pool (each
         replay's outputs are read before the next replay). A pool of their own: decode graphs'
-        outputs may feed the next decode step."""
+        outputs may feed the next decode step. Every graph copies its logits and hidden rows
+        into one pair of buffers sized by the largest shape: outputs kept per graph would hold
+        ``q * batch * vocab`` logits for every shape at once."""
         started = time.perf_counter()
         pool = None
         for shape in self.shapes:
-            self._stage_padding(shape)
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.forward(shape)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[shape] = self.forward(shape)
+            graph = self._capture_one(shape, pool)
             pool = graph.pool()
             self.graphs[shape] = graph
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started
+
+    def _capture_one(self, shape: VerifyShape, pool) -> torch.cuda.CUDAGraph:
+        """One shape's graph (its forward's own outputs die here, back to the pool)."""
+        self._stage_padding(shape)
+        for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+            logits, rows = self.forward(shape)
+        if self._shared_outputs is None:  # the first (largest) shape sizes them
+            self._shared_outputs = (torch.empty_like(logits), torch.empty_like(rows))
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        shared = [out[: shape.num_tokens] for out in self._shared_outputs]
+        with torch.cuda.graph(graph, pool=pool):
+            for out, computed in zip(shared, self.forward(shape), strict=True):
+                out.copy_(computed)
+        self.outputs[shape] = tuple(shared)
+        return graph
 
     def _stage_padding(self, shape: VerifyShape) -> None:
         """Every sequence of the shape a padding one (what capture runs on)."""
