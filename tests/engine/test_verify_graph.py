@@ -288,3 +288,40 @@ def test_the_buffers_run_the_triton_kernels_to_plain_decodings_tokens(tiny_model
     at the scratch block, tree bitmasks) through the Triton rotary/store and prefill kernels."""
     out = run_interpreted(_INTERPRETED, str(tiny_model_dir("llama3")), drafts, timeout=600)
     assert "verify ok" in out
+
+
+def test_capture_shares_one_pair_of_output_buffers(llm, monkeypatch):
+    """capture()'s bookkeeping on CPU, the CUDA calls faked: largest shape first, and every
+    graph's outputs are views of the same two buffers sized by the largest shape."""
+    import contextlib
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+    pools = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    engine = llm.engine
+    shapes = verify_shapes([1, 2, 4], chain_drafts=3)
+    try:
+        graphs = _install(engine, shapes)
+        graphs.capture()
+        assert pools == [None] + ["pool"] * (len(shapes) - 1)
+        largest = max(shapes, key=lambda s: s.num_tokens)
+        logits_buf, rows_buf = graphs._shared_outputs
+        assert logits_buf.shape[0] == rows_buf.shape[0] == largest.num_tokens
+        for shape in shapes:
+            logits, rows = graphs.outputs[shape]
+            assert logits.shape[0] == rows.shape[0] == shape.num_tokens
+            assert logits.data_ptr() == logits_buf.data_ptr()
+            assert rows.data_ptr() == rows_buf.data_ptr()
+    finally:
+        engine.runner.verify_graphs = None
