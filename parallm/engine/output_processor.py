@@ -87,10 +87,8 @@ class OutputProcessor:
         if result is None or not sampled:
             return []
         token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        ranks = result.ranks.tolist() if result.ranks is not None else None
-        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        columns = (result.logprobs, result.ranks, result.top_token_ids, result.top_logprobs)
+        logprobs, ranks, top_ids, top_lps = (None if t is None else t.tolist() for t in columns)
         finished = []
         now = time.monotonic()  # every token of a step counts as produced at the same time
         for i, seq in enumerate(sampled):
