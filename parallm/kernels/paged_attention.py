@@ -684,18 +684,19 @@ def paged_decode_attention(
         KV_FP8=k_cache.dtype == _FP8_KV,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **_rope_fp_options(rope, q),
+        **_float32_options(q),
         **pdl_launch(q, pdl),
     )
     return out
 
 
-def _rope_fp_options(rope, q: torch.Tensor) -> dict:
-    """In float32 nothing rounds between rotary's products and their sum, so a fused
-    multiply-add would store k one ulp off ``rotary_and_store_kv``'s (compiled without
-    fusion): the cache must not depend on which kernel wrote it. bf16/fp16 round each
-    product explicitly, which already rules the fusion out."""
-    return _NO_FMA if rope is not None and q.dtype == torch.float32 else {}
+def _float32_options(q: torch.Tensor) -> dict:
+    """float32 decode compiles without FMA contraction, with rotary in the kernel or not: in
+    float32 nothing rounds between rotary's products and their sum, so a fused multiply-add
+    would store k one ulp off ``rotary_and_store_kv``'s (compiled without fusion), and the
+    kernel with rotary must attend exactly as the one without. bf16/fp16 round each product
+    explicitly, which already rules the fusion out there."""
+    return _NO_FMA if q.dtype == torch.float32 else {}
 
 
 def new_split_counters(device: torch.device) -> torch.Tensor:

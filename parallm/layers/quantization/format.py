@@ -35,7 +35,9 @@ class WeightFormat:
 def row_scales(w: torch.Tensor, qmax: float) -> torch.Tensor:
     """Per-row float32 scales that map each row's largest magnitude onto ``qmax``."""
     amax = w.abs().amax(dim=-1).float()
-    return amax.clamp(min=MIN_SCALE) / qmax
+    # Divided by a tensor on amax's device: PyTorch's CUDA division by a Python number
+    # multiplies by its reciprocal, one ulp off the correctly rounded quotient (the kernels').
+    return amax.clamp(min=MIN_SCALE) / torch.full_like(amax, qmax)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
