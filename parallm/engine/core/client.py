@@ -81,6 +81,8 @@ class EngineCoreClient:
     Returns once the engine is loaded; raises ``ValueError`` for the core's bad-argument
     errors (as the in-process engine would) and ``EngineCoreError`` for any other start-up
     failure, with the core's message. ``num_threads`` sets the core's torch intra-op threads.
+    ``engine_factory`` (a module-level function, called in the core as
+    ``engine_factory(**engine_kwargs)``) builds the engine instead of ``LLM``.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class EngineCoreClient:
         replica: int | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        engine_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.replica = replica
         self.failure: str | None = None
@@ -109,7 +112,7 @@ class EngineCoreClient:
         self.process = mp.get_context("spawn").Process(
             target=run_engine_core,
             args=(engine_kwargs, f"ipc://{self._dir}/commands", f"ipc://{self._dir}/outputs",
-                  self._dir, num_threads, env),
+                  self._dir, num_threads, env, engine_factory),
             name=f"parallm-engine-core{suffix}",
         )  # fmt: skip
         atexit.register(self.stop)

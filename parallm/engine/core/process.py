@@ -55,11 +55,13 @@ def run_engine_core(
     ipc_dir: str,
     num_threads: int | None = None,
     env: dict[str, str] | None = None,
+    engine_factory: Callable[..., Any] | None = None,
 ) -> None:
     """The engine-core process's entry point (``multiprocessing`` spawn target). ``env`` is
     set before anything runs: a data-parallel replica's ``CUDA_VISIBLE_DEVICES`` (CUDA reads
     it when first used, later than the imports that brought us here); its tensor-parallel
-    workers inherit it."""
+    workers inherit it. ``engine_factory(**engine_kwargs)`` builds the engine instead of
+    ``LLM`` (a module-level function: benchmarks stand a fake engine in for the model)."""
     os.environ.update(env or {})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -74,7 +76,7 @@ def run_engine_core(
     outbox.setsockopt(zmq.SNDHWM, 0)  # never block on a slow reader: the reader is the server
     outbox.connect(output_address)
     try:
-        code = _serve(engine_kwargs, inbox, outbox)
+        code = _serve(engine_kwargs, inbox, outbox, engine_factory)
     finally:
         inbox.close(linger=0)
         outbox.close(linger=_LAST_MESSAGE_LINGER_MS)
@@ -86,7 +88,12 @@ def run_engine_core(
     sys.exit(code)
 
 
-def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket) -> int:
+def _serve(
+    engine_kwargs: dict[str, Any],
+    inbox: zmq.Socket,
+    outbox: zmq.Socket,
+    engine_factory: Callable[..., Any] | None = None,
+) -> int:
     """Build the engine and run its loop; the process's exit code."""
 
     def send(message: CoreMessage) -> None:
@@ -94,9 +101,12 @@ def _serve(engine_kwargs: dict[str, Any], inbox: zmq.Socket, outbox: zmq.Socket)
 
     loaded = _stop_loading_if_the_parent_dies()
     try:
-        from parallm.llm import LLM
+        if engine_factory is None:
+            from parallm.llm import LLM
 
-        engine = LLM(**engine_kwargs).engine
+            engine = LLM(**engine_kwargs).engine
+        else:
+            engine = engine_factory(**engine_kwargs)
     except BaseException as exc:
         send(StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
         return 1
