@@ -22,7 +22,7 @@ FOLDERS = ("models", "layers", "kernels", "engine")
 FEATURE_MODULES = (
     "parallm/engine/spec", "parallm/engine/core", "parallm/engine/dp_router.py",
     "parallm/engine/data_parallel.py", "parallm/engine/step_channel.py",
-    "parallm/engine/executor.py", "parallm/engine/verify_graph.py",
+    "parallm/engine/executor.py", "parallm/engine/tp_", "parallm/engine/verify_graph.py",
     "parallm/layers/quantization", "parallm/kernels/quant_gemv.py",
 )  # fmt: skip
 FEATURE = re.compile(

@@ -38,8 +38,9 @@ path, tp, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if len(sys.argv) > 5:  # how long any wait for a silent rank may last; heartbeats to match
     import datetime
     import parallm.engine.executor as executor
+    import parallm.engine.tp_group as tp_group
     timeout = datetime.timedelta(seconds=float(sys.argv[5]))
-    executor._COLLECTIVE_TIMEOUT = executor._CONTROL_TIMEOUT = timeout
+    tp_group._COLLECTIVE_TIMEOUT = tp_group._CONTROL_TIMEOUT = timeout
     executor._HEARTBEAT_SECONDS = timeout.total_seconds() / 6
 llm = LLM(path, tensor_parallel_size=tp, **json.loads(sys.argv[4]))
 params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

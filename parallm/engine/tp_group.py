@@ -1,0 +1,63 @@
+"""A tensor-parallel job's process groups: the default group, whose collectives run inside
+each step's forward (gloo on the CPU, NCCL on GPUs), and the gloo control group over which
+the driver sends its commands (``StepChannel``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# How long a collective inside a step waits for a rank that is alive but late (a slow CPU
+# step). A rank that dies closes its connections, which fails the collective at once instead.
+_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# The control group's waits (a worker for the next command, the driver for a worker to take
+# one or to load its shard). The driver sends heartbeats (executor.py) well within it, so
+# idle workers keep waiting, and a rank that is gone without closing its connections (its
+# host vanished) is noticed within the timeout.
+_CONTROL_TIMEOUT = timedelta(minutes=30)
+
+# NVLink multicast (NVLS) stays off: the lent multi-GPU machines do not support it, and NCCL or
+# symmetric memory would fail at start-up trying it. A value the user set is kept.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on now: the spawned ranks' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(device: torch.device, init_method: str, rank: int, world_size: int) -> None:
+    """Join the default group, whose collectives run inside each step's forward: gloo on
+    the CPU, NCCL on GPUs (``device`` is this rank's own GPU, made current first so that
+    NCCL binds to it)."""
+    backend = "gloo"
+    if device.type == "cuda":
+        backend = "nccl"
+        for name, value in _NCCL_ENV.items():
+            os.environ.setdefault(name, value)
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size,
+        timeout=_COLLECTIVE_TIMEOUT,
+    )  # fmt: skip
+
+
+def leave_group(aborting: bool) -> None:
+    """Leave the default group (and the control group). A failed engine's NCCL group may hold
+    a collective that a dead rank never joins, which a destroy would wait for: it is aborted."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if aborting and abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
+
+
+def control_group() -> dist.ProcessGroup:
+    """A gloo group over every rank for the driver's commands (collective: every rank calls)."""
+    return dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
