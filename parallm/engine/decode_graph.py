@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
 from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref, triton_argmax
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
@@ -70,16 +71,16 @@ class _Inputs:
 
     def __init__(self, size: int, max_blocks: int, device: torch.device) -> None:
         self.size = size
-        self.head_len = 7 * size  # int32 words before the tables: 3 int64 rows + seq_lens
-        self.region = torch.zeros(self.head_len + size * max_blocks, dtype=torch.int32,
-                                  device=device)  # fmt: skip
-        tokens = self.region[: 6 * size].view(torch.int64).view(3, size)
+        self.layout = InputRegion(3, size, 1, size, max_blocks)
+        self.head_len = self.layout.head_words  # int32 words before the tables
+        self.region = self.layout.allocate(device)
+        tokens = self.layout.tokens(self.region)
         self.input_ids, self.positions, self.slot_mapping = tokens.unbind(0)
-        self.seq_lens = self.region[6 * size : self.head_len]
-        self.block_tables = self.region[self.head_len :].view(size, max_blocks)
+        self.seq_lens = self.layout.per_seq(self.region)[0]
+        self.block_tables = self.layout.tables(self.region)
 
 
-class DecodeGraphs:
+class DecodeGraphs(GraphedSteps):
     """Owns the static input buffers and one captured graph per batch size."""
 
     def __init__(
@@ -95,18 +96,12 @@ class DecodeGraphs:
         device: torch.device,
         one_row: bool = False,
     ) -> None:
-        self.model = model
-        self.backend = backend
-        self.kv_caches = kv_caches
+        super().__init__(model, backend, kv_caches, max_blocks_per_seq, max_seq_len,
+                         scratch_block, block_size, device)  # fmt: skip
         # ``one_row``: batch 1 runs the Triton kernel chain instead of the model's forward.
         use_chain = one_row and supports_one_row_step(model, backend)
         self.one_row = OneRowStep(model, backend) if use_chain else None
         self.sizes = sorted(sizes)
-        self.max_seq_len = max_seq_len
-        self.max_blocks = max_blocks_per_seq
-        self.scratch_block = scratch_block
-        self.block_size = block_size
-        self.device = device
         self.inputs = {size: _Inputs(size, max_blocks_per_seq, device) for size in self.sizes}
         self.host_rings = {size: HostRing.allocate(size, device) for size in self.sizes}
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
@@ -123,17 +118,9 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _metadata(self, size: int) -> AttentionMetadata:
-        buf = self.inputs[size]
-        return AttentionMetadata(
-            slot_mapping=buf.slot_mapping,
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=buf.seq_lens,
-            block_tables=buf.block_tables,
-            max_query_len=1,
-            max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(size + 1)),
-            seq_lens_cpu=[self.max_seq_len] * size,
-        )
+        query_start_loc = self.query_start_loc[: size + 1]
+        return self.static_metadata(self.inputs[size], query_start_loc, 1,
+                                    [self.max_seq_len] * size)  # fmt: skip
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -221,7 +208,7 @@ class DecodeGraphs:
         # until its copy has run, so a step may be staged while the previous one is in flight.
         words = buf.region.numel() if one_copy else buf.head_len
         host = torch.empty(words, dtype=torch.int32, pin_memory=True)
-        tokens = host[: 6 * size].view(torch.int64).view(3, size)
+        tokens = buf.layout.tokens(host)
         tokens[0, :batch] = torch.from_numpy(input_ids)
         tokens[1, :batch] = torch.from_numpy(positions)
         tokens[2, :batch] = torch.from_numpy(slot_mapping)
@@ -229,13 +216,13 @@ class DecodeGraphs:
         # its length, so table columns past `width` may hold stale ids.
         tokens[0:2, batch:] = 0
         tokens[2, batch:] = self.scratch_block * self.block_size
-        lens = host[6 * size : buf.head_len]
+        lens = buf.layout.per_seq(host)[0]
         lens[:batch] = torch.from_numpy(seq_lens)
         lens[batch:] = 1
         if one_copy:
-            tables = host[buf.head_len :].view(size, self.max_blocks)[:, :width]
+            tables = buf.layout.tables(host)[:, :width]
             # Every word defined, so the region compares whole with the predicted one.
-            host[buf.head_len :].view(size, self.max_blocks)[:, width:] = self.scratch_block
+            buf.layout.tables(host)[:, width:] = self.scratch_block
         else:
             tables = torch.empty((size, width), dtype=torch.int32, pin_memory=True)
         tables[:batch] = torch.from_numpy(block_tables)
@@ -261,11 +248,10 @@ class DecodeGraphs:
 
     def _advanced(self, staged: np.ndarray, size: int) -> np.ndarray:
         """The region ``staged`` as the replay leaves it: every row one token on."""
-        region = staged.copy()
-        tokens = region[: 6 * size].view(np.int64).reshape(3, size)
-        head = 7 * size
-        advance_inputs_ref(tokens[1], region[6 * size : head], tokens[2],
-                     region[head:].reshape(size, self.max_blocks), self.block_size)  # fmt: skip
+        region, layout = staged.copy(), self.inputs[size].layout
+        tokens = layout.tokens(region)
+        advance_inputs_ref(tokens[1], layout.per_seq(region)[0], tokens[2],
+                           layout.tables(region), self.block_size)  # fmt: skip
         return region
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
 if TYPE_CHECKING:
@@ -66,9 +67,10 @@ class VerifyShape:
         return self.batch * self.tokens_per_seq
 
     @property
-    def region_words(self) -> int:
-        """Int32 words of the shape's input region (``_VerifyInputs.region``)."""
-        return 2 * _TOKEN_ROWS * self.num_tokens + 2 * self.batch
+    def layout(self) -> InputRegion:
+        """The shape's input region (``_VerifyInputs.region``): the token rows, then
+        seq_lens and the tree node counts; no block tables."""
+        return InputRegion(_TOKEN_ROWS, self.num_tokens, 2, self.batch)
 
 
 def verify_shapes(
@@ -132,20 +134,19 @@ class _VerifyInputs:
     (only the columns in use move)."""
 
     def __init__(self, shape: VerifyShape, max_blocks: int, device: torch.device) -> None:
-        tokens, size, head = shape.num_tokens, shape.batch, 2 * _TOKEN_ROWS * shape.num_tokens
-        self.region = torch.zeros(shape.region_words, dtype=torch.int32, device=device)
-        rows = self.region[:head].view(torch.int64).view(_TOKEN_ROWS, tokens)
+        layout = shape.layout
+        self.region = layout.allocate(device)
+        rows = layout.tokens(self.region)
         self.input_ids, self.positions, self.slot_mapping, self.tree_visible = rows[:4].unbind(0)
         self.sample_rows = rows[4]
-        self.seq_lens = self.region[head : head + size]
-        self.tree_num_nodes = self.region[head + size :]
-        self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens, self.tree_num_nodes = layout.per_seq(self.region).unbind(0)
+        self.block_tables = torch.zeros(shape.batch, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(
-            0, tokens + 1, shape.tokens_per_seq, dtype=torch.int32, device=device
+            0, shape.num_tokens + 1, shape.tokens_per_seq, dtype=torch.int32, device=device
         )
 
 
-class VerifyGraphs:
+class VerifyGraphs(GraphedSteps):
     """Owns the static input buffers and one captured graph per :class:`VerifyShape`."""
 
     def __init__(
@@ -163,15 +164,9 @@ class VerifyGraphs:
     ) -> None:
         if not shapes:
             raise ValueError("verify graphs need at least one shape")
-        self.model = model
-        self.backend = backend
-        self.kv_caches = kv_caches
+        super().__init__(model, backend, kv_caches, max_blocks_per_seq, max_seq_len,
+                         scratch_block, block_size, device)  # fmt: skip
         self.shapes = sorted(shapes, key=lambda s: (s.num_tokens, s), reverse=True)
-        self.max_blocks = max_blocks_per_seq
-        self.max_seq_len = max_seq_len
-        self.scratch_block = scratch_block
-        self.block_size = block_size
-        self.device = device
         self.captures = capture
         # Padding tokens sit past a chain's end: up to q - 1 positions more than any sequence.
         most_tokens = max(s.tokens_per_seq for s in self.shapes)
@@ -203,17 +198,8 @@ class VerifyGraphs:
         trees = {}
         if shape.tree:
             trees = dict(tree_num_nodes=buf.tree_num_nodes, tree_visible=buf.tree_visible)
-        return AttentionMetadata(
-            slot_mapping=buf.slot_mapping,
-            query_start_loc=buf.query_start_loc,
-            seq_lens=buf.seq_lens,
-            block_tables=buf.block_tables,
-            max_query_len=shape.tokens_per_seq,
-            max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(0, shape.num_tokens + 1, shape.tokens_per_seq)),
-            seq_lens_cpu=seq_lens_cpu,
-            **trees,
-        )
+        return self.static_metadata(buf, buf.query_start_loc, shape.tokens_per_seq, seq_lens_cpu,
+                                    **trees)  # fmt: skip
 
     def forward(
         self, shape: VerifyShape, seq_lens_cpu: list[int] | None = None
@@ -298,12 +284,12 @@ class VerifyGraphs:
         tokens (the rest of a short chain's rows, and every row of a padding sequence) have id
         0 at position 0, store into the scratch block's first slot, and are no tree nodes; a
         padding sequence is ``q`` tokens long over a table of scratch blocks."""
-        pinned = self.device.type == "cuda"
+        pinned, layout = self.device.type == "cuda", shape.layout
         batch, q, size = len(inputs.seq_lens), shape.tokens_per_seq, shape.batch
-        tokens, total = shape.num_tokens, int(inputs.query_start_loc[-1])
-        head = torch.empty(shape.region_words, dtype=torch.int32, pin_memory=pinned)
+        total = int(inputs.query_start_loc[-1])
+        head = torch.empty(layout.words, dtype=torch.int32, pin_memory=pinned)
         words = head.numpy()
-        rows = words[: 2 * _TOKEN_ROWS * tokens].view(np.int64).reshape(_TOKEN_ROWS, tokens)
+        rows = layout.tokens(words)
         rows[:] = 0
         rows[2] = self.scratch_block * self.block_size
         query_lens = np.diff(inputs.query_start_loc)
@@ -313,10 +299,9 @@ class VerifyGraphs:
         rows[1, dest] = inputs.positions
         rows[2, dest] = inputs.slot_mapping
         rows[4, :total] = dest
-        lens = words[2 * _TOKEN_ROWS * tokens : 2 * _TOKEN_ROWS * tokens + size]
+        lens, nodes = layout.per_seq(words)
         lens[:batch] = inputs.seq_lens + (q - query_lens)  # the padding tokens count
         lens[batch:] = q
-        nodes = words[2 * _TOKEN_ROWS * tokens + size :]
         nodes[:] = 0
         if inputs.tree_visible is not None:
             rows[3, dest] = inputs.tree_visible
