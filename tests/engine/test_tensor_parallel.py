@@ -29,22 +29,27 @@ ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size
           "max_num_batched_tokens": 48}  # fmt: skip
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True)
 SCORED = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=1)
+# Four prompts longer than the step budget (chunked prefill) sharing a 32-token prefix.
+PREFIX, LENGTHS = 32, (20, 28, 9, 35)
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    """Four prompts longer than the step budget (chunked prefill) sharing a 32-token prefix."""
+def shared_prefix_prompts(vocab: int, prefix: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    """Random prompts (seeded) of a ``prefix``-token prefix and then ``lengths`` tokens each."""
     rng = np.random.default_rng(0)
-    prefix = rng.integers(0, vocab, 32).tolist()
-    return [prefix + rng.integers(0, vocab, n).tolist() for n in (20, 28, 9, 35)]
+    common = rng.integers(0, vocab, prefix).tolist()
+    return [common + rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
-def _run(llm: LLM) -> tuple[list, list]:
-    """Token ids of every sample over two rounds (the second hits the prefix cache), and the
-    prompt logprobs of a scored request."""
-    prompts = _prompts(llm.engine.model_config.vocab_size)
+def run_rounds(
+    llm: LLM, greedy: SamplingParams, prefix: int = PREFIX, lengths: tuple[int, ...] = LENGTHS
+) -> tuple[list, list]:
+    """Token ids of every sample of ``greedy`` over two rounds of the shared-prefix prompts
+    (the second hits the prefix cache), and the prompt logprobs of a scored request (also
+    the GPU tests', test_tensor_parallel_gpu.py)."""
+    prompts = shared_prefix_prompts(llm.engine.model_config.vocab_size, prefix, lengths)
     tokens = []
     for _ in range(2):
-        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
         tokens.append([[c.token_ids for c in out.outputs] for out in outs])
     (scored,) = llm.generate([prompts[0]], SCORED, use_tqdm=False)
     logprobs = [next(iter(d.values())).logprob for d in scored.prompt_logprobs[1:]]
@@ -71,12 +76,12 @@ def _kv_memory(path, blocks: int | None, tp: int) -> dict:
 def test_tensor_parallel_greedy_equals_one_rank(tiny_model_dir, arch, tp, blocks):
     path = tiny_model_dir(arch)
     reference = LLM(str(path), **ENGINE, **_kv_memory(path, blocks, 1))
-    want_tokens, want_logprobs = _run(reference)
+    want_tokens, want_logprobs = run_rounds(reference, GREEDY)
 
     llm = LLM(str(path), tensor_parallel_size=tp, **ENGINE, **_kv_memory(path, blocks, tp))
     try:
         assert len(multiprocessing.active_children()) == tp - 1
-        tokens, logprobs = _run(llm)
+        tokens, logprobs = run_rounds(llm, GREEDY)
         stats = llm.engine.stats
     finally:
         llm.close()
@@ -96,7 +101,7 @@ def test_quantized_weights_shard_like_float_ones(tiny_model_dir):
     fixed tiny model the greedy tokens still agree with TP=1's quantized model."""
     path, quantized = str(tiny_model_dir("qwen3")), {**ENGINE, "quantization": "int8"}
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    prompts = _prompts(ModelConfig.from_path(path).vocab_size)[:2]
+    prompts = shared_prefix_prompts(ModelConfig.from_path(path).vocab_size, PREFIX, LENGTHS)[:2]
     reference = LLM(path, **quantized)
     want = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
     llm = LLM(path, tensor_parallel_size=2, **quantized)

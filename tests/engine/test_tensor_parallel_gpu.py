@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_tensor_parallel import check_abandoned_step_stops_the_engine
+from test_tensor_parallel import check_abandoned_step_stops_the_engine, run_rounds
 
 from parallm import LLM, SamplingParams
 from parallm.cli import main
@@ -29,7 +29,6 @@ from parallm.engine.step_channel import StepChannel
 
 BLOCK = 16
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)
-SCORED = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=1)
 ENGINE = {"dtype": "float32", "device": "cuda", "max_model_len": 256, "block_size": BLOCK,
           "max_num_batched_tokens": 64, "max_num_seqs": 16}  # fmt: skip
 
@@ -39,24 +38,10 @@ needs_two_gpus = pytest.mark.skipif(
 )
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    """Prompts longer than the step budget (chunked prefill) sharing a 40-token prefix."""
-    rng = np.random.default_rng(0)
-    prefix = rng.integers(0, vocab, 40).tolist()
-    return [prefix + rng.integers(0, vocab, n).tolist() for n in (30, 47, 9, 70, 1)]
-
-
 def _run(llm: LLM) -> tuple[list, list]:
-    """Every sample's tokens over two rounds (the second hits the prefix cache), and the
-    prompt logprobs of a scored request."""
-    prompts = _prompts(llm.engine.model_config.vocab_size)
-    tokens = []
-    for _ in range(2):
-        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        tokens.append([[c.token_ids for c in out.outputs] for out in outs])
-    (scored,) = llm.generate([prompts[0]], SCORED, use_tqdm=False)
-    logprobs = [next(iter(d.values())).logprob for d in scored.prompt_logprobs[1:]]
-    return tokens, logprobs
+    """``run_rounds`` on prompts longer than the step budget (chunked prefill) sharing a
+    40-token prefix."""
+    return run_rounds(llm, GREEDY, 40, (30, 47, 9, 70, 1))
 
 
 @pytest.mark.gpu
