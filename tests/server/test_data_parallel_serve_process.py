@@ -9,96 +9,38 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from server_support import API_KEY, MODEL_NAME, descendants, process_gone, tiny_model_path
+from serve_process import (
+    CONTEXT,
+    HEADERS,
+    StreamReader,
+    core_pids,
+    serve_command,
+    serve_processes,
+    spawned,
+)
+from server_support import MODEL_NAME, descendants, process_gone, tiny_model_path
 
 from parallm import LLM, SamplingParams
-
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-CONTEXT = 2048
-
-
-class StreamReader(threading.Thread):
-    """Reads one completion stream; ``started`` is set once two events came."""
-
-    def __init__(self, url: str, prompt: list[int], max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
-                     "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
-        self.events: list[str] = []
-        self.started = threading.Event()
-
-    def run(self) -> None:
-        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, headers=HEADERS,
-                          timeout=120) as response:  # fmt: skip
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    self.events.append(line.removeprefix("data: "))
-                    if len(self.events) == 2:
-                        self.started.set()
-        self.started.set()
-
-    def finish_reason(self) -> str | None:
-        """The finish reason of the stream's last choice chunk."""
-        reasons = [json.loads(e)["choices"][0].get("finish_reason") for e in self.events
-                   if e != "[DONE]" and json.loads(e).get("choices")]  # fmt: skip
-        return reasons[-1] if reasons else None
-
-
-def _core_pids(serve_pid: int) -> list[int]:
-    """The engine-core processes: the spawned children of the server (their own tensor-parallel
-    workers are their children)."""
-    children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-    return sorted(int(p) for p in children
-                  if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())  # fmt: skip
-
-
-def _spawned(pids: list[int]) -> list[int]:
-    return [p for p in pids if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
 
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:
     """Starts ``parallm serve --data-parallel-size 2`` (plus flags) with a private TMPDIR;
     kills whatever is left at the end."""
-    started: list[tuple[subprocess.Popen, list[int]]] = []
+    with serve_processes({"TMPDIR": str(tmp_path)}) as start:
+        yield lambda *flags: start(
+            "--model", str(tiny_model_path()), "--data-parallel-size", "2", *flags
+        )
 
-    def start(*flags: str) -> tuple[subprocess.Popen, str, list[str]]:
-        cmd = [
-            sys.executable, "-m", "parallm", "serve", "--model", str(tiny_model_path()),
-            "--data-parallel-size", "2", "--port", "0", "--device", "cpu",
-            "--kv-cache-memory", str(4 << 20), "--max-model-len", str(CONTEXT),
-            "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *flags,
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
-        stderr: list[str] = []
-        for line in proc.stderr:
-            stderr.append(line)
-            if "serving on " in line:
-                break
-        else:
-            raise AssertionError(f"the server did not start: {''.join(stderr)}")
-        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-        url = line.split("serving on ", 1)[1].strip().removesuffix("/v1")
-        started.append((proc, descendants(proc.pid)))
-        return proc, url, stderr
 
-    yield start
-    for proc, children in started:
-        for pid in [proc.pid, *children]:
-            if not process_gone(pid, timeout_s=0):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+def _stream(url: str, prompt: list[int], max_tokens: int) -> StreamReader:
+    return StreamReader(url, {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                              "ignore_eos": True, "temperature": 0})  # fmt: skip
 
 
 def _no_socket_folders(tmp: Path) -> bool:
@@ -108,10 +50,10 @@ def _no_socket_folders(tmp: Path) -> bool:
 def test_killing_one_replica_fails_its_streams_and_stops_the_server(serve, tmp_path) -> None:
     proc, url, stderr = serve("--drain-timeout", "1")
     processes = descendants(proc.pid)
-    cores = _core_pids(proc.pid)
+    cores = core_pids(proc.pid)
     assert len(cores) == 2
     # The first stream goes to replica 0; the second, while it runs, to replica 1.
-    readers = [StreamReader(url, [30 + i, 40 + i], CONTEXT - 16) for i in range(2)]
+    readers = [_stream(url, [30 + i, 40 + i], CONTEXT - 16) for i in range(2)]
     for reader in readers:
         reader.start()
         assert reader.started.wait(60)
@@ -138,8 +80,8 @@ def test_killing_one_replica_fails_its_streams_and_stops_the_server(serve, tmp_p
 def test_sigterm_drains_the_requests_of_both_replicas(serve, tmp_path) -> None:
     proc, url, stderr = serve("--drain-timeout", "120")
     processes = descendants(proc.pid)
-    assert len(_core_pids(proc.pid)) == 2
-    readers = [StreamReader(url, [50 + i, 60 + i], 200) for i in range(2)]
+    assert len(core_pids(proc.pid)) == 2
+    readers = [_stream(url, [50 + i, 60 + i], 200) for i in range(2)]
     for reader in readers:
         reader.start()
         assert reader.started.wait(60)
@@ -155,7 +97,7 @@ def test_sigterm_drains_the_requests_of_both_replicas(serve, tmp_path) -> None:
 def test_two_replicas_of_two_tensor_parallel_ranks(serve, tmp_path) -> None:
     proc, url, stderr = serve("--tensor-parallel-size", "2", "--drain-timeout", "5")
     processes = descendants(proc.pid)
-    assert len(_core_pids(proc.pid)) == 2 and len(_spawned(processes)) == 4
+    assert len(core_pids(proc.pid)) == 2 and len(spawned(processes)) == 4
     prompts = [[70, 71, 72], [80, 81, 82, 83]]
     body = {"model": MODEL_NAME, "prompt": prompts, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
@@ -179,11 +121,7 @@ def test_a_replica_that_cannot_start_is_named_and_nothing_is_left(tmp_path: Path
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    cmd = [sys.executable, "-m", "parallm", "serve", "--model", str(broken), "-dp", "2",
-           "--device", "cpu", "--port", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = serve_command("--model", str(broken), "-dp", "2", env={"TMPDIR": str(tmp_path)})
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert re.search(r"parallm serve: error: data-parallel replica [01]: the engine core failed "

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from serve_process import CONTEXT, HEADERS, StreamReader, core_pids, serve_command, serve_processes
 from server_support import (
-    API_KEY,
     MODEL_NAME,
     client,
     descendants,
@@ -27,39 +25,20 @@ from server_support import (
 
 from parallm.server.launcher import engine_failure
 
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-CONTEXT = 2048
 # Thousands of engine steps: the stream is still running when the core is killed.
 LONG = {"model": MODEL_NAME, "prompt": "def f():", "max_tokens": CONTEXT - 16, "ignore_eos": True}
 
 
-class StreamReader(threading.Thread):
-    """Reads one long completion stream; ``started`` is set once two events came."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.events: list[str] = []
-        self.started = threading.Event()
-
-    def run(self) -> None:
-        body = {**LONG, "stream": True}
-        with httpx.stream(
-            "POST", self.url + "/v1/completions", json=body, headers=HEADERS, timeout=60
-        ) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    self.events.append(line.removeprefix("data: "))
-                    if len(self.events) == 2:
-                        self.started.set()
-        self.started.set()
+def _reader(url: str) -> StreamReader:
+    """A reader of one long completion stream."""
+    return StreamReader(url, LONG, timeout_s=60)
 
 
 def test_killing_the_core_mid_stream_fails_requests_and_stops_the_server() -> None:
     with running_server(max_model_len=CONTEXT) as server:
         async_engine = server.app.state.ctx.engine
         core_pid = async_engine.core.pid
-        reader = StreamReader(server.url)
+        reader = _reader(server.url)
         reader.start()
         assert reader.started.wait(60)
         assert httpx.get(server.url + "/health").status_code == 200
@@ -97,59 +76,20 @@ def test_requests_leave_nothing_behind_in_the_api_process() -> None:
         assert async_engine._tracked == {} and len(async_engine._detokenizer) == 0
 
 
-def _serve(*flags: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "parallm", "serve", *flags, "--port", "0", "--device", "cpu",
-        "--kv-cache-memory", str(4 << 20), "--max-model-len", str(CONTEXT),
-        "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--drain-timeout", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own: a signal to its process group is what a terminal's Ctrl-C sends.
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-
-
-def _url_once_serving(proc: subprocess.Popen, stderr: list[str]) -> str:
-    for line in proc.stderr:
-        stderr.append(line)
-        if "serving on " in line:
-            threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-            return line.split("serving on ", 1)[1].strip().removesuffix("/v1")
-    raise AssertionError(f"the server did not start: {''.join(stderr)}")
-
-
-def _core_pid(serve_pid: int) -> int:
-    (core,) = [p for p in Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-               if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]  # fmt: skip
-    return int(core)
-
-
 @pytest.fixture
-def serve_process():
+def serve_process() -> Iterator:
     """Starts ``parallm serve`` with the given flags; kills whatever is left at the end."""
-    started: list[tuple[subprocess.Popen, list[int]]] = []
-
-    def start(*flags: str) -> tuple[subprocess.Popen, str, list[str]]:
-        proc = _serve("--model", str(tiny_model_path()), *flags)
-        stderr: list[str] = []
-        url = _url_once_serving(proc, stderr)
-        started.append((proc, descendants(proc.pid)))
-        return proc, url, stderr
-
-    yield start
-    for proc, children in started:
-        for pid in [proc.pid, *children]:
-            if not process_gone(pid, timeout_s=0):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+    with serve_processes() as start:
+        yield lambda *flags: start("--drain-timeout", "1", "--model", str(tiny_model_path()),
+                                   *flags)  # fmt: skip
 
 
 def test_serve_exits_1_when_its_core_dies_and_leaves_no_process(serve_process) -> None:
     proc, url, stderr = serve_process("--tensor-parallel-size", "2")
     processes = descendants(proc.pid)  # the core, its worker, multiprocessing's tracker
-    core_pid = _core_pid(proc.pid)
+    (core_pid,) = core_pids(proc.pid)
     assert len(processes) >= 3 and core_pid in processes
-    reader = StreamReader(url)
+    reader = _reader(url)
     reader.start()
     assert reader.started.wait(60)
     os.kill(core_pid, signal.SIGKILL)
@@ -177,7 +117,7 @@ def test_serve_reports_the_cores_start_up_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    proc = _serve("--model", str(broken))
+    proc = serve_command("--model", str(broken))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "parallm serve: error: the engine core failed to start: JSONDecodeError" in err
