@@ -275,7 +275,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Ranks the model is sharded over (Megatron style), one process each; >1 is CPU/gloo so far.
     tensor_parallel_size: int = 1
-    # Engine replicas, one process each, behind a prefix-aware router (LLM(...) only so far).
+    # Engine replicas, one process each, behind a prefix-aware router.
     data_parallel_size: int = 1
 
     def __post_init__(self) -> None:

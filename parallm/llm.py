@@ -81,6 +81,12 @@ class LLM:
         interpreter exit). The LLM cannot generate afterwards."""
         self.engine.close()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prompt prefixes that no request holds (every replica's, with
+        ``data_parallel_size > 1``), so that later prompts are computed afresh; benchmarks
+        call it between a warm-up and the timed run."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

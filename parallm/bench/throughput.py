@@ -1,7 +1,10 @@
 """``parallm bench throughput``: the standard offline workload, optionally against transformers.
 
 256 requests, prompt and output lengths uniform in [100, 1024], random token ids, EOS ignored,
-seed 0: the workload nano-vllm publishes.
+seed 0: the workload nano-vllm publishes. With ``--data-parallel-size N`` the same requests go
+to N engine replicas (one process and one GPU, or ``--tensor-parallel-size`` GPUs, each), and
+the timing covers the same span as with one engine: from submitting the requests to the last
+one's output in this process.
 """
 
 from __future__ import annotations
@@ -45,15 +48,27 @@ def run_parallm(llm: Any, prompts: list[list[int]], out_lens: list[int]) -> dict
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     batch = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(batch[:8], params[:8], use_tqdm=False)  # warm up kernels outside the timing
-    llm.engine.kv.reset_prefix_cache()
-    if torch.cuda.is_available():
+    llm.reset_prefix_cache()  # every replica's: the warm-up's prompts must not help the run
+    # Replicas run in their own processes and send outputs only once their step is done, so
+    # this process has no GPU work to wait for, nor GPU memory to report.
+    replicas = llm.engine.config.data_parallel_size
+    in_process = replicas == 1
+    if in_process and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    routed_before = [] if in_process else list(llm.engine.num_requests_routed)
     start = time.perf_counter()
     outs = llm.generate(batch, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return _rates("parallm", len(prompts), sum(map(len, prompts)), generated, seconds)
+    row = _rates("parallm", len(prompts), sum(map(len, prompts)), generated, seconds, in_process)
+    if not in_process:
+        row["data_parallel_size"] = replicas
+        row["requests_per_replica"] = [
+            after - before
+            for after, before in zip(llm.engine.num_requests_routed, routed_before, strict=True)
+        ]
+    return row
 
 
 def run_hf(model_path: str | None, config_path: str | None, dtype: torch.dtype,
@@ -85,8 +100,13 @@ def run_hf(model_path: str | None, config_path: str | None, dtype: torch.dtype,
     )
 
 
-def _rates(name: str, n: int, prompt_tokens: int, generated: int, seconds: float) -> dict[str, Any]:
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+def _rates(
+    name: str, n: int, prompt_tokens: int, generated: int, seconds: float,
+    gpu_memory_here: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Rates of one timed run; ``gpu_memory_here``: the run's GPU memory is this process's."""
+    here = gpu_memory_here and torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if here else None
     return {
         "engine": name, "requests": n, "seconds": seconds, "requests_per_s": n / seconds,
         "output_tokens": generated, "output_tokens_per_s": generated / seconds,
@@ -98,10 +118,11 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
     engine = llm.engine
     prompts, out_lens = workload(args, engine.model_config.vocab_size)
     rows = [run_parallm(llm, prompts, out_lens)]
-    if engine.drafter is not None:
+    if engine.config.speculative_config is not None:
         rows[0]["tokens_per_drafted_step"] = engine.spec_stats.mean_accepted_per_step
     summary = engine.summary()
     peer = vllm_peer.peer_model(engine, args) if args.compare_vllm else None
+    llm.close()  # its processes (tensor-parallel ranks, data-parallel replicas) end with the run
     if args.compare_hf or args.compare_vllm:
         del llm, engine
         gc.collect()  # the runner and its CUDA graphs reference each other

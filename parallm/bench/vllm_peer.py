@@ -106,6 +106,7 @@ def check_comparable(args: argparse.Namespace) -> None:
         "--kv-cache-dtype": None if getattr(args, "kv_cache_dtype", "auto") == "auto" else args.kv_cache_dtype,
         "--speculative-config": getattr(args, "speculative_config", None),
         "--tensor-parallel-size": None if getattr(args, "tensor_parallel_size", 1) == 1 else args.tensor_parallel_size,
+        "--data-parallel-size": None if getattr(args, "data_parallel_size", 1) == 1 else args.data_parallel_size,
     }  # fmt: skip
     given = [f"{flag} {value}" for flag, value in differing.items() if value is not None]
     if given:

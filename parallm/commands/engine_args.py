@@ -90,8 +90,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--tensor-parallel-size",
         type=int,
         default=1,
-        help="shard the model over this many ranks, one process each (Megatron style); "
-        "above 1 needs --device cpu for now (gloo; CUDA graphs and async scheduling off)",
+        help="shard the model over this many ranks, one process each (Megatron style): one GPU "
+        "per rank with NCCL on CUDA, gloo on the CPU (async scheduling off)",
     )
     g.add_argument(
         "-dp",
@@ -100,7 +100,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         default=1,
         help="run this many engine replicas, one process each (each of --tensor-parallel-size "
         "ranks; on GPUs replica i takes GPUs i*tp..(i+1)*tp-1), and send each request to the "
-        "one that caches the longest prefix of it, else the least loaded (generate and serve)",
+        "one that caches the longest prefix of it, else the least loaded (generate, serve "
+        "and bench throughput; on CUDA it may be at most the GPUs visible / tp)",
     )
     g.add_argument(
         "--max-model-len",
@@ -210,9 +211,35 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         data_parallel_size=args.data_parallel_size,
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
-    if args.data_parallel_size > 1 and getattr(args, "command", None) not in ("generate", "serve"):
-        raise ValueError(
-            "--data-parallel-size above 1 works with `parallm generate`, `parallm serve` (and "
-            f"LLM(...)) only so far, got {args.data_parallel_size} for `parallm {args.command}`"
-        )
+    _check_data_parallel_command(args)
     return kwargs
+
+
+# Where N replicas mean something: each request runs on one of them.
+_DATA_PARALLEL_COMMANDS = ("generate", "serve", "bench throughput")
+
+
+def _check_data_parallel_command(args: argparse.Namespace) -> None:
+    n = args.data_parallel_size
+    if n == 1:
+        return
+    names = (getattr(args, "command", None), getattr(args, "bench", None))
+    command = " ".join(name for name in names if name)
+    if command not in _DATA_PARALLEL_COMMANDS:
+        allowed = ", ".join(f"`parallm {c}`" for c in _DATA_PARALLEL_COMMANDS)
+        why = ""
+        if command == "bench latency":
+            why = (
+                ": bench latency times one engine's steps at fixed batch sizes, and replicas "
+                "run separate batches, so there is no latency of N replicas (measure them "
+                "with `parallm bench throughput`)"
+            )
+        raise ValueError(
+            f"--data-parallel-size above 1 works with {allowed} (and LLM(...)) only, got {n} "
+            f"for `parallm {command}`{why}"
+        )
+    if getattr(args, "compare_hf", False):
+        raise ValueError(
+            f"--compare-hf runs transformers on one device, so with --data-parallel-size {n} "
+            f"its x HF column would set {n} replicas against it: drop one of the two flags"
+        )

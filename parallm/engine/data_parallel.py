@@ -1,12 +1,15 @@
 """Data parallelism: N engine replicas, one process each, behind one prefix-aware router.
 
-``DataParallelEngine`` offers the part of ``LLMEngine``'s interface that ``LLM`` uses
-(``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``, the prompt and
-parameter checks, the tokenizer), so that ``LLM(data_parallel_size=N)`` works as with one
-engine. Each request goes to the replica the ``PrefixRouter`` picks (the longest cached prefix,
-else the least loaded); each replica runs its own ``LLMEngine`` (with its own tensor-parallel
-workers when ``tensor_parallel_size > 1``) in a spawned process with a small command loop, and
-sends back what its ``step()`` returns (finished requests, and deltas of streamed ones).
+``DataParallelEngine`` offers the part of ``LLMEngine``'s interface that ``LLM`` and the
+offline benchmark use (``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``,
+``reset_prefix_cache``, ``spec_stats``, the prompt and parameter checks, the tokenizer, the
+model config), so that ``LLM(data_parallel_size=N)`` works as with one engine. Each request
+goes to the replica the ``PrefixRouter`` picks (the longest cached prefix, else the least
+loaded); each replica runs its own ``LLMEngine`` (with its own tensor-parallel workers when
+``tensor_parallel_size > 1``) in a spawned process with a small command loop, and sends back
+what its ``step()`` returns (finished requests, and deltas of streamed ones). On CUDA, replica
+i sees only its own GPUs through ``CUDA_VISIBLE_DEVICES`` (``replica_devices``, as the
+server's replicas do); too few GPUs fail before any replica starts.
 
 A replica that dies or fails makes the next ``step()`` raise a ``RuntimeError`` naming it;
 the other replicas are stopped, and the engine refuses further work. Replicas exit when the
@@ -24,6 +27,7 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -31,9 +35,11 @@ from typing import Any
 
 import torch
 
-from parallm.config import EngineConfig, ModelConfig, resolve_device
+from parallm.config import EngineConfig, ModelConfig
 from parallm.engine.dp_router import PrefixRouter
 from parallm.engine.engine import LLMEngine
+from parallm.engine.replica_devices import replica_environments
+from parallm.engine.spec.stats import SpecStats
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
 
@@ -62,22 +68,30 @@ class DataParallelEngine:
         self.replicas: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self.requests: dict[str, int] = {}  # in flight: request id -> replica
+        # Outputs read while waiting for the replicas' answers to a query; step() returns them.
+        self._buffered: list[RequestOutput] = []
+        # Checked (too few GPUs) before any replica starts.
+        envs = replica_environments(
+            config.device, config.data_parallel_size, config.tensor_parallel_size
+        )
+        self.placements = [_placement(env) for env in envs]
+        self.num_requests_routed = [0] * len(envs)
+        one_replica = dataclasses.replace(config, data_parallel_size=1)
         atexit.register(self.close)
         try:
-            configs = _replica_configs(config)
             ctx = mp.get_context("spawn")
-            threads = max(1, (os.cpu_count() or 1) // len(configs))
-            for index, replica_config in enumerate(configs):
+            threads = max(1, (os.cpu_count() or 1) // len(envs))
+            for index, env in enumerate(envs):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
-                    target=_replica_main, args=(replica_config, model_config, child, threads),
+                    target=_replica_main, args=(one_replica, model_config, child, threads, env),
                     daemon=False, name=f"parallm-dp-replica{index}",
                 )  # fmt: skip
                 proc.start()
                 child.close()
                 self.replicas.append(proc)
                 self.conns.append(parent)
-            infos = [self._expect_ready(i) for i in range(len(configs))]
+            infos = [self._expect_ready(i) for i in range(len(envs))]
         except BaseException:
             self.close()
             raise
@@ -87,7 +101,7 @@ class DataParallelEngine:
         self.tokenizer = info.tokenizer
         self._summary = info.summary
         self.router = PrefixRouter(
-            len(configs), info.block_size, min(i.num_blocks for i in infos),
+            len(envs), info.block_size, min(i.num_blocks for i in infos),
             enable_prefix_caching=config.enable_prefix_caching,
         )  # fmt: skip
 
@@ -102,10 +116,34 @@ class DataParallelEngine:
     add_request = LLMEngine.add_request
 
     def summary(self) -> str:
-        return f"data_parallel_size={self.data_parallel_size}, each replica: {self._summary}"
+        """One line naming the replicas (process and devices), then one replica's summary."""
+        replicas = "; ".join(
+            f"replica {i}: pid {proc.pid} on {where}"
+            for i, (proc, where) in enumerate(zip(self.replicas, self.placements, strict=True))
+        )
+        return (
+            f"data_parallel_size={self.data_parallel_size} ({replicas}), each replica: "
+            f"{self._summary}"
+        )
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._buffered)
+
+    def reset_prefix_cache(self) -> None:
+        """Every replica forgets the cached prefixes no request holds
+        (``LLMEngine.reset_prefix_cache``), and the router forgets them with it; returns once
+        all replicas have."""
+        self._ask_all("reset_prefix_cache")
+        self.router.reset_prefix_cache()
+
+    def replica_stats(self) -> list[dict[str, float]]:
+        """Each replica's ``LLMEngine.stats`` (its scheduler, KV cache and step counters)."""
+        return self._ask_all("stats")
+
+    @property
+    def spec_stats(self) -> SpecStats:
+        """The replicas' speculative-decoding counters, summed."""
+        return _sum_spec_stats(self._ask_all("spec_stats"))
 
     def _queue_request(
         self, request_id: str, ids: list[int], params: SamplingParams, prompt: str | None,
@@ -115,6 +153,7 @@ class DataParallelEngine:
         self._check_alive()
         replica = self.router.route(request_id, ids)
         self.requests[request_id] = replica
+        self.num_requests_routed[replica] += 1
         self._send(replica, ("add", request_id, ids, params, prompt, stream, now))
 
     def abort_request(self, request_id: str) -> None:
@@ -131,6 +170,9 @@ class DataParallelEngine:
         """Outputs the replicas have produced since the last call; waits for at least one
         message while requests are in flight."""
         self._check_alive()
+        if self._buffered:
+            outputs, self._buffered = self._buffered, []
+            return outputs
         if not self.requests:
             return []
         by_sentinel = {proc.sentinel: i for i, proc in enumerate(self.replicas)}
@@ -180,6 +222,27 @@ class DataParallelEngine:
                 self.router.finish(out.request_id, list(out.prompt_token_ids) + list(sample))
         return kept
 
+    def _ask_all(self, query: str) -> list[Any]:
+        """Every replica's answer to ``query`` (a key of ``_QUERIES``), in replica order.
+        Each replica answers between two steps; outputs it sent before are kept for step()."""
+        self._check_alive()
+        for replica in range(self.data_parallel_size):
+            self._send(replica, ("query", query))
+        return [self._answer(replica) for replica in range(self.data_parallel_size)]
+
+    def _answer(self, index: int) -> Any:
+        conn = self.conns[index]
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                self._fail(index)
+            if message[0] == "answer":
+                return message[1]
+            if message[0] == "error":
+                self._fail(index, message[1])
+            self._buffered.extend(self._accept(message[1]))
+
     def _send(self, replica: int, message: tuple) -> None:
         try:
             self.conns[replica].send(message)
@@ -220,27 +283,35 @@ class DataParallelEngine:
         raise RuntimeError(message)
 
 
-def _replica_configs(config: EngineConfig) -> list[EngineConfig]:
-    """One engine's configuration per replica: on CUDA, replica i takes GPU i."""
-    n = config.data_parallel_size
-    one = dataclasses.replace(config, data_parallel_size=1)
-    device = resolve_device(config.device)
-    if device.type != "cuda":
-        return [one] * n
-    if config.tensor_parallel_size > 1:
-        raise ValueError("data_parallel_size > 1 with tensor_parallel_size > 1 runs on CPU only")
-    if device.index is not None or torch.cuda.device_count() < n:
-        raise ValueError(
-            f"data_parallel_size={n} on CUDA takes GPUs 0..{n - 1} (device='cuda'); "
-            f"this machine has {torch.cuda.device_count()} and device={config.device!r}"
-        )
-    return [dataclasses.replace(one, device=f"cuda:{i}") for i in range(n)]
+def _placement(env: dict[str, str]) -> str:
+    """Where a replica runs, for the summary: its GPUs, or this process's devices."""
+    gpus = env.get("CUDA_VISIBLE_DEVICES")
+    if gpus is None:
+        return "this process's devices"
+    return f"GPU {gpus}" if "," not in gpus else f"GPUs {gpus}"
+
+
+def _sum_spec_stats(parts: list[SpecStats]) -> SpecStats:
+    total = SpecStats()
+    for part in parts:
+        total.draft_tokens += part.draft_tokens
+        total.accepted_tokens += part.accepted_tokens
+        total.num_proposals += part.num_proposals
+        positions = total.accepted_per_position
+        positions += [0] * max(0, len(part.accepted_per_position) - len(positions))
+        for i, count in enumerate(part.accepted_per_position):
+            positions[i] += count
+    return total
 
 
 def _replica_main(
-    config: EngineConfig, model_config: ModelConfig | None, conn: Connection, threads: int
-) -> None:
-    """A replica's life: load the engine, then take commands and step until closed."""
+    config: EngineConfig, model_config: ModelConfig | None, conn: Connection, threads: int,
+    env: dict[str, str],
+) -> None:  # fmt: skip
+    """A replica's life: load the engine, then take commands and step until closed. ``env``
+    (its ``CUDA_VISIBLE_DEVICES``) is set first: CUDA reads it when first used, later than the
+    imports that brought us here; its tensor-parallel workers inherit it."""
+    os.environ.update(env)
     # The parent decides when replicas stop (a Ctrl-C reaches the whole process group; the
     # parent then aborts its requests); they also exit when its end of the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -281,8 +352,18 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
                 engine.add_request(*message[1:])
             elif message[0] == "abort":
                 engine.abort_request(message[1])
+            elif message[0] == "query":
+                conn.send(("answer", _QUERIES[message[1]](engine)))
             elif message[0] == "close":
                 return
         outputs = engine.step()
         if outputs:
             conn.send(("outputs", outputs))
+
+
+# What the parent may ask a replica between two steps (DataParallelEngine._ask_all).
+_QUERIES: dict[str, Callable[[LLMEngine], Any]] = {
+    "reset_prefix_cache": LLMEngine.reset_prefix_cache,
+    "spec_stats": lambda engine: engine.spec_stats,
+    "stats": lambda engine: engine.stats,
+}

@@ -99,6 +99,11 @@ class PrefixRouter:
         if token_ids is not None:
             self._remember(done.replica, token_ids)
 
+    def reset_prefix_cache(self) -> None:
+        """The replicas forgot their cached prefixes: forget them here too (loads stay)."""
+        for cached in self.cached:
+            cached.clear()
+
     def matched_blocks(self, replica: int, prompt_token_ids: Sequence[int]) -> int:
         """How many leading full blocks of a prompt the router believes ``replica`` caches."""
         hashes = self._hashes(prompt_token_ids, (len(prompt_token_ids) - 1) // self.block_size)

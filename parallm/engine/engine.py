@@ -336,6 +336,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix that no request holds (vLLM's ``reset_prefix_cache``):
+        later prompts compute those blocks afresh."""
+        self.kv.reset_prefix_cache()
+
     def step(self) -> list[RequestOutput]:
         """Schedule, execute and post-process one step; returns outputs of progressed requests.
 

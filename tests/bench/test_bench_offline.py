@@ -74,3 +74,28 @@ def test_benchmarks_take_a_speculative_config(tiny_model_dir, tmp_path, capsys):
     for path in (lat, thr):
         row = json.loads(path.read_text())["results"][0]
         assert row["tokens_per_drafted_step"] >= 1.0
+
+
+def test_throughput_with_data_parallel_replicas_does_the_same_work(tiny_model_dir, tmp_path, capsys):
+    """`bench throughput -dp 2`: the same requests complete (the same tokens as one engine),
+    spread over both replicas, and the summary names them; no replica is left running."""
+    import multiprocessing
+
+    config = tiny_model_dir("qwen3") / "config.json"
+    common = ["bench", "throughput", "--config", str(config), "--device", "cpu",
+              "--num-requests", "8", "--min-len", "4", "--max-len", "12"]  # fmt: skip
+    one, two = tmp_path / "dp1.json", tmp_path / "dp2.json"
+    assert main([*common, "--out", str(one)]) == 0
+    assert main([*common, "--data-parallel-size", "2", "--out", str(two)]) == 0
+    assert multiprocessing.active_children() == []
+    (want,), result = json.loads(one.read_text())["results"], json.loads(two.read_text())
+    (row,) = result["results"]
+    assert row["requests"] == want["requests"] == 8
+    assert row["output_tokens"] == want["output_tokens"]
+    assert row["total_tokens_per_s"] > row["output_tokens_per_s"] > 0
+    assert row["data_parallel_size"] == 2
+    assert sum(row["requests_per_replica"]) == 8 and min(row["requests_per_replica"]) > 0
+    assert row["peak_gpu_mem_gib"] is None  # the replicas' memory is not this process's
+    assert re.match(r"data_parallel_size=2 \(replica 0: pid \d+ on .*; replica 1: pid \d+ ",
+                    result["summary"])  # fmt: skip
+    assert result["summary"] in capsys.readouterr().out

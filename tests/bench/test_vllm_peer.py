@@ -158,6 +158,7 @@ def test_missing_vllm_fails_before_the_engine_starts(monkeypatch, tmp_path, caps
     (["--quantization", "int8"], "--quantization int8"),
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "--speculative-config"),
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2"),
+    (["--data-parallel-size", "2"], "--data-parallel-size 2"),
 ])  # fmt: skip
 def test_flags_vllm_would_not_mirror_are_refused_first(
     flags, named, fake_vllm, monkeypatch, capsys

@@ -10,11 +10,13 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from process_checks import assert_children_exit_when_killed
 
 from parallm import LLM, SamplingParams
 from parallm.cli import build_parser
 from parallm.commands.engine_args import engine_kwargs
+from parallm.engine import replica_devices
 from parallm.engine.dp_router import PrefixRouter
 
 ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size": 16,
@@ -131,12 +133,145 @@ def test_data_parallel_size_must_be_a_positive_integer(tiny_model_dir, size):
     assert multiprocessing.active_children() == []
 
 
-def test_cli_flag_reaches_the_engine_and_bench_refuses_it():
+def test_cli_flag_reaches_the_engine_and_bench_latency_refuses_it():
     args = build_parser().parse_args(["generate", "--data-parallel-size", "2", "x"])
     assert engine_kwargs(args)["data_parallel_size"] == 2
     assert engine_kwargs(build_parser().parse_args(["generate", "x"]))["data_parallel_size"] == 1
-    assert engine_kwargs(build_parser().parse_args(["serve", "-dp", "2"]))["data_parallel_size"] == 2
+    assert (
+        engine_kwargs(build_parser().parse_args(["serve", "-dp", "2"]))["data_parallel_size"] == 2
+    )
+    args = build_parser().parse_args(["bench", "throughput", "-dp", "2"])
+    assert engine_kwargs(args)["data_parallel_size"] == 2
     args = build_parser().parse_args(["bench", "latency", "-dp", "2"])
-    with pytest.raises(ValueError, match=r"--data-parallel-size above 1 works with `parallm "
-                                         r"generate`, `parallm serve` .* got 2 for `parallm bench`"):  # fmt: skip
+    allowed = r"`parallm generate`, `parallm serve`, `parallm bench throughput`"
+    with pytest.raises(ValueError, match=rf"--data-parallel-size above 1 works with {allowed} "
+                                         r".* got 2 for `parallm bench latency`: .*no latency "
+                                         r"of N replicas"):  # fmt: skip
         engine_kwargs(args)
+    args = build_parser().parse_args(["bench", "throughput", "-dp", "2", "--compare-hf"])
+    with pytest.raises(ValueError, match=r"--compare-hf runs transformers on one device"):
+        engine_kwargs(args)
+
+
+def test_every_replica_resets_its_prefix_cache_and_the_router_forgets(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
+    try:
+        prompts = _prompts(llm.engine.model_config.vocab_size)
+        llm.generate(prompts, ONE_SAMPLE, use_tqdm=False)
+        cached = [s["num_cached_blocks"] for s in llm.engine.replica_stats()]
+        assert all(n > 0 for n in cached), cached  # both replicas served and cached
+        assert all(llm.engine.router.cached)
+        llm.reset_prefix_cache()
+        assert [s["num_cached_blocks"] for s in llm.engine.replica_stats()] == [0, 0]
+        assert not any(llm.engine.router.cached)
+        assert sum(llm.engine.num_requests_routed) == len(prompts)
+        # Still serving, with the same outputs.
+        again = llm.generate(prompts[:2], ONE_SAMPLE, use_tqdm=False)
+        assert len(again) == 2 and all(len(o.outputs[0].token_ids) == 10 for o in again)
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_outputs_that_arrive_while_replicas_answer_reach_the_next_step(tiny_model_dir):
+    """A query answered mid-run (stats) keeps the outputs read before its answer for step()."""
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
+    engine = llm.engine
+    try:
+        prompts = _prompts(engine.model_config.vocab_size)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, ONE_SAMPLE)
+        finished = {}
+        while engine.has_unfinished_requests():
+            engine.replica_stats()  # between steps: outputs may come before the answers
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        assert sorted(finished, key=int) == [str(i) for i in range(len(prompts))]
+        assert all(len(o.outputs[0].token_ids) == 10 for o in finished.values())
+    finally:
+        llm.close()
+
+
+def test_replica_spec_stats_are_summed(tiny_model_dir):
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, speculative_config=spec,
+              **ENGINE)  # fmt: skip
+    try:
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        llm.generate([[5, 17, 42, 99] * 6, [7, 3, 8, 1, 2] * 5], params, use_tqdm=False)
+        total = llm.engine.spec_stats
+        parts = llm.engine._ask_all("spec_stats")
+    finally:
+        llm.close()
+    assert all(p.num_proposals > 0 for p in parts)  # both replicas drafted
+    assert total.num_proposals == sum(p.num_proposals for p in parts)
+    assert total.draft_tokens == sum(p.draft_tokens for p in parts)
+    assert total.accepted_tokens == sum(p.accepted_tokens for p in parts)
+    width = max(len(p.accepted_per_position) for p in parts)
+    assert total.accepted_per_position == [
+        sum(p.accepted_per_position[i] for p in parts if i < len(p.accepted_per_position))
+        for i in range(width)
+    ]
+
+
+def test_more_replicas_than_gpus_fails_before_any_replica_starts(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(replica_devices, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    engine = {**ENGINE, "device": "auto"}
+    with pytest.raises(ValueError, match=r"data_parallel_size=3 x tensor_parallel_size=1 needs 3 "
+                                         r"GPUs; this process sees 2 .*must be at most 2 here"):  # fmt: skip
+        LLM(str(tiny_model_dir("llama3")), data_parallel_size=3, **engine)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"needs 2 GPUs; this process sees 1"):
+        LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **engine)
+    assert multiprocessing.active_children() == []
+
+
+def test_on_the_cpu_any_number_of_replicas_works(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=3, **ENGINE)
+    try:
+        assert "data_parallel_size=3 (replica 0: pid" in llm.engine.summary()
+        assert "replica 2: pid" in llm.engine.summary()
+        outs = llm.generate(_prompts(llm.engine.model_config.vocab_size), ONE_SAMPLE,
+                            use_tqdm=False)  # fmt: skip
+    finally:
+        llm.close()
+    assert len(outs) == 6 and all(len(o.outputs[0].token_ids) == 10 for o in outs)
+
+
+def test_the_summary_names_each_replicas_gpus():
+    """(Which GPUs replica i sees: tests/server/test_data_parallel_serve_routing.py.)"""
+    from parallm.engine.data_parallel import _placement
+
+    assert _placement({"CUDA_VISIBLE_DEVICES": "2"}) == "GPU 2"
+    assert _placement({"CUDA_VISIBLE_DEVICES": "2,3"}) == "GPUs 2,3"
+    assert _placement({}) == "this process's devices"
+
+
+@pytest.mark.gpu
+def test_replicas_use_one_gpu_each(tiny_model_dir):
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip("needs 2 or more GPUs")
+    path = str(tiny_model_dir("llama3"))
+    engine = {"device": "cuda", "dtype": "float32", "max_model_len": 128,
+              "gpu_memory_utilization": 0.5}  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 17, 42, 99, 7] * 4, [3, 11, 29] * 5, [8, 4, 2]] * n
+    llm = LLM(path, data_parallel_size=n, **engine)
+    try:
+        assert all(f"replica {i}: pid" in llm.engine.summary() for i in range(n))
+        assert f"replica {n - 1}: pid {llm.engine.replicas[-1].pid} on GPU {n - 1}" in (
+            llm.engine.summary()
+        )
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        # Each replica's KV cache takes about half of its own GPU (this process holds none).
+        for gpu in range(n):
+            free, total = torch.cuda.mem_get_info(gpu)
+            assert free < 0.7 * total, (gpu, free, total)
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+    one = LLM(path, **engine)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    assert got == want

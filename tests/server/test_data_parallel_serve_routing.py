@@ -18,6 +18,7 @@ import torch
 from parallm.cli import build_parser
 from parallm.cli import main as cli_main
 from parallm.commands.engine_args import engine_kwargs
+from parallm.engine import replica_devices
 from parallm.engine.core import replicas
 from parallm.engine.core.client import EngineCoreError, EngineView
 from parallm.engine.core.messages import (
@@ -181,7 +182,7 @@ def test_serve_takes_the_data_parallel_flag_and_refuses_it_without_core_processe
 ) -> None:
     args = build_parser().parse_args(["serve", "-dp", "2", "x"])
     assert engine_kwargs(args)["data_parallel_size"] == 2
-    with pytest.raises(ValueError, match=r"got 2 for `parallm bench`"):
+    with pytest.raises(ValueError, match=r"got 2 for `parallm bench latency`"):
         engine_kwargs(build_parser().parse_args(["bench", "latency", "-dp", "2"]))
     assert cli_main(["serve", "-dp", "2", "--disable-frontend-multiprocessing"]) == 2
     assert "--data-parallel-size above 1 runs one engine-core process per replica" in (
@@ -222,7 +223,7 @@ def test_data_parallel_serving_refuses_a_tensor_parallel_torchrun_job(monkeypatc
 
 def test_each_replica_sees_its_own_gpus(monkeypatch) -> None:
     """On CUDA replica i sees GPUs [i * tp, (i + 1) * tp) of this process's visible ones."""
-    monkeypatch.setattr(replicas, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(replica_devices, "resolve_device", lambda device: torch.device(device))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     envs = replicas.replica_environments("cuda", 2, 2)

@@ -3,9 +3,8 @@
 ``start_engine_cores`` starts one ``EngineCoreClient`` per replica (``data_parallel_size``),
 each an engine of ``tensor_parallel_size`` ranks, and waits until every one has loaded. On
 CUDA, replica i sees only GPUs ``[i * tp, (i + 1) * tp)`` of this process's visible ones
-(``CUDA_VISIBLE_DEVICES``, as vLLM hands each data-parallel engine its devices), so that inside
-it the engine and its tensor-parallel workers use ``cuda:0 .. cuda:tp-1`` as usual. If any
-replica fails to start, the others are stopped and its error, naming it, is raised.
+(``replica_devices.replica_environments``). If any replica fails to start, the others are
+stopped and its error, naming it, is raised.
 """
 
 from __future__ import annotations
@@ -15,38 +14,9 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
-import torch
-
-from parallm.config import resolve_device
 from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.executor import torchrun_env
-
-
-def replica_environments(
-    device: str, data_parallel_size: int, tensor_parallel_size: int
-) -> list[dict[str, str]]:
-    """Per replica, the environment variables that give it its own GPUs (none on CPU, or
-    with one replica, which keeps this process's devices)."""
-    n, tp = data_parallel_size, tensor_parallel_size
-    resolved = resolve_device(device)
-    if n == 1 or resolved.type != "cuda":
-        return [{} for _ in range(n)]
-    if resolved.index is not None:
-        raise ValueError(
-            f"data_parallel_size={n} gives each replica its own GPUs, so device must be 'cuda' "
-            f"or 'auto', got device={device!r}"
-        )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
-    else:
-        gpus = [g.strip() for g in visible.split(",") if g.strip()]
-    if len(gpus) < n * tp:
-        raise ValueError(
-            f"data_parallel_size={n} x tensor_parallel_size={tp} needs {n * tp} GPUs; "
-            f"this process sees {len(gpus)}"
-        )
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp : (i + 1) * tp])} for i in range(n)]
+from parallm.engine.replica_devices import replica_environments
 
 
 def start_engine_cores(
