@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,29 +119,44 @@ time.sleep(600)
 """
 
 
-def test_the_core_exits_when_its_client_process_dies(model: str) -> None:
+@contextmanager
+def _client_process(*args: str) -> Iterator[tuple[subprocess.Popen, int, str]]:
+    """Runs a client script (``python *args``) that prints its core's pid and socket folder;
+    yields the client's process, the core's pid and the folder. At the end the client is
+    killed, and so is the core if it is still there (the test failed: leave nothing behind)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _ORPHAN_SCRIPT, model], stdout=subprocess.PIPE, text=True,
+        [sys.executable, *args], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     core_pid = None
     try:
         pid_text, folder = proc.stdout.readline().split()
         core_pid = int(pid_text)
-        assert not process_gone(core_pid, timeout_s=0.5)
-        proc.kill()  # SIGKILL: no clean-up runs in the client
-        proc.wait()
-        assert process_gone(core_pid)
-        deadline = time.monotonic() + 10
-        while Path(folder).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(folder).exists()  # the core removed the sockets' folder
+        yield proc, core_pid, folder
     finally:
         proc.kill()
         proc.wait()
         if core_pid is not None and not process_gone(core_pid, timeout_s=0):
-            os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
+            os.kill(core_pid, signal.SIGKILL)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether ``predicate`` holds within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_the_core_exits_when_its_client_process_dies(model: str) -> None:
+    with _client_process("-c", _ORPHAN_SCRIPT, model) as (proc, core_pid, folder):
+        assert not process_gone(core_pid, timeout_s=0.5)
+        proc.kill()  # SIGKILL: no clean-up runs in the client
+        proc.wait()
+        assert process_gone(core_pid)
+        # The core removed the sockets' folder.
+        assert _wait_until(lambda: not Path(folder).exists(), timeout_s=10)
 
 
 _LOADING_SCRIPT = """
@@ -163,28 +180,12 @@ def test_the_core_stops_loading_when_its_client_process_dies(tmp_path: Path) -> 
     os.mkfifo(model / "config.json")
     script = tmp_path / "client.py"
     script.write_text(_LOADING_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(model)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    core_pid = None
-    try:
-        pid_text, folder = proc.stdout.readline().split()
-        core_pid = int(pid_text)
-        deadline = time.monotonic() + 60
-        while not _blocked_opening_a_fifo(core_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _blocked_opening_a_fifo(core_pid)  # loading
+    with _client_process(str(script), str(model)) as (proc, core_pid, folder):
+        assert _wait_until(lambda: _blocked_opening_a_fifo(core_pid), timeout_s=60)  # loading
         proc.kill()
         proc.wait()
         assert process_gone(core_pid)
         assert not Path(folder).exists()
-    finally:
-        proc.kill()
-        proc.wait()
-        if core_pid is not None and not process_gone(core_pid, timeout_s=0):
-            os.kill(core_pid, signal.SIGKILL)  # the test failed: leave nothing behind
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _blocked_opening_a_fifo(pid: int) -> bool:
