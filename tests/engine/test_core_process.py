@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from server_support import descendants, process_gone, tiny_model_path
+from slow_teardown import engine_with_slow_teardown
 
 from parallm.engine.core.client import EngineCoreClient, EngineCoreError
 from parallm.engine.core.messages import AddRequests, CoreOutputs, CoreRequest
@@ -204,3 +205,22 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except FileNotFoundError:
         return ""
+
+
+def test_a_stopped_core_exits_once_its_cleanup_is_done(model: str, caplog) -> None:
+    """After Shutdown the core closes its engine and sockets and exits with 0 at once; the
+    interpreter's teardown of what the engine left in the process is not waited for (the
+    client would kill the core after its timeout, with a warning)."""
+    client = EngineCoreClient(
+        {"model": model, **ENGINE_KWARGS}, num_threads=1, engine_factory=engine_with_slow_teardown
+    )
+    got = Collector()
+    client.start(got.on_outputs, got.on_death)
+    _add(client, "r", max_tokens=3)
+    got.wait(lambda: any(out.finished for out in got.outputs))
+    folder = Path(client._dir)
+    with caplog.at_level("WARNING", logger="parallm.engine.core"):
+        client.stop()
+    assert client.process.exitcode == 0  # not killed (-9)
+    assert "did not stop" not in caplog.text
+    assert not folder.exists() and got.deaths == [] and client.failure is None

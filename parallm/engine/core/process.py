@@ -12,9 +12,12 @@ its tensor-parallel workers then exit as their pipe to it closes.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import shutil
@@ -83,9 +86,25 @@ def run_engine_core(
         ctx.term()
         # The API process removes the folder when it stops us; if it died, nobody else will.
         shutil.rmtree(ipc_dir, ignore_errors=True)
-    # A normal exit runs multiprocessing's finalizers, which release the semaphores that
-    # libraries made here (tqdm's lock); os._exit would leave them to the resource tracker.
-    sys.exit(code)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit once the core's own cleanup is done: its engine closed (tensor-parallel workers
+    and process group), the last message sent, its sockets and folder gone.
+
+    The interpreter's normal exit would then free every object left one by one (the engine's
+    model, KV cache, CUDA graphs and kernels, torch's CUDA state) and collect the whole heap,
+    which on a GPU can outlast the client's stop timeout; the operating system reclaims all
+    of that at once. multiprocessing's finalizers still run first: they release the
+    semaphores libraries made here (tqdm's lock), which would otherwise be reported as leaked
+    by the resource tracker.
+    """
+    multiprocessing.util._exit_function()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _serve(
@@ -112,6 +131,10 @@ def _serve(
         return 1
     finally:
         loaded()
+    # What is loaded lives as long as the process: later full collections need not walk it
+    # (vLLM freezes its engine core's start-up heap too).
+    gc.collect()
+    gc.freeze()
     try:
         tokenizer = pickle.dumps(engine.tokenizer) if engine.tokenizer is not None else None
         send(Ready(engine_info(engine), tokenizer, os.getpid()))
