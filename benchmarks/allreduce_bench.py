@@ -34,6 +34,8 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from parallm.bench.common import cuda_ms_per_call  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -60,13 +62,7 @@ def time_us(fn: Callable[[], None], iters: int, repeats: int) -> float:
     rounds = []
     for _ in range(repeats):
         dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        rounds.append(start.elapsed_time(end) * 1e3 / iters)
+        rounds.append(cuda_ms_per_call(fn, iters) * 1e3)
     return statistics.median(rounds)
 
 

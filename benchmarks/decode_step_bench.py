@@ -25,19 +25,14 @@ import numpy as np
 import torch
 
 from parallm import LLM
+from parallm.bench.common import cuda_ms_per_call
 from parallm.engine import one_row_step
 from parallm.kernels import pdl
 
 
 def _events_ms(fn, iters: int) -> float:
     fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return cuda_ms_per_call(fn, iters)
 
 
 def _decode_inputs(batch: int, context: int, block_size: int) -> tuple[np.ndarray, ...]:

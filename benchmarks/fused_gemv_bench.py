@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parallm.bench.common import cuda_ms_per_call  # noqa: E402
 from parallm.kernels import pdl  # noqa: E402
 from parallm.kernels.elementwise import fused_add_rms_norm, silu_and_mul  # noqa: E402
 from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
@@ -69,13 +70,7 @@ def time_per_call(calls: list[Callable[[], object]], reps: int = 20) -> float:
         for call in calls:
             call()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / len(calls)
+    return cuda_ms_per_call(graph.replay, reps) * 1e3 / len(calls)
 
 
 def bench_shape(name: str, n: int, k: int, kind: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import gc
 import pstats
 import time
@@ -20,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from parallm import LLM, SamplingParams
+from parallm.bench.common import cuda_ms_per_call
 
 
 def _make_llm(args: argparse.Namespace, eager: bool) -> LLM:
@@ -44,14 +46,9 @@ def graph_and_host(args: argparse.Namespace) -> None:
     llm.generate(_prompts(args, 11), params, use_tqdm=False)
     graphs = llm.engine.runner.graphs
     size = graphs.padded_size(args.batch)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        graphs.replay(size)
-    end.record()
-    end.synchronize()
+    ms = cuda_ms_per_call(functools.partial(graphs.replay, size), 100)
     graphs.forget_inputs()  # the replays moved the inputs on: the next step copies them
-    print(f"graph replay alone (batch {args.batch}): {start.elapsed_time(end) / 100:.3f} ms")
+    print(f"graph replay alone (batch {args.batch}): {ms:.3f} ms")
     t = time.perf_counter()
     llm.generate(_prompts(args, 12), params, use_tqdm=False)
     print(f"generate: {(time.perf_counter() - t) / args.steps * 1e3:.3f} ms per step (unprofiled)")

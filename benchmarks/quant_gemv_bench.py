@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parallm.bench.common import cuda_ms_per_call  # noqa: E402
 from parallm.kernels.gemv import gemv, rms_norm_gemv, silu_mul_gemv  # noqa: E402
 from parallm.layers.quantization import WEIGHT_FORMATS  # noqa: E402
 
@@ -78,15 +79,8 @@ def time_us(fn: Callable[..., torch.Tensor], weights: list, tile: dict) -> float
     with torch.cuda.graph(graph):
         for w, s in weights:
             fn(w, s, **tile)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
-    start.record()
-    reps = 20
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(weights))
+    return cuda_ms_per_call(graph.replay, 20) * 1e3 / len(weights)
 
 
 def bench(model: str, sweep: bool) -> list[dict]:

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ def copy_bandwidth_gbps(
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def cuda_ms_per_call(fn: Callable[[], object], iters: int) -> float:
+    """Device milliseconds per call of ``fn`` over ``iters`` calls launched back to back,
+    timed with CUDA events on the current stream (no host sync between the calls)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:

@@ -13,6 +13,7 @@ import torch
 from parallm.bench import vllm_peer
 from parallm.bench.common import (
     copy_bandwidth_gbps,
+    cuda_ms_per_call,
     environment,
     print_table,
     random_prompts,
@@ -93,14 +94,9 @@ def graph_replay_ms(llm: Any, batch: int, iters: int = 50) -> float | None:
     if size is None:
         return None
     graphs.replay(size)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graphs.replay(size)
-    end.record()
-    end.synchronize()
+    ms = cuda_ms_per_call(lambda: graphs.replay(size), iters)
     graphs.forget_inputs()  # the replays moved the inputs on: the next step copies them
-    return start.elapsed_time(end) / iters
+    return ms
 
 
 def run_prompts(batch: int, input_len: int, vocab: int, run: int) -> list[list[int]]:
