@@ -118,6 +118,17 @@ for _ in range(180):
               --out "$OUT/throughput_llama8b_$name.json" > "$OUT/throughput_llama8b_$name.log" 2>&1
           tail -4 "$OUT/throughput_llama8b_$name.log"
         done ;;
+    dp) # issue 18: offline throughput of the Llama-3.1-8B shape, the same 256 requests on one
+        # engine (-dp 1) and on one replica per GPU of this machine (-dp N); N=1 runs -dp 1 only
+        n=$(nvidia-smi -L | wc -l)
+        sizes=(1); (( n > 1 )) && sizes+=("$n")
+        for dp in "${sizes[@]}"; do
+          python3 -m parallm.cli bench throughput --config benchmarks/configs/llama-3.1-8b.json \
+              --max-model-len 4096 --data-parallel-size "$dp" \
+              --out "$OUT/throughput_llama8b_dp$dp.json" > "$OUT/throughput_llama8b_dp$dp.log" 2>&1
+          grep -m1 "^data_parallel_size\|^parallm:" "$OUT/throughput_llama8b_dp$dp.log" | cut -c1-300
+          tail -3 "$OUT/throughput_llama8b_dp$dp.log"
+        done ;;
     allreduce) # NCCL against symmetric memory's one-shot all-reduce at decode sizes, all GPUs
                n=$(nvidia-smi -L | wc -l)
                torchrun --standalone --nproc-per-node "$n" benchmarks/allreduce_bench.py \
