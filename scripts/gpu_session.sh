@@ -102,6 +102,16 @@ for _ in range(180):
                cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
     specreal) python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
+    quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and
+                  # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
+                  python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \
+                    > "$OUT/quant_quality.log" 2>&1; tail -10 "$OUT/quant_quality.log"
+                  if [[ -f runs/code-model-150m/hf/config.json ]]; then
+                    python3 benchmarks/quant_quality.py --model runs/code-model-150m/hf --corpus python \
+                      --val-fraction 0.01 --seq-len 1024 --max-windows 256 \
+                      --out "$OUT/quant_quality_150m.json" > "$OUT/quant_quality_150m.log" 2>&1
+                    tail -10 "$OUT/quant_quality_150m.log"
+                  fi ;;
     tp) # issue 18: Llama-3.1-8B shape at TP=1 (CUDA graphs, then eager: what graphs alone give)
         # and TP=N (N = this machine's GPUs), with graphs and, should those fail, eager
         n=$(nvidia-smi -L | wc -l)
