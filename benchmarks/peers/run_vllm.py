@@ -129,34 +129,33 @@ def run_logged(name: str, cmd: list[str], args: argparse.Namespace) -> bool:
     return code == 0
 
 
+def run_bench(
+    args: argparse.Namespace, name: str, model: str, *flags: str, plot: bool = True
+) -> bool:
+    """``parallm bench <flags> --compare-vllm`` on the model's config and context limit,
+    logged as ``<name>_<model>``, its JSON (and plot) in the work folder."""
+    stem = args.work / f"{name}_{model}"
+    plotting = ("--plot", f"{stem}.png") if plot else ()
+    return run_logged(f"{name}_{model}", parallm_cli(
+        "bench", *flags, "--config", str(CONFIGS / f"{model}.json"),
+        "--max-model-len", str(args.max_model_len), "--compare-vllm",
+        "--out", f"{stem}.json", *plotting,
+    ), args)  # fmt: skip
+
+
 def step_smoke(args: argparse.Namespace, model: str) -> bool:
     """A small run of both engines: does vLLM start and generate here at all."""
-    return run_logged(f"smoke_{model}", parallm_cli(
-        "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
-        "--max-model-len", str(args.max_model_len), "--num-requests", "32", "--min-len", "32",
-        "--max-len", "128", "--compare-vllm", "--vllm-configs", "stock",
-        "--out", str(args.work / f"smoke_{model}.json"),
-    ), args)  # fmt: skip
+    return run_bench(args, "smoke", model, "throughput", "--num-requests", "32", "--min-len",
+                     "32", "--max-len", "128", "--vllm-configs", "stock", plot=False)  # fmt: skip
 
 
 def step_offline(args: argparse.Namespace, model: str) -> bool:
-    return run_logged(f"throughput_{model}", parallm_cli(
-        "bench", "throughput", "--config", str(CONFIGS / f"{model}.json"),
-        "--max-model-len", str(args.max_model_len), "--compare-vllm",
-        "--vllm-configs", args.vllm_configs,
-        "--out", str(args.work / f"throughput_{model}.json"),
-        "--plot", str(args.work / f"throughput_{model}.png"),
-    ), args)  # fmt: skip
+    return run_bench(args, "throughput", model, "throughput", "--vllm-configs", args.vllm_configs)
 
 
 def step_latency(args: argparse.Namespace, model: str) -> bool:
-    return run_logged(f"latency_{model}", parallm_cli(
-        "bench", "latency", "--config", str(CONFIGS / f"{model}.json"),
-        "--max-model-len", str(args.max_model_len), "--batch-sizes", args.batch_sizes,
-        "--compare-vllm", "--vllm-configs", "stock",
-        "--out", str(args.work / f"latency_{model}.json"),
-        "--plot", str(args.work / f"latency_{model}.png"),
-    ), args)  # fmt: skip
+    return run_bench(args, "latency", model, "latency", "--batch-sizes", args.batch_sizes,
+                     "--vllm-configs", "stock")  # fmt: skip
 
 
 def step_serve(args: argparse.Namespace, model: str) -> bool:
