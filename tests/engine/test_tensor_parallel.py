@@ -157,7 +157,12 @@ def test_tensor_parallel_size_must_be_a_positive_integer(tiny_model_dir, size):
 
 
 def test_a_killed_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama3")), tensor_parallel_size=2, **ENGINE)
+    check_killed_worker_fails_the_engine(str(tiny_model_dir("llama3")), ENGINE)
+
+
+def check_killed_worker_fails_the_engine(model: str, engine: dict) -> None:
+    """Also the GPU test's body (test_tensor_parallel_gpu.py)."""
+    llm = LLM(model, tensor_parallel_size=2, **engine)
     try:
         (worker,) = multiprocessing.active_children()
         prompt = [5, 17, 42, 99, 7]

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_tensor_parallel import check_abandoned_step_stops_the_engine, run_rounds
+from test_tensor_parallel import (
+    check_abandoned_step_stops_the_engine,
+    check_killed_worker_fails_the_engine,
+    run_rounds,
+)
 
 from parallm import LLM, SamplingParams
 from parallm.cli import main
@@ -115,21 +118,7 @@ def test_each_rank_plans_its_own_card_and_the_fewest_blocks_win(tiny_model_dir):
 @pytest.mark.gpu
 @needs_two_gpus
 def test_a_killed_gpu_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama3", head_dim=64)), tensor_parallel_size=2, **ENGINE)
-    try:
-        (worker,) = multiprocessing.active_children()
-        prompt = [5, 17, 42, 99, 7]
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        assert len(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(30)
-        message = r"tensor-parallel worker rank 1 \(pid \d+\) exited with code -9"
-        with pytest.raises(RuntimeError, match=message):
-            llm.generate([prompt], params, use_tqdm=False)
-        assert not dist.is_initialized()
-    finally:
-        llm.close()
-    assert multiprocessing.active_children() == []
+    check_killed_worker_fails_the_engine(str(tiny_model_dir("llama3", head_dim=64)), ENGINE)
 
 
 @pytest.mark.gpu
