@@ -43,6 +43,16 @@ def copied_run(tmp_path: Path, dataset: Path, source: Path, *overrides: str) -> 
     return cfg
 
 
+@pytest.fixture
+def run_copy(tmp_path: Path, dataset_dir: Path, source_run: Path) -> TrainConfig:  # noqa: F811
+    """``copied_run`` with the base settings: checkpoints at steps 2 and 4."""
+    return copied_run(tmp_path, dataset_dir, source_run)
+
+
+def checkpoint(cfg: TrainConfig, step: int) -> Path:
+    return cfg.checkpoint_dir / f"step-{step:08d}"
+
+
 def largest_shard(checkpoint: Path) -> Path:
     return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
@@ -114,20 +124,19 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_newest_checkpoint_resumes_from_previous(
     tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
     source_run: Path,
+    run_copy: TrainConfig,
     damage: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cfg = copied_run(tmp_path, dataset_dir, source_run)
-    newest = cfg.checkpoint_dir / "step-00000004"
+    cfg, newest = run_copy, checkpoint(run_copy, 4)
     apply, expected = DAMAGES[damage]
     apply(newest)
     with pytest.raises(CheckpointError, match=expected):
         verify_checkpoint(newest)
     caplog.set_level(logging.WARNING)
     with Trainer(cfg) as trainer:
-        assert trainer.resumed_from == cfg.checkpoint_dir / "step-00000002"
+        assert trainer.resumed_from == checkpoint(cfg, 2)
         assert trainer.step == 2
         (warning,) = warnings_naming(caplog, newest)
         assert expected in warning and "\n" not in warning
@@ -141,14 +150,10 @@ def test_damaged_newest_checkpoint_resumes_from_previous(
 
 
 def test_checkpoint_without_manifest_loads_unverified(
-    tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
-    source_run: Path,
-    caplog: pytest.LogCaptureFixture,
+    run_copy: TrainConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Checkpoints written before manifests existed still load, with a warning."""
-    cfg = copied_run(tmp_path, dataset_dir, source_run)
-    newest = cfg.checkpoint_dir / "step-00000004"
+    cfg, newest = run_copy, checkpoint(run_copy, 4)
     drop_manifest(newest)
     assert verify_checkpoint(newest) is False
     caplog.set_level(logging.WARNING)
@@ -159,42 +164,34 @@ def test_checkpoint_without_manifest_loads_unverified(
 
 
 def test_unverifiable_checkpoint_with_nan_bytes_is_skipped(
-    tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
-    source_run: Path,
-    caplog: pytest.LogCaptureFixture,
+    run_copy: TrainConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The issue's run: an old checkpoint overwritten with 0xFF (NaN as float32) loaded silently
     and trained on NaN. Without a manifest, loading still checks every value is finite."""
-    cfg = copied_run(tmp_path, dataset_dir, source_run)
-    newest = cfg.checkpoint_dir / "step-00000004"
+    cfg, newest = run_copy, checkpoint(run_copy, 4)
     drop_manifest(newest)
     overwrite_middle(largest_shard(newest), b"\xff" * 4096)
     caplog.set_level(logging.WARNING)
     with Trainer(cfg) as trainer:
-        assert trainer.resumed_from == cfg.checkpoint_dir / "step-00000002"
+        assert trainer.resumed_from == checkpoint(cfg, 2)
         assert any("skipping it" in w for w in warnings_naming(caplog, newest))
 
 
 def test_every_checkpoint_damaged_exits_nonzero_naming_them(
-    tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
-    source_run: Path,
-    capsys: pytest.CaptureFixture,
+    tmp_path: Path, run_copy: TrainConfig, capsys: pytest.CaptureFixture
 ) -> None:
     from parallm.cli import main
 
-    cfg = copied_run(tmp_path, dataset_dir, source_run)
-    overwrite_middle(largest_shard(cfg.checkpoint_dir / "step-00000004"), b"\0" * 4096)
-    truncate(cfg.checkpoint_dir / "step-00000002" / ".metadata")
+    overwrite_middle(largest_shard(checkpoint(run_copy, 4)), b"\0" * 4096)
+    truncate(checkpoint(run_copy, 2) / ".metadata")
     capsys.readouterr()
     args = ["train", "--config", str(tmp_path / "run.toml"), *(f"--set={o}" for o in BASE)]
     assert main(args) != 0
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "parallm train: error" in x]  # one paragraph
     assert "no intact checkpoint" in line
-    assert str(cfg.checkpoint_dir / "step-00000004") in line and "does not match" in line
-    assert str(cfg.checkpoint_dir / "step-00000002") in line and ".metadata has" in line
+    assert str(checkpoint(run_copy, 4)) in line and "does not match" in line
+    assert str(checkpoint(run_copy, 2)) in line and ".metadata has" in line
     assert "Traceback" not in err
 
 
@@ -278,10 +275,10 @@ def test_rollback_reloads_and_skips_the_bad_batch(
     steps = [m["step"] for m in history]
     assert steps == [1, 2, 3, 3, 4, 5]  # step 3 went NaN, rolled back to step 2, went on
     assert math.isnan(history[2]["loss"]) and all(math.isfinite(m["loss"]) for m in history[3:])
-    state = json.loads((cfg.checkpoint_dir / "step-00000005" / TRAIN_STATE).read_text())
+    state = json.loads((checkpoint(cfg, 5) / TRAIN_STATE).read_text())
     assert state["skipped_batches"] == [16]
     assert state["dataloader"]["samples_seen"] == 6 * 8  # five batches trained, one skipped
-    assert checkpoint_is_finite(cfg.checkpoint_dir / "step-00000005")
+    assert checkpoint_is_finite(checkpoint(cfg, 5))
 
 
 def test_rollback_gives_up_when_every_batch_goes_nonfinite(
@@ -331,7 +328,7 @@ def test_keep_never_deletes_the_newest_intact_checkpoint(
         "checkpoint.every=1",
         "checkpoint.keep=1",
     )
-    truncate(largest_shard(cfg.checkpoint_dir / "step-00000004"))
+    truncate(largest_shard(checkpoint(cfg, 4)))
     with Trainer(cfg) as trainer:
         assert trainer.step == 2
         trainer.train()
@@ -341,18 +338,14 @@ def test_keep_never_deletes_the_newest_intact_checkpoint(
 
 
 def test_export_verifies_the_checkpoint(
-    tmp_path: Path,
-    dataset_dir: Path,  # noqa: F811
-    source_run: Path,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, run_copy: TrainConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     from parallm.train.export import export_checkpoint
 
-    cfg = copied_run(tmp_path, dataset_dir, source_run)
-    newest = cfg.checkpoint_dir / "step-00000004"
+    newest = checkpoint(run_copy, 4)
     overwrite_middle(largest_shard(newest), b"\0" * 4096)
     with pytest.raises(ValueError, match=f"checkpoint {newest} is damaged"):
         export_checkpoint(newest, tmp_path / "out")
     caplog.set_level(logging.WARNING)
-    assert export_checkpoint(cfg.checkpoint_dir, tmp_path / "out").name == "step-00000002"
+    assert export_checkpoint(run_copy.checkpoint_dir, tmp_path / "out").name == "step-00000002"
     assert warnings_naming(caplog, newest)
