@@ -2,11 +2,11 @@
 
 The engine core (``parallm/engine/core``) runs the step loop, by default in its own process
 (``EngineCoreClient``), or on a thread of this process (``InProcessCore``, for an engine built
-here). This module owns what belongs to HTTP requests: admission control, one asyncio queue per
-request, metrics. Handlers submit through ``submit``; outputs (deltas: every request is added
-with ``stream=True``) arrive once per step on the core's delivery thread, which hands them to
-each event loop with one ``call_soon_threadsafe`` per loop per step, so the event loop never
-waits for the engine.
+here). This module owns what belongs to HTTP requests: admission control, one ``RequestStream``
+per HTTP request (deltas its consumer has not taken yet merged), metrics. Handlers submit
+through ``submit``; outputs (deltas: every request is added with ``stream=True``) arrive once
+per step on the core's delivery thread, which hands them to each event loop with one
+``call_soon_threadsafe`` per loop per step, so the event loop never waits for the engine.
 
 Data parallelism: given several engine-core clients (``parallm serve --data-parallel-size N``),
 each new engine request goes to the replica that the ``PrefixRouter`` picks (the longest prefix
@@ -55,6 +55,7 @@ from parallm.engine.dp_router import PrefixRouter
 from parallm.engine.engine import LLMEngine
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
+from parallm.server.coalesce import merge_delta
 from parallm.server.metrics import EngineSnapshot, ServerMetrics
 
 logger = logging.getLogger("parallm.server")
@@ -92,25 +93,39 @@ class EngineRequest:
 class RequestStream:
     """Outputs of the engine requests behind one HTTP request, consumed with ``async for``.
 
-    Always ``close()`` it (a ``finally`` does): that aborts whatever has not finished, which is
-    how a client that went away gets its KV blocks back.
+    Each iteration yields what is new of one engine request since the consumer last took it:
+    deltas that arrived while it was busy (a slow client, a busy event loop) are merged into
+    one (``coalesce.merge_delta``), so a lagging stream costs one chunk per catch-up, not one
+    per engine step. Always ``close()`` it (a ``finally`` does): that aborts whatever has not
+    finished, which is how a client that went away gets its KV blocks back.
     """
 
     def __init__(self, engine: AsyncEngine, loop: asyncio.AbstractEventLoop, ids: list[str]):
         self.request_ids = ids
         self._engine = engine
         self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | RequestFailed] = asyncio.Queue()
+        # Merged deltas not taken yet, by engine request, in the order they first came.
+        self._pending: dict[str, RequestOutput] = {}
+        self._failure: RequestFailed | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._unfinished = set(ids)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while self._unfinished:
-            item = await self._queue.get()
-            if isinstance(item, RequestFailed):
-                raise item
-            if item.finished:
-                self._unfinished.discard(item.request_id)
-            yield item
+            if not self._pending:
+                if self._failure is not None:
+                    raise self._failure
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            request_id = next(iter(self._pending))
+            out = self._pending.pop(request_id)
+            if out.finished:
+                self._unfinished.discard(request_id)
+            yield out
 
     def close(self) -> None:
         """Abort the engine requests that have not finished (idempotent)."""
@@ -119,7 +134,17 @@ class RequestStream:
             self._unfinished.clear()
 
     def _put(self, item: RequestOutput | RequestFailed) -> None:
-        self._queue.put_nowait(item)
+        """Take one delivery (on the event loop): merged into what is pending."""
+        if isinstance(item, RequestFailed):
+            self._failure = self._failure or item
+        else:
+            pending = self._pending.get(item.request_id)
+            if pending is None:
+                self._pending[item.request_id] = item
+            else:
+                merge_delta(pending, item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 @dataclass
@@ -355,6 +380,7 @@ class AsyncEngine:
                     m.aborted.inc()
                 deliveries.append((tracked.stream, _with_prompt(out, tracked.request)))
         now = time.monotonic()
+        num_generated = 0
         for out in batch.outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
@@ -363,7 +389,7 @@ class AsyncEngine:
                 continue
             _with_prompt(out, tracked.request)
             try:
-                self._account(tracked, out, now)
+                num_generated += self._account(tracked, out, now)
             except Exception as exc:
                 logger.exception("request %s failed while delivering output", out.request_id)
                 self._fail(out.request_id, f"{type(exc).__name__}: {exc}")
@@ -375,6 +401,8 @@ class AsyncEngine:
                         tracked.output_token_ids.extend(sample.token_ids)
             if out.finished:
                 self._untrack(out.request_id, finished=True)
+        if m is not None and num_generated:
+            m.generation_tokens.inc(num_generated)  # once a batch: a counter's inc takes a lock
         self._deliver_many(deliveries)
 
     def _decode(self, out: RequestOutput) -> bool:
@@ -412,13 +440,13 @@ class AsyncEngine:
                 self._error = reason
         self._fail_all(reason, replica)
 
-    def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
-        """Update token counters and latency histograms for one output."""
+    def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> int:
+        """Update the request's counters and the latency histograms for one output; the
+        number of tokens it generated (the caller counts them for the batch)."""
         num_new = sum(len(c.token_ids) for c in out.outputs)
         m = self.metrics
         arrival_time = tracked.request.arrival_time
         if num_new and m is not None:
-            m.generation_tokens.inc(num_new)
             if tracked.last_token_time is None:
                 m.ttft.observe(now - arrival_time)
             else:
@@ -430,6 +458,7 @@ class AsyncEngine:
             m.e2e.observe(now - arrival_time)
             m.finished(out.outputs[0].finish_reason or "unknown")
             m.request_done(out.metrics, len(out.prompt_token_ids), tracked.num_generation_tokens)
+        return num_new
 
     def _fail(self, request_id: str, message: str) -> None:
         """Fail one request here (its output could not be delivered) and abort it in the core."""

@@ -14,13 +14,10 @@ from parallm.server.logprobs import chat_logprobs
 from parallm.server.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessage,
-    DeltaMessage,
     now_s,
     random_id,
 )
@@ -32,7 +29,8 @@ from parallm.server.serving import (
     collect,
     sampling_params,
 )
-from parallm.server.sse import EventStreamResponse, sse
+from parallm.server.sse import EventStreamResponse
+from parallm.server.stream_chunks import ChatChunkChoice, ChatDelta, chat_chunk
 
 
 async def create_chat_completion(
@@ -121,28 +119,25 @@ async def _events(
     tracker: ChoiceTracker,
     request_id: str,
     model: str,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     created = now_s()
     options = req.stream_options
+    continuous = options is not None and options.continuous_usage_stats
 
-    def chunk(choices: list[ChatChunkChoice], usage: bool = False) -> str:
-        continuous = options is not None and options.continuous_usage_stats
-        return sse(ChatCompletionChunk(
-            id=request_id, created=created, model=model, choices=choices,
-            usage=tracker.usage() if usage or (continuous and choices) else None,
-        ))  # fmt: skip
+    def chunk(choices: list[ChatChunkChoice], usage: bool = False) -> bytes:
+        counts = tracker.usage() if usage or (continuous and choices) else None
+        return chat_chunk(request_id, created, model, choices, counts)
 
     # As OpenAI does: every choice first gets a chunk that carries only the role.
     for index in range(req.n):
-        yield chunk(
-            [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))]
-        )
+        yield chunk([ChatChunkChoice(index, ChatDelta("assistant", ""))])
     async for out in stream:
         for index, delta in tracker.deltas(out):
+            logprobs = _logprobs(req, delta)
             yield chunk([ChatChunkChoice(
-                index=index, delta=DeltaMessage(content=delta.text),
-                logprobs=_logprobs(req, delta), finish_reason=delta.finish_reason,
-                stop_reason=delta.stop_reason,
+                index, ChatDelta(None, delta.text),
+                None if logprobs is None else logprobs.model_dump(), delta.finish_reason,
+                delta.stop_reason,
             )])  # fmt: skip
     if options and options.include_usage:
         yield chunk([], usage=True)

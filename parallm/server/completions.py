@@ -30,7 +30,8 @@ from parallm.server.serving import (
     collect,
     sampling_params,
 )
-from parallm.server.sse import EventStreamResponse, sse
+from parallm.server.sse import EventStreamResponse
+from parallm.server.stream_chunks import CompletionChunkChoice, completion_chunk
 
 
 @dataclass
@@ -166,7 +167,7 @@ async def _events(
     prompts: list[Prompt],
     request_id: str,
     model: str,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     created = now_s()
     options = req.stream_options
     started: set[int] = set()
@@ -182,13 +183,10 @@ async def _events(
                 start = offsets.get(index, 0)
                 logprobs = completion_logprobs(delta.token_ids, delta.logprobs or [], start)
                 offsets[index] = start + sum(len(t) for t in logprobs.tokens)
-            choice = CompletionChoice(
-                index=index, text=text, logprobs=logprobs,
-                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
-            )  # fmt: skip
+                logprobs = logprobs.model_dump()
+            choice = CompletionChunkChoice(index, text, logprobs, delta.finish_reason,
+                                           delta.stop_reason)  # fmt: skip
             usage = tracker.usage() if options and options.continuous_usage_stats else None
-            yield sse(CompletionResponse(id=request_id, created=created, model=model,
-                                         choices=[choice], usage=usage))  # fmt: skip
+            yield completion_chunk(request_id, created, model, [choice], usage)
     if options and options.include_usage:
-        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                                     usage=tracker.usage()))  # fmt: skip
+        yield completion_chunk(request_id, created, model, [], tracker.usage())

@@ -16,7 +16,7 @@ def test_api_server_bench_serves_the_fake_engine_and_profiles(tmp_path: Path) ->
     out = tmp_path / "report.json"
     cmd = [sys.executable, str(REPO / "benchmarks/api_server_bench.py"), "--concurrency", "4",
            "--prompt-len", "16", "--output-len", "12", "--duration-s", "2", "--step-ms", "2",
-           "--profile", "--profile-top", "5", "--json", str(out)]  # fmt: skip
+           "--profile", "--profile-top", "40", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -90,3 +90,28 @@ def test_messages_hold_plain_data_only() -> None:
 def test_a_command_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(msgspec.ValidationError):
         m.command_decoder().decode(msgspec.msgpack.encode(["AbortRequests", "not a list"]))
+
+
+def test_token_only_outputs_travel_as_columns_and_come_back_whole() -> None:
+    token_only = [
+        RequestOutput(f"t{i}", None, [], [CompletionOutput(0, "", [i, i + 1])],
+                      num_cached_tokens=16 * i)
+        for i in range(3)
+    ]  # fmt: skip
+    finished = RequestOutput("f", None, [], [CompletionOutput(0, "", [9], finish_reason="length")],
+                             finished=True)  # fmt: skip
+    batch = m.CoreOutputs(outputs=[token_only[0], _output(), token_only[1], finished,
+                                   token_only[2]])  # fmt: skip
+    sent = m.encode(batch)
+    generic = msgspec.msgpack.decode(sent)
+    assert generic[-1] == [["t0", "t1", "t2"], [[0, 1], [1, 2], [2, 3]], [0, 16, 32]]
+    assert [out["request_id"] for out in generic[1]] == [
+        "r1",
+        "f",
+    ]  # the others travel as columns only
+    decoded = _round_trip_core(batch)
+    by_id = {out.request_id: out for out in decoded.outputs}
+    assert len(decoded.outputs) == 5
+    assert by_id == {out.request_id: out for out in batch.outputs}
+    assert all(type(out) is RequestOutput for out in decoded.outputs)
+    assert decoded.token_deltas == m.TokenDeltas()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from parallm.outputs import RequestOutput
+from parallm.outputs import CompletionOutput, RequestOutput
 from parallm.sampling_params import SamplingParams
 
 # ---- API process -> core ---------------------------------------------------------------------
@@ -109,6 +109,16 @@ class RequestFailure(msgspec.Struct, array_like=True):
     status: int = 500
 
 
+class TokenDeltas(msgspec.Struct, array_like=True):
+    """Outputs that carry nothing but new token ids of a request's one sample (index 0): no
+    text, logprobs, finish, metrics or error. Most of a step's outputs are such; sent as
+    columns, they cost a fraction of a ``RequestOutput`` each to pack and unpack."""
+
+    request_ids: list[str] = []
+    token_ids: list[list[int]] = []
+    num_cached_tokens: list[int] = []
+
+
 class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
     """What happened since the last message: sent after every step and every batch of commands.
 
@@ -127,6 +137,9 @@ class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
     num_requests_taken: int = 0
     step_num_tokens: list[int] = []
     stats: EngineStats = msgspec.field(default_factory=EngineStats)
+    # On the wire only: ``encode`` moves the token-only outputs here and the decoder moves
+    # them back into ``outputs`` (first; a batch holds one output per request at most).
+    token_deltas: TokenDeltas = msgspec.field(default_factory=TokenDeltas)
 
 
 class EngineInfo(msgspec.Struct, array_like=True):
@@ -172,7 +185,51 @@ CoreMessage = CoreOutputs | Ready | StartupFailed | CoreFailed
 
 def encode(message: Command | CoreMessage) -> bytes:
     """msgpack bytes of one message (msgspec's module-level encoder is thread-safe)."""
+    if isinstance(message, CoreOutputs):
+        message = _with_token_deltas(message)
     return msgspec.msgpack.encode(message)
+
+
+def _is_token_delta(out: RequestOutput) -> bool:
+    if len(out.outputs) != 1 or out.finished or out.error is not None:
+        return False
+    if out.metrics is not None or out.prompt_logprobs is not None or out.prompt is not None:
+        return False
+    s = out.outputs[0]
+    return (
+        s.index == 0 and s.text == "" and s.logprobs is None and s.cumulative_logprob is None
+        and s.finish_reason is None and s.stop_reason is None and not out.prompt_token_ids
+    )  # fmt: skip
+
+
+def _with_token_deltas(batch: CoreOutputs) -> CoreOutputs:
+    """The batch as sent: token-only outputs as ``TokenDeltas`` columns."""
+    deltas = TokenDeltas([], [], [])
+    rest = []
+    for out in batch.outputs:
+        if _is_token_delta(out):
+            deltas.request_ids.append(out.request_id)
+            deltas.token_ids.append(out.outputs[0].token_ids)
+            deltas.num_cached_tokens.append(out.num_cached_tokens)
+        else:
+            rest.append(out)
+    if not deltas.request_ids:
+        return batch
+    return msgspec.structs.replace(batch, outputs=rest, token_deltas=deltas)
+
+
+def _without_token_deltas(batch: CoreOutputs) -> CoreOutputs:
+    """The batch as received, its ``TokenDeltas`` back in ``outputs`` as ``RequestOutput``s."""
+    deltas = batch.token_deltas
+    if deltas.request_ids:
+        columns = zip(deltas.request_ids, deltas.token_ids, deltas.num_cached_tokens, strict=True)
+        batch.outputs = [
+            RequestOutput(request_id, None, [], [CompletionOutput(0, "", ids)],
+                          num_cached_tokens=num_cached)
+            for request_id, ids, num_cached in columns
+        ] + batch.outputs  # fmt: skip
+        batch.token_deltas = TokenDeltas()
+    return batch
 
 
 def command_decoder() -> msgspec.msgpack.Decoder:
@@ -180,6 +237,19 @@ def command_decoder() -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(Command)
 
 
-def core_message_decoder() -> msgspec.msgpack.Decoder:
+class CoreMessageDecoder:
+    """Decodes ``CoreMessage`` bytes, putting a batch's token deltas back into its outputs."""
+
+    def __init__(self) -> None:
+        self._decoder = msgspec.msgpack.Decoder(CoreMessage)
+
+    def decode(self, data: bytes | memoryview) -> CoreMessage:
+        message = self._decoder.decode(data)
+        if isinstance(message, CoreOutputs):
+            return _without_token_deltas(message)
+        return message
+
+
+def core_message_decoder() -> CoreMessageDecoder:
     """A decoder of ``CoreMessage`` messages (one per receiving thread)."""
-    return msgspec.msgpack.Decoder(CoreMessage)
+    return CoreMessageDecoder()
