@@ -1,7 +1,8 @@
 """Issue 13's size check: lines of the inference package (models, layers, kernels, engine)
 against an earlier commit, with the code that later issues' features added set apart.
 
-Every line of the current tree is attributed by ``git blame`` to the commit that wrote it. A
+Every line of the current tree is attributed by ``git blame -M -C -C`` to the commit that wrote
+it (a line moved or copied between files keeps the commit that first wrote it). A
 commit is a *feature* commit when its message names issues 14-18 or one of their features
 (quantization, fp8/int8, speculation and drafts, trees, verify graphs, tensor and data
 parallelism, the engine core process) and does not name issue 13; whole modules that only
@@ -43,7 +44,7 @@ def package_files(rev: str) -> list[str]:
 
 
 def line_commits(path: str) -> list[str]:
-    porcelain = git("blame", "--line-porcelain", "HEAD", "--", path)
+    porcelain = git("blame", "-M", "-C", "-C", "--line-porcelain", "HEAD", "--", path)
     return re.findall(r"^([0-9a-f]{40}) \d+ \d+", porcelain, re.MULTILINE)
 
 
