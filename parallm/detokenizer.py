@@ -10,6 +10,12 @@ is still open (an invalid run turns all of its bytes into U+FFFD, retroactively)
 The result matches ``tokenizer.decode(prompt + output)`` past the prompt's own text, which is
 ``tokenizer.decode(output)`` except that a leading space of the first output token is kept. Like
 vLLM, ``clean_up_tokenization_spaces`` is never applied.
+
+For fast (Rust-backed) tokenizers the common step runs inside ``tokenizers.decoders.DecodeStream``
+(as vLLM's ``FastIncrementalDetokenizer`` does), which applies the same prefix/read-offset rule
+in one call. Wherever its rule and ours could part (it returned nothing, it raised, a byte-fallback
+token), the step is decided by decoding the window here, and the stream is rebuilt from the
+window once it is back in step, so the text is the same either way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tokenizers
+import tokenizers.decoders
 
 from parallm.sampling_params import SamplingParams
 
@@ -95,8 +102,8 @@ class IncrementalDetokenizer:
         string; once finished, releases everything.
         """
         pending = "".join(self._unsent)
-        keep = 0 if self._finished else _stop_prefix_len(pending, self._stops)
-        delta = pending[: len(pending) - keep]
+        keep = 0 if self._finished or not self._stops else _stop_prefix_len(pending, self._stops)
+        delta = pending[: len(pending) - keep] if keep else pending
         self._unsent = [pending[len(delta) :]] if keep else []
         if delta:
             self._sent.append(delta)
@@ -118,8 +125,10 @@ class IncrementalDetokenizer:
 
     def _append(self, delta: str) -> bool:
         """Add decoded text; on a stop match, truncate, finish and return True."""
-        window = self._tail + delta
         self._unsent.append(delta)
+        if not self._stops:
+            return False
+        window = self._tail + delta
         searching = self._num_tokens >= self._min_tokens
         match = _earliest_stop(window, self._stops) if searching else None
         if match is None:
@@ -166,6 +175,13 @@ class _OffsetDecoder:
     ``ids[prefix:read]`` is context already emitted (``prefix_text`` is its decoding);
     ``ids[read:]`` are tokens whose text is pending. A step decodes ``ids[prefix:]`` and emits
     what lies beyond ``prefix_text`` unless that text is not final yet.
+
+    ``stream``, when set, is a ``DecodeStream`` holding the same window and prefix text (its
+    ``ids``, ``prefix`` and ``prefix_index`` are our ``ids[prefix:]``, ``prefix_text`` and
+    ``read - prefix``). It emits exactly when we would, except that it also holds text that did
+    not grow, holds without the _MAX_PENDING bound, emits byte-fallback tokens inside a run and
+    raises when the new text does not extend the old; so its text is taken only when it emits
+    for a token that is not a byte token, and every other step is decided here.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special: bool):
@@ -175,21 +191,35 @@ class _OffsetDecoder:
         self._skip = _special_ids(tokenizer, backend) if skip_special else frozenset()
         self._is_byte = _byte_token_test(backend)
         context = [i for i in prompt_ids if i not in self._skip]
-        start, self._prefix_text = _context(context, self._decode)
+        start, prefix_text = _context(context, self._decode)
+        self._prefix_text: str | None = prefix_text  # None: not decoded since the stream emitted
         self._ids = context[start:]
         self._prefix = 0
         self._read = len(self._ids)
+        self._backend = backend if _DECODE_STREAM is not None else None
+        self._skip_special = skip_special
+        self._stream: Any = None  # a DecodeStream in our state, or None
+        self._sync_stream(prefix_text)
 
     def step(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly empty)."""
         if token_id in self._skip:
             return ""
         self._ids.append(token_id)
-        text = self._decode(self._ids[self._prefix :])
-        unsettled = text.endswith(_REPLACEMENT) or self._is_byte(token_id)
-        if unsettled and len(self._ids) - self._read < _MAX_PENDING:
-            return ""
-        return self._advance(text)
+        stream = self._stream
+        if stream is not None:
+            if self._is_byte(token_id):
+                self._stream = None  # a run may still turn invalid: decided here until it ends
+            else:
+                try:
+                    delta = stream.step(self._backend, token_id)
+                except Exception:  # text that does not extend the prefix: the window decides
+                    self._stream = delta = None
+                if delta is not None:
+                    self._mark_read()
+                    self._prefix_text = None
+                    return delta
+        return self._window_step(token_id)
 
     def flush(self) -> str:
         """Emit whatever is pending, even an incomplete character (as U+FFFD)."""
@@ -197,15 +227,56 @@ class _OffsetDecoder:
             return ""
         return self._advance(self._decode(self._ids[self._prefix :]))
 
+    def _window_step(self, token_id: int) -> str:
+        """Decide a step by decoding the window (the stream, if still set, holds the same)."""
+        text = self._decode(self._ids[self._prefix :])
+        unsettled = text.endswith(_REPLACEMENT) or self._is_byte(token_id)
+        if unsettled and len(self._ids) - self._read < _MAX_PENDING:
+            return ""
+        return self._advance(text)
+
     def _advance(self, text: str) -> str:
-        delta = text[len(self._prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._decode(self._ids[self._prefix : self._read])
+        delta = text[len(prefix_text) :]
+        self._mark_read()
         self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        self._sync_stream(self._prefix_text)
+        return delta
+
+    def _mark_read(self) -> None:
+        """Pending tokens become context: the window starts where the last read ended."""
+        self._prefix, self._read = self._read, len(self._ids)
         if self._prefix >= _TRIM_AT:
             del self._ids[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
-        return delta
+
+    def _sync_stream(self, prefix_text: str) -> None:
+        """A stream in our state after an emission (window = prefix = read), or none.
+
+        A ``DecodeStream`` built from ids takes their decoding as its prefix only if it does
+        not end in U+FFFD; a prefix that does stays with the window decode here.
+        """
+        self._stream = None
+        if self._backend is not None and not prefix_text.endswith(_REPLACEMENT):
+            window = self._ids[self._prefix :]
+            self._stream = _DECODE_STREAM(ids=window, skip_special_tokens=self._skip_special)
+
+
+def _decode_stream_class() -> type | None:
+    """tokenizers' ``DecodeStream`` if it can start after a context (``ids=``, tokenizers 0.22+,
+    which also takes those ids' text as the prefix), else None: then every step decodes here."""
+    cls = getattr(tokenizers.decoders, "DecodeStream", None)
+    try:
+        cls(ids=[], skip_special_tokens=False)
+    except TypeError:  # missing (None is not callable) or without ids=
+        return None
+    return cls
+
+
+_DECODE_STREAM = _decode_stream_class()
 
 
 def _backend(tokenizer: Any) -> tokenizers.Tokenizer | None:

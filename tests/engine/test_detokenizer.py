@@ -7,6 +7,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+import parallm.detokenizer as detokenizer_module
 from parallm.detokenizer import IncrementalDetokenizer
 from parallm.sampling_params import SamplingParams
 
@@ -385,3 +386,137 @@ def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
     assert fed + 1 >= 6
     assert "b" in detok.text and not detok.text.endswith("b")
     assert tokenizer.decode(output[: fed + 1]).startswith(detok.text + "b")
+
+
+# --- the DecodeStream fast path gives today's (window-decoding) text -------------------------
+
+
+def _all_tokenizers() -> dict:
+    """Every tokenizer available offline: the test kinds, the id tokenizer, the bundled one."""
+    from parallm.bundled import BUNDLED_MODEL_DIR
+    from parallm.tokenizer import id_tokenizer
+
+    toks = {kind: build_test_tokenizer(kind) for kind in KINDS}
+    toks["id"] = id_tokenizer(1000)
+    if (BUNDLED_MODEL_DIR / "tokenizer.json").exists():
+        toks["bundled"] = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+    return toks
+
+
+_TOKENIZERS = _all_tokenizers()
+
+
+def _random_output(tok, rng: random.Random) -> list[int]:
+    """Ids of text, random ids (specials, lone bytes) and characters split into byte tokens."""
+    out: list[int] = []
+    if rng.random() < 0.1:  # past _MAX_PENDING held tokens: released as U+FFFD
+        out += _byte_ids(tok, bytes([0x80]) * 40)
+    while len(out) < 40:
+        r = rng.random()
+        if r < 0.4:
+            out += tok.encode(" " + rng.choice(TEXTS), add_special_tokens=False)[:10]
+        elif r < 0.7:
+            out += [rng.randrange(len(tok)) for _ in range(rng.randint(1, 4))]
+        elif r < 0.85:
+            data = rng.choice(["é", "😀", "中", "🦀a", "ẞ"]).encode()
+            cut = len(data) if rng.random() < 0.8 else rng.randrange(1, len(data) + 1)
+            out += _byte_ids(tok, data[:cut])
+        else:
+            out += [tok.eos_token_id or 0, tok.bos_token_id or 0][: rng.randint(1, 2)]
+    return out
+
+
+def _byte_ids(tok, data: bytes) -> list[int]:
+    try:
+        ids = byte_token_ids(tok, data)
+    except (KeyError, TypeError):
+        return []
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+_DECODE_STREAM_CLASS = detokenizer_module._DECODE_STREAM
+
+
+def _stream_both_ways(tok, prompt, output, params, seed, monkeypatch):
+    """Deltas, stop and text streamed with the DecodeStream path and with window decoding."""
+    results = []
+    for stream_class in (_DECODE_STREAM_CLASS, None):
+        monkeypatch.setattr(detokenizer_module, "_DECODE_STREAM", stream_class)
+        detok, chunks, stop = stream(tok, prompt, output, params, random.Random(seed))
+        results.append((chunks, stop, detok.text))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(_TOKENIZERS))
+@pytest.mark.parametrize("skip", [True, False])
+def test_decode_stream_path_streams_todays_text(name: str, skip: bool, monkeypatch) -> None:
+    assert _DECODE_STREAM_CLASS is not None  # tokenizers >= 0.22 is installed here
+    tok = _TOKENIZERS[name]
+    rng = random.Random(hash((name, skip)) & 0xFFFF)
+    for trial in range(150):
+        prompt = tok.encode(rng.choice(TEXTS))[: rng.randint(0, 12)] if rng.random() < 0.8 else []
+        if rng.random() < 0.2:  # a prompt that ends inside a character
+            prompt += _byte_ids(tok, "😀".encode()[: rng.randint(1, 3)])
+        output = _random_output(tok, rng)
+        stops = [] if rng.random() < 0.7 else [tok.decode(output[5:7]) or "x", "中"]
+        params = SamplingParams(skip_special_tokens=skip, stop=stops)
+        fast, window = _stream_both_ways(tok, prompt, output, params, trial, monkeypatch)
+        assert fast == window, (name, prompt, output)
+        if not stops:
+            chunks, _, text = fast
+            truth = in_context(tok, prompt, output, skip)
+            if truth is not None:
+                assert text == truth
+            if not prompt:
+                assert text == tok.decode(output, skip_special_tokens=skip)
+            assert "".join(chunks) == text
+
+
+@pytest.mark.parametrize("name", ["bytelevel", "bundled", "id"])
+def test_decode_stream_steps_plain_text_without_window_decodes(name: str) -> None:
+    """A fast tokenizer's step on ordinary text is one DecodeStream call, no decode() here."""
+    if name not in _TOKENIZERS:
+        pytest.skip("no bundled model in this checkout")
+    tok = _TOKENIZERS[name]
+    text = " ".join(TEXTS[:2] * 20) if name != "id" else "".join(f"<{i}>" for i in range(300))
+    output = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say"), SamplingParams())
+    decoder = detok._decoder
+    calls = []
+    window_decode = decoder._decode
+    decoder._decode = lambda ids: calls.append(ids) or window_decode(ids)
+    for token_id in output:
+        detok.add_tokens([token_id])
+    detok.finish()
+    assert detok.take_delta() == in_context(tok, tok.encode("Say"), output)
+    assert calls == []
+
+
+class _FailingStream:
+    """A DecodeStream that raises on every third step, as tokenizers does when the window's new
+    text does not start with the old (its ``InvalidPrefix``)."""
+
+    def __init__(self, ids=None, skip_special_tokens=False) -> None:
+        self.inner = _DECODE_STREAM_CLASS(ids=ids, skip_special_tokens=skip_special_tokens)
+        self.steps = 0
+
+    def step(self, tokenizer, token_id):
+        self.steps += 1
+        if self.steps % 3 == 0:
+            raise Exception("Invalid prefix encountered")
+        return self.inner.step(tokenizer, token_id)
+
+
+@pytest.mark.parametrize("name", ["bytelevel", "sentencepiece"])
+def test_decode_stream_errors_fall_back_to_window_decoding(name: str, monkeypatch) -> None:
+    tok = _TOKENIZERS[name]
+    rng = random.Random(5)
+    for trial in range(60):
+        prompt = tok.encode(rng.choice(TEXTS))[: rng.randint(0, 12)]
+        output = _random_output(tok, rng)
+        params = SamplingParams(skip_special_tokens=rng.random() < 0.5)
+        monkeypatch.setattr(detokenizer_module, "_DECODE_STREAM", _FailingStream)
+        detok, chunks, stop = stream(tok, prompt, output, params, random.Random(trial))
+        monkeypatch.setattr(detokenizer_module, "_DECODE_STREAM", None)
+        window = stream(tok, prompt, output, params, random.Random(trial))
+        assert (chunks, stop, detok.text) == (window[1], window[2], window[0].text)
