@@ -19,6 +19,9 @@ _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # idle workers keep waiting, and a rank that is gone without closing its connections (its
 # host vanished) is noticed within the timeout.
 _CONTROL_TIMEOUT = timedelta(minutes=30)
+# How long a rank waits at start-up for the others to reach the rendezvous: ranks on other
+# hosts, or started by hand, may come minutes apart, whatever the collective timeout is.
+_RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 
 # NVLink multicast (NVLS) stays off: the lent multi-GPU machines do not support it, and NCCL or
 # symmetric memory would fail at start-up trying it. A value the user set is kept.
@@ -42,10 +45,13 @@ def join_group(device: torch.device, init_method: str, rank: int, world_size: in
         for name, value in _NCCL_ENV.items():
             os.environ.setdefault(name, value)
         torch.cuda.set_device(device)
+    store, rank, world_size = next(
+        dist.rendezvous(init_method, rank, world_size, timeout=_RENDEZVOUS_TIMEOUT)
+    )
+    store.set_timeout(_COLLECTIVE_TIMEOUT)
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size,
-        timeout=_COLLECTIVE_TIMEOUT,
-    )  # fmt: skip
+        backend, store=store, rank=rank, world_size=world_size, timeout=_COLLECTIVE_TIMEOUT
+    )
 
 
 def leave_group(aborting: bool) -> None:

@@ -83,20 +83,25 @@ class Job:
     """Every rank of a job as its own process: rank 0 the script, each other rank the same
     script or ``parallm generate`` (``worker``); whatever is still running at the end is killed."""
 
-    def __init__(self, tmp_path, path, tp, world_size, rounds, worker, timeout_s=None):
+    def __init__(self, tmp_path, path, tp, world_size, rounds, worker, timeout_s=None,
+                 rank0_delay_s=0.0):  # fmt: skip
         script = tmp_path / "job.py"
         script.write_text(_SCRIPT)
         port = _free_port()
         run_script = [sys.executable, str(script), str(path), str(tp), str(rounds),
                       json.dumps(ENGINE)] + ([] if timeout_s is None else [str(timeout_s)])  # fmt: skip
-        self.procs = []
-        for rank in range(world_size):
+        procs = {}
+        # Rank 0 last when it is to come late (after the others wait at the rendezvous).
+        for rank in [*range(1, world_size), 0] if rank0_delay_s else range(world_size):
+            if rank == 0:
+                time.sleep(rank0_delay_s)
             command = run_script if rank == 0 or worker == "script" else _cli(path, tp)
-            self.procs.append(subprocess.Popen(
+            procs[rank] = subprocess.Popen(
                 command, env=_env(rank, world_size, port), text=True, stdout=subprocess.PIPE,
                 stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-            ))  # fmt: skip
+            )  # fmt: skip
+        self.procs = [procs[rank] for rank in range(world_size)]
 
     def driver_line(self) -> str:
         return self.procs[0].stdout.readline()
@@ -117,9 +122,9 @@ class Job:
 def job_factory(tiny_model_dir, tmp_path):
     jobs = []
 
-    def start(tp=2, world_size=2, rounds=1, worker="cli", timeout_s=None) -> Job:
+    def start(tp=2, world_size=2, rounds=1, worker="cli", timeout_s=None, rank0_delay_s=0.0):
         path = tiny_model_dir("llama3")
-        jobs.append(Job(tmp_path, path, tp, world_size, rounds, worker, timeout_s))
+        jobs.append(Job(tmp_path, path, tp, world_size, rounds, worker, timeout_s, rank0_delay_s))
         return jobs[-1]
 
     yield start
@@ -243,6 +248,16 @@ def test_heartbeats_keep_an_idle_job_alive_past_the_timeout(job_factory):
     code0, _, err0 = job.wait(0)
     code1, _, err1 = job.wait(1)
     assert (code0, code1) == (0, 0), err0 + err1
+
+
+def test_ranks_wait_at_the_rendezvous_longer_than_the_collective_timeout(job_factory):
+    """Ranks start minutes apart on separate hosts: a rank that reaches the rendezvous first
+    waits for the rest beyond the collective timeout (2 s here), which bounds steps only."""
+    job = job_factory(rounds=1, worker="script", timeout_s=2, rank0_delay_s=5)
+    code0, out0, err0 = job.wait(0)
+    code1, _, err1 = job.wait(1)
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert len(json.loads(out0)) == len(PROMPTS)
 
 
 def test_workers_exit_when_the_driver_dies(job_factory):
