@@ -56,11 +56,11 @@ for step in "${@:-tests latency}"; do
                 --baseline-json "$OUT/train-1of$n.json" --out "$OUT/train-${n}gpu.json" \
                 > "$OUT/train-$n.log" 2>&1; tail -4 "$OUT/train-$n.log" ;;
     serve) # the server stack is not on the device image: install it from wheels carried in .whl/
-           wheels="--no-index --find-links .whl/server fastapi uvicorn httpx prometheus-client pyzmq msgspec"
+           wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec"
            if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
            else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
            export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
-           python3 -c "import fastapi, uvicorn, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
+           python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
            python3 -m parallm.cli serve --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
                --port 8000 > "$OUT/server.log" 2>&1 &
            server=$!

@@ -82,9 +82,10 @@ class DrainingServer(uvicorn.Server):
         self, app: FastAPI, drain_timeout_s: float | None, log_level: str, access_log: bool = True
     ) -> None:
         cancel_after = None if drain_timeout_s is None else drain_timeout_s + _ABORT_GRACE_S
+        # "auto": uvloop and httptools when importable (as vLLM's server), else asyncio and h11.
         super().__init__(uvicorn.Config(
             app, log_level=log_level, timeout_graceful_shutdown=cancel_after,
-            timeout_keep_alive=5, access_log=access_log,
+            timeout_keep_alive=5, access_log=access_log, loop="auto", http="auto",
         ))  # fmt: skip
         self.drain_timeout_s = drain_timeout_s
         self._abort_all = getattr(app.state, "abort_all_requests", None)
