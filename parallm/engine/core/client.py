@@ -177,15 +177,17 @@ class EngineCoreClient:
             return
         self._closing = True
         atexit.unregister(self.stop)
+        # The receiver thread reaps the core when it exits: waiting for that thread, not for
+        # the process, keeps a second waitpid from racing it (the loser finds no child, and
+        # multiprocessing then reports a core that has exited as alive).
+        reaper = self._receiver if self._receiver is not None else self.process
         if self.process.is_alive():
             self.send(Shutdown())
-            self.process.join(timeout_s)
-            if self.process.is_alive():
+            reaper.join(timeout_s)
+            if reaper.is_alive():
                 logger.warning("the engine core did not stop in %.0fs; killing it", timeout_s)
                 self.process.kill()
-                self.process.join()
-        if self._receiver is not None:
-            self._receiver.join(timeout_s)
+        reaper.join()
         with self._send_lock:
             self._closed = True
             self._commands.close(linger=0)
