@@ -187,7 +187,9 @@ class EngineCoreClient:
             if reaper.is_alive():
                 logger.warning("the engine core did not stop in %.0fs; killing it", timeout_s)
                 self.process.kill()
-        reaper.join()
+                self.process.join()
+        if self._receiver is not None:
+            self._receiver.join(timeout_s)
         with self._send_lock:
             self._closed = True
             self._commands.close(linger=0)
