@@ -165,7 +165,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "num_speculative_tokens, prompt_lookup_min/prompt_lookup_max "
         f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), model (draft_model; medusa: the heads "
         "folder), num_layers (layer_skip), speculative_token_tree (medusa: index paths such as "
-        "\"[(0,), (0, 0), (1,)]\" or \"chain\"; unset: a sparse tree), "
+        '"[(0,), (0, 0), (1,)]" or "chain"; unset: a sparse tree), '
         "disable_by_batch_size (no drafts in steps with more running sequences), "
         "min_tokens_per_step (a request whose recent drafted steps emitted fewer tokens on "
         "average stops drafting for a while); e.g. "

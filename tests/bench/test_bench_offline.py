@@ -76,7 +76,9 @@ def test_benchmarks_take_a_speculative_config(tiny_model_dir, tmp_path, capsys):
         assert row["tokens_per_drafted_step"] >= 1.0
 
 
-def test_throughput_with_data_parallel_replicas_does_the_same_work(tiny_model_dir, tmp_path, capsys):
+def test_throughput_with_data_parallel_replicas_does_the_same_work(
+    tiny_model_dir, tmp_path, capsys
+):
     """`bench throughput -dp 2`: the same requests complete (the same tokens as one engine),
     spread over both replicas, and the summary names them; no replica is left running."""
     import multiprocessing
