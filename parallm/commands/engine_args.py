@@ -153,7 +153,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="overlap a decode step's host work with the next step's GPU work (unset: on for CUDA)",
+        help="overlap a decode step's host work with the next step's GPU work (unset: on for "
+        "CUDA); with --speculative-config only steps above its disable_by_batch_size overlap",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and sampling")
     g.add_argument(

@@ -114,10 +114,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        # Drafts are proposed from the host's tokens, which a step run ahead has not returned.
         # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
-        can_run_ahead = self.drafter is None and self.tp_size == 1
-        self.async_scheduling = can_run_ahead and _on_cuda_unless_set(
+        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
             config.async_scheduling, self.device
         )
         self.spec_stats = SpecStats()
@@ -356,9 +354,15 @@ class LLMEngine:
                 return []
             handle = self._launch(batch)
             self._count_step(batch)
-        if self.async_scheduling and handle.result is not None:
+        if self.async_scheduling and handle.result is not None and self._may_run_ahead():
             self._inflight = self._launch_continuation(handle)
         return self._finish_step(handle)
+
+    def _may_run_ahead(self) -> bool:
+        """Whether the next step may launch before this one's tokens reach the host. Drafts are
+        proposed from those tokens, so with a drafter only a step that can carry none runs
+        ahead: speculation and async scheduling take turns by batch size."""
+        return self.drafter is None or not self.drafter.may_draft(self.scheduler.running)
 
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
         try:
@@ -481,11 +485,6 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     spec = config.speculative_config
     if spec is None:
         return None
-    if config.async_scheduling:
-        raise ValueError(
-            "async_scheduling=True cannot be combined with speculative_config: drafts are "
-            "proposed from tokens a step run ahead has not returned yet"
-        )
     spec.check_implemented()
     # A draft model's configuration (Medusa: its heads) is checked here, before the target loads.
     model = None

@@ -138,7 +138,8 @@ class SamplerOutput:
         """The same output for the given rows only."""
         index = torch.tensor(rows, dtype=torch.long, device=self.token_ids.device)
         fields = {f: getattr(self, f) for f in ("token_ids", "logprobs", "ranks",
-                                                "top_token_ids", "top_logprobs")}  # fmt: skip
+                                                "top_token_ids", "top_logprobs",
+                                                "hidden_states")}  # fmt: skip
         return SamplerOutput(**{f: None if t is None else t[index] for f, t in fields.items()})
 
 

@@ -137,6 +137,25 @@ def test_the_target_as_its_own_draft_accepts_every_greedy_draft(
     _assert_nothing_held(llm, free)
 
 
+def test_the_draft_cache_follows_steps_that_ran_ahead(tiny_model_dir, ordinary_token_ids):
+    """With async scheduling, the steps of more than ``disable_by_batch_size`` sequences run
+    ahead undrafted; the draft model catches up on their tokens when drafting resumes, which
+    the target drafting for itself shows: every greedy draft is accepted."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _prompts(ordinary_token_ids, copies=2)
+    params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True)
+              for i in range(len(prompts))]  # fmt: skip
+    plain = _tokens(LLM(path, **ENGINE), prompts, params)
+    spec = {**_spec("draft_model", path, 0), "disable_by_batch_size": 3}
+    llm = LLM(path, speculative_config=spec, async_scheduling=True, **ENGINE)
+    free = llm.engine.kv.num_free_blocks
+    assert _tokens(llm, prompts, params) == plain
+    stats = llm.engine.stats
+    assert stats["num_overlapped_steps"] > 0 and stats["spec_draft_tokens"] > 0
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+    _assert_nothing_held(llm, free)
+
+
 def test_drafts_after_rejections_and_skipped_steps_follow_the_sequence(
     tiny_model_dir, ordinary_token_ids, monkeypatch
 ):
@@ -324,8 +343,6 @@ def test_bad_draft_configs_are_refused_before_the_target_loads(
     (unsupported / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"speculative_config.model .*not supported"):
         LLM(path, speculative_config=_spec("draft_model", str(unsupported), 0), **ENGINE)
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(path, speculative_config=_spec("layer_skip", "", 1), async_scheduling=True, **ENGINE)
 
 
 @pytest.mark.gpu
@@ -356,4 +373,27 @@ def test_cuda_graphs_and_triton_kernels_draft_losslessly(
     graphs = llm.engine.draft_model.runner.graphs
     assert graphs is not None and graphs.num_carried_ids > 0
     assert llm.engine.stats["spec_accepted_tokens"] > 0
+    _assert_nothing_held(llm, free)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["draft_model", "layer_skip"])
+def test_cuda_steps_run_ahead_between_drafted_ones(method, tiny_model_dir, ordinary_token_ids):
+    """On CUDA (async scheduling on by default), steps of more than ``disable_by_batch_size``
+    sequences replay decode graphs ahead of the host and smaller ones replay verify graphs;
+    greedy tokens are the reference path's."""
+    path = str(tiny_model_dir("llama3"))
+    common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20,
+                  max_num_batched_tokens=64)  # fmt: skip
+    prompts = _prompts(ordinary_token_ids, copies=2)
+    params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True)
+              for i in range(len(prompts))]  # fmt: skip
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, fused_kernels=False,
+              **common)  # fmt: skip
+    spec = {**_spec(method, path, 1), "disable_by_batch_size": 3}
+    llm = LLM(path, speculative_config=spec, **common)
+    free = llm.engine.kv.num_free_blocks
+    assert _tokens(llm, prompts, params) == _tokens(ref, prompts, params)
+    stats = llm.engine.stats
+    assert stats["num_overlapped_steps"] > 0 and stats["spec_accepted_tokens"] > 0
     _assert_nothing_held(llm, free)

@@ -60,13 +60,18 @@ def test_medusa_trees_give_plain_decodings_tokens(tree, plain, tiny_model_dir, t
     assert llm.engine.kv.num_free_blocks == free
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_the_heads_read_the_hidden_state_that_sampled_the_last_token(
-    plain, tiny_model_dir, tmp_path, ordinary_token_ids, monkeypatch
+    async_scheduling, plain, tiny_model_dir, tmp_path, ordinary_token_ids, monkeypatch
 ):
     """Every observed hidden state is the target's final (normed) hidden state at the
-    sequence's second-to-last token, as transformers computes it over the same tokens."""
+    sequence's second-to-last token, as transformers computes it over the same tokens; with
+    async scheduling also after the steps of three sequences, which run ahead undrafted, and
+    the steps that drop a finished sequence."""
     path = str(tiny_model_dir("llama3"))
-    llm = LLM(path, speculative_config=_spec(_heads_dir(tmp_path, plain)), **ENGINE)
+    heads = _heads_dir(tmp_path, plain)
+    spec = _spec(heads, disable_by_batch_size=2) if async_scheduling else _spec(heads)
+    llm = LLM(path, speculative_config=spec, async_scheduling=async_scheduling, **ENGINE)
     seen = []
     observe = MedusaProposer.observe
 
@@ -76,8 +81,10 @@ def test_the_heads_read_the_hidden_state_that_sampled_the_last_token(
 
     monkeypatch.setattr(MedusaProposer, "observe", spy)
     prompts = _repetitive_prompts(ordinary_token_ids)[:3]
-    _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 12, 24)]
+    assert _tokens(llm, prompts, params) == _tokens(plain, prompts, params)
     assert llm.engine.stats["spec_accepted_tokens"] > 0  # some steps emitted several tokens
+    assert (llm.engine.num_overlapped_steps > 0) == async_scheduling
     hf = _load_hf_model(path)
     for tokens, hidden in seen[::3]:
         with torch.no_grad():

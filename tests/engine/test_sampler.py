@@ -276,3 +276,19 @@ def test_logprobs_absent_or_zero() -> None:
     assert math.isclose(
         float(zero.logprobs[0]), float(torch.log_softmax(logits[0], -1)[zero.token_ids[0]])
     )
+
+
+def test_select_keeps_every_per_row_field():
+    """The engine drops the rows of finished sequences with ``select``; every per-row field
+    (the hidden states a Medusa drafter reads included) must follow, or it is lost."""
+    b, h = 5, 3
+    out = SamplerOutput(
+        token_ids=torch.arange(b), logprobs=torch.randn(b), ranks=torch.arange(b) + 1,
+        top_token_ids=torch.randint(0, 9, (b, 2)), top_logprobs=torch.randn(b, 2),
+        hidden_states=torch.randn(b, h),
+    )  # fmt: skip
+    rows = [4, 1, 2]
+    got = out.select(rows)
+    for field in ("token_ids", "logprobs", "ranks", "top_token_ids", "top_logprobs",
+                  "hidden_states"):  # fmt: skip
+        assert torch.equal(getattr(got, field), getattr(out, field)[rows]), field

@@ -171,5 +171,26 @@ def test_bad_speculative_configs_are_refused_before_loading(tiny_model_dir):
     path = str(tiny_model_dir("llama3"))
     with pytest.raises(ValueError, match="speculative_config.method"):
         LLM(path, speculative_config={"method": "magic", "num_speculative_tokens": 2}, **ENGINE)
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(path, speculative_config=SPEC, async_scheduling=True, **ENGINE)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_async_scheduling_and_drafts_take_turns_by_batch_size(
+    temperature, tiny_model_dir, ordinary_token_ids
+):
+    """With async scheduling, steps of more than ``disable_by_batch_size`` sequences run
+    ahead and smaller ones speculate; the output is plain decoding's and nothing is left
+    behind, whichever kind of step a sequence ends in."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids) * 2  # 10 sequences, then fewer
+    params = [
+        SamplingParams(temperature=temperature, seed=i, max_tokens=8 + 6 * i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    plain = _tokens(LLM(path, **ENGINE), prompts, params)
+    spec = {**SPEC, "disable_by_batch_size": 3}
+    llm = LLM(path, speculative_config=spec, async_scheduling=True, **ENGINE)
+    free = llm.engine.kv.num_free_blocks
+    assert _tokens(llm, prompts, params) == plain
+    stats = llm.engine.stats
+    assert stats["num_overlapped_steps"] > 0 and stats["spec_draft_tokens"] > 0
+    assert llm.engine._inflight is None and llm.engine.kv.num_free_blocks == free

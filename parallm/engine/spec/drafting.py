@@ -42,11 +42,15 @@ class Drafter:
         # on the target's hidden states (spec/medusa.py); None: n-grams.
         self.model = model
 
+    def may_draft(self, running: list[Sequence]) -> bool:
+        """Whether a step over ``running`` could carry drafts (``propose`` might set some)."""
+        limit = self.config.disable_by_batch_size
+        return limit is None or len(running) <= limit
+
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
         cfg = self.config
-        limit = cfg.disable_by_batch_size
-        if limit is not None and len(running) > limit:
+        if not self.may_draft(running):
             return
         threshold = cfg.min_tokens_per_step
         seqs = [s for s in running if draftable(s) and s.draft_history.should_draft(threshold)]
