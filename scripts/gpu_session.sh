@@ -100,8 +100,14 @@ for _ in range(180):
                  --out runs/code-model-150m/hf 2>&1 | tail -3
                cp runs/code-model-150m/metrics.jsonl runs/code-model-150m/loss.png "$OUT/" 2>/dev/null
                cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
-    specreal) python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
-                --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
+    specheads) # Medusa heads on the frozen 150M model (after `spectrain`, same machine)
+               python3 -m parallm train --config configs/train/medusa-code-150m.toml \
+                 > "$OUT/train_medusa150m.log" 2>&1; tail -6 "$OUT/train_medusa150m.log"
+               python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
+                 --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
+    specreal) heads=(); [[ -f runs/medusa-code-150m/heads/config.json ]] && heads=(--medusa-heads runs/medusa-code-150m/heads)
+              python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
+                "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and
                   # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
                   python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \
