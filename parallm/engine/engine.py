@@ -234,7 +234,9 @@ class LLMEngine:
             f"max_model_len={self.max_model_len} KV cache "
             f"({str(self.kv_cache_dtype).replace('torch.', '')}): {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
-            f"loaded in {self.load_seconds:.1f}s; {graphs}"
+            f"loaded in {self.load_seconds:.1f}s; {graphs}; "
+            f"async scheduling {'on' if self.async_scheduling else 'off'}"
+            f"{_spec_summary(self.drafter)}"
         )
 
     def validate_params(self, params: SamplingParams) -> None:
@@ -493,6 +495,15 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     elif spec.method == "medusa":
         model = MedusaProposer(spec, target, config)
     return Drafter(spec, model)
+
+
+def _spec_summary(drafter: Drafter | None) -> str:
+    if drafter is None:
+        return ""
+    spec = drafter.config
+    limit = spec.disable_by_batch_size
+    batches = "every batch" if limit is None else f"batches of up to {limit}"
+    return f"; speculative decoding: {spec.method}, {spec.num_speculative_tokens} tokens, {batches}"
 
 
 def _tp_summary(tp_size: int, device: torch.device) -> str:

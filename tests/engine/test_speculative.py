@@ -194,3 +194,6 @@ def test_async_scheduling_and_drafts_take_turns_by_batch_size(
     stats = llm.engine.stats
     assert stats["num_overlapped_steps"] > 0 and stats["spec_draft_tokens"] > 0
     assert llm.engine._inflight is None and llm.engine.kv.num_free_blocks == free
+    assert llm.engine.summary().endswith(
+        "async scheduling on; speculative decoding: ngram, 4 tokens, batches of up to 3"
+    )
