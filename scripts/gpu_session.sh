@@ -8,6 +8,26 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PARALLM_COMMIT=${PARALLM_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+# A server in the background on port 8000 for the serving steps; stop_server ends it (SIGTERM).
+start_server() {  # start_server LOG ARGS...
+  local log=$1; shift
+  python3 -m parallm.cli serve "$@" --port 8000 > "$log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do  # until it answers, or has exited
+    kill -0 "$server" 2> /dev/null || { echo "server exited:"; tail -5 "$log"; return 1; }
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2> /dev/null && break
+    sleep 1
+  done
+  head -3 "$log"
+}
+stop_server() { kill -TERM "$server"; wait "$server"; }
+server_wheels() {  # the server stack is not on the device image: install it from .whl/
+  local wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec"
+  if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
+  else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
+  export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
+  python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
+}
 for step in "${@:-tests latency}"; do
   case $step in
     tests) python3 -m pytest -q -m gpu $(grep -rl "pytest.mark.gpu" tests --include="test_*.py") -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
@@ -55,20 +75,8 @@ for step in "${@:-tests latency}"; do
             torchrun --standalone --nproc-per-node "$n" -m parallm.bench.train $args \
                 --baseline-json "$OUT/train-1of$n.json" --out "$OUT/train-${n}gpu.json" \
                 > "$OUT/train-$n.log" 2>&1; tail -4 "$OUT/train-$n.log" ;;
-    serve) # the server stack is not on the device image: install it from wheels carried in .whl/
-           wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec"
-           if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
-           else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
-           export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
-           python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
-           python3 -m parallm.cli serve --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
-               --port 8000 > "$OUT/server.log" 2>&1 &
-           server=$!
-           python3 -c "import time, urllib.request as u
-for _ in range(180):
-    try: u.urlopen('http://127.0.0.1:8000/health'); break
-    except Exception: time.sleep(1)"
-           head -3 "$OUT/server.log"
+    serve) server_wheels
+           start_server "$OUT/server.log" --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096
            for scale in ${TIME_SCALES:-4 16}; do
              python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
                --trace .gl/AzureLLMInferenceTrace_conv.csv --time-scale "$scale" \
@@ -80,7 +88,36 @@ for _ in range(180):
            python3 scripts/load_test.py --url http://127.0.0.1:8000 --token-ids --clients 200 \
                --duration 20 --json "$OUT/load_test.json" > "$OUT/load_test.log" 2>&1
            tail -12 "$OUT/load_test.log"
-           kill -TERM $server; wait $server; tail -3 "$OUT/server.log" ;;
+           stop_server; tail -3 "$OUT/server.log" ;;
+    engineproc) # issue 16: the engine in its own process (the server's default) against the
+                # in-process engine: batch-1 decode (one stream at a time) and the offline
+                # workload (bench throughput's 256 requests, U[100, 1024] in and out, all at
+                # once) through the server in both modes, and the offline engine alone
+                server_wheels
+                model=${MODEL_ARGS:---config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096}
+                lo=${MIN_LEN:-100}; hi=${MAX_LEN:-1024}  # bench throughput's lengths, U[lo, hi]
+                mean=$(( (lo + hi) / 2 )); ratio=$(python3 -c "print(($hi - $lo) / ($hi + $lo))")
+                python3 -m parallm.cli bench throughput $model --num-requests "${NREQ:-256}" \
+                  --min-len "$lo" --max-len "$hi" \
+                  --out "$OUT/ep_offline_throughput.json" > "$OUT/ep_offline_throughput.log" 2>&1
+                tail -3 "$OUT/ep_offline_throughput.log"
+                python3 -m parallm.cli bench latency $model --batch-sizes 1 --input-len 128 \
+                  --output-len "${OUTLEN:-128}" --out "$OUT/ep_offline_latency.json" > "$OUT/ep_offline_latency.log" 2>&1
+                tail -3 "$OUT/ep_offline_latency.log"
+                for mode in multiprocess inprocess; do
+                  flag=(); [[ $mode == inprocess ]] && flag=(--disable-frontend-multiprocessing)
+                  start_server "$OUT/ep_server_$mode.log" $model "${flag[@]}" || continue
+                  common=(--base-url http://127.0.0.1:8000 --dataset-name random --no-progress)
+                  python3 -m parallm.cli bench serve "${common[@]}" --num-prompts 8 --max-concurrency 1 \
+                    --random-input-len 128 --random-output-len "${OUTLEN:-128}" \
+                    --out "$OUT/ep_serve_b1_$mode.json" > "$OUT/ep_serve_b1_$mode.log" 2>&1
+                  grep -i "tpot" "$OUT/ep_serve_b1_$mode.log" | head -3
+                  python3 -m parallm.cli bench serve "${common[@]}" --num-prompts "${NREQ:-256}" \
+                    --random-input-len "$mean" --random-output-len "$mean" --random-range-ratio "$ratio" \
+                    --out "$OUT/ep_serve_offline_$mode.json" > "$OUT/ep_serve_offline_$mode.log" 2>&1
+                  grep -i "throughput\|tok/s" "$OUT/ep_serve_offline_$mode.log" | head -4
+                  stop_server
+                done ;;
     stepbench) python3 benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json \
                  --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
                tail -4 "$OUT/decode_step.log" ;;
