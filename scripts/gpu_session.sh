@@ -155,6 +155,12 @@ for step in "${@:-tests latency}"; do
                       --out "$OUT/quant_quality_150m.json" > "$OUT/quant_quality_150m.log" 2>&1
                     tail -10 "$OUT/quant_quality_150m.log"
                   fi ;;
+    quantvariants) # issue 17: one-row GEMVs over int8/fp8 weights with cheaper conversions (and tensor
+                   # cores) against the package's kernel and bf16; checks, then a few tiles each (~4 min)
+                   python3 benchmarks/quant_gemv_variants.py --out "$OUT/quant_gemv_variants.json" \
+                     > "$OUT/quant_gemv_variants.log" 2>&1
+                   grep -A2 "FAILED" "$OUT/quant_gemv_variants.log" | head -20
+                   tail -28 "$OUT/quant_gemv_variants.log" ;;
     tp) # issue 18: Llama-3.1-8B shape at TP=1 (CUDA graphs, then eager: what graphs alone give)
         # and TP=N (N = this machine's GPUs), with graphs and, should those fail, eager
         n=$(nvidia-smi -L | wc -l)
