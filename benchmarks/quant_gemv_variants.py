@@ -190,7 +190,7 @@ def convert(q: torch.Tensor, name: str, dtype: torch.dtype = torch.float32) -> t
     """``q`` (int8 or e4m3, 1-D) converted by the kernels' conversion ``name`` into ``dtype``
     (``int8_to`` takes bfloat16, float16 or float32; the others give float32)."""
     y = torch.empty(q.shape, dtype=dtype, device=q.device)
-    block = 256
+    block = 2048  # 16 bytes a thread (4 warps), as the GEMVs load them: int8_prmt packs 4
     _convert_kernel[(triton.cdiv(q.numel(), block),)](q, y, q.numel(), CONVERT=name, BLOCK=block,
                                                       enable_fp_fusion=True)  # fmt: skip
     return y
