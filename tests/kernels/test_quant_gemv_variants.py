@@ -288,11 +288,12 @@ def test_conversion_is_exact_on_all_256_bytes_cuda(name, dtype, kind, users):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize(("name", "kind", "dtype"), _cases(True) + _cases(False))
-@pytest.mark.parametrize(("n", "k"), [(1000, 3000), (6144, 4096), (2048, 8192)])
+@pytest.mark.parametrize(("n", "k"), [(1000, 3000), (4096, 14336)])
 def test_variant_matches_the_float64_reference_cuda(name, kind, dtype, n, k):
+    """Every tile the benchmark times for bf16 rows (what it times); the first for the others
+    (each tile and dtype is a compilation)."""
     _skip_without_fp8(kind)
     variant = qv.VARIANTS[name]
-    if variant.tensor_core and dtype == torch.float32 and kind == "int8" and n > 2000:
-        pytest.skip("float32 tl.dot is emulated (ieee): slow and not what is timed")
-    tiles = variant.tiles("o", torch.empty(1, 1, dtype=qv.WEIGHT_DTYPES[kind]), sweep=True)
+    weight = torch.empty(1, 1, dtype=qv.WEIGHT_DTYPES[kind])
+    tiles = variant.tiles("o", weight, sweep=dtype == torch.bfloat16)
     assert qv.check_variant(variant, kind, "cuda", tiles, n, k, dtype) == []
