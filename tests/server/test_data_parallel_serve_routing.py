@@ -239,3 +239,25 @@ def test_each_replica_sees_its_own_gpus(monkeypatch) -> None:
         replicas.replica_environments("cuda", 2, 4)
     with pytest.raises(ValueError, match="device must be 'cuda' or 'auto', got device='cuda:1'"):
         replicas.replica_environments("cuda:1", 2, 1)
+
+
+def test_engine_cores_leave_the_api_process_a_cpu(monkeypatch) -> None:
+    """Each core's torch threads share out the CPUs less one for the API process: a core
+    that takes them all stalls whenever the API process runs."""
+    started = []
+
+    class Client:
+        def __init__(self, engine_kwargs, num_threads=None, **kwargs) -> None:
+            started.append(num_threads)
+
+        def wait_ready(self) -> None:
+            pass
+
+    monkeypatch.setattr(replicas, "EngineCoreClient", Client)
+    monkeypatch.setattr(replicas.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    replicas.start_engine_cores({"model": "x", "device": "cpu"})
+    replicas.start_engine_cores({"model": "x", "device": "cpu", "data_parallel_size": 2})
+    replicas.start_engine_cores({"model": "x", "device": "cpu", "data_parallel_size": 3}, 2)
+    assert started == [7, 3, 3, 2, 2, 2]
+    monkeypatch.setattr(replicas.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert replicas.core_threads(1) == 1 and replicas.core_threads(4) == 1

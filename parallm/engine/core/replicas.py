@@ -18,6 +18,12 @@ from parallm.engine.core.client import EngineCoreClient
 from parallm.engine.executor import torchrun_env
 from parallm.engine.replica_devices import replica_environments
 
+# CPUs left to the API process (HTTP, tokenization, detokenization, streaming). A core whose
+# torch threads take every CPU stalls each time the API process runs: an intra-op thread team
+# waits for its descheduled member at every operator (vLLM's CPU backend reserves one CPU for
+# its frontend for the same reason).
+API_PROCESS_CPUS = 1
+
 
 def start_engine_cores(
     engine_kwargs: dict[str, Any], num_threads: int | None = None
@@ -26,9 +32,11 @@ def start_engine_cores(
 
     Raises the first replica's start-up error (``ValueError`` for a bad argument, else
     ``EngineCoreError`` naming the replica) after stopping the others. ``num_threads`` (unset:
-    this machine's cores shared out) sets each core's torch intra-op threads.
+    ``core_threads``) sets each core's torch intra-op threads.
     """
     n = engine_kwargs.get("data_parallel_size", 1)
+    if num_threads is None:
+        num_threads = core_threads(n)
     if n == 1:
         return [EngineCoreClient(engine_kwargs, num_threads=num_threads)]
     tp = engine_kwargs.get("tensor_parallel_size", 1)
@@ -39,8 +47,6 @@ def start_engine_cores(
         )
     envs = replica_environments(engine_kwargs.get("device", "auto"), n, tp)
     one_replica = {**engine_kwargs, "data_parallel_size": 1}
-    if num_threads is None:
-        num_threads = max(1, (os.cpu_count() or 1) // n)
     clients: list[EngineCoreClient] = []
     try:
         for replica, env in enumerate(envs):
@@ -53,6 +59,13 @@ def start_engine_cores(
             client.stop(timeout_s=0)
         raise
     return clients
+
+
+def core_threads(num_cores: int) -> int:
+    """Torch intra-op threads for each of ``num_cores`` engine cores: the CPUs this process
+    may run on, less ``API_PROCESS_CPUS``, shared out (at least one each)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, ((cpus or 1) - API_PROCESS_CPUS) // num_cores)
 
 
 def _wait_until_ready(clients: list[EngineCoreClient]) -> None:
