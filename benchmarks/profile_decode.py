@@ -5,6 +5,7 @@ kernels from the profiler); it groups kernels by name and reports count and devi
 which is the profile that decides what to fuse.
 
 python benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json [--fused-kernels]
+    [--quantization fp8|int8] [--kv-cache-dtype fp8] [--timeline --batch N]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _make_llm(args: argparse.Namespace, eager: bool) -> LLM:
         gpu_memory_utilization=0.4,
         enforce_eager=eager,
         fused_kernels=args.fused_kernels,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -162,6 +165,9 @@ def main() -> None:
         default=None,
         help="Triton fused ops (default: the engine's, on for CUDA)",
     )
+    ap.add_argument("--quantization", choices=["fp8", "int8"], default=None,
+                    help="quantize the weights at load (default: none)")  # fmt: skip
+    ap.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (default: auto)")
     ap.add_argument("--timeline", action="store_true", help="only the GPU idle-time timeline")
     args = ap.parse_args()
     if args.timeline:

@@ -123,6 +123,14 @@ for step in "${@:-tests latency}"; do
                tail -4 "$OUT/decode_step.log" ;;
     timeline) for b in 1 128; do python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.2-1b.json \
                 --timeline --batch $b > "$OUT/timeline$b.log" 2>&1; tail -8 "$OUT/timeline$b.log"; done ;;
+    quantprofile) # issue 17: where the 8B batch-1 step's time goes with bf16, fp8 and int8
+                  # weights (graph replays, kernel by kernel)
+                  for q in none fp8 int8; do
+                    flag=(); [[ $q != none ]] && flag=(--quantization "$q")
+                    python3 benchmarks/profile_decode.py --config benchmarks/configs/llama-3.1-8b.json \
+                      --timeline --batch 1 "${flag[@]}" > "$OUT/quantprofile_$q.log" 2>&1
+                    tail -32 "$OUT/quantprofile_$q.log"
+                  done ;;
     specoracle) # verify graphs against the eager verify first: the table means nothing if they differ
                 python3 -m pytest -q -m gpu tests/engine/test_verify_graph_gpu.py -p no:cacheprovider \
                   > "$OUT/pytest_verify_graph.log" 2>&1; tail -3 "$OUT/pytest_verify_graph.log"
