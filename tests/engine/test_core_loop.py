@@ -16,6 +16,7 @@ from parallm.engine.core.messages import (
     Command,
     CoreOutputs,
     CoreRequest,
+    ResetPrefixCache,
     Shutdown,
 )
 from parallm.engine.engine import LLMEngine
@@ -36,9 +37,11 @@ def engine() -> Iterator[LLMEngine]:
         torch.set_num_threads(threads)
 
 
-def _request(request_id: str, prompt: list[int], max_tokens: int) -> CoreRequest:
+def _request(
+    request_id: str, prompt: list[int], max_tokens: int, stream: bool = True
+) -> CoreRequest:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-    return CoreRequest(request_id, prompt, params, None, time.monotonic())
+    return CoreRequest(request_id, prompt, params, None, time.monotonic(), stream)
 
 
 def _run_until_idle(loop: EngineCoreLoop) -> list[CoreOutputs]:
@@ -65,6 +68,43 @@ def test_deltas_leave_out_the_prompt_and_timings_and_count_every_step(engine: LL
     last = batches[-1]
     assert last.num_requests_taken == 1
     assert last.stats.num_blocks_in_use == 0 and last.stats.num_requests_running == 0
+
+
+def test_a_request_not_streamed_comes_back_once_whole(engine: LLMEngine) -> None:
+    """stream=False (the offline data-parallel engine's requests): one output, when the
+    request finishes, with every token and text, as the in-process engine returns it."""
+    engine.add_request("direct", PROMPT, _request("", PROMPT, 4).params)
+    (direct,) = [out for _ in range(10) for out in engine.step()]  # 4 steps, one output
+    want = direct.outputs[0]
+    loop = EngineCoreLoop(engine)
+    loop.handle(AddRequests([_request("whole", PROMPT, 4, stream=False)]))
+    batches = _run_until_idle(loop)
+    (out,) = [out for b in batches for out in b.outputs]
+    assert out.finished and out.request_id == "whole"
+    assert out.outputs[0].token_ids == want.token_ids and len(want.token_ids) == 4
+    assert out.outputs[0].text == want.text
+    assert out.outputs[0].finish_reason == "length"
+    assert out.metrics is not None and out.prompt_token_ids == []
+
+
+def test_reset_prefix_cache_applies_before_the_requests_sent_after_it(engine: LLMEngine) -> None:
+    """Commands apply in order, so ResetPrefixCache needs no acknowledgement: a request sent
+    after it computes its whole prompt afresh (and, without it, would have hit the cache)."""
+    loop = EngineCoreLoop(engine)
+    engine.reset_prefix_cache()
+
+    def cached_tokens(*commands: Command) -> int:
+        for command in commands:
+            loop.handle(command)
+        (out,) = [out for b in _run_until_idle(loop) for out in b.outputs if out.finished]
+        return out.num_cached_tokens
+
+    assert cached_tokens(AddRequests([_request("first", PROMPT, 2, stream=False)])) == 0
+    hit = cached_tokens(AddRequests([_request("again", PROMPT, 2, stream=False)]))
+    assert hit >= engine.kv.block_size  # the cache works: the prompt's full blocks hit
+    reset_then_add = (ResetPrefixCache(), AddRequests([_request("fresh", PROMPT, 2)]))
+    assert cached_tokens(*reset_then_add) == 0
+    assert engine.kv.num_cached_blocks > 0  # and the fresh request cached its prompt again
 
 
 def test_a_bad_request_is_rejected_alone(engine: LLMEngine) -> None:

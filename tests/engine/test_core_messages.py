@@ -27,13 +27,15 @@ def test_commands_round_trip() -> None:
     )  # fmt: skip
     add = m.AddRequests([
         m.CoreRequest("a", [1, 2, 3], params, "the prompt", 12.5),
-        m.CoreRequest("b", [4], SamplingParams(), None, 13.0),
+        m.CoreRequest("b", [4], SamplingParams(), None, 13.0, stream=False),
     ])  # fmt: skip
-    for command in (add, m.AbortRequests(["a", "b"]), m.AbortAll(), m.Shutdown()):
+    commands = (add, m.AbortRequests(["a", "b"]), m.AbortAll(), m.ResetPrefixCache(), m.Shutdown())
+    for command in commands:
         assert _round_trip_command(command) == command
     decoded = _round_trip_command(add).requests[0].params
     assert type(decoded) is SamplingParams
     assert decoded == params and decoded.seed == MAX_SEED and decoded.max_tokens is None
+    assert [r.stream for r in _round_trip_command(add).requests] == [True, False]
 
 
 def _output() -> RequestOutput:

@@ -22,6 +22,7 @@ from parallm.engine.core.messages import (
     EngineInfo,
     EngineStats,
     RequestFailure,
+    ResetPrefixCache,
     Shutdown,
 )
 from parallm.engine.engine import LLMEngine
@@ -37,8 +38,10 @@ IDLE_STEP_WAIT_S = 0.005
 class EngineCoreLoop:
     """Applies commands to one ``LLMEngine``, steps it, and gathers what to report.
 
-    Every request is added with ``stream=True``, so each step reports the new tokens of every
-    request that progressed. ``take_outputs`` hands over (and clears) what was gathered.
+    Requests are added as their ``CoreRequest.stream`` says: a streamed one (the server's)
+    reports its new tokens every step it progressed, another its whole output once finished.
+    Commands are applied in the order they arrive. ``take_outputs`` hands over (and clears)
+    what was gathered.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -57,6 +60,8 @@ class EngineCoreLoop:
                 self.engine.abort_request(request_id)
         elif isinstance(command, AbortAll):
             self._abort_all()
+        elif isinstance(command, ResetPrefixCache):
+            self.engine.reset_prefix_cache()
         elif not isinstance(command, Shutdown):  # Shutdown is the driver's to act on
             raise TypeError(f"unknown engine core command {type(command).__name__}")
 
@@ -103,7 +108,7 @@ class EngineCoreLoop:
             try:
                 self.engine.add_request(
                     req.request_id, req.prompt_token_ids, req.params, prompt=req.prompt,
-                    stream=True, arrival_time=req.arrival_time,
+                    stream=req.stream, arrival_time=req.arrival_time,
                 )  # fmt: skip
             except Exception as exc:
                 status = 400 if isinstance(exc, ValueError) else 500

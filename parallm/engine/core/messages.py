@@ -2,9 +2,10 @@
 
 Requests go in as token ids and ``SamplingParams`` (a plain dataclass, encoded field by field);
 outputs come back once per step as ``RequestOutput`` deltas (new token ids, text, logprobs,
-finish reasons) without the prompt, which the API process already holds, plus a snapshot of the
-engine's counters for /metrics and admission control. Nothing here is pickled except the
-tokenizer, once, at start-up.
+finish reasons; for a request sent with ``stream=False``, its whole output once) without the
+prompt, which the API process already holds, plus a snapshot of the engine's counters for
+/metrics and admission control. Nothing here is pickled except the tokenizer, once, at
+start-up.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from parallm.sampling_params import SamplingParams
 
 class CoreRequest(msgspec.Struct, array_like=True):
     """One engine request. ``arrival_time`` is ``time.monotonic()`` in the API process (the
-    clock is system-wide, so the core's request metrics use it as is)."""
+    clock is system-wide, so the core's request metrics use it as is). ``stream``: report
+    the new tokens of every step (the server's way); False reports the request once, whole,
+    when it finishes (``LLM.generate``'s way, as the in-process engine does)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float = 0.0
+    stream: bool = True
 
 
 class AddRequests(msgspec.Struct, tag=True, array_like=True):
@@ -42,11 +46,17 @@ class AbortAll(msgspec.Struct, tag=True, array_like=True):
     """End every live request with a last output whose finish_reason is "abort"."""
 
 
+class ResetPrefixCache(msgspec.Struct, tag=True, array_like=True):
+    """Forget every cached prefix that no request holds (``LLMEngine.reset_prefix_cache``).
+    Not acknowledged: the core applies commands in the order they were sent, so requests sent
+    after it find the cache reset."""
+
+
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     """Stop the loop, close the engine (and its tensor-parallel workers) and exit."""
 
 
-Command = AddRequests | AbortRequests | AbortAll | Shutdown
+Command = AddRequests | AbortRequests | AbortAll | ResetPrefixCache | Shutdown
 
 # ---- core -> API process ---------------------------------------------------------------------
 
@@ -122,12 +132,13 @@ class TokenDeltas(msgspec.Struct, array_like=True):
 class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
     """What happened since the last message: sent after every step and every batch of commands.
 
-    ``outputs``: deltas of requests that progressed (``prompt`` and ``prompt_token_ids`` left
-    empty, ``metrics`` only on a request's last output). ``aborted``: last outputs of the requests ``AbortAll`` ended. ``rejected``: requests
-    the engine refused to add (bad input). ``failures``: requests that failed while running.
-    ``num_requests_taken``: how many requests the core has taken from its inbox in all (the API
-    process counts what it sent, so it knows what is still in flight). ``step_num_tokens``:
-    the token count of each step launched.
+    ``outputs``: deltas of streamed requests that progressed, whole outputs of the others
+    that finished (``prompt`` and ``prompt_token_ids`` left empty, ``metrics`` only on a
+    request's last output). ``aborted``: last outputs of the requests ``AbortAll`` ended.
+    ``rejected``: requests the engine refused to add (bad input). ``failures``: requests that
+    failed while running. ``num_requests_taken``: how many requests the core has taken from
+    its inbox in all (the API process counts what it sent, so it knows what is still in
+    flight). ``step_num_tokens``: the token count of each step launched.
     """
 
     outputs: list[RequestOutput] = []
