@@ -1,9 +1,10 @@
-"""Offline data parallelism: ``LLM(data_parallel_size=N)`` runs N replica processes behind the
-prefix-aware router. Outputs equal one engine's, in order; a replica's death fails the next
+"""Offline data parallelism: ``LLM(data_parallel_size=N)`` runs N engine-core processes behind
+the prefix-aware router. Outputs equal one engine's, in order; a replica's death fails the next
 generate with an error naming it, and no process is left behind."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -116,7 +117,7 @@ def test_a_killed_replica_fails_the_next_generate_and_nothing_is_left(tiny_model
 def test_replicas_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
     path = str(tiny_model_dir("llama3"))
     engine = {**ENGINE, "data_parallel_size": 2}
-    assert_children_exit_when_killed(tmp_path, path, "parallm-dp-replica", 2, **engine)
+    assert_children_exit_when_killed(tmp_path, path, "parallm-engine-core-dp", 2, **engine)
 
 
 def test_a_replicas_bad_argument_is_a_value_error_and_nothing_is_left(tiny_model_dir):
@@ -154,27 +155,32 @@ def test_cli_flag_reaches_the_engine_and_bench_latency_refuses_it():
 
 
 def test_every_replica_resets_its_prefix_cache_and_the_router_forgets(tiny_model_dir):
+    """The reset is not acknowledged; each replica applies it before the requests sent after
+    it, which then compute their prompts afresh (without it, they hit the cache)."""
     llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
     try:
         prompts = _prompts(llm.engine.model_config.vocab_size)
         llm.generate(prompts, ONE_SAMPLE, use_tqdm=False)
-        cached = [s["num_cached_blocks"] for s in llm.engine.replica_stats()]
+        cached = [s.num_cached_blocks for s in llm.engine.replica_stats()]
         assert all(n > 0 for n in cached), cached  # both replicas served and cached
         assert all(llm.engine.router.cached)
+        long_ones = [prompts[3], prompts[5]]  # 40 and 21 tokens: at least one full block each
+        hits = [o.num_cached_tokens for o in llm.generate(long_ones, ONE_SAMPLE, use_tqdm=False)]
+        assert all(n >= 16 for n in hits), hits  # routed back to the replica that caches it
         llm.reset_prefix_cache()
-        assert [s["num_cached_blocks"] for s in llm.engine.replica_stats()] == [0, 0]
         assert not any(llm.engine.router.cached)
-        assert sum(llm.engine.num_requests_routed) == len(prompts)
-        # Still serving, with the same outputs.
-        again = llm.generate(prompts[:2], ONE_SAMPLE, use_tqdm=False)
-        assert len(again) == 2 and all(len(o.outputs[0].token_ids) == 10 for o in again)
+        assert sum(llm.engine.num_requests_routed) == len(prompts) + 2
+        # Still serving, the same outputs, every prompt computed afresh.
+        again = llm.generate(long_ones, ONE_SAMPLE, use_tqdm=False)
+        assert [o.num_cached_tokens for o in again] == [0, 0]
+        assert all(len(o.outputs[0].token_ids) == 10 for o in again)
     finally:
         llm.close()
     assert multiprocessing.active_children() == []
 
 
-def test_outputs_that_arrive_while_replicas_answer_reach_the_next_step(tiny_model_dir):
-    """A query answered mid-run (stats) keeps the outputs read before its answer for step()."""
+def test_reading_the_stats_between_steps_loses_no_output(tiny_model_dir):
+    """Stats read mid-run (the latest each replica sent) leave every output to step()."""
     llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
     engine = llm.engine
     try:
@@ -183,7 +189,7 @@ def test_outputs_that_arrive_while_replicas_answer_reach_the_next_step(tiny_mode
             engine.add_request(str(i), prompt, ONE_SAMPLE)
         finished = {}
         while engine.has_unfinished_requests():
-            engine.replica_stats()  # between steps: outputs may come before the answers
+            engine.replica_stats()  # between steps: the outputs stay queued for step()
             finished |= {o.request_id: o for o in engine.step() if o.finished}
         assert sorted(finished, key=int) == [str(i) for i in range(len(prompts))]
         assert all(len(o.outputs[0].token_ids) == 10 for o in finished.values())
@@ -199,17 +205,17 @@ def test_replica_spec_stats_are_summed(tiny_model_dir):
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         llm.generate([[5, 17, 42, 99] * 6, [7, 3, 8, 1, 2] * 5], params, use_tqdm=False)
         total = llm.engine.spec_stats
-        parts = llm.engine._ask_all("spec_stats")
+        parts = llm.engine.replica_stats()
     finally:
         llm.close()
-    assert all(p.num_proposals > 0 for p in parts)  # both replicas drafted
-    assert total.num_proposals == sum(p.num_proposals for p in parts)
-    assert total.draft_tokens == sum(p.draft_tokens for p in parts)
-    assert total.accepted_tokens == sum(p.accepted_tokens for p in parts)
-    width = max(len(p.accepted_per_position) for p in parts)
+    assert all(p.spec_num_drafts > 0 for p in parts)  # both replicas drafted
+    assert total.num_proposals == sum(p.spec_num_drafts for p in parts)
+    assert total.draft_tokens == sum(p.spec_num_draft_tokens for p in parts)
+    assert total.accepted_tokens == sum(p.spec_num_accepted_tokens for p in parts) > 0
+    per_position = [p.spec_accepted_per_position for p in parts]
+    width = max(len(p) for p in per_position)
     assert total.accepted_per_position == [
-        sum(p.accepted_per_position[i] for p in parts if i < len(p.accepted_per_position))
-        for i in range(width)
+        sum(p[i] for p in per_position if i < len(p)) for i in range(width)
     ]
 
 
@@ -227,7 +233,7 @@ def test_more_replicas_than_gpus_fails_before_any_replica_starts(tiny_model_dir,
     assert multiprocessing.active_children() == []
 
 
-def test_on_the_cpu_any_number_of_replicas_works(tiny_model_dir):
+def test_on_the_cpu_any_number_of_replicas_works(tiny_model_dir, caplog):
     llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=3, **ENGINE)
     try:
         assert "data_parallel_size=3 (replica 0: pid" in llm.engine.summary()
@@ -237,6 +243,8 @@ def test_on_the_cpu_any_number_of_replicas_works(tiny_model_dir):
     finally:
         llm.close()
     assert len(outs) == 6 and all(len(o.outputs[0].token_ids) == 10 for o in outs)
+    # A clean close: no replica is reported as died.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_the_summary_names_each_replicas_gpus():

@@ -1,6 +1,8 @@
-"""Data-parallel engine cores for the server: N core processes, each on its own devices.
+"""Data-parallel engine cores: N core processes, each on its own devices (the server's
+replicas, and offline ``LLM(data_parallel_size=N)``'s through ``DataParallelEngine``).
 
-``start_engine_cores`` starts one ``EngineCoreClient`` per replica (``data_parallel_size``),
+``start_engine_cores`` starts one ``EngineCoreClient`` per replica (``data_parallel_size``,
+through ``start_replica_cores``, which the offline engine calls with its own engine factory),
 each an engine of ``tensor_parallel_size`` ranks, and waits until every one has loaded. On
 CUDA, replica i sees only GPUs ``[i * tp, (i + 1) * tp)`` of this process's visible ones
 (``replica_devices.replica_environments``). If any replica fails to start, the others are
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -46,12 +49,25 @@ def start_engine_cores(
             "(its ranks form one engine); run data parallelism within one host, without torchrun"
         )
     envs = replica_environments(engine_kwargs.get("device", "auto"), n, tp)
-    one_replica = {**engine_kwargs, "data_parallel_size": 1}
+    return start_replica_cores({**engine_kwargs, "data_parallel_size": 1}, envs, num_threads)
+
+
+def start_replica_cores(
+    engine_kwargs: dict[str, Any],
+    envs: list[dict[str, str]],
+    num_threads: int,
+    engine_factory: Callable[..., Any] | None = None,
+) -> list[EngineCoreClient]:
+    """One loaded engine core per entry of ``envs``, replica i started with ``envs[i]`` (its
+    ``CUDA_VISIBLE_DEVICES``), each engine built from ``engine_kwargs`` (by ``engine_factory``
+    if given, as ``EngineCoreClient`` does). The cores load in parallel; the first start-up
+    error is raised after the others are stopped."""
     clients: list[EngineCoreClient] = []
     try:
         for replica, env in enumerate(envs):
             clients.append(EngineCoreClient(
-                one_replica, num_threads=num_threads, replica=replica, env=env, wait=False
+                engine_kwargs, num_threads=num_threads, replica=replica, env=env, wait=False,
+                engine_factory=engine_factory,
             ))  # fmt: skip
         _wait_until_ready(clients)
     except BaseException:
