@@ -18,6 +18,7 @@ from parallm import LLM, SamplingParams
 from parallm.cli import build_parser
 from parallm.commands.engine_args import engine_kwargs
 from parallm.engine import replica_devices
+from parallm.engine.core.messages import CoreOutputs, RequestFailure
 from parallm.engine.dp_router import PrefixRouter
 
 ENGINE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "block_size": 16,
@@ -231,6 +232,41 @@ def test_more_replicas_than_gpus_fails_before_any_replica_starts(tiny_model_dir,
     with pytest.raises(ValueError, match=r"needs 2 GPUs; this process sees 1"):
         LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **engine)
     assert multiprocessing.active_children() == []
+
+
+def test_requests_the_core_refuses_or_fails_end_with_their_error(tiny_model_dir):
+    """A core's rejected and failed requests come back as one engine reports a failed
+    request (finished, ``error`` set, the prompt kept), which LLM raises; the router lets go
+    of them, a late output of theirs is dropped, and the engine goes on serving. (Real
+    engines refuse nothing this process's checks pass, so the core's report is put on the
+    engine's queue as its receiver thread would.)"""
+    llm = LLM(str(tiny_model_dir("llama3")), data_parallel_size=2, **ENGINE)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    try:
+        engine.add_request("refused", [5, 17, 42], params, prompt="refused prompt")
+        engine.add_request("failed", [7, 8, 9, 10], params)
+        assert engine.router.load == [1, 1]
+        report = CoreOutputs(rejected=[RequestFailure("refused", "ValueError: no", 400)],
+                             failures=[RequestFailure("failed", "RuntimeError: boom", 500)])  # fmt: skip
+        for request_id in ("refused", "failed"):
+            engine._inbox.put((engine.requests[request_id].replica, report))
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs |= {o.request_id: o for o in engine.step()}
+        assert sorted(outs) == ["failed", "refused"]  # the cores' own outputs of them dropped
+        assert (outs["refused"].finished, outs["refused"].error) == (True, "ValueError: no")
+        assert outs["refused"].prompt == "refused prompt"
+        assert outs["refused"].prompt_token_ids == [5, 17, 42]
+        assert (outs["failed"].finished, outs["failed"].error) == (True, "RuntimeError: boom")
+        assert engine.router.load == [0, 0]
+        # LLM's first request is "0": its failure, queued first, reaches generate's first step.
+        engine._inbox.put((0, CoreOutputs(failures=[RequestFailure("0", "RuntimeError: x")])))
+        with pytest.raises(RuntimeError, match=r"request 0 failed: RuntimeError: x"):
+            llm.generate([[1, 2, 3]], ONE_SAMPLE, use_tqdm=False)
+        assert len(llm.generate([[1, 2, 3]], ONE_SAMPLE, use_tqdm=False)[0].outputs) == 1
+    finally:
+        llm.close()
 
 
 def test_on_the_cpu_any_number_of_replicas_works(tiny_model_dir, caplog):
