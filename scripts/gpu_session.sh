@@ -30,7 +30,11 @@ server_wheels() {  # the server stack is not on the device image: install it fro
 }
 for step in "${@:-tests latency}"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu $(grep -rl "pytest.mark.gpu" tests --include="test_*.py") -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    tests) # every GPU test, 8 at a time (server tests need `server_wheels` first: `tests` after `serve`, or carry .whl)
+           [[ -d .whl/server ]] && server_wheels
+           python3 -m pytest -q -n 8 -m gpu $(grep -rl "pytest.mark.gpu" tests --include="test_*.py") \
+             -p no:cacheprovider --timeout 240 --continue-on-collection-errors -rfE 2>&1 \
+             | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
     latencyunfused) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
