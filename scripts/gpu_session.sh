@@ -135,6 +135,14 @@ for step in "${@:-tests latency}"; do
                       --timeline --batch 1 "${flag[@]}" > "$OUT/quantprofile_$q.log" 2>&1
                     tail -32 "$OUT/quantprofile_$q.log"
                   done ;;
+    quantsweep) # issue 17: the package's one-byte GEMVs (norm, SiLU and plain prologues) over a
+                # grid of tiles (their defaults were never measured); about 190 compilations a
+                # shape, so the 8B shape only unless SHAPES says more
+                for m in ${SHAPES:-8b}; do
+                  python3 benchmarks/quant_gemv_bench.py --model $m --sweep \
+                    --out "$OUT/quant_gemv_sweep_$m.json" > "$OUT/quant_gemv_sweep_$m.log" 2>&1
+                  tail -16 "$OUT/quant_gemv_sweep_$m.log"
+                done ;;
     specoracle) # verify graphs against the eager verify first: the table means nothing if they differ
                 python3 -m pytest -q -m gpu tests/engine/test_verify_graph_gpu.py -p no:cacheprovider \
                   > "$OUT/pytest_verify_graph.log" 2>&1; tail -3 "$OUT/pytest_verify_graph.log"
