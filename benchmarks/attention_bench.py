@@ -23,11 +23,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallm.kernels.paged_attention import (  # noqa: E402
-    decode_num_splits,
-    paged_decode_attention,
-    paged_prefill_attention,
-)
+from parallm.kernels.paged_decode import decode_num_splits, paged_decode_attention  # noqa: E402
+from parallm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from parallm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
 
 MODELS = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}

@@ -113,7 +113,7 @@ def main() -> None:
                     help="also time the one-row chain without PDL (recaptures)")  # fmt: skip
     ap.add_argument("--compare-const", default=None, metavar="MODULE.NAME=V1,V2",
                     help="time each value of a module constant: integers separated by commas, "
-                         "e.g. parallm.kernels.paged_attention._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
+                         "e.g. parallm.kernels.paged_decode._DECODE_MIN_KEYS_PER_SPLIT=128,512, "
                          "or tuples separated by semicolons, e.g. "
                          "'parallm.kernels.gemv.O_TILE=(8,1024,4);(4,2048,4)' (recaptures)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="time the list of variants this often")

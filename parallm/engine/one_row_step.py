@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallm.kernels import elementwise, gemv, paged_attention
+from parallm.kernels import elementwise, gemv, paged_decode
 from parallm.kernels.pdl import pdl_supported
 from parallm.kernels.rope_store import NewTokenRope
 from parallm.layers.attention import AttentionMetadata
@@ -109,7 +109,7 @@ class OneRowStep:
             q = elementwise.rms_norm(q, attn.q_norm.weight, attn.q_norm.eps, pdl=self.pdl)
             k = elementwise.rms_norm(k, attn.k_norm.weight, attn.k_norm.eps, pdl=self.pdl)
         new_token = NewTokenRope(k, v, *rope, meta.slot_mapping)
-        return paged_attention.paged_decode_attention(
+        return paged_decode.paged_decode_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, attn.attn.scale,
             meta.max_seq_len, rope=new_token, split_counters=self.backend.split_counters(q.device),
             kv_scale=attn.attn.kv_scale, pdl=self.pdl,

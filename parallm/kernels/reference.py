@@ -65,7 +65,7 @@ def _kv_scales(
     return kv_scale[0], kv_scale[1]
 
 
-# Attention (parallm.kernels.paged_attention)
+# Attention (parallm.kernels.paged_prefill, parallm.kernels.paged_decode)
 
 
 def tree_mask_ref(

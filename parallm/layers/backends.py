@@ -22,9 +22,10 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self) -> None:
-        from parallm.kernels import paged_attention, rope_store  # triton here
+        from parallm.kernels import paged_decode, paged_prefill, rope_store  # triton here
 
-        self.attention = paged_attention
+        self.decode = paged_decode
+        self.prefill = paged_prefill
         self.rope_store = rope_store
         # The split merge's arrival counters, shared by all layers and steps (every call
         # leaves them at zero). Allocated by the first decode call, which the warm-up before a
@@ -33,7 +34,7 @@ class TritonAttention:
 
     def split_counters(self, device: torch.device) -> torch.Tensor:
         if self._split_counters is None:
-            self._split_counters = self.attention.new_split_counters(device)
+            self._split_counters = self.decode.new_split_counters(device)
         return self._split_counters
 
     def forward(
@@ -50,14 +51,14 @@ class TritonAttention:
         tables = (rope.cos_cache, rope.sin_cache, rope.positions)
         if meta.is_pure_decode:
             new_token = self.rope_store.NewTokenRope(k, v, *tables, meta.slot_mapping)
-            return self.attention.paged_decode_attention(
+            return self.decode.paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
                 meta.max_seq_len, rope=new_token, split_counters=self.split_counters(q.device),
                 kv_scale=kv_scale,
             )  # fmt: skip
         q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping,
                                                 kv_scale=kv_scale)  # fmt: skip
-        return self.attention.paged_prefill_attention(
+        return self.prefill.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
             meta.max_query_len, scale, kv_scale=kv_scale, tree_num_nodes=meta.tree_num_nodes,
             tree_visible=meta.tree_visible,

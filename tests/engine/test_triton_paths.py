@@ -19,7 +19,7 @@ _SCRIPT = textwrap.dedent(
     from interpreted_engine import assert_same_tokens_and_logprobs, use_one_row_chain
     from parallm import LLM, SamplingParams
     from parallm.engine.one_row_step import supports_one_row_step
-    from parallm.kernels import paged_attention, rope_store
+    from parallm.kernels import paged_decode, paged_prefill, rope_store
     from parallm.layers.backends import TritonAttention
     from parallm.layers.triton_layers import use_triton_layers
 
@@ -32,8 +32,8 @@ _SCRIPT = textwrap.dedent(
         setattr(module, name, wrapper)
     for name in ("rotary_and_store_kv",):
         counted(rope_store, name)
-    for name in ("paged_decode_attention", "paged_prefill_attention"):
-        counted(paged_attention, name)
+    counted(paged_decode, "paged_decode_attention")
+    counted(paged_prefill, "paged_prefill_attention")
 
     llm = LLM(sys.argv[1], device="cpu", max_model_len=128)
     prompts = [{"prompt_token_ids": [5 + i for i in range(n)]} for n in (1, 7, 40)]

@@ -232,16 +232,16 @@ _INTERPRETED = textwrap.dedent(
     from parallm.engine.spec import drafting
     from parallm.engine.spec.tree import DraftTree
     from parallm.engine.verify_graph import drafter_shapes
-    from parallm.kernels import paged_attention
+    from parallm.kernels import paged_prefill
     from parallm.layers.backends import TritonAttention
 
     tree = sys.argv[2] == "tree"
     prefill_calls = []
-    prefill = paged_attention.paged_prefill_attention
+    prefill = paged_prefill.paged_prefill_attention
     def counted(*args, **kwargs):
         prefill_calls.append(kwargs.get("tree_num_nodes") is not None)
         return prefill(*args, **kwargs)
-    paged_attention.paged_prefill_attention = counted
+    paged_prefill.paged_prefill_attention = counted
 
     prompts = [[5 + i for i in range(n)] for n in (3, 20, 9)]  # three sequences: one pad row
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)

@@ -30,15 +30,13 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from test_paged_attention import make_paged_case  # noqa: E402
 
-from parallm.kernels import paged_attention, rope_store  # noqa: E402
-from parallm.kernels.paged_attention import (  # noqa: E402
-    paged_decode_attention,
-    paged_prefill_attention,
-)
+from parallm.kernels import paged_decode, paged_prefill, rope_store  # noqa: E402
+from parallm.kernels.paged_decode import paged_decode_attention  # noqa: E402
+from parallm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from parallm.kernels.rope_store import NewTokenRope, rotary_and_store_kv  # noqa: E402
 from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-INTERPRETING, interpreter_test, requires_cuda = kernel_modes(paged_attention._prefill_kernel)
+INTERPRETING, interpreter_test, requires_cuda = kernel_modes(paged_prefill._prefill_kernel)
 FP8 = torch.float8_e4m3fn
 # Per element: at most half an e4m3 step, 2^-4 of the value for normals (3 mantissa bits), and
 # 2^-10 (half the subnormal step 2^-9) below 2^-6; both times the scale.
@@ -319,7 +317,7 @@ def test_prefill_kernel_reads_fp8_interpreter(num_heads, num_kv_heads):
 @interpreter_test
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_kernel_stores_and_reads_fp8_interpreter(num_splits, monkeypatch):
-    monkeypatch.setattr(paged_attention, "decode_num_splits", lambda *args, **kw: num_splits)
+    monkeypatch.setattr(paged_decode, "decode_num_splits", lambda *args, **kw: num_splits)
     check_decode([1, 16, 17, 100, 300], 4, 2, 64, torch.float32, "cpu", 1e-5)
 
 

@@ -15,13 +15,13 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from parallm.kernels import paged_attention as triton_attention  # noqa: E402
-from parallm.kernels.paged_attention import (  # noqa: E402
+from parallm.kernels import paged_decode, paged_kv, paged_prefill  # noqa: E402
+from parallm.kernels.paged_decode import (  # noqa: E402
     decode_num_splits,
     new_split_counters,
     paged_decode_attention,
-    paged_prefill_attention,
 )
+from parallm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from parallm.kernels.reference import (  # noqa: E402
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -29,7 +29,7 @@ from parallm.kernels.reference import (  # noqa: E402
 
 # Both triton's own helpers and our kernels must have been built in interpreter mode.
 INTERPRETING = isinstance(tl.zeros, InterpretedFunction) and isinstance(
-    triton_attention._prefill_kernel, InterpretedFunction
+    paged_prefill._prefill_kernel, InterpretedFunction
 )
 OLD_INTERPRETER = "interpreter of this triton cannot loop to a loaded bound under numpy 2"
 
@@ -67,7 +67,7 @@ def force_splits(monkeypatch):
     in-kernel merge path on shapes that the heuristic would run in one split)."""
 
     def force(n: int) -> None:
-        monkeypatch.setattr(triton_attention, "decode_num_splits", lambda *args, **kw: n)
+        monkeypatch.setattr(paged_decode, "decode_num_splits", lambda *args, **kw: n)
 
     return force
 
@@ -220,7 +220,7 @@ def check_decode_rope(seq_lens, num_heads, num_kv_heads, head_dim, dtype, device
     )
     args = (case["block_tables"], case["seq_lens"], case["scale"], max(seq_lens))
     want = paged_decode_attention(q_rot, caches[0][0], caches[0][1], *args)
-    rope = triton_attention.NewTokenRope(k, v, rotary.cos_cache, rotary.sin_cache, positions, slots)
+    rope = paged_decode.NewTokenRope(k, v, rotary.cos_cache, rotary.sin_cache, positions, slots)
     got = paged_decode_attention(q, caches[1][0], caches[1][1], *args, rope=rope)
     torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -316,7 +316,7 @@ def test_decode_rope_in_kernel_interpreter(num_splits, force_splits):
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_rope_in_kernel_interpreter_many_tiles(num_splits, force_splits, monkeypatch):
     """32-key tiles: the new token sits in a later tile than the one loaded before the wait."""
-    monkeypatch.setattr(triton_attention, "_DECODE_BLOCK_N", 32)
+    monkeypatch.setattr(paged_decode, "_DECODE_BLOCK_N", 32)
     force_splits(num_splits)
     check_decode_rope([1, 40, 100], 4, 2, 64, torch.float32, "cpu", 1e-3)
 
@@ -335,7 +335,7 @@ def test_new_split_counters_cover_every_split_launch():
     """A split happens only while B * Hkv is under new_split_counters' size."""
     counters = new_split_counters(torch.device("cpu"))
     assert counters.dtype == torch.int32 and not counters.any()
-    sms = triton_attention._device_sms(torch.device("cpu"))
+    sms = paged_kv.device_sms(torch.device("cpu"))
     for batch in (1, 2, 3, 7, 16, 33, 64, 128, 256, 512):
         for num_kv_heads in (1, 2, 4, 8):
             if decode_num_splits(batch, num_kv_heads, 1 << 20, sms) > 1:
@@ -345,7 +345,7 @@ def test_new_split_counters_cover_every_split_launch():
 def test_decode_rope_rejects_bad_shapes():
     q = torch.zeros(2, 4, 64)
     cache = torch.zeros(3, 16, 2, 64)
-    rope = triton_attention.NewTokenRope(
+    rope = paged_decode.NewTokenRope(
         torch.zeros(2, 3, 64), torch.zeros(2, 2, 64), torch.zeros(9, 64), torch.zeros(9, 64),
         torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
     )  # fmt: skip
@@ -353,11 +353,11 @@ def test_decode_rope_rejects_bad_shapes():
         rope.check(q, cache)
     ok = torch.zeros(2, 2, 64)
     positions = torch.zeros(3, dtype=torch.long)
-    rope = triton_attention.NewTokenRope(ok, ok, torch.zeros(9, 64), torch.zeros(9, 64),
+    rope = paged_decode.NewTokenRope(ok, ok, torch.zeros(9, 64), torch.zeros(9, 64),
                                          positions, positions[:2])  # fmt: skip
     with pytest.raises(ValueError, match=r"rope.positions must be \[2\] integer"):
         rope.check(q, cache)
-    rope = triton_attention.NewTokenRope(ok, ok, torch.zeros(9, 32), torch.zeros(9, 64),
+    rope = paged_decode.NewTokenRope(ok, ok, torch.zeros(9, 32), torch.zeros(9, 64),
                                          positions[:2], positions[:2])  # fmt: skip
     with pytest.raises(ValueError, match=r"rope.cos_cache must be \[max_positions, 64\]"):
         rope.check(q, cache)
@@ -367,8 +367,8 @@ def test_decode_rope_rejects_bad_shapes():
 def test_float32_head_dim_128_shrunk_tiles_interpreter(force_splits):
     """float32 at head_dim 128 takes smaller key tiles than bf16 (so they fit shared memory);
     those tiles must compute the same attention."""
-    prefill = triton_attention._prefill_config(128, 40, 2, 4, triton_attention._DEFAULT_SMEM_BYTES)
-    decode = triton_attention._decode_config(128, 2, 4, triton_attention._DEFAULT_SMEM_BYTES)
+    prefill = paged_prefill._prefill_config(128, 40, 2, 4, paged_kv.DEFAULT_SMEM_BYTES)
+    decode = paged_decode._decode_config(128, 2, 4, paged_kv.DEFAULT_SMEM_BYTES)
     assert prefill.block_n < 128 and decode.block_n < 128
     check_prefill(MIXED_LENS, 4, 2, 128, 16, torch.float32, "cpu", 1e-3)
     force_splits(2)
@@ -382,19 +382,17 @@ HOPPER_SMEM, AMPERE_SMEM = 232448, 166912  # opt-in shared memory a block: H100/
 @pytest.mark.parametrize("elem_bytes", [2, 4])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_attention_tiles_fit_shared_memory(smem, elem_bytes, head_dim):
-    budget = smem - triton_attention._SMEM_RESERVE_BYTES
+    budget = smem - paged_kv.SMEM_RESERVE_BYTES
     block_d = triton.next_power_of_2(head_dim)
     for groups in (1, 2, 4, 8, 16):
         for max_query_len in (1, 16, 4096):
-            cfg = triton_attention._prefill_config(
-                head_dim, max_query_len, groups, elem_bytes, smem
-            )
-            used = triton_attention.kv_tiles_bytes(
+            cfg = paged_prefill._prefill_config(head_dim, max_query_len, groups, elem_bytes, smem)
+            used = paged_kv.kv_tiles_bytes(
                 cfg.block_m, cfg.block_n, cfg.num_stages, block_d, elem_bytes
             )
             assert used <= budget and cfg.block_n >= 16 and cfg.num_stages >= 1
-        cfg = triton_attention._decode_config(head_dim, groups, elem_bytes, smem)
-        used = triton_attention.kv_tiles_bytes(
+        cfg = paged_decode._decode_config(head_dim, groups, elem_bytes, smem)
+        used = paged_kv.kv_tiles_bytes(
             cfg.block_g, cfg.block_n, cfg.num_stages, block_d, elem_bytes
         )
         assert used <= budget and cfg.block_n >= 16 and cfg.num_stages >= 1
@@ -405,8 +403,8 @@ def test_half_precision_keeps_tuned_tiles_on_hopper(head_dim):
     """Fitting shared memory leaves the tiles tuned for bf16/fp16 on Hopper as they were."""
     tuned_prefill = {64: (64, 3), 128: (128, 2), 256: (32, 2)}[head_dim]
     tuned_decode = {64: (128, 2), 128: (128, 2), 256: (64, 2)}[head_dim]
-    prefill = triton_attention._prefill_config(head_dim, 4096, 4, 2, HOPPER_SMEM)
-    decode = triton_attention._decode_config(head_dim, 4, 2, HOPPER_SMEM)
+    prefill = paged_prefill._prefill_config(head_dim, 4096, 4, 2, HOPPER_SMEM)
+    decode = paged_decode._decode_config(head_dim, 4, 2, HOPPER_SMEM)
     assert (prefill.block_n, prefill.num_stages) == tuned_prefill
     assert (decode.block_n, decode.num_stages) == tuned_decode
 

@@ -19,10 +19,10 @@ triton = pytest.importorskip("triton")
 from test_paged_attention import INTERPRETER_WORKS, OLD_INTERPRETER, make_paged_case  # noqa: E402
 
 from parallm.engine.spec.tree import DraftTree  # noqa: E402
-from parallm.kernels import paged_attention  # noqa: E402
+from parallm.kernels import paged_prefill  # noqa: E402
 from parallm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
 
-INTERPRETING, _, requires_cuda = kernel_modes(paged_attention._prefill_kernel)
+INTERPRETING, _, requires_cuda = kernel_modes(paged_prefill._prefill_kernel)
 interpreter_test = pytest.mark.skipif(
     not (INTERPRETING and INTERPRETER_WORKS),
     reason=OLD_INTERPRETER
@@ -66,9 +66,7 @@ def _trees(case: dict) -> dict:
 
 def tree_attention(case: dict, max_query_len: int, **kw) -> torch.Tensor:
     """The kernel on a tree case."""
-    return paged_attention.paged_prefill_attention(
-        *_args(case, max_query_len), **_trees(case), **kw
-    )
+    return paged_prefill.paged_prefill_attention(*_args(case, max_query_len), **_trees(case), **kw)
 
 
 def tree_attention_ref(case: dict, max_query_len: int, **kw) -> torch.Tensor:
@@ -147,9 +145,9 @@ def test_tree_kernel_interpreter_long_prompt_next_to_a_tree():
 @interpreter_test
 def test_tree_kernel_interpreter_tiles_a_node_sees_nothing_of(monkeypatch):
     # 16-key tiles over sequences that are all tree: some nodes see no key of a whole tile.
-    config = paged_attention._prefill_config
+    config = paged_prefill._prefill_config
     monkeypatch.setattr(
-        paged_attention,
+        paged_prefill,
         "_prefill_config",
         lambda *a: dataclasses.replace(config(*a), block_m=16, block_n=16),
     )
@@ -215,7 +213,7 @@ def test_triton_backend_takes_the_tree_kernel_for_tree_steps():
 def test_bad_tree_inputs_are_refused():
     case, _ = make_tree_case([(3, 10, 2)], 2, 1, 32, 16, torch.float32, "cpu")
     args, nodes = _args(case, 3), case["tree_num_nodes"]
-    attend = paged_attention.paged_prefill_attention
+    attend = paged_prefill.paged_prefill_attention
     with pytest.raises(ValueError, match="tree_visible must be int64"):
         attend(*args, tree_num_nodes=nodes, tree_visible=case["tree_visible"].to(torch.int32))
     with pytest.raises(ValueError, match="tree_visible \\[T\\]"):
