@@ -37,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 from parallm.bench.common import cuda_ms_per_call  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is kept)")
     p.add_argument("--graph-ops", type=int, default=64, help="all-reduces captured per graph")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def _csv(text: str) -> list[int]:

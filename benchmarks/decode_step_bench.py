@@ -101,7 +101,7 @@ def _set(module: object, **values: object) -> None:
         setattr(module, name, value)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
     ap.add_argument("--batch-sizes", default="1,8,32", help="comma-separated decode batch sizes")
@@ -118,7 +118,11 @@ def main() -> None:
                          "'parallm.kernels.gemv.O_TILE=(8,1024,4);(4,2048,4)' (recaptures)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="time the list of variants this often")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     llm = LLM(args.config, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)

@@ -166,13 +166,17 @@ def run(model_name: str, dtype: torch.dtype, tokens_list: list[int], graph: bool
             print(f"{line}   (max diff {ulp} ulp)")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 256, 4096])
     parser.add_argument("--graph", action="store_true", help="also time CUDA graph replays")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     torch.manual_seed(0)

@@ -154,7 +154,7 @@ def _print_per_step(spans: list[tuple], gaps: list[tuple], steps: int) -> None:
         print(f"{before:<20} -> {after:<20}{len(g) / steps:>9.1f}{sum(g) / steps:>9.1f}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
     ap.add_argument("--steps", type=int, default=200, help="decode steps to time")
@@ -169,7 +169,11 @@ def main() -> None:
                     help="quantize the weights at load (default: none)")  # fmt: skip
     ap.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (default: auto)")
     ap.add_argument("--timeline", action="store_true", help="only the GPU idle-time timeline")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.timeline:
         timeline(args)
         return

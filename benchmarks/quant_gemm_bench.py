@@ -97,7 +97,7 @@ def _row(name, m, n, k, dtype, seconds, rel):
             "us": seconds * 1e6, "rel_err": rel}  # fmt: skip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -108,7 +108,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated MxNxK")
     parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per path")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = []
     for shape in args.shapes.split(","):

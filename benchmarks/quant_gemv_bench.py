@@ -111,7 +111,7 @@ def bench(model: str, sweep: bool) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -120,7 +120,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep tiles for the quantized GEMVs (default: off)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the rows as JSON here (default: none)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("quant_gemv_bench.py needs a CUDA GPU")
     rows = bench(args.model, args.sweep)

@@ -794,7 +794,7 @@ def _list(choices):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     parser.add_argument("--models", type=_list(list(SHAPES)), default=",".join(SHAPES),
                         help="comma-separated layer shapes (Llama-3.1-8B, Llama-3.2-1B)")  # fmt: skip
@@ -813,6 +813,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="no GPU: compile every variant for sm_90 and count the SASS "
                              "instructions doing the per-weight work, then exit")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the rows and summary as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")

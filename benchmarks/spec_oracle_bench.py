@@ -171,7 +171,7 @@ def print_thresholds(rows: list[dict]) -> None:
               f"(mean efficiency {efficiency:.2f}); best speedup {best:.2f}x, {verdict}")  # fmt: skip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     ap.add_argument("--config", required=True, help="model config.json (dummy weights)")
@@ -190,7 +190,11 @@ def main() -> None:
     ap.add_argument("--raw-dummy-weights", action="store_true",
                     help="keep the plain dummy weights (near-tied logits: in bf16 the oracle's "
                          "drafts stop matching); unset, they are peaked (peak_dummy_logits)")  # fmt: skip
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     rows = run(args)
     print_thresholds(rows)
     if args.out:
