@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: environment, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Usage on the device machine: OUT=dir bash scripts/gpu_session.sh [tests|latency|throughput|...]
+# One device call: the environment, then each step named (the `case` labels below) in turn.
+# Usage on the device machine: OUT=dir bash scripts/gpu_session.sh [STEP...] (default: tests latency)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,7 +28,8 @@ server_wheels() {  # the server stack is not on the device image: install it fro
   export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
   python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
 }
-for step in "${@:-tests latency}"; do
+(( $# )) || set -- tests latency  # ("${@:-tests latency}" would be the one step "tests latency")
+for step in "$@"; do
   case $step in
     tests) # every GPU test, 8 at a time (server tests need `server_wheels` first: `tests` after `serve`, or carry .whl)
            [[ -d .whl/server ]] && server_wheels
