@@ -80,11 +80,14 @@ for step in "$@"; do
             torchrun --standalone --nproc-per-node "$n" -m parallm.bench.train $args \
                 --baseline-json "$OUT/train-1of$n.json" --out "$OUT/train-${n}gpu.json" \
                 > "$OUT/train-$n.log" 2>&1; tail -4 "$OUT/train-$n.log" ;;
-    serve) server_wheels
+    serve) # the Azure conversation trace: carry .peers/data (benchmarks/peers/README.md)
+           trace=${TRACE:-.peers/data/AzureLLMInferenceTrace_conv.csv}
+           [[ -f $trace ]] || { echo "serve: no $trace (carry .peers/data)"; continue; }
+           server_wheels
            start_server "$OUT/server.log" --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096
            for scale in ${TIME_SCALES:-4 16}; do
              python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
-               --trace .gl/AzureLLMInferenceTrace_conv.csv --time-scale "$scale" \
+               --trace "$trace" --time-scale "$scale" \
                --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50 \
                --no-progress --out "$OUT/serve-x$scale.json" --plot "$OUT/serve-x$scale.png" \
                > "$OUT/bench_serve-x$scale.log" 2>&1
