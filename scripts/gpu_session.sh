@@ -193,6 +193,26 @@ for step in "$@"; do
                      > "$OUT/quant_gemv_variants.log" 2>&1
                    grep -A2 "FAILED" "$OUT/quant_gemv_variants.log" | head -20
                    tail -28 "$OUT/quant_gemv_variants.log" ;;
+    quantlatency) # issue 17's speed rows: the 8B shape's batch 1 and 8 decode with bf16, fp8 and
+                  # int8 weights, one after another on this GPU (ratios within one call)
+                  for q in none fp8 int8; do
+                    flag=(); [[ $q != none ]] && flag=(--quantization "$q")
+                    python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
+                      --max-model-len 4096 --batch-sizes 1,8 --iters 2 "${flag[@]}" \
+                      --out "$OUT/latency_llama8b_$q.json" > "$OUT/latency_llama8b_$q.log" 2>&1
+                    tail -6 "$OUT/latency_llama8b_$q.log"
+                  done ;;
+    quantthroughput) # issue 17's offline rows: bf16 against fp8 weights with an fp8 KV cache,
+                     # Qwen3-0.6B and Llama-3.2-1B shapes (bench throughput's 256 requests)
+                     for shape in qwen3-0.6b llama-3.2-1b; do
+                       for q in none fp8; do
+                         flag=(); [[ $q == fp8 ]] && flag=(--quantization fp8 --kv-cache-dtype fp8)
+                         python3 -m parallm.cli bench throughput --config "benchmarks/configs/$shape.json" \
+                           --max-model-len 4096 "${flag[@]}" --out "$OUT/throughput_${shape}_$q.json" \
+                           > "$OUT/throughput_${shape}_$q.log" 2>&1
+                         tail -4 "$OUT/throughput_${shape}_$q.log"
+                       done
+                     done ;;
     tp) # issue 18: Llama-3.1-8B shape at TP=1 (CUDA graphs, then eager: what graphs alone give)
         # and TP=N (N = this machine's GPUs), with graphs and, should those fail, eager
         n=$(nvidia-smi -L | wc -l)
