@@ -7,7 +7,6 @@ scheduler has already chosen which tokens of which sequences this step computes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +31,9 @@ from parallm.engine.sampler import (
     SamplingRow,
     SamplingTensors,
     greedy_argmax,
-    token_logprobs,
 )
 from parallm.engine.scheduler import ScheduledBatch, ScheduledSeq
-from parallm.engine.spec.rejection import rejection_sample, target_probs
-from parallm.engine.spec.tree import DraftTree, move_kv_slots
+from parallm.engine.spec.verify import DraftVerifier, StepRows, tree_of
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -134,6 +131,9 @@ class ModelRunner:
         self.kv_cache_dtype = resolve_kv_cache_dtype(cache_cfg.cache_dtype, dtype)
         self.backend = backend or ReferenceAttention()
         self.sampler = Sampler()
+        self.verifier = DraftVerifier(
+            self.sampler, self._sampling_row, model_cfg.vocab_size, device
+        )
         self.eos_token_ids = eos_token_ids
         # Triton kernels (CUDA only): the greedy argmax, and the one-row chain of batch-1 graphs.
         self.fused_kernels = fused_kernels
@@ -256,7 +256,7 @@ class ModelRunner:
         positions, slots = self._positions_and_slots(starts, lengths, ends, block_tables)
         # Tree nodes keep the slots above, in node order, and take the rotary position of
         # their depth: the position each would have on its own path.
-        trees = [i for i, it in enumerate(items) if _tree_of(it) is not None]
+        trees = [i for i, it in enumerate(items) if tree_of(it) is not None]
         tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
         parts = itertools.chain.from_iterable(
             (it.seq.token_ids[it.start : it.start + it.num_new_tokens], it.draft_token_ids)
@@ -391,7 +391,8 @@ class ModelRunner:
         # in any step, then verify the drafts on the rows after them.
         first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
         out = self._sample(batch, logits[self._to_device(first)], None, None)
-        out, rows = self._verify(batch, out, logits, first, inputs)
+        step = StepRows(inputs.query_start_loc, inputs.slot_mapping, self.kv_caches)
+        out, rows = self.verifier.verify(batch, out, logits, first, step)
         if hidden is not None:  # each sequence's state at the row of its last emitted token
             last = self._to_device(np.array([r[-1] for r in rows]))
             out = dataclasses.replace(out, hidden_states=hidden[last])
@@ -425,138 +426,6 @@ class ModelRunner:
         rows = [self._sampling_row(seq) for seq in seqs]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
         return self.sampler(logits.float(), tensors)
-
-    def _verify(
-        self,
-        batch: ScheduledBatch,
-        out: SamplerOutput,
-        logits: torch.Tensor,
-        first: np.ndarray,
-        inputs: StepInputs,
-    ) -> tuple[SamplerOutput, list[list[int]]]:
-        """``out`` with every sampling sequence's emitted tokens (``spec_token_ids``), and the
-        logits rows each was sampled from. A chain keeps its drafts while each equals the token
-        sampled at its position, then takes the first token that differs (or the one after
-        the last draft); a tree walks from its root to the child carrying the token sampled
-        at the current node (``DraftTree.walk``), and its accepted nodes' KV moves to the
-        slots that follow the last known token.
-
-        Each position is sampled exactly as plain decoding samples it, one draw of the
-        sequence's random stream per emitted token: the output is plain decoding's, token for
-        token for greedy and seeded requests, and in distribution otherwise. The tokens after
-        the first carry their logprobs (``spec_logprobs``) when ``out`` carries the first ones'.
-        Drafts sampled from a draft model's distribution (``draft_probs``) are verified by
-        speculative sampling instead (``_speculative_sample``).
-        """
-        emitted, rows, moves = [], [], []
-        sampling = [(b, item) for b, item in enumerate(batch.seqs) if item.samples]
-        tokens_out = out.token_ids.tolist()
-        argmax_rows = self._argmax_rows(logits, [item.seq for _, item in sampling])
-        for (b, item), start, token in zip(sampling, first.tolist(), tokens_out, strict=True):
-            tree = _tree_of(item)
-            if item.draft_probs is not None:
-                tokens = self._speculative_sample(item, logits, start)
-                path = range(len(tokens) - 1)
-            elif tree is None:
-                tokens = [token]
-                for i, draft in enumerate(item.draft_token_ids):
-                    if tokens[-1] != draft:
-                        break
-                    tokens.append(self._sample_at(item.seq, logits, start + 1 + i, argmax_rows))
-                path = range(len(tokens) - 1)
-            else:
-                sample_at = functools.partial(self._sample_node, item.seq, logits, start,
-                                              argmax_rows)  # fmt: skip
-                tokens, path = tree.walk(token, sample_at)
-                first_node = int(inputs.query_start_loc[b + 1]) - len(tree)
-                moves += [(first_node + node, first_node + depth)
-                          for depth, node in enumerate(path) if node != depth]  # fmt: skip
-            emitted.append(tokens)
-            rows.append([start] + [start + 1 + node for node in path])
-        firsts = [tokens[0] for tokens in emitted]
-        if firsts != tokens_out:  # speculative sampling drew some first tokens itself
-            out = self._with_first_tokens(out, logits[self._to_device(first)], firsts)
-        if moves:
-            src, dst = inputs.slot_mapping[np.array(moves).T]
-            move_kv_slots(self.kv_caches, self._to_device(src), self._to_device(dst))
-        later = None
-        if out.logprobs is not None:
-            k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
-            later = self._later_token_logprobs(logits, rows, emitted, k)
-        return dataclasses.replace(out, spec_token_ids=emitted, spec_logprobs=later), rows
-
-    def _speculative_sample(
-        self, item: ScheduledSeq, logits: torch.Tensor, start: int
-    ) -> list[int]:
-        """The tokens emitted by a sequence whose drafts a draft model sampled from
-        ``item.draft_probs``: speculative sampling against the distribution plain sampling
-        draws from at its rows (spec/rejection.py), on the sequence's generator. The first
-        token ``_sample`` drew for it is discarded (a fixed draw, so seeds stay reproducible).
-
-        Every other drafter's drafts are point masses; for those, keeping a draft while it
-        equals the token sampled at its position accepts it with the same probability p(x) as
-        speculative sampling would, and emits plain decoding's very tokens.
-        """
-        probs = target_probs(logits[start : start + len(item.draft_token_ids) + 1], item.seq.params)
-        return rejection_sample(probs, item.draft_token_ids, item.draft_probs, item.seq.generator)
-
-    def _with_first_tokens(
-        self, out: SamplerOutput, first_logits: torch.Tensor, token_ids: list[int]
-    ) -> SamplerOutput:
-        """``out`` with other first tokens, and their logprobs from their raw logits rows
-        ``first_logits`` when ``out`` carries logprobs (with its top-k width)."""
-        ids = torch.tensor(token_ids, device=out.token_ids.device)
-        if out.logprobs is None:
-            return dataclasses.replace(out, token_ids=ids)
-        k = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
-        return token_logprobs(first_logits.float(), ids, k)
-
-    def _later_token_logprobs(
-        self, logits: torch.Tensor, sampled_rows: list[list[int]], emitted: list[list[int]], k: int
-    ) -> SamplerOutput | None:
-        """Logprob, rank and top ``k`` of every emitted token after the first, sequence by
-        sequence, each from the raw logits of the row it was sampled from (``sampled_rows``),
-        as the sampler computes them (with the same ``k`` as the step's first tokens); None if
-        there are none.
-        """
-        rows = [row for seq_rows in sampled_rows for row in seq_rows[1:]]
-        if not rows:
-            return None
-        ids = torch.tensor([t for tokens in emitted for t in tokens[1:]], device=logits.device)
-        return token_logprobs(logits[self._to_device(np.array(rows))].float(), ids, k)
-
-    def _sample_node(
-        self, seq: Sequence, logits: torch.Tensor, start: int, argmax_rows: list[int] | None,
-        node: int,
-    ) -> int:  # fmt: skip
-        """The token sampled at tree node ``node`` of the sequence whose rows begin at ``start``."""
-        return self._sample_at(seq, logits, start + 1 + node, argmax_rows)
-
-    def _argmax_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int] | None:
-        """Every row's argmax in one host copy when some sequence samples by plain argmax
-        (``_argmax_samples``): its drafts are then checked without a sampler call and a host
-        sync per draft. The sampler takes the argmax of the rows widened to float32, which is
-        exact: the model dtype's argmax is the same index, without a float32 copy."""
-        if not any(map(_argmax_samples, seqs)):
-            return None
-        return logits.argmax(dim=-1).tolist()
-
-    def _sample_at(
-        self, seq: Sequence, logits: torch.Tensor, row: int, argmax_rows: list[int] | None
-    ) -> int:
-        """The token ``seq`` samples at ``row`` of ``logits``: from ``argmax_rows`` when it
-        samples by plain argmax, else as a plain step samples it (``_sample_row``)."""
-        if argmax_rows is not None and _argmax_samples(seq):
-            return argmax_rows[row]
-        return self._sample_row(seq, logits[row])
-
-    def _sample_row(self, seq: Sequence, row: torch.Tensor) -> int:
-        """One token of ``seq`` from one row of logits, as a plain step samples it; its
-        logprobs, if asked for, come batched from ``_later_token_logprobs``."""
-        tensors = SamplingTensors.build([self._sampling_row(seq)], self.model_cfg.vocab_size,
-                                        self.device)  # fmt: skip
-        tensors.max_num_logprobs = None
-        return int(self.sampler(row.float().unsqueeze(0), tensors).token_ids[0])
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[np.ndarray, ...]:
         """Inputs of a pure decode step, with as little per-sequence Python as possible."""
@@ -624,12 +493,6 @@ class ModelRunner:
         )
 
 
-def _argmax_samples(seq: Sequence) -> bool:
-    """Whether the sampler takes ``seq``'s tokens as the plain argmax of the raw logits:
-    greedy, no penalties, no banned stop tokens."""
-    return seq.params.greedy and seq.params.penalty_free and not seq.bans_stop_tokens
-
-
 def _has_prefill(batch: ScheduledBatch) -> bool:
     """Whether some sequence computes known tokens (a prompt chunk): only those score any."""
     return not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
@@ -646,12 +509,6 @@ def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) 
     return first + offsets
 
 
-def _tree_of(item: ScheduledSeq) -> DraftTree | None:
-    """The item's draft tree, or None when its drafts form a chain (the chain path)."""
-    tree = item.draft_tree
-    return None if tree is None or tree.is_chain else tree
-
-
 def _lay_out_trees(
     items: list[ScheduledSeq], trees: list[int], ends: np.ndarray, positions: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -660,7 +517,7 @@ def _lay_out_trees(
     num_nodes = np.zeros(len(items), dtype=np.int32)
     visible = np.zeros(int(ends[-1]), dtype=np.int64)
     for i in trees:
-        tree = _tree_of(items[i])
+        tree = tree_of(items[i])
         end = int(ends[i])
         begin = end - len(tree)
         num_nodes[i] = len(tree)

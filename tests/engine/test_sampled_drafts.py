@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_rejection import ALPHA, chi_square_p_value
 
 from parallm import LLM, SamplingParams
-from parallm.engine import runner as runner_module
+from parallm.engine.spec import verify as verify_module
 
 ENGINE = dict(dtype="float32", device="cpu", kv_cache_memory=64 << 20, block_size=16,
               max_num_batched_tokens=1024, enable_prefix_caching=True)  # fmt: skip
@@ -130,7 +130,7 @@ def test_emitted_tokens_have_the_targets_distribution(
     dist = exact_distribution(LLM(target, **ENGINE), prompt)
     assert len(dist) == TOP_K**LENGTH and sum(dist.values()) == pytest.approx(1.0)
     if verifier == "keep_every_draft":
-        monkeypatch.setattr(runner_module, "rejection_sample", keep_every_draft)
+        monkeypatch.setattr(verify_module, "rejection_sample", keep_every_draft)
     llm = LLM(target, speculative_config=_spec(draft), **ENGINE)
     outputs = _sample_many(llm, prompt)
     stats = llm.engine.stats

@@ -205,11 +205,11 @@ def test_greedy_drafts_are_checked_from_one_argmax_not_a_sampler_call_each(
 ):
     """A verify step's greedy rows come to the host in one copy (no sampler call and host sync
     per draft); sampled requests keep sampling each position; tokens stay plain decoding's."""
-    from parallm.engine.runner import ModelRunner
+    from parallm.engine.spec.verify import DraftVerifier
 
     calls = []
-    sample_row = ModelRunner._sample_row
-    monkeypatch.setattr(ModelRunner, "_sample_row",
+    sample_row = DraftVerifier._sample_row
+    monkeypatch.setattr(DraftVerifier, "_sample_row",
                         lambda self, seq, row: calls.append(seq.params) or sample_row(self, seq, row))  # fmt: skip
     path = str(tiny_model_dir("llama3"))
     prompts = _repetitive_prompts(ordinary_token_ids)

@@ -33,7 +33,7 @@ configuration running the same requests, but not necessarily beside other reques
 others filled the prefix cache (which of its steps draft, and how many drafts each verifies,
 depend on the batch, and each changes how far its random stream advances).
 
-The target verifies every draft (``ModelRunner._verify``), so what the draft proposes changes
+The target verifies every draft (``DraftVerifier.verify``), so what the draft proposes changes
 speed only, never the output's distribution. A sequence whose mirror finds no room in the
 draft cache is not drafted that step; the mirrors of sequences that left the running set
 (finished, aborted, preempted) are freed by :meth:`release`.

@@ -3,7 +3,7 @@
 Speculation pays when a sequence's next tokens are cheap to guess and the step has room to
 verify them; it must never change what a request produces. The runner verifies a draft by
 sampling its position exactly as plain decoding would and keeping the draft when they agree
-(``ModelRunner._verify``), so requests whose distribution does not depend on their earlier
+(``DraftVerifier.verify``), so requests whose distribution does not depend on their earlier
 output (no penalties) and whose stop tokens are allowed already are drafted, greedy or
 sampled, and emit plain decoding's tokens; the logprobs of every emitted token come from the
 row it was sampled from. The exception is a draft model's drafts for sampled requests, which

@@ -10,7 +10,7 @@ path ``(r0, .., rd)`` is the node carrying head ``d``'s rank-``rd`` token, below
 ``(r0, ..)``. One batched forward of the heads and one top-k per step serve every sequence.
 
 A sequence is drafted only while its stored hidden state belongs to its current last token
-(``num_tokens`` at the time); the target verifies every node (``ModelRunner._verify``), so the
+(``num_tokens`` at the time); the target verifies every node (``DraftVerifier.verify``), so the
 heads change speed only, never output. No KV cache of its own: the heads read one vector.
 """
 
