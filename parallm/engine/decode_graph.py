@@ -25,6 +25,7 @@ from torch import nn
 
 from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
+from parallm.engine.tp_group import track_captured_collectives
 from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref, triton_argmax
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
@@ -140,6 +141,7 @@ class DecodeGraphs(GraphedSteps):
                 out = self.forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
+            track_captured_collectives(graph)  # tensor parallelism: its all-reduces
             self.outputs[size] = out
         torch.cuda.synchronize(self.device)
         self.forget_inputs()

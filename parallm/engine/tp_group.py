@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 from datetime import timedelta
 
 import torch
@@ -26,6 +27,12 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 # NVLink multicast (NVLS) stays off: the lent multi-GPU machines do not support it, and NCCL or
 # symmetric memory would fail at start-up trying it. A value the user set is kept.
 _NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+# CUDA graphs of this process that may hold collectives of the default group. NCCL (2.26 and
+# later) destroys or aborts a communicator only once every graph that captured its operations
+# is gone, and the engine keeps its decode graphs until it is gone itself: leaving the group
+# with one of them alive would wait forever, so ``leave_group`` destroys them first.
+_CAPTURED_GRAPHS: weakref.WeakSet[torch.cuda.CUDAGraph] = weakref.WeakSet()
 
 
 def free_port() -> int:
@@ -54,9 +61,22 @@ def join_group(device: torch.device, init_method: str, rank: int, world_size: in
     )
 
 
+def track_captured_collectives(graph: torch.cuda.CUDAGraph) -> None:
+    """Have ``leave_group`` destroy ``graph`` (captured while this process is in a group, so
+    it may hold the group's collectives) before the group's communicators; a no-op outside
+    a group."""
+    if dist.is_initialized():
+        _CAPTURED_GRAPHS.add(graph)
+
+
 def leave_group(aborting: bool) -> None:
-    """Leave the default group (and the control group). A failed engine's NCCL group may hold
-    a collective that a dead rank never joins, which a destroy would wait for: it is aborted."""
+    """Leave the default group (and the control group), after destroying the CUDA graphs that
+    captured its collectives (``track_captured_collectives``; their engine is done with them).
+    A failed engine's NCCL group may hold a collective that a dead rank never joins, which a
+    destroy would wait for: it is aborted."""
+    for graph in list(_CAPTURED_GRAPHS):
+        graph.reset()  # CUDA frees a graph still replaying once the replay completes
+    _CAPTURED_GRAPHS.clear()
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if aborting and abort is not None and dist.get_backend() == "nccl":
         abort()

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
-import torch.distributed as dist
 
 from parallm.config import CacheConfig, ModelConfig, resolve_device
 from parallm.engine.runner import ModelRunner
 from parallm.engine.step_channel import StepChannel
 from parallm.engine.tp_env import check_torchrun_world, rank_device, torchrun_env
-from parallm.engine.tp_group import control_group, join_group
+from parallm.engine.tp_group import control_group, join_group, leave_group
 
 
 @dataclass
@@ -74,7 +73,7 @@ def spawned_worker_main(
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
         os._exit(1)  # skip the process group's teardown, which would wait for the others
-    dist.destroy_process_group()
+    leave_group(aborting=False)  # destroys this rank's captured graphs first
 
 
 def torchrun_worker_main(tensor_parallel_size: int, device: str = "auto") -> int:
@@ -97,7 +96,7 @@ def torchrun_worker_main(tensor_parallel_size: int, device: str = "auto") -> int
         print(f"parallm: tensor-parallel rank {env.rank} failed; exiting", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)  # skip the process group's teardown, which would wait for the others
-    dist.destroy_process_group()
+    leave_group(aborting=False)  # destroys this rank's captured graphs first
     return 0
 
 
