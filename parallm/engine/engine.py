@@ -34,6 +34,7 @@ from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.stats import SpecStats
 from parallm.engine.verify_graph import drafter_shapes
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
+from parallm.layers.attention import AttentionBackend
 from parallm.layers.backends import check_kv_cache_dtype_support, select_backend
 from parallm.layers.quantization import (
     check_stored_quantization,
@@ -53,58 +54,15 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        # A Hub id becomes its snapshot's directory here (a download unless cached).
-        self.model_dir = _model_dir(config)
-        if model_config is None and self.model_dir is None:
-            raise ValueError(
-                "model: a model directory is required (or pass a ModelConfig for dummy)"
-            )
-        self.model_config = model_config or ModelConfig.from_path(self.model_dir)
-        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        self.max_model_len = config.resolve_max_model_len(self.model_config)
-        self.stored_quantization = check_stored_quantization(
-            config.quantization, self.model_config.raw, config.load_format
-        )
-        # Every argument is checked before the (slow) model load.
-        cache_cfg = config.cache_config()
-        sched_cfg = config.scheduler_config(self.max_model_len)
-        backend = select_backend(config.attention_backend, self.device)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        check_kv_cache_dtype_support(backend, self.kv_cache_dtype, self.device)
-        if config.fused_kernels and self.device.type != "cuda":
-            raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
-        self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
+        cache_cfg, sched_cfg, backend = self._check_config(model_config)
         self.drafter = _drafter(config, self.model_config)  # a draft model loads with the target
         self.draft_model = self.drafter.model if self.drafter is not None else None
-        self.tp_size = config.tensor_parallel_size
-        check_tensor_parallel(config, self.model_config, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.executor = self._start_executor(cache_cfg, sched_cfg)
         try:
-            self.runner = ModelRunner(
-                self._load_model(), self.model_config, cache_cfg, self.device, self.dtype,
-                backend, self.eos_token_ids, fused_kernels=self.fused_kernels,
-                tp_size=self.tp_size,
-            )  # fmt: skip
-            if self.draft_model is not None:
-                self.draft_model.load(self.runner, self.max_model_len)
-            num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
-            self.runner.allocate_kv_cache(num_blocks)
-            if self.executor is not None:
-                self.executor.allocate_kv_cache(num_blocks)
-                self.runner.step_listener = self.executor.send_step
-                self.runner.graph_step_listener = self.executor.send_graph_step
-            self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
-            # Verify steps of speculation in graphs too (not under tensor parallelism).
-            verify = self.drafter is not None and self.executor is None
-            if verify and self.graph_capture_seconds is not None:
-                self.graph_capture_seconds += self.runner.capture_verify_graphs(
-                    drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
-                                   sched_cfg.max_num_batched_tokens), self.max_model_len,
-                )  # fmt: skip
+            num_blocks = self._start_runner(cache_cfg, sched_cfg, backend)
         except BaseException:
             self.close()
             raise
@@ -127,6 +85,65 @@ class LLMEngine:
         # Called with the number of tokens each launched step computes (prompt chunks and
         # decode tokens), from the thread that calls step(); the server feeds a histogram.
         self.step_observer: Callable[[int], None] | None = None
+
+    def _check_config(
+        self, model_config: ModelConfig | None
+    ) -> tuple[CacheConfig, SchedulerConfig, AttentionBackend]:
+        """Resolve and check every argument before the (slow) model load; the cache and
+        scheduler configs and the attention backend."""
+        config = self.config
+        self.device = resolve_device(config.device)
+        # A Hub id becomes its snapshot's directory here (a download unless cached).
+        self.model_dir = _model_dir(config)
+        if model_config is None and self.model_dir is None:
+            raise ValueError(
+                "model: a model directory is required (or pass a ModelConfig for dummy)"
+            )
+        self.model_config = model_config or ModelConfig.from_path(self.model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
+        self.stored_quantization = check_stored_quantization(
+            config.quantization, self.model_config.raw, config.load_format
+        )
+        cache_cfg = config.cache_config()
+        sched_cfg = config.scheduler_config(self.max_model_len)
+        backend = select_backend(config.attention_backend, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        check_kv_cache_dtype_support(backend, self.kv_cache_dtype, self.device)
+        if config.fused_kernels and self.device.type != "cuda":
+            raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
+        self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
+        self.tp_size = config.tensor_parallel_size
+        check_tensor_parallel(config, self.model_config, self.device)
+        return cache_cfg, sched_cfg, backend
+
+    def _start_runner(
+        self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, backend: AttentionBackend
+    ) -> int:
+        """Load the model (and a draft model) into the runner, allocate the KV cache and
+        capture the CUDA graphs; the number of KV blocks."""
+        self.runner = ModelRunner(
+            self._load_model(), self.model_config, cache_cfg, self.device, self.dtype,
+            backend, self.eos_token_ids, fused_kernels=self.fused_kernels,
+            tp_size=self.tp_size,
+        )  # fmt: skip
+        if self.draft_model is not None:
+            self.draft_model.load(self.runner, self.max_model_len)
+        num_blocks = self._plan_num_blocks(cache_cfg.block_size, sched_cfg)
+        self.runner.allocate_kv_cache(num_blocks)
+        if self.executor is not None:
+            self.executor.allocate_kv_cache(num_blocks)
+            self.runner.step_listener = self.executor.send_step
+            self.runner.graph_step_listener = self.executor.send_graph_step
+        self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
+        # Verify steps of speculation in graphs too (not under tensor parallelism).
+        verify = self.drafter is not None and self.executor is None
+        if verify and self.graph_capture_seconds is not None:
+            self.graph_capture_seconds += self.runner.capture_verify_graphs(
+                drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
+                               sched_cfg.max_num_batched_tokens), self.max_model_len,
+            )  # fmt: skip
+        return num_blocks
 
     def _start_executor(
         self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig
