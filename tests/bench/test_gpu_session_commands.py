@@ -361,10 +361,58 @@ def path_problems(call: Call, root: Path) -> list[str]:
     return problems
 
 
+def written_on_device(calls: list[Call], tree: Path) -> tuple[set[str], list[str]]:
+    """The folders that the run's ``parallm train`` calls (their configs' logging, checkpoint
+    and dataset folders) and ``parallm export`` calls (--out) write; and each train config
+    that does not load (an unknown key, a bad value), as TrainConfig.load reports it in the
+    script's working tree (where a Medusa config's target, made by an earlier step, is)."""
+    from parallm.cli import build_parser
+    from parallm.train.config import TrainConfig
+
+    written, problems = set(), []
+    for call in calls:
+        if call.argv[:2] not in (["-m", "parallm"], ["-m", "parallm.cli"]):
+            continue
+        if _argparse_error(parallm_parse, call.argv[2:]):
+            continue  # program_error reports it
+        args = build_parser().parse_args(call.argv[2:])
+        if args.command == "export":
+            written.add(str(args.out))
+        elif args.command == "train":
+            cwd = os.getcwd()
+            try:
+                os.chdir(tree)
+                cfg = TrainConfig.load(args.config, args.overrides)
+            except ValueError as e:
+                problems.append(f"{call}\n    -> {e}")
+                continue
+            finally:
+                os.chdir(cwd)
+            written |= {cfg.logging.dir, str(cfg.checkpoint_dir), cfg.data.dataset_dir}
+    return written, problems
+
+
+def unwritten_runs_paths(text: str, written: set[str]) -> list[str]:
+    """runs/ paths in the script (arguments, cp, mv, tests) that no train or export call of
+    the run writes: a step would read a folder an earlier step never made."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        code = "" if line.lstrip().startswith("#") else line
+        for path in re.findall(r"runs/[\w.-]+(?:/[\w.-]+)*", code):
+            if not any(path == w or path.startswith(f"{w}/") for w in written):
+                problems.append(f"line {number}: {path} is written by no train or export call "
+                                f"(they write {sorted(written)})")  # fmt: skip
+    return problems
+
+
 def check(run: ScriptRun) -> list[str]:
     """Everything wrong with a stubbed run of a script: unreached invocation lines, unknown
-    steps, calls their programs reject, paths the device will not have."""
+    steps, calls their programs reject, paths the device will not have, train configs that do
+    not load."""
     problems = []
+    written, config_problems = written_on_device(run.calls, run.root / "tree")
+    problems += [f"{run.script} {p}" for p in config_problems]
+    problems += [f"{run.script} {p}" for p in unwritten_runs_paths(run.text, written)]
     reached = {c.line for c in run.calls}
     for number, line in invocation_lines(run.text).items():
         if number not in reached and not any(piece in line for piece in NOT_REACHED):
@@ -503,3 +551,13 @@ def test_a_missing_config_and_an_unreached_line_are_caught(gpu_session_text, tmp
 def test_plan_checks_catch_a_missing_step_and_flags():
     notes = f"{NEXT_SESSION_HEADING}\n1. `gpu_session.sh tests servr`, then `latency8b1 --x y`.\n"
     assert perf_notes_steps(notes) == {"tests": [], "servr": [], "latency8b1": ["--x", "y"]}
+
+
+def test_a_bad_train_setting_and_an_unmade_runs_folder_are_caught(gpu_session_text, tmp_path):
+    broken = gpu_session_text.replace(
+        "configs/train/code-model.toml --plot",
+        "configs/train/code-model.toml --set training.stpes=5 --plot",
+    ).replace("runs/data/stdlib-8k/meta.json", "runs/data/stdlib-16k/meta.json")
+    problems = check(run_every_step(tmp_path, broken))  # (and the folders of the unloaded config)
+    assert "unknown config key 'training.stpes'" in problems[0], problems
+    assert any("runs/data/stdlib-16k/meta.json is written by no train" in p for p in problems)
