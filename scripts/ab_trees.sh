@@ -45,6 +45,10 @@ for path in sorted(glob.glob(os.path.join(out, "*_r*.json"))):
                 table[(bench, row.get("batch_size", ""), key)][side].append(row[key])
 print(f"{'benchmark':<20}{'batch':>6}{'metric':>22}{'old':>12}{'new':>12}{'new/old':>9}")
 for (bench, batch, key), sides in sorted(table.items()):
+    if not (sides["old"] and sides["new"]):  # a run that failed on one side wrote no JSON
+        ran = " ".join(s for s in ("old", "new") if sides[s])
+        print(f"{bench:<20}{batch!s:>6}{key:>22}  only {ran} ran: see the other's log")
+        continue
     old, new = (min(sides[s]) if "ms" in key else max(sides[s]) for s in ("old", "new"))
     print(f"{bench:<20}{batch!s:>6}{key:>22}{old:>12.4f}{new:>12.4f}{new / old:>9.3f}")
 PY
