@@ -15,10 +15,11 @@ start_server() {  # start_server LOG ARGS...
   server=$!
   for _ in $(seq 300); do  # until it answers, or has exited
     kill -0 "$server" 2> /dev/null || { echo "server exited:"; tail -5 "$log"; return 1; }
-    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2> /dev/null && break
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2> /dev/null \
+      && { head -3 "$log"; return 0; }
     sleep 1
   done
-  head -3 "$log"
+  echo "server did not answer /health in 300 s:"; tail -5 "$log"; stop_server; return 1
 }
 stop_server() { kill -TERM "$server"; wait "$server"; }
 server_wheels() {  # the server stack is not on the device image: install it from .whl/
@@ -84,7 +85,8 @@ for step in "$@"; do
            trace=${TRACE:-.peers/data/AzureLLMInferenceTrace_conv.csv}
            [[ -f $trace ]] || { echo "serve: no $trace (carry .peers/data)"; continue; }
            server_wheels
-           start_server "$OUT/server.log" --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096
+           start_server "$OUT/server.log" --config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096 \
+             || continue
            for scale in ${TIME_SCALES:-4 16}; do
              python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
                --trace "$trace" --time-scale "$scale" \

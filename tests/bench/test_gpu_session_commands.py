@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import re
 import shlex
@@ -72,10 +73,11 @@ STUB_PYTHON = r"""#!/usr/bin/env bash
 # Records this call (the script line that made it, then argv) and stands in for the program.
 printf '%s\0' "${GS_LINE:-0}" "$(basename "$0")" "$@" > "$GS_RECORDS/$(date +%s%N).$$"
 case "${1:-} ${2:-} ${3:-}" in
-  "-c "*) [[ $2 == *import* ]] && exit 0  # environment checks and the health probe pass
+  "-c "*) [[ $2 == *health* && -n ${GS_NO_HEALTH:-} ]] && exit 1  # a server that never answers
+          [[ $2 == *import* ]] && exit 0  # environment checks and the health probe pass
           exec "$GS_REAL_PYTHON" -c "$2" ;;  # arithmetic (engineproc's ratio) really runs
   "- "*) cat > /dev/null ;;
-  "-m parallm.cli serve"|"-m parallm serve") exec sleep 60 ;;  # until stop_server
+  "-m parallm.cli serve"|"-m parallm serve") exec "$(command -p -v sleep)" 60 ;;  # until stopped
 esac
 exit 0
 """
@@ -146,8 +148,8 @@ def make_tree(root: Path, script: str, text: str) -> Path:
 
 def make_stubs(folder: Path) -> Path:
     folder.mkdir()
-    for name, text in (("python3", STUB_PYTHON), ("torchrun", STUB_RECORD),
-                       ("pip", STUB_RECORD), ("nvidia-smi", STUB_NVIDIA_SMI)):  # fmt: skip
+    for name, text in (("python3", STUB_PYTHON), ("torchrun", STUB_RECORD), ("pip", STUB_RECORD),
+                       ("nvidia-smi", STUB_NVIDIA_SMI), ("sleep", "#!/bin/sh\n")):  # fmt: skip
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
     return folder
@@ -454,6 +456,37 @@ def test_gpu_session_without_steps_runs_its_default_steps(tmp_path):
     ran = [c.argv for c in run.calls if c.program == "python3"]
     assert any(a[:3] == ["-m", "pytest", "-q"] for a in ran), run.output[-2000:]
     assert any(a[:4] == ["-m", "parallm.cli", "bench", "latency"] for a in ran)
+
+
+def test_gpu_session_serve_skips_a_server_that_never_answers(tmp_path):
+    """start_server gives up after its 300 tries (sleep is stubbed), stops the server, and
+    serve runs nothing against it; the next step runs."""
+    run = run_script(tmp_path, GPU_SESSION, ["serve", "latency"], env={"GS_NO_HEALTH": "1"})
+    assert "server did not answer /health in 300 s" in run.output, run.output[-2000:]
+    ran = [c.argv for c in run.calls]
+    assert not any(("bench" in a and "serve" in a) or "scripts/load_test.py" in a for a in ran)
+    assert any(a[:4] == ["-m", "parallm.cli", "bench", "latency"] for a in ran)
+
+
+def test_ab_trees_table_reports_a_benchmark_that_failed_on_one_side(tmp_path):
+    """ab_trees.sh's closing table: a benchmark with no JSON on one side is named, and the
+    others' ratios are still printed."""
+    text = (REPO / AB_TREES).read_text()
+    table = text.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    for name, ms in (
+        ("latency_1b_old_r1", 1.0),
+        ("latency_1b_new_r1", 0.8),
+        ("latency_8b_new_r1", 5.0),
+    ):
+        rows = [{"batch_size": 1, "ms_per_token": ms}]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": rows}))
+    proc = subprocess.run(
+        [sys.executable, "-c", table, str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("latency_1b") and line.endswith("0.800") for line in lines), lines
+    assert any(line.startswith("latency_8b") and "only new ran" in line for line in lines), lines
 
 
 def test_ab_trees_commands_parse(tmp_path):
