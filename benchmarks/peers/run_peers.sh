@@ -4,7 +4,7 @@
 #        bash benchmarks/peers/run_peers.sh [run_vllm.py flags]   (python3 run_vllm.py --help)
 # Output: $OUT/summary.md, $OUT/summary.json, $OUT/peers-*.tar.gz, $OUT/run_peers.log.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/peers/vllm_env.sh
 export PARALLM_COMMIT=${PARALLM_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
