@@ -302,6 +302,8 @@ def test_replicas_use_one_gpu_each(tiny_model_dir):
               "gpu_memory_utilization": 0.5}  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [[5, 17, 42, 99, 7] * 4, [3, 11, 29] * 5, [8, 4, 2]] * n
+    # Read after this process's own context exists on every GPU (the first query makes it).
+    free_before = [torch.cuda.mem_get_info(gpu)[0] for gpu in range(n)]
     llm = LLM(path, data_parallel_size=n, **engine)
     try:
         assert all(f"replica {i}: pid" in llm.engine.summary() for i in range(n))
@@ -309,10 +311,10 @@ def test_replicas_use_one_gpu_each(tiny_model_dir):
             llm.engine.summary()
         )
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        # Each replica's KV cache takes about half of its own GPU (this process holds none).
-        for gpu in range(n):
-            free, total = torch.cuda.mem_get_info(gpu)
-            assert free < 0.7 * total, (gpu, free, total)
+        # Each replica's engine (its CUDA context, weights and KV cache) took memory on its own
+        # GPU. Not half the card: the engine caps the tiny model's KV cache far below that.
+        used = [before - torch.cuda.mem_get_info(gpu)[0] for gpu, before in enumerate(free_before)]
+        assert all(u > 64 << 20 for u in used), used
     finally:
         llm.close()
     assert multiprocessing.active_children() == []
