@@ -54,7 +54,8 @@ CARRIED_INPUTS = {
     ".whl/server": "carry .whl (the server's wheels, docs/PERF_NOTES.md)",
 }
 # Folders that earlier steps write on the device (bundled, spectrain, specheads) and later ones
-# read: not in the repository, so not checked for existence.
+# read: not in the repository; unwritten_runs_paths checks that a train or export call of the
+# script writes each.
 PRODUCED_ON_DEVICE = ("runs/",)
 # Script lines (by a piece of their text) that start python3/torchrun and are not reached by
 # the stubbed run, each with the reason. Empty: every invocation is reached.
@@ -303,6 +304,13 @@ def bench_train_parse(argv: list[str]) -> None:
         train.main(argv)
 
 
+def inline_kind(argv: list[str]) -> str | None:
+    """The INLINE_OK key of a python3 call that runs no program of the repository."""
+    if argv[:1] in (["-c"], ["-"]):
+        return argv[0]
+    return "pip" if argv[:2] == ["-m", "pip"] else None
+
+
 def program_error(call: Call) -> str | None:
     """None if ``call``'s program accepts its arguments, else why not."""
     argv = call.argv
@@ -320,8 +328,8 @@ def program_error(call: Call) -> str | None:
         return script_error(ns.training_script, ns.training_script_args)
     if call.program != "python3":
         return f"{call.program}: not a program this test knows"
-    if argv[:1] == ["-c"] or argv[:1] == ["-"] or argv[:2] == ["-m", "pip"]:
-        return None  # INLINE_OK
+    if inline_kind(argv) in INLINE_OK:
+        return None
     if argv[:1] == ["-m"] and argv[1] in ("parallm", "parallm.cli"):
         return _argparse_error(parallm_parse, argv[2:])
     if argv[:2] == ["-m", "pytest"]:
@@ -343,8 +351,8 @@ def path_problems(call: Call, root: Path) -> list[str]:
     """Paths among the call's arguments that the device will not have: a repository path that
     does not exist, a hidden (carried) input that CARRIED_INPUTS does not list, an absolute
     path outside $OUT and the working tree (both under ``root`` here)."""
-    if call.argv[:1] in (["-c"], ["-"]):
-        return []  # inline code, not paths
+    if inline_kind(call.argv) in ("-c", "-"):
+        return []  # code, not paths
     problems = []
     values = [a.split("=", 1)[1] if a.startswith("--") and "=" in a else a for a in call.argv]
     for value in values:
