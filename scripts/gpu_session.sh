@@ -176,7 +176,9 @@ for step in "$@"; do
                  > "$OUT/train_medusa150m.log" 2>&1; tail -6 "$OUT/train_medusa150m.log"
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
-    specreal) heads=(); [[ -f runs/medusa-code-150m/heads/config.json ]] && heads=(--medusa-heads runs/medusa-code-150m/heads)
+    specreal) # with specheads' heads, medusa too (--medusa-heads alone adds no method to run)
+              heads=(); [[ -f runs/medusa-code-150m/heads/config.json ]] \
+                && heads=(--medusa-heads runs/medusa-code-150m/heads --methods ngram,draft_model,layer_skip,medusa)
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and

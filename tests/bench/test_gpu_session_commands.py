@@ -457,6 +457,17 @@ def test_gpu_session_every_step_parses_and_reads_existing_files(gpu_session_text
     assert not problems, "\n".join(problems)
 
 
+def test_specreal_measures_the_heads_that_specheads_trains(tmp_path):
+    """specreal (after specheads, whose heads exist in the tree) runs the medusa drafter on
+    runs/medusa-code-150m/heads besides the default ones."""
+    run = run_script(tmp_path, GPU_SESSION, ["specreal"])
+    bench = REPO / "benchmarks/spec_real_bench.py"
+    (call,) = [c for c in run.calls if c.argv[:1] == ["benchmarks/spec_real_bench.py"]]
+    drafters = load_program(bench).drafter_configs(script_parse(bench)(call.argv[1:]), 12)
+    assert set(drafters) == {"ngram", "draft_model", "layer_skip", "medusa"}, call
+    assert drafters["medusa"]["model"] == "runs/medusa-code-150m/heads"
+
+
 def test_gpu_session_without_steps_runs_its_default_steps(tmp_path):
     """`bash scripts/gpu_session.sh` alone runs the GPU tests and the 1B latency row."""
     run = run_script(tmp_path, GPU_SESSION, [])
