@@ -185,9 +185,9 @@ for step in "$@"; do
                   # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
                   python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \
                     > "$OUT/quant_quality.log" 2>&1; tail -10 "$OUT/quant_quality.log"
-                  if [[ -f runs/code-model-150m/hf/config.json ]]; then
+                  if [[ -f runs/code-model-150m/hf/config.json ]]; then  # windows of seq-len + 1 <= 1024
                     python3 benchmarks/quant_quality.py --model runs/code-model-150m/hf --corpus python \
-                      --val-fraction 0.01 --seq-len 1024 --max-windows 256 \
+                      --val-fraction 0.01 --seq-len 1023 --max-windows 256 \
                       --out "$OUT/quant_quality_150m.json" > "$OUT/quant_quality_150m.log" 2>&1
                     tail -10 "$OUT/quant_quality_150m.log"
                   fi ;;

@@ -468,6 +468,20 @@ def test_specreal_measures_the_heads_that_specheads_trains(tmp_path):
     assert drafters["medusa"]["model"] == "runs/medusa-code-150m/heads"
 
 
+def test_quantquality_windows_fit_the_150m_model(tmp_path):
+    """quantquality scores windows of --seq-len + 1 tokens as prompts: on the 150M model that
+    spectrain exports, they must fit its max_position_embeddings (the engine's max_model_len)."""
+    from parallm.train.config import TrainConfig
+
+    run = run_script(tmp_path, GPU_SESSION, ["quantquality"])
+    bench = REPO / "benchmarks/quant_quality.py"
+    calls = [c for c in run.calls if c.argv[:1] == ["benchmarks/quant_quality.py"]]
+    (args,) = [a for a in (script_parse(bench)(c.argv[1:]) for c in calls) if "150m" in a.model]
+    assert args.model == "runs/code-model-150m/hf"  # spectrain: code-model-150m.toml, exported
+    trained = TrainConfig.load(REPO / "configs/train/code-model-150m.toml")
+    assert args.seq_len + 1 <= trained.model.max_position_embeddings
+
+
 def test_gpu_session_without_steps_runs_its_default_steps(tmp_path):
     """`bash scripts/gpu_session.sh` alone runs the GPU tests and the 1B latency row."""
     run = run_script(tmp_path, GPU_SESSION, [])
