@@ -7,25 +7,32 @@
 # Device run:  carry [".ab"], command: OUT=$OUT bash scripts/ab_trees.sh [ROUNDS]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: runs cd to their tree
 ROUNDS=${1:-2}
 [ -d .ab/old/parallm ] || { echo "ab_trees: .ab/old/parallm is missing (see the header)"; exit 2; }
-run() {  # run TREE NAME ARGS...: one benchmark with TREE's package first on the path
+configs=$PWD/benchmarks/configs
+# `python3 -m` and `-c` put the working directory first on sys.path, ahead of PYTHONPATH: each
+# run starts in its tree (from the repository root, the old side imported this tree's package).
+for tree in "$PWD/.ab/old" "$PWD"; do  # which package each side imports, before any device time
+  got=$(cd "$tree" && PYTHONPATH=$tree python3 -c 'import importlib.util as u; print(u.find_spec("parallm").origin)')
+  [[ $got == "$tree/parallm/__init__.py" ]] || { echo "ab_trees: $tree imports parallm from ${got:-nowhere}"; exit 2; }
+done
+run() {  # run TREE NAME ARGS...: one benchmark of TREE's package
   local tree=$1 name=$2; shift 2
-  PYTHONPATH=$tree python3 -m parallm.cli bench "$@" --out "$OUT/$name.json" \
+  (cd "$tree" && PYTHONPATH=$tree python3 -m parallm.cli bench "$@" --out "$OUT/$name.json") \
     > "$OUT/$name.log" 2>&1 || echo "ab_trees: $name failed (see $OUT/$name.log)"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for side in old new; do
     tree=$([ $side = old ] && echo "$PWD/.ab/old" || echo "$PWD")
     tag="${side}_r${round}"
-    run "$tree" "latency_1b_$tag" latency --config benchmarks/configs/llama-3.2-1b.json \
+    run "$tree" "latency_1b_$tag" latency --config "$configs/llama-3.2-1b.json" \
       --max-model-len 4096 --batch-sizes 1,8,32,128
-    run "$tree" "latency_8b_$tag" latency --config benchmarks/configs/llama-3.1-8b.json \
+    run "$tree" "latency_8b_$tag" latency --config "$configs/llama-3.1-8b.json" \
       --max-model-len 4096 --batch-sizes 1 --iters 2
-    run "$tree" "throughput_qwen_$tag" throughput --config benchmarks/configs/qwen3-0.6b.json \
+    run "$tree" "throughput_qwen_$tag" throughput --config "$configs/qwen3-0.6b.json" \
       --max-model-len 4096
-    run "$tree" "throughput_1b_$tag" throughput --config benchmarks/configs/llama-3.2-1b.json \
+    run "$tree" "throughput_1b_$tag" throughput --config "$configs/llama-3.2-1b.json" \
       --max-model-len 4096
   done
 done

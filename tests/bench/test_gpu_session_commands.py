@@ -71,10 +71,12 @@ INLINE_OK = {
 STEP_ENV = {"SHAPES": "8b 1b", "MBS": "4"}
 
 STUB_PYTHON = r"""#!/usr/bin/env bash
-# Records this call (the script line that made it, then argv) and stands in for the program.
-printf '%s\0' "${GS_LINE:-0}" "$(basename "$0")" "$@" > "$GS_RECORDS/$(date +%s%N).$$"
+# Records this call (the script line that made it, where, then argv) and stands in for it.
+printf '%s\0' "${GS_LINE:-0}" "$(basename "$0")" "$PWD" "${PYTHONPATH:-}" "$@" \
+  > "$GS_RECORDS/$(date +%s%N).$$"
 case "${1:-} ${2:-} ${3:-}" in
   "-c "*) [[ $2 == *health* && -n ${GS_NO_HEALTH:-} ]] && exit 1  # a server that never answers
+          [[ $2 == *find_spec* ]] && exec "$GS_REAL_PYTHON" -c "$2"  # where a package is: real
           [[ $2 == *import* ]] && exit 0  # environment checks and the health probe pass
           exec "$GS_REAL_PYTHON" -c "$2" ;;  # arithmetic (engineproc's ratio) really runs
   "- "*) cat > /dev/null ;;
@@ -83,7 +85,8 @@ esac
 exit 0
 """
 STUB_RECORD = r"""#!/usr/bin/env bash
-printf '%s\0' "${GS_LINE:-0}" "$(basename "$0")" "$@" > "$GS_RECORDS/$(date +%s%N).$$"
+printf '%s\0' "${GS_LINE:-0}" "$(basename "$0")" "$PWD" "${PYTHONPATH:-}" "$@" \
+  > "$GS_RECORDS/$(date +%s%N).$$"
 """
 STUB_NVIDIA_SMI = r"""#!/usr/bin/env bash
 if [[ ${1:-} == -L ]]; then echo "GPU 0: NVIDIA H100 (stub)"; echo "GPU 1: NVIDIA H100 (stub)"
@@ -98,6 +101,8 @@ WRAPPER = 'set -T; trap "export GS_LINE=\\$LINENO" DEBUG; source "$0" "$@"'
 class Call:
     line: int  # the script line that started it
     program: str  # python3 or torchrun
+    cwd: str
+    pythonpath: str
     argv: list[str]
 
     def __str__(self) -> str:
@@ -138,6 +143,7 @@ def make_tree(root: Path, script: str, text: str) -> Path:
         (tree / made).mkdir(parents=True)
         (tree / made / "config.json").write_text("{}")
     (tree / ".ab/old/parallm").mkdir(parents=True)
+    (tree / ".ab/old/parallm/__init__.py").write_text("")
     for carried in CARRIED_INPUTS:
         if carried.endswith(".csv"):
             (tree / carried).parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +191,8 @@ def run_script(root: Path, script: str, args: list[str], text: str | None = None
             os.killpg(proc.pid, signal.SIGKILL)
     calls = []
     for record in sorted(records.iterdir(), key=lambda p: p.name):
-        line, program, *argv = record.read_bytes().decode().split("\0")[:-1]
-        calls.append(Call(int(line), program, argv))
+        line, program, cwd, pythonpath, *argv = record.read_bytes().decode().split("\0")[:-1]
+        calls.append(Call(int(line), program, cwd, pythonpath, argv))
     return ScriptRun(script, text, calls, output, root)
 
 
@@ -358,7 +364,9 @@ def path_problems(call: Call, root: Path) -> list[str]:
     for value in values:
         if "/" not in value or "://" in value or value.startswith(PRODUCED_ON_DEVICE):
             continue
-        if value.startswith(f"{root}/"):
+        if value.startswith(f"{root}/tree/"):  # in the working tree: as a relative path
+            value = value[len(f"{root}/tree/") :]
+        elif value.startswith(f"{root}/"):  # $OUT, the test's own files
             continue
         if value.startswith("/"):
             problems.append(f"{call}: absolute path {value} outside $OUT")
@@ -527,6 +535,27 @@ def test_ab_trees_commands_parse(tmp_path):
     assert sum(c.argv[:2] == ["-m", "parallm.cli"] for c in run.calls) == 8, run.output[-2000:]
     problems = check(run)
     assert not problems, "\n".join(problems)
+
+
+def imported_package(call: Call) -> Path | None:
+    """The parallm package ``python3 -m parallm.cli`` imports: sys.path starts with the working
+    directory, then PYTHONPATH (site-packages come after: never reached here)."""
+    for entry in [call.cwd, *call.pythonpath.split(":")]:
+        if entry and (Path(entry) / "parallm/__init__.py").is_file():
+            return Path(entry) / "parallm"
+    return None
+
+
+def test_ab_trees_each_side_runs_its_own_tree(tmp_path):
+    run = run_script(tmp_path, AB_TREES, ["1"])
+    assert "imports parallm from" not in run.output, run.output  # the script's own check
+    tree = tmp_path / "tree"
+    sides = {"old": tree / ".ab/old/parallm", "new": tree / "parallm"}
+    runs = [c for c in run.calls if c.argv[:2] == ["-m", "parallm.cli"]]
+    assert len(runs) == 8
+    for call in runs:
+        side = "old" if "_old_r1" in call.argv[call.argv.index("--out") + 1] else "new"
+        assert imported_package(call) == sides[side], call
 
 
 # benchmarks/peers/README.md's calls of run_peers.sh; serve reads the carried trace, here a
