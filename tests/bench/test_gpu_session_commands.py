@@ -362,11 +362,11 @@ def path_problems(call: Call, root: Path) -> list[str]:
     problems = []
     values = [a.split("=", 1)[1] if a.startswith("--") and "=" in a else a for a in call.argv]
     for value in values:
-        if "/" not in value or "://" in value or value.startswith(PRODUCED_ON_DEVICE):
-            continue
         if value.startswith(f"{root}/tree/"):  # in the working tree: as a relative path
             value = value[len(f"{root}/tree/") :]
         elif value.startswith(f"{root}/"):  # $OUT, the test's own files
+            continue
+        if "/" not in value or "://" in value or value.startswith(PRODUCED_ON_DEVICE):
             continue
         if value.startswith("/"):
             problems.append(f"{call}: absolute path {value} outside $OUT")
