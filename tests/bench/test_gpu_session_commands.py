@@ -350,7 +350,8 @@ def script_error(script: str, argv: list[str]) -> str | None:
     path = REPO / script
     if not path.is_file():
         return f"no such program {script}"
-    return _argparse_error(script_parse(path), argv)
+    with mock.patch.object(sys, "argv", [path.name]):  # argparse's prog, as the script has it
+        return _argparse_error(script_parse(path), argv)
 
 
 def path_problems(call: Call, root: Path) -> list[str]:
