@@ -32,11 +32,18 @@ server_wheels() {  # the server stack is not on the device image: install it fro
 (( $# )) || set -- tests latency  # ("${@:-tests latency}" would be the one step "tests latency")
 for step in "$@"; do
   case $step in
-    tests) # every GPU test, 8 at a time (server tests need `server_wheels` first: `tests` after `serve`, or carry .whl)
+    tests) # every GPU test, 8 at a time, then the multi-GPU ones one at a time (each fills or
+           # counts a card's memory that the others would change); server tests need
+           # `server_wheels` first: `tests` after `serve`, or carry .whl
            [[ -d .whl/server ]] && server_wheels
-           python3 -m pytest -q -n 8 -m gpu $(grep -rl "pytest.mark.gpu" tests --include="test_*.py") \
+           files=$(grep -rl "pytest.mark.gpu" tests --include="test_*.py")
+           python3 -m pytest -q -n 8 -m "gpu and not multi_gpu" $files \
              -p no:cacheprovider --timeout 240 --continue-on-collection-errors -rfE 2>&1 \
-             | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+             | tee "$OUT/pytest_gpu.log" | tail -25
+           if (( $(nvidia-smi -L | wc -l) > 1 )); then
+             python3 -m pytest -q -m multi_gpu $files -p no:cacheprovider --timeout 240 -rfE 2>&1 \
+               | tee "$OUT/pytest_multi_gpu.log" | tail -15
+           fi ;;
     latency) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \
                --max-model-len 4096 --out "$OUT/latency_llama1b.json" 2>&1 | tail -12 ;;
     latencyunfused) python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.2-1b.json \

@@ -293,6 +293,7 @@ def test_the_summary_names_each_replicas_gpus():
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 def test_replicas_use_one_gpu_each(tiny_model_dir):
     n = torch.cuda.device_count()
     if n < 2:

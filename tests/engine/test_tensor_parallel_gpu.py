@@ -48,6 +48,7 @@ def _run(llm: LLM) -> tuple[list, list]:
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @needs_two_gpus
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
@@ -81,6 +82,7 @@ def test_two_gpus_give_one_gpu_greedy_tokens(tiny_model_dir, arch, eager):
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @needs_two_gpus
 def test_each_rank_plans_its_own_card_and_the_fewest_blocks_win(tiny_model_dir):
     """GPU 1 is mostly taken (by this process): rank 1 has room for fewer blocks than rank 0,
@@ -116,12 +118,14 @@ def test_each_rank_plans_its_own_card_and_the_fewest_blocks_win(tiny_model_dir):
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @needs_two_gpus
 def test_a_killed_gpu_worker_fails_the_next_generate_and_nothing_is_left(tiny_model_dir):
     check_killed_worker_fails_the_engine(str(tiny_model_dir("llama3", head_dim=64)), ENGINE)
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @needs_two_gpus
 def test_a_gpu_step_the_driver_abandons_stops_the_engine(tiny_model_dir, monkeypatch):
     """The driver raises after the worker got the step: the worker's all-reduces wait on the

@@ -88,6 +88,7 @@ def _capture_all_reduce_then_leave(init_method: str, rank: int, conn) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
 )

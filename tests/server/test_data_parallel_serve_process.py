@@ -145,6 +145,7 @@ def _session_processes(session: int) -> list[int]:
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 def test_each_replica_runs_on_its_own_gpu(serve) -> None:
     import torch
 
