@@ -8,6 +8,7 @@ forward pass is a fixed chain of batched tensor ops with no host sync.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -140,7 +141,18 @@ class SamplerOutput:
         fields = {f: getattr(self, f) for f in ("token_ids", "logprobs", "ranks",
                                                 "top_token_ids", "top_logprobs",
                                                 "hidden_states")}  # fmt: skip
-        return SamplerOutput(**{f: None if t is None else t[index] for f, t in fields.items()})
+        out = SamplerOutput(**{f: None if t is None else t[index] for f, t in fields.items()})
+        if self.spec_token_ids is not None:  # a verify step: its emitted runs follow the rows
+            out.spec_token_ids = [self.spec_token_ids[i] for i in rows]
+            out.spec_logprobs = self._later_rows(rows)
+        return out
+
+    def _later_rows(self, rows: list[int]) -> SamplerOutput | None:
+        """``spec_logprobs`` of the given rows: the rows of their tokens after the first."""
+        emitted = self.spec_token_ids
+        starts = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
+        later = [starts[i] + j for i in rows for j in range(len(emitted[i]) - 1)]
+        return None if self.spec_logprobs is None or not later else self.spec_logprobs.select(later)
 
 
 class Sampler(torch.nn.Module):
