@@ -1,6 +1,10 @@
-"""Verify graphs on CUDA: graph-replayed verify steps give the eager verify step's tokens, token
-for token (greedy; chains of 1 to 4 drafts and a Medusa tree; batch 1 and 8, both captured
-sizes, so no padding; bf16 and fp16), and a replay makes no host synchronisation."""
+"""Verify graphs on CUDA: replayed verify steps give the tokens and acceptance of the same static
+buffers run uncaptured (greedy; chains of 1 to 4 drafts and a Medusa tree; batch 1 and 8; bf16
+and fp16), so only capture and replay are under test: both runs pad a batch whose sequences
+finished at different steps to the same shape and start from an empty prefix cache, so they run
+the same kernels on the same rows. The buffers' layout against the eager verify step is checked
+on CPU (tests/engine/test_verify_graph.py) and here by logits in the no-sync test, which also
+checks that a replay makes no host synchronisation."""
 
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
 def _llm(path: str, dtype: str, spec: dict) -> LLM:
+    # No prefix caching: a later run's prompts would hit the blocks an earlier run cached and
+    # compute fewer prefill rows, whose half-precision rounding may differ.
     return LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
-               cuda_graph_sizes=GRAPH_SIZES, speculative_config=spec)  # fmt: skip
+               cuda_graph_sizes=GRAPH_SIZES, speculative_config=spec,
+               enable_prefix_caching=False)  # fmt: skip
 
 
 def _prompts(ordinary_token_ids: list[int], batch: int) -> list[list[int]]:
@@ -37,30 +44,37 @@ def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _graph_and_eager(llm: LLM, prompts: list[list[int]]):
-    """Tokens and acceptance with the verify graphs, then with the same engine's eager verify."""
-    runner = llm.engine.runner
+def _graph_and_uncaptured(llm: LLM, prompts: list[list[int]]):
+    """Tokens and acceptance with the verify graphs, then with the same shapes' static buffers
+    run uncaptured (``capture=False``) on the same engine."""
+    engine, runner = llm.engine, llm.engine.runner
     graphs = runner.verify_graphs
     assert graphs is not None and graphs.graphs
-    replays, accepted = graphs.num_replays, llm.engine.spec_stats.accepted_tokens
-    with_graphs = _tokens(llm, prompts)
-    assert graphs.num_replays > replays
-    graph_accepted = llm.engine.spec_stats.accepted_tokens - accepted
-    runner.verify_graphs = None
+    replayed = _run_through_verify_buffers(llm, prompts)
+    runner.capture_verify_graphs(graphs.shapes, engine.max_model_len, capture=False)
+    assert not runner.verify_graphs.captures
     try:
-        accepted = llm.engine.spec_stats.accepted_tokens
-        eager = _tokens(llm, prompts)
-        eager_accepted = llm.engine.spec_stats.accepted_tokens - accepted
+        uncaptured = _run_through_verify_buffers(llm, prompts)
     finally:
         runner.verify_graphs = graphs
-    return (with_graphs, graph_accepted), (eager, eager_accepted)
+    return replayed, uncaptured
+
+
+def _run_through_verify_buffers(llm: LLM, prompts: list[list[int]]):
+    """Tokens and accepted drafts of one run, some of whose steps went through the runner's
+    verify buffers."""
+    engine = llm.engine
+    buffers = engine.runner.verify_graphs
+    replays, accepted = buffers.num_replays, engine.spec_stats.accepted_tokens
+    tokens = _tokens(llm, prompts)
+    assert buffers.num_replays > replays
+    return tokens, engine.spec_stats.accepted_tokens - accepted
 
 
 def _oracle(monkeypatch, future: dict[tuple[int, ...], list[int]], k: int) -> None:
     """Draft plain decoding's next ``k`` tokens, the last one wrong every third step (partial
-    acceptance), in steps where every sequence can take ``k`` drafts, else none: every verify
-    step is uniform, so graph and eager run the same kernels on the same shapes (a padded
-    step's GEMMs would have more rows, which may round differently in half precision)."""
+    acceptance), in steps where every sequence can take ``k`` drafts, else none: every
+    drafted step is a uniform verify step, which a graph of its batch size holds."""
 
     def propose(self, running):
         room = [seq.num_output_tokens + k + 1 <= GREEDY.max_tokens for seq in running]
@@ -79,7 +93,7 @@ def _oracle(monkeypatch, future: dict[tuple[int, ...], list[int]], k: int) -> No
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_graph_verify_gives_the_eager_verify_tokens_for_chains(
+def test_graph_verify_gives_the_uncaptured_buffers_tokens_for_chains(
     tiny_model_dir, ordinary_token_ids, monkeypatch, dtype, k, batch
 ):
     llm = _llm(str(tiny_model_dir("llama3")), dtype, {"method": "ngram",
@@ -90,22 +104,22 @@ def test_graph_verify_gives_the_eager_verify_tokens_for_chains(
     monkeypatch.setattr(drafting.Drafter, "propose", lambda self, running: None)
     plain = _tokens(llm, prompts)
     _oracle(monkeypatch, {tuple(p): t for p, t in zip(prompts, plain, strict=True)}, k)
-    graph, eager = _graph_and_eager(llm, prompts)
-    assert graph == eager
+    graph, uncaptured = _graph_and_uncaptured(llm, prompts)
+    assert graph == uncaptured
     assert graph[1] > 0
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_graph_verify_gives_the_eager_verify_tokens_for_a_medusa_tree(
+def test_graph_verify_gives_the_uncaptured_buffers_tokens_for_a_medusa_tree(
     tiny_model_dir, ordinary_token_ids, tmp_path, dtype, batch
 ):
     path = str(tiny_model_dir("llama3"))
     heads = _heads_dir(tmp_path, LLM(path, dtype="float32", device="cpu"))
     llm = _llm(path, dtype, {"method": "medusa", "model": heads, "num_speculative_tokens": 3})
     assert all(shape.tree for shape in llm.engine.runner.verify_graphs.graphs)
-    graph, eager = _graph_and_eager(llm, _prompts(ordinary_token_ids, batch))
-    assert graph == eager  # tokens, and acceptance: the heads read the same hidden states
+    graph, uncaptured = _graph_and_uncaptured(llm, _prompts(ordinary_token_ids, batch))
+    assert graph == uncaptured  # tokens, and acceptance: the heads read the same hidden states
     assert graph[1] > 0
 
 
