@@ -57,6 +57,8 @@ class LLMEngine:
         cache_cfg, sched_cfg, backend = self._check_config(model_config)
         self.drafter = _drafter(config, self.model_config)  # a draft model loads with the target
         self.draft_model = self.drafter.model if self.drafter is not None else None
+        # After the drafter: a method that cannot run sharded says so by name.
+        check_tensor_parallel(config, self.model_config, self.device)
         started = time.perf_counter()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
@@ -114,7 +116,6 @@ class LLMEngine:
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         self.tp_size = config.tensor_parallel_size
-        check_tensor_parallel(config, self.model_config, self.device)
         return cache_cfg, sched_cfg, backend
 
     def _start_runner(
@@ -139,10 +140,14 @@ class LLMEngine:
         # Verify steps of speculation in graphs too (not under tensor parallelism).
         verify = self.drafter is not None and self.executor is None
         if verify and self.graph_capture_seconds is not None:
-            self.graph_capture_seconds += self.runner.capture_verify_graphs(
-                drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
-                               sched_cfg.max_num_batched_tokens), self.max_model_len,
-            )  # fmt: skip
+            shapes = drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
+                                    sched_cfg.max_num_batched_tokens)  # fmt: skip
+            # None when no graph size is within disable_by_batch_size or the token budget:
+            # every drafted step then runs eagerly.
+            if shapes:
+                self.graph_capture_seconds += self.runner.capture_verify_graphs(
+                    shapes, self.max_model_len
+                )
         return num_blocks
 
     def _start_executor(

@@ -7,6 +7,7 @@ scheduler has already chosen which tokens of which sequences this step computes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,9 +132,10 @@ class ModelRunner:
         self.kv_cache_dtype = resolve_kv_cache_dtype(cache_cfg.cache_dtype, dtype)
         self.backend = backend or ReferenceAttention()
         self.sampler = Sampler()
-        self.verifier = DraftVerifier(
-            self.sampler, self._sampling_row, model_cfg.vocab_size, device
-        )
+        # Not the bound ``self._sampling_row``: the verifier would then hold the runner, and the
+        # cycle would keep the weights, KV cache and graphs alive after the engine is dropped.
+        rows = functools.partial(sampling_row, eos_token_ids=eos_token_ids)
+        self.verifier = DraftVerifier(self.sampler, rows, model_cfg.vocab_size, device)
         self.eos_token_ids = eos_token_ids
         # Triton kernels (CUDA only): the greedy argmax, and the one-row chain of batch-1 graphs.
         self.fused_kernels = fused_kernels
@@ -484,13 +486,18 @@ class ModelRunner:
         return rows, self.model.compute_logits(rows)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        return SamplingRow(
-            params=seq.params,
-            prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            generator=seq.generator,
-            banned_token_ids=seq.banned_stop_token_ids(self.eos_token_ids),
-        )
+        return sampling_row(seq, self.eos_token_ids)
+
+
+def sampling_row(seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
+    """What the sampler needs to know about ``seq`` this step."""
+    return SamplingRow(
+        params=seq.params,
+        prompt_token_ids=seq.prompt_token_ids,
+        output_token_ids=seq.output_token_ids,
+        generator=seq.generator,
+        banned_token_ids=seq.banned_stop_token_ids(eos_token_ids),
+    )
 
 
 def _has_prefill(batch: ScheduledBatch) -> bool:

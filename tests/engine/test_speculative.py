@@ -5,7 +5,9 @@ n > 1, next to requests that are not drafted (penalties); no KV block leaks."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 from tiny_models import ARCHS
@@ -197,3 +199,20 @@ def test_async_scheduling_and_drafts_take_turns_by_batch_size(
     assert llm.engine.summary().endswith(
         "async scheduling on; speculative decoding: ngram, 4 tokens, batches of up to 3"
     )
+
+
+@pytest.mark.parametrize("method", ["none", "ngram"])
+def test_a_dropped_llm_frees_its_runner_without_a_gc_pass(tiny_model_dir, method):
+    """Dropping an LLM frees its runner by reference counting: a cycle through the runner
+    would keep its weights, KV cache and CUDA graphs until a full GC pass, and the next engine
+    of the process would plan its KV cache around them (the spec benchmarks drop the plain
+    engine before building the speculative one)."""
+    spec = None if method == "none" else {"method": method, "num_speculative_tokens": 2}
+    llm = LLM(str(tiny_model_dir("llama3")), speculative_config=spec, **ENGINE)
+    runner = weakref.ref(llm.engine.runner)
+    gc.disable()
+    try:
+        del llm
+        assert runner() is None
+    finally:
+        gc.enable()

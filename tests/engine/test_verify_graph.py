@@ -325,3 +325,21 @@ def test_capture_shares_one_pair_of_output_buffers(llm, monkeypatch):
             assert rows.data_ptr() == rows_buf.data_ptr()
     finally:
         engine.runner.verify_graphs = None
+
+
+def _fake_decode_graphs(self, max_num_seqs):
+    """The decode graphs' capture, faked on CPU: sizes 8 and 16, none run."""
+    self.runner.graphs = SimpleNamespace(sizes=[8, 16])
+    return 0.0
+
+
+def test_no_verify_shape_fits_and_the_engine_still_starts(tiny_model_dir, monkeypatch):
+    """Every graph size above disable_by_batch_size leaves no verify shape: the engine starts
+    without verify graphs (drafted steps run eagerly) instead of refusing to start."""
+    from parallm.engine.engine import LLMEngine
+
+    monkeypatch.setattr(LLMEngine, "_graph_sizes", lambda self, max_num_seqs: [8, 16])
+    monkeypatch.setattr(LLMEngine, "_capture_graphs", _fake_decode_graphs)
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4}
+    llm = LLM(str(tiny_model_dir("llama3")), device="cpu", speculative_config=spec)
+    assert llm.engine.runner.verify_graphs is None
