@@ -101,16 +101,26 @@ def drafter_shapes(
 ) -> list[VerifyShape]:
     """``verify_shapes`` for what ``drafter`` proposes: Medusa its tree (a chain when its
     paths are one chain), every other method chains of up to ``num_speculative_tokens``;
-    batch sizes up to ``disable_by_batch_size`` (above it nothing is drafted) or
+    batch sizes up to the smallest that holds ``disable_by_batch_size`` sequences (a drafted
+    batch pads up to a captured size; above the limit nothing is drafted), or up to
     ``DEFAULT_MAX_VERIFY_BATCH``."""
     spec = drafter.config
-    max_batch = spec.disable_by_batch_size or DEFAULT_MAX_VERIFY_BATCH
+    max_batch = _covering_size(batch_sizes, spec.disable_by_batch_size)
     paths = getattr(drafter.model, "paths", None) if spec.method == "medusa" else None
     if paths is None:
         return verify_shapes(batch_sizes, spec.num_speculative_tokens, None, max_batch, max_tokens)
     if len(paths) == max(map(len, paths)):  # one node a level: the top-1 chain
         return verify_shapes(batch_sizes, len(paths), None, max_batch, max_tokens)
     return verify_shapes(batch_sizes, None, len(paths), max_batch, max_tokens)
+
+
+def _covering_size(batch_sizes: Iterable[int], limit: int | None) -> int:
+    """The largest verify batch to capture: the smallest captured size of at least ``limit``
+    (the largest size when none holds it); ``DEFAULT_MAX_VERIFY_BATCH`` without a limit."""
+    if limit is None:
+        return DEFAULT_MAX_VERIFY_BATCH
+    sizes = list(batch_sizes)
+    return min((s for s in sizes if s >= limit), default=max(sizes, default=limit))
 
 
 def verify_tokens_per_seq(inputs: StepInputs) -> int | None:

@@ -61,6 +61,16 @@ def test_drafter_shapes_follow_the_method():
     assert {s.tree for s in drafter_shapes(chain, SIZES)} == {False}
 
 
+@pytest.mark.parametrize(("limit", "batches"), [(3, {1, 2, 4}), (4, {1, 2, 4}), (5, {1, 2, 4, 8})])
+def test_a_limit_between_graph_sizes_still_gets_a_graph_for_every_drafted_batch(limit, batches):
+    """Drafted batches of up to disable_by_batch_size sequences pad to the smallest captured
+    size that holds them, so that size is captured too, and none larger."""
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": limit}
+    assert {s.batch for s in drafter_shapes(_drafter(spec), [1, 2, 4, 8, 16])} == batches
+    few = drafter_shapes(_drafter(spec), [1, 2])  # no size holds the limit: all of them
+    assert {s.batch for s in few} == {1, 2}
+
+
 def _step(query_lens: list[int], sampling_rows: int | None = None, width: int = 2) -> StepInputs:
     ends = np.cumsum(query_lens)
     tokens = int(ends[-1])
@@ -334,12 +344,13 @@ def _fake_decode_graphs(self, max_num_seqs):
 
 
 def test_no_verify_shape_fits_and_the_engine_still_starts(tiny_model_dir, monkeypatch):
-    """Every graph size above disable_by_batch_size leaves no verify shape: the engine starts
-    without verify graphs (drafted steps run eagerly) instead of refusing to start."""
+    """No graph size's drafted tokens fit the step's token budget, so no verify shape: the
+    engine starts without verify graphs (drafted steps run eagerly) instead of refusing."""
     from parallm.engine.engine import LLMEngine
 
     monkeypatch.setattr(LLMEngine, "_graph_sizes", lambda self, max_num_seqs: [8, 16])
     monkeypatch.setattr(LLMEngine, "_capture_graphs", _fake_decode_graphs)
-    spec = {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4}
-    llm = LLM(str(tiny_model_dir("llama3")), device="cpu", speculative_config=spec)
+    spec = {"method": "ngram", "num_speculative_tokens": 2}
+    llm = LLM(str(tiny_model_dir("llama3")), device="cpu", speculative_config=spec,
+              max_num_batched_tokens=8)  # fmt: skip
     assert llm.engine.runner.verify_graphs is None
