@@ -396,4 +396,5 @@ def test_cuda_steps_run_ahead_between_drafted_ones(method, tiny_model_dir, ordin
     assert _tokens(llm, prompts, params) == _tokens(ref, prompts, params)
     stats = llm.engine.stats
     assert stats["num_overlapped_steps"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert llm.engine.runner.verify_graphs.num_replays > 0  # 3 sequences pad to the size-4 graph
     _assert_nothing_held(llm, free)
