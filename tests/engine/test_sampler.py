@@ -299,7 +299,9 @@ def test_select_keeps_the_tokens_a_verify_step_emitted():
     of those after the first (one row each, sequence by sequence): without them the engine
     would append one token of a verified run and never roll back the rejected drafts."""
     emitted = [[5, 6, 7], [8], [9, 10]]
-    later = SamplerOutput(token_ids=torch.tensor([6, 7, 10]), logprobs=torch.tensor([-1.0, -2.0, -3.0]))
+    later = SamplerOutput(
+        token_ids=torch.tensor([6, 7, 10]), logprobs=torch.tensor([-1.0, -2.0, -3.0])
+    )
     out = SamplerOutput(token_ids=torch.tensor([5, 8, 9]), logprobs=torch.zeros(3),
                         spec_token_ids=emitted, spec_logprobs=later)  # fmt: skip
     got = out.select([2, 0])
@@ -307,6 +309,9 @@ def test_select_keeps_the_tokens_a_verify_step_emitted():
     assert got.spec_logprobs.token_ids.tolist() == [10, 6, 7]
     assert got.spec_logprobs.logprobs.tolist() == [-3.0, -1.0, -2.0]
     assert out.select([1]).spec_logprobs is None  # no token after the first
-    assert SamplerOutput(token_ids=torch.tensor([5, 8, 9]), spec_token_ids=emitted).select(
-        [0]
-    ).spec_logprobs is None
+    assert (
+        SamplerOutput(token_ids=torch.tensor([5, 8, 9]), spec_token_ids=emitted)
+        .select([0])
+        .spec_logprobs
+        is None
+    )
