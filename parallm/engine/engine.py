@@ -407,9 +407,12 @@ class LLMEngine:
             # The continuation keeps prev's order and only drops sequences: gather the rest.
             row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
             rows = [row_of[item.seq.seq_id] for item in batch.seqs]
-            # non_blocking: a blocking copy would wait for the step in flight, which this
-            # continuation exists to overlap.
-            ids = ids[torch.tensor(rows).to(ids.device, non_blocking=True)]
+            # From pinned memory, non-blocking: a blocking copy would wait for the step in
+            # flight, which this continuation exists to overlap.
+            rows = torch.tensor(rows)
+            if ids.device.type == "cuda":
+                rows = rows.pin_memory()
+            ids = ids[rows.to(ids.device, non_blocking=True)]
         self.num_overlapped_steps += 1
         handle = self.runner.launch(batch, device_ids=ids)
         self._count_step(batch)
