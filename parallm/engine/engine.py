@@ -95,6 +95,9 @@ class LLMEngine:
         scheduler configs and the attention backend."""
         config = self.config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Graph capture, Triton launches and the step events use the current device.
+            torch.cuda.set_device(self.device)
         # A Hub id becomes its snapshot's directory here (a download unless cached).
         self.model_dir = _model_dir(config)
         if model_config is None and self.model_dir is None:

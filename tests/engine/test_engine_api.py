@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from parallm import LLM, SamplingParams
 
@@ -219,3 +220,17 @@ def test_a_failing_request_fails_alone(llm, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate({"prompt_token_ids": [5, 6]}, bad, use_tqdm=False)
     assert not engine.has_unfinished_requests()
+
+
+def test_a_cuda_index_past_the_last_device_is_refused_by_name(monkeypatch):
+    """``cuda:N`` is checked against the devices this process sees, with the allowed range,
+    before anything loads (shown here with torch told that one device exists)."""
+    from parallm.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(
+        ValueError, match=r"device='cuda:1': this process sees 1 .* cuda:0 to cuda:0"
+    ):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

@@ -148,3 +148,25 @@ def test_bf16_greedy_within_tolerance_of_transformers(tiny_model_dir, prompts, a
             f"diverged at token {i} where transformers preferred its token by {gap:.3f}"
         )
     assert full_matches >= len(prompts) // 2
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_an_engine_on_the_second_gpu_runs_there(tiny_model_dir, prompts):
+    """device='cuda:1' makes that GPU current (CUDA graphs, Triton launches and events follow
+    the current device, not the tensors') and gives cuda:0's tokens."""
+    path = str(tiny_model_dir("llama3"))
+    first = _greedy(LLM(path, device="cuda:0", dtype="float32"), prompts)[0]
+    try:
+        second = LLM(path, device="cuda:1", dtype="float32")
+        assert torch.cuda.current_device() == 1
+        assert second.engine.runner.kv_caches[0].device == torch.device("cuda:1")
+        assert _greedy(second, prompts)[0] == first
+    finally:
+        torch.cuda.set_device(0)  # the other tests of this process use the default device
+
+
+def test_a_gpu_index_past_the_last_is_refused_by_name(tiny_model_dir):
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"device='cuda:{n}': this process sees {n} CUDA"):
+        LLM(str(tiny_model_dir("llama3")), device=f"cuda:{n}")
