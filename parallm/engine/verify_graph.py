@@ -105,6 +105,7 @@ def drafter_shapes(
     batch pads up to a captured size; above the limit nothing is drafted), or up to
     ``DEFAULT_MAX_VERIFY_BATCH``."""
     spec = drafter.config
+    batch_sizes = list(batch_sizes)  # read twice below
     max_batch = _covering_size(batch_sizes, spec.disable_by_batch_size)
     paths = getattr(drafter.model, "paths", None) if spec.method == "medusa" else None
     if paths is None:
@@ -114,13 +115,12 @@ def drafter_shapes(
     return verify_shapes(batch_sizes, None, len(paths), max_batch, max_tokens)
 
 
-def _covering_size(batch_sizes: Iterable[int], limit: int | None) -> int:
+def _covering_size(batch_sizes: list[int], limit: int | None) -> int:
     """The largest verify batch to capture: the smallest captured size of at least ``limit``
     (the largest size when none holds it); ``DEFAULT_MAX_VERIFY_BATCH`` without a limit."""
     if limit is None:
         return DEFAULT_MAX_VERIFY_BATCH
-    sizes = list(batch_sizes)
-    return min((s for s in sizes if s >= limit), default=max(sizes, default=limit))
+    return min((s for s in batch_sizes if s >= limit), default=max(batch_sizes, default=limit))
 
 
 def verify_tokens_per_seq(inputs: StepInputs) -> int | None:

@@ -69,6 +69,9 @@ def test_a_limit_between_graph_sizes_still_gets_a_graph_for_every_drafted_batch(
     assert {s.batch for s in drafter_shapes(_drafter(spec), [1, 2, 4, 8, 16])} == batches
     few = drafter_shapes(_drafter(spec), [1, 2])  # no size holds the limit: all of them
     assert {s.batch for s in few} == {1, 2}
+    assert drafter_shapes(_drafter(spec), iter([1, 2, 4, 8, 16])) == drafter_shapes(
+        _drafter(spec), [1, 2, 4, 8, 16]
+    )
 
 
 def _step(query_lens: list[int], sampling_rows: int | None = None, width: int = 2) -> StepInputs:
