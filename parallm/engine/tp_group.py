@@ -4,8 +4,10 @@ the driver sends its commands (``StepChannel``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import weakref
 from datetime import timedelta
 
@@ -23,6 +25,13 @@ _CONTROL_TIMEOUT = timedelta(minutes=30)
 # How long a rank waits at start-up for the others to reach the rendezvous: ranks on other
 # hosts, or started by hand, may come minutes apart, whatever the collective timeout is.
 _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
+
+# How long a failed engine waits for NCCL's abort. The abort may itself wait for a peer that is
+# gone (NCCL's intra-node ranks free some resources together); the engine then goes on to stop
+# its workers and fail, and the driver frees what is left when its process ends.
+_ABORT_SECONDS = 30.0
+
+logger = logging.getLogger("parallm")
 
 # NVLink multicast (NVLS) stays off: the lent multi-GPU machines do not support it, and NCCL or
 # symmetric memory would fail at start-up trying it. A value the user set is kept.
@@ -79,9 +88,33 @@ def leave_group(aborting: bool) -> None:
     _CAPTURED_GRAPHS.clear()
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if aborting and abort is not None and dist.get_backend() == "nccl":
-        abort()
+        _abort_within(abort, _ABORT_SECONDS)
     else:
         dist.destroy_process_group()
+
+
+def _abort_within(abort, seconds: float) -> None:
+    """``abort()`` on a daemon thread, waited for at most ``seconds``; its error is raised
+    here. Past the time it is left running, with a warning."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            abort()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="parallm-nccl-abort", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        logger.warning(
+            "NCCL's abort of the tensor-parallel group did not finish in %g s (a rank that "
+            "died may hold it); going on without it",
+            seconds,
+        )
+    elif errors:
+        raise errors[0]
 
 
 def control_group() -> dist.ProcessGroup:

@@ -116,3 +116,28 @@ def test_two_gpu_ranks_leave_their_nccl_group_with_a_captured_all_reduce_alive(t
                 proc.kill()
                 proc.join()
     assert [proc.exitcode for proc in procs] == [0, 0]
+
+
+def test_an_abort_that_hangs_is_left_behind_with_a_warning(one_rank_group, monkeypatch, caplog):
+    """NCCL's abort can wait for a rank that died; the failing engine must still go on to stop
+    its workers, so the abort runs on a thread that leave_group waits for only so long."""
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: release.wait(30))
+    monkeypatch.setattr(tp_group, "_ABORT_SECONDS", 0.2)
+    with caplog.at_level("WARNING", logger="parallm"):
+        tp_group.leave_group(aborting=True)
+    release.set()
+    assert "did not finish in 0.2 s" in caplog.text
+
+
+def test_an_abort_that_fails_raises_in_the_caller(one_rank_group, monkeypatch):
+    def fail():
+        raise RuntimeError("abort failed")
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", fail)
+    with pytest.raises(RuntimeError, match="abort failed"):
+        tp_group.leave_group(aborting=True)
