@@ -145,8 +145,8 @@ class LLMEngine:
         if verify and self.graph_capture_seconds is not None:
             shapes = drafter_shapes(self.drafter, self._graph_sizes(sched_cfg.max_num_seqs),
                                     sched_cfg.max_num_batched_tokens)  # fmt: skip
-            # None when no graph size is within disable_by_batch_size or the token budget:
-            # every drafted step then runs eagerly.
+            # None when no graph size's drafted tokens fit the step's token budget: every
+            # drafted step then runs eagerly.
             if shapes:
                 self.graph_capture_seconds += self.runner.capture_verify_graphs(
                     shapes, self.max_model_len
