@@ -14,7 +14,6 @@ from parallm.bundled import default_model_path
 from parallm.chat_messages import check_messages
 from parallm.chat_template import load_chat_template
 from parallm.config import EngineConfig, ModelConfig
-from parallm.engine.data_parallel import DataParallelEngine
 from parallm.engine.engine import LLMEngine
 from parallm.engine.executor import is_torchrun_worker, torchrun_worker_main
 from parallm.outputs import RequestOutput
@@ -62,6 +61,9 @@ class LLM:
             model_config = ModelConfig.from_path(model)
             config.model = None
         if config.data_parallel_size > 1:
+            # Imported here: its replicas talk over ZeroMQ, which one engine does not need.
+            from parallm.engine.data_parallel import DataParallelEngine
+
             self.engine = DataParallelEngine(config, model_config)
         else:
             self.engine = LLMEngine(config, model_config)

@@ -178,3 +178,31 @@ def test_server_without_tokenizer_serves_ids_and_names_stop():
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "stop"
     assert "stop_token_ids" in bad.json()["error"]["message"]
+
+
+def test_offline_generation_imports_neither_triton_nor_the_ipc_stack(tiny_model_dir):
+    """``import parallm`` and one engine's generate on the CPU import no Triton (CUDA-only
+    kernels) and no ZeroMQ/msgspec (only the server's and data parallelism's processes talk
+    over them): a GPU image or a laptop without those packages can still run offline."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("triton", "zmq", "msgspec"):
+                    raise ModuleNotFoundError(name)
+
+        sys.meta_path.insert(0, Block())
+        from parallm import LLM, SamplingParams
+        llm = LLM({str(tiny_model_dir("llama3"))!r}, device="cpu", dtype="float32")
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
