@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import tempfile
 import threading
 import time
 import weakref
@@ -59,7 +60,7 @@ from parallm.engine.tp_env import (
     rank_device,
     torchrun_env,
 )
-from parallm.engine.tp_group import control_group, free_port, join_group, leave_group
+from parallm.engine.tp_group import control_group, join_group, leave_group
 from parallm.engine.tp_processes import SpawnedWorkers
 from parallm.engine.tp_worker import WorkerSpec, torchrun_worker_main
 
@@ -105,6 +106,9 @@ class TensorParallelExecutor:
         self.failure: str | None = None
         self._closed = False
         self.workers = SpawnedWorkers()
+        # The spawned ranks' rendezvous file (its folder goes at close). A file, not a TCP port:
+        # a port picked free here could be taken by another process before rank 0 listens.
+        self._rendezvous = tempfile.TemporaryDirectory(prefix="parallm-tp-")
         self.channel: StepChannel | None = None
         # Sends on the control group, the engine's and the heartbeat's, one at a time.
         self._send_lock = threading.Lock()
@@ -146,7 +150,7 @@ class TensorParallelExecutor:
                 self._last_send = time.monotonic()
 
     def _spawn_workers(self, spec: WorkerSpec) -> None:
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        init_method = f"file://{self._rendezvous.name}/store"
         self.workers.start(spec.device, init_method, spec.tp_size)
         for rank in range(1, spec.tp_size):
             problem = self.workers.expect(rank, "joining")
@@ -266,6 +270,7 @@ class TensorParallelExecutor:
         if dist.is_initialized():
             leave_group(aborting=self.failure is not None)
         self.workers.stop(_STOP_SECONDS)
+        self._rendezvous.cleanup()
 
     def _control(self, send):
         """Run ``send(channel)``; a failed send is a lost rank, reported as such."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import weakref
 from datetime import timedelta
@@ -42,13 +41,6 @@ _NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 # is gone, and the engine keeps its decode graphs until it is gone itself: leaving the group
 # with one of them alive would wait forever, so ``leave_group`` destroys them first.
 _CAPTURED_GRAPHS: weakref.WeakSet[torch.cuda.CUDAGraph] = weakref.WeakSet()
-
-
-def free_port() -> int:
-    """A localhost TCP port nobody listens on now: the spawned ranks' rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def join_group(device: torch.device, init_method: str, rank: int, world_size: int) -> None:
