@@ -412,10 +412,10 @@ class LLMEngine:
             rows = [row_of[item.seq.seq_id] for item in batch.seqs]
             # From pinned memory, non-blocking: a blocking copy would wait for the step in
             # flight, which this continuation exists to overlap.
-            rows = torch.tensor(rows)
+            index = torch.tensor(rows)
             if ids.device.type == "cuda":
-                rows = rows.pin_memory()
-            ids = ids[rows.to(ids.device, non_blocking=True)]
+                index = index.pin_memory()
+            ids = ids[index.to(ids.device, non_blocking=True)]
         self.num_overlapped_steps += 1
         handle = self.runner.launch(batch, device_ids=ids)
         self._count_step(batch)

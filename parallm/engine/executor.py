@@ -106,9 +106,8 @@ class TensorParallelExecutor:
         self.failure: str | None = None
         self._closed = False
         self.workers = SpawnedWorkers()
-        # The spawned ranks' rendezvous file (its folder goes at close). A file, not a TCP port:
-        # a port picked free here could be taken by another process before rank 0 listens.
-        self._rendezvous = tempfile.TemporaryDirectory(prefix="parallm-tp-")
+        # The spawned ranks' rendezvous folder (none under torchrun); it goes at close.
+        self._rendezvous: tempfile.TemporaryDirectory | None = None
         self.channel: StepChannel | None = None
         # Sends on the control group, the engine's and the heartbeat's, one at a time.
         self._send_lock = threading.Lock()
@@ -150,6 +149,9 @@ class TensorParallelExecutor:
                 self._last_send = time.monotonic()
 
     def _spawn_workers(self, spec: WorkerSpec) -> None:
+        # A file, not a TCP port: a port picked free here could be taken by another process
+        # before rank 0 listens on it.
+        self._rendezvous = tempfile.TemporaryDirectory(prefix="parallm-tp-")
         init_method = f"file://{self._rendezvous.name}/store"
         self.workers.start(spec.device, init_method, spec.tp_size)
         for rank in range(1, spec.tp_size):
@@ -270,7 +272,8 @@ class TensorParallelExecutor:
         if dist.is_initialized():
             leave_group(aborting=self.failure is not None)
         self.workers.stop(_STOP_SECONDS)
-        self._rendezvous.cleanup()
+        if self._rendezvous is not None:
+            self._rendezvous.cleanup()
 
     def _control(self, send):
         """Run ``send(channel)``; a failed send is a lost rank, reported as such."""
