@@ -73,6 +73,13 @@ def _server_args(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="do not send ignore_eos/min_tokens (for servers that reject them)",
     )
+    g.add_argument(
+        "--temperature",
+        type=temperature,
+        default=0.0,
+        help="sampling temperature of every request: 0 is greedy, as in the offline "
+        "benchmarks and vLLM's bench serve; OpenAI's API defaults to 1.0",
+    )
 
 
 def _dataset_args(g: argparse._ArgumentGroup) -> None:
@@ -262,6 +269,17 @@ def goodput_target(text: str) -> tuple[str, float]:
     return name.strip().lower(), limit
 
 
+def temperature(text: str) -> float:
+    """A sampling temperature: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 (0: greedy); got {text!r}")
+    return value
+
+
 def percentile_metrics(text: str) -> tuple[str, ...]:
     """``"ttft,e2el"`` -> the report's metric names (``("ttft", "e2e")``), in its order."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
@@ -431,6 +449,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         endpoint=args.endpoint,
         api_key=api_key,
         vllm_extensions=not args.no_vllm_extensions,
+        temperature=args.temperature,
         max_concurrency=args.max_concurrency,
         max_duration_s=args.max_duration_s,
     )

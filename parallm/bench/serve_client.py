@@ -86,6 +86,7 @@ class ClientConfig:
     endpoint: str = "completions"  # or "chat"
     api_key: str | None = None
     vllm_extensions: bool = True  # ignore_eos and min_tokens, to force the output lengths
+    temperature: float | None = 0.0  # None: send none, the server's default applies
     max_concurrency: int | None = None
     max_duration_s: float = 600.0
 
@@ -117,6 +118,8 @@ def request_body(cfg: ClientConfig, spec: RequestSpec) -> dict[str, Any]:
     else:
         body["prompt"] = spec.prompt
         body["max_tokens"] = spec.output_len
+    if cfg.temperature is not None:
+        body["temperature"] = cfg.temperature
     if cfg.vllm_extensions:
         # Stopping at EOS would make output lengths depend on the model, not the workload.
         body["ignore_eos"] = True

@@ -19,10 +19,11 @@ import pytest
 from server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
 
 from parallm.bench import serve
-from parallm.bench.serve_client import RequestResult, SSEParser
+from parallm.bench.serve_client import ClientConfig, RequestResult, SSEParser, request_body
 from parallm.bench.serve_report import distribution_ms, meets_slo, summarize
 from parallm.bench.serve_workload import (
     PromptMaker,
+    RequestSpec,
     arrival_times,
     build_requests,
     load_trace,
@@ -197,6 +198,18 @@ def test_vllm_flag_spellings_and_the_old_ones() -> None:
         serve.slo_limits(_serve_args("--goodput", "ttft:500", "--slo-ttft-ms", "400"))
 
 
+def test_requests_are_greedy_unless_a_temperature_is_given() -> None:
+    """As the offline benchmarks and vLLM's bench serve: temperature 0 unless --temperature
+    says otherwise (a server's own default, 1.0 in OpenAI's API, would measure sampling)."""
+    spec = RequestSpec(index=0, arrival_s=0.0, prompt=[1, 2, 3], input_len=3, output_len=5)
+    for flags, want in [([], 0.0), (["--temperature", "0.7"], 0.7)]:
+        args = _serve_args(*flags)
+        cfg = ClientConfig(base_url="http://x/v1", model="m", temperature=args.temperature)
+        assert request_body(cfg, spec)["temperature"] == want
+    unset = ClientConfig(base_url="http://x/v1", model="m", temperature=None)
+    assert "temperature" not in request_body(unset, spec)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -205,6 +218,8 @@ def test_vllm_flag_spellings_and_the_old_ones() -> None:
         (["--percentile-metrics", "ttft,latency"], "from ttft, tpot, itl, e2el"),
         (["--metric-percentiles", "50,101"], "percentiles in [0, 100]"),
         (["--dataset-name", "hf"], "invalid choice: 'hf'"),
+        (["--temperature", "-0.5"], "a temperature >= 0"),
+        (["--temperature", "warm"], "a temperature >= 0"),
     ],
 )
 def test_bad_flag_values_name_the_flag(flags: list[str], message: str, capsys) -> None:
