@@ -23,11 +23,11 @@ start_server() {  # start_server LOG ARGS...
 }
 stop_server() { kill -TERM "$server"; wait "$server"; }
 server_wheels() {  # the server stack is not on the device image: install it from .whl/
-  local wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec"
+  local wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec openai"
   if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
   else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
   export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
-  python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec" || tail -5 "$OUT/pip.log"
+  python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec, openai" || tail -5 "$OUT/pip.log"
 }
 (( $# )) || set -- tests latency  # ("${@:-tests latency}" would be the one step "tests latency")
 for step in "$@"; do

@@ -6,10 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
-
-from server_support import process_gone
 
 # Starts an LLM, prints the pids of its children whose names start with argv[3], then waits.
 _PARENT = """
@@ -42,3 +41,31 @@ def assert_children_exit_when_killed(
         parent.wait()
     assert len(pids) == count, pids
     assert all(process_gone(pid, timeout_s=60) for pid in pids), pids
+
+
+def process_gone(pid: int, timeout_s: float = 30.0) -> bool:
+    """Whether ``pid`` exits within ``timeout_s`` (a zombie nobody reaped counts as exited)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children of any of its threads, recursively)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids = [int(p) for p in children.read_text().split()]
+        except FileNotFoundError:
+            continue
+        for child in pids:
+            found += [child, *descendants(child)]
+    return found

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import torch
+from process_checks import descendants, process_gone  # noqa: F401 - the server tests' import
 
 from parallm.server.app import build_app
 from parallm.server.launcher import ServerThread, load_engine, start_engine_core
@@ -131,31 +132,3 @@ def assert_serves(server: ServerThread) -> None:
     )
     assert out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 4
-
-
-def process_gone(pid: int, timeout_s: float = 30.0) -> bool:
-    """Whether ``pid`` exits within ``timeout_s`` (a zombie nobody reaped counts as exited)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def descendants(pid: int) -> list[int]:
-    """The live processes below ``pid`` (children of any of its threads, recursively)."""
-    found: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids = [int(p) for p in children.read_text().split()]
-        except FileNotFoundError:
-            continue
-        for child in pids:
-            found += [child, *descendants(child)]
-    return found
