@@ -26,7 +26,7 @@ from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence
 from parallm.engine.runner import ModelRunner, StepHandle
-from parallm.engine.sampler import SamplerOutput
+from parallm.engine.sampler import SamplerOutput, host_to_device
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
 from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
@@ -410,12 +410,7 @@ class LLMEngine:
             # The continuation keeps prev's order and only drops sequences: gather the rest.
             row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
             rows = [row_of[item.seq.seq_id] for item in batch.seqs]
-            # From pinned memory, non-blocking: a blocking copy would wait for the step in
-            # flight, which this continuation exists to overlap.
-            index = torch.tensor(rows)
-            if ids.device.type == "cuda":
-                index = index.pin_memory()
-            ids = ids[index.to(ids.device, non_blocking=True)]
+            ids = ids[host_to_device(rows, torch.long, ids.device)]
         self.num_overlapped_steps += 1
         handle = self.runner.launch(batch, device_ids=ids)
         self._count_step(batch)

@@ -70,7 +70,7 @@ class SamplingTensors:
         knobs = [_sampling_knobs(p, g, vocab_size) for p, g in zip(params, greedy, strict=True)]
 
         def tensor(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(values, dtype, device)
 
         def knob(i: int, off: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
             """Column ``i`` of ``knobs``, or None when every row has it at ``off``."""
@@ -137,7 +137,7 @@ class SamplerOutput:
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.token_ids.device)
+        index = host_to_device(rows, torch.long, self.token_ids.device)
         fields = {f: getattr(self, f) for f in ("token_ids", "logprobs", "ranks",
                                                 "top_token_ids", "top_logprobs",
                                                 "hidden_states")}  # fmt: skip
@@ -192,10 +192,21 @@ def _sampling_knobs(
     return p.temperature, top_k, top_p, p.min_p
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, copied without waiting for the GPU. A plain
+    ``torch.tensor(values, device=cuda)`` synchronizes the stream (a blocking copy from
+    pageable memory): every sampled step would then wait for the step in flight, which async
+    scheduling launched for its host work to overlap. Pinned memory stays reserved by
+    PyTorch's host allocator until the copy is done."""
+    device = torch.device(device)
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def _pad(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(s) for s in seqs), default=0)
     padded = [list(s) + [pad] * (width - len(s)) for s in seqs]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(seqs), width)
+    return host_to_device(padded, torch.int64, device).reshape(len(seqs), width)
 
 
 def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

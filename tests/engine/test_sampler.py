@@ -315,3 +315,32 @@ def test_select_keeps_the_tokens_a_verify_step_emitted():
         .spec_logprobs
         is None
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_a_step_makes_no_host_sync() -> None:
+    """A sampled step's tensors (temperature, top-p, penalties, bans) reach the GPU without a
+    stream sync, and so do the sampler and ``select``: with async scheduling the step in
+    flight must not be waited for. The tokens equal those of the same rows sampled on the
+    CPU's copy of the logits where the draw does not matter (top-k 1)."""
+    cuda = torch.device("cuda")
+    vocab = 50_000
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.5),
+        SamplingParams(temperature=1.0, top_k=1, repetition_penalty=1.2),
+        SamplingParams(temperature=0.0),
+    ]
+    rows = [make_row(p, prompt=[1, 2, 3], output=[4, 5], banned=[7]) for p in params]
+    logits = torch.randn(len(rows), vocab, device=cuda)
+    sample(logits, rows)  # the pinned host blocks and kernels warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sample(logits, rows)
+        picked = out.select([2, 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = sample(logits.cpu(), rows).token_ids
+    assert out.token_ids[1:].tolist() == want[1:].tolist()  # top-k 1 and greedy: no draw
+    assert picked.token_ids.tolist() == [want[2].item(), want[1].item()]
