@@ -6,8 +6,8 @@ fp8 e4m3 with per-row scales), the time per call of ``parallm.kernels.gemv`` ins
 graph that cycles through copies of the weight larger than L2 together (so W streams from HBM,
 as in a decode step), with the achieved weight bandwidth and the speed-up over bf16 at the
 default tile. ``--sweep`` also times a grid of tiles per quantized GEMV and prints the best:
-the defaults for one-byte weights (``gemv._tile``: the 16-bit tiles with twice the block_k)
-were not measured when they were set.
+the one-byte defaults (``gemv.role_tile``) came from the plain GEMV's sweep
+(``quant_gemv_variants.py``) and, for q/k/v, this sweep with the norm prologue.
 
 python benchmarks/quant_gemv_bench.py [--model 8b|1b] [--sweep] [--out quant_gemv.json]
 """

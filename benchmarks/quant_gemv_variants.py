@@ -373,7 +373,7 @@ class Variant:
         if self.tensor_core:
             first, more = DOT_TILES[0], DOT_TILES[1:]
         else:
-            first = package_gemv._tile(ROLE_TILES[role], None, None, None, weight, NUM_STAGES)
+            first = package_gemv._tile(role, None, None, None, weight, NUM_STAGES)
             more = [t for t in CUDA_CORE_TILES if t != first]
         return [first, *more] if sweep else [first]
 

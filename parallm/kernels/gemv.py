@@ -33,6 +33,16 @@ GATE_UP_TILE = (32, 256, 4)  # outputs >= _WIDE_N: the gate/up projection
 DOWN_TILE = (16, 2048, 8)
 O_TILE = (4, 2048, 4)
 LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prologue
+# One-byte weights (int8, e4m3) have tiles of their own, from the plain GEMV's sweep over both
+# formats on the 8B and 1B shapes (benchmarks/quant_gemv_variants.py): the 16-bit tiles with
+# block_k doubled for the same bytes a tile ran the down projection 2-2.9x and o 1.3x slower
+# (a [16, 4096] float32 accumulator spills). q/k/v's tile is the norm-prologue sweep's best
+# (quant_gemv_bench.py --sweep); down takes 16 rows (within 3% of 8 alone) so that half as
+# many programs recompute the SiLU prologue.
+QKV_TILE_1B = (32, 512, 4)
+GATE_UP_TILE_1B = (16, 512, 4)
+DOWN_TILE_1B = (16, 1024, 8)
+O_TILE_1B = (8, 1024, 4)
 _WIDE_N = 8192
 _SMEM_BUDGET = 200 * 1024  # bytes of W pipeline stages per program
 
@@ -175,15 +185,32 @@ def _gemv_kernel(
     _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
-def _tile(default: tuple[int, int, int], block_n: int | None, block_k: int | None,
-          num_warps: int | None, weight: torch.Tensor,
-          num_stages: int) -> tuple[int, int, int]:  # fmt: skip
-    """The role's default tile where an argument is left out. A default block_k is doubled for
-    one-byte weights (the bytes per tile it was tuned with), then halved until the W stages fit
-    in shared memory (float32 weights would overflow a Hopper block's 227 KiB)."""
+ROLES = ("qkv", "gate_up", "down", "o", "lm_head")
+
+
+def role_tile(role: str, weight: torch.Tensor) -> tuple[int, int, int]:
+    """The role's tile for ``weight``'s width: one of ``ROLES``. Read at call time, so that a
+    benchmark may set the module's constants."""
+    float_tiles = {"qkv": QKV_TILE, "gate_up": GATE_UP_TILE, "down": DOWN_TILE, "o": O_TILE,
+                   "lm_head": LM_HEAD_TILE}  # fmt: skip
+    if role not in float_tiles:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if weight.element_size() != 1:
+        return float_tiles[role]
+    byte_tiles = {"qkv": QKV_TILE_1B, "gate_up": GATE_UP_TILE_1B, "down": DOWN_TILE_1B,
+                  "o": O_TILE_1B, "lm_head": O_TILE_1B}  # fmt: skip
+    return byte_tiles[role]
+
+
+def _tile(role: str, block_n: int | None, block_k: int | None, num_warps: int | None,
+          weight: torch.Tensor, num_stages: int) -> tuple[int, int, int]:  # fmt: skip
+    """The role's tile (``role_tile``) where an argument is left out; a default block_k is
+    halved until the W stages fit in shared memory (float32 weights would overflow a Hopper
+    block's 227 KiB)."""
+    default = role_tile(role, weight)
     block_n, warps = block_n or default[0], num_warps or default[2]
     if block_k is None:
-        block_k = default[1] * (2 if weight.element_size() == 1 else 1)
+        block_k = default[1]
         while num_stages * block_n * block_k * weight.element_size() > _SMEM_BUDGET:
             block_k //= 2
     return block_n, block_k, warps
@@ -234,7 +261,7 @@ def rms_norm_gemv(
     weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row ``x`` of [1, K].
-    Tiles left out come from ``GATE_UP_TILE`` (wide outputs) or ``QKV_TILE``.
+    Tiles left out are the gate/up role's (wide outputs) or q/k/v's (``role_tile``).
 
     With ``gather_ids`` (one integer id on the device), ``x`` is a table [V, K] (the token
     embedding) and the row is ``x[gather_ids[0]]``, read by the kernel itself: the first
@@ -249,8 +276,8 @@ def rms_norm_gemv(
         if gather_ids.shape != (1,) or gather_ids.is_floating_point():
             raise ValueError(f"gather_ids must be one integer id, got {tuple(gather_ids.shape)}")
         row = x[:1]
-    default = GATE_UP_TILE if weight.shape[0] >= _WIDE_N else QKV_TILE
-    tile = _tile(default, block_n, block_k, num_warps, weight, num_stages)
+    role = "gate_up" if weight.shape[0] >= _WIDE_N else "qkv"
+    tile = _tile(role, block_n, block_k, num_warps, weight, num_stages)
     stored = residual is not None or gather_ids is not None
     res_out = torch.empty_like(row) if stored else None
     res = residual if residual is not None else row
@@ -274,9 +301,9 @@ def silu_mul_gemv(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(silu(gate) * up) @ weight.T`` for one row ``gate_up`` of [1, 2K] (gate, then up).
-    Tiles left out come from ``DOWN_TILE``."""
+    Tiles left out are the down role's (``role_tile``)."""
     k = gate_up.shape[-1] // 2
-    tile = _tile(DOWN_TILE, block_n, block_k, num_warps, weight, num_stages)
+    tile = _tile("down", block_n, block_k, num_warps, weight, num_stages)
     return _launch(_silu_gemv_kernel, (gate_up, gate_up[:, k:]), gate_up, k, weight,
                    weight_scale, tile, num_stages, pdl, PRECISE_EXP=gate_up.is_cuda)  # fmt: skip
 
@@ -292,8 +319,8 @@ def gemv(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` for one row ``x`` of [1, K] (the o projection and LM head, so that the
-    whole one-row step is Triton kernels that chain with PDL). Tiles left out come from
-    ``LM_HEAD_TILE`` (wide outputs) or ``O_TILE``."""
-    default = LM_HEAD_TILE if weight.shape[0] >= _WIDE_N else O_TILE
-    tile = _tile(default, block_n, block_k, num_warps, weight, num_stages)
+    whole one-row step is Triton kernels that chain with PDL). Tiles left out are the LM
+    head's (wide outputs) or o's (``role_tile``)."""
+    role = "lm_head" if weight.shape[0] >= _WIDE_N else "o"
+    tile = _tile(role, block_n, block_k, num_warps, weight, num_stages)
     return _launch(_gemv_kernel, (x,), x, x.shape[-1], weight, weight_scale, tile, num_stages, pdl)

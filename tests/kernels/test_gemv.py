@@ -198,7 +198,9 @@ def test_default_tiles_fit_shared_memory():
 
     w16, w32 = torch.empty(2048, 8192, dtype=torch.bfloat16), torch.empty(2048, 8192)
     n, k, warps = fused_gemv.DOWN_TILE
-    assert fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w16, 3) == (n, k, warps)
-    bn, bk, _ = fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w32, 3)
+    assert fused_gemv._tile("down", None, None, None, w16, 3) == (n, k, warps)
+    bn, bk, _ = fused_gemv._tile("down", None, None, None, w32, 3)
     assert 3 * bn * bk * 4 <= fused_gemv._SMEM_BUDGET < 3 * bn * 2 * bk * 4
-    assert fused_gemv._tile(fused_gemv.DOWN_TILE, 8, 4096, 4, w32, 3) == (8, 4096, 4)
+    assert fused_gemv._tile("down", 8, 4096, 4, w32, 3) == (8, 4096, 4)
+    with pytest.raises(ValueError, match="role must be one of qkv, gate_up, down, o, lm_head"):
+        fused_gemv._tile("up", None, None, None, w16, 3)

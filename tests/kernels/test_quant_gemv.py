@@ -204,11 +204,18 @@ def test_a_quantized_weight_needs_its_per_row_scales(method):
         rms_norm_gemv(x, None, torch.ones(16), q, EPS, weight_scale=scale.view(8, 1))
 
 
-def test_one_byte_weights_get_the_bytes_per_tile_of_16_bit_ones():
-    w8 = torch.empty(2048, 8192, dtype=torch.int8)
-    n, k, warps = fused_gemv.DOWN_TILE
-    bn, bk, _ = fused_gemv._tile(fused_gemv.DOWN_TILE, None, None, None, w8, 3)
-    assert (bn, bk) == (n, 2 * k) and 3 * bn * bk <= fused_gemv._SMEM_BUDGET
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_one_byte_weights_get_their_own_tiles(dtype):
+    """Every role has a one-byte tile (what the GEMVs launch with by default) that fits the
+    shared-memory budget as it is, and 16-bit weights keep theirs."""
+    w8 = torch.empty(2048, 8192, dtype=dtype)
+    w16 = torch.empty(2048, 8192, dtype=torch.bfloat16)
+    byte_tiles = {"qkv": fused_gemv.QKV_TILE_1B, "gate_up": fused_gemv.GATE_UP_TILE_1B,
+                  "down": fused_gemv.DOWN_TILE_1B, "o": fused_gemv.O_TILE_1B}  # fmt: skip
+    for role, tile in byte_tiles.items():
+        assert fused_gemv._tile(role, None, None, None, w8, 3) == tile
+        assert 3 * tile[0] * tile[1] <= fused_gemv._SMEM_BUDGET
+        assert fused_gemv._tile(role, None, None, None, w16, 3) != tile
 
 
 CUDA_DTYPES = [torch.bfloat16, torch.float16]
