@@ -56,6 +56,29 @@ def _w_tile(w_ptr, rows, stride_wn, k, offs_k, K):
 
 
 @triton.jit
+def weights_as(w, dtype: tl.constexpr):
+    """A W tile in ``dtype`` (float32, bfloat16 or float16), exactly. int8 without an integer
+    conversion (a quarter-rate instruction on the GPU, once per weight): the bits
+    ``0x4B000080 + w`` are the float32 ``2**23 + 128 + w`` (exact below 2**24), so an integer
+    add and a float subtract give ``w``; its bfloat16 is that float's high half (8 significant
+    bits at most), its float16 ``0x6400 | (w + 128)`` (1024 + 128 + w) less 1152."""
+    if w.dtype == tl.int8:
+        if dtype == tl.float16:
+            bits = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int16) | 0x6400
+            out = bits.to(tl.float16, bitcast=True) - 1152.0
+        else:
+            f32 = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            if dtype == tl.bfloat16:
+                high = (f32.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+                out = high.to(tl.bfloat16, bitcast=True)
+            else:
+                out = f32
+    else:
+        out = w.to(dtype)
+    return out
+
+
+@triton.jit
 def _first_tile(w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr):  # fmt: skip
     """This program's rows and its first W tile, loaded before waiting for the producer: the
@@ -106,10 +129,10 @@ def _norm_gemv_kernel(
     rstd = tl.rsqrt(total * inv_k + eps)
     # Pass 2: stream W; each chunk of the normalised vector is rebuilt from L2.
     v0 = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, 0, offs_k, K, rstd, HAS_RESIDUAL, dtype)
-    acc = w0.to(tl.float32) * v0[None, :]
+    acc = weights_as(w0, tl.float32) * v0[None, :]
     for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         v = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, k, offs_k, K, rstd, HAS_RESIDUAL, dtype)
-        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
+        acc += weights_as(_w_tile(w_ptr, rows, stride_wn, k, offs_k, K), tl.float32) * v[None, :]
     _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
@@ -161,10 +184,10 @@ def _silu_gemv_kernel(
     dtype: tl.constexpr = gate_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     v0 = _silu_chunk(gate_ptr, up_ptr, 0, offs_k, K, PRECISE_EXP, dtype)
-    acc = w0.to(tl.float32) * v0[None, :]
+    acc = weights_as(w0, tl.float32) * v0[None, :]
     for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         v = _silu_chunk(gate_ptr, up_ptr, k, offs_k, K, PRECISE_EXP, dtype)
-        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * v[None, :]
+        acc += weights_as(_w_tile(w_ptr, rows, stride_wn, k, offs_k, K), tl.float32) * v[None, :]
     _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
@@ -177,11 +200,11 @@ def _gemv_kernel(
     offs_n, rows, w0 = _first_tile(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PDL)
     offs_k = tl.arange(0, BLOCK_K)
     x0 = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    acc = w0.to(tl.float32) * x0[None, :]
+    acc = weights_as(w0, tl.float32) * x0[None, :]
     for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += _w_tile(w_ptr, rows, stride_wn, k, offs_k, K).to(tl.float32) * x[None, :]
+        acc += weights_as(_w_tile(w_ptr, rows, stride_wn, k, offs_k, K), tl.float32) * x[None, :]
     _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.kernels.gemv import weights_as
 from parallm.kernels.rope_store import to_cache
 
 MIN_SCALE = tl.constexpr(1e-12)  # as parallm.layers.quantization.format.MIN_SCALE
@@ -55,7 +56,7 @@ def _weight_only_gemm_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc, input_precision=PRECISION)
+        acc = tl.dot(x, tl.trans(weights_as(w, dtype)), acc, input_precision=PRECISION)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc * scale[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],

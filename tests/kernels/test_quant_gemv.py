@@ -136,6 +136,37 @@ def test_interpreter_suite_in_subprocess():
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@triton.jit
+def _weights_as_kernel(q_ptr, y_ptr, DTYPE: triton.language.constexpr):
+    offs = triton.language.arange(0, 256)
+    triton.language.store(y_ptr + offs, fused_gemv.weights_as(triton.language.load(q_ptr + offs),
+                                                              DTYPE))  # fmt: skip
+
+
+def check_weights_as_every_int8(dtype: torch.dtype, device: str) -> None:
+    """The GEMVs' int8 conversion (an integer add and a float subtract, no conversion
+    instruction) gives every int8 value exactly, in every activation dtype."""
+    q = torch.arange(-128, 128, dtype=torch.int8, device=device)
+    y = torch.empty(256, dtype=dtype, device=device)
+    tl_dtype = {torch.float32: triton.language.float32, torch.bfloat16: triton.language.bfloat16,
+                torch.float16: triton.language.float16}[dtype]  # fmt: skip
+    _weights_as_kernel[(1,)](q, y, DTYPE=tl_dtype)
+    assert torch.equal(y.cpu(), q.cpu().to(dtype))
+
+
+@interpreter_test
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_int8_weights_convert_exactly_interpreter(dtype):
+    check_weights_as_every_int8(dtype, "cpu")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_int8_weights_convert_exactly_cuda(dtype):
+    check_weights_as_every_int8(dtype, "cuda")
+
+
 @interpreter_test
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
