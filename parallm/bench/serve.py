@@ -78,7 +78,7 @@ def _server_args(g: argparse._ArgumentGroup) -> None:
         type=temperature,
         default=0.0,
         help="sampling temperature of every request: 0 is greedy, as in the offline "
-        "benchmarks and vLLM's bench serve; OpenAI's API defaults to 1.0",
+        "benchmarks and vLLM's bench serve; 1.0 is OpenAI's API's",
     )
 
 
