@@ -2,7 +2,8 @@
 kernel (``parallm.kernels.gemv.gemv``) and against bf16 weights (needs CUDA to time).
 
 The question (issue 17): batch-1 decode with int8 or fp8 weights reads half the bytes of bf16
-yet is no faster. The package's GEMV converts every weight with ``w.to(tl.float32)``: for int8
+yet is no faster. The package's GEMV converted every weight with ``w.to(tl.float32)`` (it has
+since adopted ``int8_magic`` for int8, from this study; ``convert_fma`` keeps the cast): for int8
 one I2F per weight (on sm_90 conversions issue at 16 a clock per SM against 128 FFMA), for e4m3
 one F2FP unpack per two weights and one HADD2.F32 per weight; and it is compiled without FP
 fusion (a FMUL and a FADD per weight). The hypothesis: that per-weight work, not the bytes,

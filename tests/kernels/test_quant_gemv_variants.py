@@ -241,23 +241,26 @@ def test_main_writes_the_rows_and_fails_on_a_failed_check_interpreter(
 @pytest.mark.slow
 def test_cheaper_variants_compile_without_the_conversion_for_sm90(tmp_path):
     """The premise of the variants, in the SASS of their main loops (compiled for sm_90 by
-    this Triton's ptxas in a fresh process, no GPU needed): the package's int8 loop converts
-    every weight (I2F); int8_magic, int8_prmt and the e4m3 tensor-core loop convert none."""
+    this Triton's ptxas in a fresh process, no GPU needed): a plain int8 cast converts every
+    weight (I2F, ``convert_fma``); the package's loop (which adopted int8_magic), int8_magic,
+    int8_prmt and the e4m3 tensor-core loop convert none."""
     nvidia = Path(triton.__file__).parent / "backends/nvidia/bin"
     if not (nvidia / "ptxas").exists() or not (nvidia / "cuobjdump").exists():
         pytest.skip("this Triton install has no ptxas/cuobjdump for sm_90")
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(SCRIPT), "--sass", "--no-sweep", "--variants",
-           "baseline,int8_magic,int8_prmt,fp8_tensor_core", "--out", str(out)]  # fmt: skip
+           "baseline,convert_fma,int8_magic,int8_prmt,fp8_tensor_core", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {(r["variant"], r["weights"]): r for r in json.loads(out.read_text())["sass"]}
-    assert rows["baseline", "int8"]["conversion_per_weight"] == 1.0
-    assert rows["baseline", "int8"]["bound"] == "conversion"
-    for cheaper in [("int8_magic", "int8"), ("int8_prmt", "int8"), ("fp8_tensor_core", "fp8")]:
-        assert rows[cheaper]["conversion_per_weight"] == 0.0, cheaper
-        assert rows[cheaper]["clocks_per_weight"] < rows["baseline", "int8"]["clocks_per_weight"]
+    cast = rows["convert_fma", "int8"]
+    assert cast["conversion_per_weight"] == 1.0 and cast["bound"] == "conversion"
+    cheaper = [("baseline", "int8"), ("int8_magic", "int8"), ("int8_prmt", "int8"),
+               ("fp8_tensor_core", "fp8")]  # fmt: skip
+    for key in cheaper:
+        assert rows[key]["conversion_per_weight"] == 0.0, key
+        assert rows[key]["clocks_per_weight"] < cast["clocks_per_weight"], key
     assert (
         rows["int8_prmt", "int8"]["alu_per_weight"] < rows["int8_magic", "int8"]["alu_per_weight"]
     )
