@@ -33,12 +33,10 @@ GATE_UP_TILE = (32, 256, 4)  # outputs >= _WIDE_N: the gate/up projection
 DOWN_TILE = (16, 2048, 8)
 O_TILE = (4, 2048, 4)
 LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prologue
-# One-byte weights (int8, e4m3) have tiles of their own, from the plain GEMV's sweep over both
-# formats on the 8B and 1B shapes (benchmarks/quant_gemv_variants.py): the 16-bit tiles with
-# block_k doubled for the same bytes a tile ran the down projection 2-2.9x and o 1.3x slower
-# (a [16, 4096] float32 accumulator spills). q/k/v's tile is the norm-prologue sweep's best
-# (quant_gemv_bench.py --sweep); down takes 16 rows (within 3% of 8 alone) so that half as
-# many programs recompute the SiLU prologue.
+# One-byte weights (int8, e4m3) have tiles of their own, chosen with quant_gemv_variants.py's
+# and quant_gemv_bench.py's sweeps: a 16-bit tile with block_k doubled (the same bytes a tile)
+# holds a float32 accumulator twice as large, which spills. Down takes 16 rows rather than the
+# plain GEMV's best 8 so that half as many programs recompute the SiLU prologue.
 QKV_TILE_1B = (32, 512, 4)
 GATE_UP_TILE_1B = (16, 512, 4)
 DOWN_TILE_1B = (16, 1024, 8)
