@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from server_support import API_KEY, MODEL_NAME, descendants, process_gone
+from process_checks import descendants, process_gone
+from server_support import API_KEY, MODEL_NAME
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 CONTEXT = 2048

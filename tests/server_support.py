@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import openai
 import torch
-from process_checks import descendants, process_gone  # noqa: F401 - the server tests' import
 
 from parallm.server.app import build_app
 from parallm.server.launcher import ServerThread, load_engine, start_engine_core

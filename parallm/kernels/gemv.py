@@ -206,21 +206,15 @@ def _gemv_kernel(
     _finish(y_ptr, scale_ptr, offs_n, rows, acc, N, HAS_SCALE)
 
 
-ROLES = ("qkv", "gate_up", "down", "o", "lm_head")
-
-
 def role_tile(role: str, weight: torch.Tensor) -> tuple[int, int, int]:
-    """The role's tile for ``weight``'s width: one of ``ROLES``. Read at call time, so that a
-    benchmark may set the module's constants."""
-    float_tiles = {"qkv": QKV_TILE, "gate_up": GATE_UP_TILE, "down": DOWN_TILE, "o": O_TILE,
-                   "lm_head": LM_HEAD_TILE}  # fmt: skip
-    if role not in float_tiles:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if weight.element_size() != 1:
-        return float_tiles[role]
-    byte_tiles = {"qkv": QKV_TILE_1B, "gate_up": GATE_UP_TILE_1B, "down": DOWN_TILE_1B,
-                  "o": O_TILE_1B, "lm_head": O_TILE_1B}  # fmt: skip
-    return byte_tiles[role]
+    """The tile of ``role`` (qkv, gate_up, down, o or lm_head) for ``weight``'s width. Read at
+    call time, so that a benchmark may set the module's constants."""
+    tiles = {"qkv": (QKV_TILE, QKV_TILE_1B), "gate_up": (GATE_UP_TILE, GATE_UP_TILE_1B),
+             "down": (DOWN_TILE, DOWN_TILE_1B), "o": (O_TILE, O_TILE_1B),
+             "lm_head": (LM_HEAD_TILE, O_TILE_1B)}  # fmt: skip
+    if role not in tiles:
+        raise ValueError(f"role must be one of {', '.join(tiles)}, got {role!r}")
+    return tiles[role][weight.element_size() == 1]
 
 
 def _tile(role: str, block_n: int | None, block_k: int | None, num_warps: int | None,

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from server_support import descendants, process_gone, tiny_model_path
+from process_checks import descendants, process_gone
+from server_support import tiny_model_path
 from slow_teardown import engine_with_slow_teardown
 
 from parallm.engine.core.client import EngineCoreClient, EngineCoreError

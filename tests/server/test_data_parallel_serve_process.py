@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from process_checks import descendants, process_gone
 from serve_process import (
     CONTEXT,
     HEADERS,
@@ -23,7 +24,7 @@ from serve_process import (
     serve_processes,
     spawned,
 )
-from server_support import MODEL_NAME, descendants, process_gone, tiny_model_path
+from server_support import MODEL_NAME, tiny_model_path
 
 from parallm import LLM, SamplingParams
 

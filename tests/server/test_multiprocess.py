@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from process_checks import descendants, process_gone
 from serve_process import CONTEXT, HEADERS, StreamReader, core_pids, serve_command, serve_processes
 from server_support import (
     MODEL_NAME,
     client,
-    descendants,
-    process_gone,
     running_server,
     tiny_model_path,
     wait_until_idle,
