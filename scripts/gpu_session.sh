@@ -204,14 +204,17 @@ for step in "$@"; do
                      > "$OUT/quant_gemv_variants.log" 2>&1
                    grep -A2 "FAILED" "$OUT/quant_gemv_variants.log" | head -20
                    tail -28 "$OUT/quant_gemv_variants.log" ;;
-    quantlatency) # issue 17's speed rows: the 8B shape's batch 1 and 8 decode with bf16, fp8 and
-                  # int8 weights, one after another on this GPU (ratios within one call)
-                  for q in none fp8 int8; do
-                    flag=(); [[ $q != none ]] && flag=(--quantization "$q")
-                    python3 -m parallm.cli bench latency --config benchmarks/configs/llama-3.1-8b.json \
-                      --max-model-len 4096 --batch-sizes 1,8 --iters 2 "${flag[@]}" \
-                      --out "$OUT/latency_llama8b_$q.json" > "$OUT/latency_llama8b_$q.log" 2>&1
-                    tail -6 "$OUT/latency_llama8b_$q.log"
+    quantlatency) # issue 17's speed rows: batch-1 and batch-8 decode with bf16, fp8 and int8
+                  # weights on the 8B and 1B shapes, one after another on this GPU (ratios
+                  # within one call)
+                  for shape in llama-3.1-8b llama-3.2-1b; do
+                    for q in none fp8 int8; do
+                      flag=(); [[ $q != none ]] && flag=(--quantization "$q")
+                      python3 -m parallm.cli bench latency --config "benchmarks/configs/$shape.json" \
+                        --max-model-len 4096 --batch-sizes 1,8 --iters 2 "${flag[@]}" \
+                        --out "$OUT/latency_${shape}_$q.json" > "$OUT/latency_${shape}_$q.log" 2>&1
+                      tail -6 "$OUT/latency_${shape}_$q.log"
+                    done
                   done ;;
     quantthroughput) # issue 17's offline rows: bf16 against fp8 weights with an fp8 KV cache,
                      # Qwen3-0.6B and Llama-3.2-1B shapes (bench throughput's 256 requests)
