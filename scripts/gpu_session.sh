@@ -121,7 +121,7 @@ for step in "$@"; do
                 python3 -m parallm.cli bench latency $model --batch-sizes 1 --input-len 128 \
                   --output-len "${OUTLEN:-128}" --out "$OUT/ep_offline_latency.json" > "$OUT/ep_offline_latency.log" 2>&1
                 tail -3 "$OUT/ep_offline_latency.log"
-                for mode in multiprocess inprocess; do
+                for mode in ${MODES:-multiprocess inprocess}; do
                   flag=(); [[ $mode == inprocess ]] && flag=(--disable-frontend-multiprocessing)
                   start_server "$OUT/ep_server_$mode.log" $model "${flag[@]}" || continue
                   common=(--base-url http://127.0.0.1:8000 --dataset-name random --no-progress)
