@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,12 +198,46 @@ def _error_message(text: str) -> str:
     return text[:300]
 
 
-async def _scheduled(client: httpx.AsyncClient, cfg: ClientConfig, spec: RequestSpec,
+class ClientPool:
+    """HTTP clients that share the streams out, each keeping a small connection pool.
+
+    httpcore's pool scans every connection it holds on each request's start and end (quadratic
+    in the connections, and on the event loop), so one client with hundreds of open streams
+    stalls them all; the client with the fewest streams in flight takes the next request.
+    """
+
+    STREAMS_PER_CLIENT = 16
+
+    def __init__(self, cfg: ClientConfig, streams: int) -> None:
+        count = max(1, -(-streams // self.STREAMS_PER_CLIENT))
+        timeout = httpx.Timeout(cfg.max_duration_s, connect=min(30.0, cfg.max_duration_s))
+        # No pool limit: a client-side queue would show up as server latency. trust_env=False:
+        # talk to the URL given, never through a proxy from the environment.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.clients = [
+            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) for _ in range(count)
+        ]
+        self.in_flight = [0] * count
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
+        i = min(range(len(self.clients)), key=self.in_flight.__getitem__)
+        self.in_flight[i] += 1
+        try:
+            yield self.clients[i]
+        finally:
+            self.in_flight[i] -= 1
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients))
+
+
+async def _scheduled(pool: ClientPool, cfg: ClientConfig, spec: RequestSpec,
                      result: RequestResult, start: float, gate: asyncio.Semaphore | None,
                      on_done: OnDone) -> None:  # fmt: skip
     """Wait for the request's arrival time (and a concurrency slot), send it, record it."""
     await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
-    async with gate or contextlib.nullcontext():
+    async with gate or contextlib.nullcontext(), pool.lease() as client:
         result.send_s = time.perf_counter() - start
         try:
             await stream_one(client, cfg, spec, result)
@@ -223,14 +257,11 @@ async def run_requests(
     """
     results = [RequestResult(s.index, s.output_len, s.input_len) for s in specs]
     gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    # No pool limit of our own: a client-side queue would show up as server latency.
-    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.max_duration_s, connect=min(30.0, cfg.max_duration_s))
-    # trust_env=False: talk to the URL given, never through a proxy from the environment.
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    pool = ClientPool(cfg, min(len(specs), cfg.max_concurrency or len(specs)))
+    try:
         start = time.perf_counter()
         tasks = [
-            asyncio.create_task(_scheduled(client, cfg, s, r, start, gate, on_done))
+            asyncio.create_task(_scheduled(pool, cfg, s, r, start, gate, on_done))
             for s, r in zip(specs, results, strict=True)
         ]
         _, pending = await asyncio.wait(tasks, timeout=cfg.max_duration_s) if tasks else ((), ())
@@ -238,6 +269,8 @@ async def run_requests(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await pool.aclose()
     return results, elapsed
 
 
