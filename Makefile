@@ -68,7 +68,7 @@ peers-wheels: setup  ## fetch vLLM 0.26.0's wheels into .peers/ and print the GP
 server-wheels: setup  ## fetch the server's wheels (not on the GPU image) into .whl/server for gpu_session.sh serve
 	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl/server fastapi uvicorn uvloop httptools pyzmq msgspec 'pydantic>=2.6' 'openai<3'
+	  -d .whl/server fastapi uvicorn uvloop httptools pyzmq msgspec aiohttp 'pydantic>=2.6' 'openai<3'
 	@du -sh .whl/server
 
 clean:  ## remove the venv and caches

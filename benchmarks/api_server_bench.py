@@ -8,7 +8,7 @@ and SSE in the API process), except that the core's engine is ``FakeEngine``: it
 id tokenizer's ``<id>`` text, as the GPU serving benchmarks use) and takes ``--step-ms`` in
 all. A closed-loop load of ``--concurrency`` streams (each request followed by the next) comes
 from a separate process: the lean client below by default, or ``parallm bench serve``'s
-(``--client httpx``, heavier per chunk).
+(``--client bench``, heavier per chunk).
 
 Reported: tokens/s the server sustains (total = prompt + output, as ``bench serve`` counts),
 TPOT p50/p99 and what it adds over the fake step, CPU seconds per 1k output tokens in the
@@ -209,18 +209,15 @@ async def _lean_stream(host: str, port: int, body: bytes) -> StreamResult:
     )  # fmt: skip  (the usage chunk and [DONE])
 
 
-async def _httpx_stream(url: str, body: dict[str, Any], output_len: int,
+async def _bench_stream(session: Any, url: str, body: dict[str, Any], output_len: int,
                         input_len: int) -> StreamResult:  # fmt: skip
-    import httpx
-
     from parallm.bench.serve_client import ClientConfig, RequestResult, stream_one
     from parallm.bench.serve_workload import RequestSpec
 
     cfg = ClientConfig(base_url=url + "/v1", model="fake")
     spec = RequestSpec(0, 0.0, body["prompt"], input_len, output_len)
     result = RequestResult(0, output_len, input_len)
-    async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
-        await stream_one(client, cfg, spec, result)
+    await stream_one(session, cfg, spec, result)
     return StreamResult(result.ttft_s, result.e2e_s, result.output_tokens,
                         result.prompt_tokens or input_len, len(result.itl_s) + 1)  # fmt: skip
 
@@ -229,7 +226,12 @@ async def _closed_loop(args: argparse.Namespace, url: str) -> LoadResult:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     rng = random.Random(1)
     result = LoadResult()
-    deadline = time.perf_counter() + args.duration_s
+    session = None
+    if args.client == "bench":  # (imported here: the lean client needs none of it)
+        from parallm.bench.serve_client import ClientConfig, client_session
+
+        session = client_session(ClientConfig(base_url=url + "/v1", model="fake"))
+    deadline = time.perf_counter() + args.duration_s  # after the set-up
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
@@ -241,7 +243,7 @@ async def _closed_loop(args: argparse.Namespace, url: str) -> LoadResult:
                 if args.client == "lean":
                     done = await _lean_stream(host, int(port), json.dumps(body).encode())
                 else:
-                    done = await _httpx_stream(url, body, args.output_len, args.prompt_len)
+                    done = await _bench_stream(session, url, body, args.output_len, args.prompt_len)
             except Exception as exc:  # a failed request is data
                 result.failures.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -249,7 +251,11 @@ async def _closed_loop(args: argparse.Namespace, url: str) -> LoadResult:
                 result.streams.append(done)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    finally:
+        if session is not None:
+            await session.close()
     result.elapsed_s = time.perf_counter() - start
     return result
 
@@ -423,9 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=20.0, help="how long the load runs")
     p.add_argument(
         "--client",
-        choices=("lean", "httpx"),
+        choices=("lean", "bench"),
         default="lean",
-        help="lean: raw sockets, no JSON per chunk; httpx: bench serve's client",
+        help="lean: raw sockets, no JSON per chunk; bench: bench serve's client",
     )
     p.add_argument(
         "--profile",

@@ -23,11 +23,11 @@ start_server() {  # start_server LOG ARGS...
 }
 stop_server() { kill -TERM "$server"; wait "$server"; }
 server_wheels() {  # the server stack is not on the device image: install it from .whl/
-  local wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx prometheus-client pyzmq msgspec openai"
+  local wheels="--no-index --find-links .whl/server fastapi uvicorn uvloop httptools httpx aiohttp prometheus-client pyzmq msgspec openai"
   if python3 -m pip --version > /dev/null 2>&1; then python3 -m pip install -q $wheels
   else pip install -q --target "$PWD/.pylib" $wheels; fi > "$OUT/pip.log" 2>&1
   export PYTHONPATH=$PYTHONPATH:$PWD/.pylib
-  python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, prometheus_client, zmq, msgspec, openai" || tail -5 "$OUT/pip.log"
+  python3 -c "import fastapi, uvicorn, uvloop, httptools, httpx, aiohttp, prometheus_client, zmq, msgspec, openai" || tail -5 "$OUT/pip.log"
 }
 (( $# )) || set -- tests latency  # ("${@:-tests latency}" would be the one step "tests latency")
 for step in "$@"; do
@@ -170,7 +170,7 @@ for step in "$@"; do
                 for shape in llama-3.1-8b llama-3.2-1b; do
                   python3 benchmarks/spec_oracle_bench.py --config benchmarks/configs/$shape.json \
                     --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --out "$OUT/spec_oracle_$shape.json" \
-                    > "$OUT/spec_oracle_$shape.log" 2>&1; tail -28 "$OUT/spec_oracle_$shape.log"; done ;;
+                    > "$OUT/spec_oracle_$shape.log" 2>&1; tail -31 "$OUT/spec_oracle_$shape.log"; done ;;
     spectrain) # issue 15's larger code model; its weights stay on the machine for `specreal`
                python3 -m parallm train --config configs/train/code-model-150m.toml --plot \
                  > "$OUT/train150m.log" 2>&1; tail -8 "$OUT/train150m.log"

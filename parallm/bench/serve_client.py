@@ -4,14 +4,15 @@ server, sent at their arrival times, timed chunk by chunk."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from parallm.bench.serve_workload import RequestSpec
 
@@ -167,20 +168,21 @@ class _Timer:
         self.last = now
 
 
-async def stream_one(client: httpx.AsyncClient, cfg: ClientConfig, spec: RequestSpec,
+async def stream_one(session: aiohttp.ClientSession, cfg: ClientConfig, spec: RequestSpec,
                      result: RequestResult) -> None:  # fmt: skip
     """Send one streaming request and fill ``result`` (raises on failure)."""
     start = time.perf_counter()
     timer = _Timer(result, start)
     body = request_body(cfg, spec)
-    async with client.stream("POST", cfg.url, json=body, headers=cfg.headers()) as resp:
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode(errors="replace")
-            raise RequestFailed(f"HTTP {resp.status_code}: {_error_message(text)}")
+    async with session.post(cfg.url, json=body, headers=cfg.headers()) as resp:
+        if resp.status != 200:
+            text = (await resp.read()).decode(errors="replace")
+            raise RequestFailed(f"HTTP {resp.status}: {_error_message(text)}")
         parser = SSEParser()
-        async for piece in resp.aiter_text():
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # pieces split characters
+        async for piece in resp.content.iter_any():
             now = time.perf_counter()  # one arrival time for every event in this piece
-            for data in parser.feed(piece):
+            for data in parser.feed(text.decode(piece)):
                 if data.strip() != DONE:
                     timer.on_chunk(json.loads(data), now)
     result.e2e_s = time.perf_counter() - start
@@ -198,49 +200,26 @@ def _error_message(text: str) -> str:
     return text[:300]
 
 
-class ClientPool:
-    """HTTP clients that share the streams out, each keeping a small connection pool.
-
-    httpcore's pool scans every connection it holds on each request's start and end (quadratic
-    in the connections, and on the event loop), so one client with hundreds of open streams
-    stalls them all; the client with the fewest streams in flight takes the next request.
-    """
-
-    STREAMS_PER_CLIENT = 16
-
-    def __init__(self, cfg: ClientConfig, streams: int) -> None:
-        count = max(1, -(-streams // self.STREAMS_PER_CLIENT))
-        timeout = httpx.Timeout(cfg.max_duration_s, connect=min(30.0, cfg.max_duration_s))
-        # No pool limit: a client-side queue would show up as server latency. trust_env=False:
-        # talk to the URL given, never through a proxy from the environment.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self.clients = [
-            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) for _ in range(count)
-        ]
-        self.in_flight = [0] * count
-
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
-        i = min(range(len(self.clients)), key=self.in_flight.__getitem__)
-        self.in_flight[i] += 1
-        try:
-            yield self.clients[i]
-        finally:
-            self.in_flight[i] -= 1
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self.clients))
+def client_session(cfg: ClientConfig) -> aiohttp.ClientSession:
+    """One session for every stream. aiohttp, as vLLM's bench serve: its C HTTP parser costs
+    the client about half of httpx's CPU per chunk, and a client that falls behind the server
+    measures itself (benchmarks/serve_client_bench.py)."""
+    # No connection limit: a client-side queue would show up as server latency. The session
+    # ignores proxy settings from the environment (aiohttp's default): talk to the URL given.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=cfg.max_duration_s, connect=min(30.0, cfg.max_duration_s))
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
-async def _scheduled(pool: ClientPool, cfg: ClientConfig, spec: RequestSpec,
+async def _scheduled(session: aiohttp.ClientSession, cfg: ClientConfig, spec: RequestSpec,
                      result: RequestResult, start: float, gate: asyncio.Semaphore | None,
                      on_done: OnDone) -> None:  # fmt: skip
     """Wait for the request's arrival time (and a concurrency slot), send it, record it."""
     await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
-    async with gate or contextlib.nullcontext(), pool.lease() as client:
+    async with gate or contextlib.nullcontext():
         result.send_s = time.perf_counter() - start
         try:
-            await stream_one(client, cfg, spec, result)
+            await stream_one(session, cfg, spec, result)
             result.status = "ok"
         except Exception as e:  # any failure of one request is data, not a crash
             result.status = "failed"
@@ -257,11 +236,10 @@ async def run_requests(
     """
     results = [RequestResult(s.index, s.output_len, s.input_len) for s in specs]
     gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    pool = ClientPool(cfg, min(len(specs), cfg.max_concurrency or len(specs)))
-    try:
+    async with client_session(cfg) as session:
         start = time.perf_counter()
         tasks = [
-            asyncio.create_task(_scheduled(pool, cfg, s, r, start, gate, on_done))
+            asyncio.create_task(_scheduled(session, cfg, s, r, start, gate, on_done))
             for s, r in zip(specs, results, strict=True)
         ]
         _, pending = await asyncio.wait(tasks, timeout=cfg.max_duration_s) if tasks else ((), ())
@@ -269,8 +247,6 @@ async def run_requests(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    finally:
-        await pool.aclose()
     return results, elapsed
 
 
@@ -278,13 +254,17 @@ async def first_model(base_url: str, api_key: str | None) -> str:
     """The first model ``GET /v1/models`` lists."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            resp = await client.get(f"{base_url}/models", headers=headers)
-    except httpx.HTTPError as e:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"{base_url}/models", headers=headers) as resp,
+        ):
+            status, text = resp.status, await resp.text(errors="replace")
+    except (aiohttp.ClientError, TimeoutError) as e:
         raise ValueError(f"GET {base_url}/models: {type(e).__name__}: {e}") from None
-    if resp.status_code != 200:
-        raise ValueError(f"GET {base_url}/models: HTTP {resp.status_code}: {resp.text[:200]}")
-    models = resp.json().get("data") or []
+    if status != 200:
+        raise ValueError(f"GET {base_url}/models: HTTP {status}: {text[:200]}")
+    models = json.loads(text).get("data") or []
     if not models:
         raise ValueError(f"GET {base_url}/models lists no model; pass --model")
     return models[0]["id"]

@@ -5,7 +5,6 @@ random dataset, random chat, and with ../shared: the Azure conversation trace an
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -20,13 +19,7 @@ import pytest
 from server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
 
 from parallm.bench import serve
-from parallm.bench.serve_client import (
-    ClientConfig,
-    ClientPool,
-    RequestResult,
-    SSEParser,
-    request_body,
-)
+from parallm.bench.serve_client import ClientConfig, RequestResult, SSEParser, request_body
 from parallm.bench.serve_report import distribution_ms, meets_slo, summarize
 from parallm.bench.serve_workload import (
     PromptMaker,
@@ -78,34 +71,6 @@ def _result(ttft: float, e2e: float, tokens: int, itl: list[float], **kw: Any) -
     r = RequestResult(index=0, expected_output_tokens=tokens, input_len=10, status="ok", **kw)
     r.ttft_s, r.e2e_s, r.output_tokens, r.itl_s, r.send_s = ttft, e2e, tokens, itl, 0.0
     return r
-
-
-def test_client_pool_spreads_streams_over_small_pools() -> None:
-    """Each client holds at most STREAMS_PER_CLIENT streams at the peak, and the least loaded
-    one takes the next: one httpx pool with hundreds of streams stalls its event loop."""
-
-    async def scenario() -> tuple[int, list[int], list[int], list[int]]:
-        pool = ClientPool(ClientConfig("http://127.0.0.1:1/v1", "m"), streams=40)
-        try:
-            leases = [pool.lease() for _ in range(40)]
-            clients = [await lease.__aenter__() for lease in leases]
-            peak = list(pool.in_flight)
-            await leases[0].__aexit__(None, None, None)  # one stream ends: its client is next
-            after_one = list(pool.in_flight)
-            again = pool.lease()
-            assert await again.__aenter__() is clients[0]
-            await again.__aexit__(None, None, None)
-            for lease in leases[1:]:
-                await lease.__aexit__(None, None, None)
-            return len(pool.clients), peak, after_one, list(pool.in_flight)
-        finally:
-            await pool.aclose()
-
-    count, peak, after_one, end = asyncio.run(scenario())
-    assert count == 3  # ceil(40 / 16)
-    assert sorted(peak) == [13, 13, 14] and max(peak) <= ClientPool.STREAMS_PER_CLIENT
-    assert sum(after_one) == 39
-    assert end == [0, 0, 0]
 
 
 def test_percentiles_tpot_and_goodput() -> None:
