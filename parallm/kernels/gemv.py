@@ -36,10 +36,11 @@ LM_HEAD_TILE = (8, 1024, 4)  # outputs >= _WIDE_N (a vocabulary) without a prolo
 # One-byte weights (int8, e4m3) have tiles of their own, chosen with quant_gemv_variants.py's
 # and quant_gemv_bench.py's sweeps: a 16-bit tile with block_k doubled (the same bytes a tile)
 # holds a float32 accumulator twice as large, which spills. Down takes 16 rows rather than the
-# plain GEMV's best 8 so that half as many programs recompute the SiLU prologue.
+# plain GEMV's best 8 so that half as many programs recompute the SiLU prologue, and 4 warps,
+# the SiLU sweep's best for that tile (PERF_NOTES.md, issue 17).
 QKV_TILE_1B = (32, 512, 4)
 GATE_UP_TILE_1B = (16, 512, 4)
-DOWN_TILE_1B = (16, 1024, 8)
+DOWN_TILE_1B = (16, 1024, 4)
 O_TILE_1B = (8, 1024, 4)
 _WIDE_N = 8192
 _SMEM_BUDGET = 200 * 1024  # bytes of W pipeline stages per program
