@@ -124,9 +124,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     for batch in args.batch_sizes:
         prompts = _prompts(batch, args.input_len, vocab, seed=batch)
         _timed_generate(plain, prompts, params)  # warm-up
+        steps = plain.engine.num_steps
         outs, seconds = _timed_generate(plain, prompts, params)
         baseline[batch] = seconds
         futures[batch] = _outputs(prompts, outs)
+        # Per engine step (prefill steps included), to set beside bench latency's ms/token and
+        # the verify steps' ms below: a verify step cannot cost less than a plain decode step.
+        plain_ms = 1e3 * seconds / max(1, plain.engine.num_steps - steps)
+        print(f"batch {batch:>3} plain: {plain_ms:.3f} ms per step", flush=True)
     del plain
     spec = {"method": "ngram", "num_speculative_tokens": max(args.k)}
     llm = LLM(args.config, speculative_config=spec, **engine_args)
@@ -139,7 +144,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 before = llm.engine.spec_stats.copy()
                 replays, steps = _verify_replays(llm), llm.engine.num_steps
                 outs, seconds = _timed_generate(llm, prompts, params)
-                graphed = (_verify_replays(llm) - replays) / max(1, llm.engine.num_steps - steps)
+                spec_steps = max(1, llm.engine.num_steps - steps)
+                graphed = (_verify_replays(llm) - replays) / spec_steps
                 # Output is plain decoding's while no logits are near ties (peaked weights; in
                 # float32 always): anything below 1 means the oracle's drafts were wrong.
                 got = _outputs(prompts, outs)
@@ -149,10 +155,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append({"batch": batch, "k": k, "wrong": wrong, "tokens_per_step": per_step,
                              "speedup": speedup, "efficiency": speedup / per_step,
                              "plain_s": baseline[batch], "spec_s": seconds,
+                             "spec_ms_per_step": 1e3 * seconds / spec_steps,
                              "identical_outputs": identical,
                              "graph_verify_share": graphed})  # fmt: skip
                 print(f"batch {batch:>3} k {k} wrong {wrong:.2f}: {per_step:.2f} tok/step, "
                       f"speedup {speedup:.2f}x, efficiency {speedup / per_step:.2f}, "
+                      f"{1e3 * seconds / spec_steps:.3f} ms per step, "
                       f"identical outputs {identical:.0%}, steps from verify graphs "
                       f"{graphed:.0%}", flush=True)  # fmt: skip
     return rows
