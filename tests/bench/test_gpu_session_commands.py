@@ -601,7 +601,9 @@ def test_perf_notes_next_session_names_existing_steps(gpu_session_text):
     """Every step that the next session's plan names is a case of gpu_session.sh, and steps
     take no flags (the plan passes flags through the environment the step reads)."""
     planned = perf_notes_steps(PERF_NOTES.read_text())
-    assert {"tests", "serve", "engineproc", "quantprofile", "specoracle"} <= set(planned)
+    # The plan changes every session; these are in this one's (the parser must find them, in
+    # `VAR=x gpu_session.sh a b` spans and in bare ones).
+    assert {"engineproc", "serve", "quantlatency", "quantvariants", "spectrain"} <= set(planned)
     cases = set(case_names(gpu_session_text))
     assert sorted(set(planned) - cases) == []
     assert {step: flags for step, flags in planned.items() if flags} == {}
