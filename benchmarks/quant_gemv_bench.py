@@ -9,7 +9,11 @@ default tile. ``--sweep`` also times a grid of tiles per quantized GEMV and prin
 the one-byte defaults (``gemv.role_tile``) came from the plain GEMV's sweep
 (``quant_gemv_variants.py``) and, for q/k/v, this sweep with the norm prologue.
 
-python benchmarks/quant_gemv_bench.py [--model 8b|1b] [--sweep] [--out quant_gemv.json]
+Each swept tile's time prints as it is measured, so a sweep cut short still reports what it
+reached; ``--roles`` and ``--kinds`` narrow it (about 30 tiles a role and kind).
+
+python benchmarks/quant_gemv_bench.py [--model 8b|1b] [--sweep] [--roles gate_up,qkv]
+    [--kinds fp8] [--out quant_gemv.json]
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -83,12 +87,14 @@ def time_us(fn: Callable[..., torch.Tensor], weights: list, tile: dict) -> float
     return cuda_ms_per_call(graph.replay, 20) * 1e3 / len(weights)
 
 
-def bench(model: str, sweep: bool) -> list[dict]:
+def bench(model: str, sweep: bool, roles: list[str], kinds: list[str]) -> list[dict]:
     rows = []
     for role, (n, k, prologue) in SHAPES[model].items():
+        if role not in roles:
+            continue
         fn = _call(prologue, n, k)
         base = None
-        for kind in KINDS:
+        for kind in ("bf16", *kinds):  # bf16 first: the speed-ups' base
             size = 1 if kind != "bf16" else 2
             weights = _weights(n, k, kind, max(2, L2_BYTES // (n * k * size) + 1))
             us = time_us(fn, weights, {})
@@ -100,7 +106,11 @@ def bench(model: str, sweep: bool) -> list[dict]:
             print(f"{model} {role:8s} {kind:5s} default  {us:8.2f} us {row['gb_s']:7.0f} GB/s "
                   f"{row['speedup_vs_bf16']:.2f}x bf16")  # fmt: skip
             if sweep and kind != "bf16":
-                timed = [(time_us(fn, weights, tile), tile) for tile in SWEEP]
+                timed = []
+                for tile in SWEEP:
+                    timed.append((time_us(fn, weights, tile), tile))
+                    print(f"{model} {role:8s} {kind:5s} {tile}  {timed[-1][0]:8.2f} us",
+                          flush=True)  # fmt: skip
                 best_us, best = min(timed, key=lambda t: t[0])
                 rows.append({**row, "tile": best, "us": best_us,
                              "gb_s": n * k * size / best_us / 1e3,
@@ -119,15 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer shapes: Llama-3.1-8B or Llama-3.2-1B (default: 8b)")  # fmt: skip
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep tiles for the quantized GEMVs (default: off)")  # fmt: skip
+    parser.add_argument("--roles", type=_names(SHAPES["8b"]), default=list(SHAPES["8b"]),
+                        help="projections to time, comma-separated (default: all)")  # fmt: skip
+    parser.add_argument("--kinds", type=_names(KINDS[1:]), default=list(KINDS[1:]),
+                        help="one-byte kinds beside bf16, comma-separated (default: int8,fp8)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the rows as JSON here (default: none)")
     return parser
+
+
+def _names(allowed: Iterable[str]) -> Callable[[str], list[str]]:
+    allowed = list(allowed)
+
+    def parse(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name]
+        bad = [name for name in names if name not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {','.join(allowed)}")
+        return names
+
+    return parse
 
 
 def main() -> None:
     args = build_parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("quant_gemv_bench.py needs a CUDA GPU")
-    rows = bench(args.model, args.sweep)
+    rows = bench(args.model, args.sweep, args.roles, args.kinds)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

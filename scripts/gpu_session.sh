@@ -149,12 +149,13 @@ for step in "$@"; do
                     tail -32 "$OUT/quantprofile_$q.log"
                   done ;;
     quantsweep) # issue 17: the package's one-byte GEMVs (norm, SiLU and plain prologues) over a
-                # grid of tiles (their defaults were never measured); about 190 compilations a
-                # shape, so the 8B shape only unless SHAPES says more
+                # grid of tiles, about 30 compilations a role and kind: the 8B shape, every role
+                # and both kinds unless SHAPES, ROLES (qkv,o,gate_up,down) or KINDS say fewer
                 for m in ${SHAPES:-8b}; do
                   python3 benchmarks/quant_gemv_bench.py --model $m --sweep \
+                    --roles "${ROLES:-qkv,o,gate_up,down}" --kinds "${KINDS:-int8,fp8}" \
                     --out "$OUT/quant_gemv_sweep_$m.json" > "$OUT/quant_gemv_sweep_$m.log" 2>&1
-                  tail -16 "$OUT/quant_gemv_sweep_$m.log"
+                  grep -E "default|best" "$OUT/quant_gemv_sweep_$m.log" | tail -24
                 done ;;
     quantgemm) # issue 17: fp8 at a decode batch of rows, torch._scaled_mm (per-token fp8 x, the
                # package's choice past one row) against the weight-only Triton GEMM (int8's
