@@ -22,7 +22,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,23 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer shapes: Llama-3.1-8B or Llama-3.2-1B (default: 8b)")  # fmt: skip
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep tiles for the quantized GEMVs (default: off)")  # fmt: skip
-    parser.add_argument("--roles", type=_names(SHAPES["8b"]), default=list(SHAPES["8b"]),
+    parser.add_argument("--roles", type=comma_list(list(SHAPES["8b"])), default=list(SHAPES["8b"]),
                         help="projections to time, comma-separated (default: all)")  # fmt: skip
-    parser.add_argument("--kinds", type=_names(KINDS[1:]), default=list(KINDS[1:]),
+    parser.add_argument("--kinds", type=comma_list(list(KINDS[1:])), default=list(KINDS[1:]),
                         help="one-byte kinds beside bf16, comma-separated (default: int8,fp8)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the rows as JSON here (default: none)")
     return parser
 
 
-def _names(allowed: Iterable[str]) -> Callable[[str], list[str]]:
-    allowed = list(allowed)
+def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of ``choices``."""
 
     def parse(text: str) -> list[str]:
-        names = [name for name in text.split(",") if name]
-        bad = [name for name in names if name not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {','.join(allowed)}")
-        return names
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: allowed {', '.join(choices)}")
+        return items
 
     return parse
 

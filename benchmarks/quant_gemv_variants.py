@@ -77,7 +77,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant_gemv_bench import L2_BYTES, SHAPES, _weights, time_us  # noqa: E402
+from quant_gemv_bench import L2_BYTES, SHAPES, _weights, comma_list, time_us  # noqa: E402
 
 from parallm.kernels import gemv as package_gemv  # noqa: E402
 from parallm.kernels.quant_gemv import per_token_fp8  # noqa: E402
@@ -800,24 +800,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _list(choices):
-    def parse(text: str) -> list[str]:
-        items = [t for t in text.split(",") if t]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{bad or text!r}: allowed {', '.join(choices)}")
-        return items
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
-    parser.add_argument("--models", type=_list(list(SHAPES)), default=",".join(SHAPES),
+    parser.add_argument("--models", type=comma_list(list(SHAPES)), default=",".join(SHAPES),
                         help="comma-separated layer shapes (Llama-3.1-8B, Llama-3.2-1B)")  # fmt: skip
-    parser.add_argument("--variants", type=_list(list(VARIANTS)), default=",".join(VARIANTS),
+    parser.add_argument("--variants", type=comma_list(list(VARIANTS)), default=",".join(VARIANTS),
                         help="comma-separated variants to check and time")  # fmt: skip
-    parser.add_argument("--kinds", type=_list(list(KINDS)), default=",".join(KINDS),
+    parser.add_argument("--kinds", type=comma_list(list(KINDS)), default=",".join(KINDS),
                         help="comma-separated weight kinds")  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true",
                         help="time (or with --sass compile) each variant at its first tile only "
