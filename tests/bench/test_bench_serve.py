@@ -5,6 +5,7 @@ random dataset, random chat, and with ../shared: the Azure conversation trace an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -18,8 +19,15 @@ from typing import Any
 import pytest
 from server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
 
-from parallm.bench import serve
-from parallm.bench.serve_client import ClientConfig, RequestResult, SSEParser, request_body
+from parallm.bench import serve, serve_client
+from parallm.bench.serve_client import (
+    ClientConfig,
+    RequestResult,
+    SSEParser,
+    client_session,
+    request_body,
+    stream_one,
+)
 from parallm.bench.serve_report import distribution_ms, meets_slo, summarize
 from parallm.bench.serve_workload import (
     PromptMaker,
@@ -65,6 +73,46 @@ def test_sse_parser_any_chunking() -> None:
         events = [e for i in range(0, len(stream), size) for e in parser.feed(stream[i : i + size])]
         assert events == expected, size
     assert SSEParser().feed("data: incomplete") == []  # no blank line yet: not an event
+
+
+def test_stream_text_split_inside_a_character(monkeypatch) -> None:
+    """A chunk boundary inside a UTF-8 character (the server's writes split anywhere) loses
+    nothing: the text arrives whole, and the stream's usage gives the token count."""
+    texts: list[str] = []
+    on_chunk = serve_client._Timer.on_chunk
+
+    def recording(self, chunk: dict[str, Any], now: float) -> None:
+        texts.extend(c.get("text", "") for c in chunk.get("choices", []))
+        on_chunk(self, chunk, now)
+
+    monkeypatch.setattr(serve_client._Timer, "on_chunk", recording)
+    event = 'data: {"choices": [{"text": "\u00e9t\u00e9"}]}\n\n'.encode()  # two-byte é
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n'
+    cut = event.index(b"\xc3") + 1  # between the two bytes of the first character
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        )
+        for piece in (event[:cut], event[cut:] + usage):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # so the client reads the pieces apart
+        writer.close()
+
+    async def scenario() -> RequestResult:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = ClientConfig(f"http://127.0.0.1:{port}/v1", "m")
+        result = RequestResult(0, 2, 3)
+        async with server, client_session(cfg) as session:
+            await stream_one(session, cfg, RequestSpec(0, 0.0, [1, 2, 3], 3, 2), result)
+        return result
+
+    result = asyncio.run(scenario())
+    assert texts == ["\u00e9t\u00e9"]
+    assert result.output_tokens == 2 and result.ttft_s is not None and result.e2e_s is not None
 
 
 def _result(ttft: float, e2e: float, tokens: int, itl: list[float], **kw: Any) -> RequestResult:
