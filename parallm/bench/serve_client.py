@@ -179,10 +179,10 @@ async def stream_one(session: aiohttp.ClientSession, cfg: ClientConfig, spec: Re
             text = (await resp.read()).decode(errors="replace")
             raise RequestFailed(f"HTTP {resp.status}: {_error_message(text)}")
         parser = SSEParser()
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # pieces split characters
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # pieces split chars
         async for piece in resp.content.iter_any():
             now = time.perf_counter()  # one arrival time for every event in this piece
-            for data in parser.feed(text.decode(piece)):
+            for data in parser.feed(decoder.decode(piece)):
                 if data.strip() != DONE:
                     timer.on_chunk(json.loads(data), now)
     result.e2e_s = time.perf_counter() - start
@@ -201,9 +201,9 @@ def _error_message(text: str) -> str:
 
 
 def client_session(cfg: ClientConfig) -> aiohttp.ClientSession:
-    """One session for every stream. aiohttp, as vLLM's bench serve: its C HTTP parser costs
-    the client about half of httpx's CPU per chunk, and a client that falls behind the server
-    measures itself (benchmarks/serve_client_bench.py)."""
+    """One session for every stream. aiohttp, as vLLM's bench serve: its C HTTP parser keeps
+    the client's CPU per chunk low, and a client that falls behind the server measures itself
+    (benchmarks/serve_client_bench.py; PERF_NOTES.md has the comparison with httpx)."""
     # No connection limit: a client-side queue would show up as server latency. The session
     # ignores proxy settings from the environment (aiohttp's default): talk to the URL given.
     connector = aiohttp.TCPConnector(limit=0)
