@@ -101,8 +101,6 @@ INT8_ACT_TOL = 0.03
 # 1e-3 still fails an unpromoted kernel at K 3000 and above.
 FP8_MMA_TOL = 1e-3
 DOT_ROWS = 16  # tl.dot's smallest N: x^T is padded to 16 columns, only the first is used
-ROLE_TILES = {"qkv": package_gemv.QKV_TILE, "o": package_gemv.O_TILE,
-              "gate_up": package_gemv.GATE_UP_TILE, "down": package_gemv.DOWN_TILE}  # fmt: skip
 # (block_n, block_k, num_warps) tried besides the role's tile; three one-byte stages fit the
 # package's shared-memory budget. More rows a thread share each converted x element (--sass).
 # Tensor-core tiles need block_n >= 16 (tl.dot's M); wgmma needs 64 rows per 4 warps.
@@ -584,7 +582,7 @@ def _time_bf16(model: str, role: str, x: torch.Tensor, repeats: int) -> dict:
     n, k = SHAPES[model][role][:2]
     bf16 = _weights(n, k, "bf16", max(2, L2_BYTES // (n * k * 2) + 1))
     base, _ = VARIANTS["baseline"].bind(x)
-    tile = ROLE_TILES[role]
+    tile = package_gemv.role_tile(role, bf16[0][0])
     row = _row(model, role, n, k, "bf16", "baseline", tile, _timed(base, bf16, tile, repeats), 2)
     print(f"{model} {role:8s} bf16 {'baseline':24s} {str(tile):16s} {row['us']:8.2f} us "
           f"{row['gb_s']:6.0f} GB/s")  # fmt: skip

@@ -205,11 +205,11 @@ def test_checks_then_timings_then_the_layer_summary_interpreter(tiny_flow, capsy
     rows = qv.bench(["tiny"], names, ["int8", "fp8"], True, 1, failed, device="cpu")
     timed = {(r["role"], r["weights"], r["variant"], tuple(r["tile"])): r for r in rows}
     assert ("o", "int8", "baseline", qv.package_gemv.O_TILE_1B) in timed  # the package's tile
-    assert ("qkv", "bf16", "baseline", qv.ROLE_TILES["qkv"]) in timed
+    assert ("qkv", "bf16", "baseline", qv.package_gemv.QKV_TILE) in timed
     assert not any(key[2] == "broken" for key in timed)
     o_magic = timed["o", "int8", "int8_magic", (16, 64, 4)]
     assert o_magic["us"] == 26.0 and o_magic["x_package"] == 18.0 / 26.0
-    assert o_magic["x_bf16"] == timed["o", "bf16", "baseline", qv.ROLE_TILES["o"]]["us"] / 26.0
+    assert o_magic["x_bf16"] == timed["o", "bf16", "baseline", qv.package_gemv.O_TILE]["us"] / 26.0
     summary = {(s["weights"], s["variant"]): s for s in qv.summarize(rows)}
     assert set(summary) == {("int8", "baseline"), ("int8", "int8_magic"),
                             ("fp8", "baseline"), ("fp8", "fp8_tensor_core_prequant")}  # fmt: skip
