@@ -7,7 +7,9 @@ output tokens per second, the speedup against plain decoding on the same prompts
 of outputs identical to plain decoding's: 1 in float32; in half precision the verify step's
 kernels and the decode graph's round differently, so a near-tied argmax may differ (a trained
 code model has about 3% of greedy rows within one bf16 ulp of a tie), which changes the text,
-not the speed measured.
+not the speed measured. For each output that differs, it reports plain decoding's top-2
+log-probability margin where the two part (``divergence_margins``): rounding parts them only at
+near ties, so a wide margin there would mean a wrong verify step.
 
     python benchmarks/spec_real_bench.py --target runs/code-model-150m/hf \
         --batch-sizes 1,8 --out spec_real.json
@@ -67,6 +69,39 @@ def identical_share(outs: list[list[int]], plain_outs: list[list[int]]) -> float
     if len(outs) != len(plain_outs):
         raise ValueError(f"{len(outs)} outputs against {len(plain_outs)} plain ones")
     return sum(a == b for a, b in zip(outs, plain_outs, strict=True)) / max(1, len(outs))
+
+
+def top2_gaps(llm: LLM, prompts: list[list[int]], max_tokens: int, batch: int) -> list[list[float]]:
+    """Plain decoding's margin at each output position, prompt by prompt: the log-probability
+    of its greedy token minus that of the runner-up (untimed; logprobs change the step)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=2)
+    gaps = []
+    for i in range(0, len(prompts), batch):
+        chunk = [{"prompt_token_ids": p} for p in prompts[i : i + batch]]
+        for out in llm.generate(chunk, params, use_tqdm=False):
+            position_gaps = []
+            for position in out.outputs[0].logprobs:
+                top = sorted((lp.logprob for lp in position.values()), reverse=True)
+                position_gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+            gaps.append(position_gaps)
+    return gaps
+
+
+def divergence_gaps(
+    outs: list[list[int]], plain_outs: list[list[int]], gaps: list[list[float]]
+) -> list[float]:
+    """For each output that differs from plain decoding's, plain decoding's top-2 margin at the
+    first token where they part. A rounding difference parts them only at a near tie (a margin
+    of about one unit in the last place of the logits' dtype); a wrong verify step would part
+    them at any margin."""
+    parted = []
+    for out, plain, margins in zip(outs, plain_outs, gaps, strict=True):
+        if out == plain:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(out, plain, strict=False)) if a != b),
+                  min(len(out), len(plain)))  # fmt: skip
+        parted.append(margins[at] if at < len(margins) else float("inf"))
+    return parted
 
 
 def drafter_configs(args: argparse.Namespace, num_layers: int) -> dict[str, dict]:
@@ -129,10 +164,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     plain = LLM(args.target, **engine_args)
     prompts = completion_prompts(args.corpus, args.val_fraction, plain.get_tokenizer(),
                                  args.num_prompts, args.prompt_len, args.seed)  # fmt: skip
-    baseline = {}
+    baseline, margins = {}, {}
     for batch in args.batch_sizes:
         outs, seconds = measure(plain, prompts, params, batch)
         baseline[batch] = (outs, seconds)
+        margins[batch] = top2_gaps(plain, prompts, args.max_tokens, batch)
         tokens = sum(map(len, outs))
         print(f"plain       batch {batch:>3}: {tokens / seconds:8.1f} tok/s", flush=True)
     plain.close()
@@ -150,11 +186,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                    "tok_s": tokens / seconds, "plain_tok_s": plain_tokens / plain_seconds,
                    "speedup": (tokens / seconds) / (plain_tokens / plain_seconds),
                    "identical_outputs": identical_share(outs, plain_outs),
+                   "divergence_margins": divergence_gaps(outs, plain_outs, margins[batch]),
                    "prompts": len(prompts)}  # fmt: skip
             rows.append(row)
+            parted = row["divergence_margins"]
+            worst = f", widest margin parted {max(parted):.3f}" if parted else ""
             print(f"{method:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
                   f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x, "
-                  f"identical outputs {row['identical_outputs']:.0%}", flush=True)  # fmt: skip
+                  f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
         llm.close()
     return rows
 

@@ -189,6 +189,15 @@ for step in "$@"; do
                 && heads=(--medusa-heads runs/medusa-code-150m/heads --methods ngram,draft_model,layer_skip,medusa)
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
+    specsteps) # issue 15: a speculative step's host time phase by phase against a plain step's,
+               # batch 1, on the bundled model and (after `spectrain`) the 150M one
+               python3 benchmarks/spec_step_profile.py --methods ngram,layer_skip,draft_model \
+                 --out "$OUT/spec_steps_bundled.json" 2>&1 | tail -15
+               if [[ -f runs/code-model-150m/hf/config.json ]]; then
+                 python3 benchmarks/spec_step_profile.py --model runs/code-model-150m/hf \
+                   --corpus python --val-fraction 0.01 --skip-layers 3 \
+                   --methods ngram,layer_skip,draft_model --out "$OUT/spec_steps_150m.json" 2>&1 | tail -15
+               fi ;;
     quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and
                   # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
                   python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \

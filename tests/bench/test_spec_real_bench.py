@@ -115,6 +115,18 @@ def test_a_drafted_output_that_differs_is_reported_not_fatal(tmp_path, monkeypat
         ("ngram", 0.5),
         ("layer_skip", 0.5),
     ]
+    # The one output that parts is reported with plain decoding's top-2 margin where it parts.
+    for row in rows:
+        (margin,) = row["divergence_margins"]
+        assert 0 <= margin < float("inf")
+
+
+def test_divergence_margin_is_taken_where_the_outputs_part():
+    bench = _load_bench()
+    plain = [[5, 6, 7, 8], [1, 2, 3], [4, 4]]
+    margins = [[0.5, 0.25, 0.125, 2.0], [3.0, 3.0, 3.0], [1.0, 1.0]]
+    outs = [[5, 6, 9, 8], [1, 2, 3], [4, 4, 4]]  # parts at 2; the same; longer than plain
+    assert bench.divergence_gaps(outs, plain, margins) == [0.125, float("inf")]
 
 
 def test_unknown_method_is_named(tmp_path):
