@@ -283,6 +283,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Engine replicas, one process each, behind a prefix-aware router.
     data_parallel_size: int = 1
+    # LLM(...) steps its one engine in a process of its own (an engine core behind ZeroMQ, as
+    # the server and data-parallel replicas do) instead of in the caller's.
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         # Checked where the value enters, before anything loads.

@@ -42,6 +42,8 @@ class LLM:
     :class:`parallm.engine.spec.config.SpeculativeConfig`); a bad value raises before loading.
     ``data_parallel_size=N`` runs N engine replicas, one process each, and sends each prompt to
     the replica that caches the longest prefix of it, else the least loaded one.
+    ``engine_process=True`` runs the one engine in a process of its own, as the server does
+    (``llm.engine`` is then that process's client, without the runner or scheduler).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -60,7 +62,7 @@ class LLM:
                 raise ValueError("model: a config file alone needs load_format='dummy'")
             model_config = ModelConfig.from_path(model)
             config.model = None
-        if config.data_parallel_size > 1:
+        if config.data_parallel_size > 1 or config.engine_process:
             # Imported here: its replicas talk over ZeroMQ, which one engine does not need.
             from parallm.engine.data_parallel import DataParallelEngine
 

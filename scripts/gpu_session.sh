@@ -97,7 +97,7 @@ for step in "$@"; do
            for scale in ${TIME_SCALES:-4 16}; do
              python3 -m parallm.cli bench serve --base-url http://127.0.0.1:8000 \
                --trace "$trace" --time-scale "$scale" \
-               --trace-duration-s 120 --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50 \
+               --trace-duration-s "${TRACE_DURATION_S:-120}" --max-input-tokens 3500 --slo-ttft-ms 500 --slo-tpot-ms 50 \
                --no-progress --out "$OUT/serve-x$scale.json" --plot "$OUT/serve-x$scale.png" \
                > "$OUT/bench_serve-x$scale.log" 2>&1
              tail -22 "$OUT/bench_serve-x$scale.log"
@@ -107,9 +107,10 @@ for step in "$@"; do
            tail -12 "$OUT/load_test.log"
            stop_server; tail -3 "$OUT/server.log" ;;
     engineproc) # issue 16: the engine in its own process (the server's default) against the
-                # in-process engine: batch-1 decode (one stream at a time) and the offline
-                # workload (bench throughput's 256 requests, U[100, 1024] in and out, all at
-                # once) through the server in both modes, and the offline engine alone
+                # in-process engine: the offline workload (bench throughput's 256 requests,
+                # U[100, 1024] in and out, all at once) on the offline engine in this process
+                # and in its own (--engine-process); then batch-1 decode (one stream at a time)
+                # and the offline workload through the server in each MODES
                 server_wheels
                 model=${MODEL_ARGS:---config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096}
                 lo=${MIN_LEN:-100}; hi=${MAX_LEN:-1024}  # bench throughput's lengths, U[lo, hi]
@@ -118,6 +119,10 @@ for step in "$@"; do
                   --min-len "$lo" --max-len "$hi" \
                   --out "$OUT/ep_offline_throughput.json" > "$OUT/ep_offline_throughput.log" 2>&1
                 tail -3 "$OUT/ep_offline_throughput.log"
+                python3 -m parallm.cli bench throughput $model --num-requests "${NREQ:-256}" \
+                  --min-len "$lo" --max-len "$hi" --engine-process \
+                  --out "$OUT/ep_process_throughput.json" > "$OUT/ep_process_throughput.log" 2>&1
+                tail -2 "$OUT/ep_process_throughput.log"
                 python3 -m parallm.cli bench latency $model --batch-sizes 1 --input-len 128 \
                   --output-len "${OUTLEN:-128}" --out "$OUT/ep_offline_latency.json" > "$OUT/ep_offline_latency.log" 2>&1
                 tail -3 "$OUT/ep_offline_latency.log"
@@ -188,7 +193,7 @@ for step in "$@"; do
               heads=(); [[ -f runs/medusa-code-150m/heads/config.json ]] \
                 && heads=(--medusa-heads runs/medusa-code-150m/heads --methods ngram,draft_model,layer_skip,medusa)
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
-                "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
+                --dtype "${DTYPE:-auto}" "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     specsteps) # issue 15: a speculative step's host time phase by phase against a plain step's,
                # batch 1, on the bundled model and (after `spectrain`) the 150M one
                python3 benchmarks/spec_step_profile.py --methods ngram,layer_skip,draft_model \

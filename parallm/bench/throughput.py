@@ -31,6 +31,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run transformers' generate_batch on the same prompts (mean output length each)",
     )
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="step the engine in a process of its own, as the server does (LLM(engine_process="
+        "True)), to set the engine process's offline speed beside the in-process engine's",
+    )
     vllm_peer.add_args(p, default_configs=",".join(vllm_peer.CONFIGS))
 
 
@@ -49,10 +55,10 @@ def run_parallm(llm: Any, prompts: list[list[int]], out_lens: list[int]) -> dict
     batch = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(batch[:8], params[:8], use_tqdm=False)  # warm up kernels outside the timing
     llm.reset_prefix_cache()  # every replica's: the warm-up's prompts must not help the run
-    # Replicas run in their own processes and send outputs only once their step is done, so
-    # this process has no GPU work to wait for, nor GPU memory to report.
+    # Replicas (and an engine process) run in their own processes and send outputs only once
+    # their step is done, so this process has no GPU work to wait for, nor GPU memory to report.
     replicas = llm.engine.config.data_parallel_size
-    in_process = replicas == 1
+    in_process = replicas == 1 and not llm.engine.config.engine_process
     if in_process and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -62,7 +68,8 @@ def run_parallm(llm: Any, prompts: list[list[int]], out_lens: list[int]) -> dict
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     row = _rates("parallm", len(prompts), sum(map(len, prompts)), generated, seconds, in_process)
-    if not in_process:
+    row["engine_process"] = llm.engine.config.engine_process
+    if replicas > 1:
         row["data_parallel_size"] = replicas
         row["requests_per_replica"] = [
             after - before

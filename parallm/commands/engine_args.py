@@ -210,6 +210,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
+        engine_process=getattr(args, "engine_process", False),  # bench throughput's flag
     )  # fmt: skip
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     _check_data_parallel_command(args)

@@ -4,7 +4,8 @@ router.
 ``DataParallelEngine`` offers the part of ``LLMEngine``'s interface that ``LLM`` and the
 offline benchmark use (``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``,
 ``reset_prefix_cache``, ``spec_stats``, the prompt and parameter checks, the tokenizer, the
-model's vocabulary size), so that ``LLM(data_parallel_size=N)`` works as with one engine. Each
+model's vocabulary size), so that ``LLM(data_parallel_size=N)`` works as with one engine
+(and ``LLM(engine_process=True)``: one replica, the engine in a process of its own). Each
 replica is an engine core, the server's mechanism (``parallm.engine.core``: an ``LLMEngine``,
 with its own tensor-parallel workers when ``tensor_parallel_size > 1``, stepped in its own
 process behind ZeroMQ, started by ``core.replicas.start_replica_cores``). Each request goes to
@@ -84,8 +85,8 @@ class DataParallelEngine:
         )
         self.placements = [_placement(env) for env in envs]
         self.num_requests_routed = [0] * len(envs)
-        one_replica = {"config": dataclasses.replace(config, data_parallel_size=1),
-                       "model_config": model_config}  # fmt: skip
+        replica_config = dataclasses.replace(config, data_parallel_size=1, engine_process=False)
+        one_replica = {"config": replica_config, "model_config": model_config}
         self.replicas = start_replica_cores(
             one_replica, envs, core_threads(len(envs)), engine_factory=_replica_engine
         )
@@ -118,6 +119,9 @@ class DataParallelEngine:
 
     def summary(self) -> str:
         """One line naming the replicas (process and devices), then one replica's summary."""
+        if self.data_parallel_size == 1:  # LLM(engine_process=True)
+            client, where = self.replicas[0], self.placements[0]
+            return f"engine process (pid {client.pid} on {where}): {client.info.summary}"
         replicas = "; ".join(
             f"replica {i}: pid {client.pid} on {where}"
             for i, (client, where) in enumerate(zip(self.replicas, self.placements, strict=True))
@@ -245,11 +249,17 @@ class DataParallelEngine:
         client = self.replicas[index]
         code = client.process.exitcode
         state = "failed" if code is None else f"exited with code {code}"
-        self.failure = (
-            f"data-parallel replica {index} (pid {client.pid}) {state}; the engine cannot "
-            f"continue and has stopped its other replicas (build a new one)\n"
-            f"--- replica {index} ---\n{detail}"
-        )
+        if self.data_parallel_size == 1:  # LLM(engine_process=True)
+            self.failure = (
+                f"the engine process (pid {client.pid}) {state}; the engine cannot continue "
+                f"(build a new one)\n--- engine process ---\n{detail}"
+            )
+        else:
+            self.failure = (
+                f"data-parallel replica {index} (pid {client.pid}) {state}; the engine cannot "
+                f"continue and has stopped its other replicas (build a new one)\n"
+                f"--- replica {index} ---\n{detail}"
+            )
         self.requests.clear()
         self.close()
         raise RuntimeError(self.failure)

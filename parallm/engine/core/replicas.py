@@ -66,7 +66,8 @@ def start_replica_cores(
     try:
         for replica, env in enumerate(envs):
             clients.append(EngineCoreClient(
-                engine_kwargs, num_threads=num_threads, replica=replica, env=env, wait=False,
+                engine_kwargs, num_threads=num_threads, env=env, wait=False,
+                replica=replica if len(envs) > 1 else None,  # one core: no replica to name
                 engine_factory=engine_factory,
             ))  # fmt: skip
         _wait_until_ready(clients)
