@@ -153,6 +153,14 @@ for step in "$@"; do
                       --timeline --batch 1 "${flag[@]}" > "$OUT/quantprofile_$q.log" 2>&1
                     tail -32 "$OUT/quantprofile_$q.log"
                   done ;;
+    quanttimeline) # issue 17's offline miss: where a batch-128 decode step of the Qwen3-0.6B
+                   # shape spends its time with bf16, and with fp8 weights and an fp8 KV cache
+                   for q in none fp8; do
+                     flag=(); [[ $q == fp8 ]] && flag=(--quantization fp8 --kv-cache-dtype fp8)
+                     python3 benchmarks/profile_decode.py --config benchmarks/configs/qwen3-0.6b.json \
+                       --timeline --batch 128 "${flag[@]}" > "$OUT/quanttimeline_$q.log" 2>&1
+                     tail -30 "$OUT/quanttimeline_$q.log"
+                   done ;;
     quantsweep) # issue 17: the package's one-byte GEMVs (norm, SiLU and plain prologues) over a
                 # grid of tiles, about 30 compilations a role and kind: the 8B shape, every role
                 # and both kinds unless SHAPES, ROLES (qkv,o,gate_up,down) or KINDS say fewer
