@@ -198,6 +198,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def add_prompt_args(ap: argparse.ArgumentParser, corpus: str, val_fraction: float) -> None:
+    """The prompt set's flags (``completion_prompts``' corpus and lengths) and the engine's."""
+    ap.add_argument("--corpus", default=corpus, help="corpus whose held-out files give prompts")
+    ap.add_argument("--val-fraction", type=float, default=val_fraction,
+                    help="the model's training data.val_fraction (which files are held out)")  # fmt: skip
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
+    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens at most")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
+    ap.add_argument("--dtype", default="auto", help="model dtype")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -214,16 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--medusa-k", type=int, default=0, help="medusa's k (0: --num-speculative-tokens)"
     )
-    ap.add_argument("--corpus", default="python", help="corpus whose held-out files give prompts")
-    ap.add_argument("--val-fraction", type=float, default=0.01,
-                    help="the training config's data.val_fraction (which files are held out)")  # fmt: skip
+    add_prompt_args(ap, corpus="python", val_fraction=0.01)
     ap.add_argument("--num-prompts", type=int, default=64, help="prompts per batch size")
-    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
-    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens at most")
-    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8], help="requests run together")
-    ap.add_argument("--dtype", default="auto", help="model dtype")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="which held-out files and cut points")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap.parse_args(argv)

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spec_real_bench import completion_prompts, timed_run  # noqa: E402
+from spec_real_bench import add_prompt_args, completion_prompts, timed_run  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
@@ -174,16 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"drafters to profile after plain decoding, of {sorted(SPECS)}")  # fmt: skip
     ap.add_argument("--num-speculative-tokens", type=int, default=4, help="k of each drafter")
     ap.add_argument("--skip-layers", type=int, default=2, help="layer_skip's draft layers")
-    ap.add_argument("--corpus", default="stdlib", help="corpus whose held-out files give prompts")
-    ap.add_argument("--val-fraction", type=float, default=0.02,
-                    help="the model's training data.val_fraction (which files are held out)")  # fmt: skip
+    add_prompt_args(ap, corpus="stdlib", val_fraction=0.02)  # the bundled model's training split
     ap.add_argument("--num-prompts", type=int, default=16, help="prompts, run --batch at a time")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
-    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
-    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens at most")
-    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
-    ap.add_argument("--dtype", default="auto", help="model dtype")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.methods) - set(SPECS))
