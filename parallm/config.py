@@ -294,6 +294,8 @@ class EngineConfig:
         _check_kv_cache_dtype(self.kv_cache_dtype)
         _check_parallel_size(self.tensor_parallel_size, "tensor_parallel_size")
         _check_parallel_size(self.data_parallel_size, "data_parallel_size")
+        if not isinstance(self.engine_process, bool):
+            raise ValueError(f"engine_process must be True or False, got {self.engine_process!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -67,6 +67,13 @@ def test_a_bad_argument_is_a_value_error_from_the_engine_process(tiny_model_dir)
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_engine_process_must_be_a_bool(tiny_model_dir, value):
+    with pytest.raises(ValueError, match=rf"engine_process must be True or False, got {value!r}"):
+        LLM(str(tiny_model_dir("llama3")), engine_process=value, **ENGINE)
+    assert multiprocessing.active_children() == []
+
+
 def test_bench_throughput_flag_reaches_the_engine():
     args = build_parser().parse_args(["bench", "throughput", "--engine-process"])
     assert engine_kwargs(args)["engine_process"] is True
