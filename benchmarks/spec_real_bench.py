@@ -131,6 +131,10 @@ def drafter_configs(args: argparse.Namespace, num_layers: int) -> dict[str, dict
     unknown = [m for m in args.methods if m not in configs]
     if unknown:
         raise SystemExit(f"--methods: unknown or unavailable {unknown}; available {list(configs)}")
+    threshold = args.min_tokens_per_step
+    if threshold is not None:
+        threshold = threshold if threshold == "auto" else float(threshold)
+        configs = {m: {**c, "min_tokens_per_step": threshold} for m, c in configs.items()}
     return {m: configs[m] for m in args.methods}
 
 
@@ -222,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
     ap.add_argument("--skip-layers", type=int, default=0,
                     help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip
+    ap.add_argument("--min-tokens-per-step", default=None,
+                    help='every drafter\'s min_tokens_per_step: a number, or "auto" (the '
+                         "break-even the engine measures); unset: requests never pause")  # fmt: skip
     ap.add_argument("--medusa-heads", default="", help="exported Medusa heads folder")
     ap.add_argument(
         "--medusa-k", type=int, default=0, help="medusa's k (0: --num-speculative-tokens)"

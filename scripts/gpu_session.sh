@@ -198,13 +198,15 @@ for step in "$@"; do
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
     specreal) # METHODS (default: every drafter, medusa once specheads' heads exist), K drafts
-              # (default 4), DTYPE (default: the model's)
+              # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or
+              # auto; default: unset)
               methods=${METHODS:-ngram,draft_model,layer_skip}; heads=()
               if [[ -f runs/medusa-code-150m/heads/config.json ]]; then
                 heads=(--medusa-heads runs/medusa-code-150m/heads); [[ -z ${METHODS:-} ]] && methods+=,medusa
               fi
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --methods "$methods" --num-speculative-tokens "${K:-4}" --dtype "${DTYPE:-auto}" \
+                ${MIN_TOKENS_PER_STEP:+--min-tokens-per-step "$MIN_TOKENS_PER_STEP"} \
                 "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     specsteps) # issue 15: a speculative step's host time phase by phase against a plain step's,
                # batch 1, on the bundled model and (after `spectrain`) the 150M one

@@ -32,6 +32,7 @@ from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.stats import SpecStats
+from parallm.engine.spec.step_costs import StepCosts
 from parallm.engine.verify_graph import drafter_shapes
 from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.attention import AttentionBackend
@@ -78,6 +79,8 @@ class LLMEngine:
         self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
             config.async_scheduling, self.device
         )
+        if self.drafter is not None:
+            self.drafter.measure_step_costs(self.async_scheduling)
         self.spec_stats = SpecStats()
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
@@ -372,7 +375,9 @@ class LLMEngine:
         With async scheduling, the next decode step is launched before this one's tokens are
         post-processed, so the host work of one step overlaps the GPU work of the next.
         """
+        start = time.perf_counter()
         handle, self._inflight = self._inflight, None
+        ran_ahead = handle is not None  # launched by the last call, before its tokens were read
         if handle is None:
             if self.drafter is not None:
                 self.drafter.propose(self.scheduler.running)
@@ -383,7 +388,10 @@ class LLMEngine:
             self._count_step(batch)
         if self.async_scheduling and handle.result is not None and self._may_run_ahead():
             self._inflight = self._launch_continuation(handle)
-        return self._finish_step(handle)
+        outputs = self._finish_step(handle)
+        if self.drafter is not None and self.drafter.costs is not None:
+            _time_step(self.drafter.costs, handle.batch, ran_ahead, time.perf_counter() - start)
+        return outputs
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may launch before this one's tokens reach the host. Drafts are
@@ -508,6 +516,16 @@ class LLMEngine:
         return s
 
 
+def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds: float) -> None:
+    """Give ``costs`` the seconds of a step that computed one known token per sequence (with
+    or without drafts); any other step (prompt tokens) breaks their runs of like steps."""
+    if not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs):
+        costs.interrupt()
+        return
+    drafted = any(item.draft_token_ids for item in batch.seqs)
+    costs.record(len(batch.seqs), drafted, ran_ahead, seconds)
+
+
 def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
     spec = config.speculative_config
     if spec is None:
@@ -528,6 +546,8 @@ def _spec_summary(drafter: Drafter | None) -> str:
     spec = drafter.config
     limit = spec.disable_by_batch_size
     batches = "every batch" if limit is None else f"batches of up to {limit}"
+    if spec.min_tokens_per_step == "auto":
+        batches += ", where a drafted step pays for itself (measured)"
     return f"; speculative decoding: {spec.method}, {spec.num_speculative_tokens} tokens, {batches}"
 
 

@@ -135,3 +135,14 @@ def test_unknown_method_is_named(tmp_path):
            "--methods", "medusa"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--methods" in proc.stderr and "medusa" in proc.stderr
+
+
+def test_min_tokens_per_step_reaches_every_drafter():
+    bench = _load_bench()
+    common = ["--target", "x", "--methods", "ngram,layer_skip"]
+    auto = bench.drafter_configs(bench.parse_args([*common, "--min-tokens-per-step", "auto"]), 8)
+    assert {c["min_tokens_per_step"] for c in auto.values()} == {"auto"}
+    fixed = bench.drafter_configs(bench.parse_args([*common, "--min-tokens-per-step", "1.5"]), 8)
+    assert {c["min_tokens_per_step"] for c in fixed.values()} == {1.5}
+    unset = bench.drafter_configs(bench.parse_args(common), 8)
+    assert all("min_tokens_per_step" not in c for c in unset.values())

@@ -8,24 +8,25 @@ import pytest
 from test_speculative import ENGINE
 
 from parallm import LLM, SamplingParams
+from parallm.engine.engine import LLMEngine
 from parallm.engine.spec import drafting
-from parallm.engine.spec.throttle import PROBE_EVERY, DraftHistory
+from parallm.engine.spec.throttle import PROBE_EVERY, DraftHistory, is_probe_step
 
 K = 4
 
 
-def test_history_pauses_below_the_threshold_and_probes():
+def test_history_pauses_below_the_threshold_and_probes_on_the_beat():
     history = DraftHistory()
-    assert history.should_draft(2.0)  # nothing known yet: draft
+    assert history.should_draft(2.0, probe=False)  # nothing known yet: draft
     history.record(accepted=0)  # one token from a drafted step
     assert history.mean_tokens_per_step == 1.0
-    assert [history.should_draft(2.0) for _ in range(PROBE_EVERY + 1)] == [False] * PROBE_EVERY + [
-        True
-    ]
+    beat = [is_probe_step(step) for step in range(1, 2 * (PROBE_EVERY + 1) + 1)]
+    assert beat == ([False] * PROBE_EVERY + [True]) * 2
+    assert [history.should_draft(2.0, probe) for probe in beat] == beat
     history.record(accepted=4)  # the probe paid off: 5 tokens
     assert history.mean_tokens_per_step == pytest.approx(1.0 + 0.3 * 4)
-    assert history.should_draft(2.0) and history.steps_paused == 0
-    assert DraftHistory(mean_tokens_per_step=1.0).should_draft(None)  # no threshold: always
+    assert history.should_draft(2.0, probe=False)
+    assert DraftHistory(mean_tokens_per_step=1.0).should_draft(None, probe=False)  # always
 
 
 def _oracle_ngram(monkeypatch, future: dict[tuple[int, ...], list[int]], right: bool) -> None:
@@ -68,6 +69,48 @@ def test_rejected_requests_pause_and_accepted_ones_keep_drafting(
     else:  # every drafted step emits one token: one probe in PROBE_EVERY + 1 steps
         assert always_proposals >= 2 * 40
         assert paused_proposals <= 2 * (1 + 45 // (PROBE_EVERY + 1) + 1)
+
+
+def test_paused_requests_probe_in_the_same_steps(tiny_model_dir, ordinary_token_ids, monkeypatch):
+    """A step with any drafts is a drafted step for the whole batch: the two paused requests
+    draft together, so drafted steps are half their proposals, not as many."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
+    params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True)
+    plain = LLM(path, **ENGINE).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
+    future = {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+    first = tuple(prompts[0])
+
+    def propose(token_ids, k, lookup_min, lookup_max):
+        # The first request's drafts are right for its first 12 tokens, so it pauses later
+        # than the second, whose drafts are never right.
+        for prompt, out in future.items():
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                done = len(token_ids) - len(prompt)
+                nxt = out[done : done + K]
+                return nxt if prompt == first and done < 12 else [(t + 1) % 50 for t in nxt]
+        raise AssertionError("unknown prompt")
+
+    monkeypatch.setattr(drafting, "propose_ngram", propose)
+    drafted_steps = []
+    count_step = LLMEngine._count_step
+
+    def count(self, batch):
+        drafted_steps.append(sum(1 for item in batch.seqs if item.draft_token_ids))
+        count_step(self, batch)
+
+    monkeypatch.setattr(LLMEngine, "_count_step", count)
+    spec = {"method": "ngram", "num_speculative_tokens": K, "min_tokens_per_step": 1.5}
+    outs, proposals = _run(path, prompts, params, spec)
+    assert outs == list(future.values())
+    drafted = [n for n in drafted_steps if n]
+    assert sum(drafted) == proposals
+    # Once both have paused, they probe in the same steps (until the first one finishes).
+    paused_since = max(i for i, n in enumerate(drafted_steps) if n == 1 and i < 12) + 1
+    late = [n for n in drafted_steps[paused_since:] if n]
+    assert late[:2] == [2, 2], str(drafted_steps)
 
 
 @pytest.mark.parametrize("value", [1.0, 0.5, 6.0, "2", True])

@@ -48,7 +48,9 @@ class SpeculativeConfig:
     speculation in a step whose running batch is larger than this (None: always speculate).
     ``min_tokens_per_step``: a request whose running mean of tokens per drafted step (accepted
     drafts plus one) falls below this stops drafting, and tries again every few steps
-    (``spec/throttle.py``; None: never stops). For ``ngram``, unset
+    (``spec/throttle.py``; None: never stops); ``"auto"``: the break-even that the engine
+    measures at the running batch size, a drafted step's seconds over a plain step's
+    (``spec/step_costs.py``). For ``ngram``, unset
     ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
     """
 
@@ -60,7 +62,7 @@ class SpeculativeConfig:
     num_layers: int | None = None
     disable_by_batch_size: int | None = None
     speculative_token_tree: Any = None
-    min_tokens_per_step: float | None = None
+    min_tokens_per_step: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -200,11 +202,13 @@ def parse_token_tree(value: Any, depth: int) -> tuple[tuple[int, ...], ...]:
 def _check_min_tokens_per_step(value: Any, k: int) -> None:
     # A step emits between 1 and k + 1 tokens: a threshold outside that range would either never
     # or always pause a request.
+    if value == "auto":
+        return
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not 1.0 < value <= k + 1:
         raise ValueError(
             "speculative_config.min_tokens_per_step must be a number in (1, "
-            f"num_speculative_tokens + 1 = {k + 1}], got {value!r}"
+            f'num_speculative_tokens + 1 = {k + 1}] or "auto", got {value!r}'
         )
 
 

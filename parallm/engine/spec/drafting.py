@@ -11,7 +11,9 @@ are samples from its distribution, verified by speculative sampling (spec/draft_
 output keeps the target's distribution, not plain decoding's tokens. Every other request
 decodes as usual in the same steps. Above
 ``disable_by_batch_size`` running sequences a step carries no drafts, and a request whose
-drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py).
+drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py). With
+``min_tokens_per_step="auto"`` that threshold is the break-even the engine measures for the
+running batch size (spec/step_costs.py), whose plain steps it runs now and then to measure.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.draft_model import DraftModelProposer
 from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.ngram import propose_ngram
+from parallm.engine.spec.step_costs import StepCosts
+from parallm.engine.spec.throttle import is_probe_step
 
 
 def draftable(seq: Sequence) -> bool:
@@ -41,19 +45,39 @@ class Drafter:
         # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); medusa: heads
         # on the target's hidden states (spec/medusa.py); None: n-grams.
         self.model = model
+        # Measured step costs when the threshold is "auto" (``measure_step_costs``; the engine
+        # times its steps into them).
+        self.costs: StepCosts | None = None
+        self.num_proposals = 0  # steps that could carry drafts: the probe beat counts them
+
+    def measure_step_costs(self, async_scheduling: bool) -> None:
+        """Measure step costs for ``min_tokens_per_step="auto"`` (nothing otherwise)."""
+        if self.config.min_tokens_per_step == "auto":
+            self.costs = StepCosts(async_scheduling)
 
     def may_draft(self, running: list[Sequence]) -> bool:
         """Whether a step over ``running`` could carry drafts (``propose`` might set some)."""
         limit = self.config.disable_by_batch_size
-        return limit is None or len(running) <= limit
+        if limit is not None and len(running) > limit:
+            return False
+        return self.costs is None or not self.costs.wants_plain(len(running))
+
+    def threshold(self, batch_size: int) -> float | None:
+        """The least running tokens per drafted step at which a request keeps drafting."""
+        if self.costs is None:
+            return self.config.min_tokens_per_step
+        return self.costs.break_even(batch_size)
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
         cfg = self.config
         if not self.may_draft(running):
             return
-        threshold = cfg.min_tokens_per_step
-        seqs = [s for s in running if draftable(s) and s.draft_history.should_draft(threshold)]
+        threshold = self.threshold(len(running))
+        self.num_proposals += 1
+        probe = is_probe_step(self.num_proposals)
+        seqs = [s for s in running
+                if draftable(s) and s.draft_history.should_draft(threshold, probe)]  # fmt: skip
         if self.model is not None:
             self.model.propose(seqs)
             return

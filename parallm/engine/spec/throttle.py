@@ -3,9 +3,12 @@
 A drafted step costs more than a plain one (k more query rows, the drafter's own work), so it
 pays only while a sequence emits enough tokens per step. Each sequence keeps an exponential
 moving average of the tokens its verified steps emitted (accepted drafts plus one); below the
-threshold it stops drafting, and drafts once every ``PROBE_EVERY`` steps to notice when its
-text becomes predictable again (code that repeats a pattern, a quoted passage). The threshold
-is the break-even tokens per step that ``benchmarks/spec_oracle_bench.py`` measures.
+threshold it stops drafting, and drafts again in the drafter's probe steps (one in
+``PROBE_EVERY + 1``) to notice when its text becomes predictable again (code that repeats a
+pattern, a quoted passage). Paused requests probe in the same steps: a step with any drafts
+costs a drafted step for the whole batch, so probes spread over different steps would make many
+steps drafted ones. The threshold is the break-even tokens per step, set by the user (what
+``benchmarks/spec_oracle_bench.py`` measures) or measured by the engine (spec/step_costs.py).
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ from dataclasses import dataclass
 
 # Weight of the newest step in the moving average: about the last 3-4 steps dominate.
 SMOOTHING = 0.3
-# A paused sequence drafts again after this many plain steps.
+# Paused sequences draft again after this many plain steps (the drafter's probe beat).
 PROBE_EVERY = 8
+
+
+def is_probe_step(step: int) -> bool:
+    """Whether the drafter's ``step``-th proposal (from 1) is a probe step."""
+    return step % (PROBE_EVERY + 1) == 0
 
 
 @dataclass
 class DraftHistory:
-    """One sequence's running tokens per drafted step, and plain steps since it paused."""
+    """One sequence's running tokens per drafted step."""
 
     mean_tokens_per_step: float | None = None
-    steps_paused: int = 0
 
     def record(self, accepted: int) -> None:
         """A verified step emitted ``accepted`` drafts plus one token."""
@@ -32,12 +39,10 @@ class DraftHistory:
             self.mean_tokens_per_step = tokens
         else:
             self.mean_tokens_per_step += SMOOTHING * (tokens - self.mean_tokens_per_step)
-        self.steps_paused = 0
 
-    def should_draft(self, min_tokens_per_step: float | None) -> bool:
-        """Whether to draft this step; counts a plain step when it says no."""
+    def should_draft(self, min_tokens_per_step: float | None, probe: bool) -> bool:
+        """Whether to draft this step: at or above the threshold, or in a probe step."""
         mean = self.mean_tokens_per_step
         if min_tokens_per_step is None or mean is None or mean >= min_tokens_per_step:
             return True
-        self.steps_paused += 1
-        return self.steps_paused > PROBE_EVERY
+        return probe
