@@ -50,7 +50,8 @@ class SpeculativeConfig:
     drafts plus one) falls below this stops drafting, and tries again every few steps
     (``spec/throttle.py``; None: never stops); ``"auto"``: the break-even that the engine
     measures at the running batch size, a drafted step's seconds over a plain step's
-    (``spec/step_costs.py``). For ``ngram``, unset
+    (``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
+    request of ``draft_model``, whose drafts are samples, is reproducible only without it). For ``ngram``, unset
     ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
     """
 
