@@ -520,7 +520,7 @@ def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds
     """Give ``costs`` the seconds of a step that computed one known token per sequence (with
     or without drafts); any other step (prompt tokens) breaks their runs of like steps."""
     if not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs):
-        costs.interrupt()
+        costs.interrupt(len(batch.seqs))
         return
     drafted = any(item.draft_token_ids for item in batch.seqs)
     costs.record(len(batch.seqs), drafted, ran_ahead, seconds)

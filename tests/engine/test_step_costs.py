@@ -59,7 +59,7 @@ def test_a_step_with_prompt_tokens_breaks_a_run_and_plain_times_are_measured_aga
     costs = StepCosts(async_scheduling=True)
     _probe(costs, 2, seconds=1.0)
     costs.record(2, drafted=True, ran_ahead=False, seconds=3.0)
-    costs.interrupt()
+    costs.interrupt(2)
     costs.record(2, drafted=True, ran_ahead=False, seconds=30.0)  # after a prefill: not timed
     assert costs.drafted == {}
     for _ in range(REPROBE_AFTER - 2):
@@ -113,3 +113,11 @@ def test_auto_pauses_drafting_where_a_drafted_step_costs_more_than_it_emits(
         assert auto <= always / 2
     else:  # every step but the plain probe's drafts
         assert auto >= always - 2 * PLAIN_PROBE_STEPS
+
+
+def test_a_probe_that_only_meets_prompt_tokens_ends_without_a_plain_time():
+    costs = StepCosts(async_scheduling=True)
+    for _ in range(PLAIN_PROBE_STEPS):
+        assert costs.wants_plain(16)
+        costs.interrupt(16)  # every step also computes some prompt's tokens
+    assert not costs.wants_plain(16) and costs.break_even(16) is None  # so every request drafts

@@ -64,9 +64,14 @@ class StepCosts:
                 self._probing[b] -= 1
         self._last = key
 
-    def interrupt(self) -> None:
-        """A step that is no pure decode step (prompt tokens) ends the run of like steps."""
+    def interrupt(self, batch_size: int) -> None:
+        """A step of ``batch_size`` sequences with prompt tokens: it ends the run of like steps,
+        and counts as one of a probe's plain steps, so that a load that never leaves prompt
+        tokens out of its steps ends the probe (without a plain time: every request drafts)."""
         self._last = None
+        b = bucket(batch_size)
+        if self._probing.get(b):
+            self._probing[b] -= 1
 
     def wants_plain(self, batch_size: int) -> bool:
         """Whether the next step at ``batch_size`` should run plain to measure the plain time:
