@@ -42,6 +42,14 @@ def _oracle_ngram(monkeypatch, future: dict[tuple[int, ...], list[int]], right: 
     monkeypatch.setattr(drafting, "propose_ngram", propose)
 
 
+def plain_future(path, prompts, params) -> dict[tuple[int, ...], list[int]]:
+    """Plain decoding's output of each prompt, by prompt."""
+    plain = LLM(path, **ENGINE).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
+    return {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+
+
 def _run(path, prompts, params, spec):
     llm = LLM(path, speculative_config=spec, **ENGINE)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -55,10 +63,7 @@ def test_rejected_requests_pause_and_accepted_ones_keep_drafting(
     path = str(tiny_model_dir("llama3"))
     prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
     params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True)
-    plain = LLM(path, **ENGINE).generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
-    )
-    future = {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+    future = plain_future(path, prompts, params)
     _oracle_ngram(monkeypatch, future, right)
     spec = {"method": "ngram", "num_speculative_tokens": K}
     always, always_proposals = _run(path, prompts, params, spec)
@@ -77,10 +82,7 @@ def test_paused_requests_probe_in_the_same_steps(tiny_model_dir, ordinary_token_
     path = str(tiny_model_dir("llama3"))
     prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
     params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True)
-    plain = LLM(path, **ENGINE).generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
-    )
-    future = {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+    future = plain_future(path, prompts, params)
     first = tuple(prompts[0])
 
     def propose(token_ids, k, lookup_min, lookup_max):

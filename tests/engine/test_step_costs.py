@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_spec_throttle import _oracle_ngram, _run
-from test_speculative import ENGINE
+from test_spec_throttle import _oracle_ngram, _run, plain_future
 
-from parallm import LLM, SamplingParams
+from parallm import SamplingParams
 from parallm.engine.spec.step_costs import PLAIN_PROBE_STEPS, REPROBE_AFTER, StepCosts, bucket
 from parallm.engine.spec.verify import DraftVerifier
 
@@ -91,10 +90,7 @@ def test_auto_pauses_drafting_where_a_drafted_step_costs_more_than_it_emits(
     path = str(tiny_model_dir("llama3"))
     prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    plain = LLM(path, **ENGINE).generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
-    )
-    future = {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, plain, strict=True)}
+    future = plain_future(path, prompts, params)
     _oracle_ngram(monkeypatch, future, right=True)
     spec = {"method": "ngram", "num_speculative_tokens": K}
     _, always = _run(path, prompts, params, spec)
