@@ -395,9 +395,10 @@ class LLMEngine:
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may launch before this one's tokens reach the host. Drafts are
-        proposed from those tokens, so with a drafter only a step that can carry none runs
-        ahead: speculation and async scheduling take turns by batch size."""
-        return self.drafter is None or not self.drafter.may_draft(self.scheduler.running)
+        proposed from those tokens, so with a drafter only a step that will carry none runs
+        ahead: speculation and async scheduling take turns, by batch size and by whether every
+        running request has paused its drafting."""
+        return self.drafter is None or not self.drafter.will_draft(self.scheduler.running)
 
     def _launch(self, batch: ScheduledBatch) -> StepHandle:
         try:

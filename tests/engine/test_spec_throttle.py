@@ -120,3 +120,26 @@ def test_bad_threshold_is_named(value, tiny_model_dir):
     spec = {"method": "ngram", "num_speculative_tokens": K, "min_tokens_per_step": value}
     with pytest.raises(ValueError, match=r"min_tokens_per_step must be a number in \(1, "):
         LLM(str(tiny_model_dir("llama3")), speculative_config=spec, **ENGINE)
+
+
+def test_with_async_scheduling_paused_requests_run_ahead_between_probes(
+    tiny_model_dir, ordinary_token_ids, monkeypatch
+):
+    """Once every request has paused, the steps between probes carry no drafts, so they run
+    ahead as plain decoding does; the probes come on the same beat, and the output is plain
+    decoding's."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = [ordinary_token_ids[:12], ordinary_token_ids[5:20]]
+    params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True)
+    future = plain_future(path, prompts, params)
+    _oracle_ngram(monkeypatch, future, right=False)
+    spec = {"method": "ngram", "num_speculative_tokens": K, "min_tokens_per_step": 1.5}
+    _, sync_proposals = _run(path, prompts, params, spec)
+    llm = LLM(path, speculative_config=spec, async_scheduling=True, **ENGINE)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == list(future.values())
+    stats = llm.engine.stats
+    assert stats["num_overlapped_steps"] >= 30  # of about 45 steps
+    # The probe beat counts the steps that ran ahead: about as many probes as without them.
+    assert abs(llm.engine.spec_stats.num_proposals - sync_proposals) <= len(prompts)
+    assert llm.engine._inflight is None

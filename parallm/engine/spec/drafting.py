@@ -62,6 +62,21 @@ class Drafter:
             return False
         return self.costs is None or not self.costs.wants_plain(len(running))
 
+    def will_draft(self, running: list[Sequence]) -> bool:
+        """Whether the step after this one may carry drafts, asked when it could run ahead.
+        It will not when drafting is off for the batch, or when every running request is
+        paused and no probe is due; that step then runs ahead as a plain one and counts on
+        the probe beat, as a proposal that drafted nothing."""
+        if not self.may_draft(running):
+            return False
+        threshold = self.threshold(len(running))
+        if threshold is None or is_probe_step(self.num_proposals + 1):
+            return True
+        if not all(s.draft_history.paused(threshold) for s in running):
+            return True
+        self.num_proposals += 1
+        return False
+
     def threshold(self, batch_size: int) -> float | None:
         """The least running tokens per drafted step at which a request keeps drafting."""
         if self.costs is None:

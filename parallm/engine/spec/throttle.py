@@ -7,7 +7,8 @@ threshold it stops drafting, and drafts again in the drafter's probe steps (one 
 ``PROBE_EVERY + 1``) to notice when its text becomes predictable again (code that repeats a
 pattern, a quoted passage). Paused requests probe in the same steps: a step with any drafts
 costs a drafted step for the whole batch, so probes spread over different steps would make many
-steps drafted ones. The threshold is the break-even tokens per step, set by the user (what
+steps drafted ones. Between probes, a batch whose requests have all paused runs ahead as plain
+decoding does (async scheduling), its steps counted on the beat. The threshold is the break-even tokens per step, set by the user (what
 ``benchmarks/spec_oracle_bench.py`` measures) or measured by the engine (spec/step_costs.py).
 """
 
@@ -40,9 +41,11 @@ class DraftHistory:
         else:
             self.mean_tokens_per_step += SMOOTHING * (tokens - self.mean_tokens_per_step)
 
+    def paused(self, min_tokens_per_step: float | None) -> bool:
+        """Whether the sequence is below the threshold (drafts only in probe steps)."""
+        mean = self.mean_tokens_per_step
+        return min_tokens_per_step is not None and mean is not None and mean < min_tokens_per_step
+
     def should_draft(self, min_tokens_per_step: float | None, probe: bool) -> bool:
         """Whether to draft this step: at or above the threshold, or in a probe step."""
-        mean = self.mean_tokens_per_step
-        if min_tokens_per_step is None or mean is None or mean >= min_tokens_per_step:
-            return True
-        return probe
+        return probe or not self.paused(min_tokens_per_step)
