@@ -520,7 +520,7 @@ class LLMEngine:
 def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds: float) -> None:
     """Give ``costs`` the seconds of a step that computed one known token per sequence (with
     or without drafts); any other step (prompt tokens) breaks their runs of like steps."""
-    if not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs):
+    if batch.has_prompt_tokens:
         costs.interrupt(len(batch.seqs))
         return
     drafted = any(item.draft_token_ids for item in batch.seqs)

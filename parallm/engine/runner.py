@@ -370,7 +370,7 @@ class ModelRunner:
         else:
             inputs = self.prepare(batch)
             # A decode row predicts an output token: only prompt chunks have prompt tokens to score.
-            spans = prompt_spans(batch, inputs.query_start_loc) if _has_prefill(batch) else []
+            spans = prompt_spans(batch, inputs.query_start_loc) if batch.has_prompt_tokens else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
             replayed = self._replay_verify(inputs, device_ids, spans)
@@ -498,11 +498,6 @@ def sampling_row(seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
         generator=seq.generator,
         banned_token_ids=seq.banned_stop_token_ids(eos_token_ids),
     )
-
-
-def _has_prefill(batch: ScheduledBatch) -> bool:
-    """Whether some sequence computes known tokens (a prompt chunk): only those score any."""
-    return not all(item.num_new_tokens == 1 and item.samples for item in batch.seqs)
 
 
 def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:

@@ -104,6 +104,12 @@ class ScheduledBatch:
         return {s.seq.seq_id: s.draft_token_ids for s in self.seqs if s.draft_token_ids}
 
     @property
+    def has_prompt_tokens(self) -> bool:
+        """Whether some sequence computes known tokens other than its last (a prompt chunk):
+        a step with drafts or without, of one known token per sequence, has none."""
+        return not all(s.num_new_tokens == 1 and s.samples for s in self.seqs)
+
+    @property
     def is_pure_decode(self) -> bool:
         """One known token per sequence, each sampling, no drafts: the graph-captured step."""
         return all(s.num_new_tokens == 1 and s.samples and not s.draft_token_ids for s in self.seqs)

@@ -51,8 +51,9 @@ class SpeculativeConfig:
     (``spec/throttle.py``; None: never stops); ``"auto"``: the break-even that the engine
     measures at the running batch size, a drafted step's seconds over a plain step's
     (``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
-    request of ``draft_model``, whose drafts are samples, is reproducible only without it). For ``ngram``, unset
-    ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value, or 5 when both are unset.
+    request of ``draft_model``, whose drafts are samples, is reproducible only without it).
+    For ``ngram``, unset ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value,
+    or 5 when both are unset.
     """
 
     method: str

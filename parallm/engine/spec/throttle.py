@@ -8,8 +8,9 @@ threshold it stops drafting, and drafts again in the drafter's probe steps (one 
 pattern, a quoted passage). Paused requests probe in the same steps: a step with any drafts
 costs a drafted step for the whole batch, so probes spread over different steps would make many
 steps drafted ones. Between probes, a batch whose requests have all paused runs ahead as plain
-decoding does (async scheduling), its steps counted on the beat. The threshold is the break-even tokens per step, set by the user (what
-``benchmarks/spec_oracle_bench.py`` measures) or measured by the engine (spec/step_costs.py).
+decoding does (async scheduling), its steps counted on the beat. The threshold is the
+break-even tokens per step, set by the user (what ``benchmarks/spec_oracle_bench.py``
+measures) or measured by the engine (spec/step_costs.py).
 """
 
 from __future__ import annotations
