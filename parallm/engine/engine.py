@@ -488,13 +488,15 @@ class LLMEngine:
                     if len(t) > j and sampled[i].finish_reason is None]  # fmt: skip
             if not rows:
                 break
-            if j == 0:  # the first tokens carry the sampler's logprobs, if any were asked for
+            seqs = [sampled[i] for i in rows]
+            if result.logprobs is None:  # the tokens are on the host already
+                finished += self.outputs.append_tokens(seqs, [emitted[i][j] for i in rows])
+            elif j == 0:  # the first tokens carry the sampler's logprobs
                 step = result if len(rows) == len(sampled) else result.select(rows)
-            elif result.spec_logprobs is not None:  # and so do the later ones
+                finished += self.outputs.process(seqs, step)
+            else:  # and so do the later ones
                 step = result.spec_logprobs.select([later[i] + j - 1 for i in rows])
-            else:
-                step = SamplerOutput(token_ids=torch.tensor([emitted[i][j] for i in rows]))
-            finished += self.outputs.process([sampled[i] for i in rows], step)
+                finished += self.outputs.process(seqs, step)
             self.num_generated_tokens += len(rows)
         return finished
 

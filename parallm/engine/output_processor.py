@@ -86,9 +86,21 @@ class OutputProcessor:
         """Append one token to each sampling sequence; return those that finished."""
         if result is None or not sampled:
             return []
-        token_ids = result.token_ids.tolist()
         columns = (result.logprobs, result.ranks, result.top_token_ids, result.top_logprobs)
-        logprobs, ranks, top_ids, top_lps = (None if t is None else t.tolist() for t in columns)
+        return self.append_tokens(sampled, result.token_ids.tolist(),
+                                  *(None if t is None else t.tolist() for t in columns))  # fmt: skip
+
+    def append_tokens(
+        self,
+        sampled: list[Sequence],
+        token_ids: list[int],
+        logprobs: list[float] | None = None,
+        ranks: list[int] | None = None,
+        top_ids: list[list[int]] | None = None,
+        top_lps: list[list[float]] | None = None,
+    ) -> list[Sequence]:
+        """``process`` for tokens already on the host (a verify step's accepted drafts): one
+        token for each sequence, with its logprob and rank and top lists when asked for."""
         finished = []
         now = time.monotonic()  # every token of a step counts as produced at the same time
         for i, seq in enumerate(sampled):
