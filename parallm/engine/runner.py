@@ -392,9 +392,14 @@ class ModelRunner:
         # Each drafted sequence has one row per draft after its own: sample the first rows as
         # in any step, then verify the drafts on the rows after them.
         first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
-        out = self._sample(batch, logits[self._to_device(first)], None, None)
+        argmax_rows = None
+        if _plain_greedy(batch):  # every row's token in one kernel and one read
+            argmax_rows = greedy_argmax(logits, self.fused_kernels).tolist()
+            out = SamplerOutput(token_ids=torch.tensor([argmax_rows[i] for i in first]))
+        else:
+            out = self._sample(batch, logits[self._to_device(first)], None, None)
         step = StepRows(inputs.query_start_loc, inputs.slot_mapping, self.kv_caches)
-        out, rows = self.verifier.verify(batch, out, logits, first, step)
+        out, rows = self.verifier.verify(batch, out, logits, first, step, argmax_rows)
         if hidden is not None:  # each sequence's state at the row of its last emitted token
             last = self._to_device(np.array([r[-1] for r in rows]))
             out = dataclasses.replace(out, hidden_states=hidden[last])
@@ -419,13 +424,12 @@ class ModelRunner:
         host_ids: torch.Tensor | None,
     ) -> SamplerOutput:
         """One token per sampling sequence from its row of ``logits``."""
-        seqs = [item.seq for item in batch.seqs if item.samples]
-        if all(s.params.plain_greedy and not s.bans_stop_tokens for s in seqs):
+        if _plain_greedy(batch):
             # The common offline case: skip building sampling tensors, one argmax on device.
             if greedy is None:
                 greedy = greedy_argmax(logits, self.fused_kernels)
             return SamplerOutput(token_ids=greedy, host_token_ids=host_ids)
-        rows = [self._sampling_row(seq) for seq in seqs]
+        rows = [self._sampling_row(item.seq) for item in batch.seqs if item.samples]
         tensors = SamplingTensors.build(rows, self.model_cfg.vocab_size, self.device)
         return self.sampler(logits.float(), tensors)
 
@@ -498,6 +502,13 @@ def sampling_row(seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
         generator=seq.generator,
         banned_token_ids=seq.banned_stop_token_ids(eos_token_ids),
     )
+
+
+def _plain_greedy(batch: ScheduledBatch) -> bool:
+    """Whether every sampling sequence's token is the plain argmax of its logits row: greedy,
+    no penalties or logprobs, no banned stop tokens."""
+    return all(item.seq.params.plain_greedy and not item.seq.bans_stop_tokens
+               for item in batch.seqs if item.samples)  # fmt: skip
 
 
 def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ class DraftVerifier:
         logits: torch.Tensor,
         first: np.ndarray,
         step: StepRows,
+        argmax_rows: list[int] | None = None,
     ) -> tuple[SamplerOutput, list[list[int]]]:
         """``out`` with every sampling sequence's emitted tokens (``spec_token_ids``), and the
         logits rows each was sampled from. A chain keeps its drafts while each equals the token
@@ -80,12 +81,14 @@ class DraftVerifier:
         token for greedy and seeded requests, and in distribution otherwise. The tokens after
         the first carry their logprobs (``spec_logprobs``) when ``out`` carries the first ones'.
         Drafts sampled from a draft model's distribution (``draft_probs``) are verified by
-        speculative sampling instead (``_speculative_sample``).
+        speculative sampling instead (``_speculative_sample``). ``argmax_rows``: every row's
+        argmax, when the caller read them already (``out`` then holds those of ``first``).
         """
         emitted, rows, moves = [], [], []
         sampling = [(b, item) for b, item in enumerate(batch.seqs) if item.samples]
         tokens_out = out.token_ids.tolist()
-        argmax_rows = self._argmax_rows(logits, [item.seq for _, item in sampling])
+        if argmax_rows is None:
+            argmax_rows = self._argmax_rows(logits, [item.seq for _, item in sampling])
         for (b, item), start, token in zip(sampling, first.tolist(), tokens_out, strict=True):
             sample_at = functools.partial(self._sample_node, item.seq, logits, start, argmax_rows)
             tree = tree_of(item)
