@@ -404,12 +404,23 @@ class ModelRunner:
             if hidden is not None:
                 out = dataclasses.replace(out, hidden_states=hidden)
             return out, scored
-        # Each drafted sequence has one row per draft after its own: sample the first rows as
-        # in any step, then verify the drafts on the rows after them.
+        return self._verify(batch, inputs, logits, hidden, drafted), scored
+
+    def _verify(
+        self,
+        batch: ScheduledBatch,
+        inputs: StepInputs,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        drafted: list[list[int]],
+    ) -> SamplerOutput:
+        """The tokens a step with drafts emits (``drafted``: each sampling sequence's drafts).
+        Each drafted sequence has one row per draft after its own: the first rows are sampled
+        as in any step, the drafts verified on the rows after them."""
         first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
         if hidden is None and _greedy_chains(batch):  # walked when the argmax reaches the host
-            chains = GreedyChains(first, drafted)
-            return SamplerOutput(greedy_argmax(logits, self.fused_kernels), chains=chains), scored
+            return SamplerOutput(greedy_argmax(logits, self.fused_kernels),
+                                 chains=GreedyChains(first, drafted))  # fmt: skip
         argmax_rows = None
         if _plain_greedy(batch):  # every row's token in one kernel and one read
             argmax_rows = greedy_argmax(logits, self.fused_kernels).tolist()
@@ -421,7 +432,7 @@ class ModelRunner:
         if hidden is not None:  # each sequence's state at the row of its last emitted token
             last = self._to_device(np.array([r[-1] for r in rows]))
             out = dataclasses.replace(out, hidden_states=hidden[last])
-        return out, scored
+        return out
 
     def _replay_verify(
         self, inputs: StepInputs, known: torch.Tensor | None, spans: list[PromptSpan]
