@@ -6,7 +6,14 @@ go back. Either way the output is plain decoding's, token for token, and nothing
 from __future__ import annotations
 
 import pytest
-from test_speculative import ENGINE, SPEC, _repetitive_prompts, _tokens, oracle_drafts
+from test_speculative import (
+    ENGINE,
+    MIXED_PARAMS,
+    SPEC,
+    _repetitive_prompts,
+    _tokens,
+    oracle_drafts,
+)
 from tiny_models import ARCHS
 
 from parallm import LLM, SamplingParams
@@ -101,16 +108,9 @@ def test_limits_stops_and_mixed_requests_with_steps_launched_ahead(
 ):
     path = str(tiny_model_dir("llama3"))
     prompts = _repetitive_prompts(ordinary_token_ids)
-    cases = [
-        SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),  # ends inside a run
-        SamplingParams(temperature=0, max_tokens=30, min_tokens=12),
-        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2),
-        SamplingParams(temperature=0.8, max_tokens=20, seed=3, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
-    ]
     plain_llm, llm = LLM(path, **ENGINE), _ahead_llm(path)
     free = llm.engine.kv.num_free_blocks
-    for params in cases:
+    for params in MIXED_PARAMS:
         want = _tokens(plain_llm, prompts, params)
         assert _tokens(llm, prompts, params) == want, params
         assert [_tokens(llm, [p], params)[0] for p in prompts] == want, params
