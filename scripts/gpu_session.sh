@@ -140,6 +140,18 @@ for step in "$@"; do
                   grep -i "throughput\|tok/s" "$OUT/ep_serve_offline_$mode.log" | head -4
                   stop_server
                 done ;;
+    epalternate) # issue 16's 2% check: the offline workload in process and in the engine
+                 # process, alternated twice (a fresh machine's first run compiles kernels cold)
+                 server_wheels
+                 model=${MODEL_ARGS:---config benchmarks/configs/llama-3.2-1b.json --max-model-len 4096}
+                 for round in 1 2; do
+                   for flag in "" --engine-process; do
+                     name=ep_alt_${round}${flag:+_process}
+                     python3 -m parallm.cli bench throughput $model --num-requests "${NREQ:-256}" $flag \
+                       --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+                     echo "$name: $(grep '^parallm' "$OUT/$name.log" | tail -1)"
+                   done
+                 done ;;
     stepbench) python3 benchmarks/decode_step_bench.py --config benchmarks/configs/llama-3.2-1b.json \
                  --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
                tail -4 "$OUT/decode_step.log" ;;
