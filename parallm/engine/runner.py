@@ -402,7 +402,8 @@ class ModelRunner:
         """The tokens a step with drafts emits (``drafted``: each sampling sequence's drafts).
         Each drafted sequence has one row per draft after its own: the first rows are sampled
         as in any step, the drafts verified on the rows after them."""
-        first = np.cumsum([0] + [1 + len(d) for d in drafted[:-1]])
+        starts = itertools.accumulate((1 + len(d) for d in drafted[:-1]), initial=0)
+        first = np.fromiter(starts, np.int64, len(drafted))
         argmax_rows = None
         if _plain_greedy(batch):  # every row's token in one kernel and one read
             argmax_rows = greedy_argmax(logits, self.fused_kernels).tolist()
@@ -528,6 +529,8 @@ def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) 
     if not num_drafts.any():
         return ends[samples] - 1
     counts = np.where(samples, num_drafts + 1, 0)
+    if counts.sum() == ends[-1]:  # every row samples: a verify step of one-token sequences
+        return np.arange(ends[-1])
     first = np.repeat(ends - counts, counts)
     offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     return first + offsets
@@ -553,6 +556,8 @@ def _lay_out_trees(
 def _table_rows(tables: list[list[int]]) -> np.ndarray:
     """Block tables as one zero-padded [rows, longest] int32 array."""
     lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    if lengths.min() == lengths.max():  # no padding (always so at batch 1)
+        return np.array(tables, dtype=np.int32).reshape(len(tables), -1)
     flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lengths.sum()))
     out = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
     out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: each row's prefix

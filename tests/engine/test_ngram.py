@@ -98,3 +98,12 @@ def test_matches_the_reference_on_random_sequences():
         )  # fmt: skip
         proposed += bool(expected)
     assert proposed > 1000  # the comparison covered many matches, not only empty proposals
+
+
+def test_a_byte_match_across_two_tokens_is_no_occurrence():
+    # On a little-endian host the words of 256 then 0 hold those of token 1 one byte in: a
+    # byte match that straddles two tokens, not an earlier 1.
+    assert (
+        propose_ngram([256, 0, 7, 1], 2, 1, 1) == reference_propose([256, 0, 7, 1], 2, 1, 1) == []
+    )
+    assert propose_ngram([256, 0, 1, 5, 1], 2, 1, 1) == [5, 1]
