@@ -105,8 +105,15 @@ def divergence_gaps(
 
 
 def drafter_configs(args: argparse.Namespace, num_layers: int) -> dict[str, dict]:
-    """``speculative_config`` of each requested method."""
-    k = args.num_speculative_tokens
+    """``speculative_config`` of each requested method (and each k, labelled ``method k=K``,
+    when several are asked for)."""
+    ks = args.num_speculative_tokens
+    if len(ks) == 1:
+        return _method_configs(args, num_layers, ks[0])
+    return {f"{m} k={k}": c for k in ks for m, c in _method_configs(args, num_layers, k).items()}
+
+
+def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[str, dict]:
     configs = {
         "ngram": {
             "method": "ngram",
@@ -185,7 +192,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             outs, seconds = measure(llm, prompts, params, batch)
             plain_outs, plain_seconds = baseline[batch]
             tokens, plain_tokens = sum(map(len, outs)), sum(map(len, plain_outs))
-            row = {"method": method, "batch": batch, "k": spec["num_speculative_tokens"],
+            row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
                    "tokens_per_step": llm.engine.spec_stats.mean_since(before),
                    "tok_s": tokens / seconds, "plain_tok_s": plain_tokens / plain_seconds,
                    "speedup": (tokens / seconds) / (plain_tokens / plain_seconds),
@@ -222,7 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", type=lambda s: s.split(","),
                     default=["ngram", "draft_model", "layer_skip"],
                     help="drafters to run (medusa needs --medusa-heads)")  # fmt: skip
-    ap.add_argument("--num-speculative-tokens", type=int, default=4, help="k of each drafter")
+    ap.add_argument("--num-speculative-tokens", type=ints, default=[4],
+                    help="k of each drafter; several (4,8) run each drafter once per k against "
+                         "one plain baseline")  # fmt: skip
     ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
     ap.add_argument("--skip-layers", type=int, default=0,
                     help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip

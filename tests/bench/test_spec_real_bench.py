@@ -146,3 +146,18 @@ def test_min_tokens_per_step_reaches_every_drafter():
     assert {c["min_tokens_per_step"] for c in fixed.values()} == {1.5}
     unset = bench.drafter_configs(bench.parse_args(common), 8)
     assert all("min_tokens_per_step" not in c for c in unset.values())
+
+
+def test_several_k_run_each_drafter_once_per_k():
+    bench = _load_bench()
+    args = bench.parse_args(["--target", "x", "--methods", "ngram,layer_skip",
+                             "--num-speculative-tokens", "4,8", "--skip-layers", "3"])  # fmt: skip
+    configs = bench.drafter_configs(args, 12)
+    assert {label: (c["method"], c["num_speculative_tokens"]) for label, c in configs.items()} == {
+        "ngram k=4": ("ngram", 4),
+        "layer_skip k=4": ("layer_skip", 4),
+        "ngram k=8": ("ngram", 8),
+        "layer_skip k=8": ("layer_skip", 8),
+    }
+    one = bench.drafter_configs(bench.parse_args(["--target", "x", "--methods", "ngram"]), 12)
+    assert list(one) == ["ngram"] and one["ngram"]["num_speculative_tokens"] == 4
