@@ -197,9 +197,11 @@ for step in "$@"; do
                   python3 benchmarks/spec_oracle_bench.py --config benchmarks/configs/$shape.json \
                     --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --out "$OUT/spec_oracle_$shape.json" \
                     > "$OUT/spec_oracle_$shape.log" 2>&1; tail -31 "$OUT/spec_oracle_$shape.log"; done ;;
-    spectrain) # issue 15's larger code model; its weights stay on the machine for `specreal`
+    spectrain) # issue 15's larger code model; its weights stay on the machine for `specreal`;
+               # STEPS (default: the recipe's 900) trains fewer, to leave room in the same call
                python3 -m parallm train --config configs/train/code-model-150m.toml --plot \
-                 > "$OUT/train150m.log" 2>&1; tail -8 "$OUT/train150m.log"
+                 ${STEPS:+--set training.steps=$STEPS} > "$OUT/train150m.log" 2>&1
+               tail -8 "$OUT/train150m.log"
                python3 -m parallm export --checkpoint runs/code-model-150m/checkpoints \
                  --out runs/code-model-150m/hf 2>&1 | tail -3
                cp runs/code-model-150m/metrics.jsonl runs/code-model-150m/loss.png "$OUT/" 2>/dev/null
