@@ -529,10 +529,11 @@ def _sample_rows(ends: np.ndarray, samples: np.ndarray, num_drafts: np.ndarray) 
     if not num_drafts.any():
         return ends[samples] - 1
     counts = np.where(samples, num_drafts + 1, 0)
-    if counts.sum() == ends[-1]:  # every row samples: a verify step of one-token sequences
-        return np.arange(ends[-1])
+    total = int(counts.sum())
+    if total == ends[-1]:  # every row samples: a verify step of one-token sequences
+        return np.arange(total)
     first = np.repeat(ends - counts, counts)
-    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
     return first + offsets
 
 

@@ -38,9 +38,8 @@ def propose_ngram(
         if at >= 0:
             start = at + n
             end = min(start + num_tokens, size)
-            if isinstance(token_ids, list):
-                return token_ids[start:end]
-            return np.asarray(token_ids)[start:end].tolist()
+            proposal = token_ids[start:end]
+            return proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
     return []
 
 
