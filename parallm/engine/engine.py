@@ -24,7 +24,7 @@ from parallm.config import (
 from parallm.engine.executor import TensorParallelExecutor, WorkerSpec, check_tensor_parallel
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.output_processor import OutputProcessor
-from parallm.engine.request import Request, Sequence
+from parallm.engine.request import Request, Sequence, SequenceStatus
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput, host_to_device
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
@@ -84,6 +84,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
+        self.num_discarded_steps = 0  # verify steps launched ahead whose drafts were rejected
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
         self.num_generated_tokens = 0  # tokens appended to sequences (discarded ones excluded)
@@ -386,8 +387,11 @@ class LLMEngine:
                 return []
             handle = self._launch(batch)
             self._count_step(batch)
-        if self.async_scheduling and handle.result is not None and self._may_run_ahead():
-            self._inflight = self._launch_continuation(handle)
+        if self.async_scheduling and handle.result is not None:
+            if self._may_run_ahead():
+                self._inflight = self._launch_continuation(handle)
+            elif handle.result.chains is not None:
+                self._inflight = self._launch_verify_continuation(handle)
         outputs = self._finish_step(handle)
         if self.drafter is not None and self.drafter.costs is not None:
             _time_step(self.drafter.costs, handle.batch, ran_ahead, time.perf_counter() - start)
@@ -425,6 +429,43 @@ class LLMEngine:
         self._count_step(batch)
         return handle
 
+    def _launch_verify_continuation(self, prev: StepHandle) -> StepHandle | None:
+        """The verify step after ``prev`` (greedy chains, on the device), launched before
+        ``prev``'s tokens reach the host as if all its drafts are accepted: n-gram drafts that
+        continue ``prev``'s, behind the token ``prev`` samples after them. ``_finish_step``
+        discards it when a sequence accepts fewer."""
+        drafts = self.drafter.propose_ahead(prev.batch)
+        if drafts is None:
+            return None
+        batch = self.scheduler.schedule_verify_continuation(prev.batch, drafts)
+        if batch is None:
+            return None
+        self.num_overlapped_steps += 1
+        handle = self.runner.launch(batch, device_ids=prev.bonus_token_ids())
+        self._count_step(batch)
+        return handle
+
+    def _discard_unless_accepted(
+        self, handle: StepHandle, sampled: list[Sequence], emitted: list[list[int]]
+    ) -> None:
+        """Discard the verify step launched behind ``handle`` (``_launch_verify_continuation``)
+        unless every sequence accepted all its drafts: its inputs assumed they would. Its KV
+        slots go back; what it wrote there lies past every sequence's tokens, and the next
+        step that computes those positions writes them again."""
+        pending = self._inflight
+        if pending is None or not pending.batch.known_on_device:
+            return
+        drafts = {item.seq.seq_id: item.draft_token_ids for item in handle.batch.seqs}
+        if all(
+            len(t) == 1 + len(drafts[seq.seq_id]) for seq, t in zip(sampled, emitted, strict=True)
+        ):
+            return
+        self._inflight = None
+        self.num_discarded_steps += 1
+        for item in pending.batch.seqs:
+            if item.seq.status is SequenceStatus.RUNNING:
+                self.kv.rollback(item.seq, item.num_scheduled_tokens)
+
     def _count_step(self, batch: ScheduledBatch) -> None:
         self.num_steps += 1
         if self.step_observer is not None:
@@ -442,6 +483,7 @@ class LLMEngine:
             live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
             sampled, result = [sampled[i] for i in live], result.select(live)
         if result is not None and result.spec_token_ids is not None:
+            self._discard_unless_accepted(handle, sampled, result.spec_token_ids)
             finished = self._append_verified(handle.batch, sampled, result)
         else:
             finished = self.outputs.process(sampled, result)
@@ -477,7 +519,7 @@ class LLMEngine:
             if proposed:
                 self.kv.rollback(seq, proposed - (len(tokens) - 1))
                 self.spec_stats.record(proposed, len(tokens) - 1)
-                seq.draft_history.record(len(tokens) - 1)
+                seq.draft_history.record(len(tokens) - 1, proposed)
         finished: list[Sequence] = []
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
@@ -513,6 +555,7 @@ class LLMEngine:
             num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
             num_overlapped_steps=self.num_overlapped_steps,
+            num_discarded_steps=self.num_discarded_steps,
             spec_draft_tokens=self.spec_stats.draft_tokens,
             spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )

@@ -32,9 +32,10 @@ from parallm.engine.sampler import (
     SamplingRow,
     SamplingTensors,
     greedy_argmax,
+    host_to_device,
 )
 from parallm.engine.scheduler import ScheduledBatch, ScheduledSeq
-from parallm.engine.spec.verify import DraftVerifier, StepRows, tree_of
+from parallm.engine.spec.verify import DraftVerifier, GreedyChains, StepRows, tree_of
 from parallm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -86,9 +87,19 @@ class StepHandle:
             return None
         if self.event is not None:
             self.event.synchronize()
+        if self.result.chains is not None:  # every row's argmax: walk the chains now
+            emitted = self.result.chains.emitted(self.host_token_ids.tolist())
+            return SamplerOutput(token_ids=torch.tensor([t[0] for t in emitted]),
+                                 spec_token_ids=emitted)  # fmt: skip
         # A clone: a graph's host ring row is rewritten two replays later.
         ids = self.host_token_ids.clone()
         return dataclasses.replace(self.result, token_ids=ids, host_token_ids=None)
+
+    def bonus_token_ids(self) -> torch.Tensor:
+        """On the device, the token each sequence of a greedy verify step samples after its
+        last draft: the next step's known token if every draft is accepted."""
+        rows = self.result.chains.last_rows()
+        return self.result.token_ids[host_to_device(rows, torch.long, self.result.token_ids.device)]
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp_size: int = 1) -> int:
@@ -261,8 +272,7 @@ class ModelRunner:
         trees = [i for i, it in enumerate(items) if tree_of(it) is not None]
         tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
         parts = itertools.chain.from_iterable(
-            (it.seq.token_ids[it.start : it.start + it.num_new_tokens], it.draft_token_ids)
-            for it in items
+            (_known_ids(it, batch.known_on_device), it.draft_token_ids) for it in items
         )
         ids = np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(ends[-1]))
         samples = np.fromiter((it.samples for it in items), bool, len(items))
@@ -358,7 +368,9 @@ class ModelRunner:
         """Run one step; returns one sampled token per sampling sequence, in batch order, and
         the scores of the prompt tokens this step computed for requests with prompt_logprobs.
 
-        ``device_ids``: input ids of a decode batch, on the device (the previous step's samples).
+        ``device_ids``: each sequence's known token, on the device (the previous step's
+        samples): a decode batch's inputs, or the first of a verify step's, whose drafts come
+        from the host (``ScheduledBatch.known_on_device``).
         """
         greedy = host_ids = inputs = hidden = None
         scored: list[PromptScores] = []
@@ -373,7 +385,10 @@ class ModelRunner:
             spans = prompt_spans(batch, inputs.query_start_loc) if batch.has_prompt_tokens else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
-            replayed = self._replay_verify(inputs, device_ids, spans)
+            known = device_ids if batch.known_on_device else None
+            replayed = self._replay_verify(inputs, known, spans)
+            if known is not None and replayed is None:  # the eager forward takes every id
+                device_ids = self._with_drafts(inputs, known)
             if replayed is not None:  # a verify step's rows are all sampling rows
                 logits, hidden = replayed
             elif spans or self.keep_hidden:
@@ -404,6 +419,9 @@ class ModelRunner:
         as in any step, the drafts verified on the rows after them."""
         starts = itertools.accumulate((1 + len(d) for d in drafted[:-1]), initial=0)
         first = np.fromiter(starts, np.int64, len(drafted))
+        if hidden is None and _greedy_chains(batch):  # walked when the argmax reaches the host
+            return SamplerOutput(greedy_argmax(logits, self.fused_kernels),
+                                 chains=GreedyChains(first, drafted))  # fmt: skip
         argmax_rows = None
         if _plain_greedy(batch):  # every row's token in one kernel and one read
             argmax_rows = greedy_argmax(logits, self.fused_kernels).tolist()
@@ -418,15 +436,21 @@ class ModelRunner:
         return out
 
     def _replay_verify(
-        self, inputs: StepInputs, device_ids: torch.Tensor | None, spans: list[PromptSpan]
+        self, inputs: StepInputs, known: torch.Tensor | None, spans: list[PromptSpan]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Logits and hidden states of a verify step from a captured graph, or None when none
-        fits (or the step has prompt tokens, host-less ids or other ranks to feed)."""
-        if self.verify_graphs is None or spans or device_ids is not None:
+        fits (or the step has prompt tokens or other ranks to feed). ``known``: each
+        sequence's known token on the device, when the host has only placeholders for them."""
+        if self.verify_graphs is None or spans or self.step_listener is not None:
             return None
-        if self.step_listener is not None:
-            return None
-        return self.verify_graphs.run(inputs)
+        return self.verify_graphs.run(inputs, known)
+
+    def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
+        """A verify step's input ids on the device: each sequence's ``known`` token at its
+        first row, then its drafts from the host."""
+        ids = self._to_device(inputs.input_ids)
+        ids[self._to_device(inputs.query_start_loc[:-1].astype(np.int64))] = known
+        return ids
 
     def _sample(
         self,
@@ -513,6 +537,22 @@ def sampling_row(seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
         output_token_ids=seq.output_token_ids,
         generator=seq.generator,
         banned_token_ids=seq.banned_stop_token_ids(eos_token_ids),
+    )
+
+
+def _known_ids(item: ScheduledSeq, on_device: bool) -> list[int]:
+    """The known tokens the step computes for ``item``; a placeholder when they are still on
+    the device (one a sequence: the runner writes it from ``device_ids``)."""
+    if on_device:
+        return [0]
+    return item.seq.token_ids[item.start : item.start + item.num_new_tokens]
+
+
+def _greedy_chains(batch: ScheduledBatch) -> bool:
+    """Whether a verify step needs nothing but every row's argmax: plain greedy sequences
+    whose drafts are chains, none sampled from a draft model's distribution."""
+    return _plain_greedy(batch) and all(
+        tree_of(item) is None and item.draft_probs is None for item in batch.seqs
     )
 
 

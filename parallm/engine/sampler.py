@@ -11,10 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from parallm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from parallm.engine.spec.verify import GreedyChains
 
 # logits / T overflows float32 for tiny T; such a distribution is argmax anyway.
 _MIN_TEMPERATURE = 1e-5
@@ -134,6 +138,9 @@ class SamplerOutput:
     # When the runner keeps hidden states (a drafter reads them): per sampling sequence, the
     # target's final hidden state at the row its last emitted token was sampled from, [B, H].
     hidden_states: torch.Tensor | None = None
+    # A greedy verify step launched without its walk: ``token_ids`` hold every row's argmax,
+    # and the step's handle walks these chains when they reach the host (``StepHandle.wait``).
+    chains: GreedyChains | None = None
 
     def select(self, rows: list[int]) -> SamplerOutput:
         """The same output for the given rows only."""

@@ -92,6 +92,9 @@ class ScheduledBatch:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     kv_connector_metadata: KVConnectorMetadata | None = None
+    # Each sequence's one known token is still on the device (the last verify step samples
+    # it): the runner gets them as ``device_ids``, the host holds drafts only.
+    known_on_device: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -214,6 +217,61 @@ class Scheduler:
             item.seq.num_computed_tokens += 1
         self.stats.num_decode_tokens_computed += len(batch.seqs)
         return batch if batch.seqs else None
+
+    def schedule_verify_continuation(
+        self, prev: ScheduledBatch, drafts: dict[int, list[int]]
+    ) -> ScheduledBatch | None:
+        """The verify step after the verify step ``prev`` while ``prev``'s tokens are still on
+        the device, as if every sequence accepts all its drafts: each computes the token
+        ``prev`` samples after its last draft (``known_on_device``) and ``drafts[seq_id]``.
+        Should a sequence accept fewer, the engine rolls this step back
+        (``KVCacheManager.rollback``) and discards it. Returns None, changing nothing, when a
+        sequence of ``prev`` has no drafts here or may finish with ``prev``'s tokens, when a
+        prompt waits, or when blocks or budget run short: the step then waits for ``prev``.
+        """
+        if prev.preempted or self.waiting or len(prev.seqs) != len(self.running):
+            return None
+        planned = []
+        for item in prev.seqs:
+            seq = item.seq
+            if (
+                not (item.samples and item.draft_token_ids)
+                or seq.status is not SequenceStatus.RUNNING
+            ):
+                return None
+            emitted = len(item.draft_token_ids) + 1  # by prev, if it accepts every draft
+            room = max(0, self._room_for_drafts(seq, emitted))
+            chain = drafts.get(seq.seq_id, [])[:room]
+            if not chain:
+                return None
+            planned.append((seq, chain))
+        if sum(1 + len(chain) for _, chain in planned) > self.cfg.max_num_batched_tokens:
+            return None
+        needed = sum(self._blocks_needed(seq, 1 + len(chain)) for seq, chain in planned)
+        if needed > self.kv.num_free_blocks:
+            return None
+        batch = ScheduledBatch(known_on_device=True)
+        for seq, chain in planned:
+            self.kv.allocate(seq, 1 + len(chain))
+            item = ScheduledSeq(seq, seq.num_computed_tokens, 1, samples=True,
+                                draft_token_ids=chain)  # fmt: skip
+            seq.num_computed_tokens += item.num_scheduled_tokens
+            batch.seqs.append(item)
+            self._count(item)
+        return batch
+
+    def _room_for_drafts(self, seq: Sequence, pending: int) -> int:
+        """How many drafts a step may carry after ``pending`` more tokens of ``seq``: accepting
+        them all and the token after them must pass neither ``max_tokens`` nor the context
+        (``_fit_drafts``'s limits, counted ahead)."""
+        room = self.cfg.max_model_len - (seq.num_tokens + pending) - 1
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - (seq.num_output_tokens + pending) - 1)
+        return room
+
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.kv.block_size)
+        return max(0, total - len(seq.block_table))
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))

@@ -263,11 +263,14 @@ class VerifyGraphs(GraphedSteps):
         buf.region.copy_(head)
         buf.block_tables.fill_(self.scratch_block)
 
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(
+        self, inputs: StepInputs, known: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits and final hidden states of the step's tokens (rows in the step's order,
         every one a sampling row) from the graph of the smallest shape that holds the step;
         None when none does. The outputs are the graph's own buffers: read them before the
-        next replay."""
+        next replay. ``known``: each sequence's first input on the device, in place of the
+        host's placeholders (a step launched before the last one's tokens reached the host)."""
         shape = self.shape_for(inputs)
         if shape is None:
             return None
@@ -275,6 +278,9 @@ class VerifyGraphs(GraphedSteps):
         head, tables, lens = self._staged(shape, inputs)
         buf.region.copy_(head, non_blocking=True)
         buf.block_tables[:, : tables.shape[1]].copy_(tables, non_blocking=True)
+        if known is not None:  # sequence b's first token sits at row b * q
+            q = shape.tokens_per_seq
+            buf.input_ids[: len(known) * q : q].copy_(known)
         self.num_replays += 1
         if self.captures:
             self.graphs[shape].replay()

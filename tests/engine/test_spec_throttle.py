@@ -29,6 +29,17 @@ def test_history_pauses_below_the_threshold_and_probes_on_the_beat():
     assert DraftHistory(mean_tokens_per_step=1.0).should_draft(None, probe=False)  # always
 
 
+def test_history_remembers_whether_the_last_step_accepted_every_draft():
+    history = DraftHistory()
+    assert not history.accepted_all  # no verified step yet: no step launches ahead
+    history.record(accepted=4, proposed=4)
+    assert history.accepted_all
+    history.record(accepted=3, proposed=4)
+    assert not history.accepted_all
+    history.record(accepted=2, proposed=2)
+    assert history.accepted_all
+
+
 def _oracle_ngram(monkeypatch, future: dict[tuple[int, ...], list[int]], right: bool) -> None:
     """Prompt lookup replaced by plain decoding's next K tokens (``right``) or K wrong ones."""
 

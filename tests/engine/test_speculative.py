@@ -104,17 +104,21 @@ def test_oracle_drafts_are_accepted_until_the_first_wrong_one(
     assert llm.engine.num_steps < plain_steps
 
 
+# Limits, min_tokens, n > 1, sampled and penalised requests, logprobs.
+MIXED_PARAMS = [
+    SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),  # ends inside a run
+    SamplingParams(temperature=0, max_tokens=30, min_tokens=12),
+    SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2),
+    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
+    SamplingParams(temperature=0.8, max_tokens=20, seed=3, repetition_penalty=1.2),
+    SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
+]
+
+
 def test_stops_limits_and_mixed_requests_are_unchanged(tiny_model_dir, ordinary_token_ids):
     path = str(tiny_model_dir("llama3"))
     prompts = _repetitive_prompts(ordinary_token_ids)
-    cases = [
-        SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),  # ends inside a run
-        SamplingParams(temperature=0, max_tokens=30, min_tokens=12),
-        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2),
-        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=3, ignore_eos=True),
-        SamplingParams(temperature=0.8, max_tokens=20, seed=3, repetition_penalty=1.2),
-        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
-    ]
+    cases = MIXED_PARAMS
     plain_llm, spec_llm = LLM(path, **ENGINE), LLM(path, speculative_config=SPEC, **ENGINE)
     for params in cases:
         assert _tokens(spec_llm, prompts, params) == _tokens(plain_llm, prompts, params), params

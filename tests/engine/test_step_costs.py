@@ -10,8 +10,8 @@ import pytest
 from test_spec_throttle import _oracle_ngram, _run, plain_future
 
 from parallm import SamplingParams
+from parallm.engine.runner import ModelRunner
 from parallm.engine.spec.step_costs import PLAIN_PROBE_STEPS, REPROBE_AFTER, StepCosts, bucket
-from parallm.engine.spec.verify import DraftVerifier
 
 K = 4
 
@@ -95,13 +95,14 @@ def test_auto_pauses_drafting_where_a_drafted_step_costs_more_than_it_emits(
     spec = {"method": "ngram", "num_speculative_tokens": K}
     _, always = _run(path, prompts, params, spec)
     if slow_verify:
-        verify = DraftVerifier.verify
+        execute = ModelRunner.execute
 
-        def slow(self, *args, **kwargs):
-            time.sleep(0.1)
-            return verify(self, *args, **kwargs)
+        def slow(self, batch, *args, **kwargs):
+            if any(item.draft_token_ids for item in batch.seqs):
+                time.sleep(0.1)
+            return execute(self, batch, *args, **kwargs)
 
-        monkeypatch.setattr(DraftVerifier, "verify", slow)
+        monkeypatch.setattr(ModelRunner, "execute", slow)
     outs, auto = _run(path, prompts, params, {**spec, "min_tokens_per_step": "auto"})
     assert outs == list(future.values())
     assert always >= 2 * 200 // (K + 1) - 2

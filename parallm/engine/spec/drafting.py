@@ -19,6 +19,7 @@ running batch size (spec/step_costs.py), whose plain steps it runs now and then 
 from __future__ import annotations
 
 from parallm.engine.request import Sequence
+from parallm.engine.scheduler import ScheduledBatch
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.draft_model import DraftModelProposer
 from parallm.engine.spec.medusa import MedusaProposer
@@ -82,6 +83,37 @@ class Drafter:
         if self.costs is None:
             return self.config.min_tokens_per_step
         return self.costs.break_even(batch_size)
+
+    def propose_ahead(self, batch: ScheduledBatch) -> dict[int, list[int]] | None:
+        """Drafts for the verify step after ``batch`` (a verify step still on the device), as
+        if every draft of ``batch`` is accepted: each sequence's n-gram proposal over its
+        tokens and its drafts, whose first token guesses the one ``batch`` samples after them
+        (that token itself comes from the device, so a wrong guess costs only the drafts).
+        None when that step cannot be proposed ahead: a drafter with a model of its own
+        (it needs this step's tokens), drafting off for the batch, a sequence whose last
+        verified step rejected a draft (this one would likely be discarded, and its host work
+        delay the step that replaces it), one that the throttle pauses, or one without a
+        proposal."""
+        running = [item.seq for item in batch.seqs]
+        if self.model is not None or not self.may_draft(running):
+            return None
+        if not all(s.draft_history.accepted_all for s in running):
+            return None
+        threshold = self.threshold(len(running))
+        probe = is_probe_step(self.num_proposals + 1)
+        if not all(s.draft_history.should_draft(threshold, probe) for s in running):
+            return None
+        cfg, drafts = self.config, {}
+        for item in batch.seqs:
+            proposal = propose_ngram(
+                [*item.seq.token_ids, *item.draft_token_ids], cfg.num_speculative_tokens + 1,
+                cfg.prompt_lookup_min, cfg.prompt_lookup_max,
+            )  # fmt: skip
+            if len(proposal) < 2:
+                return None
+            drafts[item.seq.seq_id] = proposal[1:]
+        self.num_proposals += 1
+        return drafts
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""

@@ -30,12 +30,15 @@ def is_probe_step(step: int) -> bool:
 
 @dataclass
 class DraftHistory:
-    """One sequence's running tokens per drafted step."""
+    """One sequence's running tokens per drafted step, and whether its last verified step
+    accepted every draft (the gate of a verify step launched ahead)."""
 
     mean_tokens_per_step: float | None = None
+    accepted_all: bool = False
 
-    def record(self, accepted: int) -> None:
-        """A verified step emitted ``accepted`` drafts plus one token."""
+    def record(self, accepted: int, proposed: int | None = None) -> None:
+        """A verified step emitted ``accepted`` of its ``proposed`` drafts plus one token."""
+        self.accepted_all = accepted == proposed
         tokens = 1.0 + accepted
         if self.mean_tokens_per_step is None:
             self.mean_tokens_per_step = tokens

@@ -42,6 +42,30 @@ class StepRows:
     kv_caches: list[torch.Tensor]
 
 
+@dataclass(frozen=True)
+class GreedyChains:
+    """A verify step of greedy chains whose walk waits for the host: every row's argmax is
+    copied back with the step, and the chains are walked from it when it arrives
+    (``emitted``), so the step launches without blocking and the next one can launch behind
+    it. ``first``: each sampling sequence's first row; ``drafts``: its chain."""
+
+    first: np.ndarray
+    drafts: list[list[int]]
+
+    def emitted(self, argmax_rows: list[int]) -> list[list[int]]:
+        """Each sequence's emitted tokens, as ``DraftVerifier.verify`` walks a greedy chain."""
+        return [_walk_chain(argmax_rows[f], d, functools.partial(_row_after, argmax_rows, f))
+                for f, d in zip(self.first.tolist(), self.drafts, strict=True)]  # fmt: skip
+
+    def last_rows(self) -> np.ndarray:
+        """Each sequence's last row: the one sampled after its last draft."""
+        return self.first + np.fromiter(map(len, self.drafts), np.int64, len(self.drafts))
+
+
+def _row_after(argmax_rows: list[int], first: int, node: int) -> int:
+    return argmax_rows[first + 1 + node]
+
+
 class DraftVerifier:
     """Decides, from a verify step's logits, the tokens each drafted sequence emits."""
 
