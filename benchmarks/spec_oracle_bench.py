@@ -89,20 +89,31 @@ def _timed_generate(llm: LLM, prompts: list[list[int]], params: SamplingParams):
 
 
 def _oracle(future: dict[tuple[int, ...], list[int]], k: int, wrong: float, vocab: int, seed: int):
-    """A ``Drafter.propose`` that drafts the target's own next tokens, some made wrong."""
+    """A ``Drafter.propose`` that drafts the target's own next tokens, some made wrong; it
+    also replaces prompt lookup (``drafting.propose_ngram``, which a verify step launched
+    ahead calls over a sequence's tokens and the drafts in flight) by the same oracle."""
     rng = random.Random(seed)
+
+    def next_tokens(prompt: tuple[int, ...], done: int, n: int) -> list[int]:
+        drafts = list(future[prompt][done : done + n])
+        for i, token in enumerate(drafts):
+            if rng.random() < wrong:
+                drafts[i] = (token + 1 + rng.randrange(vocab - 1)) % vocab
+        return drafts
 
     def propose(self, running) -> None:
         for seq in running:
-            if not drafting.draftable(seq):
-                continue
-            done = seq.num_output_tokens
-            drafts = list(future[tuple(seq.prompt_token_ids)][done : done + k])
-            for i, token in enumerate(drafts):
-                if rng.random() < wrong:
-                    drafts[i] = (token + 1 + rng.randrange(vocab - 1)) % vocab
-            seq.draft_token_ids = drafts
+            if drafting.draftable(seq):
+                done = seq.num_output_tokens
+                seq.draft_token_ids = next_tokens(tuple(seq.prompt_token_ids), done, k)
 
+    def lookup(token_ids, n, lookup_min, lookup_max) -> list[int]:
+        for prompt in future:
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                return next_tokens(prompt, len(token_ids) - len(prompt), min(n, k + 1))
+        return []
+
+    drafting.propose_ngram = lookup
     return propose
 
 
