@@ -99,7 +99,9 @@ class StepHandle:
         """On the device, the token each sequence of a greedy verify step samples after its
         last draft: the next step's known token if every draft is accepted."""
         rows = self.result.chains.last_rows()
-        return self.result.token_ids[host_to_device(rows, torch.long, self.result.token_ids.device)]
+        return self.result.token_ids[
+            host_to_device(rows.tolist(), torch.long, self.result.token_ids.device)
+        ]
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp_size: int = 1) -> int:
