@@ -75,8 +75,7 @@ class KVCacheManager:
             raise RuntimeError("prefix hits apply only to a sequence that holds no blocks")
         reviving = sum(1 for b in prefix_hits if self.blocks[b].ref_count == 0)
         computed = len(prefix_hits) * self.block_size or seq.num_computed_tokens
-        total = -(-(computed + num_new_tokens) // self.block_size)
-        need = max(0, total - len(seq.block_table) - len(prefix_hits))
+        need = self._new_blocks(computed + num_new_tokens, len(seq.block_table) + len(prefix_hits))
         if need > self.num_free_blocks - reviving:
             return False
         for b in prefix_hits:
@@ -87,6 +86,14 @@ class KVCacheManager:
         for _ in range(need):
             seq.block_table.append(self._take_free_block())
         return True
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free blocks ``allocate(seq, num_new_tokens)`` takes (without prefix hits)."""
+        return self._new_blocks(seq.num_computed_tokens + num_new_tokens, len(seq.block_table))
+
+    def _new_blocks(self, num_tokens: int, held: int) -> int:
+        """Blocks to add to ``held`` ones for ``num_tokens`` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - held)
 
     def commit_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that the first ``num_tokens`` tokens fill, for later reuse."""

@@ -247,7 +247,7 @@ class Scheduler:
             planned.append((seq, chain))
         if sum(1 + len(chain) for _, chain in planned) > self.cfg.max_num_batched_tokens:
             return None
-        needed = sum(self._blocks_needed(seq, 1 + len(chain)) for seq, chain in planned)
+        needed = sum(self.kv.blocks_needed(seq, 1 + len(chain)) for seq, chain in planned)
         if needed > self.kv.num_free_blocks:
             return None
         batch = ScheduledBatch(known_on_device=True)
@@ -262,16 +262,11 @@ class Scheduler:
 
     def _room_for_drafts(self, seq: Sequence, pending: int) -> int:
         """How many drafts a step may carry after ``pending`` more tokens of ``seq``: accepting
-        them all and the token after them must pass neither ``max_tokens`` nor the context
-        (``_fit_drafts``'s limits, counted ahead)."""
+        them all and the token after them must pass neither ``max_tokens`` nor the context."""
         room = self.cfg.max_model_len - (seq.num_tokens + pending) - 1
         if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - (seq.num_output_tokens + pending) - 1)
         return room
-
-    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.kv.block_size)
-        return max(0, total - len(seq.block_table))
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
@@ -318,11 +313,7 @@ class Scheduler:
     def _fit_drafts(self, item: ScheduledSeq, budget: int) -> list[int]:
         """The leading drafts that fit the budget, the context, ``max_tokens`` and free blocks."""
         seq = item.seq
-        p = seq.params
-        # Accepting every draft and the token sampled after them must not pass either limit.
-        num = min(len(seq.draft_token_ids), budget, self.cfg.max_model_len - seq.num_tokens - 1)
-        if p.max_tokens is not None:
-            num = min(num, p.max_tokens - seq.num_output_tokens - 1)
+        num = min(len(seq.draft_token_ids), budget, self._room_for_drafts(seq, 0))
         held = len(seq.block_table) + self.kv.num_free_blocks
         end = item.start + item.num_new_tokens
         num = min(num, held * self.kv.block_size - end)
