@@ -43,7 +43,9 @@ _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
 
 
-@triton.jit
+# Arguments that follow the step's longest sequence are not specialized: each new value class
+# (== 1, a multiple of 16) would compile the kernel again mid-serving, outside the graphs.
+@triton.jit(do_not_specialize=["stride_bt", "split_len", "num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_ptr,

@@ -42,7 +42,9 @@ def _tree_visible(offs_n, tree_start, visible_nodes):
     return (node[None, :] < 0) | (bit != 0)
 
 
-@triton.jit
+# The block table's width follows the longest sequence of the step: specialized (== 1, a
+# multiple of 16), each new width class would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,

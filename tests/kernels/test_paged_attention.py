@@ -466,6 +466,32 @@ def test_decode_gpu_forced_splits(num_splits, force_splits):
     check_decode([4096, 300, 5000], 32, 8, 128, 32, torch.bfloat16, "cuda", 1e-2)
 
 
+def _compiled_variants(kernel) -> int:
+    """How many variants of ``kernel`` this process has compiled (Triton's in-memory cache)."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_longest_sequence_compiles_no_new_kernel(force_splits):
+    """Steps differ in their longest sequence, and with it in block-table width (2 to 39
+    blocks, 16 among them) and decode splits (2 to 16): each kernel compiles once for them
+    all, so that serving never stalls on a compile when a longer prompt comes."""
+    prefill_lens = [5, 40, 240, 256, 600]  # (5-token queries: one prefill tile size)
+    check_prefill([(5, prefill_lens[0])], 8, 2, 64, 16, torch.bfloat16, "cuda", 1e-2)
+    compiled = _compiled_variants(paged_prefill._prefill_kernel)
+    for seq_len in prefill_lens[1:]:
+        check_prefill([(5, seq_len)], 8, 2, 64, 16, torch.bfloat16, "cuda", 1e-2)
+    assert _compiled_variants(paged_prefill._prefill_kernel) == compiled
+    decode_cases = [(1000, 2), (3000, 5), (4096, 16), (5000, 7), (300, 2)]  # (length, splits)
+    for i, (seq_len, splits) in enumerate(decode_cases):
+        force_splits(splits)
+        check_decode([seq_len], 8, 2, 64, 16, torch.bfloat16, "cuda", 1e-2)
+        if i == 0:
+            compiled = _compiled_variants(paged_decode._decode_split_kernel)
+    assert _compiled_variants(paged_decode._decode_split_kernel) == compiled
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("own_counters", [True, False])
