@@ -11,6 +11,10 @@ not the speed measured. For each output that differs, it reports plain decoding'
 log-probability margin where the two part (``divergence_margins``): rounding parts them only at
 near ties, so a wide margin there would mean a wrong verify step.
 
+Every engine is loaded at once and timed in alternating rounds after an untimed pass
+(``measure_rounds``): each speedup is a ratio taken in the same stretch of the machine's time,
+with each round's ratio printed beside it.
+
     python benchmarks/spec_real_bench.py --target runs/code-model-150m/hf \
         --batch-sizes 1,8 --out spec_real.json
 
@@ -161,51 +165,92 @@ def timed_run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch:
     return outputs, time.perf_counter() - start
 
 
-def measure(llm: LLM, prompts, params, batch: int) -> tuple[list[list[int]], float]:
-    timed_run(llm, prompts[:batch], params, batch)  # warm-up: kernels compiled, graphs captured
-    return timed_run(llm, prompts, params, batch)
+def measure_rounds(
+    engines: dict[str, LLM], prompts: list[list[int]], params: SamplingParams, batch: int,
+    rounds: int,
+) -> dict[str, tuple[list[list[int]], list[float]]]:  # fmt: skip
+    """Each engine's outputs (its first timed pass) and its seconds in each round.
+
+    Every engine first runs every prompt untimed: kernels compile for each shape the prompts
+    bring and graphs are captured before any clock runs. Then ``rounds`` timed passes, the
+    engines in turn, in reverse order every other round (A B B A): a drift in the machine's
+    speed weighs on each engine alike. Prefix caches are emptied before each pass, so each
+    pass computes every prefill.
+    """
+    for llm in engines.values():
+        llm.reset_prefix_cache()
+        timed_run(llm, prompts, params, batch)
+    outputs: dict[str, list[list[int]]] = {}
+    seconds: dict[str, list[float]] = {label: [] for label in engines}
+    order = list(engines)
+    for r in range(rounds):
+        for label in order if r % 2 == 0 else order[::-1]:
+            engines[label].reset_prefix_cache()
+            outs, took = timed_run(engines[label], prompts, params, batch)
+            outputs.setdefault(label, outs)
+            seconds[label].append(took)
+    return {label: (outputs[label], seconds[label]) for label in engines}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    # A fixed KV budget each: the engines live side by side in one process.
     engine_args = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       gpu_memory_utilization=0.5)  # fmt: skip
+                       kv_cache_memory=int(args.kv_cache_gib * 2**30))  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     target_config = json.loads((Path(args.target) / "config.json").read_text())
     drafters = drafter_configs(args, target_config["num_hidden_layers"])  # checked before loading
-    plain = LLM(args.target, **engine_args)
-    prompts = completion_prompts(args.corpus, args.val_fraction, plain.get_tokenizer(),
+    engines = {"plain": LLM(args.target, **engine_args)}
+    prompts = completion_prompts(args.corpus, args.val_fraction, engines["plain"].get_tokenizer(),
                                  args.num_prompts, args.prompt_len, args.seed)  # fmt: skip
-    baseline, margins = {}, {}
-    for batch in args.batch_sizes:
-        outs, seconds = measure(plain, prompts, params, batch)
-        baseline[batch] = (outs, seconds)
-        margins[batch] = top2_gaps(plain, prompts, args.max_tokens, batch)
-        tokens = sum(map(len, outs))
-        print(f"plain       batch {batch:>3}: {tokens / seconds:8.1f} tok/s", flush=True)
-    plain.close()
-    del plain
+    for label, spec in drafters.items():
+        engines[label] = LLM(args.target, speculative_config=spec, **engine_args)
     rows = []
-    for method, spec in drafters.items():
-        llm = LLM(args.target, speculative_config=spec, **engine_args)
+    try:
         for batch in args.batch_sizes:
-            before = llm.engine.spec_stats.copy()
-            outs, seconds = measure(llm, prompts, params, batch)
-            plain_outs, plain_seconds = baseline[batch]
-            tokens, plain_tokens = sum(map(len, outs)), sum(map(len, plain_outs))
-            row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
-                   "tokens_per_step": llm.engine.spec_stats.mean_since(before),
-                   "tok_s": tokens / seconds, "plain_tok_s": plain_tokens / plain_seconds,
-                   "speedup": (tokens / seconds) / (plain_tokens / plain_seconds),
-                   "identical_outputs": identical_share(outs, plain_outs),
-                   "divergence_margins": divergence_gaps(outs, plain_outs, margins[batch]),
-                   "prompts": len(prompts)}  # fmt: skip
-            rows.append(row)
-            parted = row["divergence_margins"]
-            worst = f", widest margin parted {max(parted):.3f}" if parted else ""
-            print(f"{method:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
-                  f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x, "
-                  f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
-        llm.close()
+            rows += _batch_rows(engines, drafters, prompts, params, batch, args)
+    finally:
+        for llm in engines.values():
+            llm.close()
+    return rows
+
+
+def _batch_rows(
+    engines: dict[str, LLM], drafters: dict[str, dict], prompts, params, batch: int,
+    args: argparse.Namespace,
+) -> list[dict]:  # fmt: skip
+    """One row per drafter at ``batch``, each against plain decoding timed in the same rounds."""
+    before = {label: engines[label].engine.spec_stats.copy() for label in drafters}
+    timings = measure_rounds(engines, prompts, params, batch, args.rounds)
+    # Counted over the warm-up pass too: the same prompts and outputs as the timed ones.
+    plain_outs, plain_seconds = timings["plain"]
+    plain_tokens = sum(map(len, plain_outs))
+    print(f"plain       batch {batch:>3}: {plain_tokens * len(plain_seconds) / sum(plain_seconds):8.1f} "
+          f"tok/s", flush=True)  # fmt: skip
+    margins = top2_gaps(engines["plain"], prompts, args.max_tokens, batch)
+    rows = []
+    for label, spec in drafters.items():
+        outs, seconds = timings[label]
+        tokens = sum(map(len, outs))
+        per_round = [(tokens / s) / (plain_tokens / p)
+                     for s, p in zip(seconds, plain_seconds, strict=True)]  # fmt: skip
+        row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
+               "tokens_per_step": engines[label].engine.spec_stats.mean_since(before[label]),
+               "tok_s": tokens * len(seconds) / sum(seconds),
+               "plain_tok_s": plain_tokens * len(plain_seconds) / sum(plain_seconds),
+               "speedup_rounds": per_round,
+               "identical_outputs": identical_share(outs, plain_outs),
+               "divergence_margins": divergence_gaps(outs, plain_outs, margins),
+               "prompts": len(prompts)}  # fmt: skip
+        row["speedup"] = row["tok_s"] / row["plain_tok_s"]
+        rows.append(row)
+        parted = row["divergence_margins"]
+        worst = f", widest margin parted {max(parted):.3f}" if parted else ""
+        print(f"{label:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
+              f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x "
+              f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x), "
+              f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
     return rows
 
 
@@ -246,6 +291,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-prompts", type=int, default=64, help="prompts per batch size")
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8], help="requests run together")
     ap.add_argument("--seed", type=int, default=0, help="which held-out files and cut points")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="timed passes of every engine, in alternating order (A B B A)")  # fmt: skip
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0,
+                    help="KV cache of each engine (all are loaded at once), GiB")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap.parse_args(argv)
 

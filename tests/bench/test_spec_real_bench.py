@@ -78,7 +78,8 @@ def test_real_bench_reports_each_drafter(tmp_path):
     cmd = [sys.executable, str(BENCH), "--target", str(BUNDLED_MODEL_DIR), "--device", "cpu",
            "--dtype", "float32", "--corpus", str(_corpus(tmp_path)), "--val-fraction", "1",
            "--num-prompts", "3", "--max-tokens", "16", "--batch-sizes", "1,3",
-           "--num-speculative-tokens", "3", "--skip-layers", "4", "--out", str(out)]  # fmt: skip
+           "--num-speculative-tokens", "3", "--skip-layers", "4", "--kv-cache-gib", "0.05",
+           "--rounds", "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r["method"], r["batch"]): r for r in json.loads(out.read_text())}
@@ -96,20 +97,21 @@ def test_a_drafted_output_that_differs_is_reported_not_fatal(tmp_path, monkeypat
     """In half precision on a GPU the verify step may break a near tie the other way than the
     decode graph: the bench reports the share of identical outputs and goes on measuring."""
     bench = _load_bench()
-    measure = bench.measure
+    timed_run = bench.timed_run
 
-    def measure_with_a_flipped_token(llm, prompts, params, batch):
-        outs, seconds = measure(llm, prompts, params, batch)
+    def timed_run_with_a_flipped_token(llm, prompts, params, batch):
+        outs, seconds = timed_run(llm, prompts, params, batch)
         if llm.engine.drafter is not None:  # as if one verify step broke a tie differently
             outs[0] = outs[0][:-1] + [outs[0][-1] + 1]
         return outs, seconds
 
-    monkeypatch.setattr(bench, "measure", measure_with_a_flipped_token)
+    monkeypatch.setattr(bench, "timed_run", timed_run_with_a_flipped_token)
     args = bench.parse_args(["--target", str(BUNDLED_MODEL_DIR), "--device", "cpu",
                              "--dtype", "float32", "--corpus", str(_corpus(tmp_path)),
                              "--val-fraction", "1", "--num-prompts", "2", "--max-tokens", "4",
                              "--batch-sizes", "2", "--methods", "ngram,layer_skip",
-                             "--num-speculative-tokens", "2", "--skip-layers", "4"])  # fmt: skip
+                             "--num-speculative-tokens", "2", "--skip-layers", "4",
+                             "--kv-cache-gib", "0.05"])  # fmt: skip
     rows = bench.run(args)
     assert [(r["method"], r["identical_outputs"]) for r in rows] == [
         ("ngram", 0.5),
@@ -161,3 +163,31 @@ def test_several_k_run_each_drafter_once_per_k():
     }
     one = bench.drafter_configs(bench.parse_args(["--target", "x", "--methods", "ngram"]), 12)
     assert list(one) == ["ngram"] and one["ngram"]["num_speculative_tokens"] == 4
+
+
+def test_rounds_alternate_the_engines_after_an_untimed_pass(monkeypatch):
+    """Warm-up passes first, then A B B A: a drift in the machine's speed weighs on both
+    engines alike; each pass starts from an empty prefix cache; the first timed pass's outputs
+    are reported."""
+    bench = _load_bench()
+    calls = []
+
+    class Engine:
+        def __init__(self, name):
+            self.name = name
+
+        def reset_prefix_cache(self):
+            calls.append(f"reset {self.name}")
+
+    def timed_run(llm, prompts, params, batch):
+        calls.append(llm.name)
+        return [[len(calls)]], float(len(calls))
+
+    monkeypatch.setattr(bench, "timed_run", timed_run)
+    engines = {"plain": Engine("A"), "ngram": Engine("B")}
+    got = bench.measure_rounds(engines, [[1]], None, 1, rounds=3)
+    runs = [c for c in calls if not c.startswith("reset")]
+    assert runs == ["A", "B", "A", "B", "B", "A", "A", "B"]
+    assert all(calls[i] == f"reset {calls[i + 1]}" for i in range(0, len(calls), 2))
+    assert got["plain"] == ([[6]], [6.0, 12.0, 14.0])
+    assert got["ngram"] == ([[8]], [8.0, 10.0, 16.0])
