@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -75,11 +76,19 @@ def identical_share(outs: list[list[int]], plain_outs: list[list[int]]) -> float
     return sum(a == b for a, b in zip(outs, plain_outs, strict=True)) / max(1, len(outs))
 
 
-def top2_gaps(llm: LLM, prompts: list[list[int]], max_tokens: int, batch: int) -> list[list[float]]:
+class Margins(NamedTuple):
+    """A logprobs run's output tokens and its top-2 margin at each of them."""
+
+    tokens: list[int]
+    gaps: list[float]
+
+
+def top2_gaps(llm: LLM, prompts: list[list[int]], max_tokens: int, batch: int) -> list[Margins]:
     """Plain decoding's margin at each output position, prompt by prompt: the log-probability
-    of its greedy token minus that of the runner-up (untimed; logprobs change the step)."""
+    of its greedy token minus that of the runner-up (untimed; logprobs change the step, so in
+    half precision this run may itself part from the timed one at a near tie)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=2)
-    gaps = []
+    margins = []
     for i in range(0, len(prompts), batch):
         chunk = [{"prompt_token_ids": p} for p in prompts[i : i + batch]]
         for out in llm.generate(chunk, params, use_tqdm=False):
@@ -87,24 +96,28 @@ def top2_gaps(llm: LLM, prompts: list[list[int]], max_tokens: int, batch: int) -
             for position in out.outputs[0].logprobs:
                 top = sorted((lp.logprob for lp in position.values()), reverse=True)
                 position_gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
-            gaps.append(position_gaps)
-    return gaps
+            margins.append(Margins(list(out.outputs[0].token_ids), position_gaps))
+    return margins
 
 
 def divergence_gaps(
-    outs: list[list[int]], plain_outs: list[list[int]], gaps: list[list[float]]
-) -> list[float]:
+    outs: list[list[int]], plain_outs: list[list[int]], margins: list[Margins]
+) -> list[float | None]:
     """For each output that differs from plain decoding's, plain decoding's top-2 margin at the
     first token where they part. A rounding difference parts them only at a near tie (a margin
     of about one unit in the last place of the logits' dtype); a wrong verify step would part
-    them at any margin."""
+    them at any margin. None where the logprobs run had left the timed run's tokens before that
+    point: its margins there belong to another text."""
     parted = []
-    for out, plain, margins in zip(outs, plain_outs, gaps, strict=True):
+    for out, plain, margin in zip(outs, plain_outs, margins, strict=True):
         if out == plain:
             continue
         at = next((i for i, (a, b) in enumerate(zip(out, plain, strict=False)) if a != b),
                   min(len(out), len(plain)))  # fmt: skip
-        parted.append(margins[at] if at < len(margins) else float("inf"))
+        if margin.tokens[:at] != plain[:at]:
+            parted.append(None)
+        else:
+            parted.append(margin.gaps[at] if at < len(margin.gaps) else float("inf"))
     return parted
 
 
@@ -245,13 +258,19 @@ def _batch_rows(
                "prompts": len(prompts)}  # fmt: skip
         row["speedup"] = row["tok_s"] / row["plain_tok_s"]
         rows.append(row)
-        parted = row["divergence_margins"]
-        worst = f", widest margin parted {max(parted):.3f}" if parted else ""
+        worst = _parted_note(row["divergence_margins"])
         print(f"{label:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
               f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x "
               f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x), "
               f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
     return rows
+
+
+def _parted_note(parted: list[float | None]) -> str:
+    known = [m for m in parted if m is not None]
+    note = f", widest margin parted {max(known):.3f}" if known else ""
+    unknown = len(parted) - len(known)
+    return note + (f" ({unknown} where the logprobs run had parted first)" if unknown else "")
 
 
 def add_prompt_args(ap: argparse.ArgumentParser, corpus: str, val_fraction: float) -> None:

@@ -125,10 +125,15 @@ def test_a_drafted_output_that_differs_is_reported_not_fatal(tmp_path, monkeypat
 
 def test_divergence_margin_is_taken_where_the_outputs_part():
     bench = _load_bench()
-    plain = [[5, 6, 7, 8], [1, 2, 3], [4, 4]]
-    margins = [[0.5, 0.25, 0.125, 2.0], [3.0, 3.0, 3.0], [1.0, 1.0]]
-    outs = [[5, 6, 9, 8], [1, 2, 3], [4, 4, 4]]  # parts at 2; the same; longer than plain
-    assert bench.divergence_gaps(outs, plain, margins) == [0.125, float("inf")]
+    plain = [[5, 6, 7, 8], [1, 2, 3], [4, 4], [9, 9, 9]]
+    margins = [bench.Margins([5, 6, 7, 8], [0.5, 0.25, 0.125, 2.0]),
+               bench.Margins([1, 2, 3], [3.0, 3.0, 3.0]),
+               bench.Margins([4, 4], [1.0, 1.0]),
+               # the logprobs run itself parted from the timed run at its second token
+               bench.Margins([9, 8, 8], [4.0, 4.0, 4.0])]  # fmt: skip
+    outs = [[5, 6, 9, 8], [1, 2, 3], [4, 4, 4], [9, 9, 1]]  # parts at 2; same; longer; at 2
+    assert bench.divergence_gaps(outs, plain, margins) == [0.125, float("inf"), None]
+    assert "widest margin parted 0.125 (1 where" in bench._parted_note([0.125, None])
 
 
 def test_unknown_method_is_named(tmp_path):
