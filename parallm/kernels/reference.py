@@ -297,3 +297,27 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, NaN counted as +inf (``triton_argmax``); int64 ``[rows]``."""
     x = logits.float()
     return torch.where(x.isnan(), float("inf"), x).argmax(dim=-1)
+
+
+def prompt_lookup_ref(
+    tokens: torch.Tensor, lengths: torch.Tensor, num_tokens: int, min_n: int, max_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_lookup``'s twin, row by row: the longest n in ``[min_n, max_n]`` whose suffix
+    recurs wholly before the last token, its earliest occurrence, and up to ``num_tokens`` of
+    what followed it; ``(drafts [B, num_tokens] int32, 0 past each count; counts [B] int32)``."""
+    rows = tokens.shape[0]
+    drafts = torch.zeros((rows, num_tokens), dtype=torch.int32)
+    counts = torch.zeros((rows,), dtype=torch.int32)
+    for b in range(rows):
+        size = int(lengths[b])
+        row = tokens[b, :size].cpu()
+        for n in range(min(max_n, size - 1), min_n - 1, -1):
+            windows = row[: size - 1].unfold(0, n, 1)  # every n-gram ending before the last token
+            hits = (windows == row[size - n :]).all(dim=1).nonzero()
+            if len(hits):
+                start = int(hits[0]) + n
+                count = min(num_tokens, size - start)
+                drafts[b, :count] = row[start : start + count]
+                counts[b] = count
+                break
+    return drafts, counts
