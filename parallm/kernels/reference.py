@@ -321,3 +321,28 @@ def prompt_lookup_ref(
                 counts[b] = count
                 break
     return drafts, counts
+
+
+def greedy_accept_ref(
+    argmax_rows: torch.Tensor,
+    step_ids: torch.Tensor,
+    counts: torch.Tensor,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """``greedy_accept``'s twin, sequence by sequence (same arguments, same in-place updates)."""
+    rows = lengths.shape[0]
+    q = argmax_rows.numel() // rows
+    accepted = torch.zeros((rows,), dtype=torch.int32)
+    for b in range(rows):
+        best = argmax_rows[b * q : (b + 1) * q].tolist()
+        ids = step_ids[b * q : (b + 1) * q].tolist()
+        a = 0
+        while a < int(counts[b]) and best[a] == ids[a + 1]:
+            a += 1
+        size, width = int(lengths[b]), tokens.shape[1]
+        emitted = best[: a + 1][: max(0, width - size)]
+        tokens[b, size : size + len(emitted)] = torch.tensor(emitted, dtype=torch.int32)
+        lengths[b] = min(size + a + 1, width)
+        accepted[b] = a
+    return accepted
