@@ -346,3 +346,32 @@ def greedy_accept_ref(
         lengths[b] = min(size + a + 1, width)
         accepted[b] = a
     return accepted
+
+
+def stage_chain_step_ref(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    drafts: torch.Tensor,
+    counts: torch.Tensor,
+    block_tables: torch.Tensor,
+    out: dict[str, torch.Tensor],
+    block_size: int,
+    scratch_slot: int,
+) -> None:
+    """``stage_chain_step``'s twin, sequence by sequence (same arguments, writes ``out``)."""
+    size = block_tables.shape[0]
+    q = out["input_ids"].numel() // size
+    for b in range(lengths.shape[0]):
+        length, count = int(lengths[b]), int(counts[b])
+        for j in range(q):
+            row = b * q + j
+            real = j <= count
+            position = length - 1 + j if real else 0
+            token = int(tokens[b, length - 1]) if j == 0 else int(drafts[b, j - 1]) if real else 0
+            block = int(block_tables[b, position // block_size])
+            slot = block * block_size + position % block_size if real else scratch_slot
+            out["input_ids"][row] = token
+            out["positions"][row] = position
+            out["slot_mapping"][row] = slot
+            out["sample_rows"][row] = row
+        out["seq_lens"][b] = length - 1 + q
