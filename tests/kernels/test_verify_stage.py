@@ -56,6 +56,15 @@ def _staged_on(device: str, state, size: int, q: int) -> dict[str, torch.Tensor]
     return {n: t.cpu() for n, t in out.items()}
 
 
+def _check_against_reference(device: str, rows: int, size: int, q: int) -> None:
+    state = _state(rows, size, q, seed=rows + q)
+    want = _buffers(size, q, "cpu")
+    stage_chain_step_ref(*state, want, BLOCK_SIZE, SCRATCH * BLOCK_SIZE)
+    got = _staged_on(device, state, size, q)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
 def _host_staged(state, size: int, q: int):
     """What ``VerifyGraphs._staged`` copies in for the same step, built as the runner would."""
     tokens, lengths, drafts, counts, tables = state
@@ -107,12 +116,7 @@ def test_reference_stages_what_the_host_stages(rows, size, q):
 @interpreter_test
 @pytest.mark.parametrize(("rows", "size", "q"), [(1, 1, 2), (3, 4, 5), (4, 4, 9), (2, 8, 17)])
 def test_matches_the_reference_interpreter(rows, size, q):
-    state = _state(rows, size, q, seed=rows + q)
-    want = _buffers(size, q, "cpu")
-    stage_chain_step_ref(*state, want, BLOCK_SIZE, SCRATCH * BLOCK_SIZE)
-    got = _staged_on("cpu", state, size, q)
-    for name, tensor in want.items():
-        assert torch.equal(got[name], tensor), name
+    _check_against_reference("cpu", rows, size, q)
 
 
 def test_bad_buffers_are_named():
@@ -130,9 +134,4 @@ def test_bad_buffers_are_named():
 @requires_cuda
 @pytest.mark.parametrize(("rows", "size", "q"), [(1, 1, 9), (5, 8, 5), (64, 64, 17)])
 def test_matches_the_reference_gpu(rows, size, q):
-    state = _state(rows, size, q, seed=rows + q)
-    want = _buffers(size, q, "cpu")
-    stage_chain_step_ref(*state, want, BLOCK_SIZE, SCRATCH * BLOCK_SIZE)
-    got = _staged_on("cuda", state, size, q)
-    for name, tensor in want.items():
-        assert torch.equal(got[name], tensor), name
+    _check_against_reference("cuda", rows, size, q)
