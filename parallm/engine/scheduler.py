@@ -99,6 +99,9 @@ class ScheduledBatch:
     # drafter): the host's drafts are placeholders until that step's outputs bring the real
     # ones, and its positions assume the last step accepted every draft.
     staged_on_device: bool = False
+    # The step runs the device drafter's tail after its forward (spec/device_drafts.py): it
+    # stages the next verify step on the device, so that one can launch before this one ends.
+    device_tail: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -265,10 +268,12 @@ class Scheduler:
             emitted = len(item.draft_token_ids) + 1
             if len(item.draft_token_ids) != num_drafts or (
                 self._room_for_drafts(item.seq, emitted + q) < num_drafts
+                or item.seq.num_computed_tokens + 2 * q > self.cfg.max_model_len  # the reserve
             ):  # fmt: skip
                 return None
             planned.append((item.seq, [0] * num_drafts, 2 * q))
-        return self._continue(planned, ScheduledBatch(known_on_device=True, staged_on_device=True))
+        batch = ScheduledBatch(known_on_device=True, staged_on_device=True, device_tail=True)
+        return self._continue(planned, batch)
 
     def _may_continue(self, prev: ScheduledBatch) -> bool:
         """Whether a step may launch behind ``prev`` before its tokens reach the host: every

@@ -7,6 +7,7 @@ Without CUDA the kernels run under the Triton interpreter (see ``triton_interpre
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,6 +88,7 @@ def _host_staged(state, size: int, q: int):
     )  # fmt: skip
     graphs = SimpleNamespace(scratch_block=SCRATCH, block_size=BLOCK_SIZE,
                              device=torch.device("cpu"))  # fmt: skip
+    graphs._tables = functools.partial(VerifyGraphs._tables, graphs)
     shape = VerifyShape(size, q, tree=False)
     head, _, lens = VerifyGraphs._staged(graphs, shape, inputs)
     return shape.layout.tokens(head), lens
