@@ -21,9 +21,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
 def _llm(path: str, dtype: str, async_scheduling: bool) -> LLM:
-    return LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
-               cuda_graph_sizes=(1, 2, 4), speculative_config=SPEC,
-               enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+    llm = LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
+              cuda_graph_sizes=(1, 2, 4), speculative_config=SPEC,
+              enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+    # The host path's steps launched ahead: without the device drafter, which takes over
+    # prompt lookup's full chains under async scheduling.
+    llm.engine.runner.device_drafts = None
+    llm.engine.drafter.full_chains = False
+    return llm
 
 
 def _prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
