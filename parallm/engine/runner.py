@@ -256,6 +256,21 @@ class ModelRunner:
         bs = self.block_size
         return positions, tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
 
+    def prepare_staged(self, batch: ScheduledBatch) -> StepInputs:
+        """A step staged on the device (the device drafter's): only its block tables and its
+        shape (``q`` rows a sequence, every row sampled) come from the host; its ids,
+        positions, slots and lengths are the last step's tail's, on the device."""
+        q = 1 + len(batch.seqs[0].draft_token_ids)
+        rows = len(batch.seqs) * q
+        unused = np.zeros(rows, dtype=np.int64)
+        return StepInputs(
+            input_ids=unused, positions=unused, slot_mapping=unused,
+            query_start_loc=np.arange(0, rows + 1, q, dtype=np.int32),
+            seq_lens=np.zeros(len(batch.seqs), dtype=np.int32),
+            block_tables=_table_rows([it.seq.block_table for it in batch.seqs]),
+            sample_indices=np.arange(rows, dtype=np.int64),
+        )  # fmt: skip
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: token ids, positions, slots, query offsets, block tables."""
         if batch.is_pure_decode:
@@ -413,7 +428,7 @@ class ModelRunner:
                 self.graph_step_listener(*decode)
             logits, greedy, host_ids = self.graphs.run(*decode, device_ids=device_ids)
         else:
-            inputs = self.prepare(batch)
+            inputs = self.prepare_staged(batch) if batch.staged_on_device else self.prepare(batch)
             # A decode row predicts an output token: only prompt chunks have prompt tokens to score.
             spans = prompt_spans(batch, inputs.query_start_loc) if batch.has_prompt_tokens else []
             if self.step_listener is not None:
