@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-import numpy as np
 import torch
 
 from parallm.engine.request import Sequence
@@ -64,12 +63,15 @@ class DeviceDrafts:
     def upload(self, seqs: Seq[Sequence]) -> None:
         """Each sequence's known tokens into its row (a step staged from the host)."""
         width = max(s.num_tokens for s in seqs)
-        host = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, seq in zip(host, seqs, strict=True):
+        # Fresh pinned memory (on CUDA): the copies run behind the host, and PyTorch's host
+        # allocator keeps a block until the copies that read it are done.
+        tokens = torch.zeros((len(seqs), width), dtype=torch.int32, pin_memory=self.cuda)
+        for row, seq in zip(tokens.numpy(), seqs, strict=True):
             row[: seq.num_tokens] = seq.token_ids
-        lengths = np.fromiter((s.num_tokens for s in seqs), np.int32, len(seqs))
-        self.tokens[: len(seqs), :width].copy_(torch.from_numpy(host), non_blocking=True)
-        self.lengths[: len(seqs)].copy_(torch.from_numpy(lengths), non_blocking=True)
+        lengths = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
+        self.tokens[: len(seqs), :width].copy_(tokens, non_blocking=True)
+        self.lengths[: len(seqs)].copy_(lengths.pin_memory() if self.cuda else lengths,
+                                        non_blocking=True)  # fmt: skip
 
     def tail(self, argmax_rows: torch.Tensor, buffers, batch: int, block_size: int,
              scratch_slot: int) -> torch.Tensor:  # fmt: skip
