@@ -36,6 +36,25 @@ def _prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
     return [rng.choices(ordinary_token_ids[:40], k=6) * 6 for _ in range(4)]
 
 
+def launches_without_sync(monkeypatch, runner, watched) -> list:
+    """The batches ``runner`` launches for which ``watched(batch)`` holds, each launch made
+    in CUDA's sync-debug "error" mode: a launch that waits for the GPU raises."""
+    launched, launch = [], runner.launch
+
+    def checked(batch, device_ids=None):
+        if not watched(batch):
+            return launch(batch, device_ids)
+        launched.append(batch)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, device_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "launch", checked)
+    return launched
+
+
 def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -55,20 +74,8 @@ def test_steps_launched_ahead_give_the_synchronous_steps_tokens_without_a_sync(
     _oracle_lookup(monkeypatch, future, 4)
     want = [_tokens(_llm(path, dtype, False), [p])[0] for p in prompts]
     llm = _llm(path, dtype, True)
-    runner, ahead = llm.engine.runner, []
-    launch = runner.launch
-
-    def checked(batch, device_ids=None):
-        if not batch.known_on_device:
-            return launch(batch, device_ids)
-        ahead.append(batch)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(batch, device_ids)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(runner, "launch", checked)
+    runner = llm.engine.runner
+    ahead = launches_without_sync(monkeypatch, runner, lambda batch: batch.known_on_device)
     free = llm.engine.kv.num_free_blocks
     assert [_tokens(llm, [p])[0] for p in prompts] == want
     assert ahead and runner.verify_graphs.num_replays > 0
