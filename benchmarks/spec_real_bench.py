@@ -239,8 +239,8 @@ def _batch_rows(
     # Counted over the warm-up pass too: the same prompts and outputs as the timed ones.
     plain_outs, plain_seconds = timings["plain"]
     plain_tokens = sum(map(len, plain_outs))
-    print(f"plain       batch {batch:>3}: {plain_tokens * len(plain_seconds) / sum(plain_seconds):8.1f} "
-          f"tok/s", flush=True)  # fmt: skip
+    plain_rate = _rate(plain_tokens, plain_seconds)
+    print(f"plain       batch {batch:>3}: {plain_rate:8.1f} tok/s", flush=True)
     margins = top2_gaps(engines["plain"], prompts, args.max_tokens, batch)
     rows = []
     for label, spec in drafters.items():
@@ -250,8 +250,7 @@ def _batch_rows(
                      for s, p in zip(seconds, plain_seconds, strict=True)]  # fmt: skip
         row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
                "tokens_per_step": engines[label].engine.spec_stats.mean_since(before[label]),
-               "tok_s": tokens * len(seconds) / sum(seconds),
-               "plain_tok_s": plain_tokens * len(plain_seconds) / sum(plain_seconds),
+               "tok_s": _rate(tokens, seconds), "plain_tok_s": plain_rate,
                "speedup_rounds": per_round,
                "identical_outputs": identical_share(outs, plain_outs),
                "divergence_margins": divergence_gaps(outs, plain_outs, margins),
@@ -264,6 +263,11 @@ def _batch_rows(
               f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x), "
               f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
     return rows
+
+
+def _rate(tokens: int, seconds: list[float]) -> float:
+    """Tokens per second of a pass that produced ``tokens``, over passes taking ``seconds``."""
+    return tokens * len(seconds) / sum(seconds)
 
 
 def _parted_note(parted: list[float | None]) -> str:
