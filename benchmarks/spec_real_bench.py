@@ -235,6 +235,7 @@ def _batch_rows(
 ) -> list[dict]:  # fmt: skip
     """One row per drafter at ``batch``, each against plain decoding timed in the same rounds."""
     before = {label: engines[label].engine.spec_stats.copy() for label in drafters}
+    steps_before = {label: _step_counts(engines[label]) for label in drafters}
     timings = measure_rounds(engines, prompts, params, batch, args.rounds)
     # Counted over the warm-up pass too: the same prompts and outputs as the timed ones.
     plain_outs, plain_seconds = timings["plain"]
@@ -250,6 +251,7 @@ def _batch_rows(
                      for s, p in zip(seconds, plain_seconds, strict=True)]  # fmt: skip
         row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
                "tokens_per_step": engines[label].engine.spec_stats.mean_since(before[label]),
+               "overlapped_steps": _overlapped_share(engines[label], steps_before[label]),
                "tok_s": _rate(tokens, seconds), "plain_tok_s": plain_rate,
                "speedup_rounds": per_round,
                "identical_outputs": identical_share(outs, plain_outs),
@@ -259,10 +261,21 @@ def _batch_rows(
         rows.append(row)
         worst = _parted_note(row["divergence_margins"])
         print(f"{label:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
-              f"{row['tokens_per_step']:.2f} tok/step, speedup {row['speedup']:.2f}x "
+              f"{row['tokens_per_step']:.2f} tok/step, {row['overlapped_steps']:.0%} overlapped, speedup {row['speedup']:.2f}x "
               f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x), "
               f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
     return rows
+
+
+def _step_counts(llm: LLM) -> tuple[int, int]:
+    return llm.engine.num_steps, llm.engine.num_overlapped_steps
+
+
+def _overlapped_share(llm: LLM, before: tuple[int, int]) -> float:
+    """Share of the steps since ``before`` that launched before their predecessor's tokens
+    reached the host (verify-ahead, or the device drafter's staged steps)."""
+    steps, overlapped = (now - then for now, then in zip(_step_counts(llm), before, strict=True))
+    return overlapped / steps if steps else 0.0
 
 
 def _rate(tokens: int, seconds: list[float]) -> float:

@@ -90,6 +90,7 @@ def test_real_bench_reports_each_drafter(tmp_path):
         assert 1 <= rows[("ngram", batch)]["tokens_per_step"] <= 4
         assert 1 <= rows[("layer_skip", batch)]["tokens_per_step"] < 4
     assert all(r["tok_s"] > 0 and r["plain_tok_s"] > 0 for r in rows.values())
+    assert all(0 <= r["overlapped_steps"] <= 1 for r in rows.values())
     assert all(r["identical_outputs"] == 1.0 for r in rows.values())  # float32
 
 
