@@ -75,10 +75,6 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
-        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
-            config.async_scheduling, self.device
-        )
         if self.drafter is not None:
             self.drafter.measure_step_costs(self.async_scheduling)
         self.spec_stats = SpecStats()
@@ -123,6 +119,11 @@ class LLMEngine:
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         self.tp_size = config.tensor_parallel_size
+        # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
+        # Set here, before the graph capture: enable_device_drafting reads it.
+        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
+            config.async_scheduling, self.device
+        )
         return cache_cfg, sched_cfg, backend
 
     def _start_runner(
