@@ -516,8 +516,10 @@ class LLMEngine:
         if pending is None or not pending.batch.staged_on_device:
             return
         rows = handle.result.chains.next_drafts.tolist()
-        for item, drafts in zip(pending.batch.seqs, rows, strict=True):
+        for item, row in zip(pending.batch.seqs, rows, strict=True):
+            *drafts, count = row  # k drafts, of which the lookup found ``count``
             item.draft_token_ids[:] = drafts
+            item.num_fillers = len(drafts) - count
 
     def _discard_unless_accepted(
         self, handle: StepHandle, sampled: list[Sequence], emitted: list[list[int]]
@@ -589,6 +591,7 @@ class LLMEngine:
         ``max_tokens`` and streaming see them as consecutive steps), after giving back the
         KV slots of rejected drafts."""
         drafts = {item.seq.seq_id: item.draft_token_ids for item in batch.seqs if item.samples}
+        proposed_by = {item.seq.seq_id: item.num_proposed for item in batch.seqs if item.samples}
         emitted = result.spec_token_ids
         # A step staged on the device is in flight behind this one: its slots (and its own
         # successor's) point into blocks past the rejected drafts, so those stay held.
@@ -597,11 +600,16 @@ class LLMEngine:
             self.kv.rewind if pending and pending.batch.staged_on_device else self.kv.rollback
         )
         for seq, tokens in zip(sampled, emitted, strict=True):
-            proposed = len(drafts[seq.seq_id])
+            verified = len(drafts[seq.seq_id])
+            if verified:
+                take_back(seq, verified - (len(tokens) - 1))
+            # A full chain's fillers (device mode) were verified but never proposed: the
+            # counters see the proposal alone, as the host drafter would have made it.
+            proposed = proposed_by[seq.seq_id]
             if proposed:
-                take_back(seq, proposed - (len(tokens) - 1))
-                self.spec_stats.record(proposed, len(tokens) - 1)
-                seq.draft_history.record(len(tokens) - 1, proposed)
+                accepted = min(len(tokens) - 1, proposed)
+                self.spec_stats.record(proposed, accepted)
+                seq.draft_history.record(accepted, proposed)
         finished: list[Sequence] = []
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))

@@ -35,7 +35,7 @@ class ScheduledSeq:
     """
 
     __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples", "draft_tree",
-                 "draft_probs")  # fmt: skip
+                 "draft_probs", "num_fillers")  # fmt: skip
 
     def __init__(
         self,
@@ -58,6 +58,14 @@ class ScheduledSeq:
         self.draft_tree = draft_tree
         # The rows of ``seq.draft_probs`` for these drafts (sampled by a draft model), or None.
         self.draft_probs: torch.Tensor | None = None
+        # The last ``num_fillers`` drafts are a full chain's fillers, not proposed (device
+        # mode: docs/DEVICE_DRAFTER.md); verified like the rest, counted as no proposal.
+        self.num_fillers = 0
+
+    @property
+    def num_proposed(self) -> int:
+        """Drafts the drafter proposed: ``draft_token_ids`` less the fillers."""
+        return len(self.draft_token_ids) - self.num_fillers
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -178,6 +186,7 @@ class Scheduler:
             seq.num_computed_tokens = end + len(item.draft_token_ids)
             if item.samples and seq.draft_token_ids:
                 seq.draft_token_ids = []
+                seq.num_draft_fillers = 0
                 seq.draft_tree = None
                 seq.draft_probs = None
             self._count(item)
@@ -347,6 +356,9 @@ class Scheduler:
             if item.seq.draft_token_ids and item.samples:
                 item.draft_token_ids = self._fit_drafts(item, budget)
                 budget -= len(item.draft_token_ids)
+                # Fillers trail the proposal, so a cut chain loses them first.
+                cut = len(item.seq.draft_token_ids) - len(item.draft_token_ids)
+                item.num_fillers = max(0, item.seq.num_draft_fillers - cut)
                 tree = item.seq.draft_tree  # a leading slice of a tree's nodes is a tree
                 if tree is not None and item.draft_token_ids:
                     item.draft_tree = tree.truncated(len(item.draft_token_ids))

@@ -14,8 +14,8 @@ from parallm import LLM, SamplingParams
 from parallm.engine.verify_graph import drafter_shapes
 
 
-def _device_llm(path: str, **kwargs) -> LLM:
-    llm = LLM(path, speculative_config=SPEC, async_scheduling=True, **{**ENGINE, **kwargs})
+def _device_llm(path: str, spec: dict = SPEC, **kwargs) -> LLM:
+    llm = LLM(path, speculative_config=spec, async_scheduling=True, **{**ENGINE, **kwargs})
     engine = llm.engine
     shapes = drafter_shapes(engine.drafter, [1, 2, 4], engine.config.max_num_batched_tokens)
     engine.runner.capture_verify_graphs(shapes, engine.max_model_len, capture=False)
@@ -46,6 +46,24 @@ def test_greedy_output_is_plain_decodings_with_device_drafts(
     assert stats["spec_draft_tokens"] > 0 and stats["num_discarded_steps"] == 0
     assert stats["num_overlapped_steps"] > 10  # device-staged steps
     _check_clean(llm, free)
+
+
+def test_spec_stats_count_proposals_as_the_host_drafter_does(tiny_model_dir, ordinary_token_ids):
+    """A full chain's fillers are no proposal: a step whose lookup found nothing (n-grams of 3
+    and more rarely recur here) or found fewer than k drafts counts as the host drafter's
+    step with the same context would, so tokens per drafted step are the host's."""
+    path = str(tiny_model_dir("llama3"))
+    spec = {**SPEC, "num_speculative_tokens": 8, "prompt_lookup_min": 3, "prompt_lookup_max": 4}
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    host = LLM(path, speculative_config=spec, async_scheduling=True, **ENGINE)
+    want = _tokens(host, prompts[:2], params)
+    llm = _device_llm(path, spec)
+    assert _tokens(llm, prompts[:2], params) == want
+    assert llm.engine.stats["num_overlapped_steps"] > 10  # device-staged steps
+    got, expected = llm.engine.spec_stats, host.engine.spec_stats
+    assert expected.num_proposals > 0
+    assert got == expected
 
 
 def test_device_steps_follow_steps_that_rejected_drafts(

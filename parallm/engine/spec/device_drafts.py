@@ -44,8 +44,10 @@ class DeviceDrafts:
 
             self.earliest = lookup_buffer(max_batch, max_n, device)
         # Two host rows, taken in turn: a step's drafts are read when it finishes, after the
-        # step behind it (whose tail writes the other row) has launched, never later.
-        self.host_drafts = torch.zeros((2, max_batch, num_drafts), dtype=torch.int32,
+        # step behind it (whose tail writes the other row) has launched, never later. Each
+        # sequence's row: its k drafts (the lookup's, then fillers), then how many the lookup
+        # found (the rest are fillers, no proposal: the counters leave them out).
+        self.host_drafts = torch.zeros((2, max_batch, num_drafts + 1), dtype=torch.int32,
                                        pin_memory=self.cuda)  # fmt: skip
         self.turn = 0
 
@@ -77,8 +79,8 @@ class DeviceDrafts:
              scratch_slot: int) -> torch.Tensor:  # fmt: skip
         """After a verify step of ``batch`` sequences in a shape whose static buffers are
         ``buffers`` (``_VerifyInputs``): accept, append, draft, stage the next step there.
-        Returns the host rows that the next drafts are being copied into (valid once the step's
-        event completes)."""
+        Returns the host rows that the next drafts are being copied into, each ``k`` drafts
+        then the lookup's count (valid once the step's event completes)."""
         q = 1 + self.num_drafts
         rows = slice(0, batch)
         step_ids = buffers.input_ids[: batch * q]
@@ -110,5 +112,6 @@ class DeviceDrafts:
                                            scratch_slot)  # fmt: skip
         self.turn ^= 1
         host = self.host_drafts[self.turn, rows]
-        host.copy_(self.drafts[rows], non_blocking=True)
+        host[:, : self.num_drafts].copy_(self.drafts[rows], non_blocking=True)
+        host[:, self.num_drafts].copy_(self.counts[rows], non_blocking=True)
         return host

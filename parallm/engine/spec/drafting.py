@@ -135,4 +135,6 @@ class Drafter:
         k = cfg.num_speculative_tokens
         for seq in seqs:
             drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
-            seq.draft_token_ids = drafts + [0] * (k - len(drafts)) if self.full_chains else drafts
+            fillers = k - len(drafts) if self.full_chains else 0
+            seq.draft_token_ids = drafts + [0] * fillers
+            seq.num_draft_fillers = fillers
