@@ -161,7 +161,8 @@ class LLMEngine:
 
     def enable_device_drafting(self) -> bool:
         """Draft on the device where it can (docs/DEVICE_DRAFTER.md): greedy prompt lookup
-        under async scheduling, over the verify graphs' full chains. Whether it is on."""
+        under async scheduling, over the verify graphs' full chains; its tail captured too
+        where they were (counted in ``graph_capture_seconds``). Whether it is on."""
         spec = self.drafter.config if self.drafter is not None else None
         if spec is None or spec.method != "ngram" or not self.async_scheduling:
             return False
@@ -173,6 +174,9 @@ class LLMEngine:
         except ValueError:  # no graph of full chains (the token budget is too small)
             return False
         self.drafter.full_chains = True
+        seconds = self.runner.capture_tail_graphs()  # 0 without captured verify graphs
+        if self.graph_capture_seconds is not None:
+            self.graph_capture_seconds += seconds
         return True
 
     def _start_executor(

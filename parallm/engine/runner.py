@@ -374,7 +374,19 @@ class ModelRunner:
         if not sizes:
             raise ValueError(f"no verify graph holds chains of {num_drafts} drafts")
         self.device_drafts = DeviceDrafts(max(sizes), max_model_len + 2 * q, num_drafts, min_n,
-                                          max_n, self.device)  # fmt: skip
+                                          max_n, self.device, self.fused_kernels)  # fmt: skip
+
+    def capture_tail_graphs(self) -> float:
+        """The device drafter's tail captured for every live batch size
+        (spec/tail_graphs.py), where the verify graphs were captured (CUDA); the seconds it
+        took (0 where nothing is captured: the tail then runs eagerly)."""
+        graphs = self.verify_graphs
+        if self.device_drafts is None or graphs is None or not graphs.captures:
+            return 0.0
+        from parallm.engine.spec.tail_graphs import capture_tails
+
+        self.device_drafts.graphs = capture_tails(self.device_drafts, graphs, self.block_size)
+        return self.device_drafts.graphs.capture_seconds
 
     def device_tail_fits(self, batch: ScheduledBatch) -> bool:
         """Whether ``batch``, a verify step of full greedy chains, can run the device tail: a
@@ -472,8 +484,10 @@ class ModelRunner:
         starts = itertools.accumulate((1 + len(d) for d in drafted[:-1]), initial=0)
         first = np.fromiter(starts, np.int64, len(drafted))
         if hidden is None and _greedy_chains(batch):  # walked when the argmax reaches the host
-            argmax = greedy_argmax(logits, self.fused_kernels)
-            next_drafts = self._device_tail(batch, inputs, argmax) if batch.device_tail else None
+            if batch.device_tail:  # the argmax is the tail's first kernel
+                argmax, next_drafts = self._device_tail(batch, inputs, logits)
+            else:
+                argmax, next_drafts = greedy_argmax(logits, self.fused_kernels), None
             return SamplerOutput(argmax, chains=GreedyChains(first, drafted, next_drafts))
         argmax_rows = None
         if _plain_greedy(batch):  # every row's token in one kernel and one read
@@ -489,16 +503,17 @@ class ModelRunner:
         return out
 
     def _device_tail(
-        self, batch: ScheduledBatch, inputs: StepInputs, argmax: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The device drafter's tail after this verify step (``DeviceDrafts.tail``), staging
-        the next step in this step's shape; the next drafts' host rows, or None when the step
-        ran eagerly (no graph held it: nothing to stage into)."""
+        self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every row's argmax and the device drafter's tail after this verify step
+        (``DeviceDrafts.tail``, one graph replay where captured), staging the next step in
+        this step's shape: the argmax rows and the next drafts' host rows, the latter None
+        when no verify shape holds the step (nothing to stage into)."""
         graphs = self.verify_graphs
         shape = graphs.shape_for(inputs)
         if shape is None:
-            return None
-        return self.device_drafts.tail(argmax, graphs.inputs[shape], len(batch.seqs),
+            return greedy_argmax(logits, self.fused_kernels), None
+        return self.device_drafts.tail(logits, graphs.inputs[shape], len(batch.seqs),
                                        self.block_size, graphs.scratch_block * self.block_size)  # fmt: skip
 
     def _replay_verify(

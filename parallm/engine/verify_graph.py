@@ -192,6 +192,12 @@ class VerifyGraphs(GraphedSteps):
         self.capture_seconds = 0.0
         self.num_replays = 0
 
+    @property
+    def shared_logits(self) -> torch.Tensor | None:
+        """The buffer every graph copies its logits into (rows of the largest shape; ``run``
+        returns a view of its first rows), or None before capture."""
+        return None if self._shared_outputs is None else self._shared_outputs[0]
+
     def shape_for(self, inputs: StepInputs) -> VerifyShape | None:
         """The smallest shape that holds this step, or None (the step runs eagerly)."""
         q = verify_tokens_per_seq(inputs)

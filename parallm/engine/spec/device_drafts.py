@@ -3,23 +3,29 @@ a verify step runs after its forward so that the next verify step needs nothing 
 
 In device mode (greedy prompt lookup under async scheduling, every sequence a full chain of k
 drafts in a captured verify shape) a verify step of ``B`` sequences, ``q = k + 1`` rows each,
-is followed on the device by: its acceptance (``greedy_accept``: the emitted tokens appended to
-each sequence's tokens here), the next drafts (``prompt_lookup`` over those tokens) and the next
-step's inputs staged into the shape's buffers (``stage_chain_step``), then the drafts copied to
-the host, where the engine gives them to the step it launched behind this one. Rows follow the
-batch's order; a step staged from the host first uploads every sequence's tokens (``upload``).
-The Triton kernels run on CUDA; elsewhere (the CPU tests) their PyTorch twins do, in place.
-See docs/DEVICE_DRAFTER.md.
+is followed on the device by: every row's argmax, its acceptance (``greedy_accept``: the
+emitted tokens appended to each sequence's tokens here), the next drafts (``prompt_lookup`` over
+those tokens) and the next step's inputs staged into the shape's buffers (``stage_chain_step``),
+then the drafts copied to the host, where the engine gives them to the step it launched behind
+this one. Rows follow the batch's order; a step staged from the host first uploads every
+sequence's tokens (``upload``). The Triton kernels run on CUDA, captured in one graph per batch
+size where the verify graphs are (spec/tail_graphs.py); elsewhere (the CPU tests) their PyTorch
+twins run, in place. See docs/DEVICE_DRAFTER.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 
 from parallm.engine.request import Sequence
+from parallm.engine.sampler import greedy_argmax
 from parallm.kernels import reference
+
+if TYPE_CHECKING:
+    from parallm.engine.spec.tail_graphs import TailGraphs
 
 
 class DeviceDrafts:
@@ -27,9 +33,10 @@ class DeviceDrafts:
     ``num_drafts`` tokens a step by prompt lookup with n-grams of ``min_n``..``max_n``."""
 
     def __init__(self, max_batch: int, max_len: int, num_drafts: int, min_n: int, max_n: int,
-                 device: torch.device) -> None:  # fmt: skip
+                 device: torch.device, fused: bool = False) -> None:  # fmt: skip
         self.num_drafts, self.min_n, self.max_n = num_drafts, min_n, max_n
         self.device = device
+        self.fused = fused  # the argmax's Triton kernel (``greedy_argmax``)
         ints = dict(dtype=torch.int32, device=device)
         self.tokens = torch.zeros((max_batch, max_len), **ints)
         self.lengths = torch.zeros((max_batch,), **ints)
@@ -50,6 +57,8 @@ class DeviceDrafts:
         self.host_drafts = torch.zeros((2, max_batch, num_drafts + 1), dtype=torch.int32,
                                        pin_memory=self.cuda)  # fmt: skip
         self.turn = 0
+        # The tail captured per batch size (``capture_tails``), or None: always eager.
+        self.graphs: TailGraphs | None = None
 
     @property
     def max_batch(self) -> int:
@@ -75,12 +84,35 @@ class DeviceDrafts:
         self.lengths[: len(seqs)].copy_(lengths.pin_memory() if self.cuda else lengths,
                                         non_blocking=True)  # fmt: skip
 
-    def tail(self, argmax_rows: torch.Tensor, buffers, batch: int, block_size: int,
-             scratch_slot: int) -> torch.Tensor:  # fmt: skip
-        """After a verify step of ``batch`` sequences in a shape whose static buffers are
-        ``buffers`` (``_VerifyInputs``): accept, append, draft, stage the next step there.
-        Returns the host rows that the next drafts are being copied into, each ``k`` drafts
-        then the lookup's count (valid once the step's event completes)."""
+    def tail(self, logits: torch.Tensor, buffers, batch: int, block_size: int,
+             scratch_slot: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """After a verify step of ``batch`` sequences (``logits``: its ``batch * q`` rows) in a
+        shape whose static buffers are ``buffers`` (``_VerifyInputs``): every row's argmax,
+        then accept, append, draft, stage the next step there. One graph replay when a tail
+        graph holds the step (spec/tail_graphs.py), else eagerly. Returns the argmax rows and
+        the host rows that the next drafts are being copied into, each ``k`` drafts then the
+        lookup's count (valid once the step's event completes). A replay's argmax is its
+        graph's static tensor: it must be read (copied) before the next tail runs."""
+        graphs = self.graphs
+        if graphs is not None and graphs.holds(logits, buffers, batch):
+            argmax = graphs.replay(batch)
+        else:
+            argmax = self.run_tail(logits, buffers, batch, block_size, scratch_slot)
+        return argmax, self._to_host(batch)
+
+    def run_tail(self, logits: torch.Tensor, buffers, batch: int, block_size: int,
+                 scratch_slot: int) -> torch.Tensor:  # fmt: skip
+        """The tail's device work, eagerly (what a tail graph captures): the argmax rows of
+        ``logits``, then acceptance, lookup and staging on rows ``0 .. batch - 1``. Touches
+        no host memory and makes no host sync on CUDA."""
+        argmax = greedy_argmax(logits, self.fused)
+        self._accept_and_stage(argmax, buffers, batch, block_size, scratch_slot)
+        return argmax
+
+    def _accept_and_stage(self, argmax_rows: torch.Tensor, buffers, batch: int, block_size: int,
+                          scratch_slot: int) -> None:  # fmt: skip
+        """Acceptance, the next drafts and the next step's inputs staged in ``buffers``
+        (its rows for sequences ``0 .. batch - 1``; padding sequences' rows untouched)."""
         q = 1 + self.num_drafts
         rows = slice(0, batch)
         step_ids = buffers.input_ids[: batch * q]
@@ -110,8 +142,23 @@ class DeviceDrafts:
             reference.stage_chain_step_ref(*args, self.drafts[rows], self.full[rows],
                                            buffers.block_tables, out, block_size,
                                            scratch_slot)  # fmt: skip
+
+    def _to_host(self, batch: int) -> torch.Tensor:
+        """The next drafts and counts of rows ``0 .. batch - 1`` copied into the other host
+        row (outside any graph: the row alternates between steps)."""
+        rows = slice(0, batch)
         self.turn ^= 1
         host = self.host_drafts[self.turn, rows]
         host[:, : self.num_drafts].copy_(self.drafts[rows], non_blocking=True)
         host[:, self.num_drafts].copy_(self.counts[rows], non_blocking=True)
         return host
+
+    def reset(self) -> None:
+        """The device state as constructed (every row empty, the lookup's scratch "none"):
+        after a tail graph's warm-up ran the tail on whatever the buffers held."""
+        for buffer in (self.tokens, self.lengths, self.drafts, self.counts, self.accepted):
+            buffer.zero_()
+        if self.earliest is not None:
+            from parallm.kernels.prompt_lookup import lookup_buffer
+
+            self.earliest.copy_(lookup_buffer(self.max_batch, self.max_n, self.device))
