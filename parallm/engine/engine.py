@@ -75,10 +75,6 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
-        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
-            config.async_scheduling, self.device
-        )
         if self.drafter is not None:
             self.drafter.measure_step_costs(self.async_scheduling)
         self.spec_stats = SpecStats()
@@ -123,6 +119,11 @@ class LLMEngine:
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
         self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
         self.tp_size = config.tensor_parallel_size
+        # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
+        # Set here, before the graph capture: enable_device_drafting reads it.
+        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
+            config.async_scheduling, self.device
+        )
         return cache_cfg, sched_cfg, backend
 
     def _start_runner(
@@ -155,7 +156,24 @@ class LLMEngine:
                 self.graph_capture_seconds += self.runner.capture_verify_graphs(
                     shapes, self.max_model_len
                 )
+                self.enable_device_drafting()
         return num_blocks
+
+    def enable_device_drafting(self) -> bool:
+        """Draft on the device where it can (docs/DEVICE_DRAFTER.md): greedy prompt lookup
+        under async scheduling, over the verify graphs' full chains. Whether it is on."""
+        spec = self.drafter.config if self.drafter is not None else None
+        if spec is None or spec.method != "ngram" or not self.async_scheduling:
+            return False
+        if self.runner.verify_graphs is None:
+            return False
+        try:
+            self.runner.enable_device_drafts(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                             spec.prompt_lookup_max, self.max_model_len)  # fmt: skip
+        except ValueError:  # no graph of full chains (the token budget is too small)
+            return False
+        self.drafter.full_chains = True
+        return True
 
     def _start_executor(
         self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig
@@ -385,11 +403,14 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch.seqs:
                 return []
+            batch.device_tail = self._device_tail(batch)
             handle = self._launch(batch)
             self._count_step(batch)
         if self.async_scheduling and handle.result is not None:
             if self._may_run_ahead():
                 self._inflight = self._launch_continuation(handle)
+            elif _staged_next(handle):
+                self._inflight = self._launch_device_continuation(handle)
             elif handle.result.chains is not None:
                 self._inflight = self._launch_verify_continuation(handle)
         outputs = self._finish_step(handle)
@@ -445,6 +466,61 @@ class LLMEngine:
         self._count_step(batch)
         return handle
 
+    def _device_tail(self, batch: ScheduledBatch) -> bool:
+        """Whether a verify step staged from the host also stages its successor on the device
+        (the device drafter): async scheduling, full greedy chains that a graph and the device
+        buffers hold, and blocks for the successor's worst case (reserved here: the tail
+        computes its slots from this step's tables)."""
+        if not self.async_scheduling or not self.runner.device_tail_fits(batch):
+            return False
+        q = 1 + self.drafter.config.num_speculative_tokens
+        if any(item.seq.num_computed_tokens + q > self.max_model_len for item in batch.seqs):
+            return False  # the reserve would pass the context (and the graphs' tables)
+        if sum(self.kv.blocks_needed(item.seq, q) for item in batch.seqs) > self.kv.num_free_blocks:
+            return False
+        for item in batch.seqs:
+            self.kv.allocate(item.seq, q)  # kept past the step's tokens until a rollback trims
+        return True
+
+    def _launch_device_continuation(self, prev: StepHandle) -> StepHandle | None:
+        """The verify step after ``prev`` that ``prev``'s device tail staged: launched before
+        ``prev``'s tokens reach the host, whatever it accepts; ``_finish_step`` gives it its
+        drafts and rewinds its positions when they do."""
+        if not self._may_run_device_step(prev.batch):
+            return None
+        batch = self.scheduler.schedule_device_continuation(
+            prev.batch, self.drafter.config.num_speculative_tokens
+        )
+        if batch is None:
+            return None
+        self.num_overlapped_steps += 1
+        handle = self.runner.launch(batch)
+        self._count_step(batch)
+        return handle
+
+    def _may_run_device_step(self, prev: ScheduledBatch) -> bool:
+        """Drafting stays on for the batch: its size, and no request paused by the throttle
+        (a paused one needs the host path's plain steps)."""
+        running = [item.seq for item in prev.seqs]
+        if not self.drafter.may_draft(running):
+            return False
+        threshold = self.drafter.threshold(len(running))
+        return threshold is None or all(s.draft_history.should_draft(threshold, False)
+                                        for s in running)  # fmt: skip
+
+    def _give_device_drafts(self, handle: StepHandle) -> None:
+        """The step in flight behind ``handle``, staged by ``handle``'s device tail, takes the
+        drafts that tail proposed (its host placeholders filled in place, where its chains'
+        walk reads them)."""
+        pending = self._inflight
+        if pending is None or not pending.batch.staged_on_device:
+            return
+        rows = handle.result.chains.next_drafts.tolist()
+        for item, row in zip(pending.batch.seqs, rows, strict=True):
+            *drafts, count = row  # k drafts, of which the lookup found ``count``
+            item.draft_token_ids[:] = drafts
+            item.num_fillers = len(drafts) - count
+
     def _discard_unless_accepted(
         self, handle: StepHandle, sampled: list[Sequence], emitted: list[list[int]]
     ) -> None:
@@ -453,7 +529,7 @@ class LLMEngine:
         slots go back; what it wrote there lies past every sequence's tokens, and the next
         step that computes those positions writes them again."""
         pending = self._inflight
-        if pending is None or not pending.batch.known_on_device:
+        if pending is None or not pending.batch.known_on_device or pending.batch.staged_on_device:
             return
         drafts = {item.seq.seq_id: item.draft_token_ids for item in handle.batch.seqs}
         if all(
@@ -484,6 +560,8 @@ class LLMEngine:
             sampled, result = [sampled[i] for i in live], result.select(live)
         if result is not None and result.spec_token_ids is not None:
             self._discard_unless_accepted(handle, sampled, result.spec_token_ids)
+            if _staged_next(handle):
+                self._give_device_drafts(handle)
             finished = self._append_verified(handle.batch, sampled, result)
         else:
             finished = self.outputs.process(sampled, result)
@@ -513,13 +591,25 @@ class LLMEngine:
         ``max_tokens`` and streaming see them as consecutive steps), after giving back the
         KV slots of rejected drafts."""
         drafts = {item.seq.seq_id: item.draft_token_ids for item in batch.seqs if item.samples}
+        proposed_by = {item.seq.seq_id: item.num_proposed for item in batch.seqs if item.samples}
         emitted = result.spec_token_ids
+        # A step staged on the device is in flight behind this one: its slots (and its own
+        # successor's) point into blocks past the rejected drafts, so those stay held.
+        pending = self._inflight
+        take_back = (
+            self.kv.rewind if pending and pending.batch.staged_on_device else self.kv.rollback
+        )
         for seq, tokens in zip(sampled, emitted, strict=True):
-            proposed = len(drafts[seq.seq_id])
+            verified = len(drafts[seq.seq_id])
+            if verified:
+                take_back(seq, verified - (len(tokens) - 1))
+            # A full chain's fillers (device mode) were verified but never proposed: the
+            # counters see the proposal alone, as the host drafter would have made it.
+            proposed = proposed_by[seq.seq_id]
             if proposed:
-                self.kv.rollback(seq, proposed - (len(tokens) - 1))
-                self.spec_stats.record(proposed, len(tokens) - 1)
-                seq.draft_history.record(len(tokens) - 1, proposed)
+                accepted = min(len(tokens) - 1, proposed)
+                self.spec_stats.record(proposed, accepted)
+                seq.draft_history.record(accepted, proposed)
         finished: list[Sequence] = []
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
@@ -560,6 +650,12 @@ class LLMEngine:
             spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )
         return s
+
+
+def _staged_next(handle: StepHandle) -> bool:
+    """Whether ``handle``'s step ran the device drafter's tail: its successor is staged."""
+    chains = handle.result.chains if handle.result is not None else None
+    return chains is not None and chains.next_drafts is not None
 
 
 def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds: float) -> None:

@@ -122,6 +122,13 @@ class KVCacheManager:
         prefix cache. A block another sequence also holds is never rewritten: rolling back
         into one raises, before anything changes.
         """
+        self.rewind(seq, num_tokens)
+        self.trim(seq)
+
+    def rewind(self, seq: Sequence, num_tokens: int) -> None:
+        """``rollback`` that keeps every block: for drafted steps still in flight, whose
+        slots (and their successors', staged on the device) point into blocks past the new
+        end. ``trim`` returns those blocks once nothing in flight can write them."""
         computed = seq.num_computed_tokens
         if not 0 <= num_tokens <= computed:
             raise ValueError(
@@ -134,14 +141,18 @@ class KVCacheManager:
                 f"cannot roll back to token {keep}: it is inside a block shared with another "
                 "sequence"
             )
-        self._unref(seq.block_table[num_kept_blocks:])  # their KV still matches their hashes
-        del seq.block_table[num_kept_blocks:]
         if tail:
-            self._forget(self.blocks[seq.block_table[-1]])
+            self._forget(self.blocks[seq.block_table[num_kept_blocks - 1]])
         full = keep // self.block_size
         seq.num_registered_blocks = min(seq.num_registered_blocks, full)
         del seq.block_hashes[full:]  # hashes of tokens that the caller may change
         seq.num_computed_tokens = keep
+
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks of ``seq`` past its computed tokens (``rewind``'s reserve)."""
+        num_kept_blocks = -(-seq.num_computed_tokens // self.block_size)
+        self._unref(seq.block_table[num_kept_blocks:])  # their KV still matches their hashes
+        del seq.block_table[num_kept_blocks:]
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds."""

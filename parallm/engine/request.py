@@ -53,6 +53,9 @@ class Sequence:
     # Proposed next tokens (speculative decoding) for the scheduler to verify after the last
     # known token in the sequence's next step; it takes those that fit and clears the rest.
     draft_token_ids: list[int] = field(default_factory=list)
+    # How many of draft_token_ids are fillers (token 0 after the proposal, making a full chain
+    # in device mode: spec/drafting.py): no proposal, so the counters leave them out.
+    num_draft_fillers: int = 0
     # A tree of drafts (its tokens are draft_token_ids), or None: draft_token_ids form a chain.
     draft_tree: DraftTree | None = None
     # The distributions [len(draft_token_ids), V] the drafts were sampled from, when a draft

@@ -45,6 +45,7 @@ from parallm.layers.attention import (
 
 if TYPE_CHECKING:
     from parallm.engine.decode_graph import DecodeGraphs
+    from parallm.engine.spec.device_drafts import DeviceDrafts
     from parallm.engine.verify_graph import VerifyGraphs, VerifyShape
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -156,6 +157,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Graph-captured verify steps of speculative decoding (engine/verify_graph.py).
         self.verify_graphs: VerifyGraphs | None = None
+        # The device drafter's token buffers and tail (``enable_device_drafts``), or None.
+        self.device_drafts: DeviceDrafts | None = None
         self.tp_size = tp_size
         # Tensor parallelism: called with every eager step's inputs and prompt spans before
         # the forward, so that the other ranks run the same forward (and collectives).
@@ -253,6 +256,21 @@ class ModelRunner:
         bs = self.block_size
         return positions, tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
 
+    def prepare_staged(self, batch: ScheduledBatch) -> StepInputs:
+        """A step staged on the device (the device drafter's): only its block tables and its
+        shape (``q`` rows a sequence, every row sampled) come from the host; its ids,
+        positions, slots and lengths are the last step's tail's, on the device."""
+        q = 1 + len(batch.seqs[0].draft_token_ids)
+        rows = len(batch.seqs) * q
+        unused = np.zeros(rows, dtype=np.int64)
+        return StepInputs(
+            input_ids=unused, positions=unused, slot_mapping=unused,
+            query_start_loc=np.arange(0, rows + 1, q, dtype=np.int32),
+            seq_lens=np.zeros(len(batch.seqs), dtype=np.int32),
+            block_tables=_table_rows([it.seq.block_table for it in batch.seqs]),
+            sample_indices=np.arange(rows, dtype=np.int64),
+        )  # fmt: skip
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: token ids, positions, slots, query offsets, block tables."""
         if batch.is_pure_decode:
@@ -344,6 +362,34 @@ class ModelRunner:
             self.verify_graphs.capture()
         return self.verify_graphs.capture_seconds
 
+    def enable_device_drafts(
+        self, num_drafts: int, min_n: int, max_n: int, max_model_len: int
+    ) -> None:
+        """Device drafting for the verify graphs' chains of ``num_drafts`` drafts (the
+        engine's device mode, spec/device_drafts.py): buffers for their largest batch."""
+        from parallm.engine.spec.device_drafts import DeviceDrafts
+
+        q = 1 + num_drafts
+        sizes = [s.batch for s in self.verify_graphs.shapes if s.tokens_per_seq == q and not s.tree]
+        if not sizes:
+            raise ValueError(f"no verify graph holds chains of {num_drafts} drafts")
+        self.device_drafts = DeviceDrafts(max(sizes), max_model_len + 2 * q, num_drafts, min_n,
+                                          max_n, self.device)  # fmt: skip
+
+    def device_tail_fits(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch``, a verify step of full greedy chains, can run the device tail: a
+        captured shape of its size and chain length holds it and the buffers its tokens."""
+        drafts = self.device_drafts
+        if drafts is None or not _greedy_chains(batch) or not drafts.fits(
+            [item.seq for item in batch.seqs]
+        ):  # fmt: skip
+            return False
+        if any(len(item.draft_token_ids) != drafts.num_drafts or not item.samples
+               for item in batch.seqs):  # fmt: skip
+            return False
+        sizes = self.verify_graphs.sizes.get((1 + drafts.num_drafts, False), [])
+        return any(size >= len(batch.seqs) for size in sizes)
+
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:
             return False
@@ -382,13 +428,17 @@ class ModelRunner:
                 self.graph_step_listener(*decode)
             logits, greedy, host_ids = self.graphs.run(*decode, device_ids=device_ids)
         else:
-            inputs = self.prepare(batch)
+            inputs = self.prepare_staged(batch) if batch.staged_on_device else self.prepare(batch)
             # A decode row predicts an output token: only prompt chunks have prompt tokens to score.
             spans = prompt_spans(batch, inputs.query_start_loc) if batch.has_prompt_tokens else []
             if self.step_listener is not None:
                 self.step_listener(inputs, spans)
             known = device_ids if batch.known_on_device else None
-            replayed = self._replay_verify(inputs, known, spans)
+            if batch.device_tail and not batch.staged_on_device:
+                self.device_drafts.upload([item.seq for item in batch.seqs])
+            replayed = self._replay_verify(inputs, known, spans, batch.staged_on_device)
+            if batch.staged_on_device and replayed is None:  # its host inputs are placeholders
+                raise RuntimeError("a verify step staged on the device found no graph to replay")
             if known is not None and replayed is None:  # the eager forward takes every id
                 device_ids = self._with_drafts(inputs, known)
             if replayed is not None:  # a verify step's rows are all sampling rows
@@ -422,8 +472,9 @@ class ModelRunner:
         starts = itertools.accumulate((1 + len(d) for d in drafted[:-1]), initial=0)
         first = np.fromiter(starts, np.int64, len(drafted))
         if hidden is None and _greedy_chains(batch):  # walked when the argmax reaches the host
-            return SamplerOutput(greedy_argmax(logits, self.fused_kernels),
-                                 chains=GreedyChains(first, drafted))  # fmt: skip
+            argmax = greedy_argmax(logits, self.fused_kernels)
+            next_drafts = self._device_tail(batch, inputs, argmax) if batch.device_tail else None
+            return SamplerOutput(argmax, chains=GreedyChains(first, drafted, next_drafts))
         argmax_rows = None
         if _plain_greedy(batch):  # every row's token in one kernel and one read
             argmax_rows = greedy_argmax(logits, self.fused_kernels).tolist()
@@ -437,15 +488,29 @@ class ModelRunner:
             out = dataclasses.replace(out, hidden_states=hidden[last])
         return out
 
+    def _device_tail(
+        self, batch: ScheduledBatch, inputs: StepInputs, argmax: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The device drafter's tail after this verify step (``DeviceDrafts.tail``), staging
+        the next step in this step's shape; the next drafts' host rows, or None when the step
+        ran eagerly (no graph held it: nothing to stage into)."""
+        graphs = self.verify_graphs
+        shape = graphs.shape_for(inputs)
+        if shape is None:
+            return None
+        return self.device_drafts.tail(argmax, graphs.inputs[shape], len(batch.seqs),
+                                       self.block_size, graphs.scratch_block * self.block_size)  # fmt: skip
+
     def _replay_verify(
-        self, inputs: StepInputs, known: torch.Tensor | None, spans: list[PromptSpan]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self, inputs: StepInputs, known: torch.Tensor | None, spans: list[PromptSpan],
+        staged: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
         """Logits and hidden states of a verify step from a captured graph, or None when none
         fits (or the step has prompt tokens or other ranks to feed). ``known``: each
         sequence's known token on the device, when the host has only placeholders for them."""
         if self.verify_graphs is None or spans or self.step_listener is not None:
             return None
-        return self.verify_graphs.run(inputs, known)
+        return self.verify_graphs.run(inputs, known, staged)
 
     def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
         """A verify step's input ids on the device: each sequence's ``known`` token at its

@@ -35,7 +35,7 @@ class ScheduledSeq:
     """
 
     __slots__ = ("seq", "start", "num_new_tokens", "draft_token_ids", "samples", "draft_tree",
-                 "draft_probs")  # fmt: skip
+                 "draft_probs", "num_fillers")  # fmt: skip
 
     def __init__(
         self,
@@ -58,6 +58,14 @@ class ScheduledSeq:
         self.draft_tree = draft_tree
         # The rows of ``seq.draft_probs`` for these drafts (sampled by a draft model), or None.
         self.draft_probs: torch.Tensor | None = None
+        # The last ``num_fillers`` drafts are a full chain's fillers, not proposed (device
+        # mode: docs/DEVICE_DRAFTER.md); verified like the rest, counted as no proposal.
+        self.num_fillers = 0
+
+    @property
+    def num_proposed(self) -> int:
+        """Drafts the drafter proposed: ``draft_token_ids`` less the fillers."""
+        return len(self.draft_token_ids) - self.num_fillers
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -95,6 +103,13 @@ class ScheduledBatch:
     # Each sequence's one known token is still on the device (the last verify step samples
     # it): the runner gets them as ``device_ids``, the host holds drafts only.
     known_on_device: bool = False
+    # Every input of the step is staged on the device by the last step's tail (the device
+    # drafter): the host's drafts are placeholders until that step's outputs bring the real
+    # ones, and its positions assume the last step accepted every draft.
+    staged_on_device: bool = False
+    # The step runs the device drafter's tail after its forward (spec/device_drafts.py): it
+    # stages the next verify step on the device, so that one can launch before this one ends.
+    device_tail: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -171,6 +186,7 @@ class Scheduler:
             seq.num_computed_tokens = end + len(item.draft_token_ids)
             if item.samples and seq.draft_token_ids:
                 seq.draft_token_ids = []
+                seq.num_draft_fillers = 0
                 seq.draft_tree = None
                 seq.draft_probs = None
             self._count(item)
@@ -229,30 +245,68 @@ class Scheduler:
         sequence of ``prev`` has no drafts here or may finish with ``prev``'s tokens, when a
         prompt waits, or when blocks or budget run short: the step then waits for ``prev``.
         """
-        if prev.preempted or self.waiting or len(prev.seqs) != len(self.running):
+        if not self._may_continue(prev):
             return None
         planned = []
         for item in prev.seqs:
-            seq = item.seq
-            if (
-                not (item.samples and item.draft_token_ids)
-                or seq.status is not SequenceStatus.RUNNING
-            ):
-                return None
             emitted = len(item.draft_token_ids) + 1  # by prev, if it accepts every draft
-            room = max(0, self._room_for_drafts(seq, emitted))
-            chain = drafts.get(seq.seq_id, [])[:room]
+            room = max(0, self._room_for_drafts(item.seq, emitted))
+            chain = drafts.get(item.seq.seq_id, [])[:room]
             if not chain:
                 return None
-            planned.append((seq, chain))
-        if sum(1 + len(chain) for _, chain in planned) > self.cfg.max_num_batched_tokens:
+            planned.append((item.seq, chain, 1 + len(chain)))
+        return self._continue(planned, ScheduledBatch(known_on_device=True))
+
+    def schedule_device_continuation(
+        self, prev: ScheduledBatch, num_drafts: int
+    ) -> ScheduledBatch | None:
+        """The verify step after ``prev`` whose inputs ``prev``'s tail stages on the device (the
+        device drafter): each sequence computes the token ``prev`` samples last and
+        ``num_drafts`` drafts proposed on the device after it, placeholders here until
+        ``prev``'s outputs bring them; its positions here assume ``prev`` accepts every draft
+        and the engine rewinds them to the real ones then. Blocks are reserved as far as the
+        step after this one can reach: this step's tail stages that one's slots from the tables
+        copied with this step. None, changing nothing, where the host must take the next step:
+        a sequence of ``prev`` without a full chain, one that may finish within two steps, a
+        waiting prompt, short blocks or budget."""
+        if not self._may_continue(prev):
             return None
-        needed = sum(self.kv.blocks_needed(seq, 1 + len(chain)) for seq, chain in planned)
+        q = 1 + num_drafts
+        planned = []
+        for item in prev.seqs:
+            emitted = len(item.draft_token_ids) + 1
+            if len(item.draft_token_ids) != num_drafts or (
+                self._room_for_drafts(item.seq, emitted + q) < num_drafts
+                or item.seq.num_computed_tokens + 2 * q > self.cfg.max_model_len  # the reserve
+            ):  # fmt: skip
+                return None
+            planned.append((item.seq, [0] * num_drafts, 2 * q))
+        batch = ScheduledBatch(known_on_device=True, staged_on_device=True, device_tail=True)
+        return self._continue(planned, batch)
+
+    def _may_continue(self, prev: ScheduledBatch) -> bool:
+        """Whether a step may launch behind ``prev`` before its tokens reach the host: every
+        running sequence is in ``prev``, drafted and still running, and no prompt waits."""
+        if prev.preempted or self.waiting or len(prev.seqs) != len(self.running):
+            return False
+        return all(
+            item.samples and item.draft_token_ids and item.seq.status is SequenceStatus.RUNNING
+            for item in prev.seqs
+        )
+
+    def _continue(
+        self, planned: list[tuple[Sequence, list[int], int]], batch: ScheduledBatch
+    ) -> ScheduledBatch | None:
+        """``batch`` of ``(seq, drafts, tokens to reserve)`` items, each computing its known
+        token (from the device) and its drafts; None, changing nothing, when the step's
+        tokens pass the budget or the reserves the free blocks."""
+        if sum(1 + len(chain) for _, chain, _ in planned) > self.cfg.max_num_batched_tokens:
+            return None
+        needed = sum(self.kv.blocks_needed(seq, reserve) for seq, _, reserve in planned)
         if needed > self.kv.num_free_blocks:
             return None
-        batch = ScheduledBatch(known_on_device=True)
-        for seq, chain in planned:
-            self.kv.allocate(seq, 1 + len(chain))
+        for seq, chain, reserve in planned:
+            self.kv.allocate(seq, reserve)
             item = ScheduledSeq(seq, seq.num_computed_tokens, 1, samples=True,
                                 draft_token_ids=chain)  # fmt: skip
             seq.num_computed_tokens += item.num_scheduled_tokens
@@ -302,6 +356,9 @@ class Scheduler:
             if item.seq.draft_token_ids and item.samples:
                 item.draft_token_ids = self._fit_drafts(item, budget)
                 budget -= len(item.draft_token_ids)
+                # Fillers trail the proposal, so a cut chain loses them first.
+                cut = len(item.seq.draft_token_ids) - len(item.draft_token_ids)
+                item.num_fillers = max(0, item.seq.num_draft_fillers - cut)
                 tree = item.seq.draft_tree  # a leading slice of a tree's nodes is a tree
                 if tree is not None and item.draft_token_ids:
                     item.draft_tree = tree.truncated(len(item.draft_token_ids))

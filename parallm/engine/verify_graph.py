@@ -264,19 +264,25 @@ class VerifyGraphs(GraphedSteps):
         buf.block_tables.fill_(self.scratch_block)
 
     def run(
-        self, inputs: StepInputs, known: torch.Tensor | None = None
+        self, inputs: StepInputs, known: torch.Tensor | None = None, staged: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits and final hidden states of the step's tokens (rows in the step's order,
         every one a sampling row) from the graph of the smallest shape that holds the step;
         None when none does. The outputs are the graph's own buffers: read them before the
         next replay. ``known``: each sequence's first input on the device, in place of the
-        host's placeholders (a step launched before the last one's tokens reached the host)."""
+        host's placeholders (a step launched before the last one's tokens reached the host);
+        ``staged``: every input but the block tables is on the device already (the device
+        drafter's tail staged it; the host's are placeholders)."""
         shape = self.shape_for(inputs)
         if shape is None:
             return None
         buf = self.inputs[shape]
-        head, tables, lens = self._staged(shape, inputs)
-        buf.region.copy_(head, non_blocking=True)
+        if staged:  # the last step's tail wrote the region (spec/device_drafts.py)
+            tables = self._tables(shape, inputs)
+            lens = None if self.captures else buf.seq_lens.tolist()  # the real ones
+        else:
+            head, tables, lens = self._staged(shape, inputs)
+            buf.region.copy_(head, non_blocking=True)
         buf.block_tables[:, : tables.shape[1]].copy_(tables, non_blocking=True)
         if known is not None:  # sequence b's first token sits at row b * q
             q = shape.tokens_per_seq
@@ -301,7 +307,7 @@ class VerifyGraphs(GraphedSteps):
         0 at position 0, store into the scratch block's first slot, and are no tree nodes; a
         padding sequence is ``q`` tokens long over a table of scratch blocks."""
         pinned, layout = self.device.type == "cuda", shape.layout
-        batch, q, size = len(inputs.seq_lens), shape.tokens_per_seq, shape.batch
+        batch, q = len(inputs.seq_lens), shape.tokens_per_seq
         total = int(inputs.query_start_loc[-1])
         head = torch.empty(layout.words, dtype=torch.int32, pin_memory=pinned)
         words = head.numpy()
@@ -322,11 +328,17 @@ class VerifyGraphs(GraphedSteps):
         if inputs.tree_visible is not None:
             rows[3, dest] = inputs.tree_visible
             nodes[:batch] = inputs.tree_num_nodes
-        width = inputs.block_tables.shape[1]
-        tables = torch.empty((size, width), dtype=torch.int32, pin_memory=pinned)
+        return head, self._tables(shape, inputs), lens.tolist()
+
+    def _tables(self, shape: VerifyShape, inputs: StepInputs) -> torch.Tensor:
+        """The shape's block tables for ``inputs`` (columns in use), padding sequences' all
+        scratch blocks, in fresh host memory (pinned on CUDA)."""
+        batch, width = inputs.block_tables.shape
+        pinned = self.device.type == "cuda"
+        tables = torch.empty((shape.batch, width), dtype=torch.int32, pin_memory=pinned)
         tables[:batch] = torch.from_numpy(inputs.block_tables)
         tables[batch:] = self.scratch_block
-        return head, tables, lens.tolist()
+        return tables
 
 
 def _empty_step(tree: bool) -> StepInputs:

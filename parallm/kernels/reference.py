@@ -297,3 +297,81 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, NaN counted as +inf (``triton_argmax``); int64 ``[rows]``."""
     x = logits.float()
     return torch.where(x.isnan(), float("inf"), x).argmax(dim=-1)
+
+
+def prompt_lookup_ref(
+    tokens: torch.Tensor, lengths: torch.Tensor, num_tokens: int, min_n: int, max_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_lookup``'s twin, row by row: the longest n in ``[min_n, max_n]`` whose suffix
+    recurs wholly before the last token, its earliest occurrence, and up to ``num_tokens`` of
+    what followed it; ``(drafts [B, num_tokens] int32, 0 past each count; counts [B] int32)``."""
+    rows = tokens.shape[0]
+    drafts = torch.zeros((rows, num_tokens), dtype=torch.int32)
+    counts = torch.zeros((rows,), dtype=torch.int32)
+    for b in range(rows):
+        size = int(lengths[b])
+        row = tokens[b, :size].cpu()
+        for n in range(min(max_n, size - 1), min_n - 1, -1):
+            windows = row[: size - 1].unfold(0, n, 1)  # every n-gram ending before the last token
+            hits = (windows == row[size - n :]).all(dim=1).nonzero()
+            if len(hits):
+                start = int(hits[0]) + n
+                count = min(num_tokens, size - start)
+                drafts[b, :count] = row[start : start + count]
+                counts[b] = count
+                break
+    return drafts, counts
+
+
+def greedy_accept_ref(
+    argmax_rows: torch.Tensor,
+    step_ids: torch.Tensor,
+    counts: torch.Tensor,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """``greedy_accept``'s twin, sequence by sequence (same arguments, same in-place updates)."""
+    rows = lengths.shape[0]
+    q = argmax_rows.numel() // rows
+    accepted = torch.zeros((rows,), dtype=torch.int32)
+    for b in range(rows):
+        best = argmax_rows[b * q : (b + 1) * q].tolist()
+        ids = step_ids[b * q : (b + 1) * q].tolist()
+        a = 0
+        while a < int(counts[b]) and best[a] == ids[a + 1]:
+            a += 1
+        size, width = int(lengths[b]), tokens.shape[1]
+        emitted = best[: a + 1][: max(0, width - size)]
+        tokens[b, size : size + len(emitted)] = torch.tensor(emitted, dtype=torch.int32)
+        lengths[b] = min(size + a + 1, width)
+        accepted[b] = a
+    return accepted
+
+
+def stage_chain_step_ref(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    drafts: torch.Tensor,
+    counts: torch.Tensor,
+    block_tables: torch.Tensor,
+    out: dict[str, torch.Tensor],
+    block_size: int,
+    scratch_slot: int,
+) -> None:
+    """``stage_chain_step``'s twin, sequence by sequence (same arguments, writes ``out``)."""
+    size = block_tables.shape[0]
+    q = out["input_ids"].numel() // size
+    for b in range(lengths.shape[0]):
+        length, count = int(lengths[b]), int(counts[b])
+        for j in range(q):
+            row = b * q + j
+            real = j <= count
+            position = length - 1 + j if real else 0
+            token = int(tokens[b, length - 1]) if j == 0 else int(drafts[b, j - 1]) if real else 0
+            block = int(block_tables[b, position // block_size])
+            slot = block * block_size + position % block_size if real else scratch_slot
+            out["input_ids"][row] = token
+            out["positions"][row] = position
+            out["slot_mapping"][row] = slot
+            out["sample_rows"][row] = row
+        out["seq_lens"][b] = length - 1 + q

@@ -160,3 +160,69 @@ def test_draft_rounds_keep_the_cache_true_and_leak_nothing(prefix_caching):
         s.finish(seq)
     assert kv.num_free_blocks == num_blocks
     assert all(b.ref_count == 0 for b in kv.blocks)
+
+
+def test_rewind_keeps_the_blocks_that_trim_then_returns():
+    """A rewind takes the count back as a rollback does, but every block stays held (a step
+    in flight may still write into them) until ``trim``; the tail block leaves the prefix cache
+    all the same."""
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK, enable_prefix_caching=True)
+    seq = _seq(list(range(10)))
+    _admit(kv, seq)  # blocks 0 and 1 full and registered, block 2 half full
+    assert kv.allocate(seq, 12)  # a reserve: three more blocks, none computed yet
+    held = list(seq.block_table)
+    seq.num_computed_tokens = 10 + 7
+    kv.rewind(seq, 12)  # back to 5 tokens: block 1 keeps token 4 and will be rewritten
+    assert seq.num_computed_tokens == 5 and seq.block_table == held
+    assert seq.num_registered_blocks == 1
+    assert kv.lookup_prefix(_seq(list(range(10)) + [1])) == held[:1]
+    assert kv.num_free_blocks == 16 - len(held)
+    kv.trim(seq)
+    assert seq.block_table == held[:2] and kv.num_free_blocks == 14
+    with pytest.raises(ValueError, match="num_tokens must be between 0 and the 5"):
+        kv.rewind(seq, 6)
+    kv.free(seq)
+    assert kv.num_free_blocks == 16 and all(b.ref_count == 0 for b in kv.blocks)
+
+
+def _drafted_step(s: Scheduler, seq: Sequence, drafts: list[int]) -> ScheduledBatch:
+    """``seq`` decoding (its prompt computed, one output token) in a step with ``drafts``."""
+    s.add(seq)
+    s.schedule()  # the prompt
+    seq.append_token(7)
+    seq.draft_token_ids = list(drafts)
+    batch = s.schedule()
+    assert batch.seqs[0].draft_token_ids == drafts
+    return batch
+
+
+def test_a_device_continuation_reserves_two_steps_of_blocks_behind_placeholder_drafts():
+    kv = KVCacheManager(num_blocks=40, block_size=BLOCK, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), kv)
+    seq = _seq(list(range(9)))
+    prev = _drafted_step(s, seq, [1, 2, 3])
+    computed = seq.num_computed_tokens  # 10 known tokens (the last one) and 3 drafts: 13
+    assert computed == 13
+    batch = s.schedule_device_continuation(prev, 3)
+    assert batch.staged_on_device and batch.known_on_device
+    (item,) = batch.seqs
+    assert item.draft_token_ids == [0, 0, 0] and item.num_scheduled_tokens == 4
+    assert seq.num_computed_tokens == computed + 4
+    assert len(seq.block_table) == -(-(computed + 8) // BLOCK)  # and the step after it
+    # Rewound to the real end once prev's outputs say one draft was accepted.
+    kv.rewind(seq, 2)
+    assert seq.num_computed_tokens == computed + 2 and len(seq.block_table) == 6
+
+
+@pytest.mark.parametrize("why", ["short chain", "max_tokens", "waiting prompt"])
+def test_the_host_takes_the_step_when_a_device_continuation_cannot(why):
+    kv = KVCacheManager(num_blocks=40, block_size=BLOCK, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), kv)
+    max_tokens = 8 if why == "max_tokens" else None  # passed within this step and the next
+    seq = Sequence("r", 0, list(range(9)), SamplingParams(max_tokens=max_tokens), arrival_time=0.0)
+    prev = _drafted_step(s, seq, [1, 2] if why == "short chain" else [1, 2, 3])
+    if why == "waiting prompt":
+        s.add(_seq([5] * 6, name="other"))
+    before = (seq.num_computed_tokens, list(seq.block_table), kv.num_free_blocks)
+    assert s.schedule_device_continuation(prev, 3) is None
+    assert (seq.num_computed_tokens, seq.block_table, kv.num_free_blocks) == before

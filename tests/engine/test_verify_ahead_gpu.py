@@ -21,14 +21,38 @@ GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
 def _llm(path: str, dtype: str, async_scheduling: bool) -> LLM:
-    return LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
-               cuda_graph_sizes=(1, 2, 4), speculative_config=SPEC,
-               enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+    llm = LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
+              cuda_graph_sizes=(1, 2, 4), speculative_config=SPEC,
+              enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+    # The host path's steps launched ahead: without the device drafter, which takes over
+    # prompt lookup's full chains under async scheduling.
+    llm.engine.runner.device_drafts = None
+    llm.engine.drafter.full_chains = False
+    return llm
 
 
 def _prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
     rng = random.Random(3)
     return [rng.choices(ordinary_token_ids[:40], k=6) * 6 for _ in range(4)]
+
+
+def launches_without_sync(monkeypatch, runner, watched) -> list:
+    """The batches ``runner`` launches for which ``watched(batch)`` holds, each launch made
+    in CUDA's sync-debug "error" mode: a launch that waits for the GPU raises."""
+    launched, launch = [], runner.launch
+
+    def checked(batch, device_ids=None):
+        if not watched(batch):
+            return launch(batch, device_ids)
+        launched.append(batch)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, device_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "launch", checked)
+    return launched
 
 
 def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -50,20 +74,8 @@ def test_steps_launched_ahead_give_the_synchronous_steps_tokens_without_a_sync(
     _oracle_lookup(monkeypatch, future, 4)
     want = [_tokens(_llm(path, dtype, False), [p])[0] for p in prompts]
     llm = _llm(path, dtype, True)
-    runner, ahead = llm.engine.runner, []
-    launch = runner.launch
-
-    def checked(batch, device_ids=None):
-        if not batch.known_on_device:
-            return launch(batch, device_ids)
-        ahead.append(batch)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(batch, device_ids)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(runner, "launch", checked)
+    runner = llm.engine.runner
+    ahead = launches_without_sync(monkeypatch, runner, lambda batch: batch.known_on_device)
     free = llm.engine.kv.num_free_blocks
     assert [_tokens(llm, [p])[0] for p in prompts] == want
     assert ahead and runner.verify_graphs.num_replays > 0

@@ -50,6 +50,10 @@ class Drafter:
         # times its steps into them).
         self.costs: StepCosts | None = None
         self.num_proposals = 0  # steps that could carry drafts: the probe beat counts them
+        # Device drafting (the engine's): every prompt-lookup proposal is a full chain of k,
+        # filled with token 0 (a filler is kept only where it is the target's own token), so
+        # that host- and device-staged steps share one graph shape and layout.
+        self.full_chains = False
 
     def measure_step_costs(self, async_scheduling: bool) -> None:
         """Measure step costs for ``min_tokens_per_step="auto"`` (nothing otherwise)."""
@@ -128,8 +132,9 @@ class Drafter:
         if self.model is not None:
             self.model.propose(seqs)
             return
+        k = cfg.num_speculative_tokens
         for seq in seqs:
-            seq.draft_token_ids = propose_ngram(
-                seq.token_ids, cfg.num_speculative_tokens, cfg.prompt_lookup_min,
-                cfg.prompt_lookup_max,
-            )  # fmt: skip
+            drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            fillers = k - len(drafts) if self.full_chains else 0
+            seq.draft_token_ids = drafts + [0] * fillers
+            seq.num_draft_fillers = fillers

@@ -51,6 +51,10 @@ class GreedyChains:
 
     first: np.ndarray
     drafts: list[list[int]]
+    # The device drafter's tail: the next step's drafts, on their way to pinned host rows (one
+    # a sequence: k drafts, then how many the lookup found; read once the step's event
+    # completes); None without the tail.
+    next_drafts: torch.Tensor | None = None
 
     def emitted(self, argmax_rows: list[int]) -> list[list[int]]:
         """Each sequence's emitted tokens, as ``DraftVerifier.verify`` walks a greedy chain."""
