@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput bench-train bench-serve gpu-session peers-wheels server-wheels clean
+.PHONY: help setup demo test test-gpu lint format bench-latency bench-throughput bench-train bench-serve gpu-session ab-tree peers-wheels server-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -61,6 +61,9 @@ bench-serve: setup  ## serving benchmark against a running server (URL=..., TRAC
 
 gpu-session: setup  ## GPU tests and benchmarks in one go (STEPS="tests latency ...")
 	OUT=$(or $(OUT),runs/gpu) bash scripts/gpu_session.sh $(or $(STEPS),tests latency)
+
+ab-tree:  ## a revision's tree under .ab/NAME for a device call (NAME=... REV=...; scripts/ab_tree.sh)
+	bash scripts/ab_tree.sh $(NAME) $(REV)
 
 peers-wheels: setup  ## fetch vLLM 0.26.0's wheels into .peers/ and print the GPU machine's calls (benchmarks/peers)
 	PY=$(BIN)/python bash benchmarks/peers/fetch_vllm_wheels.sh
