@@ -490,8 +490,8 @@ class LLMEngine:
         """The verify step after ``prev`` that ``prev``'s device tail staged: launched before
         ``prev``'s tokens reach the host, whatever it accepts; ``_finish_step`` gives it its
         drafts and rewinds its positions when they do."""
-        if not self._may_run_device_step(prev.batch):
-            return None
+        if not self.drafter.drafts_for_all([item.seq for item in prev.batch.seqs]):
+            return None  # a request the throttle paused needs the host path's plain steps
         batch = self.scheduler.schedule_device_continuation(
             prev.batch, self.drafter.config.num_speculative_tokens
         )
@@ -501,16 +501,6 @@ class LLMEngine:
         handle = self.runner.launch(batch)
         self._count_step(batch)
         return handle
-
-    def _may_run_device_step(self, prev: ScheduledBatch) -> bool:
-        """Drafting stays on for the batch: its size, and no request paused by the throttle
-        (a paused one needs the host path's plain steps)."""
-        running = [item.seq for item in prev.seqs]
-        if not self.drafter.may_draft(running):
-            return False
-        threshold = self.drafter.threshold(len(running))
-        return threshold is None or all(s.draft_history.should_draft(threshold, False)
-                                        for s in running)  # fmt: skip
 
     def _give_device_drafts(self, handle: StepHandle) -> None:
         """The step in flight behind ``handle``, staged by ``handle``'s device tail, takes the

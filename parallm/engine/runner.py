@@ -396,11 +396,10 @@ class ModelRunner:
             [item.seq for item in batch.seqs]
         ):  # fmt: skip
             return False
-        if any(len(item.draft_token_ids) != drafts.num_drafts or not item.samples
-               for item in batch.seqs):  # fmt: skip
-            return False
-        sizes = self.verify_graphs.sizes.get((1 + drafts.num_drafts, False), [])
-        return any(size >= len(batch.seqs) for size in sizes)
+        # The buffers hold the largest captured chain shape's batch (``fits`` checked it), so
+        # a chain of k drafts a sequence has a shape.
+        return all(len(item.draft_token_ids) == drafts.num_drafts and item.samples
+                   for item in batch.seqs)  # fmt: skip
 
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:

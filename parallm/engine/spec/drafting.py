@@ -82,6 +82,14 @@ class Drafter:
         self.num_proposals += 1
         return False
 
+    def drafts_for_all(self, running: list[Sequence], probe: bool = False) -> bool:
+        """Whether drafting is on for a batch of ``running`` and the throttle pauses none of
+        them (``probe``: a probe step, in which paused requests draft too)."""
+        if not self.may_draft(running):
+            return False
+        threshold = self.threshold(len(running))
+        return all(s.draft_history.should_draft(threshold, probe) for s in running)
+
     def threshold(self, batch_size: int) -> float | None:
         """The least running tokens per drafted step at which a request keeps drafting."""
         if self.costs is None:
@@ -99,13 +107,9 @@ class Drafter:
         delay the step that replaces it), one that the throttle pauses, or one without a
         proposal."""
         running = [item.seq for item in batch.seqs]
-        if self.model is not None or not self.may_draft(running):
+        if self.model is not None or not all(s.draft_history.accepted_all for s in running):
             return None
-        if not all(s.draft_history.accepted_all for s in running):
-            return None
-        threshold = self.threshold(len(running))
-        probe = is_probe_step(self.num_proposals + 1)
-        if not all(s.draft_history.should_draft(threshold, probe) for s in running):
+        if not self.drafts_for_all(running, is_probe_step(self.num_proposals + 1)):
             return None
         cfg, drafts = self.config, {}
         for item in batch.seqs:
