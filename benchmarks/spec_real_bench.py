@@ -251,6 +251,8 @@ def _batch_rows(
                      for s, p in zip(seconds, plain_seconds, strict=True)]  # fmt: skip
         row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
                "tokens_per_step": engines[label].engine.spec_stats.mean_since(before[label]),
+               "tokens_per_engine_step": _per_engine_step(engines[label], steps_before[label],
+                                                          tokens * (1 + args.rounds)),
                "overlapped_steps": _overlapped_share(engines[label], steps_before[label]),
                "tok_s": _rate(tokens, seconds), "plain_tok_s": plain_rate,
                "speedup_rounds": per_round,
@@ -261,7 +263,7 @@ def _batch_rows(
         rows.append(row)
         worst = _parted_note(row["divergence_margins"])
         print(f"{label:<11} batch {batch:>3}: {row['tok_s']:8.1f} tok/s, "
-              f"{row['tokens_per_step']:.2f} tok/step, {row['overlapped_steps']:.0%} overlapped, speedup {row['speedup']:.2f}x "
+              f"{row['tokens_per_step']:.2f} tok/step, {row['tokens_per_engine_step']:.2f} tok/engine step, {row['overlapped_steps']:.0%} overlapped, speedup {row['speedup']:.2f}x "
               f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x), "
               f"identical outputs {row['identical_outputs']:.0%}{worst}", flush=True)  # fmt: skip
     return rows
@@ -269,6 +271,15 @@ def _batch_rows(
 
 def _step_counts(llm: LLM) -> tuple[int, int]:
     return llm.engine.num_steps, llm.engine.num_overlapped_steps
+
+
+def _per_engine_step(llm: LLM, before: tuple[int, int], tokens: int) -> float:
+    """``tokens`` over the engine steps since ``before`` (all sequences' tokens: at batch b a
+    step emits up to b times more). Unlike ``tokens_per_step`` (a drafted sequence's steps
+    only, as vLLM counts acceptance), steps without drafts count too: the prefills, and the
+    device drafter's steps whose lookup found nothing (a verify step's cost, one token)."""
+    steps = llm.engine.num_steps - before[0]
+    return tokens / steps if steps else 0.0
 
 
 def _overlapped_share(llm: LLM, before: tuple[int, int]) -> float:

@@ -206,7 +206,9 @@ for step in "$@"; do
                  --out runs/code-model-150m/hf 2>&1 | tail -3
                cp runs/code-model-150m/metrics.jsonl runs/code-model-150m/loss.png "$OUT/" 2>/dev/null
                cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
-    specheads) # Medusa heads on the frozen 150M model (after `spectrain`, same machine)
+    specheads) # Medusa heads on the frozen 150M model (after `spectrain`, same machine, and
+               # before `tests` or `serve`: their wheels go into site-packages, the python
+               # corpus changes, and the dataset's fingerprint no longer matches)
                python3 -m parallm train --config configs/train/medusa-code-150m.toml \
                  > "$OUT/train_medusa150m.log" 2>&1; tail -6 "$OUT/train_medusa150m.log"
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \

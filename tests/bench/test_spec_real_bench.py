@@ -89,6 +89,10 @@ def test_real_bench_reports_each_drafter(tmp_path):
         assert rows[("draft_model", batch)]["tokens_per_step"] > 3.5
         assert 1 <= rows[("ngram", batch)]["tokens_per_step"] <= 4
         assert 1 <= rows[("layer_skip", batch)]["tokens_per_step"] < 4
+    # At batch 1 the prefill steps (one token each) bring the mean over every step below the
+    # drafted steps' mean.
+    drafted = rows[("draft_model", 1)]
+    assert 1 < drafted["tokens_per_engine_step"] < drafted["tokens_per_step"]
     assert all(r["tok_s"] > 0 and r["plain_tok_s"] > 0 for r in rows.values())
     assert all(0 <= r["overlapped_steps"] <= 1 for r in rows.values())
     assert all(r["identical_outputs"] == 1.0 for r in rows.values())  # float32
