@@ -1,0 +1,172 @@
+"""Prompt lookup's yield, offline: tokens an engine step for each lookup variant, from the
+target's own greedy outputs.
+
+Greedy speculation is lossless, so the tokens a run emits are plain decoding's, and which
+drafts are accepted follows from them alone: at each step the drafter proposes from the
+prompt and the tokens emitted so far, the drafts that equal the next plain tokens are kept,
+and one more token comes from the verify step. This replays that walk for many lookup
+variants over one set of plain outputs, so comparing them costs no GPU time and no timing
+noise. A step costs about the same whatever its drafts (the verify shape is fixed in device
+mode, where a failed lookup's rows are fillers), so tokens a step is the speedup's factor.
+
+Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest first);
+``earliest`` (the engine's, as vLLM: the first earlier occurrence of the n-gram) or ``latest``
+(the most recent one); ``extend``: a chain cut short (the match lies near the end, or nothing
+matched) is filled by looking up again from the context plus the drafts so far, rows the
+device drafter verifies anyway.
+
+    python benchmarks/ngram_acceptance.py [--model runs/code-model-150m/hf --corpus python
+        --val-fraction 0.01] [--k 4,8] [--out ngram_acceptance.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spec_real_bench import completion_prompts  # noqa: E402
+
+from parallm import LLM, SamplingParams  # noqa: E402
+from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
+
+OCCURRENCES = ("earliest", "latest")
+
+
+def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
+    """``propose_ngram`` with the most recent earlier occurrence instead of the first."""
+    size = len(tokens)
+    longest = min(max_n, size - 1)
+    if num_tokens < 1 or min_n < 1 or longest < min_n:
+        return []
+    words = np.asarray(tokens, dtype=np.int32).tobytes()
+    for n in range(longest, min_n - 1, -1):
+        pattern = words[(size - n) * 4 :]
+        end = (size - 1) * 4  # an occurrence lies wholly before the last token
+        at = words.rfind(pattern, 0, end)
+        while at >= 0 and at % 4:  # a byte match straddling two tokens
+            at = words.rfind(pattern, 0, at + len(pattern) - 1)
+        if at >= 0:
+            start = at // 4 + n
+            return tokens[start : min(start + num_tokens, size)]
+    return []
+
+
+def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, extend: bool):
+    """The variant's drafts after ``tokens`` (at most ``k``)."""
+    lookup = propose_ngram if occurrence == "earliest" else propose_latest
+    drafts = list(lookup(tokens, k, min_n, max_n))
+    while extend and drafts and len(drafts) < k:
+        more = lookup(tokens + drafts, k - len(drafts), min_n, max_n)
+        if not more:
+            break
+        drafts += more
+    return drafts[:k]
+
+
+def walk(prompt: list[int], output: list[int], variant: dict) -> tuple[int, int, int]:
+    """``(steps, drafted steps, accepted drafts)`` of a greedy run that emits ``output``
+    after ``prompt``; the prefill's step, which emits the first token, included."""
+    steps, drafted, accepted, done = 1, 0, 0, 1
+    while done < len(output):
+        context = prompt + output[:done]
+        drafts = draft(context, variant["k"], variant["min_n"], variant["max_n"],
+                       variant["occurrence"], variant["extend"])  # fmt: skip
+        future = output[done : done + len(drafts)]
+        kept = next((i for i, (a, b) in enumerate(zip(drafts, future)) if a != b), len(future))
+        steps += 1
+        drafted += bool(drafts)
+        accepted += kept
+        done += kept + 1
+    return steps, drafted, accepted
+
+
+def variants(args: argparse.Namespace) -> list[dict]:
+    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True))
+    return [
+        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext}
+        for k, lo, hi, occ, ext in grid
+        if lo <= hi
+    ]
+
+
+def score(prompts: list[list[int]], outputs: list[list[int]], variant: dict) -> dict:
+    steps = drafted = accepted = tokens = 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        s, d, a = walk(prompt, output, variant)
+        steps, drafted, accepted, tokens = (
+            steps + s,
+            drafted + d,
+            accepted + a,
+            tokens + len(output),
+        )
+    return {**variant, "tokens_per_step": tokens / steps,
+            "tokens_per_drafted_step": 1 + accepted / drafted if drafted else 0.0,
+            "drafted_share": drafted / steps, "steps": steps, "tokens": tokens}  # fmt: skip
+
+
+def plain_outputs(args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]]]:
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    prompts = completion_prompts(args.corpus, args.val_fraction, llm.get_tokenizer(),
+                                 args.num_prompts, args.prompt_len, args.seed)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.close()
+    return prompts, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    prompts, outputs = plain_outputs(args)
+    rows = [score(prompts, outputs, v) for v in variants(args)]
+    print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens")
+    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'tok/step':>9} "
+          f"{'tok/drafted':>11} {'drafted':>8}")  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["k"], -r["tokens_per_step"])):
+        print(f"{r['k']:>2} {r['min_n']:>2}-{r['max_n']:<2} {r['occurrence']:>10} "
+              f"{'yes' if r['extend'] else 'no':>6} {r['tokens_per_step']:>9.3f} "
+              f"{r['tokens_per_drafted_step']:>11.3f} {r['drafted_share']:>8.1%}")  # fmt: skip
+    return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    ap.add_argument("--model", default=str(BUNDLED_MODEL_DIR), help="target model folder")
+    ap.add_argument("--corpus", default="stdlib", help="corpus whose held-out files give prompts")
+    ap.add_argument("--val-fraction", type=float, default=0.02,
+                    help="the model's training data.val_fraction (which files are held out)")  # fmt: skip
+    ap.add_argument("--num-prompts", type=int, default=64, help="prompts")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
+    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens a prompt")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
+    ap.add_argument("--seed", type=int, default=0, help="which held-out files")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, float32")
+    ap.add_argument("--k", type=_ints, default=[4, 8], help="draft lengths")
+    ap.add_argument("--min-n", type=_ints, default=[1, 2, 3], help="prompt_lookup_min values")
+    ap.add_argument("--max-n", type=_ints, default=[3, 5, 8], help="prompt_lookup_max values")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    rows = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
