@@ -80,8 +80,9 @@ def walk(prompt: list[int], output: list[int], variant: dict) -> tuple[int, int,
         context = prompt + output[:done]
         drafts = draft(context, variant["k"], variant["min_n"], variant["max_n"],
                        variant["occurrence"], variant["extend"])  # fmt: skip
-        future = output[done : done + len(drafts)]
-        kept = next((i for i, (a, b) in enumerate(zip(drafts, future)) if a != b), len(future))
+        future = output[done : done + len(drafts)]  # shorter than drafts only at the end
+        kept = next((i for i, (a, b) in enumerate(zip(drafts, future, strict=False)) if a != b),
+                    len(future))  # fmt: skip
         steps += 1
         drafted += bool(drafts)
         accepted += kept
