@@ -1,0 +1,101 @@
+"""benchmarks/ngram_acceptance.py: its latest-occurrence lookup against a brute-force
+definition, its replay of a greedy run's steps against a hand-worked example, and a whole run
+with the bundled model on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallm.bundled import BUNDLED_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks/ngram_acceptance.py"
+
+
+def _bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("ngram_acceptance", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _latest_by_definition(tokens, num_tokens, min_n, max_n):
+    """Longest n first; the last start whose n-gram ends before the last token."""
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        starts = [s for s in range(size - n) if tokens[s : s + n] == tokens[size - n :]]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + num_tokens]
+    return []
+
+
+def test_latest_lookup_matches_its_definition():
+    bench = _bench()
+    rng = random.Random(0)
+    for _ in range(400):
+        # Large token ids too: a byte match that straddles two tokens must not count.
+        alphabet = [rng.randrange(1, 4) * 256 ** rng.randrange(0, 3) for _ in range(3)]
+        tokens = [rng.choice(alphabet) for _ in range(rng.randrange(1, 30))]
+        k, lo = rng.randrange(1, 6), rng.randrange(1, 3)
+        hi = lo + rng.randrange(0, 3)
+        assert bench.propose_latest(tokens, k, lo, hi) == _latest_by_definition(tokens, k, lo, hi)
+
+
+def test_latest_and_earliest_differ_where_a_suffix_recurs():
+    bench = _bench()
+    tokens = [5, 9, 1, 2, 5, 9, 3, 4, 5, 9]
+    assert bench.draft(tokens, 2, 2, 2, "earliest", False) == [1, 2]
+    assert bench.draft(tokens, 2, 2, 2, "latest", False) == [3, 4]
+
+
+def test_extend_fills_a_short_chain_by_looking_up_again():
+    bench = _bench()
+    # In a repeating run the latest "4 6" before the last token starts two tokens back: only
+    # "4 6" follows it. Looking up again from the run plus those two drafts adds one more.
+    tokens = [4, 6, 4, 6, 4, 6]
+    assert bench.draft(tokens, 3, 2, 2, "latest", False) == [4, 6]
+    assert bench.draft(tokens, 3, 2, 2, "latest", True) == [4, 6, 4]
+    assert bench.draft(tokens, 3, 2, 2, "earliest", False) == [4, 6, 4]
+
+
+def test_walk_counts_the_steps_of_a_greedy_run():
+    bench = _bench()
+    variant = {"k": 3, "min_n": 1, "max_n": 1, "occurrence": "earliest", "extend": False}
+    prompt = [1, 2, 3, 4]
+    output = [1, 2, 3, 9, 9]
+    # The prefill emits 1. Context ..4 1: "1" occurred at 0, drafts 2 3 4, of which 2 3 are
+    # kept and the verify step emits 9. Context ..3 9: no earlier 9, no drafts, 9 emitted.
+    # Three steps, one of them drafted, two drafts accepted.
+    assert bench.walk(prompt, output, variant) == (3, 1, 2)
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model")
+def test_whole_run_scores_every_variant(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    body = "def f{i}(x):\n    return x + {i}\n\n"
+    for j in range(3):
+        text = "import os\n\n\n" + "".join(body.format(i=i) for i in range(8)) + "def g(y):\n"
+        (corpus / f"m{j}.py").write_text(text)
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCH), "--corpus", str(corpus), "--val-fraction", "1",
+           "--num-prompts", "3", "--max-tokens", "12", "--device", "cpu", "--dtype", "float32",
+           "--k", "2,4", "--min-n", "1,2", "--max-n", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 2 * 2  # k x min_n x occurrence x extend (max_n 2 >= min_n)
+    tokens = {r["tokens"] for r in rows}
+    assert len(tokens) == 1  # every variant replays the same plain outputs
+    for r in rows:
+        assert 1 <= r["tokens_per_step"] <= r["k"] + 1
+        assert 0 <= r["drafted_share"] <= 1
+        assert r["drafted_share"] == 0 or 1 <= r["tokens_per_drafted_step"] <= r["k"] + 1
