@@ -233,6 +233,18 @@ for step in "$@"; do
                    --corpus python --val-fraction 0.01 --skip-layers 3 \
                    --methods ngram,layer_skip,draft_model --out "$OUT/spec_steps_150m.json" 2>&1 | tail -15
                fi ;;
+    specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k)
+                # scored on the 150M model's own greedy outputs (after `spectrain`)
+                python3 benchmarks/ngram_acceptance.py --model runs/code-model-150m/hf --corpus python \
+                  --val-fraction 0.01 --min-n 1,2 --max-n 5,8 --out "$OUT/ngram_acceptance_150m.json" \
+                  2>&1 | tail -34 ;;
+    spectimeline) # issue 15: the GPU timeline of plain and of ngram k = 8 verify steps at batch 1
+                  # (150M shape, dummy weights: the steps' cost, not their yield)
+                  for spec in '' '{"method":"ngram","num_speculative_tokens":8}'; do
+                    python3 benchmarks/profile_decode.py --config benchmarks/configs/code-model-150m.json \
+                      --timeline --batch 1 ${spec:+--speculative-config "$spec"} 2>&1 \
+                      | grep -v "us idle between" | tail -34
+                  done ;;
     quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and
                   # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
                   python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \
