@@ -135,8 +135,8 @@ def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[s
         "ngram": {
             "method": "ngram",
             "num_speculative_tokens": k,
-            "prompt_lookup_min": 2,
-            "prompt_lookup_max": 5,
+            "prompt_lookup_min": args.prompt_lookup_min,
+            "prompt_lookup_max": args.prompt_lookup_max,
         },  # fmt: skip
         "draft_model": {
             "method": "draft_model",
@@ -324,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-speculative-tokens", type=ints, default=[4],
                     help="k of each drafter; several (4,8) run each drafter once per k against "
                          "one plain baseline")  # fmt: skip
+    ap.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram's shortest n-gram")
+    ap.add_argument("--prompt-lookup-max", type=int, default=5, help="ngram's longest n-gram")
     ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
     ap.add_argument("--skip-layers", type=int, default=0,
                     help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip
