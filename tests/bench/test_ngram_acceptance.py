@@ -27,17 +27,20 @@ def _bench():
     return bench
 
 
-def _latest_by_definition(tokens, num_tokens, min_n, max_n):
-    """Longest n first; the last start whose n-gram ends before the last token."""
+def _by_definition(tokens, num_tokens, min_n, max_n, latest):
+    """Longest n first; the first or the last start whose n-gram ends before the last token."""
     size = len(tokens)
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         starts = [s for s in range(size - n) if tokens[s : s + n] == tokens[size - n :]]
         if starts:
-            return tokens[starts[-1] + n : starts[-1] + n + num_tokens]
+            start = starts[-1] if latest else starts[0]
+            return tokens[start + n : start + n + num_tokens]
     return []
 
 
-def test_latest_lookup_matches_its_definition():
+@pytest.mark.parametrize("occurrence", ["earliest", "latest"])
+def test_each_lookup_matches_its_definition(occurrence):
+    """Both policies the bench compares; one of them is the engine's ``propose_ngram``."""
     bench = _bench()
     rng = random.Random(0)
     for _ in range(400):
@@ -46,7 +49,8 @@ def test_latest_lookup_matches_its_definition():
         tokens = [rng.choice(alphabet) for _ in range(rng.randrange(1, 30))]
         k, lo = rng.randrange(1, 6), rng.randrange(1, 3)
         hi = lo + rng.randrange(0, 3)
-        assert bench.propose_latest(tokens, k, lo, hi) == _latest_by_definition(tokens, k, lo, hi)
+        want = _by_definition(tokens, k, lo, hi, occurrence == "latest")
+        assert bench.draft(tokens, k, lo, hi, occurrence, False) == want
 
 
 def test_latest_and_earliest_differ_where_a_suffix_recurs():
