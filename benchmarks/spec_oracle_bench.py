@@ -13,8 +13,17 @@ differently and pick different argmaxes from the first steps on. So the dummy mo
 peaked after load (:func:`peak_dummy_logits`, benchmark only; ``--raw-dummy-weights`` keeps
 the plain ones): same shapes, same kernels, same cost, only the weight values change.
 
+``--drafter device`` measures the engine's fastest path instead, the device drafter (prompt
+lookup on the GPU, every verify step launched before the last one's tokens reach the host),
+which no host oracle can feed. Peaked weights make the next token ``t + 1`` whatever came
+before, so a prompt holding a counting run ``a, a+1, ...`` as long as the output, and ending
+in ``a - 1``, makes prompt lookup itself the oracle: its continuation is the run. A wrong
+draft is a run token replaced at random (``--wrong``); where the output passes it, the lookup
+drafts it (rejected) or finds nothing. Efficiency then divides by the tokens of every engine
+step, since a step whose lookup found nothing costs a verify step too.
+
     python benchmarks/spec_oracle_bench.py --config benchmarks/configs/llama-3.1-8b.json \
-        --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25 --out spec_oracle.json
+        --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25 [--drafter device] --out spec_oracle.json
 """
 
 from __future__ import annotations
@@ -75,6 +84,25 @@ def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int
     return [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(batch)]
 
 
+def _run_prompts(
+    batch: int, input_len: int, run_len: int, vocab: int, seed: int, wrong: float
+) -> list[list[int]]:  # fmt: skip
+    """``--drafter device``'s prompts: random tokens, a counting run of ``run_len`` tokens
+    (each replaced by a random one with probability ``wrong``), 8 random tokens, and the run's
+    first token minus one. The random parts depend on ``seed`` alone, so every ``wrong`` gives
+    prompts ending in the same token: the same peaked continuation."""
+    rng, corrupt = random.Random(seed), random.Random(seed + 1)
+    prompts = []
+    for _ in range(batch):
+        start = rng.randrange(10, vocab)
+        run = [(start + i) % vocab for i in range(run_len)]
+        run = [corrupt.randrange(10, vocab) if corrupt.random() < wrong else t for t in run]
+        head = [rng.randrange(10, vocab) for _ in range(input_len)]
+        gap = [rng.randrange(10, vocab) for _ in range(8)]
+        prompts.append(head + run + gap + [(start - 1) % vocab])
+    return prompts
+
+
 def _outputs(prompts: list[list[int]], outs) -> dict[tuple[int, ...], list[int]]:
     return {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(prompts, outs, strict=True)}
 
@@ -127,6 +155,8 @@ def _verify_replays(llm: LLM) -> int:
 def run(args: argparse.Namespace) -> list[dict]:
     if not args.raw_dummy_weights:
         _install_peaked_dummy_weights()
+    if args.drafter == "device":
+        return run_device(args)
     engine_args = dict(load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
                        device=args.device, dtype=args.dtype, gpu_memory_utilization=0.6)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -135,15 +165,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows, baseline, futures = [], {}, {}
     for batch in args.batch_sizes:
         prompts = _prompts(batch, args.input_len, vocab, seed=batch)
-        for _ in range(2):  # warm-up: the second run's prefills hit the prefix cache, as the
-            _timed_generate(plain, prompts, params)  # timed run's do (other kernel shapes)
-        steps = plain.engine.num_steps
-        outs, seconds = _timed_generate(plain, prompts, params)
-        baseline[batch] = seconds
+        outs, baseline[batch], plain_ms = _warm_timed(plain, prompts, params)
         futures[batch] = _outputs(prompts, outs)
         # Per engine step (prefill steps included), to set beside bench latency's ms/token and
         # the verify steps' ms below: a verify step cannot cost less than a plain decode step.
-        plain_ms = 1e3 * seconds / max(1, plain.engine.num_steps - steps)
         print(f"batch {batch:>3} plain: {plain_ms:.3f} ms per step", flush=True)
     del plain
     spec = {"method": "ngram", "num_speculative_tokens": max(args.k)}
@@ -183,6 +208,71 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_device(args: argparse.Namespace) -> list[dict]:
+    """``--drafter device``: plain decoding of the counting-run prompts, then for each k an
+    engine whose prompt lookup drafts (n of 1 to 2) over prompts with each wrong fraction."""
+    if args.raw_dummy_weights:
+        raise SystemExit("--drafter device needs peaked weights (no --raw-dummy-weights)")
+    run_len = args.output_len + max(args.k) + 2
+    engine_args = dict(load_format="dummy", device=args.device, dtype=args.dtype,
+                       max_model_len=args.input_len + run_len + args.output_len + 32,
+                       gpu_memory_utilization=0.6)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    plain = LLM(args.config, **engine_args)
+    vocab = plain.engine.model_config.vocab_size
+    baseline, plain_outs = {}, {}
+    for batch in args.batch_sizes:
+        prompts = _run_prompts(batch, args.input_len, run_len, vocab, batch, 0.0)
+        outs, baseline[batch], ms = _warm_timed(plain, prompts, params)
+        plain_outs[batch] = [list(o.outputs[0].token_ids) for o in outs]
+        print(f"batch {batch:>3} plain: {ms:.3f} ms per step", flush=True)
+    del plain
+    rows = []
+    for k in args.k:
+        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
+                "prompt_lookup_max": 2}  # fmt: skip
+        llm = LLM(args.config, speculative_config=spec, **engine_args)
+        for batch in args.batch_sizes:
+            for wrong in args.wrong:
+                prompts = _run_prompts(batch, args.input_len, run_len, vocab, batch, wrong)
+                rows.append(_device_row(llm, prompts, params, plain_outs[batch], baseline[batch],
+                                        {"batch": batch, "k": k, "wrong": wrong}))  # fmt: skip
+        del llm
+    return rows
+
+
+def _warm_timed(llm: LLM, prompts: list[list[int]], params: SamplingParams):
+    """Outputs, seconds and ms per engine step of a run after two warm-ups (the second's
+    prefills hit the prefix cache, as the timed run's do)."""
+    for _ in range(2):
+        _timed_generate(llm, prompts, params)
+    steps = llm.engine.num_steps
+    outs, seconds = _timed_generate(llm, prompts, params)
+    return outs, seconds, 1e3 * seconds / max(1, llm.engine.num_steps - steps)
+
+
+def _device_row(llm: LLM, prompts, params, want: list[list[int]], plain_s: float, row: dict):
+    before = llm.engine.spec_stats.copy()
+    overlapped, steps0 = llm.engine.num_overlapped_steps, llm.engine.num_steps
+    outs, seconds, ms = _warm_timed(llm, prompts, params)
+    steps = llm.engine.num_steps - steps0  # the three runs'
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    per_engine_step = 3 * sum(map(len, got)) / max(1, steps)
+    speedup = plain_s / seconds
+    row.update(tokens_per_step=llm.engine.spec_stats.mean_since(before),
+               tokens_per_engine_step=per_engine_step, speedup=speedup,
+               efficiency=speedup / per_engine_step, spec_s=seconds, plain_s=plain_s,
+               spec_ms_per_step=ms,
+               overlapped_steps=(llm.engine.num_overlapped_steps - overlapped) / max(1, steps),
+               identical_outputs=sum(g == w for g, w in zip(got, want, strict=True)) / len(got))  # fmt: skip
+    print(f"batch {row['batch']:>3} k {row['k']} wrong {row['wrong']:.2f}: "
+          f"{per_engine_step:.2f} tok/engine step ({row['tokens_per_step']:.2f} a drafted one), "
+          f"speedup {speedup:.2f}x, efficiency {row['efficiency']:.2f}, {ms:.3f} ms per step, "
+          f"{row['overlapped_steps']:.0%} overlapped, identical outputs "
+          f"{row['identical_outputs']:.0%}", flush=True)  # fmt: skip
+    return row
+
+
 def print_thresholds(rows: list[dict]) -> None:
     """The break-even tokens per step at each batch size (where speculation starts to pay:
     ``min_tokens_per_step``), from the mean efficiency of its rows; a batch size at which even
@@ -211,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=[0.0, 0.25], help="fractions of oracle drafts made wrong")  # fmt: skip
     ap.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     ap.add_argument("--output-len", type=int, default=256, help="generated tokens")
+    ap.add_argument("--drafter", choices=["host", "device"], default="host",
+                    help="host: the oracle's drafts on the host (the host drafter's path); "
+                         "device: counting-run prompts that make prompt lookup the oracle "
+                         "(the device drafter's path on CUDA with async scheduling)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--raw-dummy-weights", action="store_true",
                     help="keep the plain dummy weights (near-tied logits: in bf16 the oracle's "

@@ -190,13 +190,15 @@ for step in "$@"; do
                python3 benchmarks/quant_gemm_bench.py --device cuda --dtype bf16 --shapes "${shapes%,}" \
                  --out "$OUT/quant_gemm_8b.json" > "$OUT/quant_gemm_8b.log" 2>&1
                tail -40 "$OUT/quant_gemm_8b.log" ;;
-    specoracle) # verify graphs against the eager verify first: the table means nothing if they differ
+    specoracle) # verify graphs against the eager verify first: the table means nothing if they differ;
+                # DRAFTER=device measures the device drafter's path (default: host)
                 python3 -m pytest -q -m gpu tests/engine/test_verify_graph_gpu.py -p no:cacheprovider \
                   > "$OUT/pytest_verify_graph.log" 2>&1; tail -3 "$OUT/pytest_verify_graph.log"
                 for shape in llama-3.1-8b llama-3.2-1b; do
                   python3 benchmarks/spec_oracle_bench.py --config benchmarks/configs/$shape.json \
-                    --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --out "$OUT/spec_oracle_$shape.json" \
-                    > "$OUT/spec_oracle_$shape.log" 2>&1; tail -31 "$OUT/spec_oracle_$shape.log"; done ;;
+                    --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25,0.5 --drafter "${DRAFTER:-host}" \
+                    --out "$OUT/spec_oracle_$shape.json" > "$OUT/spec_oracle_$shape.log" 2>&1
+                  tail -31 "$OUT/spec_oracle_$shape.log"; done ;;
     spectrain) # issue 15's larger code model; its weights stay on the machine for `specreal`;
                # STEPS (default: the recipe's 900) trains fewer, to leave room in the same call
                python3 -m parallm train --config configs/train/code-model-150m.toml --plot \

@@ -38,6 +38,36 @@ def test_oracle_bench_reports_tokens_per_step(tiny_model_dir, tmp_path):
     assert rows[(4, 0.0)]["tokens_per_step"] > rows[(2, 0.0)]["tokens_per_step"]
 
 
+def test_device_mode_prompts_make_prompt_lookup_the_oracle(tiny_model_dir, tmp_path):
+    """On CPU the engine drafts on the host (no async scheduling), with the same prompt lookup
+    over the same counting-run prompts: every draft right without wrong run tokens, fewer with
+    them, and the output plain decoding's either way."""
+    out = tmp_path / "oracle.json"
+    cmd = [sys.executable, str(BENCH), "--config", str(tiny_model_dir("llama3") / "config.json"),
+           "--device", "cpu", "--dtype", "float32", "--drafter", "device", "--batch-sizes", "2",
+           "--k", "3", "--wrong", "0,0.5", "--input-len", "8", "--output-len", "24",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["wrong"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {0.0, 0.5}
+    assert all(r["identical_outputs"] == 1.0 for r in rows.values())
+    assert rows[0.0]["tokens_per_step"] == pytest.approx(4.0, abs=0.3)  # k + 1 a drafted step
+    assert rows[0.5]["tokens_per_engine_step"] < rows[0.0]["tokens_per_engine_step"]
+
+
+def test_run_prompts_differ_only_where_run_tokens_are_made_wrong():
+    bench = _bench()
+    right = bench._run_prompts(3, 5, 20, 1000, seed=1, wrong=0.0)
+    wrong = bench._run_prompts(3, 5, 20, 1000, seed=1, wrong=0.5)
+    for r, w in zip(right, wrong, strict=True):
+        assert len(r) == len(w) == 5 + 20 + 8 + 1
+        assert r[5:25] == [(r[5] + i) % 1000 for i in range(20)]  # the counting run
+        assert r[-1] == (r[5] - 1) % 1000  # its continuation under peaked weights is the run
+        changed = [i for i in range(len(r)) if r[i] != w[i]]
+        assert changed and all(5 <= i < 25 for i in changed)
+
+
 def _bench():
     spec = importlib.util.spec_from_file_location("spec_oracle_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
