@@ -1,5 +1,6 @@
-"""Prompt lookup's yield, offline: tokens an engine step for each lookup variant, from the
-target's own greedy outputs.
+"""Prompt lookup's yield offline: tokens an engine step for each lookup variant.
+
+The yield is computed from the target's own greedy outputs.
 
 Greedy speculation is lossless, so the tokens a run emits are plain decoding's, and which
 drafts are accepted follows from them alone: at each step the drafter proposes from the
@@ -32,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spec_real_bench import completion_prompts  # noqa: E402
+from spec_real_bench import add_prompt_args, completion_prompts  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
@@ -145,16 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     ap.add_argument("--model", default=str(BUNDLED_MODEL_DIR), help="target model folder")
-    ap.add_argument("--corpus", default="stdlib", help="corpus whose held-out files give prompts")
-    ap.add_argument("--val-fraction", type=float, default=0.02,
-                    help="the model's training data.val_fraction (which files are held out)")  # fmt: skip
+    add_prompt_args(ap, corpus="stdlib", val_fraction=0.02)  # the bundled model's held-out files
     ap.add_argument("--num-prompts", type=int, default=64, help="prompts")
-    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens at most")
-    ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens a prompt")
-    ap.add_argument("--max-model-len", type=int, default=1024, help="engine's max_model_len")
     ap.add_argument("--seed", type=int, default=0, help="which held-out files")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, float32")
     ap.add_argument("--k", type=_ints, default=[4, 8], help="draft lengths")
     ap.add_argument("--min-n", type=_ints, default=[1, 2, 3], help="prompt_lookup_min values")
     ap.add_argument("--max-n", type=_ints, default=[3, 5, 8], help="prompt_lookup_max values")
