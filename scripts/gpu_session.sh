@@ -248,6 +248,12 @@ for step in "$@"; do
                       --timeline --batch 1 ${spec:+--speculative-config "$spec"} 2>&1 \
                       | grep -v "us idle between" | tail -34
                   done ;;
+    hostprofile) # issue 15: the host's functions in batch-1 plain and ngram k = 8 passes (cProfile;
+                 # the 150M model after `spectrain`, else the bundled one); the whole report in $OUT
+                 target=(); [[ -f runs/code-model-150m/hf/config.json ]] && target=(--target runs/code-model-150m/hf)
+                 python3 benchmarks/host_cprofile.py "${target[@]}" --top 25 --out "$OUT/host_profile.txt" \
+                   > /dev/null 2>&1
+                 sed -n '/===== ngram/,$p' "$OUT/host_profile.txt" | head -45 ;;
     quantquality) # issue 17's quality: held-out loss and greedy agreement of fp8/int8 weights and
                   # fp8 KV against bf16, for the bundled model and (once `spectrain` made it) the 150M one
                   python3 benchmarks/quant_quality.py --out "$OUT/quant_quality.json" \
