@@ -42,7 +42,7 @@ def profile_pass(llm: LLM, prompts: list[list[int]], params: SamplingParams, top
     return buf.getvalue()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -59,7 +59,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="prompt choice (default: 0)")
     ap.add_argument("--out", default=None, help="write the report here too (default: none)")
     add_prompt_args(ap, "python", 0.01)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_min": 2, "prompt_lookup_max": 5}  # fmt: skip
