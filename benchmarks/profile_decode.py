@@ -19,6 +19,7 @@ import json
 import pstats
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,7 +34,7 @@ def _make_llm(args: argparse.Namespace, eager: bool) -> LLM:
         load_format="dummy",
         # 4096, or less for a model whose positions stop short of it (the 150M code model's 1024)
         max_model_len=min(
-            4096, json.loads(open(args.config).read()).get("max_position_embeddings", 4096)
+            4096, json.loads(Path(args.config).read_text()).get("max_position_embeddings", 4096)
         ),
         max_num_seqs=max(8, args.batch),
         gpu_memory_utilization=0.4,
