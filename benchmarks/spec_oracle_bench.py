@@ -38,6 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spec_real_bench import identical_share  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.engine.engine import LLMEngine  # noqa: E402
@@ -264,7 +267,7 @@ def _device_row(llm: LLM, prompts, params, want: list[list[int]], plain_s: float
                efficiency=speedup / per_engine_step, spec_s=seconds, plain_s=plain_s,
                spec_ms_per_step=ms,
                overlapped_steps=(llm.engine.num_overlapped_steps - overlapped) / max(1, steps),
-               identical_outputs=sum(g == w for g, w in zip(got, want, strict=True)) / len(got))  # fmt: skip
+               identical_outputs=identical_share(got, want))  # fmt: skip
     print(f"batch {row['batch']:>3} k {row['k']} wrong {row['wrong']:.2f}: "
           f"{per_engine_step:.2f} tok/engine step ({row['tokens_per_step']:.2f} a drafted one), "
           f"speedup {speedup:.2f}x, efficiency {row['efficiency']:.2f}, {ms:.3f} ms per step, "
