@@ -431,7 +431,7 @@ class ModelRunner:
         samples): a decode batch's inputs, or the first of a verify step's, whose drafts come
         from the host (``ScheduledBatch.known_on_device``).
         """
-        greedy = host_ids = inputs = hidden = None
+        greedy = host_ids = inputs = hidden = shape = None
         scored: list[PromptScores] = []
         if self._use_graph(batch):
             decode = self.prepare_decode(batch)
@@ -447,7 +447,10 @@ class ModelRunner:
             known = device_ids if batch.known_on_device else None
             if batch.device_tail and not batch.staged_on_device:
                 self.device_drafts.upload([item.seq for item in batch.seqs])
-            replayed = self._replay_verify(inputs, known, spans, batch.staged_on_device)
+            shape = self._verify_shape(inputs, spans)
+            replayed = None
+            if shape is not None:
+                replayed = self.verify_graphs.run(inputs, known, batch.staged_on_device, shape)
             if batch.staged_on_device and replayed is None:  # its host inputs are placeholders
                 raise RuntimeError("a verify step staged on the device found no graph to replay")
             if known is not None and replayed is None:  # the eager forward takes every id
@@ -467,7 +470,7 @@ class ModelRunner:
             if hidden is not None:
                 out = dataclasses.replace(out, hidden_states=hidden)
             return out, scored
-        return self._verify(batch, inputs, logits, hidden, drafted), scored
+        return self._verify(batch, inputs, logits, hidden, drafted, shape), scored
 
     def _verify(
         self,
@@ -476,15 +479,17 @@ class ModelRunner:
         logits: torch.Tensor,
         hidden: torch.Tensor | None,
         drafted: list[list[int]],
+        shape: VerifyShape | None,
     ) -> SamplerOutput:
         """The tokens a step with drafts emits (``drafted``: each sampling sequence's drafts).
         Each drafted sequence has one row per draft after its own: the first rows are sampled
-        as in any step, the drafts verified on the rows after them."""
+        as in any step, the drafts verified on the rows after them. ``shape``: the verify
+        graph's shape that ran the step, None where it ran eagerly."""
         starts = itertools.accumulate((1 + len(d) for d in drafted[:-1]), initial=0)
         first = np.fromiter(starts, np.int64, len(drafted))
         if hidden is None and _greedy_chains(batch):  # walked when the argmax reaches the host
             if batch.device_tail:  # the argmax is the tail's first kernel
-                argmax, next_drafts = self._device_tail(batch, inputs, logits)
+                argmax, next_drafts = self._device_tail(batch, logits, shape)
             else:
                 argmax, next_drafts = greedy_argmax(logits, self.fused_kernels), None
             return SamplerOutput(argmax, chains=GreedyChains(first, drafted, next_drafts))
@@ -502,29 +507,25 @@ class ModelRunner:
         return out
 
     def _device_tail(
-        self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor
+        self, batch: ScheduledBatch, logits: torch.Tensor, shape: VerifyShape | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every row's argmax and the device drafter's tail after this verify step
         (``DeviceDrafts.tail``, one graph replay where captured), staging the next step in
-        this step's shape: the argmax rows and the next drafts' host rows, the latter None
-        when no verify shape holds the step (nothing to stage into)."""
+        ``shape``, the verify graph's that ran it: the argmax rows and the next drafts' host
+        rows, the latter None when no verify graph ran the step (nothing to stage into)."""
         graphs = self.verify_graphs
-        shape = graphs.shape_for(inputs)
         if shape is None:
             return greedy_argmax(logits, self.fused_kernels), None
         return self.device_drafts.tail(logits, graphs.inputs[shape], len(batch.seqs),
                                        self.block_size, graphs.scratch_block * self.block_size)  # fmt: skip
 
-    def _replay_verify(
-        self, inputs: StepInputs, known: torch.Tensor | None, spans: list[PromptSpan],
-        staged: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-        """Logits and hidden states of a verify step from a captured graph, or None when none
-        fits (or the step has prompt tokens or other ranks to feed). ``known``: each
-        sequence's known token on the device, when the host has only placeholders for them."""
+    def _verify_shape(self, inputs: StepInputs, spans: list[PromptSpan]) -> VerifyShape | None:
+        """The verify graph's shape that runs this step, found once a step: None when no
+        graph holds it, or the step has prompt tokens or other ranks to feed (it runs
+        eagerly)."""
         if self.verify_graphs is None or spans or self.step_listener is not None:
             return None
-        return self.verify_graphs.run(inputs, known, staged)
+        return self.verify_graphs.shape_for(inputs)
 
     def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
         """A verify step's input ids on the device: each sequence's ``known`` token at its

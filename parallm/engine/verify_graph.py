@@ -248,7 +248,7 @@ class VerifyGraphs(GraphedSteps):
 
     def _capture_one(self, shape: VerifyShape, pool) -> torch.cuda.CUDAGraph:
         """One shape's graph (its forward's own outputs die here, back to the pool)."""
-        self._stage_padding(shape)
+        self.stage_padding(shape)
         for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
             logits, rows = self.forward(shape)
         if self._shared_outputs is None:  # the first (largest) shape sizes them
@@ -262,7 +262,7 @@ class VerifyGraphs(GraphedSteps):
         self.outputs[shape] = tuple(shared)
         return graph
 
-    def _stage_padding(self, shape: VerifyShape) -> None:
+    def stage_padding(self, shape: VerifyShape) -> None:
         """Every sequence of the shape a padding one (what capture runs on)."""
         buf = self.inputs[shape]
         head, _, _ = self._staged(shape, _empty_step(shape.tree))
@@ -270,7 +270,11 @@ class VerifyGraphs(GraphedSteps):
         buf.block_tables.fill_(self.scratch_block)
 
     def run(
-        self, inputs: StepInputs, known: torch.Tensor | None = None, staged: bool = False
+        self,
+        inputs: StepInputs,
+        known: torch.Tensor | None = None,
+        staged: bool = False,
+        shape: VerifyShape | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits and final hidden states of the step's tokens (rows in the step's order,
         every one a sampling row) from the graph of the smallest shape that holds the step;
@@ -278,8 +282,9 @@ class VerifyGraphs(GraphedSteps):
         next replay. ``known``: each sequence's first input on the device, in place of the
         host's placeholders (a step launched before the last one's tokens reached the host);
         ``staged``: every input but the block tables is on the device already (the device
-        drafter's tail staged it; the host's are placeholders)."""
-        shape = self.shape_for(inputs)
+        drafter's tail staged it; the host's are placeholders); ``shape``: ``shape_for(inputs)``
+        where the caller found it already."""
+        shape = shape or self.shape_for(inputs)
         if shape is None:
             return None
         buf = self.inputs[shape]

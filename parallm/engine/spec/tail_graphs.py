@@ -94,7 +94,7 @@ def capture_tails(drafts: DeviceDrafts, graphs: VerifyGraphs, block_size: int) -
         tails.buffers[batch] = buffers
     drafts.reset()
     for shape in sorted(set(shapes.values())):
-        graphs._stage_padding(shape)  # the warm-ups staged rows of real-looking steps
+        graphs.stage_padding(shape)  # the warm-ups staged rows of real-looking steps
     torch.cuda.synchronize(drafts.device)
     tails.capture_seconds = time.perf_counter() - started
     return tails
