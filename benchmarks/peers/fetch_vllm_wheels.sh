@@ -112,9 +112,9 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-for what in "llama-3.2-1b --steps offline" "llama-3.2-1b --steps latency" \
-            "llama-3.2-1b --steps serve" "qwen3-0.6b --steps offline,latency" \
-            "llama-3.1-8b --steps latency"; do
+# What is left of issue 14's table (benchmarks/peers/README.md says why each).
+for what in "qwen3-0.6b --steps mixed" "llama-3.2-1b --steps serve" \
+            "llama-3.1-8b --steps serve --servers vllm-stock"; do
   n=$((n + 1))
   echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
 done

@@ -14,7 +14,10 @@ Run from the repository root after install_vllm.sh, with its environment
   loaded by ``parallm bench serve`` replaying the Azure conversation trace at each time scale.
   Both servers get a model folder with the config and parallm's id tokenizer (token i is the
   text ``<i>``), so both stream one non-empty piece per token and detokenize as they would
-  with a real model.
+  with a real model;
+- mixed: ``benchmarks/mixed_step_bench.py`` in each engine (vLLM with parallm's limits): a
+  decode step with a new prompt in it against a pure decode step, launches and device time
+  profiled (why serving's TPOT differs; RESULTS, fourteenth session).
 
 Every step writes parallm's bench JSON (rows side by side) and a log under ``--work``;
 summary.json and summary.md gather the figures RESULTS.md needs. At the end everything is
@@ -40,7 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "benchmarks" / "configs"
-STEPS = ("smoke", "offline", "latency", "serve")
+STEPS = ("smoke", "offline", "latency", "serve", "mixed")
 SERVERS = ("parallm", "vllm-stock", "vllm-parallm-limits")
 
 
@@ -156,6 +159,19 @@ def step_offline(args: argparse.Namespace, model: str) -> bool:
 def step_latency(args: argparse.Namespace, model: str) -> bool:
     return run_bench(args, "latency", model, "latency", "--batch-sizes", args.batch_sizes,
                      "--vllm-configs", "stock")  # fmt: skip
+
+
+def step_mixed(args: argparse.Namespace, model: str) -> bool:
+    """Mixed and pure decode steps timed and profiled in parallm, then in vLLM."""
+    ok = True
+    for engine in ("parallm", "vllm"):
+        name = f"mixed_{model}_{engine}"
+        ok &= run_logged(name, [
+            sys.executable, str(REPO / "benchmarks" / "mixed_step_bench.py"),
+            "--config", str(CONFIGS / f"{model}.json"), "--engine", engine,
+            "--max-model-len", str(args.max_model_len), "--out", str(args.work / f"{name}.json"),
+        ], args)  # fmt: skip
+    return ok
 
 
 def step_serve(args: argparse.Namespace, model: str) -> bool:
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     args.deadline = time.monotonic() + args.budget_s
     steps = {"smoke": step_smoke, "offline": step_offline, "latency": step_latency,
-             "serve": step_serve}  # fmt: skip
+             "serve": step_serve, "mixed": step_mixed}  # fmt: skip
     failed = []
     try:
         for model, step in [(m, s) for m in args.models for s in args.steps]:

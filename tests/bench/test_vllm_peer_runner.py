@@ -157,3 +157,18 @@ def test_a_failed_step_stops_the_run_and_still_packs(run_vllm, tmp_path, monkeyp
     assert "no module named 'vllm'" in printed
     assert "stopping after a failed step" in printed and "== throughput_" not in printed
     assert (out / "summary.json").is_file() and list(out.glob("peers-*.tar.gz"))
+
+
+def test_mixed_step_runs_the_bench_in_both_engines_with_flags_it_takes(run_vllm, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    args = run_vllm.parse_args(["--steps", "mixed", "--work", str(tmp_path)])
+    commands = []
+    monkeypatch.setattr(run_vllm, "run_logged", lambda name, cmd, a: commands.append(cmd) or True)
+    assert run_vllm.step_mixed(args, "qwen3-0.6b")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import mixed_step_bench
+
+    parsed = [mixed_step_bench.parse_args(cmd[2:]) for cmd in commands]
+    assert [p.engine for p in parsed] == ["parallm", "vllm"]
+    assert {p.config for p in parsed} == {str(REPO / "benchmarks/configs/qwen3-0.6b.json")}
+    assert all(p.max_model_len == args.max_model_len and p.out.parent == tmp_path for p in parsed)

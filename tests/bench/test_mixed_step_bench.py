@@ -1,0 +1,51 @@
+"""benchmarks/mixed_step_bench.py on CPU with a tiny dummy model (parallm's side)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import mixed_step_bench as bench  # noqa: E402
+
+
+def test_rows_for_every_batch_and_arrival_length(tiny_model_dir, tmp_path, monkeypatch):
+    config = tiny_model_dir("llama3") / "config.json"
+    added: list[tuple[str, int, int]] = []
+    real_add = bench.ParallmSteps.add
+
+    def counting_add(self, request_id, prompt, max_tokens):
+        added.append((request_id.split("-")[0], len(prompt), max_tokens))
+        real_add(self, request_id, prompt, max_tokens)
+
+    monkeypatch.setattr(bench.ParallmSteps, "add", counting_add)
+    out = tmp_path / "mixed.json"
+    code = bench.main(["--config", str(config), "--batch-sizes", "2,3", "--arrival-lens", "5,9",
+                       "--context-len", "8", "--steps", "3", "--warmup-steps", "1",
+                       "--profile-steps", "2", "--max-model-len", "256", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch_size"], r["arrival_len"]) for r in rows] == [(2, 5), (2, 9), (3, 5), (3, 9)]
+    for r in rows:
+        assert r["decode_ms"] > 0 and r["mixed_ms"] > 0
+        assert r["launches_per_step"] >= 0 and r["device_ms_per_step"] >= 0
+    # One arrival before every warm-up, timed and profiled mixed step; none for decode steps.
+    arrivals = [a for a in added if a[0] == "arrival"]
+    assert len(arrivals) == 2 * 2 * (1 + 3 + 2)
+    assert {(n, t) for _, n, t in arrivals} == {(5, 1), (9, 1)}
+    decoding = [a for a in added if a[0] == "decode"]
+    assert len(decoding) == 2 + 3 and {n for _, n, _ in decoding} == {8}
+
+
+def test_decoding_requests_must_outlast_the_steps():
+    with pytest.raises(SystemExit, match="--max-model-len"):
+        bench.parse_args(["--config", "c.json", "--steps", "2000"])
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--context-len", "--warmup-steps"])
+def test_counts_must_be_positive(flag):
+    with pytest.raises(SystemExit, match=flag):
+        bench.parse_args(["--config", "c.json", flag, "0"])
