@@ -14,7 +14,11 @@ Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest fi
 ``earliest`` (the engine's, as vLLM: the first earlier occurrence of the n-gram) or ``latest``
 (the most recent one); ``extend``: a chain cut short (the match lies near the end, or nothing
 matched) is filled by looking up again from the context plus the drafts so far, rows the
-device drafter verifies anyway.
+device drafter verifies anyway; ``history``: where the request's own tokens give no drafts,
+the latest occurrence in the earlier requests' prompts and outputs (the prompts replayed in
+order, as a server would have served them; n from ``HISTORY_MAX_N`` down to 2, since across
+requests a single token says little), as suffix decoding (Oliaro et al., 2024) drafts from a
+server's past outputs.
 
     python benchmarks/ngram_acceptance.py [--model runs/code-model-150m/hf --corpus python
         --val-fraction 0.01] [--k 4,8] [--out ngram_acceptance.json]
@@ -40,6 +44,40 @@ from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
 from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
 
 OCCURRENCES = ("earliest", "latest")
+HISTORY_MAX_N = 8
+
+
+class History:
+    """Every earlier request's tokens (prompt and output), each followed by a separator,
+    searched for the latest occurrence of the context's last n tokens."""
+
+    SEPARATOR = -1
+
+    def __init__(self) -> None:
+        self.words = bytearray()
+
+    def add(self, tokens: list[int]) -> None:
+        self.words += np.asarray([*tokens, self.SEPARATOR], dtype=np.int32).tobytes()
+
+    def lookup(self, context: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+        """Up to ``k`` tokens after the latest occurrence, of the longest n-gram
+        (``max_n``..``min_n``) that ends ``context``, that some token follows in its request
+        (the continuation stops at the request's end)."""
+        for n in range(min(max_n, len(context)), min_n - 1, -1):
+            pattern = np.asarray(context[-n:], dtype=np.int32).tobytes()
+            end = len(self.words)
+            while (at := self.words.rfind(pattern, 0, end)) >= 0:
+                end = at + len(pattern) - 1  # the next search: occurrences before this one
+                if at % 4:  # a byte match straddling two tokens
+                    continue
+                start = at + len(pattern)
+                after = np.frombuffer(self.words[start : start + 4 * k], dtype=np.int32)
+                after = after.tolist()
+                if self.SEPARATOR in after:
+                    after = after[: after.index(self.SEPARATOR)]
+                if after:
+                    return after
+        return []
 
 
 def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
@@ -73,14 +111,21 @@ def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, ex
     return drafts[:k]
 
 
-def walk(prompt: list[int], output: list[int], variant: dict) -> tuple[int, int, int]:
+def walk(
+    prompt: list[int], output: list[int], variant: dict, history: History | None = None
+) -> tuple[int, int, int]:
     """``(steps, drafted steps, accepted drafts)`` of a greedy run that emits ``output``
-    after ``prompt``; the prefill's step, which emits the first token, included."""
+    after ``prompt``; the prefill's step, which emits the first token, included.
+    ``history``: the earlier requests, drafted from where the request's own tokens give
+    nothing."""
     steps, drafted, accepted, done = 1, 0, 0, 1
     while done < len(output):
         context = prompt + output[:done]
         drafts = draft(context, variant["k"], variant["min_n"], variant["max_n"],
                        variant["occurrence"], variant["extend"])  # fmt: skip
+        if not drafts and history is not None:
+            drafts = history.lookup(context, variant["k"], max(2, variant["min_n"]),
+                                    HISTORY_MAX_N)  # fmt: skip
         future = output[done : done + len(drafts)]  # shorter than drafts only at the end
         kept = next((i for i, (a, b) in enumerate(zip(drafts, future, strict=False)) if a != b),
                     len(future))  # fmt: skip
@@ -92,18 +137,22 @@ def walk(prompt: list[int], output: list[int], variant: dict) -> tuple[int, int,
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True))
+    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True),
+                             (False, True))  # fmt: skip
     return [
-        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext}
-        for k, lo, hi, occ, ext in grid
+        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext, "history": hist}
+        for k, lo, hi, occ, ext, hist in grid
         if lo <= hi
     ]
 
 
 def score(prompts: list[list[int]], outputs: list[list[int]], variant: dict) -> dict:
     steps = drafted = accepted = tokens = 0
+    history = History() if variant["history"] else None
     for prompt, output in zip(prompts, outputs, strict=True):
-        s, d, a = walk(prompt, output, variant)
+        s, d, a = walk(prompt, output, variant, history)
+        if history is not None:
+            history.add(prompt + output)
         steps, drafted, accepted, tokens = (
             steps + s,
             drafted + d,
@@ -129,11 +178,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     prompts, outputs = plain_outputs(args)
     rows = [score(prompts, outputs, v) for v in variants(args)]
     print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens")
-    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'tok/step':>9} "
+    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'history':>7} {'tok/step':>9} "
           f"{'tok/drafted':>11} {'drafted':>8}")  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["k"], -r["tokens_per_step"])):
         print(f"{r['k']:>2} {r['min_n']:>2}-{r['max_n']:<2} {r['occurrence']:>10} "
-              f"{'yes' if r['extend'] else 'no':>6} {r['tokens_per_step']:>9.3f} "
+              f"{'yes' if r['extend'] else 'no':>6} {'yes' if r['history'] else 'no':>7} "
+              f"{r['tokens_per_step']:>9.3f} "
               f"{r['tokens_per_drafted_step']:>11.3f} {r['drafted_share']:>8.1%}")  # fmt: skip
     return rows
 

@@ -81,6 +81,39 @@ def test_walk_counts_the_steps_of_a_greedy_run():
     assert bench.walk(prompt, output, variant) == (3, 1, 2)
 
 
+def test_history_drafts_only_where_the_request_gives_nothing():
+    bench = _bench()
+    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest", "extend": False}
+    history = bench.History()
+    history.add([1, 2, 3, 4, 5, 6])
+    prompt, output = [7, 2, 3], [4, 5, 9]
+    # The prefill emits 4. Context 7 2 3 4: no earlier 4 nor "3 4" in the request; the
+    # history's latest "2 3 4" gives 5 6, of which 5 is kept and 9 emitted: two steps.
+    assert bench.walk(prompt, output, variant, history) == (2, 1, 1)
+    assert bench.walk(prompt, output, variant) == (3, 0, 0)  # 5, then 9, one a step
+    # The request's own drafts come first: "3 8" recurs in it, so 3 8 is drafted (and
+    # rejected) though the history has nothing to say.
+    assert bench.walk([3, 8, 3], [8, 0], variant, history) == (2, 1, 0)
+
+
+def test_history_lookup_takes_the_latest_occurrence_and_stops_at_a_request_end():
+    history = _bench().History()
+    history.add([5, 6, 1])
+    history.add([5, 6, 2, 3])
+    history.add([9, 5, 6])  # ends right after "5 6": nothing follows there
+    assert history.lookup([0, 5, 6], 3, 2, 8) == [2, 3]  # the latest with a continuation
+    assert history.lookup([0, 5, 6], 1, 2, 8) == [2]
+    assert history.lookup([9, 5, 6], 3, 2, 8) == [2, 3]  # the longest n first: "9 5 6" ends
+    assert history.lookup([7, 7], 3, 2, 8) == []
+    # A byte match straddling tokens: "1 0" is 01 00 00 00 00 00 00 00, which 256 0 0
+    # (00 01 00 00 | 00 00 00 00 | 00 00 00 00) holds one byte in.
+    straddle = _bench().History()
+    straddle.add([256, 0, 0, 5])
+    assert straddle.lookup([1, 0], 1, 2, 2) == []
+    straddle.add([1, 0, 4])
+    assert straddle.lookup([1, 0], 1, 2, 2) == [4]
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model")
 def test_whole_run_scores_every_variant(tmp_path):
     corpus = tmp_path / "corpus"
@@ -96,7 +129,7 @@ def test_whole_run_scores_every_variant(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 2 * 2  # k x min_n x occurrence x extend (max_n 2 >= min_n)
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # k x min_n x occurrence x extend x history
     tokens = {r["tokens"] for r in rows}
     assert len(tokens) == 1  # every variant replays the same plain outputs
     for r in rows:
