@@ -47,6 +47,15 @@ OCCURRENCES = ("earliest", "latest")
 HISTORY_MAX_N = 8
 
 
+def rfind_tokens(words: bytes | bytearray, pattern: bytes, end: int) -> int:
+    """The byte offset of the latest occurrence of ``pattern`` (int32 tokens) lying wholly in
+    ``words[:end]`` at a token boundary, or -1: a byte match straddling two tokens is none."""
+    at = words.rfind(pattern, 0, end)
+    while at >= 0 and at % 4:
+        at = words.rfind(pattern, 0, at + len(pattern) - 1)
+    return at
+
+
 class History:
     """Every earlier request's tokens (prompt and output), each followed by a separator,
     searched for the latest occurrence of the context's last n tokens."""
@@ -66,10 +75,8 @@ class History:
         for n in range(min(max_n, len(context)), min_n - 1, -1):
             pattern = np.asarray(context[-n:], dtype=np.int32).tobytes()
             end = len(self.words)
-            while (at := self.words.rfind(pattern, 0, end)) >= 0:
+            while (at := rfind_tokens(self.words, pattern, end)) >= 0:
                 end = at + len(pattern) - 1  # the next search: occurrences before this one
-                if at % 4:  # a byte match straddling two tokens
-                    continue
                 start = at + len(pattern)
                 after = np.frombuffer(self.words[start : start + 4 * k], dtype=np.int32)
                 after = after.tolist()
@@ -89,10 +96,7 @@ def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -
     words = np.asarray(tokens, dtype=np.int32).tobytes()
     for n in range(longest, min_n - 1, -1):
         pattern = words[(size - n) * 4 :]
-        end = (size - 1) * 4  # an occurrence lies wholly before the last token
-        at = words.rfind(pattern, 0, end)
-        while at >= 0 and at % 4:  # a byte match straddling two tokens
-            at = words.rfind(pattern, 0, at + len(pattern) - 1)
+        at = rfind_tokens(words, pattern, (size - 1) * 4)  # wholly before the last token
         if at >= 0:
             start = at // 4 + n
             return tokens[start : min(start + num_tokens, size)]
