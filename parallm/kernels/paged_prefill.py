@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +57,8 @@ def _prefill_kernel(
     kv_scale_ptr,
     tree_num_nodes_ptr,
     tree_visible_ptr,
+    tile_seq_ptr,
+    tile_block_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -77,14 +80,21 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
     HAS_TREE: tl.constexpr,
+    TILE_TABLE: tl.constexpr,
 ):
     # A tile's BLOCK_M rows are BLOCK_T tokens x the NUM_GROUPS query heads of one KV head
     # (token-major), so each K/V tile is loaded once for all the query heads that read it.
     BLOCK_T: tl.constexpr = BLOCK_M // NUM_GROUPS
     kv_head = tl.program_id(0)
-    # Causal tiles further down a sequence cost more: schedule those first.
-    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    seq = tl.program_id(2)
+    if TILE_TABLE:  # the grid is fixed (a captured graph); the table names each tile's work
+        seq = tl.load(tile_seq_ptr + tl.program_id(1))
+        if seq < 0:
+            return
+        m_block = tl.load(tile_block_ptr + tl.program_id(1))
+    else:
+        # Causal tiles further down a sequence cost more: schedule those first.
+        m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+        seq = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -220,6 +230,7 @@ def paged_prefill_attention(
     kv_scale: torch.Tensor | None = None,
     tree_num_nodes: torch.Tensor | None = None,
     tree_visible: torch.Tensor | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged KV cache, optionally
     with draft trees; ``[T, Hq, D]`` in q's dtype (into ``out`` when given).
@@ -233,6 +244,11 @@ def paged_prefill_attention(
     bounds the query lengths. Draft trees (both or neither): ``tree_num_nodes [B]`` int32 (how
     many of a sequence's last tokens are nodes) and ``tree_visible [T]`` int64 (module
     docstring).
+
+    ``tiles``: ``[2, N]`` int32 from ``prefill_tiles``, for a launch whose grid must not
+    depend on the step (a CUDA graph captured once for many steps): N query tiles, row 0 each
+    tile's sequence (-1: no work) and row 1 its tile index in that sequence, in tiles of
+    ``prefill_tokens_per_tile(...)`` tokens for the same ``max_query_len``.
     """
     check_paged_inputs(q, k_cache, v_cache, kv_scale)
     _check_tree_inputs(q, seq_lens, tree_num_nodes, tree_visible)
@@ -247,8 +263,11 @@ def paged_prefill_attention(
     cfg = _prefill_config(
         head_dim, max_query_len, groups, q.element_size(), shared_memory_bytes(q.device)
     )
-    tokens_per_tile = cfg.block_m // groups
-    grid = (num_kv_heads, triton.cdiv(max_query_len, tokens_per_tile), batch)
+    if tiles is None:
+        grid = (num_kv_heads, triton.cdiv(max_query_len, cfg.block_m // groups), batch)
+    else:
+        _check_tiles(tiles)
+        grid = (num_kv_heads, tiles.shape[1], 1)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -260,6 +279,8 @@ def paged_prefill_attention(
         kv_scale_arg(k_cache, kv_scale),
         tree_num_nodes if has_tree else q,  # any pointer without trees (unread)
         tree_visible if has_tree else q,
+        tiles[0] if tiles is not None else q,  # any pointer without a table (unread)
+        tiles[1] if tiles is not None else q,
         *kernel_strides(q, out, k_cache, v_cache, block_tables),
         scale * LOG2E,
         NUM_GROUPS=groups,
@@ -271,7 +292,41 @@ def paged_prefill_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == FP8_KV,
         HAS_TREE=has_tree,
+        TILE_TABLE=tiles is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
+
+
+def _check_tiles(tiles: torch.Tensor) -> None:
+    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[0] != 2:
+        raise ValueError(f"tiles must be a [2, N] int32 table (prefill_tiles), got "
+                         f"{tuple(tiles.shape)} {tiles.dtype}")  # fmt: skip
+
+
+def prefill_tokens_per_tile(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> int:
+    """Query tokens a tile of ``paged_prefill_attention`` covers for these inputs' shapes and
+    ``max_query_len``: what ``prefill_tiles`` must cut the sequences by."""
+    groups = q.shape[1] // k_cache.shape[2]
+    cfg = _prefill_config(q.shape[2], max_query_len, groups, q.element_size(),
+                          shared_memory_bytes(q.device))  # fmt: skip
+    return cfg.block_m // groups
+
+
+def prefill_tiles(query_lens: np.ndarray, tokens_per_tile: int, num_tiles: int) -> np.ndarray:
+    """``[2, num_tiles]`` int32: the query tiles of sequences with ``query_lens`` new tokens
+    (row 0 the sequence, row 1 the tile's index in it), the tiles furthest down their
+    sequences first (they see the most keys: started first, they finish with the rest), then
+    ``-1`` rows (no work). ValueError when the step needs more than ``num_tiles`` tiles."""
+    counts = -(-np.asarray(query_lens, dtype=np.int64) // tokens_per_tile)
+    if counts.sum() > num_tiles:
+        raise ValueError(f"the step needs {int(counts.sum())} query tiles of {tokens_per_tile} "
+                         f"tokens; the table holds {num_tiles}")  # fmt: skip
+    seqs = np.repeat(np.arange(len(counts)), counts)
+    blocks = np.arange(len(seqs)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.argsort(-blocks, kind="stable")
+    table = np.full((2, num_tiles), -1, dtype=np.int32)
+    table[0, : len(seqs)] = seqs[order]
+    table[1, : len(seqs)] = blocks[order]
+    return table

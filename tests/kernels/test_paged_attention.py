@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest  # noqa: E402
 import torch
 from triton_interpreter import check_interpreter_suite  # before triton: sets the interpreter
@@ -21,7 +22,11 @@ from parallm.kernels.paged_decode import (  # noqa: E402
     new_split_counters,
     paged_decode_attention,
 )
-from parallm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
+from parallm.kernels.paged_prefill import (  # noqa: E402
+    paged_prefill_attention,
+    prefill_tiles,
+    prefill_tokens_per_tile,
+)
 from parallm.kernels.reference import (  # noqa: E402
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -168,6 +173,24 @@ def check_prefill(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, de
     assert _rel_err(out, ref) < tol
 
 
+def check_prefill_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, device, tol, bound):
+    """The tile-table launch (a grid fixed by ``bound``, spare tiles idle, as a captured graph
+    runs it) gives the standard launch's output for the same ``max_query_len`` bit for bit,
+    and the twin's within ``tol``."""
+    case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, 16, dtype, device, seed=3)
+    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start_loc",
+                              "seq_lens")]  # fmt: skip
+    per_tile = prefill_tokens_per_tile(case["q"], case["k_cache"], bound)
+    needed = sum(-(-q // per_tile) for q, _ in lens)
+    table = prefill_tiles([q for q, _ in lens], per_tile, needed + 5)
+    tiles = torch.from_numpy(table).to(device)
+    got = paged_prefill_attention(*args, bound, case["scale"], out=_poisoned_like(case["q"]),
+                                  tiles=tiles)  # fmt: skip
+    want = paged_prefill_attention(*args, bound, case["scale"], out=_poisoned_like(case["q"]))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert _rel_err(got, prefill_ref(case, bound)) < tol
+
+
 def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, tol):
     lens = [(1, s) for s in seq_lens]
     case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
@@ -257,6 +280,33 @@ def test_prefill_interpreter_multi_tile():
     # inside a key tile so that tile must be masked.
     lens = [(200, 200), (40, 200), (30, 150)]
     check_prefill(lens, 2, 1, 32, 16, torch.float32, "cpu", 1e-3)
+
+
+def test_prefill_tiles_put_the_furthest_tiles_first():
+    table = prefill_tiles([3, 70, 1, 0], tokens_per_tile=32, num_tiles=8)
+    assert table.dtype == np.int32
+    assert table[0].tolist() == [1, 1, 0, 1, 2, -1, -1, -1]  # sequences (-1: idle tiles)
+    assert table[1].tolist() == [2, 1, 0, 0, 0, -1, -1, -1]  # each tile's index in its own
+    with pytest.raises(ValueError, match="needs 5 query tiles of 32 tokens; the table holds 4"):
+        prefill_tiles([3, 70, 1], tokens_per_tile=32, num_tiles=4)
+
+
+def test_prefill_tiles_must_be_an_int32_pair_of_rows():
+    case = make_paged_case([(2, 2)], 2, 1, 16, 16, torch.float32, "cpu")
+    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start_loc",
+                              "seq_lens")]  # fmt: skip
+    for bad in (torch.zeros(2, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"tiles must be a \[2, N\] int32 table"):
+            paged_prefill_attention(*args, 2, case["scale"], tiles=bad)
+
+
+@interpreter_test
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (4, 1)])
+def test_prefill_tiles_interpreter(num_heads, num_kv_heads):
+    # Mixed: decode rows, a chunk over a cached prefix, a padding sequence with no new token,
+    # a prompt longer than one tile; the bound is above every query length (a captured shape).
+    lens = [(1, 33), (20, 37), (0, 5), (70, 70), (1, 1)]
+    check_prefill_tiles(lens, num_heads, num_kv_heads, 32, torch.float32, "cpu", 1e-3, 128)
 
 
 @interpreter_test
@@ -430,6 +480,16 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_prefill_gpu(dtype, head_dim, num_heads, num_kv_heads, block_size):
     lens = [(512, 512), (1, 2048), (100, 1100), (37, 37), (300, 301), (1, 1)]
     check_prefill(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, "cuda", 1e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(16, 8), (32, 4)])
+def test_prefill_tiles_gpu(dtype, head_dim, num_heads, num_kv_heads):
+    lens = [(1, 2048), (300, 301), (0, 17), (512, 512), *[(1, 100 + 37 * i) for i in range(40)]]
+    check_prefill_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, "cuda", 1e-2, 1024)
 
 
 @pytest.mark.gpu
