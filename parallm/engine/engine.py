@@ -23,6 +23,7 @@ from parallm.config import (
 )
 from parallm.engine.executor import TensorParallelExecutor, WorkerSpec, check_tensor_parallel
 from parallm.engine.kv_cache import KVCacheManager
+from parallm.engine.mixed_graph import mixed_token_sizes
 from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.request import Request, Sequence, SequenceStatus
 from parallm.engine.runner import ModelRunner, StepHandle
@@ -145,6 +146,12 @@ class LLMEngine:
             self.runner.step_listener = self.executor.send_step
             self.runner.graph_step_listener = self.executor.send_graph_step
         self.graph_capture_seconds = self._capture_graphs(sched_cfg.max_num_seqs)
+        # Steps that carry prompt tokens in graphs too (not under tensor parallelism).
+        mixed = mixed_token_sizes(sched_cfg.max_num_batched_tokens)
+        if self.graph_capture_seconds is not None and self.executor is None and mixed:
+            self.graph_capture_seconds += self.runner.capture_mixed_graphs(
+                mixed, sched_cfg.max_num_seqs, self.max_model_len
+            )
         # Verify steps of speculation in graphs too (not under tensor parallelism).
         verify = self.drafter is not None and self.executor is None
         if verify and self.graph_capture_seconds is not None:
@@ -271,8 +278,11 @@ class LLMEngine:
         cfg = self.model_config
         graphs = "CUDA graphs off"
         if self.graph_capture_seconds is not None:
-            sizes = self.runner.graphs.sizes
-            graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]} in {self.graph_capture_seconds:.1f}s"
+            sizes, mixed = self.runner.graphs.sizes, self.runner.mixed_graphs
+            graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]}"
+            if mixed is not None:
+                graphs += f" and steps with prompt tokens up to {mixed.sizes[-1]} tokens"
+            graphs += f" in {self.graph_capture_seconds:.1f}s"
             if self.fused_kernels and self.tp_size > 1:
                 graphs += " (no one-row chain at batch 1: it has no tensor-parallel collectives)"
         return (

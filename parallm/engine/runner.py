@@ -45,6 +45,7 @@ from parallm.layers.attention import (
 
 if TYPE_CHECKING:
     from parallm.engine.decode_graph import DecodeGraphs
+    from parallm.engine.mixed_graph import MixedGraphs
     from parallm.engine.spec.device_drafts import DeviceDrafts
     from parallm.engine.verify_graph import VerifyGraphs, VerifyShape
 
@@ -157,6 +158,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Graph-captured verify steps of speculative decoding (engine/verify_graph.py).
         self.verify_graphs: VerifyGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         # The device drafter's token buffers and tail (``enable_device_drafts``), or None.
         self.device_drafts: DeviceDrafts | None = None
         self.tp_size = tp_size
@@ -362,6 +364,37 @@ class ModelRunner:
             self.verify_graphs.capture()
         return self.verify_graphs.capture_seconds
 
+    def capture_mixed_graphs(
+        self, sizes: list[int], max_num_seqs: int, max_model_len: int, capture: bool = True
+    ) -> float:
+        """Graphs of steps that carry prompt tokens, one per padded token count in ``sizes``
+        (``capture=False``: the same buffers run eagerly, for tests off CUDA); returns the
+        seconds capture took. Not under tensor parallelism: the other ranks would have to
+        replay them too."""
+        from parallm.engine.mixed_graph import MixedGraphs
+
+        self.mixed_graphs = MixedGraphs(
+            self.model, self.backend, self.kv_caches, sizes, max_num_seqs,
+            {t: self._prefill_tile(t) for t in sizes}, -(-max_model_len // self.block_size),
+            max_model_len, scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size,
+            device=self.device, capture=capture,
+        )  # fmt: skip
+        if capture:
+            self.mixed_graphs.capture()
+        return self.mixed_graphs.capture_seconds
+
+    def _prefill_tile(self, max_query_len: int) -> int:
+        """Query tokens a tile of the backend's prefill kernel takes at ``max_query_len``
+        (the reference backend has no tiles: any cut serves)."""
+        if self.backend.name != "triton":
+            return max_query_len
+        from parallm.kernels.paged_prefill import prefill_tokens_per_tile
+
+        cfg = self.model_cfg
+        return prefill_tokens_per_tile(cfg.head_dim, cfg.num_attention_heads,
+                                       cfg.num_key_value_heads, self.dtype, self.device,
+                                       max_query_len)  # fmt: skip
+
     def enable_device_drafts(
         self, num_drafts: int, min_n: int, max_n: int, max_model_len: int
     ) -> None:
@@ -451,11 +484,13 @@ class ModelRunner:
             replayed = None
             if shape is not None:
                 replayed = self.verify_graphs.run(inputs, known, batch.staged_on_device, shape)
+            elif self._mixed_graph_fits(batch, spans, known):
+                replayed = self.mixed_graphs.run(inputs)
             if batch.staged_on_device and replayed is None:  # its host inputs are placeholders
                 raise RuntimeError("a verify step staged on the device found no graph to replay")
             if known is not None and replayed is None:  # the eager forward takes every id
                 device_ids = self._with_drafts(inputs, known)
-            if replayed is not None:  # a verify step's rows are all sampling rows
+            if replayed is not None:  # the sampling rows' logits and hidden states
                 logits, hidden = replayed
             elif spans or self.keep_hidden:
                 logits, scored, hidden = self._forward(inputs, device_ids, spans)
@@ -526,6 +561,15 @@ class ModelRunner:
         if self.verify_graphs is None or spans or self.step_listener is not None:
             return None
         return self.verify_graphs.shape_for(inputs)
+
+    def _mixed_graph_fits(
+        self, batch: ScheduledBatch, spans: list[PromptSpan], known: torch.Tensor | None
+    ) -> bool:
+        """Whether a step that carries prompt tokens may replay a mixed graph (if one holds
+        it): not when it scores prompt tokens, has ids still on the device or other ranks to
+        feed."""
+        return (self.mixed_graphs is not None and batch.has_prompt_tokens and not spans
+                and known is None and self.step_listener is None)  # fmt: skip
 
     def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
         """A verify step's input ids on the device: each sequence's ``known`` token at its

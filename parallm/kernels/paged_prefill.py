@@ -305,12 +305,16 @@ def _check_tiles(tiles: torch.Tensor) -> None:
                          f"{tuple(tiles.shape)} {tiles.dtype}")  # fmt: skip
 
 
-def prefill_tokens_per_tile(q: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> int:
-    """Query tokens a tile of ``paged_prefill_attention`` covers for these inputs' shapes and
-    ``max_query_len``: what ``prefill_tiles`` must cut the sequences by."""
-    groups = q.shape[1] // k_cache.shape[2]
-    cfg = _prefill_config(q.shape[2], max_query_len, groups, q.element_size(),
-                          shared_memory_bytes(q.device))  # fmt: skip
+def prefill_tokens_per_tile(
+    head_dim: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+    max_query_len: int,
+) -> int:  # fmt: skip
+    """Query tokens a tile of ``paged_prefill_attention`` covers for queries of this shape
+    and dtype on ``device`` with ``max_query_len``: what ``prefill_tiles`` must cut by."""
+    groups = num_heads // num_kv_heads
+    elem_bytes = torch.empty(0, dtype=dtype).element_size()
+    cfg = _prefill_config(head_dim, max_query_len, groups, elem_bytes,
+                          shared_memory_bytes(device))  # fmt: skip
     return cfg.block_m // groups
 
 

@@ -34,6 +34,10 @@ class AttentionMetadata:
     # nodes stay visible as in any causal step.
     tree_num_nodes: torch.Tensor | None = None
     tree_visible: torch.Tensor | None = None
+    # A captured step of any query lengths (engine/mixed_graph.py): the prefill kernel's tile
+    # table [2, N] int32 (``paged_prefill.prefill_tiles``), which fixes its grid; None: the
+    # grid follows the step's shape.
+    prefill_tiles: torch.Tensor | None = None
 
     @property
     def is_pure_decode(self) -> bool:

@@ -61,7 +61,7 @@ class TritonAttention:
         return self.prefill.paged_prefill_attention(
             q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
             meta.max_query_len, scale, kv_scale=kv_scale, tree_num_nodes=meta.tree_num_nodes,
-            tree_visible=meta.tree_visible,
+            tree_visible=meta.tree_visible, tiles=meta.prefill_tiles,
         )  # fmt: skip
 
 

@@ -180,7 +180,9 @@ def check_prefill_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, device, 
     case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, 16, dtype, device, seed=3)
     args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start_loc",
                               "seq_lens")]  # fmt: skip
-    per_tile = prefill_tokens_per_tile(case["q"], case["k_cache"], bound)
+    q = case["q"]
+    per_tile = prefill_tokens_per_tile(q.shape[2], q.shape[1], num_kv_heads, q.dtype, q.device,
+                                       bound)  # fmt: skip
     needed = sum(-(-q // per_tile) for q, _ in lens)
     table = prefill_tiles([q for q, _ in lens], per_tile, needed + 5)
     tiles = torch.from_numpy(table).to(device)
