@@ -160,17 +160,24 @@ class MixedGraphs(GraphedSteps):
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size, largest first so smaller graphs reuse its memory pool (each
-        replay's outputs are read before the next replay)."""
+        replay's outputs are read before the next replay). Every graph copies its logits and
+        hidden rows into one pair of buffers sized by the largest size: outputs kept per graph
+        would hold ``max_seqs * vocab`` logits for every size at once."""
         started = time.perf_counter()
-        pool = None
+        pool, shared = None, None
         for tokens in reversed(self.sizes):
             self.stage_padding(tokens)
             for _ in range(2):  # warm up: Triton compiles outside the capture
-                self.forward(tokens)
+                logits, rows = self.forward(tokens)
+            if shared is None:  # the largest size holds the most sequences
+                shared = (torch.empty_like(logits), torch.empty_like(rows))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
+            views = tuple(out[: self.max_seqs(tokens)] for out in shared)
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[tokens] = self.forward(tokens)
+                for out, computed in zip(views, self.forward(tokens), strict=True):
+                    out.copy_(computed)
+            self.outputs[tokens] = views
             pool = graph.pool()
             self.graphs[tokens] = graph
         torch.cuda.synchronize(self.device)

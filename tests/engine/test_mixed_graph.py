@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from interpreted_engine import run_interpreted
 
 from parallm import LLM, SamplingParams
@@ -83,6 +84,38 @@ def test_staging_pads_rows_sequences_and_tiles(llm):
     assert per_tile[2, :4].tolist() == [0, 0, 1, 2] and per_tile[3, :4].tolist() == [1, 0, 0, 0]
     assert (per_tile[2, 4:] == -1).all()  # idle tiles
     assert tables.shape == (3, 2)
+
+
+def test_capture_shares_one_pair_of_output_buffers(llm, monkeypatch):
+    """capture()'s bookkeeping on CPU, the CUDA calls faked: largest size first into a fresh
+    pool, the others into its pool, and every graph's outputs views of one pair of buffers
+    sized by the largest size's sequences."""
+    import contextlib
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+    pools = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    graphs = _install(llm, [4, 16, 32])
+    graphs.capture()
+    assert pools == [None, "pool", "pool"] and set(graphs.graphs) == {4, 16, 32}
+    logits_buf = graphs.outputs[32][0]
+    assert logits_buf.shape[0] == graphs.max_seqs(32) == 8
+    for size in (4, 16, 32):
+        logits, rows = graphs.outputs[size]
+        assert logits.shape[0] == rows.shape[0] == graphs.max_seqs(size)
+        assert logits.data_ptr() == logits_buf.data_ptr()
+        assert rows.data_ptr() == graphs.outputs[32][1].data_ptr()
 
 
 def _generate(llm, prompts, params):
