@@ -112,10 +112,10 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-# What is left of issue 14's table (benchmarks/peers/README.md says why each).
-for what in "qwen3-0.6b --steps mixed" "llama-3.2-1b --steps serve" \
-            "llama-3.1-8b --steps serve --servers vllm-stock"; do
+# What is left of issue 14 (benchmarks/peers/README.md says why each): the finer mixed-graph
+# sizes, measured in their tree (`make ab-tree NAME=sizes REV=mixed-sizes`, carried as .ab).
+for what in "llama-3.1-8b --steps mixed" "llama-3.1-8b --steps serve" "qwen3-0.6b --steps serve"; do
   n=$((n + 1))
-  echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
+  echo "  $n. run(carry=[\"$PEERS_DIR/data\", \".ab\"], command=\"cd .ab/sizes && ln -sfn ../../.peers .peers && bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
 done
 echo "(benchmarks/peers/README.md: what each call prints, device time, what to do when one fails)"
