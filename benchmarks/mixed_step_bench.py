@@ -85,7 +85,7 @@ class VllmSteps:
 
         self.scratch = Path(tempfile.mkdtemp(prefix="mixed-step-vllm-"))
         shutil.copyfile(args.config, self.scratch / "config.json")  # vLLM takes a folder
-        limits = {} if args.vllm_config == "stock" else parallm_limits()
+        limits = {} if args.vllm_config == "stock" else parallm_limits(args.max_model_len)
         self.llm = vllm.LLM(model=str(self.scratch), load_format="dummy", dtype="bfloat16",
                             skip_tokenizer_init=True, max_model_len=args.max_model_len, seed=0,
                             gpu_memory_utilization=args.gpu_memory_utilization, **limits)  # fmt: skip
@@ -108,15 +108,16 @@ class VllmSteps:
         return self.engine.has_unfinished_requests()
 
 
-def parallm_limits() -> dict[str, Any]:
+def parallm_limits(max_model_len: int) -> dict[str, Any]:
     """parallm's scheduler limits by vLLM's names (``--vllm-config parallm-limits``), from
-    parallm's own defaults, as ``bench throughput --compare-vllm`` gives them."""
+    parallm's own defaults, as ``bench throughput --compare-vllm`` gives them; the memory
+    share stays ``--gpu-memory-utilization``, the same for both engines here."""
+    from parallm.bench.vllm_peer import vllm_limits
     from parallm.config import EngineConfig
 
-    cfg = EngineConfig()
-    return {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-            "block_size": cfg.block_size, "enable_prefix_caching": cfg.enable_prefix_caching,
-            "enable_chunked_prefill": cfg.enable_chunked_prefill}  # fmt: skip
+    limits = vllm_limits(EngineConfig(), max_model_len)
+    del limits["gpu_memory_utilization"]
+    return limits
 
 
 def sync() -> None:

@@ -218,13 +218,19 @@ def serving_model_dir(config: Path, folder: Path) -> Path:
     return folder
 
 
+# The limits `vllm serve` is given for "vllm-parallm-limits" (prefix caching and chunked
+# prefill are on in both servers by default).
+SERVER_LIMITS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memory_utilization")
+
+
 def parallm_limits(args: argparse.Namespace) -> dict[str, Any]:
-    """parallm serve's scheduler and memory limits, read from its own defaults."""
+    """parallm serve's scheduler and memory limits at ``--max-model-len``, from its own
+    defaults, as `vllm serve` flags (without the dashes)."""
+    from parallm.bench.vllm_peer import vllm_limits
     from parallm.config import EngineConfig
 
-    cfg = EngineConfig()
-    return {"max-num-seqs": cfg.max_num_seqs, "max-num-batched-tokens": cfg.max_num_batched_tokens,
-            "block-size": cfg.block_size, "gpu-memory-utilization": cfg.gpu_memory_utilization}  # fmt: skip
+    limits = vllm_limits(EngineConfig(), args.max_model_len)
+    return {key.replace("_", "-"): limits[key] for key in SERVER_LIMITS}
 
 
 def server_command(server: str, folder: Path, args: argparse.Namespace,

@@ -26,7 +26,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from parallm.config import EngineConfig
 
 VLLM_VERSION = "0.26.0"  # the version benchmarks/peers carries to the GPU machine
 CONFIGS = ("stock", "parallm-limits")
@@ -139,13 +142,12 @@ class PeerModel:
     limits: dict[str, Any] = field(default_factory=dict)  # parallm's, by vLLM's names
 
 
-def peer_model(engine: Any, args: argparse.Namespace) -> PeerModel:
-    """vLLM's view of a bench's parallm engine: the model the flags named (a --config file
-    stays a file: the engine keeps only its shape), the dtype and context limit the engine
-    resolved, and its scheduler and memory limits."""
-    cfg = engine.config
-    sched = cfg.scheduler_config(engine.max_model_len)
-    limits = {
+def vllm_limits(cfg: EngineConfig, max_model_len: int) -> dict[str, Any]:
+    """parallm's scheduler and memory limits under ``cfg`` by vLLM's names (``LLM`` keyword
+    arguments; ``vllm serve`` takes them as flags with dashes): what "vLLM with parallm's
+    limits" means in every peer run."""
+    sched = cfg.scheduler_config(max_model_len)
+    return {
         "max_num_seqs": sched.max_num_seqs,
         "max_num_batched_tokens": sched.max_num_batched_tokens,
         "block_size": cfg.block_size,
@@ -154,6 +156,14 @@ def peer_model(engine: Any, args: argparse.Namespace) -> PeerModel:
         "enable_chunked_prefill": cfg.enable_chunked_prefill,
         "enforce_eager": cfg.enforce_eager,
     }
+
+
+def peer_model(engine: Any, args: argparse.Namespace) -> PeerModel:
+    """vLLM's view of a bench's parallm engine: the model the flags named (a --config file
+    stays a file: the engine keeps only its shape), the dtype and context limit the engine
+    resolved, and its scheduler and memory limits."""
+    cfg = engine.config
+    limits = vllm_limits(cfg, engine.max_model_len)
     model = args.config or cfg.model or args.model
     if model is None:
         raise ValueError("--compare-vllm needs --config or --model (the bundled model has none)")
