@@ -114,7 +114,8 @@ for c in "${calls[@]}"; do
 done
 # What is left of issue 14 (benchmarks/peers/README.md says why each): the finer mixed-graph
 # sizes, measured in their tree (`make ab-tree NAME=sizes REV=mixed-sizes`, carried as .ab).
-for what in "llama-3.1-8b --steps mixed" "llama-3.1-8b --steps serve" "qwen3-0.6b --steps serve"; do
+for what in "llama-3.1-8b --steps mixed" "llama-3.1-8b --steps serve" "qwen3-0.6b --steps serve" \
+            "qwen3-0.6b,llama-3.1-8b --steps offline"; do
   n=$((n + 1))
   echo "  $n. run(carry=[\"$PEERS_DIR/data\", \".ab\"], command=\"cd .ab/sizes && ln -sfn ../../.peers .peers && bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
 done
