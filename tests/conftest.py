@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -54,3 +55,25 @@ def prompts(ordinary_token_ids: list[int]) -> list[list[int]]:
     """Six prompts of 1 to 150 random ordinary tokens, valid for every tiny model."""
     rng = random.Random(1234)
     return [rng.choices(ordinary_token_ids, k=n) for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture
+def fake_graph_capture(monkeypatch: pytest.MonkeyPatch) -> list:
+    """CUDA graph capture faked, for CPU tests of a capture's bookkeeping: graphs report the
+    pool "pool", synchronize does nothing, and each ``torch.cuda.graph`` context appends the
+    pool it was given to the returned list."""
+    pools: list = []
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return pools

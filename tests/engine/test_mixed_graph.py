@@ -8,7 +8,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from interpreted_engine import run_interpreted
 
 from parallm import LLM, SamplingParams
@@ -86,26 +85,11 @@ def test_staging_pads_rows_sequences_and_tiles(llm):
     assert tables.shape == (3, 2)
 
 
-def test_capture_shares_one_pair_of_output_buffers(llm, monkeypatch):
+def test_capture_shares_one_pair_of_output_buffers(llm, fake_graph_capture):
     """capture()'s bookkeeping on CPU, the CUDA calls faked: largest size first into a fresh
     pool, the others into its pool, and every graph's outputs views of one pair of buffers
     sized by the largest size's sequences."""
-    import contextlib
-
-    class FakeGraph:
-        def pool(self):
-            return "pool"
-
-    pools = []
-
-    @contextlib.contextmanager
-    def fake_graph(graph, pool=None):
-        pools.append(pool)
-        yield
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    pools = fake_graph_capture
     graphs = _install(llm, [4, 16, 32])
     graphs.capture()
     assert pools == [None, "pool", "pool"] and set(graphs.graphs) == {4, 16, 32}

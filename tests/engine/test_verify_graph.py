@@ -303,25 +303,10 @@ def test_the_buffers_run_the_triton_kernels_to_plain_decodings_tokens(tiny_model
     assert "verify ok" in out
 
 
-def test_capture_shares_one_pair_of_output_buffers(llm, monkeypatch):
+def test_capture_shares_one_pair_of_output_buffers(llm, fake_graph_capture):
     """capture()'s bookkeeping on CPU, the CUDA calls faked: largest shape first, and every
     graph's outputs are views of the same two buffers sized by the largest shape."""
-    import contextlib
-
-    class FakeGraph:
-        def pool(self):
-            return "pool"
-
-    pools = []
-
-    @contextlib.contextmanager
-    def fake_graph(graph, pool=None):
-        pools.append(pool)
-        yield
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    pools = fake_graph_capture
     engine = llm.engine
     shapes = verify_shapes([1, 2, 4], chain_drafts=3)
     try:
