@@ -10,7 +10,9 @@ tokens and ``max_seqs(T)`` sequences, of any query lengths, replays it. Graph sa
 layer but attention works row by row over the ``T`` rows; attention takes the backend's
 multi-token path with ``max_query_len = T`` fixed and the prefill kernel's tile-table launch
 (``AttentionMetadata.prefill_tiles``: a grid fixed by the table's size, each tile's sequence
-and index written by the host into a static buffer with the step's other inputs). Tokens keep
+and index written by the host into a static buffer with the step's other inputs), in two
+launches: the sequences of a few tokens (decode rows) in tiles of the kernel's smallest row
+count, the others in the size's tile (``paged_prefill.split_prefill_tiles``). Tokens keep
 their step order (row ``i`` is the step's token ``i``); the rows after the last real token are
 padding: id 0 at position 0, storing into the scratch block that no sequence owns, in no
 sequence and under no tile, so nothing reads them. Padding sequences have no tokens and no
@@ -42,15 +44,25 @@ if TYPE_CHECKING:
 MAX_MIXED_TOKENS = 2048
 # int64 rows per token in a size's input region: ids, positions, slots, the sampling gather.
 _TOKEN_ROWS = 4
-# int32 rows per tile in the region: query_start_loc, seq_lens, the tile table's two rows.
-_TILE_ROWS = 4
+# int32 rows per tile in the region: query_start_loc, seq_lens, two tile tables of two rows.
+_TILE_ROWS = 6
+# Sizes between two powers of two above 64 tokens: padding stays under 1/8 of a step (a
+# 528-token step ran as 1,024 with powers of two alone: the 8B's mixed step took 1.6-1.9x
+# vLLM's at 512 prompt tokens, RESULTS, fifteenth session).
+_SIZES_PER_DOUBLING = 8
 
 
 def mixed_token_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED_TOKENS) -> list[int]:
-    """The padded token counts to capture: powers of two from 16 up to the step's token budget
-    (capped at ``max_tokens``), the budget itself included when it falls between two."""
+    """The padded token counts to capture: 16, 32, 64, then ``_SIZES_PER_DOUBLING`` evenly
+    spaced sizes a doubling, up to the step's token budget (capped at ``max_tokens``), the
+    budget itself included when it falls between two."""
     top = min(max_num_batched_tokens, max_tokens)
-    sizes = [t for t in (2**i for i in range(4, 32)) if t <= top]
+    sizes, low = [16, 32, 64], 64
+    while low < top:
+        step = low // _SIZES_PER_DOUBLING
+        sizes += range(low + step, 2 * low + 1, step)
+        low *= 2
+    sizes = [t for t in sizes if t <= top]
     if top >= 16 and top not in sizes:
         sizes.append(top)
     return sizes
@@ -59,18 +71,19 @@ def mixed_token_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED_T
 class _MixedInputs:
     """The static inputs of one size: one int32 region holding the token rows (ids, positions,
     slots, the sampling rows' gather index: int64 each), then per-tile rows (query_start_loc,
-    seq_lens, the tile table's sequence and index rows), copied in one transfer; block tables
-    apart (only the columns in use move)."""
+    seq_lens, the two tile tables' sequence and index rows), copied in one transfer; block
+    tables apart (only the columns in use move), the first rows of ``block_tables``, which
+    every size shares (one replay at a time reads it)."""
 
-    def __init__(self, layout: InputRegion, seqs: int, max_blocks: int, device: torch.device):
-        self.region = layout.allocate(device)
+    def __init__(self, layout: InputRegion, seqs: int, block_tables: torch.Tensor):
+        self.region = layout.allocate(block_tables.device)
         rows = layout.tokens(self.region)
         self.input_ids, self.positions, self.slot_mapping, self.sample_rows = rows.unbind(0)
         per_tile = layout.per_seq(self.region)
         self.query_start_loc = per_tile[0, : seqs + 1]
         self.seq_lens = per_tile[1, :seqs]
-        self.tiles = per_tile[2:4]
-        self.block_tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, device=device)
+        self.tiles, self.short_tiles = per_tile[2:4], per_tile[4:6]
+        self.block_tables = block_tables[:seqs]
 
 
 class MixedGraphs(GraphedSteps):
@@ -84,6 +97,7 @@ class MixedGraphs(GraphedSteps):
         sizes: list[int],
         max_num_seqs: int,
         tokens_per_tile: dict[int, int],
+        short_tokens: int,
         max_blocks_per_seq: int,
         max_seq_len: int,
         scratch_block: int,
@@ -98,12 +112,13 @@ class MixedGraphs(GraphedSteps):
         self.sizes = sorted(set(sizes))
         self.max_num_seqs = max_num_seqs
         self.tokens_per_tile = tokens_per_tile  # size -> the prefill kernel's tile at it
+        self.short_tokens = short_tokens  # queries this short get the smallest row tile
         self.captures = capture
         self.layouts = {t: self._layout(t) for t in self.sizes}
-        self.inputs = {
-            t: _MixedInputs(self.layouts[t], self.max_seqs(t), max_blocks_per_seq, device)
-            for t in self.sizes
-        }
+        tables = torch.zeros(self.max_seqs(self.sizes[-1]), max_blocks_per_seq,
+                             dtype=torch.int32, device=device)  # fmt: skip
+        self.inputs = {t: _MixedInputs(self.layouts[t], self.max_seqs(t), tables)
+                       for t in self.sizes}  # fmt: skip
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # logits, hidden
         self.capture_seconds = 0.0
@@ -114,8 +129,8 @@ class MixedGraphs(GraphedSteps):
         return min(tokens, self.max_num_seqs)
 
     def num_tiles(self, tokens: int) -> int:
-        """Query tiles a step of ``tokens`` tokens may need: its tokens cut by the tile, plus
-        one partial tile a sequence."""
+        """Query tiles a step of ``tokens`` tokens may need in either table: its tokens cut by
+        the tile, plus one partial tile a sequence (the short table: one tile a sequence)."""
         return -(-tokens // self.tokens_per_tile[tokens]) + self.max_seqs(tokens)
 
     def _layout(self, tokens: int) -> InputRegion:
@@ -150,7 +165,8 @@ class MixedGraphs(GraphedSteps):
             slot_mapping=buf.slot_mapping, query_start_loc=buf.query_start_loc,
             seq_lens=buf.seq_lens, block_tables=buf.block_tables, max_query_len=tokens,
             max_seq_len=self.max_seq_len, query_start_loc_cpu=starts, seq_lens_cpu=lens,
-            prefill_tiles=buf.tiles,
+            prefill_tiles=buf.tiles, short_tiles=buf.short_tiles,
+            short_query_len=self.short_tokens,
         )  # fmt: skip
         hidden = self.model(buf.input_ids, buf.positions, ForwardContext(meta, self.kv_caches,
                                                                          self.backend))  # fmt: skip
@@ -238,16 +254,18 @@ class MixedGraphs(GraphedSteps):
         starts[: batch + 1] = inputs.query_start_loc
         starts[batch + 1 :] = total
         lens[:batch] = inputs.seq_lens
-        per_tile[2:4] = self._tiles(tokens, np.diff(inputs.query_start_loc), per_tile.shape[1])
+        per_tile[2:6] = self._tiles(tokens, np.diff(inputs.query_start_loc), per_tile.shape[1])
         tables = torch.from_numpy(np.ascontiguousarray(inputs.block_tables, dtype=np.int32))
         if pinned:
             tables = tables.pin_memory()
         return head, tables, (starts.tolist(), lens.tolist())
 
     def _tiles(self, tokens: int, query_lens: np.ndarray, width: int) -> np.ndarray:
-        from parallm.kernels.paged_prefill import prefill_tiles  # triton: only when staged
+        """``[4, width]``: the size's tile table, then the short queries' one."""
+        from parallm.kernels.paged_prefill import split_prefill_tiles  # triton: when staged
 
-        return prefill_tiles(query_lens, self.tokens_per_tile[tokens], width)
+        return np.concatenate(split_prefill_tiles(query_lens, self.tokens_per_tile[tokens],
+                                                  self.short_tokens, width))  # fmt: skip
 
 
 def _empty_step() -> StepInputs:

@@ -375,7 +375,8 @@ class ModelRunner:
 
         self.mixed_graphs = MixedGraphs(
             self.model, self.backend, self.kv_caches, sizes, max_num_seqs,
-            {t: self._prefill_tile(t) for t in sizes}, -(-max_model_len // self.block_size),
+            {t: self._prefill_tile(t) for t in sizes}, self._prefill_tile(1),
+            -(-max_model_len // self.block_size),
             max_model_len, scratch_block=self.cache_cfg.num_blocks, block_size=self.block_size,
             device=self.device, capture=capture,
         )  # fmt: skip

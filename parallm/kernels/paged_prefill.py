@@ -334,3 +334,20 @@ def prefill_tiles(query_lens: np.ndarray, tokens_per_tile: int, num_tiles: int) 
     table[0, : len(seqs)] = seqs[order]
     table[1, : len(seqs)] = blocks[order]
     return table
+
+
+def split_prefill_tiles(
+    query_lens: np.ndarray, tokens_per_tile: int, short_tokens: int, num_tiles: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two ``prefill_tiles`` tables for one step, launched one after the other into the same
+    output: the sequences of more than ``short_tokens`` new tokens cut by ``tokens_per_tile``,
+    and the others (decode rows, short drafts) cut by ``short_tokens``, the tile of the
+    kernel's smallest row count (``prefill_tokens_per_tile(..., max_query_len=1)``).
+
+    Why: a launch's row tile is sized by its longest query, so a decode row beside a prompt
+    chunk had a whole 128-row tile to itself and paid 128 rows of dot products over its whole
+    context; at long contexts and hundreds of decode rows that was most of a mixed step."""
+    lens = np.asarray(query_lens, dtype=np.int64)
+    short = lens <= short_tokens
+    return (prefill_tiles(np.where(short, 0, lens), tokens_per_tile, num_tiles),
+            prefill_tiles(np.where(short, lens, 0), short_tokens, num_tiles))  # fmt: skip

@@ -38,6 +38,11 @@ class AttentionMetadata:
     # table [2, N] int32 (``paged_prefill.prefill_tiles``), which fixes its grid; None: the
     # grid follows the step's shape.
     prefill_tiles: torch.Tensor | None = None
+    # With ``prefill_tiles``, a second table of the step's short queries (at most
+    # ``short_query_len`` tokens each; ``paged_prefill.split_prefill_tiles``), attended in a
+    # launch of the kernel's smallest row tile; ``prefill_tiles`` then names only the others.
+    short_tiles: torch.Tensor | None = None
+    short_query_len: int = 0
 
     @property
     def is_pure_decode(self) -> bool:

@@ -58,11 +58,19 @@ class TritonAttention:
             )  # fmt: skip
         q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping,
                                                 kv_scale=kv_scale)  # fmt: skip
-        return self.prefill.paged_prefill_attention(
-            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            meta.max_query_len, scale, kv_scale=kv_scale, tree_num_nodes=meta.tree_num_nodes,
-            tree_visible=meta.tree_visible, tiles=meta.prefill_tiles,
+        paged = (kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc, meta.seq_lens)
+        out = self.prefill.paged_prefill_attention(
+            q, *paged, meta.max_query_len, scale, kv_scale=kv_scale,
+            tree_num_nodes=meta.tree_num_nodes, tree_visible=meta.tree_visible,
+            tiles=meta.prefill_tiles,
         )  # fmt: skip
+        if meta.short_tiles is not None:  # the short queries' rows of the same output
+            self.prefill.paged_prefill_attention(
+                q, *paged, meta.short_query_len, scale, out=out, kv_scale=kv_scale,
+                tree_num_nodes=meta.tree_num_nodes, tree_visible=meta.tree_visible,
+                tiles=meta.short_tiles,
+            )  # fmt: skip
+        return out
 
 
 def check_kv_cache_dtype_support(

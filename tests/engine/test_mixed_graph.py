@@ -15,9 +15,15 @@ from parallm.engine.mixed_graph import MAX_MIXED_TOKENS, mixed_token_sizes
 from parallm.engine.runner import StepInputs
 
 
-def test_token_sizes_are_powers_of_two_up_to_the_budget():
-    assert mixed_token_sizes(8192) == [16, 32, 64, 128, 256, 512, 1024, MAX_MIXED_TOKENS]
-    assert mixed_token_sizes(1000) == [16, 32, 64, 128, 256, 512, 1000]
+def test_token_sizes_are_eight_a_doubling_above_64_up_to_the_budget():
+    sizes = mixed_token_sizes(8192)
+    assert sizes[:12] == [16, 32, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144]
+    assert sizes[-3:] == [1792, 1920, MAX_MIXED_TOKENS] and len(sizes) == 3 + 8 * 5
+    assert sizes == sorted(set(sizes))
+    # Padding above 64 tokens stays under an eighth of the step.
+    assert all(b - a <= a / 8 for a, b in zip(sizes[2:], sizes[3:], strict=False))
+    assert mixed_token_sizes(1000)[-3:] == [896, 960, 1000]
+    assert mixed_token_sizes(100) == [16, 32, 64, 72, 80, 88, 96, 100]
     assert mixed_token_sizes(64, max_tokens=48) == [16, 32, 48]
     assert mixed_token_sizes(8) == []
 
@@ -70,7 +76,7 @@ def test_a_step_goes_to_the_smallest_size_that_holds_it(llm):
 
 def test_staging_pads_rows_sequences_and_tiles(llm):
     graphs = _install(llm, [16])
-    graphs.tokens_per_tile[16] = 4
+    graphs.tokens_per_tile[16], graphs.short_tokens = 4, 1
     step = _step([6, 1, 2])
     head, tables, (starts, lens) = graphs._staged(16, step)
     layout = graphs.layouts[16]
@@ -80,9 +86,20 @@ def test_staging_pads_rows_sequences_and_tiles(llm):
     assert rows[1, 9:].tolist() == [0] * 7 and rows[0, 9:].tolist() == [0] * 7
     assert rows[3, :3].tolist() == [5, 6, 8]  # each sequence's last row samples
     assert starts == [0, 6, 7, 9, 9, 9, 9, 9, 9] and lens == [6, 1, 2, 0, 0, 0, 0, 0]
-    assert per_tile[2, :4].tolist() == [0, 0, 1, 2] and per_tile[3, :4].tolist() == [1, 0, 0, 0]
-    assert (per_tile[2, 4:] == -1).all()  # idle tiles
+    # Queries of more than short_tokens in the size's tiles, the others in a table of their own.
+    assert per_tile[2, :3].tolist() == [0, 0, 2] and per_tile[3, :3].tolist() == [1, 0, 0]
+    assert per_tile[4, :1].tolist() == [1] and per_tile[5, :1].tolist() == [0]
+    assert (per_tile[2, 3:] == -1).all() and (per_tile[4, 1:] == -1).all()  # idle tiles
     assert tables.shape == (3, 2)
+
+
+def test_sizes_share_one_block_table_buffer(llm):
+    graphs = _install(llm, [16, 32, 64], max_num_seqs=8)
+    tables = [graphs.inputs[t].block_tables for t in graphs.sizes]
+    assert {t.data_ptr() for t in tables} == {tables[0].data_ptr()}
+    assert [t.shape[0] for t in tables] == [graphs.max_seqs(t) for t in graphs.sizes]
+    assert graphs.run(_step([9, 1], width=3), 16) is not None
+    assert graphs.inputs[64].block_tables[:2, :3].tolist() == [[1, 1, 1]] * 2
 
 
 def test_capture_shares_one_pair_of_output_buffers(llm, fake_graph_capture):
@@ -140,10 +157,10 @@ _INTERPRETED = textwrap.dedent(
     from parallm.kernels import paged_prefill
     from parallm.layers.backends import TritonAttention
 
-    tiled = []
+    tiled = []  # (a tile-table launch, its max_query_len) of every prefill launch
     prefill = paged_prefill.paged_prefill_attention
     def counted(*args, **kwargs):
-        tiled.append(kwargs.get("tiles") is not None)
+        tiled.append((kwargs.get("tiles") is not None, args[6]))
         return prefill(*args, **kwargs)
     paged_prefill.paged_prefill_attention = counted
 
@@ -160,14 +177,17 @@ _INTERPRETED = textwrap.dedent(
     runner.capture_mixed_graphs(mixed_token_sizes(16), 4, llm.engine.max_model_len,
                                 capture=False)
     assert run(llm) == want, (run(llm), want)
-    assert runner.mixed_graphs.num_replays >= 2 and any(tiled), tiled
+    short = runner.mixed_graphs.short_tokens
+    assert runner.mixed_graphs.num_replays >= 2 and (True, 16) in tiled, tiled
+    assert (True, short) in tiled and short < 16, (short, tiled)  # the decode rows' launch
     print("mixed ok", runner.mixed_graphs.num_replays)
     """
 )
 
 
 def test_the_buffers_run_the_triton_kernels_to_the_eager_tokens(tiny_model_dir):
-    """Under the Triton interpreter: the tile-table launch, padding rows storing into the
-    scratch block and padding sequences, through the engine to the eager engine's tokens."""
+    """Under the Triton interpreter: the tile-table launches (the short queries' of their
+    own), padding rows storing into the scratch block and padding sequences, through the
+    engine to the eager engine's tokens."""
     out = run_interpreted(_INTERPRETED, str(tiny_model_dir("llama3")), timeout=600)
     assert "mixed ok" in out

@@ -26,6 +26,7 @@ from parallm.kernels.paged_prefill import (  # noqa: E402
     paged_prefill_attention,
     prefill_tiles,
     prefill_tokens_per_tile,
+    split_prefill_tiles,
 )
 from parallm.kernels.reference import (  # noqa: E402
     paged_decode_attention_ref,
@@ -193,6 +194,32 @@ def check_prefill_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, device, 
     assert _rel_err(got, prefill_ref(case, bound)) < tol
 
 
+def check_split_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, device, tol, bound):
+    """The two launches of a captured mixed step (``split_prefill_tiles``): the long queries
+    at ``bound``'s tile, the short ones at the smallest row tile, into one output that starts
+    as NaN: every row written once, each within ``tol`` of the twin; the long queries' rows
+    bit for bit the standard launch's."""
+    case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, 16, dtype, device, seed=5)
+    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start_loc",
+                              "seq_lens")]  # fmt: skip
+    q = case["q"]
+    shape = (q.shape[2], q.shape[1], num_kv_heads, q.dtype, q.device)
+    per_tile, short = (prefill_tokens_per_tile(*shape, n) for n in (bound, 1))
+    query_lens = [n for n, _ in lens]
+    tables = split_prefill_tiles(query_lens, per_tile, short, len(lens) + bound)
+    long_tiles, short_tiles = (torch.from_numpy(t).to(device) for t in tables)
+    got = paged_prefill_attention(*args, bound, case["scale"], out=_poisoned_like(q),
+                                  tiles=long_tiles)  # fmt: skip
+    paged_prefill_attention(*args, short, case["scale"], out=got, tiles=short_tiles)
+    assert _rel_err(got, prefill_ref(case, bound)) < tol
+    want = paged_prefill_attention(*args, bound, case["scale"], out=_poisoned_like(q))
+    ends = np.cumsum([0, *query_lens])
+    for n, start, end in zip(query_lens, ends, ends[1:], strict=False):
+        if n > short:
+            torch.testing.assert_close(got[start:end], want[start:end], rtol=0, atol=0)
+    return short
+
+
 def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, tol):
     lens = [(1, s) for s in seq_lens]
     case = make_paged_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
@@ -309,6 +336,26 @@ def test_prefill_tiles_interpreter(num_heads, num_kv_heads):
     # a prompt longer than one tile; the bound is above every query length (a captured shape).
     lens = [(1, 33), (20, 37), (0, 5), (70, 70), (1, 1)]
     check_prefill_tiles(lens, num_heads, num_kv_heads, 32, torch.float32, "cpu", 1e-3, 128)
+
+
+def test_split_prefill_tiles_give_short_queries_their_own_table():
+    long_tiles, short_tiles = split_prefill_tiles([1, 70, 4, 5, 0], tokens_per_tile=32,
+                                                  short_tokens=4, num_tiles=6)  # fmt: skip
+    assert long_tiles[0].tolist() == [1, 1, 1, 3, -1, -1]  # more than 4 tokens: 32-token tiles
+    assert long_tiles[1].tolist() == [2, 1, 0, 0, -1, -1]
+    assert short_tiles[0].tolist() == [0, 2, -1, -1, -1, -1]  # at most 4: one 4-token tile
+    assert short_tiles[1].tolist() == [0, 0, -1, -1, -1, -1]
+
+
+@interpreter_test
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (4, 1)])
+def test_split_tiles_interpreter(num_heads, num_kv_heads):
+    # Decode rows, queries at the short cut and one past it, a padding sequence, a prompt
+    # longer than one tile; contexts longer than a key tile.
+    per_short = 16 // (num_heads // num_kv_heads)  # the smallest row tile's tokens
+    lens = [(1, 90), (per_short, 40), (per_short + 1, 77), (0, 5), (70, 70), (1, 1)]
+    short = check_split_tiles(lens, num_heads, num_kv_heads, 32, torch.float32, "cpu", 1e-3, 128)
+    assert short == per_short
 
 
 @interpreter_test
@@ -492,6 +539,18 @@ def test_prefill_gpu(dtype, head_dim, num_heads, num_kv_heads, block_size):
 def test_prefill_tiles_gpu(dtype, head_dim, num_heads, num_kv_heads):
     lens = [(1, 2048), (300, 301), (0, 17), (512, 512), *[(1, 100 + 37 * i) for i in range(40)]]
     check_prefill_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, "cuda", 1e-2, 1024)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(16, 8), (32, 4), (8, 8)])
+def test_split_tiles_gpu(dtype, head_dim, num_heads, num_kv_heads):
+    short = 16 // (num_heads // num_kv_heads)
+    lens = [(1, 2048), (short, 700), (short + 1, 301), (0, 17), (512, 512),
+            *[(1, 100 + 37 * i) for i in range(40)]]  # fmt: skip
+    check_split_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, "cuda", 1e-2, 1024)
 
 
 @pytest.mark.gpu
