@@ -30,6 +30,7 @@ import torch
 
 SEPARATOR = -1
 _WORD = 4  # bytes per token (int32)
+_SEPARATOR_WORD = np.int32(SEPARATOR).tobytes()
 # Across requests a single shared token says little: the ring's matches are 2 to 8 tokens
 # long (the offline study's best), widened by the configured lookup range.
 HISTORY_MIN_N, HISTORY_MAX_N = 2, 8
@@ -141,8 +142,12 @@ class TokenHistory:
         after ``end - 1``. Call before the write."""
         if end >= self.used:  # everything older up to ``used`` is overwritten
             return end
-        seps = np.flatnonzero(self._tokens[end - 1 : self.used] == SEPARATOR)
-        return end + int(seps[0])  # ``used - 1`` holds a separator: there is one
+        # A byte search (``used - 1`` holds a separator, so there is one): a scan of the
+        # rest of the ring on every add would cost a millisecond at 1M tokens.
+        at = self._words.find(_SEPARATOR_WORD, (end - 1) * _WORD, self.used * _WORD)
+        while at >= 0 and at % _WORD:
+            at = self._words.find(_SEPARATOR_WORD, at + 1, self.used * _WORD)
+        return at // _WORD + 1
 
     def _sync(self, start: int, end: int) -> None:
         """Copy ring positions ``[start, end)`` and the state to the device copy, behind the
