@@ -10,8 +10,13 @@ import random
 
 import pytest
 import torch
+from test_device_drafts import _device_llm
+from test_speculative import ENGINE, _tokens
 
+from parallm import LLM, SamplingParams
+from parallm.engine.request import Sequence
 from parallm.engine.spec.config import SpeculativeConfig
+from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.history import (
     SEPARATOR,
     TokenHistory,
@@ -212,3 +217,103 @@ def test_bad_history_sizes_are_named_with_what_is_allowed(value, message):
     with pytest.raises(ValueError) as info:
         SpeculativeConfig.from_value(value)
     assert message in str(info.value)
+
+
+# Own lookups of 3-4 tokens: a fresh random prompt rarely drafts from itself, so the ring
+# (n from 3 to 8) is what drafts a request that repeats an earlier one.
+RING_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 3,
+             "prompt_lookup_max": 4, "prompt_lookup_history_tokens": 4096}  # fmt: skip
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+def _workload(ordinary_token_ids: list[int]) -> list[list[int]]:
+    """Fresh prompts, each asked twice in a row, and one sharing the first one's start."""
+    rng = random.Random(11)
+    a, b = (rng.choices(ordinary_token_ids, k=24) for _ in range(2))
+    return [a, a, b, b, a[:12] + rng.choices(ordinary_token_ids, k=5)]
+
+
+def _one_at_a_time(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    """Each prompt's greedy tokens, one request after the other: each request's steps see the
+    ring of every earlier one, on the host and on the device alike."""
+    return [_tokens(llm, [p], GREEDY)[0][0] for p in prompts]
+
+
+def test_the_drafter_remembers_finished_sequences_and_falls_back_to_them():
+    config = SpeculativeConfig.from_value(RING_SPEC)
+    drafter = Drafter(config)
+    assert Drafter(SpeculativeConfig.from_value(NGRAM)).history is None
+    finished = Sequence("r0", 0, [5, 6, 7], SamplingParams(), arrival_time=0.0)
+    for token in (8, 9, 10):
+        finished.append_token(token)
+    drafter.remember([finished])
+    assert held(drafter.history) == [[5, 6, 7, 8, 9, 10]]
+    assert drafter._lookup([1, 2, 3, 6, 7, 8], 4) == [9, 10]  # own lookup: nothing
+    assert drafter._lookup([6, 7, 8, 1, 6, 7, 8], 4) == [1, 6, 7, 8]  # own lookup first
+    assert drafter._lookup([1, 2, 7, 8], 4) == []  # 2 tokens: below prompt_lookup_min
+
+
+def test_greedy_tokens_are_plain_decodings_and_the_rings_drafts_are_accepted(
+    tiny_model_dir, ordinary_token_ids
+):
+    path = str(tiny_model_dir("llama3"))
+    prompts = _workload(ordinary_token_ids)
+    plain = _one_at_a_time(LLM(path, **ENGINE), prompts)
+    without = LLM(path, speculative_config={**RING_SPEC, "prompt_lookup_history_tokens": 0},
+                  **ENGINE)  # fmt: skip
+    llm = LLM(path, speculative_config=RING_SPEC, **ENGINE)
+    free = llm.engine.kv.num_free_blocks
+    assert _one_at_a_time(without, prompts) == plain
+    assert _one_at_a_time(llm, prompts) == plain
+    assert llm.engine.kv.num_free_blocks == free
+    ring, own = llm.engine.spec_stats, without.engine.spec_stats
+    # A repeated request drafts its whole output from the earlier one, all of it accepted.
+    assert ring.accepted_tokens - own.accepted_tokens >= len(plain[0]) // 2
+    assert ring.num_proposals > own.num_proposals
+    assert held(llm.engine.drafter.history)[:2] == [prompts[0] + plain[0]] * 2
+
+
+def test_device_staged_steps_draft_from_the_ring_as_the_host_drafter_does(
+    tiny_model_dir, ordinary_token_ids
+):
+    """The device drafter's tail (the kernels' twins on CPU) over the ring's device copy: the
+    same proposals, accepted alike, as the host drafter's with the same ring; a tail that
+    skipped the ring would propose less than the host."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _workload(ordinary_token_ids)
+    host = LLM(path, speculative_config=RING_SPEC, async_scheduling=True, **ENGINE)
+    want = _one_at_a_time(host, prompts)
+    llm = _device_llm(path, RING_SPEC)
+    engine = llm.engine
+    assert engine.runner.device_drafts.history is engine.drafter.history
+    free = engine.kv.num_free_blocks
+    assert _one_at_a_time(llm, prompts) == want
+    assert engine.stats["num_overlapped_steps"] > 10 and engine.stats["num_discarded_steps"] == 0
+    got, expected = engine.spec_stats, host.engine.spec_stats
+    assert expected.accepted_tokens >= len(want[0]) // 2  # the ring drafted (own lookups: none)
+    assert got == expected
+    assert engine._inflight is None and engine.kv.num_free_blocks == free
+
+
+@pytest.mark.gpu
+def test_device_staged_steps_draft_from_the_ring_on_cuda(tiny_model_dir, ordinary_token_ids):
+    """On CUDA (async scheduling, captured verify and tail graphs, the Triton kernels): the
+    synchronous steps' tokens and proposals over the same full chains, and in float32 plain
+    decoding's tokens, with the tail graphs reading the ring's device copy as it grows."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _workload(ordinary_token_ids)
+    engine_args = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20,
+                       enable_prefix_caching=False)  # fmt: skip
+    spec_args = dict(engine_args, cuda_graph_sizes=(1, 2, 4), speculative_config=RING_SPEC)
+    sync = LLM(path, async_scheduling=False, **spec_args)
+    sync.engine.drafter.full_chains = True  # the same full chains, staged from the host
+    want = _one_at_a_time(sync, prompts)
+    llm = LLM(path, **spec_args)
+    engine, drafts = llm.engine, llm.engine.runner.device_drafts
+    assert drafts is not None and drafts.history is engine.drafter.history
+    assert drafts.history.device_ring.is_cuda and drafts.graphs is not None
+    assert _one_at_a_time(llm, prompts) == want
+    assert engine.num_overlapped_steps > 10 and drafts.graphs.num_replays > 10
+    assert sync.engine.spec_stats.accepted_tokens >= len(want[0]) // 2  # the ring drafted
+    assert engine.spec_stats == sync.engine.spec_stats
+    assert _one_at_a_time(LLM(path, **engine_args), prompts) == want
