@@ -101,13 +101,16 @@ class TokenHistory:
         token of its sequence; the draft stops before the sequence's separator."""
         if k < 1 or not self.used:
             return []
-        for n in range(min(max_n, len(context)), min_n - 1, -1):
-            pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
-            for lo, hi in ((0, self.fill), (self.fill, self.used)):  # newest first
-                end = self._newest_followed(pattern, lo, hi)
-                if end >= 0:
-                    return self._draft(end + 1, k)
-        return []
+        # An occurrence of a longer suffix ends with one of every shorter suffix, followed
+        # alike: the n that occur run from min_n up to the longest, so the search goes up and
+        # stops at the first n that does not occur (the only search that reads the whole ring).
+        newest = -1
+        for n in range(min_n, min(max_n, len(context)) + 1):
+            end = self._newest(context, n)
+            if end < 0:
+                break
+            newest = end
+        return self._draft(newest + 1, k) if newest >= 0 else []
 
     def to_device(self, device: torch.device | str) -> None:
         """Keep a copy of the ring and ``[fill, used]`` on ``device`` (``device_ring``,
@@ -121,15 +124,17 @@ class TokenHistory:
         self.device_state = torch.tensor([self.fill, self.used], dtype=torch.int32,
                                          device=device)  # fmt: skip
 
-    def _newest_followed(self, pattern: bytes, lo: int, hi: int) -> int:
-        """The end position of the newest occurrence of ``pattern`` in ``[lo, hi)`` that a
+    def _newest(self, context: Sequence[int], n: int) -> int:
+        """The end position of the newest occurrence of the context's last ``n`` tokens that a
         token of its own sequence follows, or -1."""
-        end = hi * _WORD
-        while (at := rfind_tokens(self._words, pattern, lo * _WORD, end)) >= 0:
-            last = (at + len(pattern)) // _WORD - 1
-            if last + 1 < hi and self._tokens[last + 1] != SEPARATOR:
-                return last
-            end = at + len(pattern) - 1  # the next search: occurrences before this one
+        pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
+        for lo, hi in ((0, self.fill), (self.fill, self.used)):  # newest first
+            end = hi * _WORD
+            while (at := rfind_tokens(self._words, pattern, lo * _WORD, end)) >= 0:
+                last = (at + len(pattern)) // _WORD - 1
+                if last + 1 < hi and self._tokens[last + 1] != SEPARATOR:
+                    return last
+                end = at + len(pattern) - 1  # the next search: occurrences before this one
         return -1
 
     def _draft(self, start: int, k: int) -> list[int]:
