@@ -74,9 +74,12 @@ def _as_lists(drafts: torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
 
 
 def _run(fn, h, tokens, lengths, drafts, counts, k, lo, hi, device="cpu"):
-    h.to_device(device)
+    # Copies of the ring and its state, not ``to_device``: the twin and the kernel read the
+    # same ring on two devices, and a TokenHistory keeps one device copy.
+    ring = h.ring.to(device, copy=True)
+    state = torch.tensor([h.fill, h.used], dtype=torch.int32, device=device)
     d, c = drafts[:, :k].clone().to(device), counts.clone().to(device)
-    fn(tokens.to(device), lengths.to(device), h.device_ring, h.device_state, d, c, k, lo, hi)
+    fn(tokens.to(device), lengths.to(device), ring, state, d, c, k, lo, hi)
     return d.cpu(), c.cpu()
 
 
