@@ -16,9 +16,10 @@ Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest fi
 matched) is filled by looking up again from the context plus the drafts so far, rows the
 device drafter verifies anyway; ``history``: where the request's own tokens give no drafts,
 the latest occurrence in the earlier requests' prompts and outputs (the prompts replayed in
-order, as a server would have served them; n from ``HISTORY_MAX_N`` down to 2, since across
-requests a single token says little), as suffix decoding (Oliaro et al., 2024) drafts from a
-server's past outputs.
+order, as a server would have served them; the engine's ``TokenHistory`` with
+``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since
+across requests a single token says little), as suffix decoding (Oliaro et al., 2024) drafts
+from a server's past outputs.
 
     python benchmarks/ngram_acceptance.py [--model runs/code-model-150m/hf --corpus python
         --val-fraction 0.01] [--k 4,8] [--out ngram_acceptance.json]
@@ -41,50 +42,14 @@ from spec_real_bench import add_prompt_args, completion_prompts  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+from parallm.engine.spec.history import (  # noqa: E402
+    TokenHistory,
+    history_ngram_range,
+    rfind_tokens,
+)
 from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
 
 OCCURRENCES = ("earliest", "latest")
-HISTORY_MAX_N = 8
-
-
-def rfind_tokens(words: bytes | bytearray, pattern: bytes, end: int) -> int:
-    """The byte offset of the latest occurrence of ``pattern`` (int32 tokens) lying wholly in
-    ``words[:end]`` at a token boundary, or -1: a byte match straddling two tokens is none."""
-    at = words.rfind(pattern, 0, end)
-    while at >= 0 and at % 4:
-        at = words.rfind(pattern, 0, at + len(pattern) - 1)
-    return at
-
-
-class History:
-    """Every earlier request's tokens (prompt and output), each followed by a separator,
-    searched for the latest occurrence of the context's last n tokens."""
-
-    SEPARATOR = -1
-
-    def __init__(self) -> None:
-        self.words = bytearray()
-
-    def add(self, tokens: list[int]) -> None:
-        self.words += np.asarray([*tokens, self.SEPARATOR], dtype=np.int32).tobytes()
-
-    def lookup(self, context: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-        """Up to ``k`` tokens after the latest occurrence, of the longest n-gram
-        (``max_n``..``min_n``) that ends ``context``, that some token follows in its request
-        (the continuation stops at the request's end)."""
-        for n in range(min(max_n, len(context)), min_n - 1, -1):
-            pattern = np.asarray(context[-n:], dtype=np.int32).tobytes()
-            end = len(self.words)
-            while (at := rfind_tokens(self.words, pattern, end)) >= 0:
-                end = at + len(pattern) - 1  # the next search: occurrences before this one
-                start = at + len(pattern)
-                after = np.frombuffer(self.words[start : start + 4 * k], dtype=np.int32)
-                after = after.tolist()
-                if self.SEPARATOR in after:
-                    after = after[: after.index(self.SEPARATOR)]
-                if after:
-                    return after
-        return []
 
 
 def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
@@ -96,7 +61,7 @@ def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -
     words = np.asarray(tokens, dtype=np.int32).tobytes()
     for n in range(longest, min_n - 1, -1):
         pattern = words[(size - n) * 4 :]
-        at = rfind_tokens(words, pattern, (size - 1) * 4)  # wholly before the last token
+        at = rfind_tokens(words, pattern, 0, (size - 1) * 4)  # wholly before the last token
         if at >= 0:
             start = at // 4 + n
             return tokens[start : min(start + num_tokens, size)]
@@ -116,7 +81,7 @@ def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, ex
 
 
 def walk(
-    prompt: list[int], output: list[int], variant: dict, history: History | None = None
+    prompt: list[int], output: list[int], variant: dict, history: TokenHistory | None = None
 ) -> tuple[int, int, int]:
     """``(steps, drafted steps, accepted drafts)`` of a greedy run that emits ``output``
     after ``prompt``; the prefill's step, which emits the first token, included.
@@ -128,8 +93,8 @@ def walk(
         drafts = draft(context, variant["k"], variant["min_n"], variant["max_n"],
                        variant["occurrence"], variant["extend"])  # fmt: skip
         if not drafts and history is not None:
-            drafts = history.lookup(context, variant["k"], max(2, variant["min_n"]),
-                                    HISTORY_MAX_N)  # fmt: skip
+            n_range = history_ngram_range(variant["min_n"], variant["max_n"])
+            drafts = history.lookup(context, variant["k"], *n_range)
         future = output[done : done + len(drafts)]  # shorter than drafts only at the end
         kept = next((i for i, (a, b) in enumerate(zip(drafts, future, strict=False)) if a != b),
                     len(future))  # fmt: skip
@@ -152,7 +117,9 @@ def variants(args: argparse.Namespace) -> list[dict]:
 
 def score(prompts: list[list[int]], outputs: list[list[int]], variant: dict) -> dict:
     steps = drafted = accepted = tokens = 0
-    history = History() if variant["history"] else None
+    # The engine's ring, large enough never to wrap: every earlier request stays.
+    capacity = sum(len(p) + len(o) + 1 for p, o in zip(prompts, outputs, strict=True))
+    history = TokenHistory(max(2, capacity)) if variant["history"] else None
     for prompt, output in zip(prompts, outputs, strict=True):
         s, d, a = walk(prompt, output, variant, history)
         if history is not None:

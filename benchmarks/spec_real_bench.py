@@ -18,7 +18,9 @@ with each round's ratio printed beside it.
     python benchmarks/spec_real_bench.py --target runs/code-model-150m/hf \
         --batch-sizes 1,8 --out spec_real.json
 
-Drafters (``--methods``): ngram (prompt lookup), draft_model (``--draft-model``: the bundled
+Drafters (``--methods``): ngram (prompt lookup), ngram_history (prompt lookup falling back to
+a ring of the pass's earlier requests, ``--prompt-lookup-history-tokens``; each pass starts
+with it empty), draft_model (``--draft-model``: the bundled
 code model by default, which shares the target's tokenizer when the target was trained with
 configs/train/code-model-150m.toml), layer_skip (the target's first ``--skip-layers`` layers)
 and medusa (``--medusa-heads``: heads trained with ``parallm train`` and exported).
@@ -131,12 +133,17 @@ def drafter_configs(args: argparse.Namespace, num_layers: int) -> dict[str, dict
 
 
 def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[str, dict]:
+    ngram = {
+        "method": "ngram",
+        "num_speculative_tokens": k,
+        "prompt_lookup_min": args.prompt_lookup_min,
+        "prompt_lookup_max": args.prompt_lookup_max,
+    }
     configs = {
-        "ngram": {
-            "method": "ngram",
-            "num_speculative_tokens": k,
-            "prompt_lookup_min": args.prompt_lookup_min,
-            "prompt_lookup_max": args.prompt_lookup_max,
+        "ngram": ngram,
+        "ngram_history": {
+            **ngram,
+            "prompt_lookup_history_tokens": args.prompt_lookup_history_tokens,
         },  # fmt: skip
         "draft_model": {
             "method": "draft_model",
@@ -187,22 +194,31 @@ def measure_rounds(
     Every engine first runs every prompt untimed: kernels compile for each shape the prompts
     bring and graphs are captured before any clock runs. Then ``rounds`` timed passes, the
     engines in turn, in reverse order every other round (A B B A): a drift in the machine's
-    speed weighs on each engine alike. Prefix caches are emptied before each pass, so each
-    pass computes every prefill.
+    speed weighs on each engine alike. Prefix caches (and rings of earlier requests) are
+    emptied before each pass, so each pass computes every prefill (and drafts only from its own
+    earlier requests).
     """
     for llm in engines.values():
-        llm.reset_prefix_cache()
+        _reset(llm)
         timed_run(llm, prompts, params, batch)
     outputs: dict[str, list[list[int]]] = {}
     seconds: dict[str, list[float]] = {label: [] for label in engines}
     order = list(engines)
     for r in range(rounds):
         for label in order if r % 2 == 0 else order[::-1]:
-            engines[label].reset_prefix_cache()
+            _reset(engines[label])
             outs, took = timed_run(engines[label], prompts, params, batch)
             outputs.setdefault(label, outs)
             seconds[label].append(took)
     return {label: (outputs[label], seconds[label]) for label in engines}
+
+
+def _reset(llm: LLM) -> None:
+    """Empty ``llm``'s prefix cache and its drafter's ring of earlier requests (if any)."""
+    llm.reset_prefix_cache()
+    drafter = llm.engine.drafter
+    if drafter is not None and drafter.history is not None:
+        drafter.history.clear()
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -249,7 +265,7 @@ def _batch_rows(
         tokens = sum(map(len, outs))
         per_round = [(tokens / s) / (plain_tokens / p)
                      for s, p in zip(seconds, plain_seconds, strict=True)]  # fmt: skip
-        row = {"method": spec["method"], "batch": batch, "k": spec["num_speculative_tokens"],
+        row = {"method": spec["method"], "label": label, "batch": batch, "k": spec["num_speculative_tokens"],
                "tokens_per_step": engines[label].engine.spec_stats.mean_since(before[label]),
                "tokens_per_engine_step": _per_engine_step(engines[label], steps_before[label],
                                                           tokens * (1 + args.rounds)),
@@ -320,12 +336,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target", required=True, help="the target model's folder (HF format)")
     ap.add_argument("--methods", type=lambda s: s.split(","),
                     default=["ngram", "draft_model", "layer_skip"],
-                    help="drafters to run (medusa needs --medusa-heads)")  # fmt: skip
+                    help="drafters to run: ngram, ngram_history, draft_model, layer_skip, "
+                         "medusa (needs --medusa-heads)")  # fmt: skip
     ap.add_argument("--num-speculative-tokens", type=ints, default=[4],
                     help="k of each drafter; several (4,8) run each drafter once per k against "
                          "one plain baseline")  # fmt: skip
     ap.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram's shortest n-gram")
     ap.add_argument("--prompt-lookup-max", type=int, default=5, help="ngram's longest n-gram")
+    ap.add_argument("--prompt-lookup-history-tokens", type=int, default=1 << 20,
+                    help="ngram_history's ring of earlier requests, in tokens")  # fmt: skip
     ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
     ap.add_argument("--skip-layers", type=int, default=0,
                     help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip

@@ -215,7 +215,8 @@ for step in "$@"; do
                  > "$OUT/train_medusa150m.log" 2>&1; tail -6 "$OUT/train_medusa150m.log"
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
-    specreal) # METHODS (default: every drafter, medusa once specheads' heads exist), K drafts
+    specreal) # METHODS (default: every drafter, medusa once specheads' heads exist; also
+              # ngram_history: ngram with a 1M-token ring of the pass's earlier requests), K drafts
               # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or
               # auto; default: unset), LOOKUP_MIN (ngram's prompt_lookup_min, default 2)
               methods=${METHODS:-ngram,draft_model,layer_skip}; heads=()

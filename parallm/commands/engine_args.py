@@ -164,7 +164,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="speculative decoding, vLLM's keys as a JSON object: method "
         f"({', '.join(METHODS)}; implemented: {', '.join(IMPLEMENTED_METHODS)}), "
         "num_speculative_tokens, prompt_lookup_min/prompt_lookup_max "
-        f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), model (draft_model; medusa: the heads "
+        f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), prompt_lookup_history_tokens (ngram: a "
+        "ring of that many tokens of finished requests to draft from where a sequence's own "
+        "tokens give nothing; default 0: off), model (draft_model; medusa: the heads "
         "folder), num_layers (layer_skip), speculative_token_tree (medusa: index paths such as "
         '"[(0,), (0, 0), (1,)]" or "chain"; unset: a sparse tree), '
         "disable_by_batch_size (no drafts in steps with more running sequences), "

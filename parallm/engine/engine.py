@@ -168,8 +168,9 @@ class LLMEngine:
 
     def enable_device_drafting(self) -> bool:
         """Draft on the device where it can (docs/DEVICE_DRAFTER.md): greedy prompt lookup
-        under async scheduling, over the verify graphs' full chains; its tail captured too
-        where they were (counted in ``graph_capture_seconds``). Whether it is on."""
+        (and the drafter's ring of earlier requests, kept on the device too) under async
+        scheduling, over the verify graphs' full chains; its tail captured too where they were
+        (counted in ``graph_capture_seconds``). Whether it is on."""
         spec = self.drafter.config if self.drafter is not None else None
         if spec is None or spec.method != "ngram" or not self.async_scheduling:
             return False
@@ -177,7 +178,8 @@ class LLMEngine:
             return False
         try:
             self.runner.enable_device_drafts(spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                             spec.prompt_lookup_max, self.max_model_len)  # fmt: skip
+                                             spec.prompt_lookup_max, self.max_model_len,
+                                             history=self.drafter.history)  # fmt: skip
         except ValueError:  # no graph of full chains (the token budget is too small)
             return False
         self.drafter.full_chains = True
@@ -573,6 +575,8 @@ class LLMEngine:
                 self.num_generated_tokens += len(sampled)
         for seq in finished:
             self.scheduler.finish(seq)
+        if self.drafter is not None:  # the ring of earlier requests, if it keeps one
+            self.drafter.remember(finished)
         for request_id in self.outputs.errors:
             self._fail_request(request_id)
         outputs = self.outputs.collect(self.requests, sampled + failed)

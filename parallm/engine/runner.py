@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from parallm.engine.decode_graph import DecodeGraphs
     from parallm.engine.mixed_graph import MixedGraphs
     from parallm.engine.spec.device_drafts import DeviceDrafts
+    from parallm.engine.spec.history import TokenHistory
     from parallm.engine.verify_graph import VerifyGraphs, VerifyShape
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -397,10 +398,13 @@ class ModelRunner:
                                        max_query_len)  # fmt: skip
 
     def enable_device_drafts(
-        self, num_drafts: int, min_n: int, max_n: int, max_model_len: int
-    ) -> None:
+        self, num_drafts: int, min_n: int, max_n: int, max_model_len: int,
+        history: TokenHistory | None = None,
+    ) -> None:  # fmt: skip
         """Device drafting for the verify graphs' chains of ``num_drafts`` drafts (the
-        engine's device mode, spec/device_drafts.py): buffers for their largest batch."""
+        engine's device mode, spec/device_drafts.py): buffers for their largest batch;
+        ``history``: the ring of earlier requests its tail drafts from where a sequence's own
+        lookup finds nothing (copied to the device, kept there in step)."""
         from parallm.engine.spec.device_drafts import DeviceDrafts
 
         q = 1 + num_drafts
@@ -408,7 +412,8 @@ class ModelRunner:
         if not sizes:
             raise ValueError(f"no verify graph holds chains of {num_drafts} drafts")
         self.device_drafts = DeviceDrafts(max(sizes), max_model_len + 2 * q, num_drafts, min_n,
-                                          max_n, self.device, self.fused_kernels)  # fmt: skip
+                                          max_n, self.device, self.fused_kernels,
+                                          history=history)  # fmt: skip
 
     def capture_tail_graphs(self) -> float:
         """The device drafter's tail captured for every live batch size

@@ -323,6 +323,48 @@ def prompt_lookup_ref(
     return drafts, counts
 
 
+def history_lookup_ref(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    ring: torch.Tensor,
+    state: torch.Tensor,
+    drafts: torch.Tensor,
+    counts: torch.Tensor,
+    num_tokens: int,
+    min_n: int,
+    max_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``history_lookup``'s twin (same arguments, same in-place updates), row by row: for each
+    row whose count is 0, the ring's sequences laid out oldest first (``[fill, used)`` then
+    ``[0, fill)``; each ends with a separator, -1), the longest n in ``[min_n, max_n]`` whose
+    suffix occurs there followed by a token other than -1, its last occurrence, and up to
+    ``num_tokens`` tokens after it, stopping before a -1."""
+    fill, used = (int(v) for v in state.cpu())
+    ring = ring.cpu()
+    laid = torch.cat([ring[fill:used], ring[:fill]])
+    for b in range(tokens.shape[0]):
+        if int(counts[b]) != 0:
+            continue
+        drafts[b] = 0
+        size = int(lengths[b])
+        row = tokens[b, :size].cpu()
+        for n in range(min(max_n, size), min_n - 1, -1):
+            if len(laid) <= n:
+                continue
+            windows = laid[:-1].unfold(0, n, 1)  # every n-gram with a token after it
+            after = laid[n:]
+            hits = ((windows == row[size - n :]).all(dim=1) & (after != -1)).nonzero()
+            if len(hits):
+                start = int(hits[-1]) + n
+                follow = laid[start : start + num_tokens]
+                stop = (follow == -1).nonzero()
+                count = int(stop[0]) if len(stop) else len(follow)
+                drafts[b, :count] = follow[:count]
+                counts[b] = count
+                break
+    return drafts, counts
+
+
 def greedy_accept_ref(
     argmax_rows: torch.Tensor,
     step_ids: torch.Tensor,

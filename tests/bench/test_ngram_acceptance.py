@@ -1,6 +1,7 @@
 """benchmarks/ngram_acceptance.py: its latest-occurrence lookup against a brute-force
-definition, its replay of a greedy run's steps against a hand-worked example, and a whole run
-with the bundled model on CPU."""
+definition, its replay of a greedy run's steps against a hand-worked example (drafting from
+earlier requests through the engine's ``TokenHistory``), and a whole run with the bundled model
+on CPU."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_walk_counts_the_steps_of_a_greedy_run():
 def test_history_drafts_only_where_the_request_gives_nothing():
     bench = _bench()
     variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest", "extend": False}
-    history = bench.History()
+    history = bench.TokenHistory(64)
     history.add([1, 2, 3, 4, 5, 6])
     prompt, output = [7, 2, 3], [4, 5, 9]
     # The prefill emits 4. Context 7 2 3 4: no earlier 4 nor "3 4" in the request; the
@@ -97,7 +98,7 @@ def test_history_drafts_only_where_the_request_gives_nothing():
 
 
 def test_history_lookup_takes_the_latest_occurrence_and_stops_at_a_request_end():
-    history = _bench().History()
+    history = _bench().TokenHistory(64)
     history.add([5, 6, 1])
     history.add([5, 6, 2, 3])
     history.add([9, 5, 6])  # ends right after "5 6": nothing follows there
@@ -107,7 +108,7 @@ def test_history_lookup_takes_the_latest_occurrence_and_stops_at_a_request_end()
     assert history.lookup([7, 7], 3, 2, 8) == []
     # A byte match straddling tokens: "1 0" is 01 00 00 00 00 00 00 00, which 256 0 0
     # (00 01 00 00 | 00 00 00 00 | 00 00 00 00) holds one byte in.
-    straddle = _bench().History()
+    straddle = _bench().TokenHistory(64)
     straddle.add([256, 0, 0, 5])
     assert straddle.lookup([1, 0], 1, 2, 2) == []
     straddle.add([1, 0, 4])

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -160,6 +161,19 @@ def test_min_tokens_per_step_reaches_every_drafter():
     assert all("min_tokens_per_step" not in c for c in unset.values())
 
 
+def test_ngram_history_is_ngram_with_the_ring_of_earlier_requests():
+    from parallm.engine.spec.config import SpeculativeConfig
+
+    bench = _load_bench()
+    common = ["--target", "x", "--methods", "ngram,ngram_history", "--prompt-lookup-min", "1"]
+    configs = bench.drafter_configs(bench.parse_args(common), 8)
+    assert configs["ngram_history"] == {**configs["ngram"], "prompt_lookup_history_tokens": 1 << 20}
+    assert configs["ngram"]["prompt_lookup_min"] == 1
+    small = bench.parse_args([*common, "--prompt-lookup-history-tokens", "4096"])
+    spec = SpeculativeConfig.from_value(bench.drafter_configs(small, 8)["ngram_history"])
+    assert spec.prompt_lookup_history_tokens == 4096
+
+
 def test_several_k_run_each_drafter_once_per_k():
     bench = _load_bench()
     args = bench.parse_args(["--target", "x", "--methods", "ngram,layer_skip",
@@ -177,14 +191,19 @@ def test_several_k_run_each_drafter_once_per_k():
 
 def test_rounds_alternate_the_engines_after_an_untimed_pass(monkeypatch):
     """Warm-up passes first, then A B B A: a drift in the machine's speed weighs on both
-    engines alike; each pass starts from an empty prefix cache; the first timed pass's outputs
-    are reported."""
+    engines alike; each pass starts from an empty prefix cache (and an empty ring of earlier
+    requests: a pass drafts from its own); the first timed pass's outputs are reported."""
     bench = _load_bench()
     calls = []
 
+    class Ring:
+        def clear(self):
+            calls.append("clear B")
+
     class Engine:
-        def __init__(self, name):
+        def __init__(self, name, drafter):
             self.name = name
+            self.engine = SimpleNamespace(drafter=drafter)
 
         def reset_prefix_cache(self):
             calls.append(f"reset {self.name}")
@@ -194,10 +213,17 @@ def test_rounds_alternate_the_engines_after_an_untimed_pass(monkeypatch):
         return [[len(calls)]], float(len(calls))
 
     monkeypatch.setattr(bench, "timed_run", timed_run)
-    engines = {"plain": Engine("A"), "ngram": Engine("B")}
+    engines = {
+        "plain": Engine("A", None),
+        "ngram_history": Engine("B", SimpleNamespace(history=Ring())),
+    }
     got = bench.measure_rounds(engines, [[1]], None, 1, rounds=3)
-    runs = [c for c in calls if not c.startswith("reset")]
+    runs = [c for c in calls if c in ("A", "B")]
     assert runs == ["A", "B", "A", "B", "B", "A", "A", "B"]
-    assert all(calls[i] == f"reset {calls[i + 1]}" for i in range(0, len(calls), 2))
-    assert got["plain"] == ([[6]], [6.0, 12.0, 14.0])
-    assert got["ngram"] == ([[8]], [8.0, 10.0, 16.0])
+    before = {"A": ["reset A"], "B": ["reset B", "clear B"]}
+    at = 0
+    for name in runs:
+        assert calls[at : at + len(before[name]) + 1] == [*before[name], name]
+        at += len(before[name]) + 1
+    assert got["plain"] == ([[7]], [7.0, 15.0, 17.0])
+    assert got["ngram_history"] == ([[10]], [10.0, 13.0, 20.0])

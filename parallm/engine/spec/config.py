@@ -18,13 +18,21 @@ IMPLEMENTED_METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
 # vLLM's default when neither prompt_lookup_min nor prompt_lookup_max is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
+# The ring of earlier requests' tokens (``prompt_lookup_history_tokens``, spec/history.py):
+# the least that can draft (two matched tokens, one drafted, a separator), and the most whose
+# age keys (position + capacity, kernels/history_lookup.py) fit int32.
+MIN_HISTORY_TOKENS = 4
+MAX_HISTORY_TOKENS = 2**30
+
 # Keys that belong to one method; giving one to another method is an error.
 _METHOD_KEYS = {
-    "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
+    "ngram": ("prompt_lookup_min", "prompt_lookup_max", "prompt_lookup_history_tokens"),
     "draft_model": ("model",),
     "layer_skip": ("num_layers",),
     "medusa": ("model", "speculative_token_tree"),
 }
+# Keys whose unset value is not None: another method may leave them at this value.
+_KEY_DEFAULTS = {"prompt_lookup_history_tokens": 0}
 _REQUIRED_KEYS = {
     "draft_model": ("model",),
     "layer_skip": ("num_layers",),
@@ -53,7 +61,11 @@ class SpeculativeConfig:
     (``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
     request of ``draft_model``, whose drafts are samples, is reproducible only without it).
     For ``ngram``, unset ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value,
-    or 5 when both are unset.
+    or 5 when both are unset. ``prompt_lookup_history_tokens`` (``ngram`` only; 0: off): the
+    capacity in tokens of a ring of finished requests' prompts and outputs, which a sequence
+    whose own lookup finds nothing drafts from (spec/history.py: the newest occurrence of its
+    last 2 to 8 tokens, n at least ``prompt_lookup_min`` and up to ``prompt_lookup_max`` when
+    that is larger).
     """
 
     method: str
@@ -65,6 +77,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
     speculative_token_tree: Any = None
     min_tokens_per_step: float | str | None = None
+    prompt_lookup_history_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +88,7 @@ class SpeculativeConfig:
         self._check_method_keys()
         if self.method == "ngram":
             self._fill_prompt_lookup()
+            _check_history_tokens(self.prompt_lookup_history_tokens)
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(
                 f"speculative_config.model must be a model directory or Hub id, got {self.model!r}"
@@ -132,7 +146,7 @@ class SpeculativeConfig:
     def _check_method_keys(self) -> None:
         own = _METHOD_KEYS[self.method]
         for key in dict.fromkeys(k for keys in _METHOD_KEYS.values() for k in keys):
-            if key not in own and getattr(self, key) is not None:
+            if key not in own and getattr(self, key) != _KEY_DEFAULTS.get(key):
                 owners = [m for m, keys in _METHOD_KEYS.items() if key in keys]
                 which = f"method {owners[0]!r}" if len(owners) == 1 else f"methods {owners}"
                 raise ValueError(
@@ -211,6 +225,16 @@ def _check_min_tokens_per_step(value: Any, k: int) -> None:
         raise ValueError(
             "speculative_config.min_tokens_per_step must be a number in (1, "
             f'num_speculative_tokens + 1 = {k + 1}] or "auto", got {value!r}'
+        )
+
+
+def _check_history_tokens(value: Any) -> None:
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if not number or not (value == 0 or MIN_HISTORY_TOKENS <= value <= MAX_HISTORY_TOKENS):
+        raise ValueError(
+            "speculative_config.prompt_lookup_history_tokens must be 0 (off) or an integer "
+            f"from {MIN_HISTORY_TOKENS} to {MAX_HISTORY_TOKENS} (the ring's capacity in "
+            f"tokens), got {value!r}"
         )
 
 

@@ -7,10 +7,12 @@ is followed on the device by: every row's argmax, its acceptance (``greedy_accep
 emitted tokens appended to each sequence's tokens here), the next drafts (``prompt_lookup`` over
 those tokens) and the next step's inputs staged into the shape's buffers (``stage_chain_step``),
 then the drafts copied to the host, where the engine gives them to the step it launched behind
-this one. Rows follow the batch's order; a step staged from the host first uploads every
-sequence's tokens (``upload``). The Triton kernels run on CUDA, captured in one graph per batch
-size where the verify graphs are (spec/tail_graphs.py); elsewhere (the CPU tests) their PyTorch
-twins run, in place. See docs/DEVICE_DRAFTER.md.
+this one. With a ring of earlier requests (``history``, spec/history.py) the rows whose own
+lookup found nothing draft from the ring's device copy (``history_lookup``), as the host
+drafter falls back to it. Rows follow the batch's order; a step staged from the host first
+uploads every sequence's tokens (``upload``). The Triton kernels run on CUDA, captured in one
+graph per batch size where the verify graphs are (spec/tail_graphs.py); elsewhere (the CPU
+tests) their PyTorch twins run, in place. See docs/DEVICE_DRAFTER.md.
 """
 
 from __future__ import annotations
@@ -22,18 +24,22 @@ import torch
 
 from parallm.engine.request import Sequence
 from parallm.engine.sampler import greedy_argmax
+from parallm.engine.spec.history import history_ngram_range
 from parallm.kernels import reference
 
 if TYPE_CHECKING:
+    from parallm.engine.spec.history import TokenHistory
     from parallm.engine.spec.tail_graphs import TailGraphs
 
 
 class DeviceDrafts:
     """Token buffers for up to ``max_batch`` sequences of up to ``max_len`` tokens, drafting
-    ``num_drafts`` tokens a step by prompt lookup with n-grams of ``min_n``..``max_n``."""
+    ``num_drafts`` tokens a step by prompt lookup with n-grams of ``min_n``..``max_n``, then
+    from ``history`` (the drafter's ring, or None) where that found nothing."""
 
     def __init__(self, max_batch: int, max_len: int, num_drafts: int, min_n: int, max_n: int,
-                 device: torch.device, fused: bool = False) -> None:  # fmt: skip
+                 device: torch.device, fused: bool = False,
+                 history: TokenHistory | None = None) -> None:  # fmt: skip
         self.num_drafts, self.min_n, self.max_n = num_drafts, min_n, max_n
         self.device = device
         self.fused = fused  # the argmax's Triton kernel (``greedy_argmax``)
@@ -50,6 +56,7 @@ class DeviceDrafts:
             from parallm.kernels.prompt_lookup import lookup_buffer  # imports triton
 
             self.earliest = lookup_buffer(max_batch, max_n, device)
+        self._init_history(history)
         # Two host rows, taken in turn: a step's drafts are read when it finishes, after the
         # step behind it (whose tail writes the other row) has launched, never later. Each
         # sequence's row: its k drafts (the lookup's, then fillers), then how many the lookup
@@ -59,6 +66,19 @@ class DeviceDrafts:
         self.turn = 0
         # The tail captured per batch size (``capture_tails``), or None: always eager.
         self.graphs: TailGraphs | None = None
+
+    def _init_history(self, history: TokenHistory | None) -> None:
+        """The ring on the device (its address fixed: a tail graph reads it) and the history
+        lookup's scratch."""
+        self.history, self.newest = history, None
+        if history is None:
+            return
+        self.history_n = history_ngram_range(self.min_n, self.max_n)
+        history.to_device(self.device)
+        if self.cuda:
+            from parallm.kernels.history_lookup import newest_buffer  # imports triton
+
+            self.newest = newest_buffer(self.max_batch, self.history_n[1], self.device)
 
     @property
     def max_batch(self) -> int:
@@ -130,6 +150,7 @@ class DeviceDrafts:
             prompt_lookup(*args, self.num_drafts, self.min_n, self.max_n,
                           earliest=self.earliest[rows], drafts=self.drafts[rows],
                           counts=self.counts[rows])  # fmt: skip
+            self._history_lookup(args, rows)
             stage_chain_step(*args, self.drafts[rows], self.full[rows], buffers.block_tables,
                              out, block_size, scratch_slot)  # fmt: skip
         else:
@@ -139,9 +160,26 @@ class DeviceDrafts:
             drafts, counts = reference.prompt_lookup_ref(*args, self.num_drafts, self.min_n,
                                                           self.max_n)  # fmt: skip
             self.drafts[rows], self.counts[rows] = drafts, counts
+            self._history_lookup(args, rows)
             reference.stage_chain_step_ref(*args, self.drafts[rows], self.full[rows],
                                            buffers.block_tables, out, block_size,
                                            scratch_slot)  # fmt: skip
+
+    def _history_lookup(self, args: tuple[torch.Tensor, torch.Tensor], rows: slice) -> None:
+        """Drafts from the ring for the rows whose own lookup found none (in place)."""
+        history = self.history
+        if history is None:
+            return
+        ring = (history.device_ring, history.device_state)
+        drafts, counts = self.drafts[rows], self.counts[rows]
+        if self.cuda:
+            from parallm.kernels.history_lookup import history_lookup
+
+            history_lookup(*args, *ring, drafts, counts, self.num_drafts, *self.history_n,
+                           newest=self.newest[rows])  # fmt: skip
+        else:
+            reference.history_lookup_ref(*args, *ring, drafts, counts, self.num_drafts,
+                                         *self.history_n)  # fmt: skip
 
     def _to_host(self, batch: int) -> torch.Tensor:
         """The next drafts and counts of rows ``0 .. batch - 1`` copied into the other host
@@ -162,3 +200,7 @@ class DeviceDrafts:
             from parallm.kernels.prompt_lookup import lookup_buffer
 
             self.earliest.copy_(lookup_buffer(self.max_batch, self.max_n, self.device))
+        if self.newest is not None:  # (the ring is the drafter's: it keeps its sequences)
+            from parallm.kernels.history_lookup import newest_buffer
+
+            self.newest.copy_(newest_buffer(self.max_batch, self.history_n[1], self.device))

@@ -14,14 +14,20 @@ decodes as usual in the same steps. Above
 drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py). With
 ``min_tokens_per_step="auto"`` that threshold is the break-even the engine measures for the
 running batch size (spec/step_costs.py), whose plain steps it runs now and then to measure.
+With ``prompt_lookup_history_tokens`` the n-gram drafter keeps finished sequences' tokens in a
+ring (spec/history.py) and drafts from it where a sequence's own tokens give nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Sequence as Tokens
 
 from parallm.engine.request import Sequence
 from parallm.engine.scheduler import ScheduledBatch
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.draft_model import DraftModelProposer
+from parallm.engine.spec.history import TokenHistory, history_ngram_range
 from parallm.engine.spec.medusa import MedusaProposer
 from parallm.engine.spec.ngram import propose_ngram
 from parallm.engine.spec.step_costs import StepCosts
@@ -54,6 +60,17 @@ class Drafter:
         # filled with token 0 (a filler is kept only where it is the target's own token), so
         # that host- and device-staged steps share one graph shape and layout.
         self.full_chains = False
+        # Finished sequences' tokens, drafted from where a sequence's own lookup finds nothing
+        # (``prompt_lookup_history_tokens``; None: off).
+        size = config.prompt_lookup_history_tokens
+        self.history = TokenHistory(size) if size else None
+
+    def remember(self, finished: Iterable[Sequence]) -> None:
+        """Add each finished sequence's prompt and output to the ring (if there is one)."""
+        if self.history is None:
+            return
+        for seq in finished:
+            self.history.add(seq.token_ids)
 
     def measure_step_costs(self, async_scheduling: bool) -> None:
         """Measure step costs for ``min_tokens_per_step="auto"`` (nothing otherwise)."""
@@ -111,12 +128,10 @@ class Drafter:
             return None
         if not self.drafts_for_all(running, is_probe_step(self.num_proposals + 1)):
             return None
-        cfg, drafts = self.config, {}
+        drafts = {}
         for item in batch.seqs:
-            proposal = propose_ngram(
-                [*item.seq.token_ids, *item.draft_token_ids], cfg.num_speculative_tokens + 1,
-                cfg.prompt_lookup_min, cfg.prompt_lookup_max,
-            )  # fmt: skip
+            tokens = [*item.seq.token_ids, *item.draft_token_ids]
+            proposal = self._lookup(tokens, self.config.num_speculative_tokens + 1)
             if len(proposal) < 2:
                 return None
             drafts[item.seq.seq_id] = proposal[1:]
@@ -125,7 +140,6 @@ class Drafter:
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
-        cfg = self.config
         if not self.may_draft(running):
             return
         threshold = self.threshold(len(running))
@@ -136,9 +150,18 @@ class Drafter:
         if self.model is not None:
             self.model.propose(seqs)
             return
-        k = cfg.num_speculative_tokens
+        k = self.config.num_speculative_tokens
         for seq in seqs:
-            drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            drafts = self._lookup(seq.token_ids, k)
             fillers = k - len(drafts) if self.full_chains else 0
             seq.draft_token_ids = drafts + [0] * fillers
             seq.num_draft_fillers = fillers
+
+    def _lookup(self, tokens: Tokens[int], k: int) -> list[int]:
+        """Up to ``k`` prompt-lookup drafts after ``tokens``: from the sequence's own tokens,
+        else from the ring of earlier requests (as the device drafter's tail does)."""
+        low, high = self.config.prompt_lookup_min, self.config.prompt_lookup_max
+        drafts = propose_ngram(tokens, k, low, high)
+        if drafts or self.history is None:
+            return drafts
+        return self.history.lookup(tokens, k, *history_ngram_range(low, high))

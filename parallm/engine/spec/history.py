@@ -1,0 +1,168 @@
+"""Drafts from earlier requests: a ring of finished requests' tokens that prompt lookup falls
+back to where a sequence's own tokens give nothing (``prompt_lookup_history_tokens``).
+
+Why: about a third of prompt lookup's steps draft nothing even at n = 1, and in device mode
+each still costs a whole verify step. Requests to one server repeat each other (the same
+code base, the same boilerplate), so the newest earlier occurrence of a sequence's last
+tokens often predicts its next ones (suffix decoding, Oliaro et al., 2024;
+benchmarks/ngram_acceptance.py's ``history`` variant).
+
+The ring: each finished sequence's prompt and output followed by ``SEPARATOR`` (no vocabulary
+holds -1), written whole at ``fill``. A sequence that does not fit the space left starts over
+at position 0: the ring has wrapped, and ``[fill, used)`` holds the previous lap's (older)
+sequences, ``[0, fill)`` the newer ones. What a write cuts of an older sequence is overwritten
+with separators, so a draft never reads half a sequence; and since every sequence ends with a
+separator and the searched tokens are never -1, no match or draft crosses from one sequence
+into another. Newest first in write order: ``[0, fill)`` from its end, then
+``[fill, used)`` from its end.
+
+The host drafter searches the ring's bytes (``bytearray.rfind``, in C); the device drafter's
+tail searches a copy on the device (``to_device``; kernels/history_lookup.py), updated in place
+by ``add`` and ``clear`` so that a captured graph keeps reading it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+SEPARATOR = -1
+_WORD = 4  # bytes per token (int32)
+_SEPARATOR_WORD = np.int32(SEPARATOR).tobytes()
+# Across requests a single shared token says little: the ring's matches are 2 to 8 tokens
+# long (the offline study's best), widened by the configured lookup range.
+HISTORY_MIN_N, HISTORY_MAX_N = 2, 8
+
+
+def history_ngram_range(min_n: int, max_n: int) -> tuple[int, int]:
+    """The n-gram sizes searched in the ring for a lookup configured with ``min_n..max_n``."""
+    return max(HISTORY_MIN_N, min_n), max(HISTORY_MAX_N, max_n)
+
+
+def rfind_tokens(words: bytes | bytearray, pattern: bytes, start: int, end: int) -> int:
+    """The byte offset of the latest occurrence of ``pattern`` (int32 tokens) lying wholly in
+    ``words[start:end]`` at a token boundary, or -1: a byte match straddling two tokens is
+    none (``start`` must be a token boundary)."""
+    at = words.rfind(pattern, start, end)
+    while at >= 0 and at % _WORD:
+        at = words.rfind(pattern, start, at + len(pattern) - 1)
+    return at
+
+
+class TokenHistory:
+    """A ring of ``capacity`` int32 tokens holding finished sequences, newest last."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 2:
+            raise ValueError(f"TokenHistory: capacity must be at least 2 tokens, got {capacity}")
+        self.capacity = capacity
+        # One buffer seen three ways: bytes to search, numpy to write, torch to copy.
+        self._words = bytearray(capacity * _WORD)
+        self._tokens = np.frombuffer(self._words, dtype=np.int32)
+        self.ring = torch.frombuffer(self._words, dtype=torch.int32)
+        self._tokens[:] = SEPARATOR
+        self.fill = 0  # where the next sequence is written
+        self.used = 0  # [0, used) holds sequences: [fill, used) the older lap's when wrapped
+        self.device_ring: torch.Tensor | None = None
+        self.device_state: torch.Tensor | None = None  # [fill, used], int32
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether the ring holds an older lap's sequences after ``fill``."""
+        return self.used > self.fill
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Append one finished sequence (its last ``capacity - 1`` tokens if longer)."""
+        tokens = np.asarray(tokens, dtype=np.int32)[-(self.capacity - 1) :]
+        size = len(tokens) + 1
+        start = self.fill if self.fill + size <= self.capacity else 0
+        if start == 0 and self.fill:
+            self.used = self.fill  # what lies past the lap just ended is older still: dropped
+        end = start + size
+        cut = self._cut_end(end)  # read before the write overwrites the old boundary
+        self._tokens[start : end - 1] = tokens
+        self._tokens[end - 1 : cut] = SEPARATOR  # and the rest of an older sequence it cut
+        self.fill, self.used = end, max(self.used, end)
+        self._sync(start, cut)
+
+    def clear(self) -> None:
+        """Forget every sequence."""
+        self._tokens[:] = SEPARATOR
+        self.fill = self.used = 0
+        if self.device_ring is not None:
+            self.device_ring.fill_(SEPARATOR)
+            self.device_state.zero_()
+
+    def lookup(self, context: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+        """Up to ``k`` tokens that followed the newest occurrence of the context's last n
+        tokens, for the longest n in ``[min_n, max_n]`` that occurs followed by at least one
+        token of its sequence; the draft stops before the sequence's separator."""
+        if k < 1 or not self.used:
+            return []
+        # An occurrence of a longer suffix ends with one of every shorter suffix, followed
+        # alike: the n that occur run from min_n up to the longest, so the search goes up and
+        # stops at the first n that does not occur (the only search that reads the whole ring).
+        newest = -1
+        for n in range(min_n, min(max_n, len(context)) + 1):
+            end = self._newest(context, n)
+            if end < 0:
+                break
+            newest = end
+        return self._draft(newest + 1, k) if newest >= 0 else []
+
+    def to_device(self, device: torch.device | str) -> None:
+        """Keep a copy of the ring and ``[fill, used]`` on ``device`` (``device_ring``,
+        ``device_state``), updated in place from now on: a captured graph may read them."""
+        device = torch.device(device)
+        if self.device_ring is not None:
+            if self.device_ring.device != device:
+                raise ValueError(f"TokenHistory: already on {self.device_ring.device}")
+            return
+        self.device_ring = self.ring.to(device, copy=True)
+        self.device_state = torch.tensor([self.fill, self.used], dtype=torch.int32,
+                                         device=device)  # fmt: skip
+
+    def _newest(self, context: Sequence[int], n: int) -> int:
+        """The end position of the newest occurrence of the context's last ``n`` tokens that a
+        token of its own sequence follows, or -1."""
+        pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
+        for lo, hi in ((0, self.fill), (self.fill, self.used)):  # newest first
+            end = hi * _WORD
+            while (at := rfind_tokens(self._words, pattern, lo * _WORD, end)) >= 0:
+                last = (at + len(pattern)) // _WORD - 1
+                if last + 1 < hi and self._tokens[last + 1] != SEPARATOR:
+                    return last
+                end = at + len(pattern) - 1  # the next search: occurrences before this one
+        return -1
+
+    def _draft(self, start: int, k: int) -> list[int]:
+        after = self._tokens[start : start + k].tolist()
+        return after[: after.index(SEPARATOR)] if SEPARATOR in after else after
+
+    def _cut_end(self, end: int) -> int:
+        """Where the older sequence that a write of ``[.., end)`` cuts ends (one past the
+        write's last position, ``end``, when it cuts none): past the first separator at or
+        after ``end - 1``. Call before the write."""
+        if end >= self.used:  # everything older up to ``used`` is overwritten
+            return end
+        # A byte search (``used - 1`` holds a separator, so there is one): a scan of the
+        # rest of the ring on every add would cost a millisecond at 1M tokens.
+        at = self._words.find(_SEPARATOR_WORD, (end - 1) * _WORD, self.used * _WORD)
+        while at >= 0 and at % _WORD:
+            at = self._words.find(_SEPARATOR_WORD, at + 1, self.used * _WORD)
+        return at // _WORD + 1
+
+    def _sync(self, start: int, end: int) -> None:
+        """Copy ring positions ``[start, end)`` and the state to the device copy, behind the
+        work queued there (a pinned source on CUDA: the host goes on at once)."""
+        if self.device_ring is None:
+            return
+        cuda = self.device_ring.device.type == "cuda"
+        chunk = self.ring[start:end].clone()
+        state = torch.tensor([self.fill, self.used], dtype=torch.int32)
+        if cuda:
+            chunk, state = chunk.pin_memory(), state.pin_memory()
+        self.device_ring[start:end].copy_(chunk, non_blocking=cuda)
+        self.device_state.copy_(state, non_blocking=cuda)
