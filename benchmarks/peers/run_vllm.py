@@ -11,7 +11,9 @@ Run from the repository root after install_vllm.sh, with its environment
   ``LLM.generate`` gets the same token ids, in both configurations);
 - latency: ``parallm bench latency --compare-vllm`` (batch 1/8/32/128, 128 in, 128 out);
 - serve: ``vllm serve`` (each configuration) and ``parallm serve`` in turn on one port, each
-  loaded by ``parallm bench serve`` replaying the Azure conversation trace at each time scale.
+  loaded by ``parallm bench serve`` replaying the Azure conversation trace at each time scale;
+  ``parallm-vllm-limits`` (not in the default ``--servers``) is parallm with the scheduler
+  limits vLLM's defaults take on this GPU (``vllm_server_limits``).
   Both servers get a model folder with the config and parallm's id tokenizer (token i is the
   text ``<i>``), so both stream one non-empty piece per token and detokenize as they would
   with a real model;
@@ -44,7 +46,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "benchmarks" / "configs"
 STEPS = ("smoke", "offline", "latency", "serve", "mixed")
-SERVERS = ("parallm", "vllm-stock", "vllm-parallm-limits")
+DEFAULT_SERVERS = ("parallm", "vllm-stock", "vllm-parallm-limits")
+SERVERS = (*DEFAULT_SERVERS, "parallm-vllm-limits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-tokens", type=int, default=3500,
                    help="serve: cap on a trace request's prompt tokens")  # fmt: skip
     p.add_argument("--goodput", default="ttft:500 tpot:50", help="serve: SLOs of goodput")
-    p.add_argument("--servers", default=",".join(SERVERS),
+    p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                    help=f"serve: servers to load, from {', '.join(SERVERS)}")  # fmt: skip
     p.add_argument("--port", type=int, default=8100, help="serve: port of the server under test")
     p.add_argument("--start-timeout-s", type=float, default=420.0,
@@ -182,7 +185,8 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
     for server in args.servers:
         name = f"serve_{model}_{server}"
         log = args.work / "logs" / f"{name}_server.log"
-        proc = start_server(server_command(server, folder, args, limits), log)
+        peer = vllm_server_limits(*gpu_memory_and_name()) if server == "parallm-vllm-limits" else {}
+        proc = start_server(server_command(server, folder, args, limits, peer), log)
         try:
             wait_s = min(args.start_timeout_s, args.deadline - time.monotonic())
             if not wait_healthy(proc, args.port, wait_s):
@@ -233,18 +237,44 @@ def parallm_limits(args: argparse.Namespace) -> dict[str, Any]:
     return {key.replace("_", "-"): limits[key] for key in SERVER_LIMITS}
 
 
+def vllm_server_limits(total_memory: int, device_name: str) -> dict[str, int]:
+    """The scheduler limits ``vllm serve`` 0.26.0 takes by default on a GPU of
+    ``total_memory`` bytes named ``device_name`` (its ``EngineArgs`` picks them by device: 1,024
+    sequences and 8,192 batched tokens from 70 GiB up, A100s excepted; 256 and 2,048 below), as
+    ``parallm serve`` flags without the dashes. Why: vLLM's defaults admit four times
+    parallm's 256 sequences on an H100, which is most of the 8B's goodput gap at x16 (RESULTS,
+    sixteenth session); this server says what parallm does with the same admission."""
+    large = total_memory >= 70 * 2**30 and "a100" not in device_name.lower()
+    return {"max-num-seqs": 1024 if large else 256,
+            "max-num-batched-tokens": 8192 if large else 2048}  # fmt: skip
+
+
+def gpu_memory_and_name() -> tuple[int, str]:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return props.total_memory, props.name
+
+
 def server_command(server: str, folder: Path, args: argparse.Namespace,
-                   limits: dict[str, Any]) -> list[str]:  # fmt: skip
+                   limits: dict[str, Any], peer_limits: dict[str, Any] | None = None,
+                   ) -> list[str]:  # fmt: skip
+    """``limits``: parallm's, given to "vllm-parallm-limits"; ``peer_limits``: vLLM's
+    defaults on this GPU (``vllm_server_limits``), given to "parallm-vllm-limits"."""
     common = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len",
               str(args.max_model_len), "--port", str(args.port), "--served-model-name", "peer",
               "--seed", "0"]  # fmt: skip
-    if server == "parallm":
-        return parallm_cli("serve", "--model", str(folder), *common)
+    if server.startswith("parallm"):
+        extra = peer_limits if server == "parallm-vllm-limits" else {}
+        return parallm_cli("serve", "--model", str(folder), *common, *_flags(extra or {}))
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *common]
     if server == "vllm-parallm-limits":
-        for flag, value in limits.items():
-            cmd += [f"--{flag}", str(value)]
+        cmd += _flags(limits)
     return cmd
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    return [item for flag, value in values.items() for item in (f"--{flag}", str(value))]
 
 
 def start_server(cmd: list[str], log: Path) -> subprocess.Popen:

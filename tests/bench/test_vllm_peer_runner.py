@@ -77,6 +77,19 @@ def test_server_commands_differ_only_where_the_configurations_do(run_vllm, tmp_p
     assert limited[len(defaults) :] == ["--max-num-seqs", "256", "--max-num-batched-tokens",
                                         "8192", "--block-size", "16",
                                         "--gpu-memory-utilization", "0.9"]  # fmt: skip
+    peer = run_vllm.vllm_server_limits(80 * 2**30, "NVIDIA H100 80GB HBM3")
+    assert peer == {"max-num-seqs": 1024, "max-num-batched-tokens": 8192}
+    admitted = run_vllm.server_command("parallm-vllm-limits", tmp_path, args, limits, peer)
+    assert admitted == ours + ["--max-num-seqs", "1024", "--max-num-batched-tokens", "8192"]
+
+
+def test_vllm_server_limits_follow_the_gpu(run_vllm):
+    # vLLM 0.26.0's EngineArgs: large defaults from 70 GiB up, except on A100s.
+    for memory, name, want in ((141 * 2**30, "NVIDIA H200", (1024, 8192)),
+                               (80 * 2**30, "NVIDIA A100-SXM4-80GB", (256, 2048)),
+                               (48 * 2**30, "NVIDIA L40S", (256, 2048))):  # fmt: skip
+        limits = run_vllm.vllm_server_limits(memory, name)
+        assert (limits["max-num-seqs"], limits["max-num-batched-tokens"]) == want, name
 
 
 def test_serving_step_end_to_end_against_parallm(run_vllm, tiny_model_dir, tmp_path,
