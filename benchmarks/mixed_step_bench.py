@@ -39,6 +39,7 @@ from parallm.bench.latency import batch_sizes as positive_ints  # noqa: E402
 # CUDA runtime and driver calls that start device work: what "launches" counts a step.
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                 "cudaGraphLaunch", "cudaMemcpyAsync")  # fmt: skip
+TOP_KERNELS = 8  # kernels a profiled row lists
 
 
 class ParallmSteps:
@@ -147,7 +148,8 @@ def timed_steps(engine: Any, steps: int, arrival_len: int, rng: random.Random) -
 
 def profiled_steps(engine: Any, steps: int, arrival_len: int, rng: random.Random) -> dict:
     """Kernel and graph launches and device-busy milliseconds a step, from ``torch.profiler``
-    over ``steps`` steps."""
+    over ``steps`` steps, and the ``TOP_KERNELS`` kernels with the most device time (ms a
+    step, by name; kernels replayed inside CUDA graphs count too)."""
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
@@ -156,7 +158,11 @@ def profiled_steps(engine: Any, steps: int, arrival_len: int, rng: random.Random
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
     device_us = sum(e.self_device_time_total for e in events)
-    return {"launches_per_step": launches / steps, "device_ms_per_step": device_us / steps / 1e3}
+    busy = sorted((e for e in events if e.self_device_time_total > 0),
+                  key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]  # fmt: skip
+    kernels = {e.key: e.self_device_time_total / steps / 1e3 for e in busy}
+    return {"launches_per_step": launches / steps, "device_ms_per_step": device_us / steps / 1e3,
+            "kernels": kernels}  # fmt: skip
 
 
 def measure(engine: Any, args: argparse.Namespace, batch: int, rng: random.Random) -> list[dict]:
@@ -173,9 +179,15 @@ def measure(engine: Any, args: argparse.Namespace, batch: int, rng: random.Rando
                "decode_ms": timed_steps(engine, args.steps, 0, rng),
                "mixed_ms": timed_steps(engine, args.steps, arrival_len, rng)}  # fmt: skip
         if args.profile_steps:
+            # The pure decode step's profile beside the mixed one: where the mixed step's
+            # extra time goes, kernel by kernel.
+            decode = profiled_steps(engine, args.profile_steps, 0, rng)["kernels"]
             row |= profiled_steps(engine, args.profile_steps, arrival_len, rng)
+            row["decode_kernels"] = decode
         rows.append(row)
         print(_line(row), flush=True)
+        for line in _kernel_lines(row):
+            print(line, flush=True)
     engine.abort(running)
     while engine.unfinished():
         engine.step()
@@ -190,6 +202,15 @@ def _line(row: dict) -> str:
         text += (f"; profiled mixed: {row['launches_per_step']:.0f} launches, "
                  f"{row['device_ms_per_step']:.3f} device ms a step")  # fmt: skip
     return text
+
+
+def _kernel_lines(row: dict) -> list[str]:
+    """The mixed step's busiest kernels, with the pure decode step's time in each (ms a
+    step), then the decode step's busiest ones that the mixed step does not run."""
+    mixed, decode = row.get("kernels", {}), row.get("decode_kernels", {})
+    names = [*mixed, *(k for k in decode if k not in mixed)]
+    return [f"      {name[:64]:<64} mixed {mixed.get(name, 0):7.3f}  decode "
+            f"{decode.get(name, 0):7.3f}" for name in names]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,8 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.profile_steps < 0:
         raise SystemExit("--profile-steps must be 0 or more")
-    # The decoding requests must outlast every timed step of every arrival length.
-    steps = len(args.arrival_lens) * (args.warmup_steps + 2 * args.steps + args.profile_steps)
+    # The decoding requests must outlast every timed and profiled step of every arrival length.
+    steps = len(args.arrival_lens) * (args.warmup_steps + 2 * args.steps + 2 * args.profile_steps)
     args.max_tokens = steps + max(args.batch_sizes) * args.context_len // 2048 + 16
     if args.context_len + args.max_tokens > args.max_model_len:
         raise SystemExit(f"--context-len {args.context_len} plus {args.max_tokens} decode steps "

@@ -32,9 +32,10 @@ def test_rows_for_every_batch_and_arrival_length(tiny_model_dir, tmp_path, monke
     for r in rows:
         assert r["decode_ms"] > 0 and r["mixed_ms"] > 0
         assert r["launches_per_step"] >= 0 and r["device_ms_per_step"] >= 0
+        assert isinstance(r["kernels"], dict) and isinstance(r["decode_kernels"], dict)
     # One arrival before every warm-up, timed and profiled mixed step; none for decode steps.
     arrivals = [a for a in added if a[0] == "arrival"]
-    assert len(arrivals) == 2 * 2 * (1 + 3 + 2)
+    assert len(arrivals) == 2 * 2 * (1 + 3 + 2)  # the profiled decode steps add none
     assert {(n, t) for _, n, t in arrivals} == {(5, 1), (9, 1)}
     decoding = [a for a in added if a[0] == "decode"]
     assert len(decoding) == 2 + 3 and {n for _, n, _ in decoding} == {8}
@@ -64,3 +65,15 @@ def test_vllm_gets_parallms_limits_as_every_peer_run_gives_them():
     assert "gpu_memory_utilization" not in limits
     assert limits == {k: v for k, v in vllm_limits(cfg, 4096).items()
                       if k != "gpu_memory_utilization"}  # fmt: skip
+
+
+def test_kernel_lines_put_the_mixed_steps_kernels_beside_the_decode_steps():
+    row = {
+        "kernels": {"_prefill_kernel": 1.5, "gemm": 2.0},
+        "decode_kernels": {"gemm": 1.75, "_decode": 0.5},
+    }
+    lines = bench._kernel_lines(row)
+    assert [line.split()[0] for line in lines] == ["_prefill_kernel", "gemm", "_decode"]
+    assert lines[0].split()[-3:] == ["1.500", "decode", "0.000"]
+    assert lines[2].split()[-4:] == ["mixed", "0.000", "decode", "0.500"]
+    assert bench._kernel_lines({}) == []
