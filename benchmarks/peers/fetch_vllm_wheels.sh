@@ -112,11 +112,12 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-# What is left of issue 14 (benchmarks/peers/README.md says why each): the finer mixed-graph
-# sizes, measured in their tree (`make ab-tree NAME=sizes REV=mixed-sizes`, carried as .ab).
-for what in "llama-3.1-8b --steps mixed" "llama-3.1-8b --steps serve" "qwen3-0.6b --steps serve" \
-            "qwen3-0.6b,llama-3.1-8b --steps offline"; do
-  n=$((n + 1))
-  echo "  $n. run(carry=[\"$PEERS_DIR/data\", \".ab\"], command=\"cd .ab/sizes && ln -sfn ../../.peers .peers && bash benchmarks/peers/run_peers.sh --models $what\", timeout_s=600)"
-done
+# What is left of issue 14 (benchmarks/peers/README.md says why each): parallm with vLLM's
+# admission on this GPU, the one mixed row behind vLLM kernel by kernel, the offline rows.
+n=$((n + 1))
+echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm-vllm-limits,vllm-stock\", timeout_s=600)"
+n=$((n + 1))
+echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"source benchmarks/peers/vllm_env.sh && for e in parallm vllm; do python3 benchmarks/mixed_step_bench.py --config benchmarks/configs/qwen3-0.6b.json --context-len 1024 --batch-sizes 128 --engine \$e; done\", timeout_s=600)"
+n=$((n + 1))
+echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models qwen3-0.6b,llama-3.1-8b --steps offline\", timeout_s=600)"
 echo "(benchmarks/peers/README.md: what each call prints, device time, what to do when one fails)"
