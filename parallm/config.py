@@ -270,7 +270,11 @@ class EngineConfig:
     fused_kernels: bool | None = None
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None
-    cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    # Decode graphs' batch sizes; those above max_num_seqs are not captured. Up to 512, as
+    # vLLM caps its own: an engine that admits more sequences than 256 (vLLM's defaults admit
+    # 1,024 on an H100) would otherwise run its largest decode steps eagerly.
+    cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320,
+                                         384, 448, 512)  # fmt: skip
     # vLLM's speculative_config: a dict, a JSON object string or a SpeculativeConfig (None: off).
     speculative_config: SpeculativeConfig | None = None
     # Online weight quantization at load, vLLM's name: "fp8" (e4m3) or "int8", one scale per
