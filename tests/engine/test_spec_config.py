@@ -113,6 +113,18 @@ def test_the_config_is_frozen():
          "SpeculativeConfig, got list"),
         (4, "speculative_config must be a dict, a JSON object string or a SpeculativeConfig, "
          "got int"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": -1},
+         "speculative_config.prompt_lookup_history_tokens must be 0 (off) or an integer from 4 "
+         "to 1073741824 (the ring's capacity in tokens), got -1"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": 3}, "from 4 to 1073741824"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": 2**30 + 1}, "got 1073741825"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": 4096.0}, "got 4096.0"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": True}, "got True"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_history_tokens": "4096"}, "got '4096'"),
+        ({"method": "draft_model", "model": "small", "num_speculative_tokens": 2,
+          "prompt_lookup_history_tokens": 4096},
+         "speculative_config.prompt_lookup_history_tokens is for method 'ngram' only; method "
+         "'draft_model' takes ['model']"),
     ],
 )  # fmt: skip
 def test_bad_values_are_named_with_what_is_allowed(value, message):

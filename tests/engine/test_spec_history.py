@@ -196,29 +196,6 @@ def test_the_config_key_defaults_off_and_is_checked():
     assert SpeculativeConfig.from_value({**medusa, "prompt_lookup_history_tokens": 0})
 
 
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ({**NGRAM, "prompt_lookup_history_tokens": -1},
-         "speculative_config.prompt_lookup_history_tokens must be 0 (off) or an integer from 4 "
-         "to 1073741824 (the ring's capacity in tokens), got -1"),
-        ({**NGRAM, "prompt_lookup_history_tokens": 3}, "from 4 to 1073741824"),
-        ({**NGRAM, "prompt_lookup_history_tokens": 2**30 + 1}, "got 1073741825"),
-        ({**NGRAM, "prompt_lookup_history_tokens": 4096.0}, "got 4096.0"),
-        ({**NGRAM, "prompt_lookup_history_tokens": True}, "got True"),
-        ({**NGRAM, "prompt_lookup_history_tokens": "4096"}, "got '4096'"),
-        ({"method": "draft_model", "model": "small", "num_speculative_tokens": 2,
-          "prompt_lookup_history_tokens": 4096},
-         "speculative_config.prompt_lookup_history_tokens is for method 'ngram' only; method "
-         "'draft_model' takes ['model']"),
-    ],
-)  # fmt: skip
-def test_bad_history_sizes_are_named_with_what_is_allowed(value, message):
-    with pytest.raises(ValueError) as info:
-        SpeculativeConfig.from_value(value)
-    assert message in str(info.value)
-
-
 # Own lookups of 3-4 tokens: a fresh random prompt rarely drafts from itself, so the ring
 # (n from 3 to 8) is what drafts a request that repeats an earlier one.
 RING_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 3,
