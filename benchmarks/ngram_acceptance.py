@@ -11,8 +11,8 @@ noise. A step costs about the same whatever its drafts (the verify shape is fixe
 mode, where a failed lookup's rows are fillers), so tokens a step is the speedup's factor.
 
 Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest first);
-``earliest`` (the engine's, as vLLM: the first earlier occurrence of the n-gram) or ``latest``
-(the most recent one); ``extend``: a chain cut short (the match lies near the end, or nothing
+``earliest`` (vLLM's: the first earlier occurrence of the n-gram) or ``latest`` (the most
+recent one); ``extend``: a chain cut short (the match lies near the end, or nothing
 matched) is filled by looking up again from the context plus the drafts so far, rows the
 device drafter verifies anyway; ``history``: where the request's own tokens give no drafts,
 the latest occurrence in the earlier requests' prompts and outputs (the prompts replayed in
@@ -47,13 +47,32 @@ from parallm.engine.spec.history import (  # noqa: E402
     history_ngram_range,
     rfind_tokens,
 )
-from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
 
 OCCURRENCES = ("earliest", "latest")
 
 
+def propose_earliest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
+    """Prompt lookup with the first earlier occurrence of the n-gram (vLLM's policy): the
+    bench's own, so that it compares the two policies whatever the engine's is."""
+    size = len(tokens)
+    longest = min(max_n, size - 1)
+    if num_tokens < 1 or min_n < 1 or longest < min_n:
+        return []
+    words = np.asarray(tokens, dtype=np.int32).tobytes()
+    limit = (size - 1) * 4  # wholly before the last token
+    for n in range(longest, min_n - 1, -1):
+        pattern = words[(size - n) * 4 :]
+        at = words.find(pattern, 0, limit)
+        while at >= 0 and at % 4:  # a byte match straddling two tokens is none
+            at = words.find(pattern, at + 1, limit)
+        if at >= 0:
+            start = at // 4 + n
+            return tokens[start : min(start + num_tokens, size)]
+    return []
+
+
 def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
-    """``propose_ngram`` with the most recent earlier occurrence instead of the first."""
+    """Prompt lookup with the most recent earlier occurrence of the n-gram."""
     size = len(tokens)
     longest = min(max_n, size - 1)
     if num_tokens < 1 or min_n < 1 or longest < min_n:
@@ -70,7 +89,7 @@ def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -
 
 def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, extend: bool):
     """The variant's drafts after ``tokens`` (at most ``k``)."""
-    lookup = propose_ngram if occurrence == "earliest" else propose_latest
+    lookup = propose_earliest if occurrence == "earliest" else propose_latest
     drafts = list(lookup(tokens, k, min_n, max_n))
     while extend and drafts and len(drafts) < k:
         more = lookup(tokens + drafts, k - len(drafts), min_n, max_n)

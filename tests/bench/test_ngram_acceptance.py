@@ -1,7 +1,7 @@
-"""benchmarks/ngram_acceptance.py: its latest-occurrence lookup against a brute-force
-definition, its replay of a greedy run's steps against a hand-worked example (drafting from
-earlier requests through the engine's ``TokenHistory``), and a whole run with the bundled model
-on CPU."""
+"""benchmarks/ngram_acceptance.py: its earliest- and latest-occurrence lookups against their
+brute-force definitions, its replay of a greedy run's steps against a hand-worked example
+(drafting from earlier requests through the engine's ``TokenHistory``), and a whole run with the
+bundled model on CPU."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _by_definition(tokens, num_tokens, min_n, max_n, latest):
 
 @pytest.mark.parametrize("occurrence", ["earliest", "latest"])
 def test_each_lookup_matches_its_definition(occurrence):
-    """Both policies the bench compares; one of them is the engine's ``propose_ngram``."""
+    """Both policies the bench compares, each against its brute-force definition."""
     bench = _bench()
     rng = random.Random(0)
     for _ in range(400):
