@@ -12,12 +12,12 @@ mode, where a failed lookup's rows are fillers), so tokens a step is the speedup
 
 Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest first);
 ``earliest`` (vLLM's: the first earlier occurrence of the n-gram) or ``latest`` (the most
-recent one); ``extend``: a chain cut short (the match lies near the end, or nothing
-matched) is filled by looking up again from the context plus the drafts so far, rows the
-device drafter verifies anyway; ``history``: where the request's own tokens give no drafts,
-the latest occurrence in the earlier requests' prompts and outputs (the prompts replayed in
-order, as a server would have served them; the engine's ``TokenHistory`` with
-``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since
+recent one, the engine's ``propose_ngram``); ``extend``: a chain cut short (the match lies
+near the end, or nothing matched) is filled by looking up again from the context plus the
+drafts so far, rows the device drafter verifies anyway; ``history``: where the request's own
+tokens give no drafts, the latest occurrence in the earlier requests' prompts and outputs (the
+prompts replayed in order, as a server would have served them; the engine's ``TokenHistory``
+with ``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since
 across requests a single token says little), as suffix decoding (Oliaro et al., 2024) drafts
 from a server's past outputs.
 
@@ -42,11 +42,8 @@ from spec_real_bench import add_prompt_args, completion_prompts  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
-from parallm.engine.spec.history import (  # noqa: E402
-    TokenHistory,
-    history_ngram_range,
-    rfind_tokens,
-)
+from parallm.engine.spec.history import TokenHistory, history_ngram_range  # noqa: E402
+from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
 
 OCCURRENCES = ("earliest", "latest")
 
@@ -71,25 +68,9 @@ def propose_earliest(tokens: list[int], num_tokens: int, min_n: int, max_n: int)
     return []
 
 
-def propose_latest(tokens: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
-    """Prompt lookup with the most recent earlier occurrence of the n-gram."""
-    size = len(tokens)
-    longest = min(max_n, size - 1)
-    if num_tokens < 1 or min_n < 1 or longest < min_n:
-        return []
-    words = np.asarray(tokens, dtype=np.int32).tobytes()
-    for n in range(longest, min_n - 1, -1):
-        pattern = words[(size - n) * 4 :]
-        at = rfind_tokens(words, pattern, 0, (size - 1) * 4)  # wholly before the last token
-        if at >= 0:
-            start = at // 4 + n
-            return tokens[start : min(start + num_tokens, size)]
-    return []
-
-
 def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, extend: bool):
     """The variant's drafts after ``tokens`` (at most ``k``)."""
-    lookup = propose_earliest if occurrence == "earliest" else propose_latest
+    lookup = propose_earliest if occurrence == "earliest" else propose_ngram
     drafts = list(lookup(tokens, k, min_n, max_n))
     while extend and drafts and len(drafts) < k:
         more = lookup(tokens + drafts, k - len(drafts), min_n, max_n)

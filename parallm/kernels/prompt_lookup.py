@@ -2,15 +2,15 @@
 
 The device twin of ``parallm.engine.spec.ngram.propose_ngram`` (and of ``prompt_lookup_ref``):
 for each row, the longest n in ``[min_n, max_n]`` whose last-n-token suffix also occurs
-earlier wins; among its earlier occurrences (each ending before the last token) the earliest;
+earlier wins; among its earlier occurrences (each ending before the last token) the latest;
 the drafts are the tokens that followed it, cut short where the sequence ends. Nothing here
 waits for the host, so a verify graph can draft its next step itself.
 
 Two kernels. The first gives every (row, chunk of end positions) a program: for each end
 position ``e`` it counts how many tokens ending at ``e`` match the row's last tokens (up to
-``max_n``), and for each n the earliest ``e`` that matches n tokens goes into ``earliest[row, n]``
-by an atomic min, so a long context is scanned by many programs at once. The second picks each
-row's longest n that matched, gathers the drafts after it, and resets ``earliest`` for the next
+``max_n``), and for each n the latest ``e`` that matches n tokens goes into ``latest[row, n]``
+by an atomic max, so a long context is scanned by many programs at once. The second picks each
+row's longest n that matched, gathers the drafts after it, and resets ``latest`` for the next
 call (the buffer lives in a captured graph).
 """
 
@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 _BLOCK = 256  # end positions a program scans
-_NO_MATCH = 2**31 - 1  # "no match yet" in ``earliest``: above every position
+_NO_MATCH = -1  # "no match yet" in ``latest``: below every position
 _NONE = tl.constexpr(_NO_MATCH)
 
 
 @triton.jit(do_not_specialize=["stride_row"])
-def _match_kernel(tokens_ptr, lengths_ptr, earliest_ptr, stride_row, MAX_N: tl.constexpr,
+def _match_kernel(tokens_ptr, lengths_ptr, latest_ptr, stride_row, MAX_N: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0)
     size = tl.load(lengths_ptr + row)
@@ -44,22 +44,22 @@ def _match_kernel(tokens_ptr, lengths_ptr, earliest_ptr, stride_row, MAX_N: tl.c
         matched += still.to(tl.int32)
     n = tl.arange(0, BLOCK_N)
     hits = (matched[None, :] >= n[:, None]) & live[None, :]
-    first = tl.min(tl.where(hits, ends[None, :], _NONE), axis=1)
-    keep = (n >= 1) & (n <= MAX_N) & (first < _NONE)
-    tl.atomic_min(earliest_ptr + row * BLOCK_N + n, first, mask=keep, sem="relaxed")
+    last = tl.max(tl.where(hits, ends[None, :], _NONE), axis=1)
+    keep = (n >= 1) & (n <= MAX_N) & (last > _NONE)
+    tl.atomic_max(latest_ptr + row * BLOCK_N + n, last, mask=keep, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["stride_row", "stride_drafts"])
-def _gather_kernel(tokens_ptr, lengths_ptr, earliest_ptr, drafts_ptr, counts_ptr, stride_row,
+def _gather_kernel(tokens_ptr, lengths_ptr, latest_ptr, drafts_ptr, counts_ptr, stride_row,
                    stride_drafts, min_n, max_n, num_tokens, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):  # fmt: skip
     row = tl.program_id(0)
     size = tl.load(lengths_ptr + row)
     n = tl.arange(0, BLOCK_N)
-    first = tl.load(earliest_ptr + row * BLOCK_N + n)
-    ok = (n >= min_n) & (n <= max_n) & (n <= size - 1) & (first < _NONE)
+    last = tl.load(latest_ptr + row * BLOCK_N + n)
+    ok = (n >= min_n) & (n <= max_n) & (n <= size - 1) & (last > _NONE)
     best = tl.max(tl.where(ok, n, 0), axis=0)  # the longest n that matched; 0: none
-    end = tl.max(tl.where(n == best, first, 0), axis=0)
+    end = tl.max(tl.where((n == best) & ok, last, 0), axis=0)
     start = end + 1
     count = tl.where(best > 0, tl.minimum(num_tokens, size - start), 0)
     j = tl.arange(0, BLOCK_K)
@@ -67,11 +67,11 @@ def _gather_kernel(tokens_ptr, lengths_ptr, earliest_ptr, drafts_ptr, counts_ptr
     drafts = tl.load(base + start + j, mask=j < count, other=0)
     tl.store(drafts_ptr + row * stride_drafts + j, drafts, mask=j < num_tokens)
     tl.store(counts_ptr + row, count)
-    tl.store(earliest_ptr + row * BLOCK_N + n, tl.full([BLOCK_N], _NONE, tl.int32))
+    tl.store(latest_ptr + row * BLOCK_N + n, tl.full([BLOCK_N], _NONE, tl.int32))
 
 
 def lookup_buffer(rows: int, max_n: int, device: torch.device | str) -> torch.Tensor:
-    """The scratch ``earliest`` matches of ``prompt_lookup``: ``[rows, BLOCK_N]`` int32 set to
+    """The scratch ``latest`` matches of ``prompt_lookup``: ``[rows, BLOCK_N]`` int32 set to
     "none"; each call leaves it so again. One per graph (calls must not overlap)."""
     width = triton.next_power_of_2(max_n + 1)
     return torch.full((rows, width), _NO_MATCH, dtype=torch.int32, device=device)
@@ -84,7 +84,7 @@ def prompt_lookup(
     min_n: int,
     max_n: int,
     *,
-    earliest: torch.Tensor | None = None,
+    latest: torch.Tensor | None = None,
     drafts: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def prompt_lookup(
     first ``counts[b]`` drafts valid, the rest 0.
 
     tokens: ``[B, L]`` int32 (row ``b``'s sequence in its first ``lengths[b]`` columns; rows
-    contiguous); lengths: ``[B]`` int32, each at most L. ``earliest`` (``lookup_buffer``),
+    contiguous); lengths: ``[B]`` int32, each at most L. ``latest`` (``lookup_buffer``),
     ``drafts`` and ``counts`` may be given to write into, as a captured graph does.
     """
     if num_tokens < 1 or min_n < 1 or max_n < min_n:
@@ -103,11 +103,11 @@ def prompt_lookup(
     rows, width = tokens.shape
     if lengths.shape != (rows,) or lengths.dtype != torch.int32:
         raise ValueError(f"prompt_lookup: lengths must be int32 [{rows}]")
-    if earliest is None:
-        earliest = lookup_buffer(rows, max_n, tokens.device)
+    if latest is None:
+        latest = lookup_buffer(rows, max_n, tokens.device)
     block_n = triton.next_power_of_2(max_n + 1)
-    if earliest.shape != (rows, block_n) or earliest.dtype != torch.int32:
-        raise ValueError(f"prompt_lookup: earliest must be lookup_buffer({rows}, {max_n})")
+    if latest.shape != (rows, block_n) or latest.dtype != torch.int32:
+        raise ValueError(f"prompt_lookup: latest must be lookup_buffer({rows}, {max_n})")
     if drafts is None:
         drafts = torch.empty((rows, num_tokens), dtype=torch.int32, device=tokens.device)
     if counts is None:
@@ -122,10 +122,10 @@ def prompt_lookup(
         counts.zero_()
         return drafts, counts
     _match_kernel[(rows, triton.cdiv(width, _BLOCK))](
-        tokens, lengths, earliest, tokens.stride(0), MAX_N=max_n, BLOCK_N=block_n, BLOCK=_BLOCK
+        tokens, lengths, latest, tokens.stride(0), MAX_N=max_n, BLOCK_N=block_n, BLOCK=_BLOCK
     )
     _gather_kernel[(rows,)](
-        tokens, lengths, earliest, drafts, counts, tokens.stride(0), drafts.stride(0), min_n,
+        tokens, lengths, latest, drafts, counts, tokens.stride(0), drafts.stride(0), min_n,
         max_n, num_tokens, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(num_tokens),
     )  # fmt: skip
     return drafts, counts

@@ -303,7 +303,7 @@ def prompt_lookup_ref(
     tokens: torch.Tensor, lengths: torch.Tensor, num_tokens: int, min_n: int, max_n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``prompt_lookup``'s twin, row by row: the longest n in ``[min_n, max_n]`` whose suffix
-    recurs wholly before the last token, its earliest occurrence, and up to ``num_tokens`` of
+    recurs wholly before the last token, its latest occurrence, and up to ``num_tokens`` of
     what followed it; ``(drafts [B, num_tokens] int32, 0 past each count; counts [B] int32)``."""
     rows = tokens.shape[0]
     drafts = torch.zeros((rows, num_tokens), dtype=torch.int32)
@@ -315,7 +315,7 @@ def prompt_lookup_ref(
             windows = row[: size - 1].unfold(0, n, 1)  # every n-gram ending before the last token
             hits = (windows == row[size - n :]).all(dim=1).nonzero()
             if len(hits):
-                start = int(hits[0]) + n
+                start = int(hits[-1]) + n
                 count = min(num_tokens, size - start)
                 drafts[b, :count] = row[start : start + count]
                 counts[b] = count

@@ -41,7 +41,8 @@ def _by_definition(tokens, num_tokens, min_n, max_n, latest):
 
 @pytest.mark.parametrize("occurrence", ["earliest", "latest"])
 def test_each_lookup_matches_its_definition(occurrence):
-    """Both policies the bench compares, each against its brute-force definition."""
+    """Both policies the bench compares, each against its brute-force definition; the latest
+    is the engine's ``propose_ngram``."""
     bench = _bench()
     rng = random.Random(0)
     for _ in range(400):

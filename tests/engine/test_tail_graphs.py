@@ -12,7 +12,7 @@ from parallm.engine.spec.device_drafts import DeviceDrafts
 from parallm.engine.spec.tail_graphs import TailGraphs, tail_shapes
 from parallm.engine.verify_graph import VerifyShape, _VerifyInputs
 
-STATE = ("tokens", "lengths", "drafts", "counts", "accepted", "earliest", "host_drafts")
+STATE = ("tokens", "lengths", "drafts", "counts", "accepted", "latest", "host_drafts")
 ALPHABET = 6  # token ids of the random rows
 STAGED = ("input_ids", "positions", "slot_mapping", "sample_rows", "seq_lens", "block_tables")
 

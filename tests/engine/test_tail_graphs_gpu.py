@@ -35,7 +35,7 @@ def _assert_as_constructed(runner) -> None:
         assert not getattr(drafts, name).any(), name
     from parallm.kernels.prompt_lookup import lookup_buffer
 
-    assert torch.equal(drafts.earliest, lookup_buffer(drafts.max_batch, drafts.max_n, "cuda"))
+    assert torch.equal(drafts.latest, lookup_buffer(drafts.max_batch, drafts.max_n, "cuda"))
     padding = _empty_step(False)
     for buffers in {id(b): b for b in drafts.graphs.buffers.values()}.values():
         shape = next(s for s, b in graphs.inputs.items() if b is buffers)

@@ -51,11 +51,11 @@ class DeviceDrafts:
         self.full = torch.full((max_batch,), num_drafts, **ints)  # every chain is k long
         self.accepted = torch.zeros((max_batch,), **ints)
         self.cuda = device.type == "cuda"
-        self.earliest = None
+        self.latest = None
         if self.cuda:
             from parallm.kernels.prompt_lookup import lookup_buffer  # imports triton
 
-            self.earliest = lookup_buffer(max_batch, max_n, device)
+            self.latest = lookup_buffer(max_batch, max_n, device)
         self._init_history(history)
         # Two host rows, taken in turn: a step's drafts are read when it finishes, after the
         # step behind it (whose tail writes the other row) has launched, never later. Each
@@ -148,7 +148,7 @@ class DeviceDrafts:
             greedy_accept(argmax_rows[: batch * q], step_ids, self.full[rows], *args,
                           accepted=self.accepted[rows])  # fmt: skip
             prompt_lookup(*args, self.num_drafts, self.min_n, self.max_n,
-                          earliest=self.earliest[rows], drafts=self.drafts[rows],
+                          latest=self.latest[rows], drafts=self.drafts[rows],
                           counts=self.counts[rows])  # fmt: skip
             self._history_lookup(args, rows)
             stage_chain_step(*args, self.drafts[rows], self.full[rows], buffers.block_tables,
@@ -196,10 +196,10 @@ class DeviceDrafts:
         after a tail graph's warm-up ran the tail on whatever the buffers held."""
         for buffer in (self.tokens, self.lengths, self.drafts, self.counts, self.accepted):
             buffer.zero_()
-        if self.earliest is not None:
+        if self.latest is not None:
             from parallm.kernels.prompt_lookup import lookup_buffer
 
-            self.earliest.copy_(lookup_buffer(self.max_batch, self.max_n, self.device))
+            self.latest.copy_(lookup_buffer(self.max_batch, self.max_n, self.device))
         if self.newest is not None:  # (the ring is the drafter's: it keeps its sequences)
             from parallm.kernels.history_lookup import newest_buffer
 

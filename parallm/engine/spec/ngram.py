@@ -1,9 +1,11 @@
-"""Prompt lookup: draft the tokens that followed the earliest occurrence of the sequence's own
-last n tokens (vLLM's ``ngram`` method; no model runs). The earliest occurrence, as vLLM
-takes: in a repeating run shorter than the draft length it still proposes a full draft.
+"""Prompt lookup (vLLM's ``ngram`` method; no model runs): draft the tokens that followed the
+latest earlier occurrence of the sequence's own last n tokens. vLLM takes the earliest; the
+latest drafts better, recent text being the likelier to repeat (benchmarks/ngram_acceptance.py's
+``occurrence`` variant: +6% tokens a step with a minimum n of 1, docs/PERF_NOTES.md). In a
+repeating run shorter than the draft length the draft is cut short where the sequence ends.
 
 It runs on the host for every running sequence every step, so the search is a substring search
-in C: the tokens as 4-byte words, searched with ``bytes.find`` for each n, longest first.
+in C: the tokens as 4-byte words, searched with ``bytes.rfind`` once for each n.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ _WORD = 4  # bytes per token id in the searched buffer (int32: every vocabulary 
 def propose_ngram(
     token_ids: Sequence[int] | np.ndarray, num_tokens: int, min_n: int, max_n: int
 ) -> list[int]:
-    """Up to ``num_tokens`` tokens that followed the longest suffix n-gram seen before.
+    """Up to ``num_tokens`` tokens that followed the latest earlier occurrence of the longest
+    suffix n-gram seen before.
 
     ``token_ids`` is the whole sequence (prompt and output so far); a list, or an integer
     ``numpy`` or ``array.array`` buffer. The longest n in ``[min_n, max_n]`` whose last-n-token
-    suffix also occurs earlier wins; among its earlier occurrences, the earliest. The proposal
-    is what followed that occurrence, cut short where the sequence ends; ``[]`` when no n-gram
-    of at least ``min_n`` tokens recurs.
+    suffix also occurs wholly before the last token wins (so at least one token followed it);
+    among those occurrences, the latest. The proposal is what followed it, cut short where the
+    sequence ends; ``[]`` when no n-gram of at least ``min_n`` tokens recurs.
     """
     size = len(token_ids)
     # An occurrence must end before the last token, so at most size - 1 tokens can match.
@@ -32,23 +35,32 @@ def propose_ngram(
     if num_tokens < 1 or min_n < 1 or longest < min_n:
         return []
     words = _as_words(token_ids)
-    limit = (size - 1) * _WORD  # an occurrence lies wholly before the last token
-    for n in range(longest, min_n - 1, -1):
-        at = _find_word_aligned(words, words[(size - n) * _WORD :], limit)
-        if at >= 0:
-            start = at + n
-            end = min(start + num_tokens, size)
-            proposal = token_ids[start:end]
-            return proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
-    return []
+    # An occurrence of the (n + 1)-token suffix ends with one of the n-token suffix: the n that
+    # recur run from min_n up to the longest, and the latest (n + 1)-gram ends no later than
+    # the latest n-gram. So n goes up, each search ends where the last one's match did, and
+    # only the first n that does not recur scans back to the start (going down, every longer n
+    # that does not recur would).
+    end = size - 1  # an occurrence lies wholly before token ``end``
+    start = -1  # where the drafts start: the token after the best occurrence so far
+    for n in range(min_n, longest + 1):
+        at = _rfind_word_aligned(words, words[(size - n) * _WORD :], end * _WORD)
+        if at < 0:
+            break
+        start = end = at + n
+    if start < 0:
+        return []
+    proposal = token_ids[start : min(start + num_tokens, size)]
+    return proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
 
 
-def _find_word_aligned(words: bytes, pattern: bytes, limit: int) -> int:
-    """The token index of the first occurrence of ``pattern`` in ``words[:limit]`` that starts
-    on a token boundary, or -1 (a byte match may straddle two tokens)."""
-    at = words.find(pattern, 0, limit)
+def _rfind_word_aligned(words: bytes, pattern: bytes, limit: int) -> int:
+    """The token index of the latest occurrence of ``pattern`` lying wholly in
+    ``words[:limit]`` that starts on a token boundary, or -1 (a byte match may straddle two
+    tokens)."""
+    at = words.rfind(pattern, 0, limit)
     while at >= 0 and at % _WORD:
-        at = words.find(pattern, at + 1, limit)
+        # The next candidate starts at or before the token boundary below ``at``.
+        at = words.rfind(pattern, 0, at - at % _WORD + len(pattern))
     return at // _WORD if at >= 0 else -1
 
 
