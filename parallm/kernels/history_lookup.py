@@ -24,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer
+
 _BLOCK = 512  # ring positions a program scans
-_NO_KEY = -1  # "no match yet" in ``newest``: below every age key
-_NONE = tl.constexpr(_NO_KEY)
+# "No match yet" in ``newest``, below every age key: prompt lookup's sentinel, so that both
+# kernels' scratch is a ``lookup_buffer``.
+_NONE = tl.constexpr(_NO_MATCH)
 _SEP = tl.constexpr(-1)  # spec/history.py's SEPARATOR
 
 
@@ -89,13 +92,6 @@ def _ring_gather_kernel(lengths_ptr, counts_ptr, ring_ptr, newest_ptr, drafts_pt
     tl.store(newest_ptr + row * BLOCK_N + n, tl.full([BLOCK_N], _NONE, tl.int32))
 
 
-def newest_buffer(rows: int, max_n: int, device: torch.device | str) -> torch.Tensor:
-    """The scratch ``newest`` matches of ``history_lookup``: ``[rows, BLOCK_N]`` int32 set to
-    "none"; each call leaves it so again. One per graph (calls must not overlap)."""
-    width = triton.next_power_of_2(max_n + 1)
-    return torch.full((rows, width), _NO_KEY, dtype=torch.int32, device=device)
-
-
 def history_lookup(
     tokens: torch.Tensor,
     lengths: torch.Tensor,
@@ -115,15 +111,15 @@ def history_lookup(
     tokens: ``[B, L]`` int32, rows contiguous; lengths: ``[B]`` int32; ring: ``[H]`` int32
     (``TokenHistory.device_ring``); state: ``[2]`` int32, ``[fill, used]``
     (``TokenHistory.device_state``); drafts: ``[B, num_tokens]`` int32; counts: ``[B]`` int32.
-    ``newest`` (``newest_buffer``) may be given, as a captured graph does.
+    ``newest`` (``lookup_buffer(B, max_n)``) may be given, as a captured graph does.
     """
     _check(tokens, lengths, ring, state, drafts, counts, num_tokens, min_n, max_n)
     rows, capacity = tokens.shape[0], ring.shape[0]
     if newest is None:
-        newest = newest_buffer(rows, max_n, tokens.device)
+        newest = lookup_buffer(rows, max_n, tokens.device)
     block_n = triton.next_power_of_2(max_n + 1)
     if newest.shape != (rows, block_n) or newest.dtype != torch.int32:
-        raise ValueError(f"history_lookup: newest must be newest_buffer({rows}, {max_n})")
+        raise ValueError(f"history_lookup: newest must be lookup_buffer({rows}, {max_n})")
     if rows == 0:
         return drafts, counts
     _ring_match_kernel[(rows, triton.cdiv(capacity, _BLOCK))](

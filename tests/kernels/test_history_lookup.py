@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 
 from parallm.engine.spec.history import TokenHistory  # noqa: E402
 from parallm.kernels import history_lookup as kernels  # noqa: E402
-from parallm.kernels.history_lookup import history_lookup, newest_buffer  # noqa: E402
+from parallm.kernels.history_lookup import history_lookup  # noqa: E402
+from parallm.kernels.prompt_lookup import lookup_buffer  # noqa: E402
 from parallm.kernels.reference import history_lookup_ref  # noqa: E402
 
 INTERPRETING, interpreter_test, requires_cuda = kernel_modes(kernels._ring_match_kernel)
@@ -166,7 +167,7 @@ def test_buffers_are_written_in_place_and_left_clean_interpreter():
     place between calls: ``newest`` is back to "no match" after each call."""
     h = _ring(600, 3, seed=4, wrap=True)
     h.to_device("cpu")
-    newest = newest_buffer(5, 8, "cpu")
+    newest = lookup_buffer(5, 8, "cpu")
     blank = newest.clone()
     rng = random.Random(9)
     for seed in (5, 6, 7):
@@ -207,9 +208,9 @@ def test_bad_arguments_are_named():
         history_lookup(tokens, lengths, ring.long(), state, drafts, counts, 4, 2, 8)
     with pytest.raises(ValueError, match="drafts must be int32"):
         history_lookup(tokens, lengths, ring, state, drafts, counts, 3, 2, 8)
-    with pytest.raises(ValueError, match="newest must be newest_buffer"):
+    with pytest.raises(ValueError, match="newest must be lookup_buffer"):
         history_lookup(tokens, lengths, ring, state, drafts, counts, 4, 2, 8,
-                       newest=newest_buffer(2, 3, "cpu"))  # fmt: skip
+                       newest=lookup_buffer(2, 3, "cpu"))  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -229,7 +230,7 @@ def test_replays_of_a_captured_lookup_follow_the_ring_gpu():
     tokens, lengths, drafts, counts = (t.cuda() for t in _rows(h, 4, 32, 4, seed=1))
     drafts = drafts[:, :8].contiguous()
     start_drafts, start_counts = drafts.clone(), counts.clone()
-    newest = newest_buffer(4, 8, "cuda")
+    newest = lookup_buffer(4, 8, "cuda")
     args = (tokens, lengths, h.device_ring, h.device_state, drafts, counts, 8, 2, 8)
     history_lookup(*args, newest=newest)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -76,9 +76,9 @@ class DeviceDrafts:
         self.history_n = history_ngram_range(self.min_n, self.max_n)
         history.to_device(self.device)
         if self.cuda:
-            from parallm.kernels.history_lookup import newest_buffer  # imports triton
+            from parallm.kernels.prompt_lookup import lookup_buffer  # imports triton
 
-            self.newest = newest_buffer(self.max_batch, self.history_n[1], self.device)
+            self.newest = lookup_buffer(self.max_batch, self.history_n[1], self.device)
 
     @property
     def max_batch(self) -> int:
@@ -201,6 +201,6 @@ class DeviceDrafts:
 
             self.latest.copy_(lookup_buffer(self.max_batch, self.max_n, self.device))
         if self.newest is not None:  # (the ring is the drafter's: it keeps its sequences)
-            from parallm.kernels.history_lookup import newest_buffer
+            from parallm.kernels.prompt_lookup import lookup_buffer
 
-            self.newest.copy_(newest_buffer(self.max_batch, self.history_n[1], self.device))
+            self.newest.copy_(lookup_buffer(self.max_batch, self.history_n[1], self.device))
