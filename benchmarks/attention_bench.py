@@ -5,7 +5,13 @@ Checks each case against the kernels' PyTorch twins in float64 first, then times
 prints achieved bandwidth (K/V read + q + out bytes) next to torch's
 ``scaled_dot_product_attention`` on the same data gathered into contiguous tensors.
 
-    python benchmarks/attention_bench.py [--quick] [--dtype bf16] [--out results.json]
+    python benchmarks/attention_bench.py [--quick] [--rows-only] [--dtype bf16] [--out results.json]
+
+The "rows" kind times the decode rows of a captured mixed step (engine/mixed_graph.py) three
+ways on the same data: the decode kernel, and the prefill kernel's tile-table launch at its
+smallest row tile (``split_prefill_tiles``, what a mixed graph runs them with) and at a
+512-token step's tile (before that split): how much a mixed step's decode rows pay for not
+being a decode step.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +31,11 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallm.kernels.paged_decode import decode_num_splits, paged_decode_attention  # noqa: E402
-from parallm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
+from parallm.kernels.paged_prefill import (  # noqa: E402
+    paged_prefill_attention,
+    prefill_tiles,
+    prefill_tokens_per_tile,
+)
 from parallm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
 
 MODELS = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}
@@ -37,6 +48,10 @@ PREFILL_BATCHES = {
     "4x512+1536prefix": [(512, 2048)] * 4,
     "mixed 4x256+60 decode@1k": [(256, 256)] * 4 + [(1, 1024)] * 60,
 }
+# Decode rows of a mixed step as (batch, context), on these shapes (Qwen3-0.6B: 2 query heads a
+# KV head, the one mixed row that trails vLLM's, RESULTS sixteenth session).
+ROW_CASES = [(64, 1024), (128, 1024), (128, 2048)]
+ROW_MODELS = {"qwen3-0.6b": (16, 8, 128), **MODELS}
 
 
 @dataclass
@@ -163,6 +178,30 @@ def bench_decode(model, heads, batch, ctx, dtype):
     )
 
 
+def bench_decode_rows(model, heads, batch, ctx, dtype):
+    """The same ``batch`` one-token queries at context ``ctx`` through the decode kernel and
+    through the prefill kernel's tile-table launch at two tiles (module docstring)."""
+    lens = [(1, ctx)] * batch
+    q, k_cache, v_cache, tables, qsl, seq_lens = make_cache(lens, heads, dtype)
+    scale = heads[2] ** -0.5
+    ref = reference(q, k_cache, v_cache, tables, qsl, seq_lens, scale, 8)
+    paths = {"decode": lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens,
+                                                      scale, ctx)}  # fmt: skip
+    for bound in (1, 512):
+        per_tile = prefill_tokens_per_tile(heads[2], heads[0], heads[1], dtype, q.device, bound)
+        tiles = torch.from_numpy(prefill_tiles([1] * batch, per_tile, batch)).to(q.device)
+        paths[f"tile@{bound}"] = partial(paged_prefill_attention, q, k_cache, v_cache, tables,
+                                         qsl, seq_lens, bound, scale, tiles=tiles)  # fmt: skip
+    nbytes = attention_bytes(q, k_cache, seq_lens)
+    results = []
+    for label, fn in paths.items():
+        err = rel_err(fn(), ref)
+        ms = bench(fn)
+        results.append(Result(kind="rows", model=model, case=f"B={batch} ctx={ctx} {label}",
+                              ms=ms, gbps=nbytes / ms / 1e6, max_rel_err=err))  # fmt: skip
+    return results
+
+
 def causal_flops(lens, heads):
     num_heads, _, head_dim = heads
     visible = sum(q * (s - q) + q * (q + 1) // 2 for q, s in lens)
@@ -216,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="only the decode rows of a mixed step (the rows kind)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write results as JSON here")
     return parser
 
@@ -229,8 +270,9 @@ def main() -> int:
     batches, contexts = (
         ([1, 32], [512, 8192]) if args.quick else ([1, 8, 32, 128], [512, 2048, 8192])
     )
-    results = []
-    for model, heads in MODELS.items():
+    results = [r for model, heads in ROW_MODELS.items() for batch, ctx in ROW_CASES
+               for r in bench_decode_rows(model, heads, batch, ctx, dtype)]  # fmt: skip
+    for model, heads in {} if args.rows_only else MODELS.items():
         for batch in batches:
             for ctx in contexts:
                 results.append(bench_decode(model, heads, batch, ctx, dtype))
