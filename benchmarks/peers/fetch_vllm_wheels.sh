@@ -117,7 +117,7 @@ done
 n=$((n + 1))
 echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm-vllm-limits,vllm-stock\", timeout_s=600)"
 n=$((n + 1))
-echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"source benchmarks/peers/vllm_env.sh && for e in parallm vllm; do python3 benchmarks/mixed_step_bench.py --config benchmarks/configs/qwen3-0.6b.json --context-len 1024 --batch-sizes 128 --engine \$e; done\", timeout_s=600)"
+echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"source benchmarks/peers/vllm_env.sh && for e in parallm vllm; do python3 benchmarks/mixed_step_bench.py --config benchmarks/configs/qwen3-0.6b.json --context-len 1024 --batch-sizes 128 --arrival-lens 32,2048,3500 --engine \$e; done\", timeout_s=600)"
 n=$((n + 1))
 echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models qwen3-0.6b,llama-3.1-8b --steps offline\", timeout_s=600)"
 echo "(benchmarks/peers/README.md: what each call prints, device time, what to do when one fails)"
