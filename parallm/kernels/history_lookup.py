@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer
+from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer, publish_latest
 
 _BLOCK = 512  # ring positions a program scans
 # "No match yet" in ``newest``, below every age key: prompt lookup's sentinel, so that both
@@ -58,11 +58,7 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
         still = still & (ends >= i) & (got == want)
         matched += still.to(tl.int32)
     key = tl.where(ends < fill, ends + capacity, ends)  # the newer lap ages above the older
-    n = tl.arange(0, BLOCK_N)
-    hits = (matched[None, :] >= n[:, None]) & live[None, :]
-    newest = tl.max(tl.where(hits, key[None, :], _NONE), axis=1)
-    keep = (n >= 1) & (n <= MAX_N) & (newest > _NONE)
-    tl.atomic_max(newest_ptr + row * BLOCK_N + n, newest, mask=keep, sem="relaxed")
+    publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["stride_drafts", "capacity"])

@@ -42,9 +42,18 @@ def _match_kernel(tokens_ptr, lengths_ptr, latest_ptr, stride_row, MAX_N: tl.con
         got = tl.load(base + ends - i, mask=still & (ends >= i), other=-2)
         still = still & (ends >= i) & (got == want)
         matched += still.to(tl.int32)
+    publish_latest(latest_ptr, row, matched, live, ends, MAX_N, BLOCK_N)
+
+
+@triton.jit
+def publish_latest(latest_ptr, row, matched, live, key, MAX_N: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+    """For each n in ``1..MAX_N``: the largest ``key`` of this program's live end positions
+    whose last ``matched`` tokens match at least n, into ``latest[row, n]`` by an atomic max
+    (many programs scan one row; ``key`` orders the ends, newest highest)."""
     n = tl.arange(0, BLOCK_N)
     hits = (matched[None, :] >= n[:, None]) & live[None, :]
-    last = tl.max(tl.where(hits, ends[None, :], _NONE), axis=1)
+    last = tl.max(tl.where(hits, key[None, :], _NONE), axis=1)
     keep = (n >= 1) & (n <= MAX_N) & (last > _NONE)
     tl.atomic_max(latest_ptr + row * BLOCK_N + n, last, mask=keep, sem="relaxed")
 
