@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer, publish_latest
+from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer, pick_longest, publish_latest
 
 _BLOCK = 512  # ring positions a program scans
 # "No match yet" in ``newest``, below every age key: prompt lookup's sentinel, so that both
@@ -70,9 +70,7 @@ def _ring_gather_kernel(lengths_ptr, counts_ptr, ring_ptr, newest_ptr, drafts_pt
     own = tl.load(counts_ptr + row)
     n = tl.arange(0, BLOCK_N)
     keys = tl.load(newest_ptr + row * BLOCK_N + n)
-    ok = (n >= min_n) & (n <= max_n) & (n <= size) & (keys > _NONE)
-    best = tl.max(tl.where(ok, n, 0), axis=0)  # the longest n that matched; 0: none
-    key = tl.max(tl.where((n == best) & ok, keys, 0), axis=0)
+    best, key = pick_longest(keys, n, min_n, max_n, size)
     start = tl.where(key >= capacity, key - capacity, key) + 1
     # Only rows without drafts of their own that matched take any (vector bounds, no scalar
     # masks: the interpreter needs them).

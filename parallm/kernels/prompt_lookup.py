@@ -66,9 +66,7 @@ def _gather_kernel(tokens_ptr, lengths_ptr, latest_ptr, drafts_ptr, counts_ptr, 
     size = tl.load(lengths_ptr + row)
     n = tl.arange(0, BLOCK_N)
     last = tl.load(latest_ptr + row * BLOCK_N + n)
-    ok = (n >= min_n) & (n <= max_n) & (n <= size - 1) & (last > _NONE)
-    best = tl.max(tl.where(ok, n, 0), axis=0)  # the longest n that matched; 0: none
-    end = tl.max(tl.where((n == best) & ok, last, 0), axis=0)
+    best, end = pick_longest(last, n, min_n, max_n, size - 1)
     start = end + 1
     count = tl.where(best > 0, tl.minimum(num_tokens, size - start), 0)
     j = tl.arange(0, BLOCK_K)
@@ -77,6 +75,15 @@ def _gather_kernel(tokens_ptr, lengths_ptr, latest_ptr, drafts_ptr, counts_ptr, 
     tl.store(drafts_ptr + row * stride_drafts + j, drafts, mask=j < num_tokens)
     tl.store(counts_ptr + row, count)
     tl.store(latest_ptr + row * BLOCK_N + n, tl.full([BLOCK_N], _NONE, tl.int32))
+
+
+@triton.jit
+def pick_longest(found, n, min_n, max_n, longest):
+    """The longest n in ``[min_n, min(max_n, longest)]`` that matched (``found``: the row's
+    ``latest`` over ``n``), 0 if none, and its match's key (0 if none)."""
+    ok = (n >= min_n) & (n <= max_n) & (n <= longest) & (found > _NONE)
+    best = tl.max(tl.where(ok, n, 0), axis=0)
+    return best, tl.max(tl.where((n == best) & ok, found, 0), axis=0)
 
 
 def lookup_buffer(rows: int, max_n: int, device: torch.device | str) -> torch.Tensor:

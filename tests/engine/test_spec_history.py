@@ -17,12 +17,8 @@ from parallm import LLM, SamplingParams
 from parallm.engine.request import Sequence
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.drafting import Drafter
-from parallm.engine.spec.history import (
-    SEPARATOR,
-    TokenHistory,
-    history_ngram_range,
-    rfind_tokens,
-)
+from parallm.engine.spec.history import SEPARATOR, TokenHistory, history_ngram_range
+from parallm.engine.spec.ngram import rfind_tokens
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 

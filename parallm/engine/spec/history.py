@@ -28,8 +28,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from parallm.engine.spec.ngram import WORD_BYTES, rfind_tokens
+
 SEPARATOR = -1
-_WORD = 4  # bytes per token (int32)
 _SEPARATOR_WORD = np.int32(SEPARATOR).tobytes()
 # Across requests a single shared token says little: the ring's matches are 2 to 8 tokens
 # long (the offline study's best), widened by the configured lookup range.
@@ -41,16 +42,6 @@ def history_ngram_range(min_n: int, max_n: int) -> tuple[int, int]:
     return max(HISTORY_MIN_N, min_n), max(HISTORY_MAX_N, max_n)
 
 
-def rfind_tokens(words: bytes | bytearray, pattern: bytes, start: int, end: int) -> int:
-    """The byte offset of the latest occurrence of ``pattern`` (int32 tokens) lying wholly in
-    ``words[start:end]`` at a token boundary, or -1: a byte match straddling two tokens is
-    none (``start`` must be a token boundary)."""
-    at = words.rfind(pattern, start, end)
-    while at >= 0 and at % _WORD:
-        at = words.rfind(pattern, start, at + len(pattern) - 1)
-    return at
-
-
 class TokenHistory:
     """A ring of ``capacity`` int32 tokens holding finished sequences, newest last."""
 
@@ -59,7 +50,7 @@ class TokenHistory:
             raise ValueError(f"TokenHistory: capacity must be at least 2 tokens, got {capacity}")
         self.capacity = capacity
         # One buffer seen three ways: bytes to search, numpy to write, torch to copy.
-        self._words = bytearray(capacity * _WORD)
+        self._words = bytearray(capacity * WORD_BYTES)
         self._tokens = np.frombuffer(self._words, dtype=np.int32)
         self.ring = torch.frombuffer(self._words, dtype=torch.int32)
         self._tokens[:] = SEPARATOR
@@ -129,9 +120,9 @@ class TokenHistory:
         token of its own sequence follows, or -1."""
         pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
         for lo, hi in ((0, self.fill), (self.fill, self.used)):  # newest first
-            end = hi * _WORD
-            while (at := rfind_tokens(self._words, pattern, lo * _WORD, end)) >= 0:
-                last = (at + len(pattern)) // _WORD - 1
+            end = hi * WORD_BYTES
+            while (at := rfind_tokens(self._words, pattern, lo * WORD_BYTES, end)) >= 0:
+                last = (at + len(pattern)) // WORD_BYTES - 1
                 if last + 1 < hi and self._tokens[last + 1] != SEPARATOR:
                     return last
                 end = at + len(pattern) - 1  # the next search: occurrences before this one
@@ -149,10 +140,10 @@ class TokenHistory:
             return end
         # A byte search (``used - 1`` holds a separator, so there is one): a scan of the
         # rest of the ring on every add would cost a millisecond at 1M tokens.
-        at = self._words.find(_SEPARATOR_WORD, (end - 1) * _WORD, self.used * _WORD)
-        while at >= 0 and at % _WORD:
-            at = self._words.find(_SEPARATOR_WORD, at + 1, self.used * _WORD)
-        return at // _WORD + 1
+        at = self._words.find(_SEPARATOR_WORD, (end - 1) * WORD_BYTES, self.used * WORD_BYTES)
+        while at >= 0 and at % WORD_BYTES:
+            at = self._words.find(_SEPARATOR_WORD, at + 1, self.used * WORD_BYTES)
+        return at // WORD_BYTES + 1
 
     def _sync(self, start: int, end: int) -> None:
         """Copy ring positions ``[start, end)`` and the state to the device copy, behind the

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_WORD = 4  # bytes per token id in the searched buffer (int32: every vocabulary fits)
+WORD_BYTES = 4  # bytes per token id in a searched buffer (int32: every vocabulary fits)
 
 
 def propose_ngram(
@@ -43,25 +43,25 @@ def propose_ngram(
     end = size - 1  # an occurrence lies wholly before token ``end``
     start = -1  # where the drafts start: the token after the best occurrence so far
     for n in range(min_n, longest + 1):
-        at = _rfind_word_aligned(words, words[(size - n) * _WORD :], end * _WORD)
+        at = rfind_tokens(words, words[(size - n) * WORD_BYTES :], 0, end * WORD_BYTES)
         if at < 0:
             break
-        start = end = at + n
+        start = end = at // WORD_BYTES + n
     if start < 0:
         return []
     proposal = token_ids[start : min(start + num_tokens, size)]
     return proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
 
 
-def _rfind_word_aligned(words: bytes, pattern: bytes, limit: int) -> int:
-    """The token index of the latest occurrence of ``pattern`` lying wholly in
-    ``words[:limit]`` that starts on a token boundary, or -1 (a byte match may straddle two
-    tokens)."""
-    at = words.rfind(pattern, 0, limit)
-    while at >= 0 and at % _WORD:
+def rfind_tokens(words: bytes | bytearray, pattern: bytes, start: int, end: int) -> int:
+    """The byte offset of the latest occurrence of ``pattern`` (int32 tokens) lying wholly in
+    ``words[start:end]`` at a token boundary, or -1: a byte match straddling two tokens is
+    none (``start`` must be a token boundary)."""
+    at = words.rfind(pattern, start, end)
+    while at >= 0 and at % WORD_BYTES:
         # The next candidate starts at or before the token boundary below ``at``.
-        at = words.rfind(pattern, 0, at - at % _WORD + len(pattern))
-    return at // _WORD if at >= 0 else -1
+        at = words.rfind(pattern, start, at - at % WORD_BYTES + len(pattern))
+    return at
 
 
 def _as_words(token_ids: Sequence[int] | np.ndarray) -> bytes:
