@@ -1,5 +1,3 @@
-import sys
+from parallm.cli import entry
 
-from parallm.cli import main
-
-sys.exit(main())
+entry()

@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from parallm.commands import bench, export, generate, serve, tiny_model, train
+from parallm.process_exit import exit_now
 
 _COMMANDS = [generate, serve, bench, tiny_model, train, export]
 
@@ -72,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def entry() -> NoReturn:
+    """The ``parallm`` command: :func:`main`, then :func:`~parallm.process_exit.exit_now`.
+    Training and tensor-parallel ranks leave gloo process groups behind, whose threads must
+    not meet the interpreter's finalization."""
+    exit_now(main())
 
 
 def _torchrun_worker(args: argparse.Namespace) -> bool:

@@ -7,6 +7,7 @@ import sys
 
 from parallm.cli import CommandParser
 from parallm.commands.train import add_arguments, run
+from parallm.process_exit import exit_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,4 +23,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # without finalization: the gloo groups' threads may outlive main()

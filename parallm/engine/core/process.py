@@ -12,17 +12,14 @@ its tensor-parallel workers then exit as their pipe to it closes.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import os
 import pickle
 import shutil
 import signal
-import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -40,6 +37,7 @@ from parallm.engine.core.messages import (
     command_decoder,
     encode,
 )
+from parallm.process_exit import exit_now
 
 logger = logging.getLogger("parallm.engine.core")
 
@@ -86,25 +84,7 @@ def run_engine_core(
         ctx.term()
         # The API process removes the folder when it stops us; if it died, nobody else will.
         shutil.rmtree(ipc_dir, ignore_errors=True)
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> None:
-    """Exit once the core's own cleanup is done: its engine closed (tensor-parallel workers
-    and process group), the last message sent, its sockets and folder gone.
-
-    The interpreter's normal exit would then free every object left one by one (the engine's
-    model, KV cache, CUDA graphs and kernels, torch's CUDA state) and collect the whole heap,
-    which on a GPU can outlast the client's stop timeout; the operating system reclaims all
-    of that at once. multiprocessing's finalizers still run first: they release the
-    semaphores libraries made here (tqdm's lock), which would otherwise be reported as leaked
-    by the resource tracker.
-    """
-    multiprocessing.util._exit_function()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    exit_now(code)  # the engine is closed, its last message sent, the folder gone
 
 
 def _serve(
