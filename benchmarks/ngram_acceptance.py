@@ -19,10 +19,12 @@ tokens give no drafts, the latest occurrence in the earlier requests' prompts an
 prompts replayed in order, as a server would have served them; the engine's ``TokenHistory``
 with ``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since
 across requests a single token says little), as suffix decoding (Oliaro et al., 2024) drafts
-from a server's past outputs.
+from a server's past outputs; ``datastore`` (with ``--datastore DIR``): after that, the training
+split of a dataset ``parallm train`` prepared (the engine's ``prompt_lookup_datastore``, laid
+before the ring: retrieval-based drafting, REST, He et al., 2024).
 
     python benchmarks/ngram_acceptance.py [--model runs/code-model-150m/hf --corpus python
-        --val-fraction 0.01] [--k 4,8] [--out ngram_acceptance.json]
+        --val-fraction 0.01 --datastore runs/data/python-8k] [--k 4,8] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from spec_real_bench import add_prompt_args, completion_prompts  # noqa: E402
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+from parallm.engine.spec.datastore import load_datastore  # noqa: E402
 from parallm.engine.spec.history import TokenHistory, history_ngram_range  # noqa: E402
 from parallm.engine.spec.ngram import propose_ngram  # noqa: E402
 
@@ -106,20 +109,25 @@ def walk(
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True),
-                             (False, True))  # fmt: skip
+    # The datastore comes after the ring: only with it.
+    sources = [(False, False), (True, False)] + ([(True, True)] if args.datastore else [])
+    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True), sources)
     return [
-        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext, "history": hist}
-        for k, lo, hi, occ, ext, hist in grid
+        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext, "history": hist,
+         "datastore": store}
+        for k, lo, hi, occ, ext, (hist, store) in grid
         if lo <= hi
-    ]
+    ]  # fmt: skip
 
 
-def score(prompts: list[list[int]], outputs: list[list[int]], variant: dict) -> dict:
+def score(
+    prompts: list[list[int]], outputs: list[list[int]], variant: dict, store: np.ndarray | None
+) -> dict:
     steps = drafted = accepted = tokens = 0
     # The engine's ring, large enough never to wrap: every earlier request stays.
     capacity = sum(len(p) + len(o) + 1 for p, o in zip(prompts, outputs, strict=True))
-    history = TokenHistory(max(2, capacity)) if variant["history"] else None
+    base = store if variant["datastore"] else None
+    history = TokenHistory(max(2, capacity), base) if variant["history"] else None
     for prompt, output in zip(prompts, outputs, strict=True):
         s, d, a = walk(prompt, output, variant, history)
         if history is not None:
@@ -147,13 +155,19 @@ def plain_outputs(args: argparse.Namespace) -> tuple[list[list[int]], list[list[
 
 def run(args: argparse.Namespace) -> list[dict]:
     prompts, outputs = plain_outputs(args)
-    rows = [score(prompts, outputs, v) for v in variants(args)]
-    print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens")
-    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'history':>7} {'tok/step':>9} "
-          f"{'tok/drafted':>11} {'drafted':>8}")  # fmt: skip
+    store = None
+    if args.datastore:
+        vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+        store = load_datastore(args.datastore, vocab, args.model)
+    rows = [score(prompts, outputs, v, store) for v in variants(args)]
+    print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens"
+          + (f"; a datastore of {len(store):,} tokens" if store is not None else ""))  # fmt: skip
+    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'history':>7} {'store':>5} "
+          f"{'tok/step':>9} {'tok/drafted':>11} {'drafted':>8}")  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["k"], -r["tokens_per_step"])):
         print(f"{r['k']:>2} {r['min_n']:>2}-{r['max_n']:<2} {r['occurrence']:>10} "
               f"{'yes' if r['extend'] else 'no':>6} {'yes' if r['history'] else 'no':>7} "
+              f"{'yes' if r['datastore'] else 'no':>5} "
               f"{r['tokens_per_step']:>9.3f} "
               f"{r['tokens_per_drafted_step']:>11.3f} {r['drafted_share']:>8.1%}")  # fmt: skip
     return rows
@@ -173,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--k", type=_ints, default=[4, 8], help="draft lengths")
     ap.add_argument("--min-n", type=_ints, default=[1, 2, 3], help="prompt_lookup_min values")
     ap.add_argument("--max-n", type=_ints, default=[3, 5, 8], help="prompt_lookup_max values")
+    ap.add_argument("--datastore", default=None,
+                    help="a dataset folder (the model's training data, as `parallm train` "
+                         "prepared it): adds the variants that draft from it after the ring")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap
 

@@ -20,7 +20,8 @@ with each round's ratio printed beside it.
 
 Drafters (``--methods``): ngram (prompt lookup), ngram_history (prompt lookup falling back to
 a ring of the pass's earlier requests, ``--prompt-lookup-history-tokens``; each pass starts
-with it empty), draft_model (``--draft-model``: the bundled
+with it empty), ngram_datastore (that, then the target's training data, ``--datastore``:
+retrieval-based drafting), draft_model (``--draft-model``: the bundled
 code model by default, which shares the target's tokenizer when the target was trained with
 configs/train/code-model-150m.toml), layer_skip (the target's first ``--skip-layers`` layers)
 and medusa (``--medusa-heads``: heads trained with ``parallm train`` and exported).
@@ -144,6 +145,11 @@ def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[s
         "ngram_history": {
             **ngram,
             "prompt_lookup_history_tokens": args.prompt_lookup_history_tokens,
+        },  # fmt: skip
+        "ngram_datastore": {
+            **ngram,
+            "prompt_lookup_history_tokens": args.prompt_lookup_history_tokens,
+            "prompt_lookup_datastore": args.datastore,
         },  # fmt: skip
         "draft_model": {
             "method": "draft_model",
@@ -336,8 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target", required=True, help="the target model's folder (HF format)")
     ap.add_argument("--methods", type=lambda s: s.split(","),
                     default=["ngram", "draft_model", "layer_skip"],
-                    help="drafters to run: ngram, ngram_history, draft_model, layer_skip, "
-                         "medusa (needs --medusa-heads)")  # fmt: skip
+                    help="drafters to run: ngram, ngram_history, ngram_datastore, draft_model, "
+                         "layer_skip, medusa (needs --medusa-heads)")  # fmt: skip
     ap.add_argument("--num-speculative-tokens", type=ints, default=[4],
                     help="k of each drafter; several (4,8) run each drafter once per k against "
                          "one plain baseline")  # fmt: skip
@@ -345,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-lookup-max", type=int, default=5, help="ngram's longest n-gram")
     ap.add_argument("--prompt-lookup-history-tokens", type=int, default=1 << 20,
                     help="ngram_history's ring of earlier requests, in tokens")  # fmt: skip
+    ap.add_argument("--datastore", default="runs/data/python-8k",
+                    help="ngram_datastore's dataset folder (the target's training data, as "
+                         "`parallm train` prepared it), after the ngram_history ring")  # fmt: skip
     ap.add_argument("--draft-model", default=str(BUNDLED_MODEL_DIR), help="draft_model's model")
     ap.add_argument("--skip-layers", type=int, default=0,
                     help="layer_skip's draft layers (0: a quarter of the target's)")  # fmt: skip

@@ -216,7 +216,8 @@ for step in "$@"; do
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
     specreal) # METHODS (default: every drafter, medusa once specheads' heads exist; also
-              # ngram_history: ngram with a 1M-token ring of the pass's earlier requests), K drafts
+              # ngram_history: ngram with a 1M-token ring of the pass's earlier requests;
+              # ngram_datastore: that, then the 150M model's training data), K drafts
               # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or
               # auto; default: unset), LOOKUP_MIN (ngram's prompt_lookup_min, default 2)
               methods=${METHODS:-ngram,draft_model,layer_skip}; heads=()
@@ -239,9 +240,10 @@ for step in "$@"; do
                fi ;;
     specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k)
                 # scored on the 150M model's own greedy outputs (after `spectrain`)
+                # and, from its training data (runs/data/python-8k), the datastore's variants
                 python3 benchmarks/ngram_acceptance.py --model runs/code-model-150m/hf --corpus python \
-                  --val-fraction 0.01 --min-n 1,2 --max-n 5,8 --out "$OUT/ngram_acceptance_150m.json" \
-                  2>&1 | tail -34 ;;
+                  --val-fraction 0.01 --min-n 1,2 --max-n 5,8 --datastore runs/data/python-8k \
+                  --out "$OUT/ngram_acceptance_150m.json" 2>&1 | tail -50 ;;
     spectimeline) # issue 15: the GPU timeline of plain and of ngram k = 8 verify steps at batch 1
                   # (150M shape, dummy weights: the steps' cost, not their yield)
                   for spec in '' '{"method":"ngram","num_speculative_tokens":8}'; do

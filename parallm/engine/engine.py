@@ -30,6 +30,7 @@ from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput, host_to_device
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
 from parallm.engine.spec.batch_throttle import step_tokens as bucket_step_tokens
+from parallm.engine.spec.datastore import datastore_tokens
 from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
 from parallm.engine.spec.medusa import MedusaProposer
@@ -58,7 +59,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
         cache_cfg, sched_cfg, backend = self._check_config(model_config)
-        self.drafter = _drafter(config, self.model_config)  # a draft model loads with the target
+        # A draft model loads with the target; a datastore is read and checked here.
+        self.drafter = _drafter(config, self.model_config, self.model_dir)
         self.draft_model = self.drafter.model if self.drafter is not None else None
         # After the drafter: a method that cannot run sharded says so by name.
         check_tensor_parallel(config, self.model_config, self.device)
@@ -689,7 +691,7 @@ def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds
     costs.record(len(batch.seqs), drafted, ran_ahead, seconds)
 
 
-def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
+def _drafter(config: EngineConfig, target: ModelConfig, model_dir: str | None) -> Drafter | None:
     spec = config.speculative_config
     if spec is None:
         return None
@@ -700,7 +702,8 @@ def _drafter(config: EngineConfig, target: ModelConfig) -> Drafter | None:
         model = DraftModelProposer(spec, target, config)
     elif spec.method == "medusa":
         model = MedusaProposer(spec, target, config)
-    return Drafter(spec, model)
+    datastore = datastore_tokens(spec, target.vocab_size, config.tokenizer or model_dir)
+    return Drafter(spec, model, datastore)
 
 
 def _spec_summary(drafter: Drafter | None) -> str:
@@ -711,6 +714,9 @@ def _spec_summary(drafter: Drafter | None) -> str:
     batches = "every batch" if limit is None else f"batches of up to {limit}"
     if spec.min_tokens_per_step == "auto":
         batches += ", at batch sizes where drafted steps pay for themselves (measured)"
+    history = drafter.history
+    if history is not None and history.start:
+        batches += f", a datastore of {history.start - 1:,} tokens"
     return f"; speculative decoding: {spec.method}, {spec.num_speculative_tokens} tokens, {batches}"
 
 

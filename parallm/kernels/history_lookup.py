@@ -4,7 +4,8 @@ nothing.
 
 For each such row, the longest n in ``[min_n, max_n]`` whose last-n-token suffix occurs in the
 ring followed by a token of its own sequence wins; among its occurrences the newest in write
-order (``[fill, used)`` holds the older lap's sequences, ``[0, fill)`` the newer ones); the
+order (``[fill, used)`` holds the older lap's sequences, ``[start, fill)`` the newer ones, and a
+datastore's fixed base ``[0, start)`` is older than both); the
 drafts are up to ``num_tokens`` tokens after it, stopping before a separator. The ring, its
 ``[fill, used]`` state and every buffer stay on the device and keep their shapes, so the device
 drafter's captured tail runs it after ``prompt_lookup``.
@@ -13,7 +14,7 @@ Two kernels, as ``prompt_lookup``'s. The first gives every (row, chunk of ring p
 program: for each end position ``e`` it counts how many tokens ending at ``e`` match the row's
 last tokens (up to ``max_n``), and for each n the newest ``e`` that matches n tokens goes into
 ``newest[row, n]`` by an atomic max over its age key (``e + capacity`` in the newer lap, ``e``
-in the older one). A row with drafts of its own scans nothing. The second picks each such
+in the older one and the base). A row with drafts of its own scans nothing. The second picks each such
 row's longest n that matched, gathers the drafts after it and resets ``newest`` for the next
 call (the buffer lives in a captured graph).
 """
@@ -42,6 +43,7 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
     own = tl.load(counts_ptr + row)
     fill = tl.load(state_ptr)
     used = tl.load(state_ptr + 1)
+    start = tl.load(state_ptr + 2)
     ends = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     # A match is followed by a token (e + 1 < used); a row with drafts of its own scans nothing.
     live = ends < tl.where(own == 0, used - 1, 0)
@@ -57,7 +59,8 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
         got = tl.load(ring_ptr + ends - i, mask=still & (ends >= i), other=-2)
         still = still & (ends >= i) & (got == want)
         matched += still.to(tl.int32)
-    key = tl.where(ends < fill, ends + capacity, ends)  # the newer lap ages above the older
+    # The newer lap ages above the older, which ages above the base.
+    key = tl.where((ends < fill) & (ends >= start), ends + capacity, ends)
     publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
 
 
@@ -103,7 +106,7 @@ def history_lookup(
     count is 0 with drafts from the ring; returns them. Other rows are left as they are.
 
     tokens: ``[B, L]`` int32, rows contiguous; lengths: ``[B]`` int32; ring: ``[H]`` int32
-    (``TokenHistory.device_ring``); state: ``[2]`` int32, ``[fill, used]``
+    (``TokenHistory.device_ring``); state: ``[3]`` int32, ``[fill, used, start]``
     (``TokenHistory.device_state``); drafts: ``[B, num_tokens]`` int32; counts: ``[B]`` int32.
     ``newest`` (``lookup_buffer(B, max_n)``) may be given, as a captured graph does.
     """
@@ -135,7 +138,7 @@ def _check(tokens, lengths, ring, state, drafts, counts, num_tokens, min_n, max_
         raise ValueError("history_lookup: tokens must be int32 [B, L] with contiguous rows")
     rows = tokens.shape[0]
     for name, t, shape in (("lengths", lengths, (rows,)), ("counts", counts, (rows,)),
-                           ("state", state, (2,))):  # fmt: skip
+                           ("state", state, (3,))):  # fmt: skip
         if t.shape != shape or t.dtype != torch.int32:
             raise ValueError(f"history_lookup: {name} must be int32 {list(shape)}")
     if ring.dim() != 1 or ring.dtype != torch.int32 or ring.stride(0) != 1 or not len(ring):

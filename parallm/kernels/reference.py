@@ -335,13 +335,13 @@ def history_lookup_ref(
     max_n: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``history_lookup``'s twin (same arguments, same in-place updates), row by row: for each
-    row whose count is 0, the ring's sequences laid out oldest first (``[fill, used)`` then
-    ``[0, fill)``; each ends with a separator, -1), the longest n in ``[min_n, max_n]`` whose
-    suffix occurs there followed by a token other than -1, its last occurrence, and up to
-    ``num_tokens`` tokens after it, stopping before a -1."""
-    fill, used = (int(v) for v in state.cpu())
+    row whose count is 0, the ring's sequences laid out oldest first (the base ``[0, start)``,
+    ``[fill, used)``, then ``[start, fill)``; each ends with a separator, -1), the longest n in
+    ``[min_n, max_n]`` whose suffix occurs there followed by a token other than -1, its last
+    occurrence, and up to ``num_tokens`` tokens after it, stopping before a -1."""
+    fill, used, start = (int(v) for v in state.cpu())
     ring = ring.cpu()
-    laid = torch.cat([ring[fill:used], ring[:fill]])
+    laid = torch.cat([ring[:start], ring[fill:used], ring[start:fill]])
     for b in range(tokens.shape[0]):
         if int(counts[b]) != 0:
             continue

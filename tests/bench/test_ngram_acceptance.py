@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from parallm.bundled import BUNDLED_MODEL_DIR
+from parallm.train.config import DataSection
+from parallm.train.data import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks/ngram_acceptance.py"
@@ -138,3 +141,49 @@ def test_whole_run_scores_every_variant(tmp_path):
         assert 1 <= r["tokens_per_step"] <= r["k"] + 1
         assert 0 <= r["drafted_share"] <= 1
         assert r["drafted_share"] == 0 or 1 <= r["tokens_per_drafted_step"] <= r["k"] + 1
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model")
+def test_a_datastore_adds_variants_that_never_emit_fewer_tokens_a_step(tmp_path):
+    """With ``--datastore`` every ring variant gains a twin that also drafts from the
+    datastore, only where the request and the ring give nothing: a draft there can only add
+    accepted tokens, so the twin's tokens a step are never fewer."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for j in range(3):  # a def after line 5, cut there for the prompt, with more after it
+        body = "".join(f"def f{i}(x):\n    return x * {i + j}\n\n" for i in range(4))
+        tail = "    if y is None:\n        return sys.argv\n    return [y, sys.path]\n"
+        (corpus / f"m{j}.py").write_text(f"import sys\n\n\n{body}def g(y):\n{tail}")
+    data = DataSection(corpus=str(corpus), dataset_dir=str(tmp_path / "data"),
+                       tokenizer=str(BUNDLED_MODEL_DIR), val_fraction=0.0)  # fmt: skip
+    prepare_dataset(data)
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCH), "--corpus", str(corpus), "--val-fraction", "1",
+           "--num-prompts", "3", "--max-tokens", "12", "--device", "cpu", "--dtype", "float32",
+           "--k", "4", "--min-n", "2", "--max-n", "3", "--datastore", data.dataset_dir,
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "a datastore of" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 3  # occurrence x extend x (none, ring, ring + datastore)
+    key = lambda r: (r["occurrence"], r["extend"])  # noqa: E731
+    ring = {key(r): r for r in rows if r["history"] and not r["datastore"]}
+    store = [r for r in rows if r["datastore"]]
+    assert len(store) == 4
+    for r in store:
+        assert r["tokens_per_step"] >= ring[key(r)]["tokens_per_step"]
+        assert r["drafted_share"] >= ring[key(r)]["drafted_share"]
+
+
+def test_score_drafts_from_the_datastore_after_the_ring():
+    bench = _bench()
+    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest", "extend": False,
+               "history": True}  # fmt: skip
+    store = np.array([1, 2, 3, 4, 5, 6], dtype=np.int32)
+    # As in test_history_drafts_only_where_the_request_gives_nothing, with the datastore in
+    # the ring's place: "2 3 4" gives 5 6, 5 kept, 9 emitted.
+    with_store = bench.score([[7, 2, 3]], [[4, 5, 9]], {**variant, "datastore": True}, store)
+    ring_only = bench.score([[7, 2, 3]], [[4, 5, 9]], {**variant, "datastore": False}, store)
+    assert (with_store["steps"], with_store["tokens_per_step"]) == (2, 1.5)
+    assert (ring_only["steps"], ring_only["drafted_share"]) == (3, 0.0)

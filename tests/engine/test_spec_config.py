@@ -87,7 +87,8 @@ def test_the_config_is_frozen():
         ({**NGRAM, "model": "small"},
          "speculative_config.model is for methods ['draft_model', 'medusa'] only; method "
          "'ngram' takes "
-         "['prompt_lookup_min', 'prompt_lookup_max', 'prompt_lookup_history_tokens']"),
+         "['prompt_lookup_min', 'prompt_lookup_max', 'prompt_lookup_history_tokens', "
+         "'prompt_lookup_datastore']"),
         ({**NGRAM, "num_layers": 2},
          "speculative_config.num_layers is for method 'layer_skip' only"),
         ({"method": "medusa", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
@@ -107,7 +108,7 @@ def test_the_config_is_frozen():
          "speculative_config: unknown key(s) ['acceptance_method', 'zeta']; allowed: "
          "['method', 'num_speculative_tokens', 'prompt_lookup_min', 'prompt_lookup_max', "
          "'model', 'num_layers', 'disable_by_batch_size', 'speculative_token_tree', "
-         "'min_tokens_per_step', 'prompt_lookup_history_tokens']"),
+         "'min_tokens_per_step', 'prompt_lookup_history_tokens', 'prompt_lookup_datastore']"),
         ('{"method": "ngram",', "speculative_config must be a JSON object such as"),
         ("[1, 2]", "speculative_config must be a dict, a JSON object string or a "
          "SpeculativeConfig, got list"),

@@ -25,8 +25,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 
 def held(history: TokenHistory) -> list[list[int]]:
     """The sequences the ring holds, oldest first (empty runs of separators dropped)."""
-    ring = history.ring.tolist()
-    laid = ring[history.fill : history.used] + ring[: history.fill]
+    ring, start = history.ring.tolist(), history.start
+    laid = ring[:start] + ring[history.fill : history.used] + ring[start : history.fill]
     seqs, current = [], []
     for token in laid:
         if token == SEPARATOR:
@@ -123,20 +123,72 @@ def test_a_wrap_drops_what_lies_past_the_lap_it_ends():
     assert h.lookup([6, 6], 4, 2, 8) == []
 
 
+BASE = [1, 2, 3, 4, SEPARATOR, 5, 6, 1, 2, 7]  # two documents of a datastore
+
+
+def test_a_base_is_searched_last_and_never_overwritten():
+    h = TokenHistory(12, base=BASE)
+    assert (h.start, h.fill, h.used) == (11, 11, 11) and len(h.ring) == 23
+    assert held(h) == [[1, 2, 3, 4], [5, 6, 1, 2, 7]]
+    assert h.lookup([9, 1, 2], 4, 2, 8) == [7]  # the newest document's occurrence
+    assert h.lookup([0, 5, 6], 4, 2, 8) == [1, 2, 7]
+    h.add([8, 1, 2, 9])  # 11..15: newer than the base
+    assert h.lookup([9, 1, 2], 4, 2, 8) == [9]
+    assert h.lookup([1, 2, 3], 4, 2, 8) == [4]  # the longer n, in the base
+    h.add([6, 6, 6, 6, 6])  # 16..21
+    h.add([2, 7, 5])  # does not fit 22..: starts over at the ring's start, not at 0
+    assert (h.fill, h.used, h.wrapped) == (15, 22, True)
+    assert h.ring.tolist()[:11] == [*BASE, SEPARATOR]
+    assert held(h) == [[1, 2, 3, 4], [5, 6, 1, 2, 7], [6, 6, 6, 6, 6], [2, 7, 5]]
+    assert h.lookup([2, 7], 4, 2, 8) == [5]  # this lap's, over the base's
+    h.to_device("cpu")
+    assert h.device_state.tolist() == [15, 22, 11]
+    h.clear()  # forgets the requests, keeps the base
+    assert held(h) == [[1, 2, 3, 4], [5, 6, 1, 2, 7]] and (h.fill, h.used) == (11, 11)
+    assert torch.equal(h.device_ring, h.ring) and h.device_state.tolist() == [11, 11, 11]
+
+
+def test_a_base_alone_drafts_and_adds_nothing():
+    h = TokenHistory(0, base=BASE)
+    h.add([1, 2, 9, 9])
+    assert held(h) == [[1, 2, 3, 4], [5, 6, 1, 2, 7]] and len(h.ring) == 11
+    assert h.lookup([0, 1, 2], 3, 2, 8) == [7]
+    with pytest.raises(ValueError, match="capacity must be at least 2 tokens"):
+        TokenHistory(0)
+
+
+def _split(tokens: list[int]) -> list[list[int]]:
+    """A base's documents (runs between separators), as ``held`` lists them."""
+    docs, current = [], []
+    for token in [*tokens, SEPARATOR]:
+        if token == SEPARATOR:
+            docs += [current] if current else []
+            current = []
+        else:
+            current.append(token)
+    return docs
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_adds_keep_whole_sequences_newest_last(seed):
+    """Odd seeds lay a random base (a datastore) before the ring: it stays whole, first
+    (oldest), whatever the ring's laps."""
     rng = random.Random(seed)
     capacity = rng.choice([7, 30, 100])
-    h, added = TokenHistory(capacity), []
+    base = [rng.choice([0, 1, 2, 3, SEPARATOR]) for _ in range(rng.choice([9, 40]))]
+    h = TokenHistory(capacity, base if seed % 2 else None)
+    documents, added = _split(base) if seed % 2 else [], []
     for _ in range(60):
         seq = [rng.randrange(4) for _ in range(rng.choice([0, 2, 5, 12, 40]))]
         h.add(seq)
         added.append(seq[-(capacity - 1) :])
         seqs = held(h)
+        assert seqs[: len(documents)] == documents
+        ring = seqs[len(documents) :]
         if seq:
-            assert seqs[-1] == added[-1]  # the newest is whole
-        tail = [s for s in added if s][-len(seqs) :] if seqs else []
-        assert seqs == tail  # whole sequences, in the order they were added
+            assert ring[-1] == added[-1]  # the newest is whole
+        tail = [s for s in added if s][-len(ring) :] if ring else []
+        assert ring == tail  # whole sequences, in the order they were added
         for _ in range(4):
             context = [rng.randrange(4) for _ in range(rng.randrange(1, 10))]
             k, (lo, hi) = rng.choice([1, 3, 8]), rng.choice([(2, 8), (1, 3), (3, 5)])
@@ -150,7 +202,7 @@ def test_clear_forgets_everything():
     h.clear()
     assert (h.fill, h.used) == (0, 0) and h.lookup([1, 2], 4, 2, 8) == []
     assert h.ring.eq(SEPARATOR).all() and h.device_ring.eq(SEPARATOR).all()
-    assert h.device_state.tolist() == [0, 0]
+    assert h.device_state.tolist() == [0, 0, 0]
     h.add([1, 2, 3])
     assert h.lookup([1, 2], 4, 2, 8) == [3]
 
@@ -164,7 +216,7 @@ def test_the_device_copy_follows_every_add():
     assert ring.data_ptr() != h.ring.data_ptr()  # a copy, as on a GPU
     for _ in range(30):
         h.add([rng.randrange(5) for _ in range(rng.randrange(0, 15))])
-        assert torch.equal(ring, h.ring) and state.tolist() == [h.fill, h.used]
+        assert torch.equal(ring, h.ring) and state.tolist() == [h.fill, h.used, h.start]
     h.to_device("cpu")  # again: the same tensors (a captured graph holds them)
     assert h.device_ring is ring and h.device_state is state
 

@@ -17,7 +17,7 @@ from triton_interpreter import check_interpreter_suite, kernel_modes  # before t
 
 triton = pytest.importorskip("triton")
 
-from parallm.engine.spec.history import TokenHistory  # noqa: E402
+from parallm.engine.spec.history import SEPARATOR, TokenHistory  # noqa: E402
 from parallm.kernels import history_lookup as kernels  # noqa: E402
 from parallm.kernels.history_lookup import history_lookup  # noqa: E402
 from parallm.kernels.prompt_lookup import lookup_buffer  # noqa: E402
@@ -30,14 +30,15 @@ SETTINGS = [(4, 2, 8), (8, 2, 3), (3, 3, 5), (1, 1, 2)]
 OWN = 99  # the token of a row's own drafts: must survive
 
 
-def _ring(capacity: int, vocab: int, seed: int, wrap: bool) -> TokenHistory:
+def _ring(capacity: int, vocab: int, seed: int, wrap: bool, base: int = 0) -> TokenHistory:
     """Random sequences added until the ring wrapped and a few more (``wrap``), else until
-    it is about half full."""
+    it is about half full; after a random base (a datastore) of ``base`` tokens."""
     rng = random.Random(seed)
-    h = TokenHistory(capacity)
+    laid = [rng.choice([*range(vocab), SEPARATOR]) for _ in range(base)]
+    h = TokenHistory(capacity, laid if base else None)
     while True:
         seq = [rng.randrange(vocab) for _ in range(rng.choice([0, 1, 3, 9, 30, 80]))]
-        if not wrap and h.fill + len(seq) + 1 > capacity // 2:
+        if not wrap and h.fill + len(seq) + 1 > h.start + capacity // 2:
             return h
         h.add(seq)
         if wrap and h.wrapped and rng.random() < 0.1:
@@ -78,7 +79,7 @@ def _run(fn, h, tokens, lengths, drafts, counts, k, lo, hi, device="cpu"):
     # Copies of the ring and its state, not ``to_device``: the twin and the kernel read the
     # same ring on two devices, and a TokenHistory keeps one device copy.
     ring = h.ring.to(device, copy=True)
-    state = torch.tensor([h.fill, h.used], dtype=torch.int32, device=device)
+    state = torch.tensor([h.fill, h.used, h.start], dtype=torch.int32, device=device)
     d, c = drafts[:, :k].clone().to(device), counts.clone().to(device)
     fn(tokens.to(device), lengths.to(device), ring, state, d, c, k, lo, hi)
     return d.cpu(), c.cpu()
@@ -102,9 +103,12 @@ def test_interpreter_suite_in_subprocess():
     check_interpreter_suite(__file__, INTERPRETING)
 
 
-@pytest.mark.parametrize(("vocab", "seed", "wrap"), [(3, 0, True), (6, 1, True), (4, 2, False)])
-def test_reference_is_the_host_lookup(vocab, seed, wrap):
-    _check_ref(_ring(300, vocab, seed, wrap), vocab, seed)
+@pytest.mark.parametrize(
+    ("vocab", "seed", "wrap", "base"),
+    [(3, 0, True, 0), (6, 1, True, 0), (4, 2, False, 0), (4, 3, True, 200), (5, 4, False, 90)],
+)
+def test_reference_is_the_host_lookup(vocab, seed, wrap, base):
+    _check_ref(_ring(300, vocab, seed, wrap, base), vocab, seed)
 
 
 def _check_ref(h: TokenHistory, vocab: int, seed: int) -> None:
@@ -118,11 +122,14 @@ def _check_ref(h: TokenHistory, vocab: int, seed: int) -> None:
 
 @interpreter_test
 @pytest.mark.parametrize(
-    ("capacity", "vocab", "wrap"), [(40, 3, True), (700, 4, True), (1500, 5, True), (900, 3, False)]
-)
-def test_matches_the_twin_and_host_lookup_interpreter(capacity, vocab, wrap):
-    """Rings of up to three programs' chunks: the newest match may lie in any of them."""
-    h = _ring(capacity, vocab, seed=capacity, wrap=wrap)
+    ("capacity", "vocab", "wrap", "base"),
+    [(40, 3, True, 0), (700, 4, True, 0), (1500, 5, True, 0), (900, 3, False, 0),
+     (300, 4, True, 700), (60, 3, False, 600)],
+)  # fmt: skip
+def test_matches_the_twin_and_host_lookup_interpreter(capacity, vocab, wrap, base):
+    """Rings of up to three programs' chunks: the newest match may lie in any of them; with a
+    base (a datastore) before the ring, which ranks oldest though it lies lowest."""
+    h = _ring(capacity, vocab, seed=capacity, wrap=wrap, base=base)
     _check(h, rows=6, width=20, vocab=vocab, seed=capacity, device="cpu")
 
 
@@ -162,10 +169,34 @@ def test_hand_cases_interpreter():
 
 
 @interpreter_test
-def test_buffers_are_written_in_place_and_left_clean_interpreter():
+def test_a_base_ranks_below_both_laps_interpreter():
+    """The base (a datastore) lies at the lowest positions but is older than both laps: a
+    match there loses to any lap's, and drafts only where no lap has one."""
+    h = TokenHistory(14, base=[1, 2, 4, 4, SEPARATOR, 3, 3, 7])  # 0..8, the ring 9..22
+    h.add([6, 6, 6, 6])  # 9..13
+    h.add([5, 1, 2, 9])  # 14..18
+    h.add([8, 3, 3, 3])  # 19..23 does not fit: 9..13, at the ring's start, over the 6s
+    assert (h.start, h.fill, h.used) == (9, 14, 19)
+    rows = [[0, 1, 2], [0, 3, 3], [0, 2, 4], [6, 6]]
+    tokens = torch.tensor([[*r, 0][:3] for r in rows], dtype=torch.int32)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    drafts = torch.zeros((len(rows), 4), dtype=torch.int32)
+    counts = torch.zeros((len(rows),), dtype=torch.int32)
+    # "1 2": the older lap's (position 16) over the base's (1); "3 3": the newer lap's over
+    # the base's; "2 4": the base's alone; "6 6": overwritten, found nowhere.
+    want = [[9], [3], [4], []]
+    for fn in (history_lookup_ref, history_lookup):
+        got = _as_lists(*_run(fn, h, tokens, lengths, drafts, counts, 4, 2, 8))
+        assert got == want, fn.__name__
+    assert [h.lookup(r, 4, 2, 8) for r in rows] == want
+
+
+@interpreter_test
+@pytest.mark.parametrize("base", [0, 300])
+def test_buffers_are_written_in_place_and_left_clean_interpreter(base):
     """A captured graph calls it again and again on its own buffers, the ring changing in
     place between calls: ``newest`` is back to "no match" after each call."""
-    h = _ring(600, 3, seed=4, wrap=True)
+    h = _ring(600, 3, seed=4, wrap=True, base=base)
     h.to_device("cpu")
     newest = lookup_buffer(5, 8, "cpu")
     blank = newest.clone()
@@ -202,7 +233,7 @@ def test_bad_arguments_are_named():
         history_lookup(tokens, lengths, ring, state, drafts, counts, 4, 3, 2)
     with pytest.raises(ValueError, match="tokens must be int32"):
         history_lookup(tokens.long(), lengths, ring, state, drafts, counts, 4, 2, 8)
-    with pytest.raises(ValueError, match=r"state must be int32 \[2\]"):
+    with pytest.raises(ValueError, match=r"state must be int32 \[3\]"):
         history_lookup(tokens, lengths, ring, state[:1], drafts, counts, 4, 2, 8)
     with pytest.raises(ValueError, match="ring must be"):
         history_lookup(tokens, lengths, ring.long(), state, drafts, counts, 4, 2, 8)
@@ -215,10 +246,13 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize(("capacity", "vocab"), [(2000, 3), (1 << 20, 20)])
-def test_matches_the_twin_and_host_lookup_gpu(capacity, vocab):
-    """Up to the default 1M-token ring: 2,048 programs a row find the newest match together."""
-    h = _ring(capacity, vocab, seed=capacity, wrap=True)
+@pytest.mark.parametrize(
+    ("capacity", "vocab", "base"), [(2000, 3, 0), (1 << 20, 20, 0), (3000, 4, 50_000)]
+)
+def test_matches_the_twin_and_host_lookup_gpu(capacity, vocab, base):
+    """Up to the default 1M-token ring: 2,048 programs a row find the newest match together;
+    and a ring after a datastore's base of 50k tokens."""
+    h = _ring(capacity, vocab, seed=capacity, wrap=True, base=base)
     _check(h, rows=8, width=40, vocab=vocab, seed=capacity, device="cuda")
 
 

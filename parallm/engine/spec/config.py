@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
@@ -23,10 +24,19 @@ DEFAULT_PROMPT_LOOKUP = 5
 # age keys (position + capacity, kernels/history_lookup.py) fit int32.
 MIN_HISTORY_TOKENS = 4
 MAX_HISTORY_TOKENS = 2**30
+# A datastore (``prompt_lookup_datastore``, spec/datastore.py): a dataset folder of
+# ``parallm train``, recognised by its metadata file.
+DATASTORE_FIELD = "speculative_config.prompt_lookup_datastore"
+DATASTORE_META = "meta.json"
 
 # Keys that belong to one method; giving one to another method is an error.
 _METHOD_KEYS = {
-    "ngram": ("prompt_lookup_min", "prompt_lookup_max", "prompt_lookup_history_tokens"),
+    "ngram": (
+        "prompt_lookup_min",
+        "prompt_lookup_max",
+        "prompt_lookup_history_tokens",
+        "prompt_lookup_datastore",
+    ),
     "draft_model": ("model",),
     "layer_skip": ("num_layers",),
     "medusa": ("model", "speculative_token_tree"),
@@ -68,7 +78,9 @@ class SpeculativeConfig:
     capacity in tokens of a ring of finished requests' prompts and outputs, which a sequence
     whose own lookup finds nothing drafts from (spec/history.py: the newest occurrence of its
     last 2 to 8 tokens, n at least ``prompt_lookup_min`` and up to ``prompt_lookup_max`` when
-    that is larger).
+    that is larger). ``prompt_lookup_datastore`` (``ngram`` only): a dataset folder that
+    ``parallm train`` prepared with the target's tokenizer, whose training split is searched
+    after the ring (spec/datastore.py; retrieval-based drafting), kept for the engine's life.
     """
 
     method: str
@@ -81,6 +93,7 @@ class SpeculativeConfig:
     speculative_token_tree: Any = None
     min_tokens_per_step: float | str | None = None
     prompt_lookup_history_tokens: int = 0
+    prompt_lookup_datastore: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +105,8 @@ class SpeculativeConfig:
         if self.method == "ngram":
             self._fill_prompt_lookup()
             _check_history_tokens(self.prompt_lookup_history_tokens)
+            if self.prompt_lookup_datastore is not None:
+                check_datastore_dir(self.prompt_lookup_datastore)
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(
                 f"speculative_config.model must be a model directory or Hub id, got {self.model!r}"
@@ -238,6 +253,17 @@ def _check_history_tokens(value: Any) -> None:
             "speculative_config.prompt_lookup_history_tokens must be 0 (off) or an integer "
             f"from {MIN_HISTORY_TOKENS} to {MAX_HISTORY_TOKENS} (the ring's capacity in "
             f"tokens), got {value!r}"
+        )
+
+
+def check_datastore_dir(path: Any) -> None:
+    """ValueError unless ``path`` is a dataset folder (the cheap check, at configuration)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{DATASTORE_FIELD} must be a dataset folder's path, got {path!r}")
+    if not (Path(path) / DATASTORE_META).is_file():
+        raise ValueError(
+            f"{DATASTORE_FIELD}: no dataset at {path} (a folder that `parallm train` prepared, "
+            f"holding {DATASTORE_META}, tokenizer/ and train_*.npy: its data.dataset_dir)"
         )
 
 

@@ -17,13 +17,16 @@ where its drafted steps emit fewer tokens a sequence than the break-even the eng
 for it (spec/batch_throttle.py, spec/step_costs.py, whose plain steps it runs now and then to
 measure), so that every request of a step drafts or none does.
 With ``prompt_lookup_history_tokens`` the n-gram drafter keeps finished sequences' tokens in a
-ring (spec/history.py) and drafts from it where a sequence's own tokens give nothing.
+ring (spec/history.py) and drafts from it where a sequence's own tokens give nothing; with
+``prompt_lookup_datastore``, from a tokenized corpus after that (spec/datastore.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from collections.abc import Sequence as Tokens
+
+import numpy as np
 
 from parallm.engine.request import Sequence
 from parallm.engine.scheduler import ScheduledBatch
@@ -48,7 +51,10 @@ class Drafter:
     """Proposes draft tokens for the running sequences before the scheduler runs."""
 
     def __init__(
-        self, config: SpeculativeConfig, model: DraftModelProposer | MedusaProposer | None = None
+        self,
+        config: SpeculativeConfig,
+        model: DraftModelProposer | MedusaProposer | None = None,
+        datastore: np.ndarray | None = None,
     ) -> None:
         config.check_implemented()
         self.config = config
@@ -65,10 +71,11 @@ class Drafter:
         # filled with token 0 (a filler is kept only where it is the target's own token), so
         # that host- and device-staged steps share one graph shape and layout.
         self.full_chains = False
-        # Finished sequences' tokens, drafted from where a sequence's own lookup finds nothing
-        # (``prompt_lookup_history_tokens``; None: off).
+        # Finished sequences' tokens, then ``datastore``'s (``load_datastore``'s tokens, for
+        # ``prompt_lookup_datastore``), drafted from where a sequence's own lookup finds
+        # nothing (``prompt_lookup_history_tokens``; None: neither).
         size = config.prompt_lookup_history_tokens
-        self.history = TokenHistory(size) if size else None
+        self.history = TokenHistory(size, datastore) if size or datastore is not None else None
 
     def remember(self, finished: Iterable[Sequence]) -> None:
         """Add each finished sequence's prompt and output to the ring (if there is one)."""

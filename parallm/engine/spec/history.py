@@ -9,12 +9,18 @@ benchmarks/ngram_acceptance.py's ``history`` variant).
 
 The ring: each finished sequence's prompt and output followed by ``SEPARATOR`` (no vocabulary
 holds -1), written whole at ``fill``. A sequence that does not fit the space left starts over
-at position 0: the ring has wrapped, and ``[fill, used)`` holds the previous lap's (older)
-sequences, ``[0, fill)`` the newer ones. What a write cuts of an older sequence is overwritten
-with separators, so a draft never reads half a sequence; and since every sequence ends with a
-separator and the searched tokens are never -1, no match or draft crosses from one sequence
-into another. Newest first in write order: ``[0, fill)`` from its end, then
-``[fill, used)`` from its end.
+at the ring's ``start`` (position 0 without a base, below): the ring has wrapped, and ``[fill,
+used)`` holds the previous lap's (older) sequences, ``[start, fill)`` the newer ones. What a
+write cuts of an older sequence is overwritten with separators, so a draft never reads half a
+sequence; and since every sequence ends with a separator and the searched tokens are never -1,
+no match or draft crosses from one sequence into another. Newest first in write order:
+``[start, fill)`` from its end, then ``[fill, used)`` from its end.
+
+A datastore (``prompt_lookup_datastore``, spec/datastore.py) is a fixed ``base`` laid before
+the ring: its documents, each ended by a separator, at ``[0, start)``, never overwritten; the
+ring proper is ``[start, start + capacity)`` and a wrap starts over at ``start``. The base is
+older than every sequence the ring holds: it is searched last (retrieval-based drafting, REST,
+He et al., 2024). Without a base ``start`` is 0.
 
 The host drafter searches the ring's bytes (``bytearray.rfind``, in C); the device drafter's
 tail searches a copy on the device (``to_device``; kernels/history_lookup.py), updated in place
@@ -43,21 +49,31 @@ def history_ngram_range(min_n: int, max_n: int) -> tuple[int, int]:
 
 
 class TokenHistory:
-    """A ring of ``capacity`` int32 tokens holding finished sequences, newest last."""
+    """A ring of ``capacity`` int32 tokens holding finished sequences, newest last, after an
+    optional fixed ``base`` of tokens (a datastore, separators between its documents)."""
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 2:
-            raise ValueError(f"TokenHistory: capacity must be at least 2 tokens, got {capacity}")
+    def __init__(self, capacity: int, base: np.ndarray | None = None) -> None:
+        has_base = base is not None and len(base) > 0
+        if capacity < 2 and not (capacity == 0 and has_base):
+            raise ValueError(
+                f"TokenHistory: capacity must be at least 2 tokens (or 0 with a base), got "
+                f"{capacity}"
+            )
         self.capacity = capacity
+        self.start = len(base) + 1 if has_base else 0  # the ring proper: [start, size)
+        size = self.start + capacity
         # One buffer seen three ways: bytes to search, numpy to write, torch to copy.
-        self._words = bytearray(capacity * WORD_BYTES)
+        self._words = bytearray(size * WORD_BYTES)
         self._tokens = np.frombuffer(self._words, dtype=np.int32)
         self.ring = torch.frombuffer(self._words, dtype=torch.int32)
         self._tokens[:] = SEPARATOR
-        self.fill = 0  # where the next sequence is written
-        self.used = 0  # [0, used) holds sequences: [fill, used) the older lap's when wrapped
+        if has_base:
+            self._tokens[: self.start - 1] = base
+        self.fill = self.start  # where the next sequence is written
+        # [0, used) holds tokens: [fill, used) the older lap's sequences when wrapped
+        self.used = self.start
         self.device_ring: torch.Tensor | None = None
-        self.device_state: torch.Tensor | None = None  # [fill, used], int32
+        self.device_state: torch.Tensor | None = None  # [fill, used, start], int32
 
     @property
     def wrapped(self) -> bool:
@@ -65,11 +81,15 @@ class TokenHistory:
         return self.used > self.fill
 
     def add(self, tokens: Sequence[int]) -> None:
-        """Append one finished sequence (its last ``capacity - 1`` tokens if longer)."""
+        """Append one finished sequence (its last ``capacity - 1`` tokens if longer); nothing
+        when the ring has no room of its own (a base alone)."""
+        if self.capacity == 0:
+            return
         tokens = np.asarray(tokens, dtype=np.int32)[-(self.capacity - 1) :]
         size = len(tokens) + 1
-        start = self.fill if self.fill + size <= self.capacity else 0
-        if start == 0 and self.fill:
+        wraps = self.fill + size > len(self._tokens)
+        start = self.start if wraps else self.fill
+        if wraps:
             self.used = self.fill  # what lies past the lap just ended is older still: dropped
         end = start + size
         cut = self._cut_end(end)  # read before the write overwrites the old boundary
@@ -79,12 +99,12 @@ class TokenHistory:
         self._sync(start, cut)
 
     def clear(self) -> None:
-        """Forget every sequence."""
-        self._tokens[:] = SEPARATOR
-        self.fill = self.used = 0
+        """Forget every sequence (the base stays)."""
+        self._tokens[self.start :] = SEPARATOR
+        self.fill = self.used = self.start
         if self.device_ring is not None:
-            self.device_ring.fill_(SEPARATOR)
-            self.device_state.zero_()
+            self.device_ring[self.start :].fill_(SEPARATOR)
+            self.device_state.fill_(self.start)
 
     def lookup(self, context: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
         """Up to ``k`` tokens that followed the newest occurrence of the context's last n
@@ -104,7 +124,7 @@ class TokenHistory:
         return self._draft(newest + 1, k) if newest >= 0 else []
 
     def to_device(self, device: torch.device | str) -> None:
-        """Keep a copy of the ring and ``[fill, used]`` on ``device`` (``device_ring``,
+        """Keep a copy of the ring and ``[fill, used, start]`` on ``device`` (``device_ring``,
         ``device_state``), updated in place from now on: a captured graph may read them."""
         device = torch.device(device)
         if self.device_ring is not None:
@@ -112,14 +132,14 @@ class TokenHistory:
                 raise ValueError(f"TokenHistory: already on {self.device_ring.device}")
             return
         self.device_ring = self.ring.to(device, copy=True)
-        self.device_state = torch.tensor([self.fill, self.used], dtype=torch.int32,
-                                         device=device)  # fmt: skip
+        self.device_state = torch.tensor(self._state(), dtype=torch.int32, device=device)
 
     def _newest(self, context: Sequence[int], n: int) -> int:
         """The end position of the newest occurrence of the context's last ``n`` tokens that a
         token of its own sequence follows, or -1."""
         pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
-        for lo, hi in ((0, self.fill), (self.fill, self.used)):  # newest first
+        # Newest first: this lap, the older lap, the base.
+        for lo, hi in ((self.start, self.fill), (self.fill, self.used), (0, self.start)):
             end = hi * WORD_BYTES
             while (at := rfind_tokens(self._words, pattern, lo * WORD_BYTES, end)) >= 0:
                 last = (at + len(pattern)) // WORD_BYTES - 1
@@ -145,6 +165,9 @@ class TokenHistory:
             at = self._words.find(_SEPARATOR_WORD, at + 1, self.used * WORD_BYTES)
         return at // WORD_BYTES + 1
 
+    def _state(self) -> list[int]:
+        return [self.fill, self.used, self.start]
+
     def _sync(self, start: int, end: int) -> None:
         """Copy ring positions ``[start, end)`` and the state to the device copy, behind the
         work queued there (a pinned source on CUDA: the host goes on at once)."""
@@ -152,7 +175,7 @@ class TokenHistory:
             return
         cuda = self.device_ring.device.type == "cuda"
         chunk = self.ring[start:end].clone()
-        state = torch.tensor([self.fill, self.used], dtype=torch.int32)
+        state = torch.tensor(self._state(), dtype=torch.int32)
         if cuda:
             chunk, state = chunk.pin_memory(), state.pin_memory()
         self.device_ring[start:end].copy_(chunk, non_blocking=cuda)
