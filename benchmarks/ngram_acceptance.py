@@ -121,13 +121,16 @@ def variants(args: argparse.Namespace) -> list[dict]:
 
 
 def score(
-    prompts: list[list[int]], outputs: list[list[int]], variant: dict, store: np.ndarray | None
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    variant: dict,
+    store: np.ndarray | None,
+    rings: dict | None = None,
 ) -> dict:
+    """The variant's counts over the prompts in order. ``rings``: histories kept from one
+    variant to the next (emptied first; a datastore's index is built once)."""
     steps = drafted = accepted = tokens = 0
-    # The engine's ring, large enough never to wrap: every earlier request stays.
-    capacity = sum(len(p) + len(o) + 1 for p, o in zip(prompts, outputs, strict=True))
-    base = store if variant["datastore"] else None
-    history = TokenHistory(max(2, capacity), base) if variant["history"] else None
+    history = _history(prompts, outputs, variant, store, {} if rings is None else rings)
     for prompt, output in zip(prompts, outputs, strict=True):
         s, d, a = walk(prompt, output, variant, history)
         if history is not None:
@@ -141,6 +144,21 @@ def score(
     return {**variant, "tokens_per_step": tokens / steps,
             "tokens_per_drafted_step": 1 + accepted / drafted if drafted else 0.0,
             "drafted_share": drafted / steps, "steps": steps, "tokens": tokens}  # fmt: skip
+
+
+def _history(prompts, outputs, variant: dict, store: np.ndarray | None, rings: dict):
+    """The variant's empty ring (None without one), large enough never to wrap: every earlier
+    request stays; after the datastore when the variant drafts from it."""
+    if not variant["history"]:
+        return None
+    depth = history_ngram_range(variant["min_n"], variant["max_n"])[1]
+    key = (variant["datastore"], depth)
+    if key not in rings:
+        capacity = sum(len(p) + len(o) + 1 for p, o in zip(prompts, outputs, strict=True))
+        base = store if variant["datastore"] else None
+        rings[key] = TokenHistory(max(2, capacity), base, depth)
+    rings[key].clear()
+    return rings[key]
 
 
 def plain_outputs(args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]]]:
@@ -159,7 +177,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.datastore:
         vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
         store = load_datastore(args.datastore, vocab, args.model)
-    rows = [score(prompts, outputs, v, store) for v in variants(args)]
+    rings: dict = {}
+    rows = [score(prompts, outputs, v, store, rings) for v in variants(args)]
     print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens"
           + (f"; a datastore of {len(store):,} tokens" if store is not None else ""))  # fmt: skip
     print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'history':>7} {'store':>5} "

@@ -74,8 +74,11 @@ class Drafter:
         # Finished sequences' tokens, then ``datastore``'s (``load_datastore``'s tokens, for
         # ``prompt_lookup_datastore``), drafted from where a sequence's own lookup finds
         # nothing (``prompt_lookup_history_tokens``; None: neither).
-        size = config.prompt_lookup_history_tokens
-        self.history = TokenHistory(size, datastore) if size or datastore is not None else None
+        size, self.history = config.prompt_lookup_history_tokens, None
+        if size or datastore is not None:
+            low, high = config.prompt_lookup_min, config.prompt_lookup_max
+            depth = history_ngram_range(low, high)[1]  # the longest n a lookup searches
+            self.history = TokenHistory(size, datastore, index_depth=depth)
 
     def remember(self, finished: Iterable[Sequence]) -> None:
         """Add each finished sequence's prompt and output to the ring (if there is one)."""

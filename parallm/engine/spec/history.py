@@ -22,9 +22,11 @@ ring proper is ``[start, start + capacity)`` and a wrap starts over at ``start``
 older than every sequence the ring holds: it is searched last (retrieval-based drafting, REST,
 He et al., 2024). Without a base ``start`` is 0.
 
-The host drafter searches the ring's bytes (``bytearray.rfind``, in C); the device drafter's
-tail searches a copy on the device (``to_device``; kernels/history_lookup.py), updated in place
-by ``add`` and ``clear`` so that a captured graph keeps reading it.
+The host drafter searches the ring's bytes (``bytearray.rfind``, in C) and the base through its
+suffix index (spec/suffix_index.py: a datastore of millions of tokens would cost milliseconds a
+scan); the device drafter's tail scans a copy of both on the device (``to_device``;
+kernels/history_lookup.py), updated in place by ``add`` and ``clear`` so that a captured graph
+keeps reading it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from parallm.engine.spec.ngram import WORD_BYTES, rfind_tokens
+from parallm.engine.spec.suffix_index import SuffixIndex
 
 SEPARATOR = -1
 _SEPARATOR_WORD = np.int32(SEPARATOR).tobytes()
@@ -52,7 +55,9 @@ class TokenHistory:
     """A ring of ``capacity`` int32 tokens holding finished sequences, newest last, after an
     optional fixed ``base`` of tokens (a datastore, separators between its documents)."""
 
-    def __init__(self, capacity: int, base: np.ndarray | None = None) -> None:
+    def __init__(
+        self, capacity: int, base: np.ndarray | None = None, index_depth: int = HISTORY_MAX_N
+    ) -> None:
         has_base = base is not None and len(base) > 0
         if capacity < 2 and not (capacity == 0 and has_base):
             raise ValueError(
@@ -67,8 +72,12 @@ class TokenHistory:
         self._tokens = np.frombuffer(self._words, dtype=np.int32)
         self.ring = torch.frombuffer(self._words, dtype=torch.int32)
         self._tokens[:] = SEPARATOR
+        # The base's own lookups go through its suffix index (searched by n up to
+        # ``index_depth``, beyond that scanned); the ring's are byte searches.
+        self._index: SuffixIndex | None = None
         if has_base:
             self._tokens[: self.start - 1] = base
+            self._index = SuffixIndex(self._tokens[: self.start - 1], index_depth, SEPARATOR)
         self.fill = self.start  # where the next sequence is written
         # [0, used) holds tokens: [fill, used) the older lap's sequences when wrapped
         self.used = self.start
@@ -116,8 +125,11 @@ class TokenHistory:
         # alike: the n that occur run from min_n up to the longest, so the search goes up and
         # stops at the first n that does not occur (the only search that reads the whole ring).
         newest = -1
+        base = self._index.walk(context) if self._index is not None else None
         for n in range(min_n, min(max_n, len(context)) + 1):
-            end = self._newest(context, n)
+            end = self._newest(context, n, self.start if base is None else 0)
+            if end < 0 and base is not None:  # only then the base, oldest
+                end = base.end(n) if n <= base.index.depth else self._newest(context, n)
             if end < 0:
                 break
             newest = end
@@ -134,12 +146,14 @@ class TokenHistory:
         self.device_ring = self.ring.to(device, copy=True)
         self.device_state = torch.tensor(self._state(), dtype=torch.int32, device=device)
 
-    def _newest(self, context: Sequence[int], n: int) -> int:
+    def _newest(self, context: Sequence[int], n: int, base: int | None = None) -> int:
         """The end position of the newest occurrence of the context's last ``n`` tokens that a
-        token of its own sequence follows, or -1."""
+        token of its own sequence follows, or -1; in the base's first ``base`` tokens only
+        (default: all of them)."""
         pattern = np.asarray(context[len(context) - n :], dtype=np.int32).tobytes()
         # Newest first: this lap, the older lap, the base.
-        for lo, hi in ((self.start, self.fill), (self.fill, self.used), (0, self.start)):
+        base = self.start if base is None else base
+        for lo, hi in ((self.start, self.fill), (self.fill, self.used), (0, base)):
             end = hi * WORD_BYTES
             while (at := rfind_tokens(self._words, pattern, lo * WORD_BYTES, end)) >= 0:
                 last = (at + len(pattern)) // WORD_BYTES - 1
