@@ -217,7 +217,8 @@ for step in "$@"; do
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
     specreal) # METHODS (default: every drafter, medusa once specheads' heads exist; also
               # ngram_history: ngram with a 1M-token ring of the pass's earlier requests;
-              # ngram_datastore: that, then the 150M model's training data), K drafts
+              # ngram_datastore: that, then DATASTORE, default the 150M model's training data,
+              # runs/data/python-8k; benchmarks/datastore_subset.py makes smaller ones), K drafts
               # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or
               # auto; default: unset), LOOKUP_MIN (ngram's prompt_lookup_min, default 2)
               methods=${METHODS:-ngram,draft_model,layer_skip}; heads=()
@@ -226,7 +227,7 @@ for step in "$@"; do
               fi
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --methods "$methods" --num-speculative-tokens "${K:-4}" --dtype "${DTYPE:-auto}" \
-                --prompt-lookup-min "${LOOKUP_MIN:-2}" \
+                --prompt-lookup-min "${LOOKUP_MIN:-2}" ${DATASTORE:+--datastore "$DATASTORE"} \
                 ${MIN_TOKENS_PER_STEP:+--min-tokens-per-step "$MIN_TOKENS_PER_STEP"} \
                 "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     specsteps) # issue 15: a speculative step's host time phase by phase against a plain step's,
