@@ -154,3 +154,30 @@ def test_device_staged_steps_draft_from_the_datastore_as_the_host_drafter_does(
     assert host.engine.spec_stats.accepted_tokens >= 4 * ((len(plain[0]) - 1) // 5)
     assert engine.spec_stats == host.engine.spec_stats
     assert held(engine.drafter.history)[0] == prompts[0] + plain[0]
+
+
+@pytest.mark.gpu
+def test_device_staged_steps_draft_from_the_datastore_on_cuda(
+    tmp_path, tiny_model_dir, ordinary_token_ids
+):
+    """On CUDA (async scheduling, captured verify and tail graphs, the Triton kernels): the
+    tail reads the datastore's base in the ring's device copy as the synchronous steps'
+    host lookups (through the suffix index) do, and in float32 plain decoding's tokens."""
+    path = tiny_model_dir("llama3")
+    engine_args = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20,
+                       enable_prefix_caching=False)  # fmt: skip
+    prompts = _workload(ordinary_token_ids)
+    plain = _one_at_a_time(LLM(str(path), **engine_args), prompts)
+    folder = write_dataset(tmp_path / "data", [prompts[0] + plain[0], prompts[1] + plain[1]], path)
+    spec = _spec(folder, prompt_lookup_history_tokens=4096)
+    spec_args = dict(engine_args, cuda_graph_sizes=(1, 2, 4), speculative_config=spec)
+    sync = LLM(str(path), async_scheduling=False, **spec_args)
+    sync.engine.drafter.full_chains = True  # the same full chains, staged from the host
+    assert _one_at_a_time(sync, prompts) == plain
+    llm = LLM(str(path), **spec_args)
+    engine, drafts = llm.engine, llm.engine.runner.device_drafts
+    assert drafts is not None and drafts.history.device_ring.is_cuda and drafts.graphs is not None
+    assert _one_at_a_time(llm, prompts) == plain
+    assert engine.num_overlapped_steps > 10 and drafts.graphs.num_replays > 10
+    assert sync.engine.spec_stats.accepted_tokens >= 2 * 4 * ((len(plain[0]) - 1) // 5)
+    assert engine.spec_stats == sync.engine.spec_stats
