@@ -23,10 +23,12 @@ import bisect
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 _BLOCK = 256
 _NONE = np.iinfo(np.int32).max  # a suffix with no token after its occurrence
 _PAST_END = -2  # below every token and the separator (-1): a suffix that ends sorts first
+_PROGRESS_TOKENS = 1 << 23  # a progress bar from here on (about 5 s to build)
 
 
 class SuffixIndex:
@@ -97,6 +99,9 @@ def _suffix_order(tokens: np.ndarray, depth: int) -> np.ndarray:
     rank = tokens.astype(np.int64) - _PAST_END + 1  # >= 1: 0 is "past the end"
     order = np.argsort(rank, kind="stable")
     width = 1  # ``rank`` orders the suffixes by their first ``width`` tokens
+    rounds = max(0, (depth - 1).bit_length())
+    bar = tqdm(total=rounds, desc=f"Indexing a datastore of {size:,} tokens", unit="doubling",
+               disable=size < _PROGRESS_TOKENS)  # fmt: skip
     while width < depth:
         following = np.zeros(size, dtype=np.int64)
         following[: size - width] = rank[width:]
@@ -106,6 +111,8 @@ def _suffix_order(tokens: np.ndarray, depth: int) -> np.ndarray:
         rank = np.empty(size, dtype=np.int64)
         rank[order] = np.cumsum(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
         width *= 2
+        bar.update()
+    bar.close()
     return order.astype(np.int32)
 
 
