@@ -239,6 +239,9 @@ for step in "$@"; do
                    --corpus python --val-fraction 0.01 --skip-layers 3 \
                    --methods ngram,layer_skip,draft_model --out "$OUT/spec_steps_150m.json" 2>&1 | tail -15
                fi ;;
+    historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
+                 # tokens, batch 1 and 8, and a variant with 128 looping programs a row
+                 python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
     specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k)
                 # scored on the 150M model's own greedy outputs (after `spectrain`)
                 # and, from its training data (runs/data/python-8k), the datastore's variants

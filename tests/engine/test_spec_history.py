@@ -342,3 +342,13 @@ def test_device_staged_steps_draft_from_the_ring_on_cuda(tiny_model_dir, ordinar
     assert sync.engine.spec_stats.accepted_tokens >= len(want[0]) // 2  # the ring drafted
     assert engine.spec_stats == sync.engine.spec_stats
     assert _one_at_a_time(LLM(path, **engine_args), prompts) == want
+
+
+def test_a_base_without_an_index_is_scanned_alike():
+    rng = random.Random(7)
+    base = [rng.choice([0, 1, 2, SEPARATOR]) for _ in range(300)]
+    indexed, scanned = TokenHistory(64, base), TokenHistory(64, base, index_depth=0)
+    assert indexed._index is not None and scanned._index is None
+    for _ in range(100):
+        context = [rng.randrange(3) for _ in range(rng.randrange(1, 10))]
+        assert indexed.lookup(context, 4, 2, 8) == scanned.lookup(context, 4, 2, 8)

@@ -73,11 +73,14 @@ class TokenHistory:
         self.ring = torch.frombuffer(self._words, dtype=torch.int32)
         self._tokens[:] = SEPARATOR
         # The base's own lookups go through its suffix index (searched by n up to
-        # ``index_depth``, beyond that scanned); the ring's are byte searches.
+        # ``index_depth``, beyond that scanned; 0: no index, every lookup scans); the ring's
+        # are byte searches.
         self._index: SuffixIndex | None = None
         if has_base:
             self._tokens[: self.start - 1] = base
-            self._index = SuffixIndex(self._tokens[: self.start - 1], index_depth, SEPARATOR)
+            if index_depth > 0:
+                base_tokens = self._tokens[: self.start - 1]
+                self._index = SuffixIndex(base_tokens, index_depth, SEPARATOR)
         self.fill = self.start  # where the next sequence is written
         # [0, used) holds tokens: [fill, used) the older lap's sequences when wrapped
         self.used = self.start
