@@ -16,7 +16,8 @@ TIMEOUT_S = 30
 
 SCRIPT = textwrap.dedent(
     """
-    import atexit, sys, time, weakref
+    import atexit, sys, threading, time, weakref
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     from parallm.process_exit import exit_now
 
@@ -31,6 +32,14 @@ SCRIPT = textwrap.dedent(
 
     KEPT = [Slow()]  # freed only by the interpreter's finalization
     atexit.register(lambda: (folder / "atexit").write_text("ran"))
+
+    def late():
+        time.sleep(1)
+        (folder / "thread").write_text("ran")
+
+    threading.Thread(target=late).start()  # not a daemon: a normal exit waits for it
+    pool = ThreadPoolExecutor(1)
+    pool.submit(lambda: None)  # an idle pool: its worker must not hold the exit up
     owner = Owner()
     weakref.finalize(owner, lambda: (folder / "finalize").write_text("ran"))
     print("buffered line")  # stdout is a pipe: block-buffered, not yet written
@@ -52,6 +61,7 @@ def test_exit_now_runs_handlers_flushes_and_skips_finalization(tmp_path: Path) -
     assert result.stderr == "stderr line\n"
     assert (tmp_path / "atexit").read_text() == "ran"
     assert (tmp_path / "finalize").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "ran"
 
 
 ENTRY = textwrap.dedent(
