@@ -10,13 +10,14 @@ drafts are up to ``num_tokens`` tokens after it, stopping before a separator. Th
 ``[fill, used]`` state and every buffer stay on the device and keep their shapes, so the device
 drafter's captured tail runs it after ``prompt_lookup``.
 
-Two kernels, as ``prompt_lookup``'s. The first gives every (row, chunk of ring positions) a
-program: for each end position ``e`` it counts how many tokens ending at ``e`` match the row's
+Two kernels, as ``prompt_lookup``'s. The first gives every (chunk of ring positions, row) a
+program, the chunks on the grid's x axis (a datastore's ring can have millions; y holds at most
+65,535): for each end position ``e`` it counts how many tokens ending at ``e`` match the row's
 last tokens (up to ``max_n``), and for each n the newest ``e`` that matches n tokens goes into
 ``newest[row, n]`` by an atomic max over its age key (``e + capacity`` in the newer lap, ``e``
-in the older one and the base). A row with drafts of its own scans nothing. The second picks each such
-row's longest n that matched, gathers the drafts after it and resets ``newest`` for the next
-call (the buffer lives in a captured graph).
+in the older one and the base). A row with drafts of its own scans nothing. The second picks
+each such row's longest n that matched, gathers the drafts after it and resets ``newest`` for
+the next call (the buffer lives in a captured graph).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ _SEP = tl.constexpr(-1)  # spec/history.py's SEPARATOR
 def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr, newest_ptr,
                        stride_row, capacity, MAX_N: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(1)  # rows on the grid's y axis (at most 65,535), chunks on x
     size = tl.load(lengths_ptr + row)
     own = tl.load(counts_ptr + row)
     fill = tl.load(state_ptr)
     used = tl.load(state_ptr + 1)
     start = tl.load(state_ptr + 2)
-    ends = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ends = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     # A match is followed by a token (e + 1 < used); a row with drafts of its own scans nothing.
     live = ends < tl.where(own == 0, used - 1, 0)
     follow = tl.load(ring_ptr + ends + 1, mask=live, other=-1)
@@ -119,7 +120,8 @@ def history_lookup(
         raise ValueError(f"history_lookup: newest must be lookup_buffer({rows}, {max_n})")
     if rows == 0:
         return drafts, counts
-    _ring_match_kernel[(rows, triton.cdiv(capacity, _BLOCK))](
+    # A ring of more than 65,535 chunks (33.5M tokens, a datastore) needs them on x.
+    _ring_match_kernel[(triton.cdiv(capacity, _BLOCK), rows)](
         tokens, lengths, counts, ring, state, newest, tokens.stride(0), capacity, MAX_N=max_n,
         BLOCK_N=block_n, BLOCK=_BLOCK,
     )  # fmt: skip

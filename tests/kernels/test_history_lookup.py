@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
@@ -254,6 +255,24 @@ def test_matches_the_twin_and_host_lookup_gpu(capacity, vocab, base):
     and a ring after a datastore's base of 50k tokens."""
     h = _ring(capacity, vocab, seed=capacity, wrap=True, base=base)
     _check(h, rows=8, width=40, vocab=vocab, seed=capacity, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_a_ring_of_more_chunks_than_a_grid_axis_holds_gpu():
+    """40M tokens of base (78k chunks of 512, past the grid's y limit of 65,535): the newest
+    match may lie in any chunk, the last ones included."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 50, 40_000_000, dtype=np.int32)
+    h = TokenHistory(1 << 16, base, index_depth=0)  # the host scans (no index to build)
+    h.add(rng.integers(0, 50, 1000).tolist())
+    ends = [1000, 20_000_000, 39_999_000, len(base) - 20]  # rows ending in these base spans
+    tokens = torch.stack([torch.from_numpy(base[e - 12 : e]) for e in ends]).to(torch.int32)
+    lengths = torch.full((len(ends),), 12, dtype=torch.int32)
+    drafts, counts = torch.zeros((len(ends), 4), dtype=torch.int32), torch.zeros_like(lengths)
+    d, c = _run(history_lookup, h, tokens, lengths, drafts, counts, 4, 2, 8, device="cuda")
+    want = [h.lookup(row.tolist(), 4, 2, 8) for row in tokens]
+    assert _as_lists(d, c) == want and all(want)
 
 
 @pytest.mark.gpu
