@@ -30,11 +30,15 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallm.engine.spec.history import SEPARATOR, TokenHistory  # noqa: E402
-from parallm.kernels.history_lookup import _BLOCK, _ring_gather_kernel, history_lookup  # noqa: E402
+from parallm.kernels.history_lookup import (  # noqa: E402
+    _BLOCK,
+    _ring_gather_kernel,
+    history_lookup,
+    match_ring,
+)
 from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer  # noqa: E402
 
 _NONE = tl.constexpr(_NO_MATCH)
-_SEP = tl.constexpr(SEPARATOR)
 PROGRAMS = 128  # a row's programs in ``looped``: enough to fill an H100's 132 SMs at batch 1
 
 
@@ -54,17 +58,8 @@ def _looped_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_pt
     best = tl.full([BLOCK_N], _NONE, tl.int32)
     for first in range(tl.program_id(1) * BLOCK, limit, PROGRAMS * BLOCK):
         ends = first + tl.arange(0, BLOCK)
-        live = ends < limit
-        follow = tl.load(ring_ptr + ends + 1, mask=live, other=-1)
-        live = live & (follow != _SEP)
-        matched = tl.zeros([BLOCK], dtype=tl.int32)
-        still = live
-        for i in tl.static_range(MAX_N):
-            want = tl.load(base + tl.maximum(size - 1 - i, 0))
-            got = tl.load(ring_ptr + ends - i, mask=still & (ends >= i), other=-2)
-            still = still & (ends >= i) & (got == want)
-            matched += still.to(tl.int32)
-        key = tl.where((ends < fill) & (ends >= start), ends + capacity, ends)
+        live, matched, key = match_ring(base, size, ring_ptr, ends, limit, fill, start,
+                                        capacity, MAX_N)  # fmt: skip
         hits = (matched[None, :] >= n[:, None]) & live[None, :]
         best = tl.maximum(best, tl.max(tl.where(hits, key[None, :], _NONE), axis=1))
     keep = (n >= 1) & (n <= MAX_N) & (best > _NONE)

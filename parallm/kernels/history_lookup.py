@@ -46,12 +46,23 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
     used = tl.load(state_ptr + 1)
     start = tl.load(state_ptr + 2)
     ends = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    # A match is followed by a token (e + 1 < used); a row with drafts of its own scans nothing.
-    live = ends < tl.where(own == 0, used - 1, 0)
+    # A row with drafts of its own scans nothing.
+    base = tokens_ptr + row.to(tl.int64) * stride_row
+    limit = tl.where(own == 0, used - 1, 0)
+    live, matched, key = match_ring(base, size, ring_ptr, ends, limit, fill, start, capacity,
+                                    MAX_N)  # fmt: skip
+    publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
+
+
+@triton.jit
+def match_ring(base, size, ring_ptr, ends, limit, fill, start, capacity, MAX_N: tl.constexpr):
+    """For ring end positions ``ends``: whether each can end a match (below ``limit`` and
+    followed by a token, not a separator), how many of the row's last tokens (``base``,
+    ``size`` of them) end there, up to ``MAX_N``, and its age key (``_ring_match_kernel``)."""
+    live = ends < limit
     follow = tl.load(ring_ptr + ends + 1, mask=live, other=-1)
     live = live & (follow != _SEP)
-    base = tokens_ptr + row.to(tl.int64) * stride_row
-    matched = tl.zeros([BLOCK], dtype=tl.int32)
+    matched = tl.zeros_like(ends)
     still = live
     for i in tl.static_range(MAX_N):
         # Past the row's first token ``want`` repeats it: such n exceed the row's length, and
@@ -62,7 +73,7 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
         matched += still.to(tl.int32)
     # The newer lap ages above the older, which ages above the base.
     key = tl.where((ends < fill) & (ends >= start), ends + capacity, ends)
-    publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
+    return live, matched, key
 
 
 @triton.jit(do_not_specialize=["stride_drafts", "capacity"])
