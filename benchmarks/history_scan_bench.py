@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallm.engine.spec.history import SEPARATOR, TokenHistory  # noqa: E402
 from parallm.kernels.history_lookup import (  # noqa: E402
     _BLOCK,
-    _ring_gather_kernel,
+    gather_ring_drafts,
     history_lookup,
     match_ring,
 )
@@ -77,10 +77,7 @@ def looped_lookup(tokens, lengths, ring, state, drafts, counts, num_tokens, min_
         tokens, lengths, counts, ring, state, newest, tokens.stride(0), capacity, MAX_N=max_n,
         BLOCK_N=block_n, BLOCK=_BLOCK, PROGRAMS=programs,
     )  # fmt: skip
-    _ring_gather_kernel[(rows,)](
-        lengths, counts, ring, newest, drafts, drafts.stride(0), capacity, min_n, max_n,
-        num_tokens, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(num_tokens),
-    )  # fmt: skip
+    gather_ring_drafts(lengths, counts, ring, newest, drafts, num_tokens, min_n, max_n)
     return drafts, counts
 
 

@@ -136,11 +136,17 @@ def history_lookup(
         tokens, lengths, counts, ring, state, newest, tokens.stride(0), capacity, MAX_N=max_n,
         BLOCK_N=block_n, BLOCK=_BLOCK,
     )  # fmt: skip
-    _ring_gather_kernel[(rows,)](
-        lengths, counts, ring, newest, drafts, drafts.stride(0), capacity, min_n, max_n,
-        num_tokens, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(num_tokens),
-    )  # fmt: skip
+    gather_ring_drafts(lengths, counts, ring, newest, drafts, num_tokens, min_n, max_n)
     return drafts, counts
+
+
+def gather_ring_drafts(lengths, counts, ring, newest, drafts, num_tokens, min_n, max_n) -> None:
+    """The second kernel of ``history_lookup``: each row's drafts from ``newest``'s matches
+    (the first kernel's), ``newest`` reset."""
+    _ring_gather_kernel[(lengths.shape[0],)](
+        lengths, counts, ring, newest, drafts, drafts.stride(0), ring.shape[0], min_n, max_n,
+        num_tokens, BLOCK_N=newest.shape[1], BLOCK_K=triton.next_power_of_2(num_tokens),
+    )  # fmt: skip
 
 
 def _check(tokens, lengths, ring, state, drafts, counts, num_tokens, min_n, max_n) -> None:
