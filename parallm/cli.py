@@ -101,4 +101,4 @@ def _prog(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -80,12 +80,15 @@ ENTRY = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "module, args", [("parallm", ["train"]), ("parallm.train", [])], ids=["parallm", "train"]
+    "module, args",
+    [("parallm", ["train"]), ("parallm.cli", ["train"]), ("parallm.train", [])],
+    ids=["parallm", "cli", "train"],
 )
 def test_entry_points_end_through_exit_now(tmp_path: Path, module: str, args: list[str]) -> None:
-    # ``python -m parallm`` (and so the console script's ``entry``) and ``python -m
-    # parallm.train`` are the processes that may hold gloo process groups at the end: they
-    # return main()'s status (2, a config error) without waiting for the slow finalizer.
+    # ``python -m parallm`` (and so the console script's ``entry``), ``python -m parallm.cli``
+    # and ``python -m parallm.train`` are the processes that may hold gloo process groups at
+    # the end: they return main()'s status (2, a config error) without waiting for the slow
+    # finalizer.
     script = tmp_path / "entry.py"
     script.write_text(ENTRY)
     missing = tmp_path / "missing.toml"
