@@ -173,9 +173,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         '"[(0,), (0, 0), (1,)]" or "chain"; unset: a sparse tree), '
         "disable_by_batch_size (no drafts in steps with more running sequences), "
         "min_tokens_per_step (a request whose recent drafted steps emitted fewer tokens on "
-        'average stops drafting for a while; "auto": every request at a batch size stops '
-        "drafting for a while where that batch size's drafted steps emit fewer tokens than "
-        "the break-even the engine measures); e.g. "
+        'average stops drafting for a while; "auto": the break-even the engine measures); e.g. '
         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
         "(unset: off)",
     )

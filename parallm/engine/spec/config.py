@@ -66,12 +66,9 @@ class SpeculativeConfig:
     speculation in a step whose running batch is larger than this (None: always speculate).
     ``min_tokens_per_step``: a request whose running mean of tokens per drafted step (accepted
     drafts plus one) falls below this stops drafting, and tries again every few steps
-    (``spec/throttle.py``; None: never stops); ``"auto"``: no request stops on its own, but
-    every request at a batch size (a power-of-two bucket) stops drafting for 256 engine steps
-    where the tokens a sequence of that bucket's drafted steps (a plain mean over 16 of them,
-    then a moving average of about 20) fall below the break-even that the engine measures
-    there, a drafted step's seconds over a plain step's (``spec/batch_throttle.py``,
-    ``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
+    (``spec/throttle.py``; None: never stops); ``"auto"``: the break-even that the engine
+    measures at the running batch size, a drafted step's seconds over a plain step's
+    (``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
     request of ``draft_model``, whose drafts are samples, is reproducible only without it).
     For ``ngram``, unset ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value,
     or 5 when both are unset. ``prompt_lookup_history_tokens`` (``ngram`` only; 0: off): the

@@ -9,10 +9,8 @@ pattern, a quoted passage). Paused requests probe in the same steps: a step with
 costs a drafted step for the whole batch, so probes spread over different steps would make many
 steps drafted ones. Between probes, a batch whose requests have all paused runs ahead as plain
 decoding does (async scheduling), its steps counted on the beat. The threshold is the
-break-even tokens per step, set by the user as a number (what
-``benchmarks/spec_oracle_bench.py`` measures). With ``"auto"`` no request pauses here: whole
-batch-size buckets do, against the break-even the engine measures (spec/batch_throttle.py),
-since a request paused alone splits its batch between drafting and not.
+break-even tokens per step, set by the user (what ``benchmarks/spec_oracle_bench.py``
+measures) or measured by the engine (spec/step_costs.py).
 """
 
 from __future__ import annotations
