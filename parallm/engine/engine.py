@@ -29,7 +29,6 @@ from parallm.engine.request import Request, Sequence, SequenceStatus
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput, host_to_device
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
-from parallm.engine.spec.batch_throttle import step_tokens as bucket_step_tokens
 from parallm.engine.spec.datastore import datastore_tokens
 from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
 from parallm.engine.spec.drafting import Drafter
@@ -553,8 +552,6 @@ class LLMEngine:
 
     def _count_step(self, batch: ScheduledBatch) -> None:
         self.num_steps += 1
-        if self.drafter is not None:  # a paused bucket's clock
-            self.drafter.count_step()
         if self.step_observer is not None:
             self.step_observer(batch.num_tokens)
 
@@ -612,7 +609,6 @@ class LLMEngine:
         take_back = (
             self.kv.rewind if pending and pending.batch.staged_on_device else self.kv.rollback
         )
-        step_tokens = []  # what the step emitted for each sequence, as its bucket counts it
         for seq, tokens in zip(sampled, emitted, strict=True):
             verified = len(drafts[seq.seq_id])
             if verified:
@@ -620,13 +616,10 @@ class LLMEngine:
             # A full chain's fillers (device mode) were verified but never proposed: the
             # counters see the proposal alone, as the host drafter would have made it.
             proposed = proposed_by[seq.seq_id]
-            accepted = min(len(tokens) - 1, proposed)
             if proposed:
+                accepted = min(len(tokens) - 1, proposed)
                 self.spec_stats.record(proposed, accepted)
                 seq.draft_history.record(accepted, proposed)
-            step_tokens.append(bucket_step_tokens(proposed, accepted))
-        if self.drafter is not None:  # (tests verify drafts they set themselves)
-            self.drafter.record_step(len(batch.seqs), step_tokens)
         finished: list[Sequence] = []
         # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
         later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
@@ -665,12 +658,6 @@ class LLMEngine:
             num_discarded_steps=self.num_discarded_steps,
             spec_draft_tokens=self.spec_stats.draft_tokens,
             spec_accepted_tokens=self.spec_stats.accepted_tokens,
-        )
-        throttle = self.drafter.batch_throttle if self.drafter is not None else None
-        # min_tokens_per_step="auto": batch-size buckets paused so far, and paused now.
-        s.update(
-            spec_bucket_pauses=throttle.num_pauses if throttle is not None else 0,
-            spec_paused_buckets=throttle.num_paused if throttle is not None else 0,
         )
         return s
 
@@ -713,7 +700,7 @@ def _spec_summary(drafter: Drafter | None) -> str:
     limit = spec.disable_by_batch_size
     batches = "every batch" if limit is None else f"batches of up to {limit}"
     if spec.min_tokens_per_step == "auto":
-        batches += ", at batch sizes where drafted steps pay for themselves (measured)"
+        batches += ", where a drafted step pays for itself (measured)"
     history = drafter.history
     if history is not None and history.start:
         batches += f", a datastore of {history.start - 1:,} tokens"

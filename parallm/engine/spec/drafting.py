@@ -11,11 +11,9 @@ are samples from its distribution, verified by speculative sampling (spec/draft_
 output keeps the target's distribution, not plain decoding's tokens. Every other request
 decodes as usual in the same steps. Above
 ``disable_by_batch_size`` running sequences a step carries no drafts, and a request whose
-drafts have lately been rejected pauses (a numeric ``min_tokens_per_step``, spec/throttle.py).
-With ``min_tokens_per_step="auto"`` no single request pauses: a whole batch-size bucket does,
-where its drafted steps emit fewer tokens a sequence than the break-even the engine measures
-for it (spec/batch_throttle.py, spec/step_costs.py, whose plain steps it runs now and then to
-measure), so that every request of a step drafts or none does.
+drafts have lately been rejected pauses (``min_tokens_per_step``, spec/throttle.py). With
+``min_tokens_per_step="auto"`` that threshold is the break-even the engine measures for the
+running batch size (spec/step_costs.py), whose plain steps it runs now and then to measure.
 With ``prompt_lookup_history_tokens`` the n-gram drafter keeps finished sequences' tokens in a
 ring (spec/history.py) and drafts from it where a sequence's own tokens give nothing; with
 ``prompt_lookup_datastore``, from a tokenized corpus after that (spec/datastore.py).
@@ -30,7 +28,6 @@ import numpy as np
 
 from parallm.engine.request import Sequence
 from parallm.engine.scheduler import ScheduledBatch
-from parallm.engine.spec.batch_throttle import BatchThrottle
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.draft_model import DraftModelProposer
 from parallm.engine.spec.history import TokenHistory, history_ngram_range
@@ -61,11 +58,9 @@ class Drafter:
         # draft_model / layer_skip: a draft model proposes (spec/draft_model.py); medusa: heads
         # on the target's hidden states (spec/medusa.py); None: n-grams.
         self.model = model
-        # With "auto" only, both set (``measure_step_costs``): the measured step costs (the
-        # engine times its steps into them) and the batch-size buckets paused against their
-        # break-even (the engine records its drafted steps' tokens into it).
+        # Measured step costs when the threshold is "auto" (``measure_step_costs``; the engine
+        # times its steps into them).
         self.costs: StepCosts | None = None
-        self.batch_throttle: BatchThrottle | None = None
         self.num_proposals = 0  # steps that could carry drafts: the probe beat counts them
         # Device drafting (the engine's): every prompt-lookup proposal is a full chain of k,
         # filled with token 0 (a filler is kept only where it is the target's own token), so
@@ -91,34 +86,13 @@ class Drafter:
         """Measure step costs for ``min_tokens_per_step="auto"`` (nothing otherwise)."""
         if self.config.min_tokens_per_step == "auto":
             self.costs = StepCosts(async_scheduling)
-            self.batch_throttle = BatchThrottle()
-
-    def count_step(self) -> None:
-        """One engine step launched: the clock of a paused bucket."""
-        if self.batch_throttle is not None:
-            self.batch_throttle.tick()
-
-    def record_step(self, batch_size: int, tokens: list[int]) -> None:
-        """A drafted step of ``batch_size`` sequences emitted ``tokens`` for each sampled
-        sequence (accepted drafts plus one; one where nothing was proposed): with "auto", its
-        bucket's measure (nothing otherwise)."""
-        if self.batch_throttle is not None:
-            break_even = self.costs.break_even(batch_size)
-            self.batch_throttle.record(batch_size, tokens, break_even)
 
     def may_draft(self, running: list[Sequence]) -> bool:
-        """Whether a step over ``running`` could carry drafts (``propose`` might set some):
-        not above ``disable_by_batch_size``, nor (with "auto") in a paused bucket or a plain
-        step that measures the bucket's plain time. With "auto" this is the whole decision:
-        the answer holds for every request of the step."""
+        """Whether a step over ``running`` could carry drafts (``propose`` might set some)."""
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) > limit:
             return False
-        if self.costs is None:
-            return True
-        if self.batch_throttle.paused(len(running)):
-            return False
-        return not self.costs.wants_plain(len(running))
+        return self.costs is None or not self.costs.wants_plain(len(running))
 
     def will_draft(self, running: list[Sequence]) -> bool:
         """Whether the step after this one may carry drafts, asked when it could run ahead.
@@ -127,7 +101,7 @@ class Drafter:
         the probe beat, as a proposal that drafted nothing."""
         if not self.may_draft(running):
             return False
-        threshold = self.threshold()
+        threshold = self.threshold(len(running))
         if threshold is None or is_probe_step(self.num_proposals + 1):
             return True
         if not all(s.draft_history.paused(threshold) for s in running):
@@ -140,15 +114,14 @@ class Drafter:
         them (``probe``: a probe step, in which paused requests draft too)."""
         if not self.may_draft(running):
             return False
-        threshold = self.threshold()
+        threshold = self.threshold(len(running))
         return all(s.draft_history.should_draft(threshold, probe) for s in running)
 
-    def threshold(self) -> float | None:
-        """The least running tokens per drafted step at which a request keeps drafting; None:
-        no request pauses on its own (unset, or "auto", which pauses whole buckets instead:
-        a request paused alone would split its batch)."""
-        value = self.config.min_tokens_per_step
-        return None if value == "auto" else value
+    def threshold(self, batch_size: int) -> float | None:
+        """The least running tokens per drafted step at which a request keeps drafting."""
+        if self.costs is None:
+            return self.config.min_tokens_per_step
+        return self.costs.break_even(batch_size)
 
     def propose_ahead(self, batch: ScheduledBatch) -> dict[int, list[int]] | None:
         """Drafts for the verify step after ``batch`` (a verify step still on the device), as
@@ -179,7 +152,7 @@ class Drafter:
         """Set ``draft_token_ids`` of the running sequences that should speculate this step."""
         if not self.may_draft(running):
             return
-        threshold = self.threshold()
+        threshold = self.threshold(len(running))
         self.num_proposals += 1
         probe = is_probe_step(self.num_proposals)
         seqs = [s for s in running
