@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         # the verify steps' ms below: a verify step cannot cost less than a plain decode step.
         print(f"batch {batch:>3} plain: {plain_ms:.3f} ms per step", flush=True)
     del plain
-    spec = {"method": "ngram", "num_speculative_tokens": max(args.k)}
+    spec = {"method": "ngram", "num_speculative_tokens": max(args.k),
+            "prompt_lookup_history_tokens": 0}  # the oracle drafts; no ring to fill  # fmt: skip
     # The oracle drafts on the host: the device drafter's own prompt lookup would replace it
     # after each request's first verify step (LLMEngine.enable_device_drafting).
     LLMEngine.enable_device_drafting = lambda self: False

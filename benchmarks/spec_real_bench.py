@@ -18,7 +18,8 @@ with each round's ratio printed beside it.
     python benchmarks/spec_real_bench.py --target runs/code-model-150m/hf \
         --batch-sizes 1,8 --out spec_real.json
 
-Drafters (``--methods``): ngram (prompt lookup), ngram_history (prompt lookup falling back to
+Drafters (``--methods``): ngram (prompt lookup in the sequence's own tokens, as vLLM's; the
+engine's default adds the ring below), ngram_history (prompt lookup falling back to
 a ring of the pass's earlier requests, ``--prompt-lookup-history-tokens``; each pass starts
 with it empty), ngram_datastore (that, then the target's training data, ``--datastore``:
 retrieval-based drafting), draft_model (``--draft-model``: the bundled
@@ -139,6 +140,7 @@ def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[s
         "num_speculative_tokens": k,
         "prompt_lookup_min": args.prompt_lookup_min,
         "prompt_lookup_max": args.prompt_lookup_max,
+        "prompt_lookup_history_tokens": 0,  # the sequence's own tokens alone, as vLLM's
     }
     configs = {
         "ngram": ngram,

@@ -27,8 +27,9 @@ from parallm.train.data import prepare_dataset
 
 # Own lookups of 3-4 tokens: a fresh random prompt rarely drafts from itself, so what drafts
 # is the datastore (n from 3 to 8), with no ring of earlier requests.
+# No ring of earlier requests unless a test asks for one: the datastore alone.
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 3,
-        "prompt_lookup_max": 4}  # fmt: skip
+        "prompt_lookup_max": 4, "prompt_lookup_history_tokens": 0}  # fmt: skip
 
 
 def write_dataset(folder: Path, docs: list[list[int]], model_dir: Path) -> Path:

@@ -235,12 +235,15 @@ def test_history_ngram_range_starts_at_two_and_reaches_eight():
     assert history_ngram_range(2, 12) == (2, 12)
 
 
-def test_the_config_key_defaults_off_and_is_checked():
-    assert SpeculativeConfig.from_value(NGRAM).prompt_lookup_history_tokens == 0
-    on = SpeculativeConfig.from_value({**NGRAM, "prompt_lookup_history_tokens": 1 << 20})
-    assert on.prompt_lookup_history_tokens == 1 << 20
-    # Left at 0 by another method: not "given".
+def test_the_config_key_defaults_to_a_ring_for_ngram_only_and_is_checked():
+    assert SpeculativeConfig.from_value(NGRAM).prompt_lookup_history_tokens == 1 << 20
+    off = SpeculativeConfig.from_value({**NGRAM, "prompt_lookup_history_tokens": 0})
+    assert off.prompt_lookup_history_tokens == 0
+    on = SpeculativeConfig.from_value({**NGRAM, "prompt_lookup_history_tokens": 4096})
+    assert on.prompt_lookup_history_tokens == 4096
+    # Unset, or left at 0, by another method: not "given", and no ring.
     medusa = {"method": "medusa", "num_speculative_tokens": 2, "model": "heads"}
+    assert SpeculativeConfig.from_value(medusa).prompt_lookup_history_tokens == 0
     assert SpeculativeConfig.from_value({**medusa, "prompt_lookup_history_tokens": 0})
 
 
@@ -267,7 +270,9 @@ def _one_at_a_time(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def test_the_drafter_remembers_finished_sequences_and_falls_back_to_them():
     config = SpeculativeConfig.from_value(RING_SPEC)
     drafter = Drafter(config)
-    assert Drafter(SpeculativeConfig.from_value(NGRAM)).history is None
+    off = {**NGRAM, "prompt_lookup_history_tokens": 0}
+    assert Drafter(SpeculativeConfig.from_value(off)).history is None
+    assert Drafter(SpeculativeConfig.from_value(NGRAM)).history.capacity == 1 << 20
     finished = Sequence("r0", 0, [5, 6, 7], SamplingParams(), arrival_time=0.0)
     for token in (8, 9, 10):
         finished.append_token(token)

@@ -24,6 +24,11 @@ DEFAULT_PROMPT_LOOKUP = 5
 # age keys (position + capacity, kernels/history_lookup.py) fit int32.
 MIN_HISTORY_TOKENS = 4
 MAX_HISTORY_TOKENS = 2**30
+# ngram's ring when the key is unset: 4 MiB of int32 on the device, and a scan of about 22 µs
+# a step where a row's own lookup finds nothing (H200, benchmarks/history_scan_bench.py). On
+# the 150M code model it took batch 1 from 1.70x to 1.76x plain decoding and batch 8 from
+# 1.02x to 1.05x (RESULTS, eighteenth session).
+DEFAULT_HISTORY_TOKENS = 2**20
 # A datastore (``prompt_lookup_datastore``, spec/datastore.py): a dataset folder of
 # ``parallm train``, recognised by its metadata file.
 DATASTORE_FIELD = "speculative_config.prompt_lookup_datastore"
@@ -41,8 +46,8 @@ _METHOD_KEYS = {
     "layer_skip": ("num_layers",),
     "medusa": ("model", "speculative_token_tree"),
 }
-# Keys whose unset value is not None: another method may leave them at this value.
-_KEY_DEFAULTS = {"prompt_lookup_history_tokens": 0}
+# Values that leave a key unset, where another value than None does: another method may give them.
+_UNSET_VALUES = {"prompt_lookup_history_tokens": (None, 0)}
 _REQUIRED_KEYS = {
     "draft_model": ("model",),
     "layer_skip": ("num_layers",),
@@ -71,7 +76,8 @@ class SpeculativeConfig:
     (``spec/step_costs.py``; which steps draft then depends on timing, so a seeded sampled
     request of ``draft_model``, whose drafts are samples, is reproducible only without it).
     For ``ngram``, unset ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value,
-    or 5 when both are unset. ``prompt_lookup_history_tokens`` (``ngram`` only; 0: off): the
+    or 5 when both are unset. ``prompt_lookup_history_tokens`` (``ngram`` only; 0: off; unset:
+    ``DEFAULT_HISTORY_TOKENS``, 2**20): the
     capacity in tokens of a ring of finished requests' prompts and outputs, which a sequence
     whose own lookup finds nothing drafts from (spec/history.py: the newest occurrence of its
     last 2 to 8 tokens, n at least ``prompt_lookup_min`` and up to ``prompt_lookup_max`` when
@@ -89,7 +95,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
     speculative_token_tree: Any = None
     min_tokens_per_step: float | str | None = None
-    prompt_lookup_history_tokens: int = 0
+    prompt_lookup_history_tokens: int | None = None
     prompt_lookup_datastore: str | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +105,7 @@ class SpeculativeConfig:
             )
         _check_int("num_speculative_tokens", self.num_speculative_tokens, minimum=1)
         self._check_method_keys()
+        self._fill_history_tokens()
         if self.method == "ngram":
             self._fill_prompt_lookup()
             _check_history_tokens(self.prompt_lookup_history_tokens)
@@ -161,7 +168,7 @@ class SpeculativeConfig:
     def _check_method_keys(self) -> None:
         own = _METHOD_KEYS[self.method]
         for key in dict.fromkeys(k for keys in _METHOD_KEYS.values() for k in keys):
-            if key not in own and getattr(self, key) != _KEY_DEFAULTS.get(key):
+            if key not in own and getattr(self, key) not in _UNSET_VALUES.get(key, (None,)):
                 owners = [m for m, keys in _METHOD_KEYS.items() if key in keys]
                 which = f"method {owners[0]!r}" if len(owners) == 1 else f"methods {owners}"
                 raise ValueError(
@@ -171,6 +178,12 @@ class SpeculativeConfig:
         for key in _REQUIRED_KEYS.get(self.method, ()):
             if getattr(self, key) is None:
                 raise ValueError(f"speculative_config.{key} is required for method {self.method!r}")
+
+    def _fill_history_tokens(self) -> None:
+        # Unset: ngram keeps DEFAULT_HISTORY_TOKENS of earlier requests, other methods none.
+        if self.prompt_lookup_history_tokens is None:
+            size = DEFAULT_HISTORY_TOKENS if self.method == "ngram" else 0
+            object.__setattr__(self, "prompt_lookup_history_tokens", size)
 
     def _fill_prompt_lookup(self) -> None:
         low, high = self.prompt_lookup_min, self.prompt_lookup_max
