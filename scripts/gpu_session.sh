@@ -240,7 +240,7 @@ for step in "$@"; do
                    --methods ngram,layer_skip,draft_model --out "$OUT/spec_steps_150m.json" 2>&1 | tail -15
                fi ;;
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
-                 # tokens, batch 1 and 8, and a variant with 128 looping programs a row
+                 # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
     specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k)
                 # scored on the 150M model's own greedy outputs (after `spectrain`)

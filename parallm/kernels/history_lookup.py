@@ -15,7 +15,8 @@ program, the chunks on the grid's x axis (a datastore's ring can have millions; 
 65,535): for each end position ``e`` it counts how many tokens ending at ``e`` match the row's
 last tokens (up to ``max_n``), and for each n the newest ``e`` that matches n tokens goes into
 ``newest[row, n]`` by an atomic max over its age key (``e + capacity`` in the newer lap, ``e``
-in the older one and the base). A row with drafts of its own scans nothing. The second picks
+in the older one and the base). A row with drafts of its own scans nothing: its programs
+return after loading its count. The second picks
 each such row's longest n that matched, gathers the drafts after it and resets ``newest`` for
 the next call (the buffer lives in a captured graph).
 """
@@ -40,18 +41,18 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
                        stride_row, capacity, MAX_N: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(1)  # rows on the grid's y axis (at most 65,535), chunks on x
-    size = tl.load(lengths_ptr + row)
-    own = tl.load(counts_ptr + row)
-    fill = tl.load(state_ptr)
-    used = tl.load(state_ptr + 1)
-    start = tl.load(state_ptr + 2)
-    ends = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    # A row with drafts of its own scans nothing.
-    base = tokens_ptr + row.to(tl.int64) * stride_row
-    limit = tl.where(own == 0, used - 1, 0)
-    live, matched, key = match_ring(base, size, ring_ptr, ends, limit, fill, start, capacity,
-                                    MAX_N)  # fmt: skip
-    publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
+    # A row with drafts of its own scans nothing: its programs end here, before any ring load
+    # (at batch 1 with a datastore of 103M tokens, masking the loads instead left 609 µs).
+    if tl.load(counts_ptr + row) == 0:
+        size = tl.load(lengths_ptr + row)
+        fill = tl.load(state_ptr)
+        used = tl.load(state_ptr + 1)
+        start = tl.load(state_ptr + 2)
+        ends = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        base = tokens_ptr + row.to(tl.int64) * stride_row
+        live, matched, key = match_ring(base, size, ring_ptr, ends, used - 1, fill, start,
+                                        capacity, MAX_N)  # fmt: skip
+        publish_latest(newest_ptr, row, matched, live, key, MAX_N, BLOCK_N)
 
 
 @triton.jit
