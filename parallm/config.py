@@ -214,6 +214,25 @@ class CacheConfig:
             )
 
 
+# max_num_seqs when unset, as vLLM 0.26 chooses it: 1,024 sequences on a GPU of 70 GiB or more
+# (an A100 excepted), 256 elsewhere. On an H200, Llama-3.1-8B at 16x the Azure conversation
+# trace: goodput 30.00 -> 32.08 req/s and TTFT p99 1,023 -> 175 ms against 256 (RESULTS,
+# eighteenth session).
+DEFAULT_MAX_NUM_SEQS = 256
+LARGE_GPU_MAX_NUM_SEQS = 1024
+LARGE_GPU_BYTES = 70 << 30
+
+
+def default_max_num_seqs(device: torch.device | None) -> int:
+    """``max_num_seqs`` when the user leaves it unset, on ``device`` (None: not known)."""
+    if device is None or device.type != "cuda":
+        return DEFAULT_MAX_NUM_SEQS
+    props = torch.cuda.get_device_properties(device)
+    if props.total_memory >= LARGE_GPU_BYTES and "A100" not in props.name:
+        return LARGE_GPU_MAX_NUM_SEQS
+    return DEFAULT_MAX_NUM_SEQS
+
+
 @dataclass
 class SchedulerConfig:
     """Per-step limits of continuous batching."""
@@ -259,7 +278,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: default_max_num_seqs(the engine's device)
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
@@ -321,9 +340,12 @@ class EngineConfig:
         cfg.validate()
         return cfg
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+    def scheduler_config(
+        self, max_model_len: int, device: torch.device | None = None
+    ) -> SchedulerConfig:
+        seqs = self.max_num_seqs
         cfg = SchedulerConfig(
-            max_num_seqs=self.max_num_seqs,
+            max_num_seqs=default_max_num_seqs(device) if seqs is None else seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,

@@ -146,7 +146,9 @@ def vllm_limits(cfg: EngineConfig, max_model_len: int) -> dict[str, Any]:
     """parallm's scheduler and memory limits under ``cfg`` by vLLM's names (``LLM`` keyword
     arguments; ``vllm serve`` takes them as flags with dashes): what "vLLM with parallm's
     limits" means in every peer run."""
-    sched = cfg.scheduler_config(max_model_len)
+    from parallm.config import resolve_device
+
+    sched = cfg.scheduler_config(max_model_len, resolve_device(cfg.device))
     return {
         "max_num_seqs": sched.max_num_seqs,
         "max_num_batched_tokens": sched.max_num_batched_tokens,

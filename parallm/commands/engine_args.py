@@ -123,7 +123,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         help="fraction of the GPU that weights, activations and KV cache may use",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most sequences in one step (default: 1024 on a GPU of 70 GiB or more other than "
+        "an A100, as vLLM's; 256 elsewhere)",
+    )
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,

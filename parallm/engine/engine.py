@@ -114,7 +114,7 @@ class LLMEngine:
             config.quantization, self.model_config.raw, config.load_format
         )
         cache_cfg = config.cache_config()
-        sched_cfg = config.scheduler_config(self.max_model_len)
+        sched_cfg = config.scheduler_config(self.max_model_len, self.device)
         backend = select_backend(config.attention_backend, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         check_kv_cache_dtype_support(backend, self.kv_cache_dtype, self.device)
@@ -296,7 +296,8 @@ class LLMEngine:
             f"fused_kernels={'on' if self.fused_kernels else 'off'} "
             f"{_tp_summary(self.tp_size, self.device)}"
             f"{quantization_summary(self.config.quantization, self.stored_quantization)} "
-            f"max_model_len={self.max_model_len} KV cache "
+            f"max_model_len={self.max_model_len} max_num_seqs={self.scheduler.cfg.max_num_seqs} "
+            f"KV cache "
             f"({str(self.kv_cache_dtype).replace('torch.', '')}): {self.kv.num_blocks} blocks x "
             f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
             f"loaded in {self.load_seconds:.1f}s; {graphs}; "
