@@ -116,6 +116,10 @@ def test_serving_step_end_to_end_against_parallm(run_vllm, tiny_model_dir, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     row = summary["serve"]["tiny_parallm_x4"]
     assert row["completed"] == 3 and row["failed"] == 0 and row["ttft_p50"] > 0
+    # The warm-up load ran first on the same server and is not a row of the summary.
+    warmup = json.loads((work / "warmup_serve_tiny_parallm.json").read_text())
+    assert warmup["summary"]["completed"] == 3
+    assert list(summary["serve"]) == ["tiny_parallm_x4"]
     assert "| tiny_parallm_x4 |" in (out / "summary.md").read_text()
     (packed,) = out.glob("peers-*.tar.gz")
     with tarfile.open(packed) as tar:
