@@ -15,7 +15,8 @@ pytestmark = pytest.mark.gpu
 
 def _llm(path: str, dtype: str, async_scheduling: bool) -> LLM:
     llm = LLM(path, dtype=dtype, device="cuda", kv_cache_memory=64 << 20,
-              cuda_graph_sizes=(1, 2, 4), speculative_config=SPEC,
+              cuda_graph_sizes=(1, 2, 4),
+              speculative_config={**SPEC, "prompt_lookup_history_tokens": 0},  # own lookups
               enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
     if not async_scheduling:  # the same full chains, staged from the host
         llm.engine.drafter.full_chains = True
