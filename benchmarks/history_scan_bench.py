@@ -1,12 +1,15 @@
-"""What the device drafter's ring scan (``history_lookup``) costs as the ring grows with a
-datastore, at batch 1 and 8, for rows that scan and rows that drafted from their own tokens
-(needs CUDA).
+"""What the device drafter's ring lookup (``history_lookup``) costs as the ring grows with a
+datastore, at batch 1 and 8, for rows that look up and rows that drafted from their own
+tokens: the base scanned (no index) against the base searched through its suffix index
+(kernels/suffix_search.py), the ring after it scanned in both (needs CUDA).
 
-Every (row, 512 ring positions) has a program: with a datastore of 16.8M tokens that is 33k
-programs a row, 262k at batch 8, every step. A row with drafts of its own returns after
-loading its count (the eighteenth session's change: before it, such a row's programs masked
-every load and still cost 609 µs at 103M tokens). The variant that looped 128 programs a row
-over the ring was slower wherever rows scan (RESULTS, eighteenth session) and was removed.
+The scan gives every (row, 512 ring positions) a program: with a datastore of 16.8M tokens
+that is 33k programs a row, every step; at 103M tokens it cost 614 µs at batch 1 on an H200
+(RESULTS, eighteenth session), more than the 150M model's plain step. The search is one
+program a row: for each n two K-ary searches and a range minimum. A row with drafts of its
+own returns in both after loading its count. The base's tokens follow a Zipf law over the
+vocabulary (code's are skewed: a frequent token's range is a large share of the index), and
+the rows end in slices of it, so long matches occur.
 
     python benchmarks/history_scan_bench.py [--base-tokens 1048576,16777216,103000000]
         [--batch-sizes 1,8]
@@ -30,12 +33,13 @@ from parallm.kernels.prompt_lookup import lookup_buffer  # noqa: E402
 
 
 def make_ring(base_tokens: int, ring_tokens: int, vocab: int, seed: int) -> TokenHistory:
-    """A ring of ``ring_tokens`` after a random base (documents of about 2,000 tokens), with
-    random requests added until it wrapped."""
+    """A ring of ``ring_tokens`` after a base of Zipf-distributed tokens (documents of about
+    2,000 tokens) with its suffix index, random requests added until it wrapped."""
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, vocab, base_tokens, dtype=np.int32)
+    weights = 1.0 / np.arange(1, vocab + 1)
+    base = rng.choice(vocab, base_tokens, p=weights / weights.sum()).astype(np.int32)
     base[rng.integers(0, base_tokens, max(1, base_tokens // 2000))] = SEPARATOR
-    history = TokenHistory(ring_tokens, base, index_depth=0)  # the device scans; no host index
+    history = TokenHistory(ring_tokens, base)
     while not history.wrapped:
         history.add(rng.integers(0, vocab, int(rng.integers(1, ring_tokens // 4 + 2))).tolist())
     return history
@@ -66,33 +70,48 @@ def bench(fn) -> float:
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
 
 
-def timed_call(fn, history, tokens, lengths, drafts, counts):
-    """A graph-safe call of ``fn`` on device copies: the counts reset from their start first
-    (the lookup writes them in place)."""
+def timed_call(history, tokens, lengths, drafts, counts, searched: bool):
+    """A graph-safe lookup on device copies: the counts reset from their start first (the
+    lookup writes them in place)."""
     t, n, d = tokens.cuda(), lengths.cuda(), drafts.cuda()
     start, c = counts.cuda(), counts.cuda()
     newest = lookup_buffer(tokens.shape[0], 8, "cuda")
     ring, state = history.device_ring, history.device_state
+    index = history.device_index if searched else None
 
     def call() -> None:
         c.copy_(start)
-        fn(t, n, ring, state, d, c, 8, 2, 8, newest=newest)
+        history_lookup(t, n, ring, state, d, c, 8, 2, 8, newest=newest, index=index)
 
     return call
 
 
+def check_same_drafts(history, rows) -> None:
+    """The scan and the search draft the same tokens for these rows (else exit 1)."""
+    out = []
+    for searched in (False, True):
+        tokens, lengths, drafts, counts = (x.cuda() for x in rows)
+        index = history.device_index if searched else None
+        history_lookup(tokens, lengths, history.device_ring, history.device_state, drafts,
+                       counts, 8, 2, 8, index=index)  # fmt: skip
+        out.append((drafts.cpu(), counts.cpu()))
+    (d0, c0), (d1, c1) = out
+    if not (torch.equal(c0, c1) and torch.equal(d0, d1)):
+        raise SystemExit(f"the search drafts differently from the scan: {c0} {c1}")
+
+
 def time_all(args: argparse.Namespace) -> None:
-    print(f"{'base tokens':>12} {'batch':>5} {'own':>4} {'µs':>8} {'GB/s':>6}")
+    print(f"{'base tokens':>12} {'batch':>5} {'own':>4} {'scan µs':>9} {'search µs':>9}")
     for base_tokens in args.base_tokens:
         history = make_ring(base_tokens, args.ring_tokens, 8192, 0)
         history.to_device("cuda")
         for batch in args.batch_sizes:
             for own in (0.0, 0.5, 1.0):
                 rows = make_rows(history, batch, 512, own, 1)
-                micros = bench(timed_call(history_lookup, history, *rows))
-                # The ring bytes the scanning rows read, a second.
-                rate = int((rows[3] == 0).sum()) * 4 * len(history.ring) / micros / 1e3
-                print(f"{base_tokens:>12,} {batch:>5} {own:>4.1f} {micros:>8.1f} {rate:>6.0f}",
+                check_same_drafts(history, rows)
+                scan, search = (bench(timed_call(history, *rows, searched))
+                                for searched in (False, True))  # fmt: skip
+                print(f"{base_tokens:>12,} {batch:>5} {own:>4.1f} {scan:>9.1f} {search:>9.1f}",
                       flush=True)  # fmt: skip
 
 

@@ -228,8 +228,12 @@ class LLMEngine:
         return model
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
+        # The device drafter's copy of the ring (a datastore's base and index too) comes after
+        # the cache: its bytes stay out of the cache's share.
+        history = self.drafter.history if self.drafter is not None else None
+        reserve = history.device_bytes() if history is not None and self.async_scheduling else 0
         plan = functools.partial(self.runner.plan_num_blocks, sched_cfg.max_num_batched_tokens,
-                                 sched_cfg.max_num_seqs, self.max_model_len)  # fmt: skip
+                                 sched_cfg.max_num_seqs, self.max_model_len, reserve)  # fmt: skip
         # Each tensor-parallel rank measures its own card; every rank takes the fewest blocks.
         num_blocks = plan() if self.executor is None else self.executor.plan_num_blocks(plan)
         if self.draft_model is not None:  # its cache, as many blocks, shares the budget

@@ -196,9 +196,11 @@ class ModelRunner:
         self.cache_cfg.num_blocks = num_blocks
 
     def plan_num_blocks(
-        self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
-    ) -> int:
-        """How many blocks fit: a byte budget on CPU, the measured free card on CUDA."""
+        self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+        reserve_bytes: int = 0,
+    ) -> int:  # fmt: skip
+        """How many blocks fit: a byte budget on CPU, the measured free card on CUDA less
+        ``reserve_bytes`` that something allocates after the cache."""
         per_block = kv_bytes_per_block(
             self.model_cfg, self.block_size, self.kv_cache_dtype, self.tp_size
         )
@@ -210,7 +212,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # Memory that other processes or the CUDA context hold counts against the fraction.
         others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.cache_cfg.gpu_memory_utilization - peak - others
+        budget = total * self.cache_cfg.gpu_memory_utilization - peak - others - reserve_bytes
         return max(0, int(budget // per_block) - 1)
 
     @torch.inference_mode()

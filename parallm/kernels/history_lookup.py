@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from parallm.engine.spec.suffix_index import BaseIndex
 from parallm.kernels.prompt_lookup import _NO_MATCH, lookup_buffer, pick_longest, publish_latest
+from parallm.kernels.suffix_search import search_base
 
 _BLOCK = 512  # ring positions a program scans
 # "No match yet" in ``newest``, below every age key: prompt lookup's sentinel, so that both
@@ -36,9 +38,9 @@ _NONE = tl.constexpr(_NO_MATCH)
 _SEP = tl.constexpr(-1)  # spec/history.py's SEPARATOR
 
 
-@triton.jit(do_not_specialize=["stride_row", "capacity"])
+@triton.jit(do_not_specialize=["stride_row", "capacity", "first"])
 def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr, newest_ptr,
-                       stride_row, capacity, MAX_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                       stride_row, capacity, first, MAX_N: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(1)  # rows on the grid's y axis (at most 65,535), chunks on x
     # A row with drafts of its own scans nothing: its programs end here, before any ring load
@@ -48,7 +50,7 @@ def _ring_match_kernel(tokens_ptr, lengths_ptr, counts_ptr, ring_ptr, state_ptr,
         fill = tl.load(state_ptr)
         used = tl.load(state_ptr + 1)
         start = tl.load(state_ptr + 2)
-        ends = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ends = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         base = tokens_ptr + row.to(tl.int64) * stride_row
         live, matched, key = match_ring(base, size, ring_ptr, ends, used - 1, fill, start,
                                         capacity, MAX_N)  # fmt: skip
@@ -114,6 +116,7 @@ def history_lookup(
     max_n: int,
     *,
     newest: torch.Tensor | None = None,
+    index: BaseIndex | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill the rows of ``drafts``/``counts`` (``prompt_lookup``'s output, in place) whose
     count is 0 with drafts from the ring; returns them. Other rows are left as they are.
@@ -121,7 +124,9 @@ def history_lookup(
     tokens: ``[B, L]`` int32, rows contiguous; lengths: ``[B]`` int32; ring: ``[H]`` int32
     (``TokenHistory.device_ring``); state: ``[3]`` int32, ``[fill, used, start]``
     (``TokenHistory.device_state``); drafts: ``[B, num_tokens]`` int32; counts: ``[B]`` int32.
-    ``newest`` (``lookup_buffer(B, max_n)``) may be given, as a captured graph does.
+    ``newest`` (``lookup_buffer(B, max_n)``) may be given, as a captured graph does. With
+    ``index`` (the base's ``SuffixIndex.to_device``) the base is searched
+    (kernels/suffix_search.py) and only the ring after it scanned; without, all is scanned.
     """
     _check(tokens, lengths, ring, state, drafts, counts, num_tokens, min_n, max_n)
     rows, capacity = tokens.shape[0], ring.shape[0]
@@ -132,11 +137,16 @@ def history_lookup(
         raise ValueError(f"history_lookup: newest must be lookup_buffer({rows}, {max_n})")
     if rows == 0:
         return drafts, counts
+    first = 0  # where the scan starts: past the base and its separator when that is searched
+    if index is not None:
+        first = len(index.order) + 1
+        search_base(tokens, lengths, counts, ring, index, first - 1, newest, max_n)
     # A ring of more than 65,535 chunks (33.5M tokens, a datastore) needs them on x.
-    _ring_match_kernel[(triton.cdiv(capacity, _BLOCK), rows)](
-        tokens, lengths, counts, ring, state, newest, tokens.stride(0), capacity, MAX_N=max_n,
-        BLOCK_N=block_n, BLOCK=_BLOCK,
-    )  # fmt: skip
+    if capacity > first:
+        _ring_match_kernel[(triton.cdiv(capacity - first, _BLOCK), rows)](
+            tokens, lengths, counts, ring, state, newest, tokens.stride(0), capacity, first,
+            MAX_N=max_n, BLOCK_N=block_n, BLOCK=_BLOCK,
+        )  # fmt: skip
     gather_ring_drafts(lengths, counts, ring, newest, drafts, num_tokens, min_n, max_n)
     return drafts, counts
 

@@ -76,13 +76,15 @@ def _as_lists(drafts: torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
     return [drafts[b, : int(c)].tolist() for b, c in enumerate(counts.cpu())]
 
 
-def _run(fn, h, tokens, lengths, drafts, counts, k, lo, hi, device="cpu"):
+def _run(fn, h, tokens, lengths, drafts, counts, k, lo, hi, device="cpu", searched=False):
     # Copies of the ring and its state, not ``to_device``: the twin and the kernel read the
-    # same ring on two devices, and a TokenHistory keeps one device copy.
+    # same ring on two devices, and a TokenHistory keeps one device copy. ``searched``: the
+    # kernel searches the base through its index instead of scanning it.
     ring = h.ring.to(device, copy=True)
     state = torch.tensor([h.fill, h.used, h.start], dtype=torch.int32, device=device)
     d, c = drafts[:, :k].clone().to(device), counts.clone().to(device)
-    fn(tokens.to(device), lengths.to(device), ring, state, d, c, k, lo, hi)
+    index = {"index": h.index.to_device(device)} if searched else {}
+    fn(tokens.to(device), lengths.to(device), ring, state, d, c, k, lo, hi, **index)
     return d.cpu(), c.cpu()
 
 
@@ -92,9 +94,11 @@ def _check(h: TokenHistory, rows: int, width: int, vocab: int, seed: int, device
         want = _host(h, tokens, lengths, drafts[:, :k], counts, k, lo, hi)
         ref = _run(history_lookup_ref, h, tokens, lengths, drafts, counts, k, lo, hi)
         assert _as_lists(*ref) == want, (k, lo, hi)
-        got = _run(history_lookup, h, tokens, lengths, drafts, counts, k, lo, hi, device)
-        assert torch.equal(got[1], ref[1]), (k, lo, hi)
-        assert torch.equal(got[0], ref[0]), (k, lo, hi)
+        for searched in (False, True) if h.index is not None else (False,):
+            got = _run(history_lookup, h, tokens, lengths, drafts, counts, k, lo, hi, device,
+                       searched)  # fmt: skip
+            assert torch.equal(got[1], ref[1]), (k, lo, hi, searched)
+            assert torch.equal(got[0], ref[0]), (k, lo, hi, searched)
     assert any(len(w) and not int(c) for w, c in zip(want, counts, strict=True))  # ring drafts
 
 
@@ -189,6 +193,8 @@ def test_a_base_ranks_below_both_laps_interpreter():
     for fn in (history_lookup_ref, history_lookup):
         got = _as_lists(*_run(fn, h, tokens, lengths, drafts, counts, 4, 2, 8))
         assert got == want, fn.__name__
+    searched = _run(history_lookup, h, tokens, lengths, drafts, counts, 4, 2, 8, searched=True)
+    assert _as_lists(*searched) == want
     assert [h.lookup(r, 4, 2, 8) for r in rows] == want
 
 

@@ -176,7 +176,7 @@ class DeviceDrafts:
             from parallm.kernels.history_lookup import history_lookup
 
             history_lookup(*args, *ring, drafts, counts, self.num_drafts, *self.history_n,
-                           newest=self.newest[rows])  # fmt: skip
+                           newest=self.newest[rows], index=history.device_index)  # fmt: skip
         else:
             reference.history_lookup_ref(*args, *ring, drafts, counts, self.num_drafts,
                                          *self.history_n)  # fmt: skip

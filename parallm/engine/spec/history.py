@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from parallm.engine.spec.ngram import WORD_BYTES, rfind_tokens
-from parallm.engine.spec.suffix_index import SuffixIndex
+from parallm.engine.spec.suffix_index import BaseIndex, SuffixIndex
 
 SEPARATOR = -1
 _SEPARATOR_WORD = np.int32(SEPARATOR).tobytes()
@@ -86,6 +86,13 @@ class TokenHistory:
         self.used = self.start
         self.device_ring: torch.Tensor | None = None
         self.device_state: torch.Tensor | None = None  # [fill, used, start], int32
+        # The base's index on the device: the GPU searches the base instead of scanning it.
+        self.device_index: BaseIndex | None = None
+
+    @property
+    def index(self) -> SuffixIndex | None:
+        """The base's suffix index (None without a base, or built with ``index_depth`` 0)."""
+        return self._index
 
     @property
     def wrapped(self) -> bool:
@@ -138,6 +145,11 @@ class TokenHistory:
             newest = end
         return self._draft(newest + 1, k) if newest >= 0 else []
 
+    def device_bytes(self) -> int:
+        """What ``to_device`` will allocate: the ring (its base too) and the base's index."""
+        index = 0 if self._index is None else self._index.device_bytes()
+        return len(self.ring) * WORD_BYTES + index
+
     def to_device(self, device: torch.device | str) -> None:
         """Keep a copy of the ring and ``[fill, used, start]`` on ``device`` (``device_ring``,
         ``device_state``), updated in place from now on: a captured graph may read them."""
@@ -148,6 +160,8 @@ class TokenHistory:
             return
         self.device_ring = self.ring.to(device, copy=True)
         self.device_state = torch.tensor(self._state(), dtype=torch.int32, device=device)
+        if self._index is not None:
+            self.device_index = self._index.to_device(device)
 
     def _newest(self, context: Sequence[int], n: int, base: int | None = None) -> int:
         """The end position of the newest occurrence of the context's last ``n`` tokens that a

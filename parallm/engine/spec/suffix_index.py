@@ -21,14 +21,28 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 _BLOCK = 256
 _NONE = np.iinfo(np.int32).max  # a suffix with no token after its occurrence
 _PAST_END = -2  # below every token and the separator (-1): a suffix that ends sorts first
 _PROGRESS_TOKENS = 1 << 23  # a progress bar from here on (about 5 s to build)
+
+
+class BaseIndex(NamedTuple):
+    """A ``SuffixIndex``'s arrays on a device (``SuffixIndex.to_device``), which
+    kernels/suffix_search.py searches."""
+
+    order: torch.Tensor  # int32 [N]: backward starts, sorted
+    values: torch.Tensor  # int32 [N]: ``order``, or _NONE where no token follows
+    tables: torch.Tensor  # int32: the sparse table's levels one after another (at least one)
+    offsets: torch.Tensor  # int32 [levels]: where each level starts in ``tables``
+    depth: int  # the index sorts this many tokens: the longest n it answers
+    block: int  # the entries of a block minimum (_BLOCK)
 
 
 class SuffixIndex:
@@ -49,6 +63,20 @@ class SuffixIndex:
         self.values = np.where(followed, self.order, _NONE).astype(np.int32)
         self._tables = _block_tables(self.values)
         self._size = size
+
+    def to_device(self, device: torch.device | str) -> BaseIndex:
+        """The arrays that a search on ``device`` reads (the tokens themselves are the ring's
+        device copy)."""
+        offsets = np.cumsum([0] + [len(t) for t in self._tables[:-1]]).astype(np.int32)
+        tables = np.concatenate([*self._tables, [_NONE]]).astype(np.int32)  # never empty
+        arrays = (self.order, self.values, tables, offsets)
+        order, values, tables, offsets = (torch.from_numpy(a).to(device) for a in arrays)
+        return BaseIndex(order, values, tables, offsets, self.depth, _BLOCK)
+
+    def device_bytes(self) -> int:
+        """What ``to_device`` allocates."""
+        tables = sum(len(t) for t in self._tables) + 1 + len(self._tables)
+        return 4 * (len(self.order) + len(self.values) + tables)
 
     def walk(self, context: Sequence[int]) -> IndexWalk:
         """The newest occurrence of ``context``'s last n tokens, n going up (``IndexWalk``)."""
