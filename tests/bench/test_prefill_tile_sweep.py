@@ -1,0 +1,51 @@
+"""benchmarks/prefill_tile_sweep.py on CPU: the grid of tiles it sweeps (only tiles that fit the
+shared memory as asked), its flags, and its refusals before any work (the timing needs CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks/prefill_tile_sweep.py"
+HOPPER_SMEM = 227 * 1024
+
+
+def _bench():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("prefill_tile_sweep", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_holds_the_packages_tile_and_only_tiles_that_fit():
+    bench = _bench()
+    from parallm.kernels.paged_kv import SMEM_RESERVE_BYTES, kv_tiles_bytes
+    from parallm.kernels.paged_prefill import _prefill_config
+
+    grid = bench.configs(128, 2, HOPPER_SMEM)
+    assert _prefill_config(128, 3500, 2, 2, HOPPER_SMEM) in grid
+    assert all(
+        kv_tiles_bytes(c.block_m, c.block_n, c.num_stages, 128, 2)
+        <= HOPPER_SMEM - SMEM_RESERVE_BYTES
+        for c in grid
+    )
+    assert len(grid) < len(bench.configs(64, 2, HOPPER_SMEM))  # D = 128: fewer fit
+
+
+def test_flags_and_refusals():
+    bench = _bench()
+    args = bench.build_parser().parse_args([])
+    assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.prompt_lens == [2048, 3500]
+    with pytest.raises(SystemExit, match="--models: unknown"):
+        bench.main(["--models", "gpt-9"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            bench.main([])
