@@ -3,25 +3,12 @@ rows of which the asked share have drafts of their own (on CPU; the timing needs
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks/history_scan_bench.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("history_scan_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_module import load_benchmark
 
 
 def test_the_ring_wraps_after_its_base_and_rows_end_in_ring_slices():
-    bench = _bench()
+    bench = load_benchmark("history_scan_bench")
     history = bench.make_ring(5000, 1000, 50, seed=0)
     assert history.wrapped and history.start == 5001  # the base, then a separator
     ring = history.ring[: history.used]
@@ -35,5 +22,5 @@ def test_the_ring_wraps_after_its_base_and_rows_end_in_ring_slices():
 
 
 def test_the_defaults_time_three_datastore_sizes_at_batch_1_and_8():
-    args = _bench().build_parser().parse_args([])
+    args = load_benchmark("history_scan_bench").build_parser().parse_args([])
     assert args.base_tokens == [1 << 20, 1 << 24, 103_000_000] and args.batch_sizes == [1, 8]

@@ -3,30 +3,17 @@ shared memory as asked), its flags, and its refusals before any work (the timing
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 pytest.importorskip("triton")
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks/prefill_tile_sweep.py"
 HOPPER_SMEM = 227 * 1024
 
 
-def _bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("prefill_tile_sweep", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_grid_holds_the_packages_tile_and_only_tiles_that_fit():
-    bench = _bench()
+    bench = load_benchmark("prefill_tile_sweep")
     from parallm.kernels.paged_kv import SMEM_RESERVE_BYTES, kv_tiles_bytes
     from parallm.kernels.paged_prefill import _prefill_config
 
@@ -41,7 +28,7 @@ def test_the_grid_holds_the_packages_tile_and_only_tiles_that_fit():
 
 
 def test_flags_and_refusals():
-    bench = _bench()
+    bench = load_benchmark("prefill_tile_sweep")
     args = bench.build_parser().parse_args([])
     assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.prompt_lens == [2048, 3500]
     with pytest.raises(SystemExit, match="--models: unknown"):
