@@ -56,11 +56,13 @@ def test_vllm_gets_parallms_limits_as_every_peer_run_gives_them():
     """The limits come from parallm's defaults through ``vllm_limits``, as ``--compare-vllm``
     and the serving peer read them; only the memory share is the bench's own flag."""
     from parallm.bench.vllm_peer import vllm_limits
-    from parallm.config import EngineConfig
+    from parallm.config import EngineConfig, default_max_num_seqs, resolve_device
 
     limits = bench.parallm_limits(4096)
     cfg = EngineConfig()
-    assert limits["max_num_seqs"] == cfg.max_num_seqs and limits["block_size"] == cfg.block_size
+    # max_num_seqs unset follows the device the engine would take (256 on CPU).
+    seqs = default_max_num_seqs(resolve_device(cfg.device))
+    assert limits["max_num_seqs"] == seqs and limits["block_size"] == cfg.block_size
     assert limits["enable_prefix_caching"] is cfg.enable_prefix_caching
     assert "gpu_memory_utilization" not in limits
     assert limits == {k: v for k, v in vllm_limits(cfg, 4096).items()
