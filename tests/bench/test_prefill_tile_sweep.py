@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton_interpreter  # noqa: F401  before triton: the other modules' interpreter tests
 from benchmark_module import load_benchmark
 
 pytest.importorskip("triton")
