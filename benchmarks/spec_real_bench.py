@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
 from parallm.data.corpus import is_held_out, read_corpus  # noqa: E402
+from parallm.engine.spec.config import DEFAULT_HISTORY_TOKENS  # noqa: E402
 
 
 def completion_prompts(
@@ -351,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "one plain baseline")  # fmt: skip
     ap.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram's shortest n-gram")
     ap.add_argument("--prompt-lookup-max", type=int, default=5, help="ngram's longest n-gram")
-    ap.add_argument("--prompt-lookup-history-tokens", type=int, default=1 << 20,
+    ap.add_argument("--prompt-lookup-history-tokens", type=int, default=DEFAULT_HISTORY_TOKENS,
                     help="ngram_history's ring of earlier requests, in tokens")  # fmt: skip
     ap.add_argument("--datastore", default="runs/data/python-8k",
                     help="ngram_datastore's dataset folder (the target's training data, as "

@@ -216,7 +216,7 @@ for step in "$@"; do
                python3 -m parallm export --checkpoint runs/medusa-code-150m/checkpoints \
                  --out runs/medusa-code-150m/heads 2>&1 | tail -3 ;;
     specreal) # METHODS (default: every drafter, medusa once specheads' heads exist; also
-              # ngram_history: ngram with a 1M-token ring of the pass's earlier requests;
+              # ngram_history: ngram with the default ring (2^16 tokens) of the pass's earlier requests;
               # ngram_datastore: that, then DATASTORE, default the 150M model's training data,
               # runs/data/python-8k; benchmarks/datastore_subset.py makes smaller ones), K drafts
               # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or

@@ -172,7 +172,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "num_speculative_tokens, prompt_lookup_min/prompt_lookup_max "
         f"(ngram, default {DEFAULT_PROMPT_LOOKUP}), prompt_lookup_history_tokens (ngram: a "
         "ring of that many tokens of finished requests to draft from where a sequence's own "
-        "tokens give nothing; default 1048576, 0: off), prompt_lookup_datastore (ngram: a dataset "
+        "tokens give nothing; default 65536, 0: off), prompt_lookup_datastore (ngram: a dataset "
         "folder that parallm train prepared with the target's tokenizer, whose training "
         "split is drafted from after that ring), model (draft_model; medusa: the heads "
         "folder), num_layers (layer_skip), speculative_token_tree (medusa: index paths such as "

@@ -167,7 +167,7 @@ def test_ngram_history_is_ngram_with_the_ring_of_earlier_requests():
     bench = _load_bench()
     common = ["--target", "x", "--methods", "ngram,ngram_history", "--prompt-lookup-min", "1"]
     configs = bench.drafter_configs(bench.parse_args(common), 8)
-    assert configs["ngram_history"] == {**configs["ngram"], "prompt_lookup_history_tokens": 1 << 20}
+    assert configs["ngram_history"] == {**configs["ngram"], "prompt_lookup_history_tokens": 1 << 16}
     assert configs["ngram"]["prompt_lookup_min"] == 1
     small = bench.parse_args([*common, "--prompt-lookup-history-tokens", "4096"])
     spec = SpeculativeConfig.from_value(bench.drafter_configs(small, 8)["ngram_history"])

@@ -236,7 +236,7 @@ def test_history_ngram_range_starts_at_two_and_reaches_eight():
 
 
 def test_the_config_key_defaults_to_a_ring_for_ngram_only_and_is_checked():
-    assert SpeculativeConfig.from_value(NGRAM).prompt_lookup_history_tokens == 1 << 20
+    assert SpeculativeConfig.from_value(NGRAM).prompt_lookup_history_tokens == 1 << 16
     off = SpeculativeConfig.from_value({**NGRAM, "prompt_lookup_history_tokens": 0})
     assert off.prompt_lookup_history_tokens == 0
     on = SpeculativeConfig.from_value({**NGRAM, "prompt_lookup_history_tokens": 4096})
@@ -272,7 +272,7 @@ def test_the_drafter_remembers_finished_sequences_and_falls_back_to_them():
     drafter = Drafter(config)
     off = {**NGRAM, "prompt_lookup_history_tokens": 0}
     assert Drafter(SpeculativeConfig.from_value(off)).history is None
-    assert Drafter(SpeculativeConfig.from_value(NGRAM)).history.capacity == 1 << 20
+    assert Drafter(SpeculativeConfig.from_value(NGRAM)).history.capacity == 1 << 16
     finished = Sequence("r0", 0, [5, 6, 7], SamplingParams(), arrival_time=0.0)
     for token in (8, 9, 10):
         finished.append_token(token)

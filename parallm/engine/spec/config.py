@@ -24,11 +24,13 @@ DEFAULT_PROMPT_LOOKUP = 5
 # age keys (position + capacity, kernels/history_lookup.py) fit int32.
 MIN_HISTORY_TOKENS = 4
 MAX_HISTORY_TOKENS = 2**30
-# ngram's ring when the key is unset: 4 MiB of int32 on the device, and a scan of about 22 µs
-# a step where a row's own lookup finds nothing (H200, benchmarks/history_scan_bench.py). On
-# the 150M code model it took batch 1 from 1.70x to 1.76x plain decoding and batch 8 from
-# 1.02x to 1.05x (RESULTS, eighteenth session).
-DEFAULT_HISTORY_TOKENS = 2**20
+# ngram's ring when the key is unset. On the 150M code model a ring took batch 1 from 1.70x to
+# 1.76x plain decoding and batch 8 from 1.02x to 1.05x (RESULTS, eighteenth session), holding
+# at most 41k tokens (the pass's 64 requests). Its cost grows with what it holds, on every step
+# where a sequence's own lookup misses: full, 2^20 tokens cost the host drafter (sampled
+# requests, CPU engines) 2.2 ms a lookup and 2^16 0.15 ms (Zipf-distributed tokens, this
+# session's CPU); the device scan about 22 µs at 2^20.
+DEFAULT_HISTORY_TOKENS = 2**16
 # A datastore (``prompt_lookup_datastore``, spec/datastore.py): a dataset folder of
 # ``parallm train``, recognised by its metadata file.
 DATASTORE_FIELD = "speculative_config.prompt_lookup_datastore"
@@ -77,7 +79,7 @@ class SpeculativeConfig:
     request of ``draft_model``, whose drafts are samples, is reproducible only without it).
     For ``ngram``, unset ``prompt_lookup_min``/``prompt_lookup_max`` take the other's value,
     or 5 when both are unset. ``prompt_lookup_history_tokens`` (``ngram`` only; 0: off; unset:
-    ``DEFAULT_HISTORY_TOKENS``, 2**20): the
+    ``DEFAULT_HISTORY_TOKENS``, 2**16): the
     capacity in tokens of a ring of finished requests' prompts and outputs, which a sequence
     whose own lookup finds nothing drafts from (spec/history.py: the newest occurrence of its
     last 2 to 8 tokens, n at least ``prompt_lookup_min`` and up to ``prompt_lookup_max`` when
