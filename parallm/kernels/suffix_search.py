@@ -17,15 +17,16 @@ ring's scan gives a base position, so the gather picks the same draft either way
 
 from __future__ import annotations
 
-import numpy as np
 import triton
 import triton.language as tl
 
+from parallm.engine.spec import suffix_index
 from parallm.engine.spec.suffix_index import BaseIndex
 
 _PROBES = 128  # K: a round's probes (a 103M-token range needs three rounds)
-_PAST_END = tl.constexpr(-2)  # the index's token past the base's start: below every token
-_NONE = tl.constexpr(int(np.iinfo(np.int32).max))  # suffix_index._NONE
+# The index's token past the base's start (below every token), and its "no token follows".
+_PAST_END = tl.constexpr(suffix_index._PAST_END)
+_NONE = tl.constexpr(int(suffix_index._NONE))
 
 
 def search_rounds(size: int, probes: int = _PROBES) -> int:

@@ -67,16 +67,19 @@ class SuffixIndex:
     def to_device(self, device: torch.device | str) -> BaseIndex:
         """The arrays that a search on ``device`` reads (the tokens themselves are the ring's
         device copy)."""
-        offsets = np.cumsum([0] + [len(t) for t in self._tables[:-1]]).astype(np.int32)
-        tables = np.concatenate([*self._tables, [_NONE]]).astype(np.int32)  # never empty
-        arrays = (self.order, self.values, tables, offsets)
-        order, values, tables, offsets = (torch.from_numpy(a).to(device) for a in arrays)
+        order, values, tables, offsets = (torch.from_numpy(a).to(device)
+                                          for a in self._device_arrays())  # fmt: skip
         return BaseIndex(order, values, tables, offsets, self.depth, _BLOCK)
 
     def device_bytes(self) -> int:
         """What ``to_device`` allocates."""
-        tables = sum(len(t) for t in self._tables) + 1 + len(self._tables)
-        return 4 * (len(self.order) + len(self.values) + tables)
+        return sum(a.nbytes for a in self._device_arrays())
+
+    def _device_arrays(self) -> tuple[np.ndarray, ...]:
+        """``BaseIndex``'s arrays on the host: the sparse table's levels flattened."""
+        offsets = np.cumsum([0] + [len(t) for t in self._tables[:-1]]).astype(np.int32)
+        tables = np.concatenate([*self._tables, [_NONE]]).astype(np.int32)  # never empty
+        return self.order, self.values, tables, offsets
 
     def walk(self, context: Sequence[int]) -> IndexWalk:
         """The newest occurrence of ``context``'s last n tokens, n going up (``IndexWalk``)."""
