@@ -173,11 +173,9 @@ class LLMEngine:
         (and the drafter's ring of earlier requests, kept on the device too) under async
         scheduling, over the verify graphs' full chains; its tail captured too where they were
         (counted in ``graph_capture_seconds``). Whether it is on."""
-        spec = self.drafter.config if self.drafter is not None else None
-        if spec is None or spec.method != "ngram" or not self.async_scheduling:
+        if not self._may_draft_on_device() or self.runner.verify_graphs is None:
             return False
-        if self.runner.verify_graphs is None:
-            return False
+        spec = self.drafter.config
         try:
             self.runner.enable_device_drafts(spec.num_speculative_tokens, spec.prompt_lookup_min,
                                              spec.prompt_lookup_max, self.max_model_len,
@@ -189,6 +187,14 @@ class LLMEngine:
         if self.graph_capture_seconds is not None:
             self.graph_capture_seconds += seconds
         return True
+
+    def _may_draft_on_device(self) -> bool:
+        """Whether ``enable_device_drafting`` can turn the device drafter on: greedy prompt
+        lookup under async scheduling with CUDA graphs (it runs in the verify graphs' tail)."""
+        spec = self.drafter.config if self.drafter is not None else None
+        if spec is None or spec.method != "ngram" or not self.async_scheduling:
+            return False
+        return self.device.type == "cuda" and not self.config.enforce_eager
 
     def _start_executor(
         self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig
@@ -229,9 +235,10 @@ class LLMEngine:
 
     def _plan_num_blocks(self, block_size: int, sched_cfg: SchedulerConfig) -> int:
         # The device drafter's copy of the ring (a datastore's base and index too) comes after
-        # the cache: its bytes stay out of the cache's share.
-        history = self.drafter.history if self.drafter is not None else None
-        reserve = history.device_bytes() if history is not None and self.async_scheduling else 0
+        # the cache: its bytes stay out of the cache's share, but only where that drafter can
+        # come on (never under enforce_eager: a datastore's copy is up to a GB of cache).
+        history = self.drafter.history if self._may_draft_on_device() else None
+        reserve = history.device_bytes() if history is not None else 0
         plan = functools.partial(self.runner.plan_num_blocks, sched_cfg.max_num_batched_tokens,
                                  sched_cfg.max_num_seqs, self.max_model_len, reserve)  # fmt: skip
         # Each tensor-parallel rank measures its own card; every rank takes the fewest blocks.
