@@ -173,7 +173,7 @@ class LLMEngine:
         (and the drafter's ring of earlier requests, kept on the device too) under async
         scheduling, over the verify graphs' full chains; its tail captured too where they were
         (counted in ``graph_capture_seconds``). Whether it is on."""
-        if not self._may_draft_on_device() or self.runner.verify_graphs is None:
+        if not self._drafts_on_device() or self.runner.verify_graphs is None:
             return False
         spec = self.drafter.config
         try:
@@ -188,13 +188,11 @@ class LLMEngine:
             self.graph_capture_seconds += seconds
         return True
 
-    def _may_draft_on_device(self) -> bool:
-        """Whether ``enable_device_drafting`` can turn the device drafter on: greedy prompt
-        lookup under async scheduling with CUDA graphs (it runs in the verify graphs' tail)."""
+    def _drafts_on_device(self) -> bool:
+        """Whether the drafter is one the device drafter serves: prompt lookup under async
+        scheduling (``enable_device_drafting`` also needs the verify graphs)."""
         spec = self.drafter.config if self.drafter is not None else None
-        if spec is None or spec.method != "ngram" or not self.async_scheduling:
-            return False
-        return self.device.type == "cuda" and not self.config.enforce_eager
+        return spec is not None and spec.method == "ngram" and self.async_scheduling
 
     def _start_executor(
         self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig
@@ -237,7 +235,8 @@ class LLMEngine:
         # The device drafter's copy of the ring (a datastore's base and index too) comes after
         # the cache: its bytes stay out of the cache's share, but only where that drafter can
         # come on (never under enforce_eager: a datastore's copy is up to a GB of cache).
-        history = self.drafter.history if self._may_draft_on_device() else None
+        graphs = bool(self._graph_sizes(sched_cfg.max_num_seqs))  # verify graphs follow them
+        history = self.drafter.history if graphs and self._drafts_on_device() else None
         reserve = history.device_bytes() if history is not None else 0
         plan = functools.partial(self.runner.plan_num_blocks, sched_cfg.max_num_batched_tokens,
                                  sched_cfg.max_num_seqs, self.max_model_len, reserve)  # fmt: skip

@@ -33,7 +33,7 @@ def _planned_reserve(method: str = "ngram", *, device: str = "cuda", eager: bool
     engine.drafter = SimpleNamespace(config=spec, history=history)
     engine.async_scheduling = async_scheduling
     engine.device = torch.device(device)
-    engine.config = SimpleNamespace(enforce_eager=eager)
+    engine.config = SimpleNamespace(enforce_eager=eager, cuda_graph_sizes=[1, 2, 4])
     engine.runner = SimpleNamespace(plan_num_blocks=plan)
     engine.executor = engine.draft_model = None
     engine.max_model_len = 256
