@@ -12,11 +12,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/NAME.py``, registered in ``sys.modules`` under ``name``."""
+    """``benchmarks/NAME.py`` (NAME may hold a folder: ``peers/run_vllm``), registered in
+    ``sys.modules`` under its file's stem (dataclasses look their module up while being made),
+    loaded afresh each call."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    stem = Path(name).name
+    spec = importlib.util.spec_from_file_location(stem, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[stem] = module
     spec.loader.exec_module(module)
     return module

@@ -5,7 +5,6 @@ bundled model on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_module import load_benchmark
 
 from parallm.bundled import BUNDLED_MODEL_DIR
 from parallm.train.config import DataSection
@@ -24,11 +24,7 @@ BENCH = REPO / "benchmarks/ngram_acceptance.py"
 
 
 def _bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("ngram_acceptance", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("ngram_acceptance")
 
 
 def _by_definition(tokens, num_tokens, min_n, max_n, latest):

@@ -4,7 +4,6 @@ compared with itself changes nothing, and a broken model is flagged as failing."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -14,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchmark_module import load_benchmark
 from safetensors.torch import load_file, save_file
-
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "benchmarks/quant_quality.py"
 
 ENGINE = {
     "dtype": "float32", "device": "cpu", "seed": 0, "max_num_batched_tokens": 8,
@@ -27,12 +24,8 @@ ENGINE = {
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quant_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_benchmark("quant_quality")
+    sys.modules.pop("quant_quality", None)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ peaked dummy weights keep the greedy argmax the same under two roundings (float3
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 
 from parallm.config import ModelConfig
 from parallm.models.loader import load_model
@@ -69,10 +69,7 @@ def test_run_prompts_differ_only_where_run_tokens_are_made_wrong():
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("spec_oracle_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("spec_oracle_bench")
 
 
 def _config(**small) -> ModelConfig:

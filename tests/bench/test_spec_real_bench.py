@@ -4,7 +4,6 @@ after a ``def`` line of held-out files, and every drafter's output stays plain d
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from benchmark_module import load_benchmark
 
 from parallm.bundled import BUNDLED_MODEL_DIR
 
@@ -53,10 +53,7 @@ def _corpus(tmp_path: Path) -> Path:
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("spec_real_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("spec_real_bench")
 
 
 def test_prompts_end_after_a_def_line(tmp_path):

@@ -4,17 +4,11 @@ accepted more often than argmax drafts (a count of accepted drafts, not a timing
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks/spec_sampled_drafts_bench.py"
+from benchmark_module import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("spec_sampled_drafts_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("spec_sampled_drafts_bench")
 
 
 def test_sampled_drafts_are_accepted_more_than_greedy_ones_on_a_flat_target(tiny_model_dir, capsys):

@@ -4,18 +4,14 @@ proposal and verification."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark
 
 from parallm.bundled import BUNDLED_MODEL_DIR
 from parallm.engine.engine import LLMEngine
 from parallm.engine.runner import ModelRunner
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model"
@@ -23,13 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _load_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # it imports spec_real_bench beside it
-    spec = importlib.util.spec_from_file_location(
-        "spec_step_profile", REPO / "benchmarks/spec_step_profile.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("spec_step_profile")
 
 
 def test_a_phase_nested_in_itself_counts_once():

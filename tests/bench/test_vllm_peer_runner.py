@@ -5,7 +5,6 @@ process group. Plumbing only: no figure here says anything about speed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -15,16 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def run_vllm():
-    spec = importlib.util.spec_from_file_location("run_vllm", REPO / "benchmarks/peers/run_vllm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("peers/run_vllm")
 
 
 def _dead(pid: int) -> bool:

@@ -10,7 +10,6 @@ wrong), so those run as GPU tests; on CPU the PRMT constants are checked by emul
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 from triton_interpreter import check_interpreter_suite, kernel_modes  # before triton
 
 triton = pytest.importorskip("triton")
@@ -29,11 +29,7 @@ SCRIPT = REPO / "benchmarks/quant_gemv_variants.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("quant_gemv_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being made
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quant_gemv_variants")
 
 
 qv = _load()
