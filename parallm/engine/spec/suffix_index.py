@@ -125,26 +125,28 @@ class IndexWalk:
 
 def _suffix_order(tokens: np.ndarray, depth: int) -> np.ndarray:
     """Suffix starts of ``tokens`` sorted by their first ``depth`` tokens (a suffix that ends
-    sorts before any that goes on), by prefix doubling."""
+    sorts before any that goes on), by prefix doubling. torch's sorts, not numpy's: they run
+    on every core (3x numpy's stable argsort on two cores, 16.8M keys)."""
     size = len(tokens)
-    rank = tokens.astype(np.int64) - _PAST_END + 1  # >= 1: 0 is "past the end"
-    order = np.argsort(rank, kind="stable")
+    rank = torch.from_numpy(tokens.astype(np.int64) - _PAST_END + 1)  # >= 1: 0 is past the end
+    order = torch.sort(rank, stable=True).indices
     width = 1  # ``rank`` orders the suffixes by their first ``width`` tokens
     rounds = max(0, (depth - 1).bit_length())
     bar = tqdm(total=rounds, desc=f"Indexing a datastore of {size:,} tokens", unit="doubling",
                disable=size < _PROGRESS_TOKENS)  # fmt: skip
     while width < depth:
-        following = np.zeros(size, dtype=np.int64)
+        following = torch.zeros(size, dtype=torch.int64)
         following[: size - width] = rank[width:]
         key = rank * (int(rank.max()) + 1) + following
-        order = np.argsort(key, kind="stable")
-        ordered = key[order]
-        rank = np.empty(size, dtype=np.int64)
-        rank[order] = np.cumsum(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+        ordered, order = torch.sort(key, stable=True)
+        starts = torch.ones(size, dtype=torch.int64)  # 1 where a new key begins
+        starts[1:] = ordered[1:] != ordered[:-1]
+        rank = torch.empty_like(rank)
+        rank[order] = torch.cumsum(starts, 0)
         width *= 2
         bar.update()
     bar.close()
-    return order.astype(np.int32)
+    return order.to(torch.int32).numpy()
 
 
 def _block_tables(values: np.ndarray) -> list[np.ndarray]:
