@@ -39,9 +39,11 @@ from parallm.layers.attention import AttentionBackend, AttentionMetadata, Forwar
 if TYPE_CHECKING:
     from parallm.engine.runner import StepInputs
 
-# Above this many tokens a step's GPU work outweighs the eager launch cost (Qwen3-0.6B: the
-# 17 ms of host time is the GPU time of about 8k prompt tokens), so larger steps stay eager.
-MAX_MIXED_TOKENS = 2048
+# Steps up to the default token budget replay graphs: capped at 2,048, a step of a 3,500-token
+# prompt beside 128 decodes ran eagerly (192 launches) and its Qwen3-0.6B step took 26.4 ms
+# against 22.0 replayed (H100, RESULTS, nineteenth session). Steps of larger budgets above
+# this stay eager: the graphs' capture time and memory grow with the cap.
+MAX_MIXED_TOKENS = 8192
 # int64 rows per token in a size's input region: ids, positions, slots, the sampling gather.
 _TOKEN_ROWS = 4
 # int32 rows per tile in the region: query_start_loc, seq_lens, two tile tables of two rows.

@@ -16,9 +16,9 @@ from parallm.engine.runner import StepInputs
 
 
 def test_token_sizes_are_eight_a_doubling_above_64_up_to_the_budget():
-    sizes = mixed_token_sizes(8192)
+    sizes = mixed_token_sizes(16384)
     assert sizes[:12] == [16, 32, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144]
-    assert sizes[-3:] == [1792, 1920, MAX_MIXED_TOKENS] and len(sizes) == 3 + 8 * 5
+    assert sizes[-3:] == [7168, 7680, MAX_MIXED_TOKENS] and len(sizes) == 3 + 8 * 7
     assert sizes == sorted(set(sizes))
     # Padding above 64 tokens stays under an eighth of the step.
     assert all(b - a <= a / 8 for a, b in zip(sizes[2:], sizes[3:], strict=False))
