@@ -38,6 +38,7 @@ from parallm.layers.rotary import RotaryEmbedding  # noqa: E402
 MODELS = {
     "llama-3.2-1b": (2048, 8192, 32, 8, 64, 500000.0),
     "llama-3.1-8b": (4096, 14336, 32, 8, 128, 500000.0),
+    "qwen3-0.6b": (1024, 3072, 16, 8, 128, 1000000.0),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPS = 1e-5
@@ -80,6 +81,16 @@ def norm_cases(tokens: int, hidden: int, dtype: torch.dtype) -> Iterator[Case]:
         lambda: fused_add_rms_norm(x, residual, w, EPS),
         4 * _nbytes(x),
     )
+
+
+def head_norm_case(tokens: int, model: tuple, dtype: torch.dtype) -> Case:
+    """Qwen3's per-head q norm: tokens x query heads rows of head_dim elements each."""
+    _, _, num_q_heads, _, head_dim, _ = model
+    q = torch.randn(tokens, num_q_heads, head_dim, device="cuda", dtype=dtype)
+    norm = RMSNorm(head_dim, EPS).to("cuda", dtype)
+    norm.weight.data.normal_()
+    w = norm.weight.detach()
+    return Case("head_norm", lambda: norm(q), lambda: rms_norm(q, w, EPS), 2 * _nbytes(q))
 
 
 def silu_case(tokens: int, inter: int, dtype: torch.dtype) -> Case:
@@ -152,7 +163,8 @@ def run(model_name: str, dtype: torch.dtype, tokens_list: list[int], graph: bool
         header += f"{'torch graph':>13}{'fused graph':>13}{'speedup':>9}"
     print(f"{model_name} {dtype}\n{header}\n{'-' * len(header)}")
     for tokens in tokens_list:
-        cases = [*norm_cases(tokens, hidden, dtype), silu_case(tokens, inter, dtype)]
+        cases = [*norm_cases(tokens, hidden, dtype), head_norm_case(tokens, model, dtype)]
+        cases.append(silu_case(tokens, inter, dtype))
         cases.append(rope_store_case(tokens, model, dtype))
         for case in cases:
             ulp = max_ulp(*case.outputs())

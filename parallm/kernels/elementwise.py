@@ -24,6 +24,7 @@ from parallm.kernels.pdl import pdl_launch, wait_for_producer
 # longer rows take a two-pass path over chunks of _NORM_CHUNK (larger chunks spill there).
 _MAX_NORM_BLOCK = 16384
 _NORM_CHUNK = 4096
+_NORM_ROW_TILE = 2048
 _SILU_BLOCK = 1024
 # Keep a*b + c as two roundings (PyTorch runs them as separate kernels), not one FMA.
 _NO_FMA = {"enable_fp_fusion": False}
@@ -61,10 +62,9 @@ def _load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL: tl.cons
 
 
 @triton.jit
-def _store_normed(h, rstd, w_ptr, out_row, cols, mask, X_DTYPE: tl.constexpr):
-    # RMSNorm casts the normalised row to x's dtype before scaling by the weight.
+def _store_normed(h, rstd, w, out_row, cols, mask, X_DTYPE: tl.constexpr):
+    # RMSNorm casts the normalised row to x's dtype before scaling by the weight (float32).
     normed = _round_to(h * rstd, X_DTYPE)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out_dtype: tl.constexpr = out_row.dtype.element_ty
     tl.store(out_row + cols, _round_to(normed * w, out_dtype).to(out_dtype), mask=mask)
 
@@ -80,36 +80,40 @@ def _rms_norm_kernel(
     stride_res,
     stride_out,
     stride_res_out,
+    n_rows,
     n_cols,
     inv_n,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    ROWS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_producer(PDL)  # the final norm of a one-row step, between PDL-launched GEMVs
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    res_row = res_ptr + row * stride_res
-    res_out_row = res_out_ptr + row * stride_res_out
-    out_row = out_ptr + row * stride_out
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     if NUM_CHUNKS == 1:
-        # The whole row stays in registers: every input is read once, even when res_out
-        # aliases an input (all loads happen before the stores).
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        h = _load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL)
+        # ROWS whole rows in registers: every input is read once, even when res_out aliases
+        # an input (all loads happen before the stores).
+        rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        mask = (rows < n_rows) & (cols < n_cols)
+        h = _load_row_sum(x_ptr + rows * stride_x, res_ptr + rows * stride_res,
+                          res_out_ptr + rows * stride_res_out, cols, mask, HAS_RESIDUAL)  # fmt: skip
         # Like torch's mean: sum times 1/n.
-        rstd = tl.rsqrt(tl.sum(h * h, axis=0) * inv_n + eps)
-        _store_normed(h, rstd, w_ptr, out_row, cols, mask, X_DTYPE)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=1) * inv_n + eps)[:, None]
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        _store_normed(h, rstd, w, out_ptr + rows * stride_out, cols, mask, X_DTYPE)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        res_out_row = res_out_ptr + row * stride_res_out
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            h = _load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL)
+            h = _load_row_sum(x_row, res_ptr + row * stride_res, res_out_row, cols, mask,
+                              HAS_RESIDUAL)  # fmt: skip
             acc += h * h
         rstd = tl.rsqrt(tl.sum(acc, axis=0) * inv_n + eps)
         # Second pass re-reads the summed row from res_out (same layout, so each thread reads
@@ -119,7 +123,8 @@ def _rms_norm_kernel(
             cols = c * BLOCK + tl.arange(0, BLOCK)
             mask = cols < n_cols
             h = tl.load(src_row + cols, mask=mask, other=0.0).to(tl.float32)
-            _store_normed(h, rstd, w_ptr, out_row, cols, mask, X_DTYPE)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            _store_normed(h, rstd, w, out_ptr + row * stride_out, cols, mask, X_DTYPE)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -143,15 +148,19 @@ def _out_rows(
     return out.view(-1, shape[-1])
 
 
-def _norm_launch(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK, NUM_CHUNKS, num_warps) for a row of n_cols elements."""
+def _norm_launch(n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK, NUM_CHUNKS, ROWS, num_warps) for n_rows rows of n_cols elements."""
     block = triton.next_power_of_2(n_cols)
     if block > _MAX_NORM_BLOCK:
         block = _NORM_CHUNK
     num_chunks = triton.cdiv(n_cols, block)
+    # Narrow rows (per-head q/k norms: thousands of 64- or 128-element rows) share a program
+    # up to _NORM_ROW_TILE elements; a program of one such row is one warp's short read.
+    rows = 1 if num_chunks > 1 else max(1, min(_NORM_ROW_TILE // block, n_rows))
+    rows = triton.next_power_of_2(rows)
     # About 8 elements per thread: 16-byte loads in half precision.
-    num_warps = min(16, max(1, block // 256))
-    return block, num_chunks, num_warps
+    num_warps = min(16, max(1, rows * block // 256))
+    return block, num_chunks, rows, num_warps
 
 
 def _rms_norm(
@@ -179,8 +188,8 @@ def _rms_norm(
     new_residual = res_out2.view(x.shape) if residual is not None else None
     if x2.shape[0] == 0:
         return normed, new_residual
-    block, num_chunks, num_warps = _norm_launch(n_cols)
-    _rms_norm_kernel[(x2.shape[0],)](
+    block, num_chunks, rows, num_warps = _norm_launch(x2.shape[0], n_cols)
+    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](
         x2,
         res2,
         weight.contiguous(),
@@ -190,12 +199,14 @@ def _rms_norm(
         res2.stride(0),
         out2.stride(0),
         res_out2.stride(0),
+        x2.shape[0],
         n_cols,
         1.0 / n_cols,
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         NUM_CHUNKS=num_chunks,
+        ROWS=rows,
         num_warps=num_warps,
         **_NO_FMA,
         **pdl_launch(x, pdl),

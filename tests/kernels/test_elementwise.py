@@ -265,6 +265,17 @@ def test_norms_interpreter_chunked_rows(monkeypatch, in_place):
 
 
 @interpreter_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_interpreter_narrow_rows_share_programs(dtype):
+    # Per-head norms: 148 rows of 16 elements take 128 rows a program, the second program
+    # holding 20 real rows and 108 masked ones.
+    assert fused_ops._norm_launch(148, 16)[2] == 128
+    check_rms_norm((37, 4, 16), dtype, "cpu", max_ulp=2, max_mismatch=0.01)
+    for in_place in (False, True):
+        check_fused_add_rms_norm((37, 4, 16), dtype, "cpu", in_place, max_ulp=2, max_mismatch=0.01)
+
+
+@interpreter_test
 def test_rms_norm_interpreter_allocates_and_keeps_shape():
     x = randn(2, 3, 40, dtype=torch.float32, device="cpu")
     weight = randn(40, dtype=torch.float32, device="cpu", seed=1)
@@ -379,7 +390,7 @@ GPU_MISMATCH = 1e-3
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("hidden", [2048, 4096])
+@pytest.mark.parametrize("hidden", [64, 128, 1024, 2048, 4096])  # up to 32 rows a program
 @pytest.mark.parametrize("tokens", [1, 7, 4096])
 def test_rms_norm_gpu(dtype, hidden, tokens):
     check_rms_norm((tokens, hidden), dtype, "cuda", max_ulp=2, max_mismatch=GPU_MISMATCH)
@@ -388,7 +399,7 @@ def test_rms_norm_gpu(dtype, hidden, tokens):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("hidden", [2048, 4096, 20000])
+@pytest.mark.parametrize("hidden", [128, 1024, 2048, 4096, 20000])
 @pytest.mark.parametrize("tokens", [1, 4096])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_add_rms_norm_gpu(dtype, hidden, tokens, in_place):
