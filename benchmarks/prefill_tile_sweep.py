@@ -57,7 +57,8 @@ def configs(head_dim: int, elem_bytes: int, smem: int) -> list[paged_prefill._Pr
     return out
 
 
-def sweep_case(model: str, prompt_len: int, dtype: torch.dtype, max_rel_err: float) -> list[dict]:
+def sweep_case(model: str, prompt_len: int, dtype: torch.dtype, max_rel_err: float,
+               package_only: bool = False) -> list[dict]:  # fmt: skip
     heads = ROW_MODELS[model]
     q, k_cache, v_cache, tables, qsl, seq_lens = make_cache([(prompt_len, prompt_len)], heads,
                                                             dtype)  # fmt: skip
@@ -72,7 +73,9 @@ def sweep_case(model: str, prompt_len: int, dtype: torch.dtype, max_rel_err: flo
 
     sdpa = time_sdpa(*sdpa_inputs(q, k_cache, v_cache, tables, seq_lens, prompt_len), causal=True)
     rows = []
-    for cfg in configs(heads[2], q.element_size(), shared_memory_bytes(q.device)):
+    grid = [chosen] if package_only else configs(heads[2], q.element_size(),
+                                                 shared_memory_bytes(q.device))  # fmt: skip
+    for cfg in grid:
         with mock.patch.object(paged_prefill, "_prefill_config", lambda *a, cfg=cfg: cfg):
             try:
                 err = rel_err(run(), ref)
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one prompt of this many tokens a case")  # fmt: skip
     ap.add_argument("--max-rel-err", type=float, default=2e-2,
                     help="a configuration further from the float64 twin is not timed")  # fmt: skip
+    ap.add_argument("--package-only", action="store_true",
+                    help="time the package's tile alone (two trees' kernels side by side)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="every row as JSON")
     return ap
 
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("prefill_tile_sweep times CUDA graphs: it needs a GPU")
     rows = []
     for model, prompt_len in itertools.product(args.models, args.prompt_lens):
-        case = sweep_case(model, prompt_len, torch.bfloat16, args.max_rel_err)
+        case = sweep_case(model, prompt_len, torch.bfloat16, args.max_rel_err, args.package_only)
         print_case(case)
         rows += case
     if args.out is not None:

@@ -32,6 +32,9 @@ def test_flags_and_refusals():
     bench = load_benchmark("prefill_tile_sweep")
     args = bench.build_parser().parse_args([])
     assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.prompt_lens == [2048, 3500]
+    assert (
+        not args.package_only and bench.build_parser().parse_args(["--package-only"]).package_only
+    )
     with pytest.raises(SystemExit, match="--models: unknown"):
         bench.main(["--models", "gpt-9"])
     if not torch.cuda.is_available():
