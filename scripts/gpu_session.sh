@@ -208,6 +208,14 @@ for step in "$@"; do
                  --out runs/code-model-150m/hf 2>&1 | tail -3
                cp runs/code-model-150m/metrics.jsonl runs/code-model-150m/loss.png "$OUT/" 2>/dev/null
                cp runs/data/python-8k/meta.json "$OUT/python-8k-meta.json" 2>/dev/null ;;
+    spectraintests) # `spectrain` with `tests` beside it (their timings do not matter): one call
+                    # instead of two. The server wheels go in first, so the corpus that
+                    # spectrain reads holds them throughout (as after `tests`)
+                    [[ -d .whl/server ]] && server_wheels
+                    bash "$0" tests > "$OUT/tests_bg.log" 2>&1 &
+                    tests_pid=$!
+                    bash "$0" spectrain
+                    wait "$tests_pid"; grep -E "passed|failed|FAILED|ERROR" "$OUT/tests_bg.log" | tail -25 ;;
     specheads) # Medusa heads on the frozen 150M model (after `spectrain`, same machine, and
                # before `tests` or `serve`: their wheels go into site-packages, the python
                # corpus changes, and the dataset's fingerprint no longer matches)
