@@ -148,6 +148,26 @@ def test_steps_with_prompt_tokens_through_the_buffers_give_the_eager_tokens(tiny
     assert llm.engine.kv.num_free_blocks == plain.engine.kv.num_free_blocks  # nothing held
 
 
+def test_a_step_of_thousands_of_prompt_tokens_goes_through_the_buffers(tiny_model_dir):
+    # Nine prompts of 300-460 tokens (3,420 in all) are one step under a 4,096-token budget:
+    # a size above the old cap of 2,048, the only step with prompt tokens in it.
+    engine = dict(ENGINE, max_model_len=512, kv_cache_memory=32 << 20, max_num_seqs=16,
+                  max_num_batched_tokens=4096)  # fmt: skip
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(300 + 20 * i)] for i in range(9)]
+    assert 2048 < sum(map(len, prompts)) <= 4096
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    path = str(tiny_model_dir("llama3"))
+    plain = LLM(path, **engine)
+    want = _generate(plain, prompts, params)
+    llm = LLM(path, **engine)
+    sizes = mixed_token_sizes(4096)
+    assert sizes[-1] == 4096 and MAX_MIXED_TOKENS >= 4096
+    graphs = _install(llm, sizes, max_num_seqs=16)
+    assert _generate(llm, prompts, params) == want
+    assert graphs.num_replays == 1  # the prompts' step; the rest are decode steps
+    assert llm.engine.kv.num_free_blocks == plain.engine.kv.num_free_blocks
+
+
 _INTERPRETED = textwrap.dedent(
     """
     import sys
