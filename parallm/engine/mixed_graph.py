@@ -40,9 +40,10 @@ if TYPE_CHECKING:
     from parallm.engine.runner import StepInputs
 
 # Steps up to the default token budget replay graphs: capped at 2,048, a step of a 3,500-token
-# prompt beside 128 decodes ran eagerly (192 launches) and its Qwen3-0.6B step took 26.4 ms
-# against 22.0 replayed (H100, RESULTS, nineteenth session). Steps of larger budgets above
-# this stay eager: the graphs' capture time and memory grow with the cap.
+# prompt beside 128 decodes ran eagerly (192 launches, one prefill launch sized for the prompt
+# holding the decode rows too); replayed, Qwen3-0.6B's took 22.0 ms against 26.4 (H100, with
+# the multi-row RMSNorm; RESULTS, nineteenth session). Steps of larger budgets above this stay
+# eager: the graphs' capture time and memory grow with the cap.
 MAX_MIXED_TOKENS = 8192
 # int64 rows per token in a size's input region: ids, positions, slots, the sampling gather.
 _TOKEN_ROWS = 4
