@@ -129,7 +129,6 @@ def _suffix_order(tokens: np.ndarray, depth: int) -> np.ndarray:
     on every core (3x numpy's stable argsort on two cores, 16.8M keys)."""
     size = len(tokens)
     rank = torch.from_numpy(tokens.astype(np.int64) - _PAST_END + 1)  # >= 1: 0 is past the end
-    order = torch.sort(rank, stable=True).indices
     width = 1  # ``rank`` orders the suffixes by their first ``width`` tokens
     rounds = max(0, (depth - 1).bit_length())
     bar = tqdm(total=rounds, desc=f"Indexing a datastore of {size:,} tokens", unit="doubling",
@@ -146,6 +145,8 @@ def _suffix_order(tokens: np.ndarray, depth: int) -> np.ndarray:
         width *= 2
         bar.update()
     bar.close()
+    if width == 1:  # depth 1: no doubling sorted them
+        order = torch.sort(rank, stable=True).indices
     return order.to(torch.int32).numpy()
 
 
