@@ -1,7 +1,8 @@
 """benchmarks/ngram_acceptance.py: its earliest- and latest-occurrence lookups against their
 brute-force definitions, its replay of a greedy run's steps against a hand-worked example
-(drafting from earlier requests through the engine's ``TokenHistory``), and a whole run with the
-bundled model on CPU."""
+(drafting from earlier requests through the engine's ``TokenHistory``), its draft trees of
+several chains (the candidates against their definitions, the longest match kept), and a whole
+run with the bundled model on CPU."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_walk_counts_the_steps_of_a_greedy_run():
     # The prefill emits 1. Context ..4 1: "1" occurred at 0, drafts 2 3 4, of which 2 3 are
     # kept and the verify step emits 9. Context ..3 9: no earlier 9, no drafts, 9 emitted.
     # Three steps, one of them drafted, two drafts accepted.
-    assert bench.walk(prompt, output, variant) == (3, 1, 2)
+    assert bench.walk(prompt, output, variant) == (3, 1, 2, 3)  # 3 draft nodes
 
 
 def test_history_drafts_only_where_the_request_gives_nothing():
@@ -90,11 +91,11 @@ def test_history_drafts_only_where_the_request_gives_nothing():
     prompt, output = [7, 2, 3], [4, 5, 9]
     # The prefill emits 4. Context 7 2 3 4: no earlier 4 nor "3 4" in the request; the
     # history's latest "2 3 4" gives 5 6, of which 5 is kept and 9 emitted: two steps.
-    assert bench.walk(prompt, output, variant, history) == (2, 1, 1)
-    assert bench.walk(prompt, output, variant) == (3, 0, 0)  # 5, then 9, one a step
+    assert bench.walk(prompt, output, variant, history) == (2, 1, 1, 2)
+    assert bench.walk(prompt, output, variant) == (3, 0, 0, 0)  # 5, then 9, one a step
     # The request's own drafts come first: "3 8" recurs in it, so 3 8 is drafted (and
     # rejected) though the history has nothing to say.
-    assert bench.walk([3, 8, 3], [8, 0], variant, history) == (2, 1, 0)
+    assert bench.walk([3, 8, 3], [8, 0], variant, history) == (2, 1, 0, 2)
 
 
 def test_history_lookup_takes_the_latest_occurrence_and_stops_at_a_request_end():
@@ -126,17 +127,22 @@ def test_whole_run_scores_every_variant(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(BENCH), "--corpus", str(corpus), "--val-fraction", "1",
            "--num-prompts", "3", "--max-tokens", "12", "--device", "cpu", "--dtype", "float32",
-           "--k", "2,4", "--min-n", "1,2", "--max-n", "2", "--out", str(out)]  # fmt: skip
+           "--k", "2,4", "--min-n", "1,2", "--max-n", "2", "--branches", "1,3",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 2 * 2 * 2  # k x min_n x occurrence x extend x history
+    chains = [r for r in rows if r["branches"] == 1]
+    assert len(chains) == 2 * 2 * 2 * 2 * 2  # k x min_n x occurrence x extend x history
+    trees = [r for r in rows if r["branches"] == 3]
+    assert len(trees) == 2 * 2  # k x min_n, the ring's latest extended variants
     tokens = {r["tokens"] for r in rows}
     assert len(tokens) == 1  # every variant replays the same plain outputs
     for r in rows:
         assert 1 <= r["tokens_per_step"] <= r["k"] + 1
         assert 0 <= r["drafted_share"] <= 1
         assert r["drafted_share"] == 0 or 1 <= r["tokens_per_drafted_step"] <= r["k"] + 1
+        assert 0 <= r["nodes_per_step"] <= r["branches"] * r["k"]
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").exists(), reason="no bundled model")
@@ -183,3 +189,62 @@ def test_score_drafts_from_the_datastore_after_the_ring():
     ring_only = bench.score([[7, 2, 3]], [[4, 5, 9]], {**variant, "datastore": False}, store)
     assert (with_store["steps"], with_store["tokens_per_step"]) == (2, 1.5)
     assert (ring_only["steps"], ring_only["drafted_share"]) == (3, 0.0)
+
+
+def test_own_continuations_match_their_definition():
+    """Distinct continuations, longest n first, newest occurrence first within an n."""
+    bench = _bench()
+    rng = random.Random(1)
+    for _ in range(300):
+        tokens = [rng.randrange(1, 4) for _ in range(rng.randrange(1, 30))]
+        k, lo = rng.randrange(1, 5), rng.randrange(1, 3)
+        hi, limit = lo + rng.randrange(0, 3), rng.randrange(1, 5)
+        want, size = [], len(tokens)
+        for n in range(min(hi, size - 1), lo - 1, -1):
+            for s in reversed(range(size - n)):
+                chain = tokens[s + n : s + n + k]
+                if tokens[s : s + n] == tokens[size - n :] and chain not in want:
+                    want.append(chain)
+        assert bench.own_continuations(tokens, k, lo, hi, limit) == want[:limit]
+
+
+def test_majority_paths_follow_the_most_frequent_continuations():
+    bench = _bench()
+    sep = bench.SEPARATOR
+    # After "7 8": 1 2 3 twice, 1 2 4 once, 5 6 once; "1 2 5" is cut by a separator to "1 2".
+    docs = [[7, 8, 1, 2, 3], [7, 8, 1, 2, 3], [7, 8, 1, 2, 4], [7, 8, 5, 6], [7, 8, 1, 2]]
+    base = np.array([t for d in docs for t in (*d, sep)][:-1], dtype=np.int32)
+    index = bench.SuffixIndex(base, 8, sep)
+    assert bench.majority_paths(index, [0, 7, 8], 3, 2) == [[1, 2, 3], [5, 6]]
+    assert bench.majority_paths(index, [0, 7, 8], 2, 1) == [[1, 2]]
+    assert bench.majority_paths(index, [9, 9], 3, 2) == []  # 9 never occurs
+
+
+def test_branch_chains_order_and_tree_nodes():
+    """The chain drafter's own chain, then the ring's newest, then the others; a chain that
+    is a prefix of an earlier one adds nothing. The tree counts shared prefixes once."""
+    bench = _bench()
+    history = bench.TokenHistory(64)
+    history.add([4, 5, 9, 9])
+    context = [4, 5, 1, 2, 4, 5, 3, 6, 4, 5]
+    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest", "extend": False,
+               "branches": 3}  # fmt: skip
+    # Own: "4 5" last at 6 -> 3 6, before that at 0 -> 1 2; the ring: 9 9.
+    assert bench.branch_chains(context, variant, history) == [[3, 6], [9, 9], [1, 2]]
+    assert bench.branch_chains(context, {**variant, "branches": 2}, history) == [[3, 6], [9, 9]]
+    assert bench.tree_nodes([[3, 6], [3, 7], [3]]) == 3
+    assert bench.tree_nodes([[]]) == 0
+
+
+def test_walk_with_branches_keeps_the_longest_matching_chain():
+    bench = _bench()
+    history = bench.TokenHistory(64)
+    history.add([4, 5, 9, 9])
+    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest", "extend": False}
+    prompt, output = [4, 5, 3, 6, 4], [5, 9, 9, 0]
+    # The prefill emits 5. Own: "4 5" -> 3 6 (wrong); the ring's "4 5" -> 9 9 (right): with
+    # two branches both are verified and 9 9 kept, then 0 emitted. Two steps, 4 nodes.
+    assert bench.walk(prompt, output, {**variant, "branches": 2}, history) == (2, 1, 2, 4)
+    # The chain drafter alone drafts 3 6 (none kept, 9 emitted), then "5 9" has nothing in the
+    # request, the ring gives 9 (kept) and 0 is emitted.
+    assert bench.walk(prompt, output, {**variant, "branches": 1}, history) == (3, 2, 1, 3)
