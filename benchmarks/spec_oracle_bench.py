@@ -160,8 +160,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         _install_peaked_dummy_weights()
     if args.drafter == "device":
         return run_device(args)
+    # No more sequences than the largest batch: no graphs captured for more (start-up).
     engine_args = dict(load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
-                       device=args.device, dtype=args.dtype, gpu_memory_utilization=0.6)  # fmt: skip
+                       device=args.device, dtype=args.dtype, gpu_memory_utilization=0.6,
+                       max_num_seqs=max(args.batch_sizes))  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     plain = LLM(args.config, **engine_args)
     vocab = plain.engine.model_config.vocab_size
@@ -220,7 +222,7 @@ def run_device(args: argparse.Namespace) -> list[dict]:
     run_len = args.output_len + max(args.k) + 2
     engine_args = dict(load_format="dummy", device=args.device, dtype=args.dtype,
                        max_model_len=args.input_len + run_len + args.output_len + 32,
-                       gpu_memory_utilization=0.6)  # fmt: skip
+                       gpu_memory_utilization=0.6, max_num_seqs=max(args.batch_sizes))  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     plain = LLM(args.config, **engine_args)
     vocab = plain.engine.model_config.vocab_size

@@ -233,9 +233,12 @@ def _reset(llm: LLM) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
-    # A fixed KV budget each: the engines live side by side in one process.
+    # A fixed KV budget each: the engines live side by side in one process. No engine runs
+    # more sequences than the largest batch, so none captures graphs for more (unset, the
+    # admission follows the GPU: graphs up to 512 sequences, each engine's start-up longer).
     engine_args = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       kv_cache_memory=int(args.kv_cache_gib * 2**30))  # fmt: skip
+                       kv_cache_memory=int(args.kv_cache_gib * 2**30),
+                       max_num_seqs=max(args.batch_sizes))  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     target_config = json.loads((Path(args.target) / "config.json").read_text())
     drafters = drafter_configs(args, target_config["num_hidden_layers"])  # checked before loading
