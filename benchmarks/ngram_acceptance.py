@@ -11,10 +11,12 @@ noise. A step costs about the same whatever its drafts (the verify shape is fixe
 mode, where a failed lookup's rows are fillers), so tokens a step is the speedup's factor.
 
 Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest first);
-``earliest`` (vLLM's: the first earlier occurrence of the n-gram) or ``latest`` (the most
-recent one, the engine's ``propose_ngram``); ``extend``: a chain cut short (the match lies
+``earliest`` (vLLM's: the first earlier occurrence of the n-gram, its drafts cut short where
+the sequence ends) or ``latest`` (the most recent one, the engine's ``propose_ngram``, whose
+drafts repeat a run that the sequence ends in); ``extend``: a chain cut short (the match lies
 near the end, or nothing matched) is filled by looking up again from the context plus the
-drafts so far, rows the device drafter verifies anyway; ``history``: where the request's own
+drafts so far, rows the device drafter verifies anyway (for ``latest`` the repeat already
+did); ``history``: where the request's own
 tokens give no drafts, the latest occurrence in the earlier requests' prompts and outputs (the
 prompts replayed in order, as a server would have served them; the engine's ``TokenHistory``
 with ``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since

@@ -3,8 +3,9 @@
 The device twin of ``parallm.engine.spec.ngram.propose_ngram`` (and of ``prompt_lookup_ref``):
 for each row, the longest n in ``[min_n, max_n]`` whose last-n-token suffix also occurs
 earlier wins; among its earlier occurrences (each ending before the last token) the latest;
-the drafts are the tokens that followed it, cut short where the sequence ends. Nothing here
-waits for the host, so a verify graph can draft its next step itself.
+the drafts are the tokens that followed it, repeated with that period where the sequence ends
+first (a repeating run). Nothing here waits for the host, so a verify graph can draft its next
+step itself.
 
 Two kernels. The first gives every (row, chunk of end positions) a program: for each end
 position ``e`` it counts how many tokens ending at ``e`` match the row's last tokens (up to
@@ -68,10 +69,11 @@ def _gather_kernel(tokens_ptr, lengths_ptr, latest_ptr, drafts_ptr, counts_ptr, 
     last = tl.load(latest_ptr + row * BLOCK_N + n)
     best, end = pick_longest(last, n, min_n, max_n, size - 1)
     start = end + 1
-    count = tl.where(best > 0, tl.minimum(num_tokens, size - start), 0)
+    count = tl.where(best > 0, num_tokens, 0)
+    period = tl.maximum(size - start, 1)  # >= 1 with a match: it ends before the last token
     j = tl.arange(0, BLOCK_K)
     base = tokens_ptr + row.to(tl.int64) * stride_row
-    drafts = tl.load(base + start + j, mask=j < count, other=0)
+    drafts = tl.load(base + start + j % period, mask=j < count, other=0)
     tl.store(drafts_ptr + row * stride_drafts + j, drafts, mask=j < num_tokens)
     tl.store(counts_ptr + row, count)
     tl.store(latest_ptr + row * BLOCK_N + n, tl.full([BLOCK_N], _NONE, tl.int32))
@@ -105,7 +107,8 @@ def prompt_lookup(
     counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's drafts: ``(drafts [B, num_tokens] int32, counts [B] int32)``, row ``b``'s
-    first ``counts[b]`` drafts valid, the rest 0.
+    first ``counts[b]`` drafts valid (``num_tokens`` where its lookup matched, else 0), the
+    rest 0.
 
     tokens: ``[B, L]`` int32 (row ``b``'s sequence in its first ``lengths[b]`` columns; rows
     contiguous); lengths: ``[B]`` int32, each at most L. ``latest`` (``lookup_buffer``),

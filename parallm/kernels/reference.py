@@ -303,8 +303,9 @@ def prompt_lookup_ref(
     tokens: torch.Tensor, lengths: torch.Tensor, num_tokens: int, min_n: int, max_n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``prompt_lookup``'s twin, row by row: the longest n in ``[min_n, max_n]`` whose suffix
-    recurs wholly before the last token, its latest occurrence, and up to ``num_tokens`` of
-    what followed it; ``(drafts [B, num_tokens] int32, 0 past each count; counts [B] int32)``."""
+    recurs wholly before the last token, its latest occurrence, and ``num_tokens`` of what
+    followed it, repeated with that period where the row ends first; ``(drafts [B,
+    num_tokens] int32, 0 past each count; counts [B] int32)``."""
     rows = tokens.shape[0]
     drafts = torch.zeros((rows, num_tokens), dtype=torch.int32)
     counts = torch.zeros((rows,), dtype=torch.int32)
@@ -316,9 +317,9 @@ def prompt_lookup_ref(
             hits = (windows == row[size - n :]).all(dim=1).nonzero()
             if len(hits):
                 start = int(hits[-1]) + n
-                count = min(num_tokens, size - start)
-                drafts[b, :count] = row[start : start + count]
-                counts[b] = count
+                follow = row[start:size]
+                drafts[b] = follow[torch.arange(num_tokens) % len(follow)]
+                counts[b] = num_tokens
                 break
     return drafts, counts
 

@@ -1,5 +1,5 @@
 """Prompt lookup (the ``ngram`` drafter): which earlier occurrence it copies from (the latest),
-and how much."""
+and how much (a match near the end repeats as a run)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def reference_propose(
     tokens: list[int], num_tokens: int, min_n: int, max_n: int, latest: bool = True
 ) -> list[int]:
     """The definition, spelled out: longest n first, then the latest occurrence (the earliest
-    with ``latest=False``: vLLM's policy, to show where the two differ)."""
+    with ``latest=False``: vLLM's policy, to show where the two differ), and what followed it
+    as if the sequence went on repeating it: ``num_tokens`` of them."""
     size = len(tokens)
     for n in range(max_n, min_n - 1, -1):
         if n >= size:
@@ -26,7 +27,8 @@ def reference_propose(
         starts = range(size - n - 1, -1, -1) if latest else range(size - n)
         for start in starts:
             if tokens[start : start + n] == suffix:
-                return tokens[start + n : start + n + num_tokens]
+                follow = tokens[start + n :]
+                return [follow[i % len(follow)] for i in range(num_tokens)]
     return []
 
 
@@ -36,9 +38,10 @@ def test_the_latest_of_several_occurrences_is_copied():
     assert propose_ngram(tokens, 3, 2, 2) == [4, 1, 2]
     assert reference_propose(tokens, 3, 2, 2, latest=False) == [3, 1, 2]  # vLLM's
     tokens = [7, 8, 1, 9, 2, 9, 3, 9]
-    # 9 occurs at 3 and 5 before the end; the latest (5) was followed by 3, 9 only.
+    # 9 occurs at 3 and 5 before the end; the latest (5) was followed by 3, 9 only, a run
+    # "3 9" that repeats.
     assert propose_ngram(tokens, 2, 1, 1) == [3, 9]
-    assert propose_ngram(tokens, 5, 1, 1) == [3, 9]
+    assert propose_ngram(tokens, 5, 1, 1) == [3, 9, 3, 9, 3]
 
 
 def test_the_longest_matching_n_wins_over_a_later_shorter_match():
@@ -56,16 +59,19 @@ def test_the_longest_matching_n_wins_over_a_later_shorter_match():
 
 def test_min_n_refuses_shorter_matches():
     tokens = [1, 2, 3, 9, 2, 3]
-    assert propose_ngram(tokens, 4, 2, 4) == [9, 2, 3]
+    assert propose_ngram(tokens, 4, 2, 4) == [9, 2, 3, 9]
     assert propose_ngram(tokens, 4, 3, 4) == []
 
 
-def test_the_proposal_stops_where_the_sequence_ends():
+def test_a_match_near_the_end_repeats_as_a_run():
+    """Where the sequence ends before ``num_tokens`` followed the match, the tokens after it
+    repeat: the match's n-gram ends the sequence too, so the text is a run of that period."""
     tokens = [1, 2, 3, 4, 1, 2]
-    assert propose_ngram(tokens, 10, 2, 2) == [3, 4, 1, 2]
+    assert propose_ngram(tokens, 10, 2, 2) == [3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
+    assert propose_ngram(tokens, 3, 2, 2) == [3, 4, 1]  # enough followed: no repeat
     # A run of one token: the latest "5 5" before the last token leaves one token after it.
-    assert propose_ngram([5, 5, 5, 5], 4, 2, 2) == [5]
-    assert propose_ngram([7, 8, 9] * 3, 8, 1, 3) == [7, 8, 9]
+    assert propose_ngram([5, 5, 5, 5], 4, 2, 2) == [5, 5, 5, 5]
+    assert propose_ngram([7, 8, 9] * 3, 8, 1, 3) == [7, 8, 9, 7, 8, 9, 7, 8]
 
 
 def test_no_match_gives_nothing():
@@ -76,8 +82,8 @@ def test_no_match_gives_nothing():
 
 
 def test_n_larger_than_the_sequence_falls_back_to_what_fits():
-    assert propose_ngram([6, 6], 3, 1, 10) == [6]
-    assert propose_ngram([1, 2, 1, 2], 3, 2, 50) == [1, 2]
+    assert propose_ngram([6, 6], 3, 1, 10) == [6, 6, 6]
+    assert propose_ngram([1, 2, 1, 2], 3, 2, 50) == [1, 2, 1]
     assert propose_ngram([1, 2, 1, 2], 3, 5, 50) == []
 
 

@@ -2,7 +2,8 @@
 ``propose_ngram``, on random token rows over a small vocabulary (so that n-grams recur, the
 earliest and latest occurrences mostly differing), rows longer than one program's chunk, hand
 rows whose latest occurrence is not the earliest (in one chunk and across chunks), and the
-edge rows (empty, one token, nothing recurring, a repeating run shorter than the draft).
+edge rows (empty, one token, nothing recurring, a repeating run shorter than the draft, which
+repeats).
 
 Without CUDA the kernels run under the Triton interpreter (see ``triton_interpreter``).
 """
@@ -87,12 +88,14 @@ def _hand_rows(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.T
 @interpreter_test
 def test_edge_rows_interpreter():
     # A repeating run shorter than the draft: the latest "7 8 9" before the last token leaves
-    # only 7 8 9 after it (the earliest would leave 7 8 9 7 8 9).
+    # only 7 8 9 after it, which repeats up to the 8 drafts; so does a run of one token.
     run = [7, 8, 9] * 3
     rows = [[], [5], [5, 5], [1, 2, 3, 4, 5, 6], run, [4, 1, 2, 9, 1, 2]]
     tokens, lengths = _hand_rows(rows, 12)
     drafts, counts = prompt_lookup(tokens, lengths, 8, 1, 3)
-    assert _as_lists(drafts, counts) == [[], [], [5], [], [7, 8, 9], [9, 1, 2]]
+    assert _as_lists(drafts, counts) == [
+        [], [], [5] * 8, [], [7, 8, 9, 7, 8, 9, 7, 8], [9, 1, 2, 9, 1, 2, 9, 1]
+    ]  # fmt: skip
     assert _as_lists(drafts, counts) == [propose_ngram(r, 8, 1, 3) for r in rows]
 
 

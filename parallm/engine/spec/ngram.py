@@ -1,8 +1,11 @@
 """Prompt lookup (vLLM's ``ngram`` method; no model runs): draft the tokens that followed the
 latest earlier occurrence of the sequence's own last n tokens. vLLM takes the earliest; the
 latest drafts better, recent text being the likelier to repeat (benchmarks/ngram_acceptance.py's
-``occurrence`` variant: +6% tokens a step with a minimum n of 1, docs/PERF_NOTES.md). In a
-repeating run shorter than the draft length the draft is cut short where the sequence ends.
+``occurrence`` variant: +6% tokens a step with a minimum n of 1, docs/PERF_NOTES.md). A match
+that lies near the end, closer than the draft length, is a repeating run: its drafts repeat
+what followed it until there are enough (vLLM cuts them short there), as looking up again from
+the sequence plus its drafts would (+4% tokens a step on the bundled model's held-out code, and
+the rows a device-mode step would verify as fillers anyway: docs/PERF_NOTES.md).
 
 It runs on the host for every running sequence every step, so the search is a substring search
 in C: the tokens as 4-byte words, searched with ``bytes.rfind`` once for each n.
@@ -26,8 +29,9 @@ def propose_ngram(
     ``token_ids`` is the whole sequence (prompt and output so far); a list, or an integer
     ``numpy`` or ``array.array`` buffer. The longest n in ``[min_n, max_n]`` whose last-n-token
     suffix also occurs wholly before the last token wins (so at least one token followed it);
-    among those occurrences, the latest. The proposal is what followed it, cut short where the
-    sequence ends; ``[]`` when no n-gram of at least ``min_n`` tokens recurs.
+    among those occurrences, the latest. The proposal is what followed it; where the sequence
+    ends first, those tokens repeated (a run repeating with that period) up to
+    ``num_tokens``; ``[]`` when no n-gram of at least ``min_n`` tokens recurs.
     """
     size = len(token_ids)
     # An occurrence must end before the last token, so at most size - 1 tokens can match.
@@ -50,7 +54,11 @@ def propose_ngram(
     if start < 0:
         return []
     proposal = token_ids[start : min(start + num_tokens, size)]
-    return proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
+    proposal = proposal if isinstance(proposal, list) else np.asarray(proposal).tolist()
+    period = len(proposal)  # >= 1: the occurrence ends before the last token
+    if period < num_tokens:
+        proposal = [proposal[i % period] for i in range(num_tokens)]
+    return proposal
 
 
 def rfind_tokens(words: bytes | bytearray, pattern: bytes, start: int, end: int) -> int:
