@@ -27,8 +27,9 @@ before the ring: retrieval-based drafting, REST, He et al., 2024). ``branches`` 
 several candidate chains verified together as one draft tree, the accepted tokens those of the
 chain that matches longest (REST's and SGLang's n-gram trees): the variant's own chain, the
 ring's and datastore's newest continuation, the datastore's most frequent paths, then the
-request's other continuations (``branch_chains``); "nodes" counts the tree's tokens a step,
-shared prefixes once, which is what a verify step computes.
+request's other continuations (``branch_chains``; "2L": the first two alone, the device
+drafter's two lookups); "nodes" counts the tree's tokens a step, shared prefixes once, which
+is what a verify step computes.
 
     python benchmarks/ngram_acceptance.py [--model runs/code-model-150m/hf --corpus python
         --val-fraction 0.01 --datastore runs/data/python-8k] [--k 4,8] [--out FILE.json]
@@ -143,16 +144,19 @@ def majority_paths(index: SuffixIndex, context: list[int], k: int, limit: int):
 
 def branch_chains(context: list[int], variant: dict, history: TokenHistory) -> list[list[int]]:
     """Up to ``variant["branches"]`` chains to verify together: the variant's own chain, the
-    ring's (and datastore's) newest continuation, the datastore's most frequent paths, then
-    the request's other continuations, in that order; one that repeats an earlier one or a
-    prefix of it is dropped."""
+    ring's (and datastore's) newest continuation, then (``tree_sources`` "all") the
+    datastore's most frequent paths and the request's other continuations, in that order; one
+    that repeats an earlier one or a prefix of it is dropped. "lookups" keeps the first two
+    alone: what the device drafter's two lookup kernels give."""
     k, low, high, limit = variant["k"], variant["min_n"], variant["max_n"], variant["branches"]
     sources = [
         [draft(context, k, low, high, variant["occurrence"], variant["extend"])],
         [history.lookup(context, k, *history_ngram_range(low, high))],
-        majority_paths(history.index, context, k, limit) if history.index is not None else [],
-        own_continuations(context, k, low, high, limit),
     ]
+    if variant.get("tree_sources", "all") == "all":
+        if history.index is not None:
+            sources.append(majority_paths(history.index, context, k, limit))
+        sources.append(own_continuations(context, k, low, high, limit))
     chains: list[list[int]] = []
     for chain in itertools.chain.from_iterable(sources):
         if chain and not any(c[: len(chain)] == chain for c in chains):
@@ -207,13 +211,16 @@ def variants(args: argparse.Namespace) -> list[dict]:
     grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True), sources)
     chains = [
         {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext, "history": hist,
-         "datastore": store, "branches": 1}
+         "datastore": store, "branches": 1, "tree_sources": None}
         for k, lo, hi, occ, ext, (hist, store) in grid
         if lo <= hi
     ]  # fmt: skip
     # Trees beside the engine's chain drafter (latest occurrence, extended), with the ring.
-    trees = [{**v, "branches": b} for v in chains for b in args.branches if b > 1
-             and v["history"] and v["occurrence"] == "latest" and v["extend"]]  # fmt: skip
+    ring = [v for v in chains if v["history"] and v["occurrence"] == "latest" and v["extend"]]
+    trees = [{**v, "branches": b, "tree_sources": "all"} for v in ring
+             for b in args.branches if b > 1]  # fmt: skip
+    if trees:  # and the two chains the device drafter's kernels would give
+        trees += [{**v, "branches": 2, "tree_sources": "lookups"} for v in ring]
     return chains + trees
 
 
@@ -281,10 +288,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     for r in sorted(rows, key=lambda r: (r["k"], -r["tokens_per_step"])):
         print(f"{r['k']:>2} {r['min_n']:>2}-{r['max_n']:<2} {r['occurrence']:>10} "
               f"{'yes' if r['extend'] else 'no':>6} {'yes' if r['history'] else 'no':>7} "
-              f"{'yes' if r['datastore'] else 'no':>5} {r['branches']:>8} "
+              f"{'yes' if r['datastore'] else 'no':>5} {_branches(r):>8} "
               f"{r['tokens_per_step']:>9.3f} {r['tokens_per_drafted_step']:>11.3f} "
               f"{r['drafted_share']:>8.1%} {r['nodes_per_step']:>6.1f}")  # fmt: skip
     return rows
+
+
+def _branches(row: dict) -> str:
+    """The branches column: the chain count, "L" where the tree holds the two lookups alone."""
+    return f"{row['branches']}{'L' if row['tree_sources'] == 'lookups' else ''}"
 
 
 def _ints(text: str) -> list[int]:
@@ -303,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-n", type=_ints, default=[3, 5, 8], help="prompt_lookup_max values")
     ap.add_argument("--branches", type=_ints, default=[1],
                     help="chains verified together as a tree (1: the chain drafter alone); "
-                         "each value above 1 adds the ring variants' trees")  # fmt: skip
+                         "each value above 1 adds the ring variants' trees, and then a tree "
+                         'of the two lookups alone ("2L": own and newest earlier)')  # fmt: skip
     ap.add_argument("--datastore", default=None,
                     help="a dataset folder (the model's training data, as `parallm train` "
                          "prepared it): adds the variants that draft from it after the ring")  # fmt: skip

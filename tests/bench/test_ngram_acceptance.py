@@ -143,6 +143,8 @@ def test_whole_run_scores_every_variant(tmp_path):
     assert len(chains) == 2 * 2 * 2 * 2 * 2  # k x min_n x occurrence x extend x history
     trees = [r for r in rows if r["branches"] == 3]
     assert len(trees) == 2 * 2  # k x min_n, the ring's latest extended variants
+    lookups = [r for r in rows if r["tree_sources"] == "lookups"]
+    assert len(lookups) == 2 * 2 and {r["branches"] for r in lookups} == {2}
     tokens = {r["tokens"] for r in rows}
     assert len(tokens) == 1  # every variant replays the same plain outputs
     for r in rows:
@@ -239,6 +241,9 @@ def test_branch_chains_order_and_tree_nodes():
     # Own: "4 5" last at 6 -> 3 6, before that at 0 -> 1 2; the ring: 9 9.
     assert bench.branch_chains(context, variant, history) == [[3, 6], [9, 9], [1, 2]]
     assert bench.branch_chains(context, {**variant, "branches": 2}, history) == [[3, 6], [9, 9]]
+    lookups = {**variant, "tree_sources": "lookups"}  # the device drafter's two kernels' chains
+    assert bench.branch_chains(context, lookups, history) == [[3, 6], [9, 9]]
+    assert bench.branch_chains([1, 4, 5], lookups, history) == [[9, 9]]  # own gives none
     assert bench.tree_nodes([[3, 6], [3, 7], [3]]) == 3
     assert bench.tree_nodes([[]]) == 0
 
