@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -29,19 +28,22 @@ from parallm.engine.request import Request, Sequence, SequenceStatus
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput, host_to_device
 from parallm.engine.scheduler import ScheduledBatch, Scheduler
-from parallm.engine.spec.datastore import datastore_tokens
-from parallm.engine.spec.draft_model import MODEL_METHODS, DraftModelProposer
-from parallm.engine.spec.drafting import Drafter
-from parallm.engine.spec.medusa import MedusaProposer
+from parallm.engine.spec.emit import append_verified
 from parallm.engine.spec.stats import SpecStats
 from parallm.engine.spec.step_costs import StepCosts
+from parallm.engine.startup import (
+    check_capacity,
+    drafter_for,
+    engine_summary,
+    model_dir,
+    on_cuda_unless_set,
+)
 from parallm.engine.verify_graph import drafter_shapes
-from parallm.hub import DUMMY_MODEL_PATTERNS, MODEL_PATTERNS, TOKENIZER_PATTERNS, resolve_model_dir
+from parallm.hub import TOKENIZER_PATTERNS, resolve_model_dir
 from parallm.layers.attention import AttentionBackend
 from parallm.layers.backends import check_kv_cache_dtype_support, select_backend
 from parallm.layers.quantization import (
     check_stored_quantization,
-    quantization_summary,
     quantize_model,
 )
 from parallm.models.loader import load_model
@@ -59,7 +61,7 @@ class LLMEngine:
         self.config = config
         cache_cfg, sched_cfg, backend = self._check_config(model_config)
         # A draft model loads with the target; a datastore is read and checked here.
-        self.drafter = _drafter(config, self.model_config, self.model_dir)
+        self.drafter = drafter_for(config, self.model_config, self.model_dir)
         self.draft_model = self.drafter.model if self.drafter is not None else None
         # After the drafter: a method that cannot run sharded says so by name.
         check_tensor_parallel(config, self.model_config, self.device)
@@ -102,7 +104,7 @@ class LLMEngine:
             # Graph capture, Triton launches and the step events use the current device.
             torch.cuda.set_device(self.device)
         # A Hub id becomes its snapshot's directory here (a download unless cached).
-        self.model_dir = _model_dir(config)
+        self.model_dir = model_dir(config)
         if model_config is None and self.model_dir is None:
             raise ValueError(
                 "model: a model directory is required (or pass a ModelConfig for dummy)"
@@ -120,11 +122,11 @@ class LLMEngine:
         check_kv_cache_dtype_support(backend, self.kv_cache_dtype, self.device)
         if config.fused_kernels and self.device.type != "cuda":
             raise ValueError("fused_kernels=True needs device='cuda' (Triton kernels)")
-        self.fused_kernels = _on_cuda_unless_set(config.fused_kernels, self.device)
+        self.fused_kernels = on_cuda_unless_set(config.fused_kernels, self.device)
         self.tp_size = config.tensor_parallel_size
         # Tensor-parallel workers take host inputs, which a step run ahead has not got yet.
         # Set here, before the graph capture: enable_device_drafting reads it.
-        self.async_scheduling = self.tp_size == 1 and _on_cuda_unless_set(
+        self.async_scheduling = self.tp_size == 1 and on_cuda_unless_set(
             config.async_scheduling, self.device
         )
         return cache_cfg, sched_cfg, backend
@@ -248,7 +250,7 @@ class LLMEngine:
         # cache; the cap keeps start-up fast for small models on big cards.
         blocks_per_seq = -(-self.max_model_len // block_size)
         num_blocks = min(num_blocks, 2 * sched_cfg.max_num_seqs * blocks_per_seq)
-        _check_capacity(num_blocks, block_size, self.max_model_len)
+        check_capacity(num_blocks, block_size, self.max_model_len)
         return num_blocks
 
     def _graph_sizes(self, max_num_seqs: int) -> list[int]:
@@ -289,31 +291,7 @@ class LLMEngine:
 
     def summary(self) -> str:
         """One line for start-up: model, dtype, device, attention backend and KV capacity."""
-        cfg = self.model_config
-        graphs = "CUDA graphs off"
-        if self.graph_capture_seconds is not None:
-            sizes, mixed = self.runner.graphs.sizes, self.runner.mixed_graphs
-            graphs = f"CUDA graphs for batch {sizes[0]}..{sizes[-1]}"
-            if mixed is not None:
-                graphs += f" and steps with prompt tokens up to {mixed.sizes[-1]} tokens"
-            graphs += f" in {self.graph_capture_seconds:.1f}s"
-            if self.fused_kernels and self.tp_size > 1:
-                graphs += " (no one-row chain at batch 1: it has no tensor-parallel collectives)"
-        return (
-            f"parallm: {self.config.model or 'dummy'} ({cfg.architecture}, "
-            f"{cfg.num_params / 1e6:.1f}M params) dtype={str(self.dtype).replace('torch.', '')} "
-            f"device={self.device} attention={self.runner.backend.name} "
-            f"fused_kernels={'on' if self.fused_kernels else 'off'} "
-            f"{_tp_summary(self.tp_size, self.device)}"
-            f"{quantization_summary(self.config.quantization, self.stored_quantization)} "
-            f"max_model_len={self.max_model_len} max_num_seqs={self.scheduler.cfg.max_num_seqs} "
-            f"KV cache "
-            f"({str(self.kv_cache_dtype).replace('torch.', '')}): {self.kv.num_blocks} blocks x "
-            f"{self.kv.block_size} = {self.kv_capacity_tokens} tokens; "
-            f"loaded in {self.load_seconds:.1f}s; {graphs}; "
-            f"async scheduling {'on' if self.async_scheduling else 'off'}"
-            f"{_spec_summary(self.drafter)}"
-        )
+        return engine_summary(self)
 
     def validate_params(self, params: SamplingParams) -> None:
         """ValueError for what this engine cannot honour: stop strings without a tokenizer."""
@@ -608,49 +586,17 @@ class LLMEngine:
     def _append_verified(
         self, batch: ScheduledBatch, sampled: list[Sequence], result: SamplerOutput
     ) -> list[Sequence]:
-        """Append every token a verified step emitted, one position at a time (so stop checks,
-        ``max_tokens`` and streaming see them as consecutive steps), after giving back the
-        KV slots of rejected drafts."""
-        drafts = {item.seq.seq_id: item.draft_token_ids for item in batch.seqs if item.samples}
-        proposed_by = {item.seq.seq_id: item.num_proposed for item in batch.seqs if item.samples}
-        emitted = result.spec_token_ids
+        """Every token a verified step emitted, appended (``append_verified``)."""
         # A step staged on the device is in flight behind this one: its slots (and its own
         # successor's) point into blocks past the rejected drafts, so those stay held.
         pending = self._inflight
         take_back = (
             self.kv.rewind if pending and pending.batch.staged_on_device else self.kv.rollback
         )
-        for seq, tokens in zip(sampled, emitted, strict=True):
-            verified = len(drafts[seq.seq_id])
-            if verified:
-                take_back(seq, verified - (len(tokens) - 1))
-            # A full chain's fillers (device mode) were verified but never proposed: the
-            # counters see the proposal alone, as the host drafter would have made it.
-            proposed = proposed_by[seq.seq_id]
-            if proposed:
-                accepted = min(len(tokens) - 1, proposed)
-                self.spec_stats.record(proposed, accepted)
-                seq.draft_history.record(accepted, proposed)
-        finished: list[Sequence] = []
-        # Row of sequence i's token j >= 1 in ``result.spec_logprobs``: later[i] + j - 1.
-        later = list(itertools.accumulate((len(t) - 1 for t in emitted), initial=0))
-        for j in range(max(map(len, emitted), default=0)):
-            # A sequence that stopped at an earlier token of this run (its finish_reason is
-            # set; the scheduler finishes it after this step) takes no more of them.
-            rows = [i for i, t in enumerate(emitted)
-                    if len(t) > j and sampled[i].finish_reason is None]  # fmt: skip
-            if not rows:
-                break
-            seqs = [sampled[i] for i in rows]
-            if result.logprobs is None:  # the tokens are on the host already
-                finished += self.outputs.append_tokens(seqs, [emitted[i][j] for i in rows])
-            elif j == 0:  # the first tokens carry the sampler's logprobs
-                step = result if len(rows) == len(sampled) else result.select(rows)
-                finished += self.outputs.process(seqs, step)
-            else:  # and so do the later ones
-                step = result.spec_logprobs.select([later[i] + j - 1 for i in rows])
-                finished += self.outputs.process(seqs, step)
-            self.num_generated_tokens += len(rows)
+        finished, appended = append_verified(
+            self.outputs, take_back, self.spec_stats, batch, sampled, result
+        )
+        self.num_generated_tokens += appended
         return finished
 
     @property
@@ -687,65 +633,3 @@ def _time_step(costs: StepCosts, batch: ScheduledBatch, ran_ahead: bool, seconds
         return
     drafted = any(item.draft_token_ids for item in batch.seqs)
     costs.record(len(batch.seqs), drafted, ran_ahead, seconds)
-
-
-def _drafter(config: EngineConfig, target: ModelConfig, model_dir: str | None) -> Drafter | None:
-    spec = config.speculative_config
-    if spec is None:
-        return None
-    spec.check_implemented()
-    # A draft model's configuration (Medusa: its heads) is checked here, before the target loads.
-    model = None
-    if spec.method in MODEL_METHODS:
-        model = DraftModelProposer(spec, target, config)
-    elif spec.method == "medusa":
-        model = MedusaProposer(spec, target, config)
-    datastore = datastore_tokens(spec, target.vocab_size, config.tokenizer or model_dir)
-    return Drafter(spec, model, datastore)
-
-
-def _spec_summary(drafter: Drafter | None) -> str:
-    if drafter is None:
-        return ""
-    spec = drafter.config
-    limit = spec.disable_by_batch_size
-    batches = "every batch" if limit is None else f"batches of up to {limit}"
-    if spec.min_tokens_per_step == "auto":
-        batches += ", where a drafted step pays for itself (measured)"
-    history = drafter.history
-    if history is not None and history.start:
-        batches += f", a datastore of {history.start - 1:,} tokens"
-    return f"; speculative decoding: {spec.method}, {spec.num_speculative_tokens} tokens, {batches}"
-
-
-def _tp_summary(tp_size: int, device: torch.device) -> str:
-    if tp_size == 1:
-        return ""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    return f"tensor_parallel_size={tp_size} ({backend}, one process per rank) "
-
-
-def _model_dir(config: EngineConfig) -> str | None:
-    """The local directory of ``config.model`` (a directory or a Hub id), or None without one."""
-    if config.model is None:
-        return None
-    dummy = config.load_format == "dummy"
-    return resolve_model_dir(
-        config.model, revision=config.revision, download_dir=config.download_dir,
-        patterns=DUMMY_MODEL_PATTERNS if dummy else MODEL_PATTERNS,
-        required=("config.json",) if dummy else ("config.json", "*.safetensors"),
-    )  # fmt: skip
-
-
-def _check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
-    if num_blocks * block_size < max_model_len:
-        raise ValueError(
-            f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "
-            f"({max_model_len}); raise kv_cache_memory / gpu_memory_utilization or lower "
-            "max_model_len"
-        )
-
-
-def _on_cuda_unless_set(flag: bool | None, device: torch.device) -> bool:
-    """A feature flag whose default (None) is on for CUDA and off elsewhere."""
-    return device.type == "cuda" if flag is None else flag
