@@ -49,8 +49,8 @@ from typing import TypeVar
 import torch.distributed as dist
 
 from parallm.engine.prompt_logprobs import PromptSpan, span_rows
-from parallm.engine.runner import StepInputs
 from parallm.engine.step_channel import StepChannel
+from parallm.engine.step_inputs import StepInputs
 from parallm.engine.tp_env import (
     TorchrunEnv,
     check_cuda_devices,

@@ -37,7 +37,7 @@ from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
 if TYPE_CHECKING:
-    from parallm.engine.runner import StepInputs
+    from parallm.engine.step_inputs import StepInputs
 
 # Steps up to the default token budget replay graphs: capped at 2,048, a step of a 3,500-token
 # prompt beside 128 decodes ran eagerly (192 launches, one prefill launch sized for the prompt
@@ -273,7 +273,7 @@ class MixedGraphs(GraphedSteps):
 
 def _empty_step() -> StepInputs:
     """A step of no sequences (every row of a size padding), for capture."""
-    from parallm.engine.runner import StepInputs
+    from parallm.engine.step_inputs import StepInputs
 
     empty = np.zeros(0, dtype=np.int64)
     return StepInputs(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallm.engine.runner import StepInputs
+from parallm.engine.step_inputs import StepInputs
 
 
 class StepChannel:

@@ -42,8 +42,8 @@ from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
 if TYPE_CHECKING:
-    from parallm.engine.runner import StepInputs
     from parallm.engine.spec.drafting import Drafter
+    from parallm.engine.step_inputs import StepInputs
 
 # Verify graphs stop at this batch size unless ``disable_by_batch_size`` sets the limit:
 # speculation pays at small batches, and each shape's logits take q * batch * vocab elements.
@@ -354,7 +354,7 @@ class VerifyGraphs(GraphedSteps):
 
 def _empty_step(tree: bool) -> StepInputs:
     """A step of no sequences (every row of a shape padding), for capture."""
-    from parallm.engine.runner import StepInputs
+    from parallm.engine.step_inputs import StepInputs
 
     empty = np.zeros(0, dtype=np.int64)
     return StepInputs(

@@ -12,7 +12,7 @@ from interpreted_engine import run_interpreted
 
 from parallm import LLM, SamplingParams
 from parallm.engine.mixed_graph import MAX_MIXED_TOKENS, mixed_token_sizes
-from parallm.engine.runner import StepInputs
+from parallm.engine.step_inputs import StepInputs
 
 
 def test_token_sizes_are_eight_a_doubling_above_64_up_to_the_budget():

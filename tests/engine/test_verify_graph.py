@@ -18,9 +18,9 @@ from test_multi_token_step import _finish, _run, _start
 from test_speculative import ENGINE, SPEC, _repetitive_prompts, _tokens, oracle_drafts
 
 from parallm import LLM, SamplingParams
-from parallm.engine.runner import StepInputs
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.engine.spec.tree import DraftTree
+from parallm.engine.step_inputs import StepInputs
 from parallm.engine.verify_graph import VerifyShape, drafter_shapes, verify_shapes
 
 SIZES = [1, 2, 4, 8]

@@ -17,7 +17,7 @@ from triton_interpreter import check_interpreter_suite, kernel_modes  # before t
 
 triton = pytest.importorskip("triton")
 
-from parallm.engine.runner import StepInputs  # noqa: E402
+from parallm.engine.step_inputs import StepInputs  # noqa: E402
 from parallm.engine.verify_graph import VerifyGraphs, VerifyShape  # noqa: E402
 from parallm.kernels import verify_stage as kernels  # noqa: E402
 from parallm.kernels.reference import stage_chain_step_ref  # noqa: E402
