@@ -78,6 +78,7 @@ class LLMEngine:
             self.draft_model.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.scheduler.full_chains = self.drafter is not None and self.drafter.full_chains
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         if self.drafter is not None:
@@ -185,6 +186,8 @@ class LLMEngine:
         except ValueError:  # no graph of full chains (the token budget is too small)
             return False
         self.drafter.full_chains = True
+        if hasattr(self, "scheduler"):  # enabled after start-up (the tests off CUDA)
+            self.scheduler.full_chains = True
         seconds = self.runner.capture_tail_graphs()  # 0 without captured verify graphs
         if self.graph_capture_seconds is not None:
             self.graph_capture_seconds += seconds

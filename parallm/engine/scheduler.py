@@ -151,6 +151,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
+        # The drafter's chains are full (the device drafter's fixed shapes: k rows a sequence,
+        # fillers where the lookup found fewer): drafts are then cut by the context alone.
+        self.full_chains = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -267,8 +270,8 @@ class Scheduler:
         and the engine rewinds them to the real ones then. Blocks are reserved as far as the
         step after this one can reach: this step's tail stages that one's slots from the tables
         copied with this step. None, changing nothing, where the host must take the next step:
-        a sequence of ``prev`` without a full chain, one that may finish within two steps, a
-        waiting prompt, short blocks or budget."""
+        a sequence of ``prev`` without a full chain, one whose next two steps would pass the
+        context, a waiting prompt, short blocks or budget."""
         if not self._may_continue(prev):
             return None
         q = 1 + num_drafts
@@ -316,9 +319,13 @@ class Scheduler:
 
     def _room_for_drafts(self, seq: Sequence, pending: int) -> int:
         """How many drafts a step may carry after ``pending`` more tokens of ``seq``: accepting
-        them all and the token after them must pass neither ``max_tokens`` nor the context."""
+        them all and the token after them must pass neither ``max_tokens`` nor the context.
+        With full chains, the context alone: a draft past ``max_tokens`` costs a row that a
+        filler would take anyway, and a full chain keeps the step in its graph and its
+        successor staged on the device to the request's end; tokens past ``max_tokens`` are
+        never appended (the output processor finishes the sequence there, as at an EOS)."""
         room = self.cfg.max_model_len - (seq.num_tokens + pending) - 1
-        if seq.params.max_tokens is not None:
+        if seq.params.max_tokens is not None and not self.full_chains:
             room = min(room, seq.params.max_tokens - (seq.num_output_tokens + pending) - 1)
         return room
 

@@ -106,6 +106,36 @@ def test_limits_and_the_context_end_with_device_drafts(tiny_model_dir, ordinary_
     )
 
 
+def test_device_staged_steps_run_to_max_tokens(tiny_model_dir, ordinary_token_ids):
+    """Full chains are cut by the context alone: drafts past ``max_tokens`` are verified (a
+    filler would take the row anyway), so once a request's steps are staged on the device
+    they stay there to its last token. Its tokens are plain decoding's, cut at max_tokens, and
+    the counters see only the drafts it could emit."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids)[:3]
+    llm = _device_llm(path, {**SPEC, "prompt_lookup_history_tokens": 0})
+    engine = llm.engine
+    staged, launch = [], engine.runner.launch
+
+    def recorded(batch, *args, **kwargs):
+        staged.append(batch.staged_on_device)
+        return launch(batch, *args, **kwargs)
+
+    engine.runner.launch = recorded
+    free = engine.kv.num_free_blocks
+    for n in (9, 26, 41):
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        want = _tokens(LLM(path, **ENGINE), prompts, params)
+        for prompt, tokens in zip(prompts, want, strict=True):
+            staged.clear()
+            accepted = engine.spec_stats.accepted_tokens
+            assert _tokens(llm, [prompt], params) == [tokens]
+            assert True in staged and all(staged[staged.index(True) :]), (n, staged)
+            # Accepted drafts never outnumber the tokens after each step's first.
+            assert engine.spec_stats.accepted_tokens - accepted <= n - 1
+    _check_clean(llm, free)
+
+
 def test_an_abort_with_a_device_step_in_flight(tiny_model_dir, ordinary_token_ids):
     path = str(tiny_model_dir("qwen3"))
     prompt = _repetitive_prompts(ordinary_token_ids)[0]

@@ -336,7 +336,8 @@ def test_device_staged_steps_draft_from_the_ring_on_cuda(tiny_model_dir, ordinar
                        enable_prefix_caching=False)  # fmt: skip
     spec_args = dict(engine_args, cuda_graph_sizes=(1, 2, 4), speculative_config=RING_SPEC)
     sync = LLM(path, async_scheduling=False, **spec_args)
-    sync.engine.drafter.full_chains = True  # the same full chains, staged from the host
+    # The same full chains, staged from the host.
+    sync.engine.drafter.full_chains = sync.engine.scheduler.full_chains = True
     want = _one_at_a_time(sync, prompts)
     llm = LLM(path, **spec_args)
     engine, drafts = llm.engine, llm.engine.runner.device_drafts

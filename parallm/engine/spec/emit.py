@@ -58,10 +58,20 @@ def _count_drafts(
         verified = len(drafts[seq.seq_id])
         if verified:
             take_back(seq, verified - (len(tokens) - 1))
-        # A full chain's fillers (device mode) were verified but never proposed: the counters
-        # see the proposal alone, as the host drafter would have made it.
-        proposed = proposed_by[seq.seq_id]
+        # A full chain's fillers (device mode) were verified but never proposed, and its drafts
+        # past ``max_tokens`` can never be emitted: the counters see the proposal alone, as the
+        # host drafter would have made it (cut at ``max_tokens``).
+        proposed = _emittable(seq, proposed_by[seq.seq_id])
         if proposed:
             accepted = min(len(tokens) - 1, proposed)
             stats.record(proposed, accepted)
             seq.draft_history.record(accepted, proposed)
+
+
+def _emittable(seq: Sequence, num_drafts: int) -> int:
+    """How many of a step's ``num_drafts`` drafts ``max_tokens`` lets ``seq`` emit (the
+    step's tokens not yet appended): all but one of the tokens it has left."""
+    max_tokens = seq.params.max_tokens
+    if max_tokens is None:
+        return num_drafts
+    return max(0, min(num_drafts, max_tokens - seq.num_output_tokens - 1))
