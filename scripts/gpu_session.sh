@@ -255,10 +255,11 @@ for step in "$@"; do
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
     specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k,
                 # trees of 2 and 3 chains) scored on the 150M model's own greedy outputs (after
-                # `spectrain`) and, from its training data (runs/data/python-8k), the datastore's
+                # `spectrain`) and, from its training data (runs/data/python-8k), the datastore's;
+                # K: the draft lengths (default the bench's, 4,8)
                 python3 benchmarks/ngram_acceptance.py --model runs/code-model-150m/hf --corpus python \
                   --val-fraction 0.01 --min-n 1,2 --max-n 5,8 --datastore runs/data/python-8k \
-                  --branches 1,2,3 --out "$OUT/ngram_acceptance_150m.json" 2>&1 | tail -50 ;;
+                  --branches 1,2,3 ${K:+--k "$K"} --out "$OUT/ngram_acceptance_150m.json" 2>&1 | tail -50 ;;
     spectimeline) # issue 15: the GPU timeline of plain and of ngram k = 8 verify steps at batch 1
                   # (150M shape, dummy weights: the steps' cost, not their yield)
                   for spec in '' '{"method":"ngram","num_speculative_tokens":8}'; do
