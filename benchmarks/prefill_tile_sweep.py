@@ -1,7 +1,8 @@
 """The paged prefill kernel's tiles for long prompts, swept: which (block_m, block_n, warps,
 stages) runs a 2,048- or 3,500-token prompt fastest, against the package's choice
-(``paged_prefill._prefill_config``) and torch's ``scaled_dot_product_attention`` on the same
-data made contiguous (needs CUDA).
+(``paged_prefill._prefill_config``), torch's ``scaled_dot_product_attention`` on the same
+data made contiguous, and torch's FlashAttention varlen on it contiguous and paged where the
+installed torch has that form (benchmarks/torch_varlen.py) (needs CUDA).
 
 Why: a Qwen3-0.6B step of 3,500 prompt tokens beside 128 decodes spent 10.48 ms in the prefill
 kernel where vLLM's FA3 took 7.99 for the prompt and the decode rows together (RESULTS,
@@ -30,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention_bench import (  # noqa: E402
     ROW_MODELS,
     bench,
+    gather_context,
     make_cache,
     reference,
     rel_err,
     sdpa_inputs,
     time_sdpa,
 )
+from torch_varlen import varlen_runs  # noqa: E402
 
 from parallm.kernels import paged_prefill  # noqa: E402
 from parallm.kernels.paged_kv import fit_kv_tiles, shared_memory_bytes  # noqa: E402
@@ -72,7 +75,8 @@ def sweep_case(model: str, prompt_len: int, dtype: torch.dtype, max_rel_err: flo
                                                      prompt_len, scale)  # fmt: skip
 
     sdpa = time_sdpa(*sdpa_inputs(q, k_cache, v_cache, tables, seq_lens, prompt_len), causal=True)
-    rows = []
+    rows = _varlen_rows(model, prompt_len, (q, k_cache, v_cache, tables, seq_lens), scale, ref,
+                        max_rel_err)  # fmt: skip
     grid = [chosen] if package_only else configs(heads[2], q.element_size(),
                                                  shared_memory_bytes(q.device))  # fmt: skip
     for cfg in grid:
@@ -90,15 +94,44 @@ def sweep_case(model: str, prompt_len: int, dtype: torch.dtype, max_rel_err: flo
     return rows
 
 
+def _varlen_rows(model: str, prompt_len: int, case: tuple, scale: float, ref: torch.Tensor,
+                 max_rel_err: float) -> list[dict]:  # fmt: skip
+    """torch's FlashAttention varlen on the same prompt, its context contiguous and paged
+    (benchmarks/torch_varlen.py): a row per form, with its time or why it did not run."""
+    q, k_cache, v_cache, tables, seq_lens = case
+    keys, values = (gather_context(c, tables, 0, prompt_len) for c in (k_cache, v_cache))
+    rows = []
+    for form, run in varlen_runs(q, k_cache, v_cache, tables, seq_lens, keys, values,
+                                 scale).items():  # fmt: skip
+        row = {"model": model, "prompt_len": prompt_len, "variant": f"torch varlen, {form}",
+               "rel_err": None, "ms": None, "error": None}  # fmt: skip
+        if isinstance(run, str):
+            row["error"] = run
+        else:
+            try:
+                row["rel_err"] = rel_err(run(), ref)
+                if row["rel_err"] <= max_rel_err:
+                    row["ms"] = bench(run)
+            except Exception as exc:  # noqa: BLE001 - a form this build cannot run is reported
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        rows.append(row)
+    return rows
+
+
 def print_case(rows: list[dict]) -> None:
-    timed = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"])
+    tiles = [r for r in rows if "variant" not in r]
+    timed = sorted((r for r in tiles if r["ms"] is not None), key=lambda r: r["ms"])
     if not timed:
         print("  no configuration passed the check")
         return
     head = timed[0]
-    package = next((r for r in rows if r["package"]), None)
+    package = next((r for r in tiles if r["package"]), None)
     print(f"{head['model']} prompt {head['prompt_len']}: SDPA {head['sdpa_ms'] or float('nan'):.4f} ms; "
           f"package {package['ms'] if package else float('nan'):.4f} ms")  # fmt: skip
+    for r in (r for r in rows if "variant" in r):
+        what = (f"{r['ms']:.4f} ms  err {r['rel_err']:.1e}" if r["ms"] is not None
+                else r["error"] or f"err {r['rel_err']:.1e}, not timed")  # fmt: skip
+        print(f"  {r['variant']}: {what}")
     for r in timed[:8]:
         mark = "  <- package" if r["package"] else ""
         print(f"  m={r['block_m']:>3} n={r['block_n']:>3} warps={r['num_warps']} "

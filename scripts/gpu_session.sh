@@ -248,8 +248,9 @@ for step in "$@"; do
                    --methods ngram,layer_skip,draft_model --out "$OUT/spec_steps_150m.json" 2>&1 | tail -15
                fi ;;
     prefilltiles) # issue 14: the prefill kernel's tiles swept for prompts of 2,048 and 3,500 tokens
-                  # (Qwen3-0.6B and Llama-3.1-8B heads) against the package's tile and SDPA (~4 min)
-                  python3 benchmarks/prefill_tile_sweep.py --out "$OUT/prefill_tiles.json" 2>&1 | tail -40 ;;
+                  # (Qwen3-0.6B and Llama-3.1-8B heads) against the package's tile, SDPA and torch's
+                  # FlashAttention varlen, contiguous and paged where this torch has them (~2 min)
+                  python3 benchmarks/prefill_tile_sweep.py --out "$OUT/prefill_tiles.json" 2>&1 | tail -48 ;;
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
                  # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
