@@ -13,10 +13,8 @@ mode, where a failed lookup's rows are fillers), so tokens a step is the speedup
 Variants: ``k`` drafts; ``min_n``..``max_n`` (the n-gram sizes tried, longest first);
 ``earliest`` (vLLM's: the first earlier occurrence of the n-gram, its drafts cut short where
 the sequence ends) or ``latest`` (the most recent one, the engine's ``propose_ngram``, whose
-drafts repeat a run that the sequence ends in); ``extend``: a chain cut short (the match lies
-near the end, or nothing matched) is filled by looking up again from the context plus the
-drafts so far, rows the device drafter verifies anyway (for ``latest`` the repeat already
-did); ``history``: where the request's own
+drafts repeat a run that the sequence ends in, which is what looking up again from the
+context plus the drafts gave; docs/PERF_NOTES.md); ``history``: where the request's own
 tokens give no drafts, the latest occurrence in the earlier requests' prompts and outputs (the
 prompts replayed in order, as a server would have served them; the engine's ``TokenHistory``
 with ``prompt_lookup_history_tokens`` large enough to hold them all, n from 8 down to 2 since
@@ -82,16 +80,10 @@ def propose_earliest(tokens: list[int], num_tokens: int, min_n: int, max_n: int)
     return []
 
 
-def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str, extend: bool):
+def draft(tokens: list[int], k: int, min_n: int, max_n: int, occurrence: str) -> list[int]:
     """The variant's drafts after ``tokens`` (at most ``k``)."""
     lookup = propose_earliest if occurrence == "earliest" else propose_ngram
-    drafts = list(lookup(tokens, k, min_n, max_n))
-    while extend and drafts and len(drafts) < k:
-        more = lookup(tokens + drafts, k - len(drafts), min_n, max_n)
-        if not more:
-            break
-        drafts += more
-    return drafts[:k]
+    return list(lookup(tokens, k, min_n, max_n))[:k]
 
 
 def own_continuations(tokens: list[int], k: int, min_n: int, max_n: int, limit: int):
@@ -150,7 +142,7 @@ def branch_chains(context: list[int], variant: dict, history: TokenHistory) -> l
     alone: what the device drafter's two lookup kernels give."""
     k, low, high, limit = variant["k"], variant["min_n"], variant["max_n"], variant["branches"]
     sources = [
-        [draft(context, k, low, high, variant["occurrence"], variant["extend"])],
+        [draft(context, k, low, high, variant["occurrence"])],
         [history.lookup(context, k, *history_ngram_range(low, high))],
     ]
     if variant.get("tree_sources", "all") == "all":
@@ -185,7 +177,7 @@ def walk(
             chains = branch_chains(context, variant, history)
         else:
             chains = [draft(context, variant["k"], variant["min_n"], variant["max_n"],
-                            variant["occurrence"], variant["extend"])]  # fmt: skip
+                            variant["occurrence"])]  # fmt: skip
             if not chains[0] and history is not None:
                 n_range = history_ngram_range(variant["min_n"], variant["max_n"])
                 chains = [history.lookup(context, variant["k"], *n_range)]
@@ -208,15 +200,15 @@ def _matched(drafts: list[int], future: list[int]) -> int:
 def variants(args: argparse.Namespace) -> list[dict]:
     # The datastore comes after the ring: only with it.
     sources = [(False, False), (True, False)] + ([(True, True)] if args.datastore else [])
-    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, (False, True), sources)
+    grid = itertools.product(args.k, args.min_n, args.max_n, OCCURRENCES, sources)
     chains = [
-        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "extend": ext, "history": hist,
+        {"k": k, "min_n": lo, "max_n": hi, "occurrence": occ, "history": hist,
          "datastore": store, "branches": 1, "tree_sources": None}
-        for k, lo, hi, occ, ext, (hist, store) in grid
+        for k, lo, hi, occ, (hist, store) in grid
         if lo <= hi
     ]  # fmt: skip
-    # Trees beside the engine's chain drafter (latest occurrence, extended), with the ring.
-    ring = [v for v in chains if v["history"] and v["occurrence"] == "latest" and v["extend"]]
+    # Trees beside the engine's chain drafter (latest occurrence), with the ring.
+    ring = [v for v in chains if v["history"] and v["occurrence"] == "latest"]
     trees = [{**v, "branches": b, "tree_sources": "all"} for v in ring
              for b in args.branches if b > 1]  # fmt: skip
     if trees:  # and the two chains the device drafter's kernels would give
@@ -282,12 +274,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = [score(prompts, outputs, v, store, rings) for v in variants(args)]
     print(f"{len(prompts)} prompts, {sum(map(len, outputs))} plain tokens"
           + (f"; a datastore of {len(store):,} tokens" if store is not None else ""))  # fmt: skip
-    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'extend':>6} {'history':>7} {'store':>5} "
+    print(f"{'k':>2} {'n':>5} {'occurrence':>10} {'history':>7} {'store':>5} "
           f"{'branches':>8} {'tok/step':>9} {'tok/drafted':>11} {'drafted':>8} "
           f"{'nodes':>6}")  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["k"], -r["tokens_per_step"])):
         print(f"{r['k']:>2} {r['min_n']:>2}-{r['max_n']:<2} {r['occurrence']:>10} "
-              f"{'yes' if r['extend'] else 'no':>6} {'yes' if r['history'] else 'no':>7} "
+              f"{'yes' if r['history'] else 'no':>7} "
               f"{'yes' if r['datastore'] else 'no':>5} {_branches(r):>8} "
               f"{r['tokens_per_step']:>9.3f} {r['tokens_per_drafted_step']:>11.3f} "
               f"{r['drafted_share']:>8.1%} {r['nodes_per_step']:>6.1f}")  # fmt: skip

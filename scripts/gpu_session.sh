@@ -254,7 +254,7 @@ for step in "$@"; do
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
                  # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
-    specaccept) # issue 15: prompt lookup's variants (occurrence, n range, extended chains, k,
+    specaccept) # issue 15: prompt lookup's variants (occurrence, n range, k, history, datastore,
                 # trees of 2 and 3 chains) scored on the 150M model's own greedy outputs (after
                 # `spectrain`) and, from its training data (runs/data/python-8k), the datastore's;
                 # K: the draft lengths (default the bench's, 4,8)

@@ -57,31 +57,28 @@ def test_each_lookup_matches_its_definition(occurrence):
         k, lo = rng.randrange(1, 6), rng.randrange(1, 3)
         hi = lo + rng.randrange(0, 3)
         want = _by_definition(tokens, k, lo, hi, occurrence == "latest")
-        assert bench.draft(tokens, k, lo, hi, occurrence, False) == want
+        assert bench.draft(tokens, k, lo, hi, occurrence) == want
 
 
 def test_latest_and_earliest_differ_where_a_suffix_recurs():
     bench = _bench()
     tokens = [5, 9, 1, 2, 5, 9, 3, 4, 5, 9]
-    assert bench.draft(tokens, 2, 2, 2, "earliest", False) == [1, 2]
-    assert bench.draft(tokens, 2, 2, 2, "latest", False) == [3, 4]
+    assert bench.draft(tokens, 2, 2, 2, "earliest") == [1, 2]
+    assert bench.draft(tokens, 2, 2, 2, "latest") == [3, 4]
 
 
-def test_extend_fills_a_short_chain_by_looking_up_again():
+def test_the_latest_occurrence_repeats_a_run_that_the_earliest_cuts():
     bench = _bench()
     # "4 6" occurs once before the last token, two tokens back: only "4 6" follows it, which
-    # vLLM's lookup cuts there. Looking up again from the run plus those two drafts adds one
-    # more; the engine's lookup repeats the run to the same drafts at once.
+    # vLLM's lookup cuts there; the engine's lookup repeats the run.
     tokens = [1, 4, 6, 4, 6]
-    assert bench.draft(tokens, 3, 2, 2, "earliest", False) == [4, 6]
-    assert bench.draft(tokens, 3, 2, 2, "earliest", True) == [4, 6, 4]
-    assert bench.draft(tokens, 3, 2, 2, "latest", False) == [4, 6, 4]
-    assert bench.draft(tokens, 3, 2, 2, "latest", True) == [4, 6, 4]
+    assert bench.draft(tokens, 3, 2, 2, "earliest") == [4, 6]
+    assert bench.draft(tokens, 3, 2, 2, "latest") == [4, 6, 4]
 
 
 def test_walk_counts_the_steps_of_a_greedy_run():
     bench = _bench()
-    variant = {"k": 3, "min_n": 1, "max_n": 1, "occurrence": "earliest", "extend": False}
+    variant = {"k": 3, "min_n": 1, "max_n": 1, "occurrence": "earliest"}
     prompt = [1, 2, 3, 4]
     output = [1, 2, 3, 9, 9]
     # The prefill emits 1. Context ..4 1: "1" occurred at 0, drafts 2 3 4, of which 2 3 are
@@ -92,7 +89,7 @@ def test_walk_counts_the_steps_of_a_greedy_run():
 
 def test_history_drafts_only_where_the_request_gives_nothing():
     bench = _bench()
-    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest", "extend": False}
+    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest"}
     history = bench.TokenHistory(64)
     history.add([1, 2, 3, 4, 5, 6])
     prompt, output = [7, 2, 3], [4, 5, 9]
@@ -140,9 +137,9 @@ def test_whole_run_scores_every_variant(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     chains = [r for r in rows if r["branches"] == 1]
-    assert len(chains) == 2 * 2 * 2 * 2 * 2  # k x min_n x occurrence x extend x history
+    assert len(chains) == 2 * 2 * 2 * 2  # k x min_n x occurrence x history
     trees = [r for r in rows if r["branches"] == 3]
-    assert len(trees) == 2 * 2  # k x min_n, the ring's latest extended variants
+    assert len(trees) == 2 * 2  # k x min_n, the ring's latest variants
     lookups = [r for r in rows if r["tree_sources"] == "lookups"]
     assert len(lookups) == 2 * 2 and {r["branches"] for r in lookups} == {2}
     tokens = {r["tokens"] for r in rows}
@@ -177,11 +174,11 @@ def test_a_datastore_adds_variants_that_never_emit_fewer_tokens_a_step(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "a datastore of" in proc.stdout
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 3  # occurrence x extend x (none, ring, ring + datastore)
-    key = lambda r: (r["occurrence"], r["extend"])  # noqa: E731
+    assert len(rows) == 2 * 3  # occurrence x (none, ring, ring + datastore)
+    key = lambda r: r["occurrence"]  # noqa: E731
     ring = {key(r): r for r in rows if r["history"] and not r["datastore"]}
     store = [r for r in rows if r["datastore"]]
-    assert len(store) == 4
+    assert len(store) == 2
     for r in store:
         assert r["tokens_per_step"] >= ring[key(r)]["tokens_per_step"]
         assert r["drafted_share"] >= ring[key(r)]["drafted_share"]
@@ -189,7 +186,7 @@ def test_a_datastore_adds_variants_that_never_emit_fewer_tokens_a_step(tmp_path)
 
 def test_score_drafts_from_the_datastore_after_the_ring():
     bench = _bench()
-    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest", "extend": False,
+    variant = {"k": 2, "min_n": 1, "max_n": 3, "occurrence": "latest",
                "history": True}  # fmt: skip
     store = np.array([1, 2, 3, 4, 5, 6], dtype=np.int32)
     # As in test_history_drafts_only_where_the_request_gives_nothing, with the datastore in
@@ -236,7 +233,7 @@ def test_branch_chains_order_and_tree_nodes():
     history = bench.TokenHistory(64)
     history.add([4, 5, 9, 9])
     context = [4, 5, 1, 2, 4, 5, 3, 6, 4, 5]
-    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest", "extend": False,
+    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest",
                "branches": 3}  # fmt: skip
     # Own: "4 5" last at 6 -> 3 6, before that at 0 -> 1 2; the ring: 9 9.
     assert bench.branch_chains(context, variant, history) == [[3, 6], [9, 9], [1, 2]]
@@ -252,7 +249,7 @@ def test_walk_with_branches_keeps_the_longest_matching_chain():
     bench = _bench()
     history = bench.TokenHistory(64)
     history.add([4, 5, 9, 9])
-    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest", "extend": False}
+    variant = {"k": 2, "min_n": 2, "max_n": 2, "occurrence": "latest"}
     prompt, output = [4, 5, 3, 6, 4], [5, 9, 9, 0]
     # The prefill emits 5. Own: "4 5" -> 3 6 (wrong); the ring's "4 5" -> 9 9 (right): with
     # two branches both are verified and 9 9 kept, then 0 emitted. Two steps, 4 nodes.
