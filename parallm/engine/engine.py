@@ -185,13 +185,20 @@ class LLMEngine:
                                              history=self.drafter.history)  # fmt: skip
         except ValueError:  # no graph of full chains (the token budget is too small)
             return False
-        self.drafter.full_chains = True
         if hasattr(self, "scheduler"):  # enabled after start-up (the tests off CUDA)
-            self.scheduler.full_chains = True
+            self.use_full_chains(True)
+        else:  # the scheduler, made after the runner, takes the drafter's setting
+            self.drafter.full_chains = True
         seconds = self.runner.capture_tail_graphs()  # 0 without captured verify graphs
         if self.graph_capture_seconds is not None:
             self.graph_capture_seconds += seconds
         return True
+
+    def use_full_chains(self, on: bool) -> None:
+        """Whether every drafted sequence verifies ``num_speculative_tokens`` rows (the device
+        drafter's fixed shapes): the drafter pads its chains with fillers, and the scheduler
+        cuts them by the context alone, not by ``max_tokens``."""
+        self.drafter.full_chains = self.scheduler.full_chains = on
 
     def _drafts_on_device(self) -> bool:
         """Whether the drafter is one the device drafter serves: prompt lookup under async

@@ -19,7 +19,7 @@ def _llm(path: str, dtype: str, async_scheduling: bool) -> LLM:
               speculative_config={**SPEC, "prompt_lookup_history_tokens": 0},  # own lookups
               enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
     if not async_scheduling:  # the same full chains, staged from the host
-        llm.engine.drafter.full_chains = True
+        llm.engine.use_full_chains(True)
     return llm
 
 

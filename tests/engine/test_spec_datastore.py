@@ -174,7 +174,7 @@ def test_device_staged_steps_draft_from_the_datastore_on_cuda(
     spec_args = dict(engine_args, cuda_graph_sizes=(1, 2, 4), speculative_config=spec)
     sync = LLM(str(path), async_scheduling=False, **spec_args)
     # The same full chains, staged from the host.
-    sync.engine.drafter.full_chains = sync.engine.scheduler.full_chains = True
+    sync.engine.use_full_chains(True)
     assert _one_at_a_time(sync, prompts) == plain
     llm = LLM(str(path), **spec_args)
     engine, drafts = llm.engine, llm.engine.runner.device_drafts

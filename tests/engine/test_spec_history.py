@@ -337,7 +337,7 @@ def test_device_staged_steps_draft_from_the_ring_on_cuda(tiny_model_dir, ordinar
     spec_args = dict(engine_args, cuda_graph_sizes=(1, 2, 4), speculative_config=RING_SPEC)
     sync = LLM(path, async_scheduling=False, **spec_args)
     # The same full chains, staged from the host.
-    sync.engine.drafter.full_chains = sync.engine.scheduler.full_chains = True
+    sync.engine.use_full_chains(True)
     want = _one_at_a_time(sync, prompts)
     llm = LLM(path, **spec_args)
     engine, drafts = llm.engine, llm.engine.runner.device_drafts

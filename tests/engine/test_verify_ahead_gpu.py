@@ -27,7 +27,7 @@ def _llm(path: str, dtype: str, async_scheduling: bool) -> LLM:
     # The host path's steps launched ahead: without the device drafter, which takes over
     # prompt lookup's full chains under async scheduling.
     llm.engine.runner.device_drafts = None
-    llm.engine.drafter.full_chains = False
+    llm.engine.use_full_chains(False)
     return llm
 
 
