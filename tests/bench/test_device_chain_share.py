@@ -18,6 +18,7 @@ def test_rows_count_the_steps_staged_on_the_device():
     assert [(r["k"], r["batch"]) for r in rows] == [(4, 1), (4, 2)]
     for r in rows:
         assert 1 <= r["tokens_per_engine_step"] <= r["batch"] * 5
+        assert r["identical"] == r["outputs"] == 2  # float32: plain decoding's tokens
     # Batch 1: two requests, each with a prefill and the step that uploads its tokens from the
     # host; every other step is staged on the device.
     one = rows[0]
