@@ -95,6 +95,13 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def drafts_before_max_tokens(self, pending: int = 0) -> int | None:
+        """How many drafts a step may verify after ``pending`` more output tokens, so that
+        accepting them all and the token after them stays within ``max_tokens`` (None: no
+        limit). Negative once fewer than ``pending + 1`` tokens are left."""
+        max_tokens = self.params.max_tokens
+        return None if max_tokens is None else max_tokens - (self.num_output_tokens + pending) - 1
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

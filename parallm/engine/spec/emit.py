@@ -70,8 +70,6 @@ def _count_drafts(
 
 def _emittable(seq: Sequence, num_drafts: int) -> int:
     """How many of a step's ``num_drafts`` drafts ``max_tokens`` lets ``seq`` emit (the
-    step's tokens not yet appended): all but one of the tokens it has left."""
-    max_tokens = seq.params.max_tokens
-    if max_tokens is None:
-        return num_drafts
-    return max(0, min(num_drafts, max_tokens - seq.num_output_tokens - 1))
+    step's tokens not yet appended)."""
+    limit = seq.drafts_before_max_tokens()
+    return num_drafts if limit is None else max(0, min(num_drafts, limit))

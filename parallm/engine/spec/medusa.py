@@ -141,6 +141,5 @@ class MedusaProposer:
     def _max_depth(self, seq: Sequence) -> int:
         """Tree levels the target could take: within its context and ``max_tokens``."""
         depth = min(self.spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
-        if seq.params.max_tokens is not None:
-            depth = min(depth, seq.params.max_tokens - seq.num_output_tokens - 1)
-        return depth
+        limit = seq.drafts_before_max_tokens()
+        return depth if limit is None else min(depth, limit)
