@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
-import gc
 import json
 import pstats
 import time
@@ -67,9 +66,8 @@ def graph_and_host(args: argparse.Namespace) -> None:
     llm.generate(_prompts(args, 13), params, use_tqdm=False)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    del llm, graphs
-    gc.collect()
-    torch.cuda.empty_cache()
+    del graphs
+    llm.close()
 
 
 def kernel_table(args: argparse.Namespace) -> None:

@@ -36,7 +36,6 @@ later chunks read the earlier chunks' K/V back from the cache (quantized, with a
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -215,11 +214,7 @@ def measure(
         loss, count = held_out_loss(llm, scored)
         generations = greedy_generations(llm, prompts, new_tokens) if prompts else []
     finally:
-        llm.close()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        llm.close()  # frees its device memory
     return ConfigResult(
         name=config.name,
         loss=loss,

@@ -19,8 +19,9 @@ which no host oracle can feed. Peaked weights make the next token ``t + 1`` what
 before, so a prompt holding a counting run ``a, a+1, ...`` as long as the output, and ending
 in ``a - 1``, makes prompt lookup itself the oracle: its continuation is the run. A wrong
 draft is a run token replaced at random (``--wrong``); where the output passes it, the lookup
-drafts it (rejected) or finds nothing. Efficiency then divides by the tokens of every engine
-step, since a step whose lookup found nothing costs a verify step too.
+drafts it (rejected) or finds nothing. Efficiency then divides by the tokens each sequence
+gets from an engine step (the batch's over its size), counting every engine step, since a
+step whose lookup found nothing costs a verify step too.
 
     python benchmarks/spec_oracle_bench.py --config benchmarks/configs/llama-3.1-8b.json \
         --batch-sizes 1,8,32 --k 2,4,8 --wrong 0,0.25 [--drafter device] --out spec_oracle.json
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Per engine step (prefill steps included), to set beside bench latency's ms/token and
         # the verify steps' ms below: a verify step cannot cost less than a plain decode step.
         print(f"batch {batch:>3} plain: {plain_ms:.3f} ms per step", flush=True)
-    del plain
+    plain.close()  # its memory goes to the speculative engines
     spec = {"method": "ngram", "num_speculative_tokens": max(args.k),
             "prompt_lookup_history_tokens": 0}  # the oracle drafts; no ring to fill  # fmt: skip
     # The oracle drafts on the host: the device drafter's own prompt lookup would replace it
@@ -232,7 +233,7 @@ def run_device(args: argparse.Namespace) -> list[dict]:
         outs, baseline[batch], ms = _warm_timed(plain, prompts, params)
         plain_outs[batch] = [list(o.outputs[0].token_ids) for o in outs]
         print(f"batch {batch:>3} plain: {ms:.3f} ms per step", flush=True)
-    del plain
+    plain.close()  # its memory goes to the speculative engines
     rows = []
     for k in args.k:
         spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
@@ -243,7 +244,7 @@ def run_device(args: argparse.Namespace) -> list[dict]:
                 prompts = _run_prompts(batch, args.input_len, run_len, vocab, batch, wrong)
                 rows.append(_device_row(llm, prompts, params, plain_outs[batch], baseline[batch],
                                         {"batch": batch, "k": k, "wrong": wrong}))  # fmt: skip
-        del llm
+        llm.close()  # or the next k's engine starts with less memory
     return rows
 
 
@@ -264,10 +265,13 @@ def _device_row(llm: LLM, prompts, params, want: list[list[int]], plain_s: float
     steps = llm.engine.num_steps - steps0  # the three runs'
     got = [list(o.outputs[0].token_ids) for o in outs]
     per_engine_step = 3 * sum(map(len, got)) / max(1, steps)
+    # Efficiency is the speedup over the tokens a step gives each sequence (a plain step
+    # gives one): the batch's tokens per step over its size.
+    per_sequence = per_engine_step / len(prompts)
     speedup = plain_s / seconds
     row.update(tokens_per_step=llm.engine.spec_stats.mean_since(before),
                tokens_per_engine_step=per_engine_step, speedup=speedup,
-               efficiency=speedup / per_engine_step, spec_s=seconds, plain_s=plain_s,
+               efficiency=speedup / per_sequence, spec_s=seconds, plain_s=plain_s,
                spec_ms_per_step=ms,
                overlapped_steps=(llm.engine.num_overlapped_steps - overlapped) / max(1, steps),
                identical_outputs=identical_share(got, want))  # fmt: skip

@@ -80,9 +80,11 @@ class LLM:
         return self.engine.tokenizer
 
     def close(self) -> None:
-        """Stop the worker processes of a tensor-parallel or data-parallel engine
-        (``tensor_parallel_size > 1``, ``data_parallel_size > 1``; they also stop at
-        interpreter exit). The LLM cannot generate afterwards."""
+        """Free the engine: its device memory (weights, KV cache, CUDA graphs) at once, so
+        that the next ``LLM`` in this process gets it, and the worker processes of a
+        tensor-parallel or data-parallel engine (``tensor_parallel_size > 1``,
+        ``data_parallel_size > 1``; they also stop at interpreter exit). The LLM cannot
+        generate afterwards."""
         self.engine.close()
 
     def reset_prefix_cache(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import time
 from typing import Any
@@ -157,9 +156,7 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         vocab = engine.model_config.vocab_size
         runs = {b: [run_prompts(b, args.input_len, vocab, i) for i in range(args.iters + 1)]
                 for b in args.batch_sizes}  # fmt: skip
-        del llm, engine
-        gc.collect()  # the runner and its CUDA graphs reference each other
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        llm.close()  # vLLM gets the device memory
         for row in vllm_peer.latency_rows(peer, args.vllm_configs, runs, args.output_len):
             rows.append(_add_traffic(row, args, weights, kv_per_token, copy_gbps))
         vllm_peer.add_speedups(rows, "ms_per_token", higher_is_better=False, match="batch_size")

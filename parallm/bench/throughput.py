@@ -10,7 +10,6 @@ one's output in this process.
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import time
 from typing import Any
@@ -129,11 +128,7 @@ def run(args: argparse.Namespace, llm: Any) -> dict[str, Any]:
         rows[0]["tokens_per_drafted_step"] = engine.spec_stats.mean_accepted_per_step
     summary = engine.summary()
     peer = vllm_peer.peer_model(engine, args) if args.compare_vllm else None
-    llm.close()  # its processes (tensor-parallel ranks, data-parallel replicas) end with the run
-    if args.compare_hf or args.compare_vllm:
-        del llm, engine
-        gc.collect()  # the runner and its CUDA graphs reference each other
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    llm.close()  # its memory and processes go, before transformers or vLLM runs
     if args.compare_hf:
         mean_out = round(sum(out_lens) / len(out_lens))
         hf = run_hf(args.model, args.config, _dtype(args.dtype), prompts, mean_out)

@@ -75,6 +75,7 @@ class DataParallelEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
         self.failure: str | None = None
+        self.closed = False  # close() stopped the replicas (add_request then refuses)
         self.requests: dict[str, _Request] = {}
         # Filled by the cores' receiver threads: (replica, its outputs), or (replica, why it
         # died) once it has.
@@ -196,6 +197,10 @@ class DataParallelEngine:
     def close(self) -> None:
         """Stop every replica, all at once (each closes its engine first); safe to call more
         than once."""
+        self.closed = True
+        self._stop_replicas()
+
+    def _stop_replicas(self) -> None:
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(EngineCoreClient.stop, self.replicas))
 
@@ -261,7 +266,7 @@ class DataParallelEngine:
                 f"--- replica {index} ---\n{detail}"
             )
         self.requests.clear()
-        self.close()
+        self._stop_replicas()  # not close(): later requests get this failure, not "closed"
         raise RuntimeError(self.failure)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
+        self.closed = False  # close() freed the runner
         self.num_discarded_steps = 0  # verify steps launched ahead whose drafts were rejected
         self.load_seconds = time.perf_counter() - started
         self.num_steps = 0
@@ -223,10 +225,20 @@ class LLMEngine:
         ))  # fmt: skip
 
     def close(self) -> None:
-        """Stop a tensor-parallel engine's worker processes (nothing to do for one rank)."""
+        """Stop a tensor-parallel engine's worker processes and free this process's device
+        memory (weights, KV cache, CUDA graphs, the drafter's state), so that another engine
+        started in the same process gets it; safe to call more than once. The runner and
+        its graphs reference each other, so dropping the engine alone frees nothing until a
+        garbage collection."""
         executor = getattr(self, "executor", None)
         if executor is not None:
             executor.close()
+        self.closed = True
+        self._inflight = None
+        self.runner = self.drafter = self.draft_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _load_model(self) -> torch.nn.Module:
         cfg = self.config
@@ -339,6 +351,8 @@ class LLMEngine:
         ``arrival_time`` (``time.monotonic()`` seconds, default now) is when the request
         reached the caller, so that queue time counts the wait before this call too.
         """
+        if self.closed:
+            raise RuntimeError("this engine was closed (LLM.close()); start a new one")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)

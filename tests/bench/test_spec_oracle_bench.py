@@ -54,6 +54,9 @@ def test_device_mode_prompts_make_prompt_lookup_the_oracle(tiny_model_dir, tmp_p
     assert all(r["identical_outputs"] == 1.0 for r in rows.values())
     assert rows[0.0]["tokens_per_step"] == pytest.approx(4.0, abs=0.3)  # k + 1 a drafted step
     assert rows[0.5]["tokens_per_engine_step"] < rows[0.0]["tokens_per_engine_step"]
+    # Efficiency divides by one sequence's tokens a step, at most k + 1, not the batch's.
+    for r in rows.values():
+        assert 1 <= r["speedup"] / r["efficiency"] <= 3 + 1 + 1e-9
 
 
 def test_run_prompts_differ_only_where_run_tokens_are_made_wrong():

@@ -206,3 +206,18 @@ def test_offline_generation_imports_neither_triton_nor_the_ipc_stack(tiny_model_
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_close_frees_the_model_and_the_kv_cache_and_refuses_later_requests(tiny_model_dir):
+    import weakref
+
+    llm = LLM(str(tiny_model_dir("llama3")), **ENGINE)
+    llm.generate([{"prompt_token_ids": PROMPT}], GREEDY, use_tqdm=False)
+    runner = llm.engine.runner
+    model, kv = weakref.ref(runner.model), weakref.ref(runner.kv_caches[0])
+    del runner
+    llm.close()
+    assert model() is None and kv() is None  # freed now, not at the next collection
+    with pytest.raises(RuntimeError, match=r"closed \(LLM.close\(\)\)"):
+        llm.generate([{"prompt_token_ids": PROMPT}], GREEDY, use_tqdm=False)
+    llm.close()  # twice is fine
