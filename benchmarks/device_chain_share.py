@@ -9,7 +9,7 @@ lookup over held-out code, ``batch`` prompts at a time; also prints tokens an en
 how many outputs are plain decoding's (all of them: greedy speculation is lossless in float32).
 
     python benchmarks/device_chain_share.py [--k 8,16] [--batch-sizes 1,8] [--num-prompts 16]
-        [--datastore DATASET_DIR]
+        [--datastore DATASET_DIR] [--queue]
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spec_real_bench import add_prompt_args, completion_prompts, timed_run  # noqa: E402
+from spec_real_bench import (  # noqa: E402
+    _reset,
+    add_prompt_args,
+    add_queue_arg,
+    completion_prompts,
+    timed_run,
+)
 
 from parallm import LLM, SamplingParams  # noqa: E402
 from parallm.bundled import BUNDLED_MODEL_DIR  # noqa: E402
@@ -50,10 +56,11 @@ def device_llm(model: str, k: int, max_batch: int, max_model_len: int,
 
 
 def measure(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int,
-            plain: list[list[int]]) -> dict:  # fmt: skip
+            plain: list[list[int]], queue: bool = False) -> dict:  # fmt: skip
     engine = llm.engine
+    _reset(llm)  # each run drafts from its own requests only, not an earlier run's outputs
     steps, overlapped = engine.num_steps, engine.num_overlapped_steps
-    outputs, seconds = timed_run(llm, prompts, params, batch)
+    outputs, seconds = timed_run(llm, prompts, params, batch, queue)
     steps, overlapped = engine.num_steps - steps, engine.num_overlapped_steps - overlapped
     tokens = sum(map(len, outputs))
     identical = sum(out == want for out, want in zip(outputs, plain, strict=True))
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a dataset folder `parallm train` prepared with the model's tokenizer, "
                          "drafted from after the ring (prompt_lookup_datastore)")  # fmt: skip
     add_prompt_args(ap, corpus="stdlib", val_fraction=0.02)
+    add_queue_arg(ap)
     return ap
 
 
@@ -89,7 +97,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for k in args.k:
         llm = device_llm(args.model, k, max(args.batch_sizes), args.max_model_len, args.datastore)
         for batch in args.batch_sizes:
-            row = {"k": k, **measure(llm, prompts, params, batch, plain)}
+            row = {
+                "k": k,
+                "queue": args.queue,
+                **measure(llm, prompts, params, batch, plain, args.queue),
+            }
             print(f"k {k:>2} batch {batch:>2}: {row['steps']} steps, "
                   f"{row['overlapped_share']:.0%} staged on the device, "
                   f"{row['tokens_per_engine_step']:.2f} tokens an engine step, "

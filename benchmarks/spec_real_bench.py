@@ -178,25 +178,33 @@ def _method_configs(args: argparse.Namespace, num_layers: int, k: int) -> dict[s
     return {m: configs[m] for m in args.methods}
 
 
-def timed_run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int):
-    """Outputs of ``prompts`` run ``batch`` at a time, and the seconds it took."""
-    outputs = []
+def timed_run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int,
+              queue: bool = False):  # fmt: skip
+    """Outputs of ``prompts`` run ``batch`` at a time, and the seconds it took. In waves
+    (``batch`` prompts a call, each wave as long as its slowest request) or, with ``queue``,
+    all submitted at once with ``batch`` running at a time (the engine's ``max_num_seqs``,
+    lowered for the call): a finished request's place goes to the next, as on a server."""
+    limits = llm.engine.scheduler.cfg
+    waves = [prompts] if queue else [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    outputs, most = [], limits.max_num_seqs
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = [{"prompt_token_ids": p} for p in prompts[i : i + batch]]
-        outputs += [
-            list(o.outputs[0].token_ids) for o in llm.generate(chunk, params, use_tqdm=False)
-        ]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    try:
+        limits.max_num_seqs = min(batch, most)
+        for wave in waves:
+            outs = llm.generate([{"prompt_token_ids": p} for p in wave], params, use_tqdm=False)
+            outputs += [list(o.outputs[0].token_ids) for o in outs]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        limits.max_num_seqs = most
     return outputs, time.perf_counter() - start
 
 
 def measure_rounds(
     engines: dict[str, LLM], prompts: list[list[int]], params: SamplingParams, batch: int,
-    rounds: int,
+    rounds: int, queue: bool = False,
 ) -> dict[str, tuple[list[list[int]], list[float]]]:  # fmt: skip
     """Each engine's outputs (its first timed pass) and its seconds in each round.
 
@@ -209,14 +217,14 @@ def measure_rounds(
     """
     for llm in engines.values():
         _reset(llm)
-        timed_run(llm, prompts, params, batch)
+        timed_run(llm, prompts, params, batch, queue)
     outputs: dict[str, list[list[int]]] = {}
     seconds: dict[str, list[float]] = {label: [] for label in engines}
     order = list(engines)
     for r in range(rounds):
         for label in order if r % 2 == 0 else order[::-1]:
             _reset(engines[label])
-            outs, took = timed_run(engines[label], prompts, params, batch)
+            outs, took = timed_run(engines[label], prompts, params, batch, queue)
             outputs.setdefault(label, outs)
             seconds[label].append(took)
     return {label: (outputs[label], seconds[label]) for label in engines}
@@ -264,7 +272,7 @@ def _batch_rows(
     """One row per drafter at ``batch``, each against plain decoding timed in the same rounds."""
     before = {label: engines[label].engine.spec_stats.copy() for label in drafters}
     steps_before = {label: _step_counts(engines[label]) for label in drafters}
-    timings = measure_rounds(engines, prompts, params, batch, args.rounds)
+    timings = measure_rounds(engines, prompts, params, batch, args.rounds, args.queue)
     # Counted over the warm-up pass too: the same prompts and outputs as the timed ones.
     plain_outs, plain_seconds = timings["plain"]
     plain_tokens = sum(map(len, plain_outs))
@@ -284,7 +292,7 @@ def _batch_rows(
                "overlapped_steps": _overlapped_share(engines[label], steps_before[label]),
                "tok_s": _rate(tokens, seconds), "plain_tok_s": plain_rate,
                "speedup_rounds": per_round,
-               "identical_outputs": identical_share(outs, plain_outs),
+               "identical_outputs": identical_share(outs, plain_outs), "queue": args.queue,
                "divergence_margins": divergence_gaps(outs, plain_outs, margins),
                "prompts": len(prompts)}  # fmt: skip
         row["speedup"] = row["tok_s"] / row["plain_tok_s"]
@@ -341,6 +349,14 @@ def add_prompt_args(ap: argparse.ArgumentParser, corpus: str, val_fraction: floa
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
+def add_queue_arg(ap: argparse.ArgumentParser) -> None:
+    """``timed_run``'s two ways of running a batch size."""
+    ap.add_argument("--queue", action="store_true",
+                    help="submit every prompt at once, a batch size's worth running at a time "
+                         "(continuous batching, as a server under load); unset: in waves of "
+                         "a batch size's prompts, each as long as its slowest request")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -371,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--medusa-k", type=int, default=0, help="medusa's k (0: --num-speculative-tokens)"
     )
     add_prompt_args(ap, corpus="python", val_fraction=0.01)
+    add_queue_arg(ap)
     ap.add_argument("--num-prompts", type=int, default=64, help="prompts per batch size")
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8], help="requests run together")
     ap.add_argument("--seed", type=int, default=0, help="which held-out files and cut points")

@@ -228,7 +228,8 @@ for step in "$@"; do
               # ngram_datastore: that, then DATASTORE, default the 150M model's training data,
               # runs/data/python-8k; benchmarks/datastore_subset.py makes smaller ones), K drafts
               # (default 4), DTYPE (default: the model's), MIN_TOKENS_PER_STEP (a number or
-              # auto; default: unset), LOOKUP_MIN (ngram's prompt_lookup_min, default 2)
+              # auto; default: unset), LOOKUP_MIN (ngram's prompt_lookup_min, default 2), QUEUE
+              # (set: every prompt submitted at once, the batch size running at a time)
               methods=${METHODS:-ngram,draft_model,layer_skip}; heads=()
               if [[ -f runs/medusa-code-150m/heads/config.json ]]; then
                 heads=(--medusa-heads runs/medusa-code-150m/heads); [[ -z ${METHODS:-} ]] && methods+=,medusa
@@ -236,7 +237,7 @@ for step in "$@"; do
               python3 benchmarks/spec_real_bench.py --target runs/code-model-150m/hf --batch-sizes 1,8 \
                 --methods "$methods" --num-speculative-tokens "${K:-4}" --dtype "${DTYPE:-auto}" \
                 --prompt-lookup-min "${LOOKUP_MIN:-2}" ${DATASTORE:+--datastore "$DATASTORE"} \
-                ${MIN_TOKENS_PER_STEP:+--min-tokens-per-step "$MIN_TOKENS_PER_STEP"} \
+                ${MIN_TOKENS_PER_STEP:+--min-tokens-per-step "$MIN_TOKENS_PER_STEP"} ${QUEUE:+--queue} \
                 "${heads[@]}" --out "$OUT/spec_real.json" > "$OUT/spec_real.log" 2>&1; tail -12 "$OUT/spec_real.log" ;;
     specsteps) # issue 15: a speculative step's host time phase by phase against a plain step's,
                # batch 1, on the bundled model and (after `spectrain`) the 150M one

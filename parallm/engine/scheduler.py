@@ -206,7 +206,7 @@ class Scheduler:
         sequence that ``prev`` samples nothing for (an earlier prompt chunk), sampling that
         reads past tokens, or no free block.
         """
-        if prev.preempted or (self.waiting and len(self.running) < self.cfg.max_num_seqs):
+        if prev.preempted or self._admission_pending():
             return None
         live = []
         for item in prev.seqs:  # one pass: this runs every step for every sequence
@@ -246,7 +246,8 @@ class Scheduler:
         Should a sequence accept fewer, the engine rolls this step back
         (``KVCacheManager.rollback``) and discards it. Returns None, changing nothing, when a
         sequence of ``prev`` has no drafts here or may finish with ``prev``'s tokens, when a
-        prompt waits, or when blocks or budget run short: the step then waits for ``prev``.
+        prompt could be admitted, or when blocks or budget run short: the step then waits for
+        ``prev``.
         """
         if not self._may_continue(prev):
             return None
@@ -271,7 +272,7 @@ class Scheduler:
         step after this one can reach: this step's tail stages that one's slots from the tables
         copied with this step. None, changing nothing, where the host must take the next step:
         a sequence of ``prev`` without a full chain, one whose next two steps would pass the
-        context, a waiting prompt, short blocks or budget."""
+        context, a prompt that could be admitted, short blocks or budget."""
         if not self._may_continue(prev):
             return None
         q = 1 + num_drafts
@@ -287,10 +288,18 @@ class Scheduler:
         batch = ScheduledBatch(known_on_device=True, staged_on_device=True, device_tail=True)
         return self._continue(planned, batch)
 
+    def _admission_pending(self) -> bool:
+        """Whether a waiting prompt could join the next step (a sequence slot is free): a step
+        launched ahead would keep it out. Behind a full batch it waits for a sequence to
+        finish anyway, and once one has, the running set differs from the last step's, so the
+        host takes the next step and admits it: until then steps may run ahead."""
+        return bool(self.waiting) and len(self.running) < self.cfg.max_num_seqs
+
     def _may_continue(self, prev: ScheduledBatch) -> bool:
         """Whether a step may launch behind ``prev`` before its tokens reach the host: every
-        running sequence is in ``prev``, drafted and still running, and no prompt waits."""
-        if prev.preempted or self.waiting or len(prev.seqs) != len(self.running):
+        running sequence is in ``prev``, drafted and still running, and no prompt could be
+        admitted."""
+        if prev.preempted or self._admission_pending() or len(prev.seqs) != len(self.running):
             return False
         return all(
             item.samples and item.draft_token_ids and item.seq.status is SequenceStatus.RUNNING

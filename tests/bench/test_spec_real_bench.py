@@ -102,8 +102,8 @@ def test_a_drafted_output_that_differs_is_reported_not_fatal(tmp_path, monkeypat
     bench = _load_bench()
     timed_run = bench.timed_run
 
-    def timed_run_with_a_flipped_token(llm, prompts, params, batch):
-        outs, seconds = timed_run(llm, prompts, params, batch)
+    def timed_run_with_a_flipped_token(llm, prompts, params, batch, queue=False):
+        outs, seconds = timed_run(llm, prompts, params, batch, queue)
         if llm.engine.drafter is not None:  # as if one verify step broke a tie differently
             outs[0] = outs[0][:-1] + [outs[0][-1] + 1]
         return outs, seconds
@@ -205,7 +205,7 @@ def test_rounds_alternate_the_engines_after_an_untimed_pass(monkeypatch):
         def reset_prefix_cache(self):
             calls.append(f"reset {self.name}")
 
-    def timed_run(llm, prompts, params, batch):
+    def timed_run(llm, prompts, params, batch, queue=False):
         calls.append(llm.name)
         return [[len(calls)]], float(len(calls))
 
@@ -224,3 +224,35 @@ def test_rounds_alternate_the_engines_after_an_untimed_pass(monkeypatch):
         at += len(before[name]) + 1
     assert got["plain"] == ([[7]], [7.0, 15.0, 17.0])
     assert got["ngram_history"] == ([[10]], [10.0, 13.0, 20.0])
+
+
+def test_queue_runs_every_prompt_at_once_a_batch_at_a_time(tmp_path):
+    """``--queue``: all prompts in one call with ``batch`` of them running at a time (the
+    engine's ``max_num_seqs`` lowered for the call, then restored); waves: ``batch`` prompts a
+    call. Both give plain decoding's outputs in order."""
+    from parallm import LLM, SamplingParams
+
+    bench = _load_bench()
+    llm = LLM(str(BUNDLED_MODEL_DIR), device="cpu", dtype="float32", max_model_len=256,
+              max_num_seqs=4)  # fmt: skip
+    prompts = bench.completion_prompts(str(_corpus(tmp_path)), 1.0, llm.get_tokenizer(), 3, 32,
+                                       seed=0)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    widths, calls, launch, generate = [], [], llm.engine.runner.launch, llm.generate
+
+    def recorded(batch, *args, **kwargs):
+        widths.append(len(batch.seqs))
+        return launch(batch, *args, **kwargs)
+
+    def counted(chunk, *args, **kwargs):
+        calls.append(len(chunk))
+        return generate(chunk, *args, **kwargs)
+
+    llm.engine.runner.launch, llm.generate = recorded, counted
+    waves, _ = bench.timed_run(llm, prompts, params, 2)
+    assert calls == [2, 1]
+    calls.clear()
+    queued, _ = bench.timed_run(llm, prompts, params, 2, queue=True)
+    assert calls == [3] and max(widths) == 2
+    assert queued == waves and [len(o) for o in queued] == [6, 6, 6]
+    assert llm.engine.scheduler.cfg.max_num_seqs == 4

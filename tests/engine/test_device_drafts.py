@@ -151,3 +151,28 @@ def test_an_abort_with_a_device_step_in_flight(tiny_model_dir, ordinary_token_id
     while engine.has_unfinished_requests() or engine._inflight is not None:
         engine.step()
     assert engine.kv.num_free_blocks == free
+
+
+def test_a_queue_behind_a_full_batch_keeps_steps_on_the_device(tiny_model_dir, ordinary_token_ids):
+    """More requests than ``max_num_seqs``: the waiting ones cannot join until a running one
+    finishes, so they must not hold the running ones' steps on the host (a server under load
+    always has such a queue). The outputs stay plain decoding's and nothing leaks."""
+    path = str(tiny_model_dir("llama3"))
+    prompts = _repetitive_prompts(ordinary_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = _tokens(LLM(path, **ENGINE), prompts, params)
+    llm = _device_llm(path, {**SPEC, "prompt_lookup_history_tokens": 0}, max_num_seqs=2)
+    engine = llm.engine
+    staged_while_queued, launch = [], engine.runner.launch
+
+    def recorded(batch, *args, **kwargs):
+        if engine.scheduler.waiting:
+            staged_while_queued.append(batch.staged_on_device)
+        return launch(batch, *args, **kwargs)
+
+    engine.runner.launch = recorded
+    free = engine.kv.num_free_blocks
+    assert len(prompts) > 2
+    assert _tokens(llm, prompts, params) == want
+    assert sum(staged_while_queued) > len(staged_while_queued) / 2, staged_while_queued
+    _check_clean(llm, free)
