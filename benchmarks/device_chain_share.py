@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spec_real_bench import (  # noqa: E402
-    _reset,
     add_prompt_args,
     add_queue_arg,
     completion_prompts,
+    reset_pass,
     timed_run,
 )
 
@@ -58,7 +58,7 @@ def device_llm(model: str, k: int, max_batch: int, max_model_len: int,
 def measure(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int,
             plain: list[list[int]], queue: bool = False) -> dict:  # fmt: skip
     engine = llm.engine
-    _reset(llm)  # each run drafts from its own requests only, not an earlier run's outputs
+    reset_pass(llm)  # each run drafts from its own requests only, not an earlier run's outputs
     steps, overlapped = engine.num_steps, engine.num_overlapped_steps
     outputs, seconds = timed_run(llm, prompts, params, batch, queue)
     steps, overlapped = engine.num_steps - steps, engine.num_overlapped_steps - overlapped

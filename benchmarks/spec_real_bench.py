@@ -216,21 +216,21 @@ def measure_rounds(
     earlier requests).
     """
     for llm in engines.values():
-        _reset(llm)
+        reset_pass(llm)
         timed_run(llm, prompts, params, batch, queue)
     outputs: dict[str, list[list[int]]] = {}
     seconds: dict[str, list[float]] = {label: [] for label in engines}
     order = list(engines)
     for r in range(rounds):
         for label in order if r % 2 == 0 else order[::-1]:
-            _reset(engines[label])
+            reset_pass(engines[label])
             outs, took = timed_run(engines[label], prompts, params, batch, queue)
             outputs.setdefault(label, outs)
             seconds[label].append(took)
     return {label: (outputs[label], seconds[label]) for label in engines}
 
 
-def _reset(llm: LLM) -> None:
+def reset_pass(llm: LLM) -> None:
     """Empty ``llm``'s prefix cache and its drafter's ring of earlier requests (if any)."""
     llm.reset_prefix_cache()
     drafter = llm.engine.drafter

@@ -95,12 +95,14 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    def drafts_before_max_tokens(self, pending: int = 0) -> int | None:
-        """How many drafts a step may verify after ``pending`` more output tokens, so that
-        accepting them all and the token after them stays within ``max_tokens`` (None: no
-        limit). Negative once fewer than ``pending + 1`` tokens are left."""
+    def cap_drafts(self, num_drafts: int, pending: int = 0) -> int:
+        """``num_drafts``, or fewer so that after ``pending`` more output tokens, accepting
+        them all and the token after them stays within ``max_tokens``. Negative once fewer
+        than ``pending + 1`` tokens are left."""
         max_tokens = self.params.max_tokens
-        return None if max_tokens is None else max_tokens - (self.num_output_tokens + pending) - 1
+        if max_tokens is None:
+            return num_drafts
+        return min(num_drafts, max_tokens - (self.num_output_tokens + pending) - 1)
 
     @property
     def is_finished(self) -> bool:

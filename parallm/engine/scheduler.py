@@ -334,8 +334,7 @@ class Scheduler:
         successor staged on the device to the request's end; tokens past ``max_tokens`` are
         never appended (the output processor finishes the sequence there, as at an EOS)."""
         room = self.cfg.max_model_len - (seq.num_tokens + pending) - 1
-        limit = seq.drafts_before_max_tokens(pending)
-        return room if limit is None or self.full_chains else min(room, limit)
+        return room if self.full_chains else seq.cap_drafts(room, pending)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))

@@ -195,8 +195,7 @@ class DraftModelProposer:
         n = seq.num_tokens
         num = min(self.spec.num_speculative_tokens, self.target_max_model_len - n - 1,
                   self.max_model_len - n + 1)  # fmt: skip
-        limit = seq.drafts_before_max_tokens()
-        return num if limit is None else min(num, limit)
+        return seq.cap_drafts(num)
 
     def _start_round(self, seq: Sequence) -> _Round | None:
         """Sync the sequence's mirror and give it room for this round, or None (no drafts)."""

@@ -61,15 +61,8 @@ def _count_drafts(
         # A full chain's fillers (device mode) were verified but never proposed, and its drafts
         # past ``max_tokens`` can never be emitted: the counters see the proposal alone, as the
         # host drafter would have made it (cut at ``max_tokens``).
-        proposed = _emittable(seq, proposed_by[seq.seq_id])
+        proposed = max(0, seq.cap_drafts(proposed_by[seq.seq_id]))
         if proposed:
             accepted = min(len(tokens) - 1, proposed)
             stats.record(proposed, accepted)
             seq.draft_history.record(accepted, proposed)
-
-
-def _emittable(seq: Sequence, num_drafts: int) -> int:
-    """How many of a step's ``num_drafts`` drafts ``max_tokens`` lets ``seq`` emit (the
-    step's tokens not yet appended)."""
-    limit = seq.drafts_before_max_tokens()
-    return num_drafts if limit is None else max(0, min(num_drafts, limit))

@@ -141,5 +141,4 @@ class MedusaProposer:
     def _max_depth(self, seq: Sequence) -> int:
         """Tree levels the target could take: within its context and ``max_tokens``."""
         depth = min(self.spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
-        limit = seq.drafts_before_max_tokens()
-        return depth if limit is None else min(depth, limit)
+        return seq.cap_drafts(depth)
