@@ -15,8 +15,9 @@ def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/NAME.py`` (NAME may hold a folder: ``peers/run_vllm``), registered in
     ``sys.modules`` under its file's stem (dataclasses look their module up while being made),
     loaded afresh each call."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
+    for folder in (BENCHMARKS, (BENCHMARKS / name).parent):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     stem = Path(name).name
     spec = importlib.util.spec_from_file_location(stem, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

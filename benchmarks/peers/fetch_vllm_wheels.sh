@@ -112,12 +112,13 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-# What is left of issue 14 (benchmarks/peers/README.md says why each): parallm with vLLM's
-# admission on this GPU, the one mixed row behind vLLM kernel by kernel, the offline rows.
-n=$((n + 1))
-echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm-vllm-limits,vllm-stock\", timeout_s=600)"
-n=$((n + 1))
-echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"source benchmarks/peers/vllm_env.sh && for e in parallm vllm; do python3 benchmarks/mixed_step_bench.py --config benchmarks/configs/qwen3-0.6b.json --context-len 1024 --batch-sizes 128 --arrival-lens 32,2048,3500 --engine \$e; done\", timeout_s=600)"
-n=$((n + 1))
-echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"bash benchmarks/peers/run_peers.sh --models qwen3-0.6b,llama-3.1-8b --steps offline\", timeout_s=600)"
+# What is left of issue 14 (benchmarks/peers/README.md says why each): the 8B at x4 with both
+# servers' engine counters, what a prompt token costs the 8B in each engine, Qwen at x16 again.
+for call in \
+  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,vllm-stock --time-scales 4" \
+  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps mixed --mixed-batch-sizes 128 --mixed-arrival-lens 1024,2048,3500 --mixed-context-len 1024" \
+  "bash benchmarks/peers/run_peers.sh --models qwen3-0.6b --steps serve --servers parallm,vllm-stock"; do
+  n=$((n + 1))
+  echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"$call\", timeout_s=600)"
+done
 echo "(benchmarks/peers/README.md: what each call prints, device time, what to do when one fails)"

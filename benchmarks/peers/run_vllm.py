@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import server_counters  # benchmarks/peers, this script's folder
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "benchmarks" / "configs"
 STEPS = ("smoke", "offline", "latency", "serve", "mixed")
@@ -62,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offline: vLLM configurations (latency runs stock; serve: --servers)")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,8,32,128", help="latency batch sizes")
     p.add_argument("--max-model-len", type=int, default=4096, help="context limit of every run")
+    p.add_argument("--mixed-batch-sizes", default="16,64,128",
+                   help="mixed: requests decoding beside each new prompt, separated by commas")  # fmt: skip
+    p.add_argument("--mixed-arrival-lens", default="32,512",
+                   help="mixed: the new prompt's tokens, separated by commas")  # fmt: skip
+    p.add_argument("--mixed-context-len", type=int, default=128,
+                   help="mixed: the decoding requests' prompt tokens")  # fmt: skip
     p.add_argument("--trace", type=Path, default=REPO / ".peers/data/AzureLLMInferenceTrace_conv.csv",
                    help="the Azure conversation trace CSV (serve)")  # fmt: skip
     p.add_argument("--time-scales", default="4,16",
@@ -103,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [g for g in given if g not in allowed]
         if bad:
             p.error(f"{name}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    for flag in ("--mixed-batch-sizes", "--mixed-arrival-lens"):
+        text = getattr(args, flag[2:].replace("-", "_"))
+        if not all(item.isdigit() and int(item) > 0 for item in text.split(",")):
+            p.error(f"{flag}: expected positive integers separated by commas, got {text!r}")
     for model in args.models:
         if not (CONFIGS / f"{model}.json").is_file():
             known = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
@@ -179,6 +191,8 @@ def step_mixed(args: argparse.Namespace, model: str) -> bool:
             sys.executable, str(REPO / "benchmarks" / "mixed_step_bench.py"),
             "--config", str(CONFIGS / f"{model}.json"), "--engine", engine,
             "--max-model-len", str(args.max_model_len), "--out", str(args.work / f"{name}.json"),
+            "--batch-sizes", args.mixed_batch_sizes, "--arrival-lens", args.mixed_arrival_lens,
+            "--context-len", str(args.mixed_context_len),
         ], args)  # fmt: skip
     return ok
 
@@ -207,12 +221,33 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
                 ), args)  # fmt: skip
             for scale in scales:
                 out = args.work / f"{name}_x{scale}.json"
+                before = read_counters(args.port)
                 ok &= run_logged(f"{name}_x{scale}",
                                  serve_load(args, scale, args.trace_duration_s, out), args)  # fmt: skip
+                write_counters(args.work / f"counters_{name}_x{scale}.json", before,
+                               read_counters(args.port), out)  # fmt: skip
         finally:
             stop_group(proc, grace_s=30)
             time.sleep(3)  # the driver hands the GPU memory back
     return ok
+
+
+def read_counters(port: int) -> dict[str, Any] | None:
+    """The server's engine counters (``server_counters``), or None, said, where /metrics does
+    not answer: the load's figures stand without them."""
+    try:
+        return server_counters.scrape(f"http://127.0.0.1:{port}")
+    except (OSError, ValueError) as exc:
+        print(f"   /metrics unreadable ({exc}): no engine counters for this load")
+        return None
+
+
+def write_counters(path: Path, before: dict | None, after: dict | None, bench_json: Path) -> None:
+    """What the engine did during one load, over the bench's measured duration."""
+    if before is None or after is None or not bench_json.is_file():
+        return
+    duration_s = json.loads(bench_json.read_text())["summary"]["duration_s"]
+    path.write_text(json.dumps(server_counters.difference(before, after, duration_s), indent=2))
 
 
 def serve_load(args: argparse.Namespace, scale: str, trace_s: float, out: Path) -> list[str]:
@@ -356,7 +391,17 @@ def summarize(work: Path) -> dict[str, Any]:
             "tpot_p50": s["tpot_ms"]["p50"], "tpot_p99": s["tpot_ms"]["p99"],
             "goodput": s["goodput"], "completed": s["completed"], "failed": s["failed"],
             "output_token_throughput": s["output_token_throughput"],
+            "itl_p50": s.get("itl_ms", {}).get("p50"), "itl_p90": s.get("itl_ms", {}).get("p90"),
         }  # fmt: skip
+        counters = path.with_name(f"counters_{path.name}")
+        if counters.is_file():
+            c = json.loads(counters.read_text())
+            out["serve"][path.stem.removeprefix("serve_")].update(
+                {
+                    key: c.get(key)
+                    for key in ("steps", "tokens_per_step", "ms_per_step", "overlapped_share")
+                }  # fmt: skip
+            )
     return out
 
 
@@ -370,12 +415,17 @@ def markdown(summary: dict[str, Any]) -> str:
             ms = [lat.get(engine, {}).get(b) for b in ("1", "8", "32", "128")]
             cells = [_fmt(offline.get(engine), ".0f"), *(_fmt(m, ".3f") for m in ms)]
             lines.append(f"| {model} | {engine} | " + " | ".join(cells) + " |")
-    lines += ["", "| model, server, load | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | goodput req/s | "
-              "completed/failed |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["", "| model, server, load | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | ITL p90 | "
+              "goodput req/s | completed/failed | steps | tokens a step | ms a step | launched "
+              "ahead |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for key, s in summary["serve"].items():
-        cells = [_fmt(s[k], ".1f") for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")]
+        cells = [_fmt(s.get(k), ".1f")
+                 for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p90")]  # fmt: skip
+        engine = [_fmt(s.get("steps"), ".0f"), _fmt(s.get("tokens_per_step"), ".1f"),
+                  _fmt(s.get("ms_per_step"), ".2f"), _fmt(s.get("overlapped_share"), ".0%")]  # fmt: skip
         lines.append(f"| {key} | " + " | ".join(cells)
-                     + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} |")  # fmt: skip
+                     + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} | "
+                     + " | ".join(engine) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -179,6 +179,9 @@ class _EngineCollector(Collector):
                                   lambda s: s.prefix_cache_hits),
             "num_preemptions": ("Sequences preempted for lack of KV blocks.",
                                 lambda s: s.num_preemptions),
+            "num_overlapped_steps": ("Engine steps launched before the previous step's tokens "
+                                     "reached the host (async scheduling).",
+                                     lambda s: s.num_overlapped_steps),
             "spec_decode_num_drafts": ("Sequence steps that carried draft tokens.",
                                        lambda s: s.spec_num_drafts),
             "spec_decode_num_draft_tokens": ("Draft tokens verified.",

@@ -49,6 +49,8 @@ def test_flags_are_checked_before_anything_runs(run_vllm, tmp_path, capsys):
         (["--models", "llama-9t"], "--models: no benchmarks/configs/llama-9t.json"),
         (["--servers", "sglang"], "--servers: unknown sglang"),
         (["--trace", str(tmp_path / "none.csv")], "no such file"),
+        (["--mixed-arrival-lens", "512,0"], "--mixed-arrival-lens: expected positive integers"),
+        (["--mixed-batch-sizes", "a"], "--mixed-batch-sizes: expected positive integers"),
     ):
         with pytest.raises(SystemExit):
             run_vllm.parse_args(argv)
@@ -113,6 +115,14 @@ def test_serving_step_end_to_end_against_parallm(run_vllm, tiny_model_dir, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     row = summary["serve"]["tiny_parallm_x4"]
     assert row["completed"] == 3 and row["failed"] == 0 and row["ttft_p50"] > 0
+    # The engine's counters over the measured load only (the warm-up's steps not among them):
+    # every step computes at least one token, and the 3 requests' prompts and outputs are
+    # at most 62 + 19 tokens (the id tokenizer may add a BOS to each prompt).
+    counters = json.loads((work / "counters_serve_tiny_parallm_x4.json").read_text())
+    assert 0 < counters["steps"] <= counters["step_tokens"] <= 62 + 3 + 19
+    assert counters["generation_tokens"] == 19 and sum(counters["steps_by_tokens"].values()) == (
+        counters["steps"])  # fmt: skip
+    assert row["steps"] == counters["steps"] and row["ms_per_step"] > 0
     # The warm-up load ran first on the same server and is not a row of the summary.
     warmup = json.loads((work / "warmup_serve_tiny_parallm.json").read_text())
     assert warmup["summary"]["completed"] == 3
@@ -184,5 +194,13 @@ def test_mixed_step_runs_the_bench_in_both_engines_with_flags_it_takes(run_vllm,
 
     parsed = [mixed_step_bench.parse_args(cmd[2:]) for cmd in commands]
     assert [p.engine for p in parsed] == ["parallm", "vllm"]
+    assert all(p.batch_sizes == [16, 64, 128] and p.arrival_lens == [32, 512] for p in parsed)
+    args = run_vllm.parse_args(["--steps", "mixed", "--work", str(tmp_path), "--mixed-batch-sizes",
+                                "128", "--mixed-arrival-lens", "1024,3500",
+                                "--mixed-context-len", "1024"])  # fmt: skip
+    commands.clear()
+    assert run_vllm.step_mixed(args, "llama-3.1-8b")
+    long = mixed_step_bench.parse_args(commands[0][2:])
+    assert (long.batch_sizes, long.arrival_lens, long.context_len) == ([128], [1024, 3500], 1024)
     assert {p.config for p in parsed} == {str(REPO / "benchmarks/configs/qwen3-0.6b.json")}
     assert all(p.max_model_len == args.max_model_len and p.out.parent == tmp_path for p in parsed)

@@ -83,6 +83,24 @@ def test_request_histograms_over_http(server: ServerThread) -> None:
     assert _delta(after, before, "iteration_tokens_total_count") >= max(k for _, k, _ in requests)
 
 
+def test_steps_launched_ahead_are_counted_apart(server: ServerThread) -> None:
+    """On CPU async scheduling is off by default: every step waited for the last one's tokens.
+    With it on, a lone request's decode steps run ahead (its first step, the prompt's, cannot),
+    and /metrics counts them beside all steps: the share that serving benchmarks compare."""
+    before = metrics(server)
+    _complete(server, "def epsilon():", 6)
+    after = metrics(server)
+    assert _delta(after, before, "num_overlapped_steps_total") == 0
+    assert _delta(after, before, "iteration_tokens_total_count") >= 6
+    engine = load_engine(model=str(tiny_model_path()), async_scheduling=True, **ENGINE_KWARGS)
+    with ServerThread(build_app(engine, MODEL_NAME)) as ahead:
+        _complete(ahead, "def epsilon():", 6)
+        values = wait_until_idle(ahead)
+    steps = values[P + "iteration_tokens_total_count"]
+    overlapped = values[P + "num_overlapped_steps_total"]
+    assert overlapped == engine.num_overlapped_steps and 0 < overlapped < steps
+
+
 def test_server_logs_a_stats_line_while_busy(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:

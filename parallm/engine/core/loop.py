@@ -206,6 +206,7 @@ def engine_stats(engine: LLMEngine) -> EngineStats:
         prefix_cache_hits=stats.num_prefix_cache_hit_tokens,
         num_preemptions=stats.num_preemptions,
         num_steps=engine.num_steps,
+        num_overlapped_steps=engine.num_overlapped_steps,
         num_prompt_tokens_computed=stats.num_prefill_tokens_computed,
         num_generated_tokens=engine.num_generated_tokens,
         spec_num_draft_tokens=spec.draft_tokens,

@@ -76,6 +76,9 @@ class EngineStats(msgspec.Struct, array_like=True, frozen=True):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    # Steps launched before the previous step's tokens reached the host (async scheduling):
+    # the others left the device idle while the host scheduled them.
+    num_overlapped_steps: int = 0
     # Prompt tokens run through the model (prefix-cache hits excluded, recomputation included).
     num_prompt_tokens_computed: int = 0
     num_generated_tokens: int = 0
