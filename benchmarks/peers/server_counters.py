@@ -1,7 +1,9 @@
 """What a server's engine did during one serving load, read from its Prometheus /metrics before
 and after the load: engine steps, tokens a step, prompt tokens computed and found in the prefix
 cache, preemptions. Both servers name these alike (vLLM's ``vllm:`` names; parallm's are the
-same with ``parallm:``), so one reader serves both.
+same with ``parallm:``), so one reader serves both. Steps are the tokens-a-step histogram's
+count: parallm observes every step it launches; vLLM 0.26's API server every step whose
+outputs reach it (a step of prompt chunks alone returns none and is not counted).
 
 Why: a TPOT gap under a trace is either more steps or slower ones. The bench's duration over
 the steps counted here is the mean step time of a server kept busy; the tokens a step say how
