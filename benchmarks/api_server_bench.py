@@ -78,6 +78,7 @@ class FakeEngine:
         self.spec_stats = SimpleNamespace(draft_tokens=0, accepted_tokens=0, num_proposals=0,
                                           accepted_per_position=[])  # fmt: skip
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # its steps never run ahead of one another
         self.num_generated_tokens = 0
         self.step_observer: Any = None
         self.requests: dict[str, _FakeRequest] = {}

@@ -270,6 +270,10 @@ _MODULES: dict[Path, object] = {}
 
 
 def load_program(path: Path):  # noqa: ANN201 - a module
+    """The program at ``path`` as a module, its folder on the path as when Python runs it (a
+    script imports its neighbours)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     if path not in _MODULES:
         name = f"_gpu_session_program_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
