@@ -471,10 +471,13 @@ class LLMEngine:
         if batch is None:
             return None
         ids = prev.result.token_ids
-        if len(batch.seqs) != len(prev.batch.seqs):
+        decoding = batch.seqs[: len(batch.seqs) - batch.num_admitted]
+        if not decoding:  # only prompts it admitted: every token is on the host
+            ids = None
+        elif len(decoding) != len(prev.batch.seqs):
             # The continuation keeps prev's order and only drops sequences: gather the rest.
             row_of = {item.seq.seq_id: i for i, item in enumerate(prev.batch.seqs)}
-            rows = [row_of[item.seq.seq_id] for item in batch.seqs]
+            rows = [row_of[item.seq.seq_id] for item in decoding]
             ids = ids[host_to_device(rows, torch.long, ids.device)]
         self.num_overlapped_steps += 1
         handle = self.runner.launch(batch, device_ids=ids)

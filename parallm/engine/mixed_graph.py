@@ -210,12 +210,16 @@ class MixedGraphs(GraphedSteps):
         buf.block_tables.fill_(self.scratch_block)
 
     def run(
-        self, inputs: StepInputs, tokens: int | None = None
+        self,
+        inputs: StepInputs,
+        tokens: int | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits and final hidden states of the step's sampling rows, in order, from the
         graph of the smallest size that holds the step (``tokens``, where the caller found
-        it); None when none does. The outputs are the graph's own buffers: read them before
-        the next replay."""
+        it); None when none does. ``known``: (rows, ids) on the device, ids that replace the
+        host's placeholders at those rows (tokens the last step sampled, not yet on the host).
+        The outputs are the graph's own buffers: read them before the next replay."""
         tokens = tokens or self.size_for(inputs)
         if tokens is None:
             return None
@@ -223,6 +227,9 @@ class MixedGraphs(GraphedSteps):
         head, tables, cpu = self._staged(tokens, inputs)
         buf.region.copy_(head, non_blocking=True)
         buf.block_tables[: tables.shape[0], : tables.shape[1]].copy_(tables, non_blocking=True)
+        if known is not None:  # after the copy above, in stream order
+            rows, ids = known
+            buf.input_ids[rows] = ids
         self.num_replays += 1
         if self.captures:
             self.graphs[tokens].replay()

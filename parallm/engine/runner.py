@@ -357,7 +357,9 @@ class ModelRunner:
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:
             return False
-        return batch.is_pure_decode  # a step with drafts runs eagerly
+        # A step with drafts runs eagerly; so does one that admitted one-token prompts beside
+        # decode rows whose tokens are on the device (the graph takes all ids or none).
+        return batch.is_pure_decode and not batch.num_admitted
 
     def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
         """Start a step and the copy of its tokens to the host, without waiting for either."""
@@ -404,8 +406,8 @@ class ModelRunner:
             replayed = None
             if shape is not None:
                 replayed = self.verify_graphs.run(inputs, known, batch.staged_on_device, shape)
-            elif self._mixed_graph_fits(batch, spans, known):
-                replayed = self.mixed_graphs.run(inputs)
+            elif self._mixed_graph_fits(batch, spans):
+                replayed = self.mixed_graphs.run(inputs, known=self._known_rows(inputs, known))
             if batch.staged_on_device and replayed is None:  # its host inputs are placeholders
                 raise RuntimeError("a verify step staged on the device found no graph to replay")
             if known is not None and replayed is None:  # the eager forward takes every id
@@ -482,20 +484,29 @@ class ModelRunner:
             return None
         return self.verify_graphs.shape_for(inputs)
 
-    def _mixed_graph_fits(
-        self, batch: ScheduledBatch, spans: list[PromptSpan], known: torch.Tensor | None
-    ) -> bool:
+    def _mixed_graph_fits(self, batch: ScheduledBatch, spans: list[PromptSpan]) -> bool:
         """Whether a step that carries prompt tokens may replay a mixed graph (if one holds
-        it): not when it scores prompt tokens, has ids still on the device or other ranks to
-        feed."""
+        it): not when it scores prompt tokens or has other ranks to feed."""
         return (self.mixed_graphs is not None and batch.has_prompt_tokens and not spans
-                and known is None and self.step_listener is None)  # fmt: skip
+                and self.step_listener is None)  # fmt: skip
+
+    def _known_rows(
+        self, inputs: StepInputs, known: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, ids): the first row of each of the step's first ``len(known)`` sequences,
+        which takes its ``known`` token from the device; None without such tokens."""
+        if known is None:
+            return None
+        starts = inputs.query_start_loc[: len(known)].astype(np.int64)
+        return self._to_device(starts), known
 
     def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
-        """A verify step's input ids on the device: each sequence's ``known`` token at its
-        first row, then its drafts from the host."""
+        """The step's input ids on the device: the first ``len(known)`` sequences' ``known``
+        token at their first row (a verify step's, before its drafts; a step launched ahead's
+        decode rows, before the prompts it admitted), every other id from the host."""
         ids = self._to_device(inputs.input_ids)
-        ids[self._to_device(inputs.query_start_loc[:-1].astype(np.int64))] = known
+        rows, known = self._known_rows(inputs, known)
+        ids[rows] = known
         return ids
 
     def _sample(

@@ -100,9 +100,11 @@ class ScheduledBatch:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     kv_connector_metadata: KVConnectorMetadata | None = None
-    # Each sequence's one known token is still on the device (the last verify step samples
-    # it): the runner gets them as ``device_ids``, the host holds drafts only.
+    # Each sequence's one known token is still on the device (the last step samples it): the
+    # runner gets them as ``device_ids``, the host holds drafts only. Not so for the last
+    # ``num_admitted`` sequences: prompts admitted into a step launched ahead, all on the host.
     known_on_device: bool = False
+    num_admitted: int = 0
     # Every input of the step is staged on the device by the last step's tail (the device
     # drafter): the host's drafts are placeholders until that step's outputs bring the real
     # ones, and its positions assume the last step accepted every draft.
@@ -174,9 +176,15 @@ class Scheduler:
         if not batch.preempted:
             budget = self._schedule_drafts(batch, budget)
             self._schedule_waiting(batch, budget)
+        self._start(batch.seqs)
+        return batch
+
+    def _start(self, items: list[ScheduledSeq]) -> None:
+        """Count scheduled work as computed: first scheduling times, full blocks into the
+        prefix cache, each sequence's computed tokens (drafts included) and the stats."""
         block_size = self.kv.block_size
         now = time.monotonic()
-        for item in batch.seqs:
+        for item in items:
             seq = item.seq
             if seq.first_scheduled_time is None:  # a preempted sequence keeps its first time
                 seq.first_scheduled_time = now
@@ -193,7 +201,6 @@ class Scheduler:
                 seq.draft_tree = None
                 seq.draft_probs = None
             self._count(item)
-        return batch
 
     def schedule_continuation(self, prev: ScheduledBatch) -> ScheduledBatch | None:
         """The decode step after ``prev`` while ``prev``'s tokens are still on the device.
@@ -201,12 +208,15 @@ class Scheduler:
         Every running sequence computes the token ``prev`` is sampling; those that ``prev``
         finishes for sure (``max_tokens``, context end) drop out, and one that stops on EOS or
         a stop string wastes one token that the engine discards. ``prev`` may be a prompt's
-        last chunk: its first decode step then overlaps the prefill. Returns None, changing
-        nothing that matters, when the step must wait for ``prev``: a prompt to admit, a
-        sequence that ``prev`` samples nothing for (an earlier prompt chunk), sampling that
-        reads past tokens, or no free block.
+        last chunk: its first decode step then overlaps the prefill. Waiting prompts that a
+        free sequence slot, the budget and the free blocks admit join the step after the decode
+        rows (``num_admitted``), as ``schedule`` would admit them: their tokens are on the
+        host, and a step carrying a new prompt need not wait for the last one (vLLM's async
+        scheduling admits the same way). Returns None, changing nothing that matters, when the
+        step must wait for ``prev``: a sequence that ``prev`` samples nothing for (an earlier
+        prompt chunk), sampling that reads past tokens, or no free block.
         """
-        if prev.preempted or self._admission_pending():
+        if prev.preempted:
             return None
         live = []
         for item in prev.seqs:  # one pass: this runs every step for every sequence
@@ -235,7 +245,18 @@ class Scheduler:
         for item in batch.seqs:
             item.seq.num_computed_tokens += 1
         self.stats.num_decode_tokens_computed += len(batch.seqs)
+        if self._admission_pending():
+            self._admit_ahead(batch)
         return batch if batch.seqs else None
+
+    def _admit_ahead(self, batch: ScheduledBatch) -> None:
+        """Waiting prompts into the continuation ``batch`` of decode rows, in the budget left."""
+        decoding = len(batch.seqs)
+        self._schedule_waiting(batch, self.cfg.max_num_batched_tokens - decoding)
+        admitted = batch.seqs[decoding:]
+        self._start(admitted)
+        if admitted and decoding:  # the decode rows' tokens come from the device
+            batch.known_on_device, batch.num_admitted = True, len(admitted)
 
     def schedule_verify_continuation(
         self, prev: ScheduledBatch, drafts: dict[int, list[int]]
@@ -289,10 +310,11 @@ class Scheduler:
         return self._continue(planned, batch)
 
     def _admission_pending(self) -> bool:
-        """Whether a waiting prompt could join the next step (a sequence slot is free): a step
-        launched ahead would keep it out. Behind a full batch it waits for a sequence to
-        finish anyway, and once one has, the running set differs from the last step's, so the
-        host takes the next step and admits it: until then steps may run ahead."""
+        """Whether a waiting prompt could join the next step (a sequence slot is free): a plain
+        decode step launched ahead admits it (``_admit_ahead``); a verify step launched ahead
+        would keep it out. Behind a full batch it waits for a sequence to finish anyway, and
+        once one has, the running set differs from the last step's, so the host takes the next
+        step and admits it: until then steps may run ahead."""
         return bool(self.waiting) and len(self.running) < self.cfg.max_num_seqs
 
     def _may_continue(self, prev: ScheduledBatch) -> bool:

@@ -101,8 +101,9 @@ def prepare(batch: ScheduledBatch, block_size: int) -> StepInputs:
     # their depth: the position each would have on its own path.
     trees = [i for i, it in enumerate(items) if tree_of(it) is not None]
     tree_arrays = _lay_out_trees(items, trees, ends, positions) if trees else (None, None)
+    on_device = len(items) - batch.num_admitted if batch.known_on_device else 0
     parts = itertools.chain.from_iterable(
-        (_known_ids(it, batch.known_on_device), it.draft_token_ids) for it in items
+        (_known_ids(it, i < on_device), it.draft_token_ids) for i, it in enumerate(items)
     )
     ids = np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(ends[-1]))
     samples = np.fromiter((it.samples for it in items), bool, len(items))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from arrivals import run_arrivals
 
 from parallm import LLM, SamplingParams
 from parallm.config import ModelConfig
@@ -192,4 +193,43 @@ def test_first_decode_step_overlaps_the_prefill(pair, prompts):
     assert _tokens(got) == _tokens(sync.generate(batch, params, use_tqdm=False))
     assert fast.engine.num_steps - steps == 8
     assert fast.engine.num_overlapped_steps - before == 7
+    _assert_clean(fast)
+
+
+def test_prompts_arriving_mid_decode_join_a_step_launched_ahead(pair, prompts):
+    """A prompt that arrives while others decode (a free slot, budget and blocks) joins the
+    step launched ahead, beside the decode rows whose tokens are still on the device: every
+    step but the first runs ahead, where each arrival used to wait for the step in flight.
+    The outputs are the synchronous engine's, for greedy, seeded sampling, n > 1 and a
+    one-token prompt (a step of one token a sequence that is not a pure decode step)."""
+    sync, fast = pair
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=4, max_tokens=9, ignore_eos=True)
+    queue = [prompts[3], prompts[0], prompts[1], prompts[2], prompts[4][:40]]  # prompts[0]: 1
+    params = [greedy, greedy, seeded, greedy, seeded]
+    at = [0, 3, 4, 6, 9]
+    want, _, _ = run_arrivals(sync, queue, params, at)
+    got, steps, ahead = run_arrivals(fast, queue, params, at)
+    assert got == want and len(got) == len(queue)
+    assert ahead == steps - 1, (ahead, steps)
+    _assert_clean(fast)
+    # n > 1: the siblings after the first wait for its prompt blocks, then run ahead too.
+    fanned = [SamplingParams(temperature=0.9, seed=2, max_tokens=6, n=3, ignore_eos=True), greedy]
+    want, _, _ = run_arrivals(sync, [prompts[1], prompts[2]], fanned, [0, 2])
+    got, _, _ = run_arrivals(fast, [prompts[1], prompts[2]], fanned, [0, 2])
+    assert got == want
+    _assert_clean(fast)
+
+
+def test_a_prompt_over_the_budget_is_admitted_ahead_in_chunks(tiny_model_dir, prompts):
+    """Under a 32-token budget a long prompt arriving mid-decode is admitted ahead with the
+    budget the decode rows leave; its later chunks wait for the step before (a chunk that
+    samples nothing has no token for a step launched ahead to follow)."""
+    sync, fast = (_llm(tiny_model_dir, mode, max_num_batched_tokens=32) for mode in (False, True))
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * 3
+    queue, at = [prompts[2], prompts[1], prompts[5][:100]], [0, 0, 3]
+    want, _, _ = run_arrivals(sync, queue, params, at)
+    got, steps, ahead = run_arrivals(fast, queue, params, at)
+    assert got == want
+    assert 0 < ahead < steps - 1
     _assert_clean(fast)

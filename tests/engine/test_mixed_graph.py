@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from arrivals import run_arrivals
 from interpreted_engine import run_interpreted
 
 from parallm import LLM, SamplingParams
@@ -211,3 +212,22 @@ def test_the_buffers_run_the_triton_kernels_to_the_eager_tokens(tiny_model_dir):
     engine to the eager engine's tokens."""
     out = run_interpreted(_INTERPRETED, str(tiny_model_dir("llama3")), timeout=600)
     assert "mixed ok" in out
+
+
+def test_a_step_launched_ahead_admits_prompts_through_the_buffers(tiny_model_dir):
+    """Prompts arriving mid-decode join the step launched ahead, which replays a mixed graph:
+    the decode rows' ids come from the device into the buffers (``known``), over the host's
+    placeholders. The tokens are the synchronous eager engine's, and every step but the
+    first runs ahead."""
+    engine = dict(ENGINE, max_num_seqs=4, max_num_batched_tokens=64)
+    path = str(tiny_model_dir("llama3"))
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=8, ignore_eos=True)] * 2  # fmt: skip
+    queue, at = [prompts[0], prompts[3], prompts[1], prompts[2]], [0, 2, 3, 5]
+    want, _, _ = run_arrivals(LLM(path, async_scheduling=False, **engine), queue, params, at)
+    llm = LLM(path, async_scheduling=True, **engine)
+    graphs = _install(llm, mixed_token_sizes(64), max_num_seqs=4)
+    got, steps, ahead = run_arrivals(llm, queue, params, at)
+    assert got == want
+    assert graphs.num_replays >= 4 and ahead == steps - 1, (graphs.num_replays, ahead, steps)

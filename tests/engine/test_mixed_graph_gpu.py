@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from arrivals import run_arrivals
 
 from parallm import LLM, SamplingParams
 
@@ -59,3 +60,24 @@ def test_float32_replays_give_the_eager_engines_tokens(tiny_model_dir, family):
     eager = _llm(path, "float32", enforce_eager=True)
     assert eager.engine.runner.mixed_graphs is None
     assert _tokens(eager) == tokens
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_prompts_admitted_ahead_replay_to_the_synchronous_engines_tokens(tiny_model_dir, family):
+    """Prompts arriving mid-decode join the step launched ahead (async scheduling, the CUDA
+    default): captured mixed graphs whose decode rows take their ids from the device. In
+    float32 the tokens are those of the synchronous engine, and every step but the first and
+    those after a prompt chunk that samples nothing runs ahead."""
+    path = str(tiny_model_dir(family))
+    fast = _llm(path, "float32")
+    assert fast.engine.async_scheduling
+    vocab = fast.engine.model_config.vocab_size
+    prompts = _prompts(vocab)
+    queue, at = prompts[:5], [0, 2, 3, 5, 8]
+    want, _, _ = run_arrivals(_llm(path, "float32", async_scheduling=False), queue,
+                              [GREEDY] * 5, at)  # fmt: skip
+    replays = fast.engine.runner.mixed_graphs.num_replays
+    got, steps, ahead = run_arrivals(fast, queue, [GREEDY] * 5, at)
+    assert got == want
+    assert fast.engine.runner.mixed_graphs.num_replays - replays >= 4
+    assert steps // 2 < ahead < steps, (ahead, steps)
