@@ -219,13 +219,14 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
                 ok &= run_logged(f"warmup_{name}", serve_load(
                     args, scales[-1], args.warmup_trace_s, args.work / f"warmup_{name}.json"
                 ), args)  # fmt: skip
-            for scale in scales:
+            before = read_counters(args.port)
+            for scale in scales:  # one scrape between loads: the end of one, the start of the next
                 out = args.work / f"{name}_x{scale}.json"
-                before = read_counters(args.port)
                 ok &= run_logged(f"{name}_x{scale}",
                                  serve_load(args, scale, args.trace_duration_s, out), args)  # fmt: skip
-                write_counters(args.work / f"counters_{name}_x{scale}.json", before,
-                               read_counters(args.port), out)  # fmt: skip
+                after = read_counters(args.port)
+                write_counters(args.work / f"counters_{name}_x{scale}.json", before, after, out)
+                before = after
         finally:
             stop_group(proc, grace_s=30)
             time.sleep(3)  # the driver hands the GPU memory back
