@@ -79,6 +79,7 @@ class FakeEngine:
                                           accepted_per_position=[])  # fmt: skip
         self.num_steps = 0
         self.num_overlapped_steps = 0  # its steps never run ahead of one another
+        self.profiler = None  # built without profiler_config
         self.num_generated_tokens = 0
         self.step_observer: Any = None
         self.requests: dict[str, _FakeRequest] = {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from parallm.engine.profiler import ProfilerConfig
 from parallm.engine.spec.config import SpeculativeConfig
 from parallm.layers.quantization import check_quantization
 
@@ -309,10 +310,14 @@ class EngineConfig:
     # LLM(...) steps its one engine in a process of its own (an engine core behind ZeroMQ, as
     # the server and data-parallel replicas do) instead of in the caller's.
     engine_process: bool = False
+    # vLLM's profiler_config: a dict, a JSON object string or a ProfilerConfig (None: off);
+    # LLM.start_profile()/stop_profile() and the server's /start_profile, /stop_profile use it.
+    profiler_config: ProfilerConfig | None = None
 
     def __post_init__(self) -> None:
         # Checked where the value enters, before anything loads.
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        self.profiler_config = ProfilerConfig.from_value(self.profiler_config)
         check_quantization(self.quantization)
         _check_kv_cache_dtype(self.kv_cache_dtype)
         _check_parallel_size(self.tensor_parallel_size, "tensor_parallel_size")

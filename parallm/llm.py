@@ -93,6 +93,24 @@ class LLM:
         call it between a warm-up and the timed run."""
         self.engine.reset_prefix_cache()
 
+    def start_profile(self) -> None:
+        """Record the engine's steps until ``stop_profile`` (vLLM's name; the LLM built with
+        ``profiler_config={"profiler": "torch", "torch_profiler_dir": DIR}``)."""
+        self._local_engine("start_profile").start_profile()
+
+    def stop_profile(self) -> str:
+        """Stop recording and write the profile under ``torch_profiler_dir``; the trace's
+        path (the table of kernels and ops is beside it, ending in ``.txt``)."""
+        return self._local_engine("stop_profile").stop_profile()
+
+    def _local_engine(self, what: str) -> LLMEngine:
+        if not isinstance(self.engine, LLMEngine):
+            raise ValueError(
+                f"{what} profiles an engine in this process: not with data_parallel_size > 1 "
+                "or engine_process=True (profile those through parallm serve's /start_profile)"
+            )
+        return self.engine
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -112,12 +112,11 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-# What is left of issue 14 (benchmarks/peers/README.md says why each): the 8B at x4 with both
-# servers' engine counters, what a prompt token costs the 8B in each engine, Qwen at x16 again.
+# What is left of issue 14 (benchmarks/peers/README.md says why each): the 8B at x4 and Qwen at
+# both loads, each server profiling itself under the load.
 for call in \
-  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,vllm-stock --time-scales 4" \
-  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps mixed --mixed-batch-sizes 128 --mixed-arrival-lens 1024,2048,3500 --mixed-context-len 1024" \
-  "bash benchmarks/peers/run_peers.sh --models qwen3-0.6b --steps serve --servers parallm,vllm-stock"; do
+  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,vllm-stock --time-scales 4 --profile-seconds 3" \
+  "bash benchmarks/peers/run_peers.sh --models qwen3-0.6b --steps serve --servers parallm,vllm-stock --profile-seconds 2"; do
   n=$((n + 1))
   echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"$call\", timeout_s=600)"
 done

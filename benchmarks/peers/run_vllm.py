@@ -43,6 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import serve_profile
 import server_counters  # benchmarks/peers, this script's folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compiles and loads kernels for new shapes under load: both engines' "
                         "TTFT p50 read 2.0-2.2 s at x16 when it came first, 36-41 ms after x4 "
                         "(eighteenth session)")  # fmt: skip
+    p.add_argument("--profile-seconds", type=float, default=0.0,
+                   help="serve: after the measured loads, one more at the first time scale "
+                   "during which each server profiles itself (--profiler-config, "
+                   "/start_profile, /stop_profile) for this many seconds from 40%% of its "
+                   "arrivals on; the device's busy share, idle gaps and kernels a step go to "
+                   "profile_serve_*.json and the log (0: no profile)")  # fmt: skip
     p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                    help=f"serve: servers to load, from {', '.join(SERVERS)}")  # fmt: skip
     p.add_argument("--port", type=int, default=8100, help="serve: port of the server under test")
@@ -206,7 +213,11 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
         name = f"serve_{model}_{server}"
         log = args.work / "logs" / f"{name}_server.log"
         peer = vllm_server_limits(*gpu_memory_and_name()) if server == "parallm-vllm-limits" else {}
-        proc = start_server(server_command(server, folder, args, limits, peer), log)
+        command = server_command(server, folder, args, limits, peer)
+        profiles = args.work / "profiles" / name
+        if args.profile_seconds > 0:
+            command += serve_profile.profiler_flags(profiles)
+        proc = start_server(command, log)
         try:
             wait_s = min(args.start_timeout_s, args.deadline - time.monotonic())
             if not wait_healthy(proc, args.port, wait_s):
@@ -227,10 +238,43 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
                 after = read_counters(args.port)
                 write_counters(args.work / f"counters_{name}_x{scale}.json", before, after, out)
                 before = after
+            if args.profile_seconds > 0:
+                ok &= profile_server(args, name, scales[0], profiles)
         finally:
             stop_group(proc, grace_s=30)
             time.sleep(3)  # the driver hands the GPU memory back
     return ok
+
+
+def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Path) -> bool:
+    """One more load at ``scale``, profiled by the server from 40% of its arrivals on for
+    ``--profile-seconds``; the device's summary (``serve_profile``) with the profiled engine
+    steps goes to profile_NAME.json. The traces are deleted once read (tens of MB; the tables
+    beside them stay)."""
+    arrivals_s = args.trace_duration_s / float(scale)
+    ok, before, after = serve_profile.profiled_load(
+        serve_load(args, scale, args.trace_duration_s, args.work / f"profiled_{name}.json"),
+        args.port, 0.4 * arrivals_s, args.profile_seconds,
+        args.work / "logs" / f"profiled_{name}.log", lambda: read_counters(args.port),
+    )  # fmt: skip
+    trace = serve_profile.device_trace(profiles) if profiles.is_dir() else None
+    if trace is None:
+        print(f"== {name}: no trace with device activity in {profiles}")
+        return False
+    row = {"summary": serve_profile.kernel_summary(serve_profile.device_events(trace)),
+           "steps": _steps_between(before, after), "trace": trace.name}  # fmt: skip
+    (args.work / f"profile_{name}.json").write_text(json.dumps(row, indent=2))
+    print(serve_profile.per_step_table({name: row}))
+    for path in profiles.glob("*.pt.trace.json*"):
+        path.unlink()
+    return ok
+
+
+def _steps_between(before: dict | None, after: dict | None) -> int | None:
+    """Engine steps between two /metrics scrapes, or None."""
+    if before is None or after is None:
+        return None
+    return int(server_counters.difference(before, after, 1.0)["steps"])
 
 
 def read_counters(port: int) -> dict[str, Any] | None:
@@ -403,6 +447,10 @@ def summarize(work: Path) -> dict[str, Any]:
                     for key in ("steps", "tokens_per_step", "ms_per_step", "overlapped_share")
                 }  # fmt: skip
             )
+    for path in sorted(work.glob("profile_serve_*.json")):
+        out.setdefault("profile", {})[path.stem.removeprefix("profile_")] = json.loads(
+            path.read_text()
+        )
     return out
 
 
@@ -427,6 +475,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(cells)
                      + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} | "
                      + " | ".join(engine) + " |")  # fmt: skip
+    if summary.get("profile"):
+        lines += ["", serve_profile.per_step_table(summary["profile"])]
     return "\n".join(lines) + "\n"
 
 

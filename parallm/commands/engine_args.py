@@ -184,6 +184,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
         "(unset: off)",
     )
 
+    g.add_argument(
+        "--profiler-config",
+        default=None,
+        metavar="JSON",
+        help="vLLM's profiler_config as a JSON object: profiler (torch), torch_profiler_dir "
+        "(where traces go), torch_profiler_record_shapes (default false), "
+        "torch_profiler_with_stack (default false), torch_profiler_use_gzip (default true); "
+        "parallm serve then records the engine's steps between POST /start_profile and POST "
+        '/stop_profile, e.g. \'{"profiler": "torch", "torch_profiler_dir": "/tmp/prof"}\' '
+        "(unset: off)",
+    )
+
 
 def _add_switch(g: argparse._ArgumentGroup, flag: str, old_off_flag: str, what: str) -> None:
     """``--enable-X/--no-enable-X`` (vLLM's spelling), and the older ``--no-X`` as an alias."""
@@ -217,6 +229,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         revision=args.revision,
         download_dir=args.download_dir, skip_tokenizer_init=args.skip_tokenizer_init,
         speculative_config=args.speculative_config,
+        profiler_config=args.profiler_config,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,

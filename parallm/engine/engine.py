@@ -25,6 +25,7 @@ from parallm.engine.executor import TensorParallelExecutor, WorkerSpec, check_te
 from parallm.engine.kv_cache import KVCacheManager
 from parallm.engine.mixed_graph import mixed_token_sizes
 from parallm.engine.output_processor import OutputProcessor
+from parallm.engine.profiler import EngineProfiler, ProfilerOff
 from parallm.engine.request import Request, Sequence, SequenceStatus
 from parallm.engine.runner import ModelRunner, StepHandle
 from parallm.engine.sampler import SamplerOutput, host_to_device
@@ -85,6 +86,8 @@ class LLMEngine:
         if self.drafter is not None:
             self.drafter.measure_step_costs(self.async_scheduling)
         self.spec_stats = SpecStats()
+        profiling = config.profiler_config
+        self.profiler = EngineProfiler(profiling) if profiling and profiling.enabled else None
         self._inflight: StepHandle | None = None
         self.num_overlapped_steps = 0
         self.closed = False  # close() freed the runner
@@ -233,6 +236,9 @@ class LLMEngine:
         executor = getattr(self, "executor", None)
         if executor is not None:
             executor.close()
+        profiler = getattr(self, "profiler", None)
+        if profiler is not None and profiler.running:  # what it recorded is kept
+            profiler.stop()
         self.closed = True
         self._inflight = None
         self.runner = self.drafter = self.draft_model = None
@@ -418,6 +424,18 @@ class LLMEngine:
         """Forget every cached prefix that no request holds (vLLM's ``reset_prefix_cache``):
         later prompts compute those blocks afresh."""
         self.kv.reset_prefix_cache()
+
+    def start_profile(self) -> None:
+        """Record the steps from now on (``profiler_config``; vLLM's ``start_profile``)."""
+        if self.profiler is None:
+            raise ProfilerOff()
+        self.profiler.start()
+
+    def stop_profile(self) -> str:
+        """Stop recording and write the profile; returns the trace's path."""
+        if self.profiler is None:
+            raise ProfilerOff()
+        return self.profiler.stop()
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute and post-process one step; returns outputs of progressed requests.

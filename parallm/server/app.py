@@ -105,6 +105,7 @@ def build_app(
     # As in vLLM, the API key guards /v1 only: these routes run no model.
     _add_tokenization_routes(app, ctx)
     _add_ops_routes(app, ctx, metrics)
+    _add_profile_routes(app, ctx)
     return app
 
 
@@ -167,6 +168,20 @@ def _add_ops_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics) -
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _add_profile_routes(app: FastAPI, ctx: ServingContext) -> None:
+    """vLLM's profiling routes: record the engine's steps between the two calls (the server
+    started with --profiler-config; otherwise a 400 that says so)."""
+
+    @app.post("/start_profile")
+    async def start_profile() -> Response:
+        await ctx.engine.start_profile()
+        return Response(status_code=200)
+
+    @app.post("/stop_profile")
+    async def stop_profile() -> dict[str, list[str]]:
+        return {"traces": await ctx.engine.stop_profile()}
 
 
 async def _parse(request: Request, model: type[M]) -> M:

@@ -30,9 +30,9 @@ import functools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,10 +49,14 @@ from parallm.engine.core.messages import (
     AddRequests,
     CoreOutputs,
     CoreRequest,
+    ProfilerReply,
+    StartProfile,
+    StopProfile,
     total_stats,
 )
 from parallm.engine.dp_router import PrefixRouter
 from parallm.engine.engine import LLMEngine
+from parallm.engine.profiler import ProfilerOff
 from parallm.outputs import RequestOutput
 from parallm.sampling_params import SamplingParams
 from parallm.server.coalesce import merge_delta
@@ -204,6 +208,9 @@ class AsyncEngine:
         self._started = False
         self._stopping = False
         self._error: str | None = None
+        # Per core, the profiler commands sent and not answered yet, oldest first: the core
+        # applies commands in order and answers each one (ProfilerReply).
+        self._profile_waiters: list[deque[Future[ProfilerReply]]] = [deque() for _ in self.cores]
 
     @property
     def core(self) -> Any:
@@ -275,6 +282,33 @@ class AsyncEngine:
         if self.metrics:
             self.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
         return stream
+
+    async def start_profile(self) -> None:
+        """Start every core's profiler (vLLM's ``start_profile``); RequestFailed (400) if the
+        engine was built without ``profiler_config`` or a profile is already running."""
+        await self._profile(StartProfile())
+
+    async def stop_profile(self) -> list[str]:
+        """Stop every core's profiler once each has written its profile; their traces."""
+        replies = await self._profile(StopProfile())
+        return [r.trace for r in replies if r.trace is not None]
+
+    async def _profile(self, command: StartProfile | StopProfile) -> list[ProfilerReply]:
+        if not self.core.info.profiling:
+            raise RequestFailed(str(ProfilerOff()), 400)
+        futures: list[Future[ProfilerReply]] = []
+        with self._lock:
+            if not self.is_healthy:
+                raise EngineUnavailable(self._unavailable_reason())
+            for waiters, core in zip(self._profile_waiters, self.cores, strict=True):
+                futures.append(Future())
+                waiters.append(futures[-1])
+                core.send(command)
+        replies = [await asyncio.wrap_future(f) for f in futures]
+        errors = [r.error for r in replies if r.error is not None]
+        if errors:
+            raise RequestFailed(errors[0], 400)
+        return replies
 
     def _check_new_ids(self, requests: list[EngineRequest]) -> None:
         """Engine request ids are unique among live requests, on every replica."""
@@ -357,6 +391,8 @@ class AsyncEngine:
         self._snapshots[replica] = batch.stats
         self._snapshot = batch.stats if self.router is None else total_stats(self._snapshots)
         self._num_taken[replica] = batch.num_requests_taken
+        for reply in batch.profiler_replies:
+            self._profile_waiters[replica].popleft().set_result(reply)
         m = self.metrics
         if m is not None:
             for num_tokens in batch.step_num_tokens:
@@ -438,6 +474,9 @@ class AsyncEngine:
         with self._lock:
             if self._error is None:
                 self._error = reason
+        waiters = self._profile_waiters[replica]
+        while waiters:  # no reply will come
+            waiters.popleft().set_exception(EngineUnavailable(reason))
         self._fail_all(reason, replica)
 
     def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> int:

@@ -21,9 +21,12 @@ from parallm.engine.core.messages import (
     CoreOutputs,
     EngineInfo,
     EngineStats,
+    ProfilerReply,
     RequestFailure,
     ResetPrefixCache,
     Shutdown,
+    StartProfile,
+    StopProfile,
 )
 from parallm.engine.engine import LLMEngine
 from parallm.engine.request import SequenceStatus
@@ -62,6 +65,8 @@ class EngineCoreLoop:
             self._abort_all()
         elif isinstance(command, ResetPrefixCache):
             self.engine.reset_prefix_cache()
+        elif isinstance(command, StartProfile | StopProfile):
+            self._profile(command)
         elif not isinstance(command, Shutdown):  # Shutdown is the driver's to act on
             raise TypeError(f"unknown engine core command {type(command).__name__}")
 
@@ -91,7 +96,14 @@ class EngineCoreLoop:
     def has_news(self) -> bool:
         """Whether anything waits to be reported."""
         p = self._pending
-        return bool(p.outputs or p.aborted or p.rejected or p.failures or p.step_num_tokens)
+        return bool(
+            p.outputs
+            or p.aborted
+            or p.rejected
+            or p.failures
+            or p.step_num_tokens
+            or p.profiler_replies
+        )
 
     def take_outputs(self) -> CoreOutputs:
         """What happened since the last call, with the engine's counters now."""
@@ -101,6 +113,19 @@ class EngineCoreLoop:
         self._pending = CoreOutputs()
         self.engine.step_observer = self._pending.step_num_tokens.append
         return taken
+
+    def _profile(self, command: StartProfile | StopProfile) -> None:
+        """Start or stop the engine's profiler; the reply says what came of it."""
+        action = "start" if isinstance(command, StartProfile) else "stop"
+        try:
+            if action == "start":
+                self.engine.start_profile()
+                reply = ProfilerReply(action)
+            else:
+                reply = ProfilerReply(action, trace=self.engine.stop_profile())
+        except Exception as exc:
+            reply = ProfilerReply(action, error=f"{type(exc).__name__}: {exc}")
+        self._pending.profiler_replies.append(reply)
 
     def _add(self, command: AddRequests) -> None:
         self._num_taken += len(command.requests)
@@ -187,6 +212,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         summary=engine.summary(),
         block_size=engine.kv.block_size,
         enable_prefix_caching=engine.kv.enable_prefix_caching,
+        profiling=engine.profiler is not None,
     )
 
 

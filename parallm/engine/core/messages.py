@@ -52,11 +52,28 @@ class ResetPrefixCache(msgspec.Struct, tag=True, array_like=True):
     after it find the cache reset."""
 
 
+class StartProfile(msgspec.Struct, tag=True, array_like=True):
+    """Start recording the engine's steps (``LLMEngine.start_profile``); answered by a
+    ``ProfilerReply`` in the next ``CoreOutputs``."""
+
+
+class StopProfile(msgspec.Struct, tag=True, array_like=True):
+    """Stop recording and write the profile; answered by a ``ProfilerReply`` with its path."""
+
+
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     """Stop the loop, close the engine (and its tensor-parallel workers) and exit."""
 
 
-Command = AddRequests | AbortRequests | AbortAll | ResetPrefixCache | Shutdown
+Command = (
+    AddRequests
+    | AbortRequests
+    | AbortAll
+    | ResetPrefixCache
+    | StartProfile
+    | StopProfile
+    | Shutdown
+)
 
 # ---- core -> API process ---------------------------------------------------------------------
 
@@ -122,6 +139,15 @@ class RequestFailure(msgspec.Struct, array_like=True):
     status: int = 500
 
 
+class ProfilerReply(msgspec.Struct, array_like=True):
+    """The core's answer to ``StartProfile`` or ``StopProfile`` (``action``: "start" or
+    "stop"): the trace written by a stop, or why the command failed."""
+
+    action: str
+    trace: str | None = None
+    error: str | None = None
+
+
 class TokenDeltas(msgspec.Struct, array_like=True):
     """Outputs that carry nothing but new token ids of a request's one sample (index 0): no
     text, logprobs, finish, metrics or error. Most of a step's outputs are such; sent as
@@ -150,6 +176,7 @@ class CoreOutputs(msgspec.Struct, tag=True, array_like=True):
     failures: list[RequestFailure] = []
     num_requests_taken: int = 0
     step_num_tokens: list[int] = []
+    profiler_replies: list[ProfilerReply] = []
     stats: EngineStats = msgspec.field(default_factory=EngineStats)
     # On the wire only: ``encode`` moves the token-only outputs here and the decoder moves
     # them back into ``outputs`` (first; a batch holds one output per request at most).
@@ -168,6 +195,8 @@ class EngineInfo(msgspec.Struct, array_like=True):
     # What the server's data-parallel router needs to hash prompts as the cache manager does.
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # Whether the engine was built with a profiler_config (/start_profile, /stop_profile).
+    profiling: bool = False
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

@@ -1,0 +1,177 @@
+"""Profile a server under load: a few seconds of the same trace replay, recorded by the
+server itself, and what the device did in them.
+
+Both servers take the same flag, ``--profiler-config`` (vLLM's; parallm's since the
+twenty-fifth session), and the same routes, ``POST /start_profile`` and ``POST /stop_profile``;
+both write ``torch.profiler`` Chrome traces. Why: the 8B's serving gap at x4 is not in one
+step's kernels (the mixed-step profile costs the same in both engines, RESULTS twenty-fifth
+session), so it must be between steps (the device idle while the host works) or in steps of
+shapes no microbenchmark builds; a profile taken under the load shows both.
+
+``kernel_summary`` reads a trace: the device's busy time (the union of its kernels, copies
+and sets) over the span from its first to its last, the idle time between them by gap length
+(short gaps are launch latency; long ones are a host that did not keep up), and the kernels
+by total time.
+
+    python benchmarks/peers/serve_profile.py TRACE.pt.trace.json.gz [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# Upper ends (µs) of the idle-gap bands: launch latency, short host work, a stalled host.
+GAP_BANDS_US = (10.0, 100.0, 1000.0, float("inf"))
+
+
+def profiler_flags(folder: Path) -> list[str]:
+    """The flag that lets either server profile into ``folder`` (no stacks: they slow the
+    host, whose pace is part of what is measured)."""
+    config = {"profiler": "torch", "torch_profiler_dir": str(folder),
+              "torch_profiler_with_stack": False}  # fmt: skip
+    return ["--profiler-config", json.dumps(config)]
+
+
+def profiled_load(load: list[str], port: int, start_after_s: float, seconds: float, log: Path,
+                  scrape: Callable[[], Any]) -> tuple[bool, Any, Any]:  # fmt: skip
+    """Run the load ``load`` (a ``parallm bench serve`` command) and profile the server on
+    ``port`` from ``start_after_s`` seconds into it for ``seconds``: whether all went well,
+    and ``scrape()`` (the server's counters) just before the start and just after the stop.
+    Both engines step no further while they write the trace, so the two scrapes bound the
+    profiled steps."""
+    base = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(load, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(start_after_s)
+            before = scrape()
+            ok = _post(base + "/start_profile")
+            time.sleep(seconds)
+            ok &= _post(base + "/stop_profile")
+            after = scrape()
+        finally:
+            ok_load = proc.wait() == 0
+    return ok and ok_load, before, after
+
+
+def _post(url: str) -> bool:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status == 200
+    except OSError as exc:
+        print(f"   {url}: {exc}")
+        return False
+
+
+def device_events(trace: Path) -> list[dict[str, Any]]:
+    """The trace's device activity (kernels, copies, sets), in start order."""
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    found = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    return sorted(found, key=lambda e: float(e["ts"]))
+
+
+def kernel_summary(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
+    """Busy and idle time of the device over the events' span, idle gaps by length, and the
+    ``top`` kernels by total time (µs throughout)."""
+    if not events:
+        return {"span_us": 0.0, "busy_us": 0.0, "busy_share": 0.0, "idle_us_by_gap": {},
+                "num_events": 0, "kernels": []}  # fmt: skip
+    busy, idle = 0.0, dict.fromkeys(_band_names(), 0.0)
+    start, end = float(events[0]["ts"]), float(events[0]["ts"]) + float(events[0]["dur"])
+    first = start
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        ts, dur = float(e["ts"]), float(e["dur"])
+        entry = by_name[e.get("name", "?")]
+        entry[0] += dur
+        entry[1] += 1
+        if ts > end:  # a gap: the busy interval so far is closed
+            busy += end - start
+            idle[_band(ts - end)] += ts - end
+            start, end = ts, ts + dur
+        else:
+            end = max(end, ts + dur)
+    busy += end - start
+    span = end - first
+    kernels = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "span_us": span, "busy_us": busy, "busy_share": busy / span if span else 0.0,
+        "idle_us_by_gap": idle, "num_events": len(events),
+        "kernels": [{"name": n, "total_us": t, "count": int(c)} for n, (t, c) in kernels],
+    }  # fmt: skip
+
+
+def _band_names() -> list[str]:
+    names, low = [], 0.0
+    for high in GAP_BANDS_US:
+        names.append(f"{low:g}-{high:g}us" if high != float("inf") else f">{low:g}us")
+        low = high
+    return names
+
+
+def _band(gap_us: float) -> str:
+    for name, high in zip(_band_names(), GAP_BANDS_US, strict=True):
+        if gap_us <= high:
+            return name
+    raise AssertionError("the last band is unbounded")
+
+
+def device_trace(folder: Path) -> Path | None:
+    """The trace in ``folder`` with the most device activity (vLLM also writes its API
+    process's, which has none), or None."""
+    traces = sorted(folder.glob("*.pt.trace.json*"))
+    counted = [(len(device_events(t)), t) for t in traces]
+    counted = [(n, t) for n, t in counted if n]
+    return max(counted)[1] if counted else None
+
+
+def per_step_table(rows: dict[str, dict[str, Any]], top: int = 8) -> str:
+    """Markdown: per server, the profiled window's steps and device time a step."""
+    lines = ["| server | window s | steps | device busy | kernels ms a step | idle ms a step "
+             "(gaps > 100 µs) |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, row in rows.items():
+        s, steps = row["summary"], max(1, row.get("steps") or 1)
+        long_idle = sum(
+            v for k, v in s["idle_us_by_gap"].items() if not k.startswith(("0-", "10-"))
+        )
+        idle = sum(s["idle_us_by_gap"].values())
+        lines.append(f"| {name} | {s['span_us'] / 1e6:.2f} | {row.get('steps') or '-'} | "
+                     f"{100 * s['busy_share']:.1f}% | {s['busy_us'] / steps / 1e3:.2f} | "
+                     f"{idle / steps / 1e3:.2f} ({long_idle / steps / 1e3:.2f}) |")  # fmt: skip
+    for name, row in rows.items():
+        steps = max(1, row.get("steps") or 1)
+        lines += ["", f"{name}: ms a step by kernel"]
+        for k in row["summary"]["kernels"][:top]:
+            lines.append(f"  {k['total_us'] / steps / 1e3:8.3f}  {k['count'] / steps:6.1f}x  "
+                         f"{k['name'][:90]}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("traces", nargs="+", type=Path, help="torch.profiler Chrome traces")
+    p.add_argument("--steps", type=int, default=None,
+                   help="engine steps in the profiled window (per-step figures; unset: totals)")  # fmt: skip
+    args = p.parse_args(argv)
+    rows = {t.name: {"summary": kernel_summary(device_events(t)), "steps": args.steps}
+            for t in args.traces}  # fmt: skip
+    print(per_step_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
