@@ -237,8 +237,11 @@ class LLMEngine:
         if executor is not None:
             executor.close()
         profiler = getattr(self, "profiler", None)
-        if profiler is not None and profiler.running:  # what it recorded is kept
-            profiler.stop()
+        if profiler is not None and profiler.running:  # what it recorded is kept, if it can be
+            try:
+                profiler.stop()
+            except OSError:  # closing frees the engine whatever became of the trace
+                logger.exception("the profile running at close could not be written")
         self.closed = True
         self._inflight = None
         self.runner = self.drafter = self.draft_model = None

@@ -85,7 +85,11 @@ class ProfilerConfig:
         return cls(**value)
 
 
-class ProfilerOff(RuntimeError):
+class ProfilerMisuse(RuntimeError):
+    """A profiler command that cannot apply now (the caller's mistake, HTTP 400)."""
+
+
+class ProfilerOff(ProfilerMisuse):
     """A profile was asked of an engine built without ``profiler_config``."""
 
     def __init__(self) -> None:
@@ -109,7 +113,7 @@ class EngineProfiler:
 
     def start(self) -> None:
         if self._profile is not None:
-            raise RuntimeError("a profile is already running: stop it first")
+            raise ProfilerMisuse("a profile is already running: stop it first")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -125,7 +129,7 @@ class EngineProfiler:
         """End the profile; returns the trace's path (the table is beside it)."""
         profile, self._profile = self._profile, None
         if profile is None:
-            raise RuntimeError("no profile is running: start one first")
+            raise ProfilerMisuse("no profile is running: start one first")
         if torch.cuda.is_available():  # the steps in flight finish inside the profile
             torch.cuda.synchronize()
         profile.stop()

@@ -305,10 +305,16 @@ class AsyncEngine:
                 waiters.append(futures[-1])
                 core.send(command)
         replies = [await asyncio.wrap_future(f) for f in futures]
-        errors = [r.error for r in replies if r.error is not None]
-        if errors:
-            raise RequestFailed(errors[0], 400)
+        failed = [r for r in replies if r.error is not None]
+        if failed:
+            raise RequestFailed(failed[0].error, failed[0].status)
         return replies
+
+    def _fail_profile_waiters(self, reason: str, replica: int | None = None) -> None:
+        """Profiler commands that no reply will answer (a core died or stopped) fail with 503."""
+        for i, waiters in enumerate(self._profile_waiters):
+            while (replica is None or i == replica) and waiters:
+                waiters.popleft().set_exception(EngineUnavailable(reason))
 
     def _check_new_ids(self, requests: list[EngineRequest]) -> None:
         """Engine request ids are unique among live requests, on every replica."""
@@ -372,6 +378,7 @@ class AsyncEngine:
         else:
             with ThreadPoolExecutor(len(self.cores)) as pool:
                 list(pool.map(lambda core: core.stop(timeout_s), self.cores))
+        self._fail_profile_waiters(self._error or "the server is shutting down")
         self._fail_all(self._error or "the server is shutting down")
 
     def _unavailable_reason(self) -> str:
@@ -474,9 +481,7 @@ class AsyncEngine:
         with self._lock:
             if self._error is None:
                 self._error = reason
-        waiters = self._profile_waiters[replica]
-        while waiters:  # no reply will come
-            waiters.popleft().set_exception(EngineUnavailable(reason))
+        self._fail_profile_waiters(reason, replica)
         self._fail_all(reason, replica)
 
     def _account(self, tracked: _Tracked, out: RequestOutput, now: float) -> int:

@@ -13,7 +13,9 @@ import torch
 from server_support import tiny_model_path
 
 from parallm.config import EngineConfig
-from parallm.engine.profiler import ProfilerConfig, table_path
+from parallm.engine.core.loop import EngineCoreLoop
+from parallm.engine.core.messages import StartProfile, StopProfile
+from parallm.engine.profiler import ProfilerConfig, ProfilerMisuse, ProfilerOff, table_path
 from parallm.llm import LLM
 from parallm.sampling_params import SamplingParams
 
@@ -86,10 +88,10 @@ def test_a_profile_holds_the_steps_between_start_and_stop(llm: LLM) -> None:
 
 
 def test_profiler_misuse_is_a_clear_error(llm: LLM, traces: Path) -> None:
-    with pytest.raises(RuntimeError, match="no profile is running"):
+    with pytest.raises(ProfilerMisuse, match="no profile is running"):
         llm.stop_profile()
     llm.start_profile()
-    with pytest.raises(RuntimeError, match="already running"):
+    with pytest.raises(ProfilerMisuse, match="already running"):
         llm.start_profile()
     llm.stop_profile()
 
@@ -97,8 +99,32 @@ def test_profiler_misuse_is_a_clear_error(llm: LLM, traces: Path) -> None:
 def test_an_engine_without_profiler_config_says_how_to_turn_it_on() -> None:
     llm = LLM(str(tiny_model_path()), device="cpu", kv_cache_memory=1 << 20, max_model_len=64)
     try:
-        with pytest.raises(RuntimeError, match="--profiler-config"):
+        with pytest.raises(ProfilerOff, match="--profiler-config"):
             llm.start_profile()
+    finally:
+        llm.close()
+
+
+def test_the_core_answers_every_profiler_command_with_whose_fault_a_failure_is(
+    tmp_path: Path,
+) -> None:
+    """Misuse is the caller's (400); a trace that cannot be written is the server's (500),
+    and the core goes on."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = {"profiler": "torch", "torch_profiler_dir": str(blocker / "traces")}
+    llm = LLM(str(tiny_model_path()), device="cpu", kv_cache_memory=1 << 20, max_model_len=64,
+              profiler_config=config)  # fmt: skip
+    try:
+        loop = EngineCoreLoop(llm.engine)
+        for command in (StopProfile(), StartProfile(), StopProfile(), StartProfile()):
+            loop.handle(command)
+        replies = loop.take_outputs().profiler_replies
+        assert [(r.action, r.status) for r in replies] == [
+            ("stop", 400), ("start", 200), ("stop", 500), ("start", 200)]  # fmt: skip
+        assert "no profile is running" in replies[0].error and replies[1].error is None
+        assert "NotADirectoryError" in replies[2].error or "FileExistsError" in replies[2].error
+        assert llm.engine.profiler.running  # the failed stop ended that profile; a new one runs
     finally:
         llm.close()
 

@@ -29,6 +29,7 @@ from parallm.engine.core.messages import (
     StopProfile,
 )
 from parallm.engine.engine import LLMEngine
+from parallm.engine.profiler import ProfilerMisuse
 from parallm.engine.request import SequenceStatus
 from parallm.outputs import RequestOutput
 
@@ -124,7 +125,10 @@ class EngineCoreLoop:
             else:
                 reply = ProfilerReply(action, trace=self.engine.stop_profile())
         except Exception as exc:
-            reply = ProfilerReply(action, error=f"{type(exc).__name__}: {exc}")
+            status = 400 if isinstance(exc, ProfilerMisuse) else 500
+            if status == 500:
+                logger.exception("the profiler failed to %s", action)
+            reply = ProfilerReply(action, error=f"{type(exc).__name__}: {exc}", status=status)
         self._pending.profiler_replies.append(reply)
 
     def _add(self, command: AddRequests) -> None:

@@ -141,11 +141,13 @@ class RequestFailure(msgspec.Struct, array_like=True):
 
 class ProfilerReply(msgspec.Struct, array_like=True):
     """The core's answer to ``StartProfile`` or ``StopProfile`` (``action``: "start" or
-    "stop"): the trace written by a stop, or why the command failed."""
+    "stop"): the trace written by a stop, or why the command failed and the HTTP status that
+    says whose fault it was (400: a profile already running, none running, profiling off)."""
 
     action: str
     trace: str | None = None
     error: str | None = None
+    status: int = 200
 
 
 class TokenDeltas(msgspec.Struct, array_like=True):
