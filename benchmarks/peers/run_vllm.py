@@ -216,7 +216,7 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
         command = server_command(server, folder, args, limits, peer)
         profiles = args.work / "profiles" / name
         if args.profile_seconds > 0:
-            command += serve_profile.profiler_flags(profiles)
+            command += serve_profile.profiler_flags(profiles, vllm=server.startswith("vllm"))
         proc = start_server(command, log)
         try:
             wait_s = min(args.start_timeout_s, args.deadline - time.monotonic())
@@ -448,7 +448,7 @@ def summarize(work: Path) -> dict[str, Any]:
                 }  # fmt: skip
             )
     for path in sorted(work.glob("profile_serve_*.json")):
-        out.setdefault("profile", {})[path.stem.removeprefix("profile_")] = json.loads(
+        out.setdefault("profile", {})[path.stem.removeprefix("profile_serve_")] = json.loads(
             path.read_text()
         )
     return out

@@ -34,11 +34,14 @@ DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 GAP_BANDS_US = (10.0, 100.0, 1000.0, float("inf"))
 
 
-def profiler_flags(folder: Path) -> list[str]:
-    """The flag that lets either server profile into ``folder`` (no stacks: they slow the
-    host, whose pace is part of what is measured)."""
+def profiler_flags(folder: Path, vllm: bool) -> list[str]:
+    """The flag that lets either server profile its engine into ``folder``. No stacks: they
+    slow the host, whose pace is part of what is measured; for vLLM, no profile of its API
+    process either (``ignore_frontend``; parallm's API process is never profiled)."""
     config = {"profiler": "torch", "torch_profiler_dir": str(folder),
               "torch_profiler_with_stack": False}  # fmt: skip
+    if vllm:
+        config["ignore_frontend"] = True
     return ["--profiler-config", json.dumps(config)]
 
 

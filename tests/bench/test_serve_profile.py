@@ -55,11 +55,14 @@ def test_the_trace_with_device_activity_is_picked(serve_profile, tmp_path):
     assert serve_profile.device_trace(tmp_path / "missing") is None
 
 
-def test_the_profiler_flag_is_one_parallm_takes(serve_profile, tmp_path):
-    flag, value = serve_profile.profiler_flags(tmp_path)
+def test_the_profiler_flag_is_one_each_server_takes(serve_profile, tmp_path):
+    flag, value = serve_profile.profiler_flags(tmp_path, vllm=False)
     assert flag == "--profiler-config"
     config = EngineConfig(profiler_config=value).profiler_config
     assert config.enabled and config.torch_profiler_dir == str(tmp_path)
+    # vLLM's own key, which parallm (no API-process profile to leave out) would refuse.
+    _, theirs = serve_profile.profiler_flags(tmp_path, vllm=True)
+    assert json.loads(theirs) == {**json.loads(value), "ignore_frontend": True}
 
 
 def test_a_server_profiled_under_a_replayed_load(serve_profile, tmp_path):

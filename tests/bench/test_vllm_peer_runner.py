@@ -151,6 +151,20 @@ def test_summary_puts_engines_side_by_side(run_vllm, tmp_path):
     assert "| m | vllm 0.26.0 (stock) | 800 | 1.250 | 1.250 | - | - |" in table
 
 
+def test_profiles_of_both_servers_close_the_summary(run_vllm, tmp_path):
+    summary = {"span_us": 2e6, "busy_us": 1.5e6, "busy_share": 0.75, "num_events": 9,
+               "idle_us_by_gap": {"0-10us": 1e5, "10-100us": 1e5, "100-1000us": 1e5,
+                                  ">1000us": 2e5},
+               "kernels": [{"name": "gemm", "total_us": 1e6, "count": 800}]}  # fmt: skip
+    for server, steps in (("parallm", 100), ("vllm-stock", 125)):
+        row = {"summary": summary, "steps": steps, "trace": "t"}
+        (tmp_path / f"profile_serve_m_{server}.json").write_text(json.dumps(row))
+    table = run_vllm.markdown(run_vllm.summarize(tmp_path))
+    assert "| m_parallm | 2.00 | 100 | 75.0% | 15.00 | 5.00 (3.00) |" in table
+    assert "| m_vllm-stock | 2.00 | 125 | 75.0% | 12.00 | 4.00 (2.40) |" in table
+    assert "  10.000     8.0x  gemm" in table
+
+
 def test_stopping_a_server_stops_its_process_group(run_vllm, tmp_path):
     """vLLM's server starts an engine-core process; stopping the server must end it too."""
     child_pid = tmp_path / "child.pid"
