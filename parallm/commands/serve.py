@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
-        "/tokenize, /detokenize, /version, /health, /ping and /metrics. One engine loop batches "
+        "/tokenize, /detokenize, /version, /health, /ping and /metrics (and /start_profile, "
+        "/stop_profile with --profiler-config). One engine loop batches "
         "all connections (with --data-parallel-size N: N engines, each request sent to the one "
         "that caches the longest prefix of it, else the least loaded). SIGTERM stops accepting, lets running requests finish (up to "
         "--drain-timeout), then exits.",
