@@ -187,6 +187,18 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dty
     return dtype if kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
+def _graph_sizes(sizes: object) -> tuple[int, ...]:
+    """``cuda_graph_sizes`` sorted, each once; a ValueError unless they are integers >= 1."""
+    if isinstance(sizes, str) or not hasattr(sizes, "__iter__"):
+        raise ValueError(f"cuda_graph_sizes must be a list of integers >= 1, got {sizes!r}")
+    sizes = list(sizes)
+    bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if bad or not sizes:
+        raise ValueError(f"cuda_graph_sizes must be a non-empty list of integers >= 1, got "
+                         f"{sizes!r}")  # fmt: skip
+    return tuple(sorted(set(sizes)))
+
+
 def _check_parallel_size(size: object, name: str) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
@@ -290,7 +302,8 @@ class EngineConfig:
     fused_kernels: bool | None = None
     # Launch the next decode step before post-processing the current one. None: on for CUDA.
     async_scheduling: bool | None = None
-    # Decode graphs' batch sizes; those above max_num_seqs are not captured. Up to 512, as
+    # Decode graphs' batch sizes (--cudagraph-capture-sizes, vLLM's flag; sorted, each once);
+    # those above max_num_seqs are not captured. Up to 512, as
     # vLLM caps its own: an engine that admits more sequences than 256 (vLLM's defaults admit
     # 1,024 on an H100) would otherwise run its largest decode steps eagerly.
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320,
@@ -320,6 +333,7 @@ class EngineConfig:
         self.profiler_config = ProfilerConfig.from_value(self.profiler_config)
         check_quantization(self.quantization)
         _check_kv_cache_dtype(self.kv_cache_dtype)
+        self.cuda_graph_sizes = _graph_sizes(self.cuda_graph_sizes)
         _check_parallel_size(self.tensor_parallel_size, "tensor_parallel_size")
         _check_parallel_size(self.data_parallel_size, "data_parallel_size")
         if not isinstance(self.engine_process, bool):

@@ -149,6 +149,16 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     )
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
     g.add_argument(
+        "--cudagraph-capture-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="batch sizes of the decode steps' CUDA graphs (vLLM's flag): a decode step of B "
+        "sequences replays the smallest graph of at least B; sizes above --max-num-seqs are "
+        "not captured (unset: " + " ".join(map(str, EngineConfig.cuda_graph_sizes)) + ")",
+    )
+    g.add_argument(
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -235,6 +245,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         data_parallel_size=args.data_parallel_size,
         engine_process=getattr(args, "engine_process", False),  # bench throughput's flag
     )  # fmt: skip
+    if args.cudagraph_capture_sizes is not None:  # unset: EngineConfig's default
+        kwargs["cuda_graph_sizes"] = tuple(args.cudagraph_capture_sizes)
     EngineConfig.from_kwargs(**kwargs)  # fail on a bad name before loading anything
     _check_data_parallel_command(args)
     return kwargs
