@@ -15,9 +15,7 @@ replica writes its own; with tensor parallelism only the driver's process (rank 
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
-import json
 import os
 import shutil
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from parallm.config_json import config_fields
 
 PROFILERS = ("torch",)
 
@@ -66,23 +66,11 @@ class ProfilerConfig:
     @classmethod
     def from_value(cls, value: Any) -> ProfilerConfig | None:
         """Accept None, a dict, a JSON object string (the CLI's form) or an instance."""
-        if value is None or isinstance(value, cls):
+        if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"profiler_config is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(
-                "profiler_config must be a dict, a JSON object string or a ProfilerConfig, "
-                f"got {type(value).__name__}"
-            )
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in value if k not in allowed)
-        if unknown:
-            raise ValueError(f"profiler_config: unknown key(s) {unknown}; allowed: {allowed}")
-        return cls(**value)
+        example = '\'{"profiler": "torch", "torch_profiler_dir": "DIR"}\''
+        fields = config_fields(value, cls, "profiler_config", example)
+        return None if fields is None else cls(**fields)
 
 
 class ProfilerMisuse(RuntimeError):

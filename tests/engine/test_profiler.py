@@ -28,7 +28,7 @@ from parallm.sampling_params import SamplingParams
         ({"profiler": "torch", "dir": "d"}, "unknown key(s) ['dir']"),
         ({"profiler": "torch", "torch_profiler_dir": "d", "torch_profiler_with_stack": "yes"},
          "torch_profiler_with_stack must be true or false"),
-        ("{not json", "profiler_config is not valid JSON"),
+        ("{not json", "profiler_config must be a JSON object such as"),
         (["torch"], "must be a dict, a JSON object string or a ProfilerConfig"),
     ],
 )  # fmt: skip
@@ -43,6 +43,7 @@ def test_a_json_profiler_config_as_the_cli_passes_it() -> None:
     assert cfg.profiler_config == ProfilerConfig("torch", "/p")
     assert cfg.profiler_config.enabled
     assert EngineConfig().profiler_config is None
+    assert EngineConfig(profiler_config="null").profiler_config is None  # as speculative_config
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ by the engine) are kept apart: a later drafter only joins ``IMPLEMENTED_METHODS`
 from __future__ import annotations
 
 import ast
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from parallm.config_json import config_fields
 
 METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
 IMPLEMENTED_METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
@@ -131,25 +131,15 @@ class SpeculativeConfig:
     @classmethod
     def from_value(cls, value: Any) -> SpeculativeConfig | None:
         """Accept None, a dict, a JSON object string (the CLI's form) or an instance."""
-        if value is None or isinstance(value, cls):
+        if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            value = _parse_json(value)
-            if value is None:
-                return None
-        if not isinstance(value, dict):
-            raise ValueError(
-                "speculative_config must be a dict, a JSON object string or a "
-                f"SpeculativeConfig, got {type(value).__name__}"
-            )
-        return cls._from_dict(value)
+        example = '\'{"method": "ngram", "num_speculative_tokens": 4}\''
+        d = config_fields(value, cls, "speculative_config", example)
+        return None if d is None else cls._from_dict(d)
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in d if k not in allowed)
-        if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {unknown}; allowed: {allowed}")
+        """From keys ``config_fields`` checked: vLLM's defaults, then the required keys."""
         d = dict(d)
         if d.get("method") is None and d.get("model") is not None:
             d["method"] = "draft_model"  # vLLM's reading of a config that names only a model
@@ -282,13 +272,3 @@ def check_datastore_dir(path: Any) -> None:
 def _check_int(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"speculative_config.{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _parse_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"speculative_config must be a JSON object such as "
-            f'\'{{"method": "ngram", "num_speculative_tokens": 4}}\', got {text!r} ({e.msg})'
-        ) from None
