@@ -258,11 +258,12 @@ def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Pa
         args.port, 0.4 * arrivals_s, args.profile_seconds,
         args.work / "logs" / f"profiled_{name}.log", lambda: read_counters(args.port),
     )  # fmt: skip
-    trace = serve_profile.device_trace(profiles) if profiles.is_dir() else None
-    if trace is None:
+    found = serve_profile.device_trace(profiles) if profiles.is_dir() else None
+    if found is None:
         print(f"== {name}: no trace with device activity in {profiles}")
         return False
-    row = {"summary": serve_profile.kernel_summary(serve_profile.device_events(trace)),
+    trace, events = found
+    row = {"summary": serve_profile.kernel_summary(events),
            "steps": _steps_between(before, after), "trace": trace.name}  # fmt: skip
     (args.work / f"profile_{name}.json").write_text(json.dumps(row, indent=2))
     print(serve_profile.per_step_table({name: row}))

@@ -132,13 +132,15 @@ def _band(gap_us: float) -> str:
     raise AssertionError("the last band is unbounded")
 
 
-def device_trace(folder: Path) -> Path | None:
+def device_trace(folder: Path) -> tuple[Path, list[dict[str, Any]]] | None:
     """The trace in ``folder`` with the most device activity (vLLM also writes its API
-    process's, which has none), or None."""
-    traces = sorted(folder.glob("*.pt.trace.json*"))
-    counted = [(len(device_events(t)), t) for t in traces]
-    counted = [(n, t) for n, t in counted if n]
-    return max(counted)[1] if counted else None
+    process's, which has none) and that activity, each trace read once; None if none has any."""
+    best = None
+    for trace in sorted(folder.glob("*.pt.trace.json*")):
+        events = device_events(trace)
+        if events and (best is None or len(events) > len(best[1])):
+            best = (trace, events)
+    return best
 
 
 def per_step_table(rows: dict[str, dict[str, Any]], top: int = 8) -> str:

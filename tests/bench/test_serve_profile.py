@@ -51,7 +51,8 @@ def test_the_trace_with_device_activity_is_picked(serve_profile, tmp_path):
 
     write("api.1.pt.trace.json.gz", [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}])
     write("core.2.pt.trace.json.gz", [_kernel("k", 0.0, 1.0), _kernel("k", 2.0, 1.0)])
-    assert serve_profile.device_trace(tmp_path).name == "core.2.pt.trace.json.gz"
+    trace, events = serve_profile.device_trace(tmp_path)
+    assert trace.name == "core.2.pt.trace.json.gz" and [e["ts"] for e in events] == [0.0, 2.0]
     assert serve_profile.device_trace(tmp_path / "missing") is None
 
 
