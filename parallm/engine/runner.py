@@ -403,15 +403,16 @@ class ModelRunner:
             if batch.device_tail and not batch.staged_on_device:
                 self.device_drafts.upload([item.seq for item in batch.seqs])
             shape = self._verify_shape(inputs, spans)
-            replayed = None
+            replayed = rows = None
             if shape is not None:
                 replayed = self.verify_graphs.run(inputs, known, batch.staged_on_device, shape)
             elif self._mixed_graph_fits(batch, spans):
-                replayed = self.mixed_graphs.run(inputs, known=self._known_rows(inputs, known))
+                rows = self._known_rows(inputs, known)
+                replayed = self.mixed_graphs.run(inputs, known=rows)
             if batch.staged_on_device and replayed is None:  # its host inputs are placeholders
                 raise RuntimeError("a verify step staged on the device found no graph to replay")
             if known is not None and replayed is None:  # the eager forward takes every id
-                device_ids = self._with_drafts(inputs, known)
+                device_ids = self._with_known(inputs, rows or self._known_rows(inputs, known))
             if replayed is not None:  # the sampling rows' logits and hidden states
                 logits, hidden = replayed
             elif spans or self.keep_hidden:
@@ -500,12 +501,15 @@ class ModelRunner:
         starts = inputs.query_start_loc[: len(known)].astype(np.int64)
         return self._to_device(starts), known
 
-    def _with_drafts(self, inputs: StepInputs, known: torch.Tensor) -> torch.Tensor:
-        """The step's input ids on the device: the first ``len(known)`` sequences' ``known``
-        token at their first row (a verify step's, before its drafts; a step launched ahead's
-        decode rows, before the prompts it admitted), every other id from the host."""
+    def _with_known(
+        self, inputs: StepInputs, known_rows: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The step's input ids on the device: ``known_rows`` (``_known_rows``: the first row
+        of each of the first sequences, a verify step's before its drafts, a step launched
+        ahead's decode rows before the prompts it admitted) take their ids from the device,
+        every other id comes from the host."""
         ids = self._to_device(inputs.input_ids)
-        rows, known = self._known_rows(inputs, known)
+        rows, known = known_rows
         ids[rows] = known
         return ids
 
