@@ -90,9 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-seconds", type=float, default=0.0,
                    help="serve: after the measured loads, one more at the first time scale "
                    "during which each server profiles itself (--profiler-config, "
-                   "/start_profile, /stop_profile) for this many seconds from 40%% of its "
-                   "arrivals on; the device's busy share, idle gaps and kernels a step go to "
-                   "profile_serve_*.json and the log (0: no profile)")  # fmt: skip
+                   "/start_profile, /stop_profile) for this many seconds from --profile-at "
+                   "of its arrivals on; the device's busy share, idle gaps and kernels a step go "
+                   "to profile_serve_*.json and the log (0: no profile)")  # fmt: skip
+    p.add_argument("--profile-at", type=float, default=0.4,
+                   help="serve: where in the profiled load's arrivals the profile starts, as a "
+                   "share of their span (0 to below 1). The Azure trace at x4 has 15-40 "
+                   "requests decoding at 0.4 and 80-100 near 0.75 (twenty-sixth session)")  # fmt: skip
     p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                    help=f"serve: servers to load, from {', '.join(SERVERS)}")  # fmt: skip
     p.add_argument("--port", type=int, default=8100, help="serve: port of the server under test")
@@ -127,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not (CONFIGS / f"{model}.json").is_file():
             known = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
             p.error(f"--models: no benchmarks/configs/{model}.json; known: {known}")
+    if not 0.0 <= args.profile_at < 1.0:
+        p.error(f"--profile-at: expected a share of the arrivals from 0 to below 1, "
+                f"got {args.profile_at}")  # fmt: skip
     if "serve" in args.steps and not args.trace.is_file():
         p.error(f"--trace {args.trace}: no such file (carry .peers/data, see README.md)")
     return args
@@ -248,14 +255,14 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
 
 
 def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Path) -> bool:
-    """One more load at ``scale``, profiled by the server from 40% of its arrivals on for
-    ``--profile-seconds``; the device's summary (``serve_profile``) with the profiled engine
-    steps goes to profile_NAME.json. The traces are deleted once read (tens of MB; the tables
+    """One more load at ``scale``, profiled by the server from ``--profile-at`` of its
+    arrivals on for ``--profile-seconds``; the device's summary (``serve_profile``) with the
+    profiled engine steps and their tokens a step goes to profile_NAME.json. The traces are deleted once read (tens of MB; the tables
     beside them stay)."""
     arrivals_s = args.trace_duration_s / float(scale)
     ok, before, after = serve_profile.profiled_load(
         serve_load(args, scale, args.trace_duration_s, args.work / f"profiled_{name}.json"),
-        args.port, 0.4 * arrivals_s, args.profile_seconds,
+        args.port, args.profile_at * arrivals_s, args.profile_seconds,
         args.work / "logs" / f"profiled_{name}.log", lambda: read_counters(args.port),
     )  # fmt: skip
     found = serve_profile.device_trace(profiles) if profiles.is_dir() else None
@@ -263,8 +270,8 @@ def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Pa
         print(f"== {name}: no trace with device activity in {profiles}")
         return False
     trace, events = found
-    row = {"summary": serve_profile.kernel_summary(events),
-           "steps": _steps_between(before, after), "trace": trace.name}  # fmt: skip
+    row = {"summary": serve_profile.kernel_summary(events), "trace": trace.name,
+           **_window(before, after)}  # fmt: skip
     (args.work / f"profile_{name}.json").write_text(json.dumps(row, indent=2))
     print(serve_profile.per_step_table({name: row}))
     for path in profiles.glob("*.pt.trace.json*"):
@@ -272,11 +279,14 @@ def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Pa
     return ok
 
 
-def _steps_between(before: dict | None, after: dict | None) -> int | None:
-    """Engine steps between two /metrics scrapes, or None."""
+def _window(before: dict | None, after: dict | None) -> dict[str, Any]:
+    """The engine steps between two /metrics scrapes and their tokens a step (what the
+    profiled window ran, to compare two engines' windows); empty where /metrics did not
+    answer."""
     if before is None or after is None:
-        return None
-    return int(server_counters.difference(before, after, 1.0)["steps"])
+        return {}
+    d = server_counters.difference(before, after, 1.0)
+    return {"steps": int(d["steps"]), "tokens_per_step": d.get("tokens_per_step")}
 
 
 def read_counters(port: int) -> dict[str, Any] | None:

@@ -144,16 +144,19 @@ def device_trace(folder: Path) -> tuple[Path, list[dict[str, Any]]] | None:
 
 
 def per_step_table(rows: dict[str, dict[str, Any]], top: int = 8) -> str:
-    """Markdown: per server, the profiled window's steps and device time a step."""
-    lines = ["| server | window s | steps | device busy | kernels ms a step | idle ms a step "
-             "(gaps > 100 µs) |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    """Markdown: per server, the profiled window's steps, their tokens a step and device time
+    a step."""
+    lines = ["| server | window s | steps | tokens a step | device busy | kernels ms a step | "
+             "idle ms a step (gaps > 100 µs) |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, row in rows.items():
         s, steps = row["summary"], max(1, row.get("steps") or 1)
         long_idle = sum(
             v for k, v in s["idle_us_by_gap"].items() if not k.startswith(("0-", "10-"))
         )
         idle = sum(s["idle_us_by_gap"].values())
-        lines.append(f"| {name} | {s['span_us'] / 1e6:.2f} | {row.get('steps') or '-'} | "
+        tokens = row.get("tokens_per_step")
+        tokens = "-" if tokens is None else f"{tokens:.1f}"
+        lines.append(f"| {name} | {s['span_us'] / 1e6:.2f} | {row.get('steps') or '-'} | {tokens} | "
                      f"{100 * s['busy_share']:.1f}% | {s['busy_us'] / steps / 1e3:.2f} | "
                      f"{idle / steps / 1e3:.2f} ({long_idle / steps / 1e3:.2f}) |")  # fmt: skip
     for name, row in rows.items():

@@ -40,7 +40,11 @@ def test_busy_time_is_the_union_and_idle_gaps_fall_in_their_bands(serve_profile)
     assert [(k["name"], k["total_us"], k["count"]) for k in s["kernels"]] == [
         ("gemm", 195.0, 3), ("copy", 50.0, 1), ("norm", 10.0, 1)]  # fmt: skip
     table = serve_profile.per_step_table({"x": {"summary": s, "steps": 5}})
-    assert "| x | 0.00 | 5 | 16.3% | 0.05 | 0.25 (0.24) |" in table
+    assert "| x | 0.00 | 5 | - | 16.3% | 0.05 | 0.25 (0.24) |" in table
+    table = serve_profile.per_step_table(
+        {"x": {"summary": s, "steps": 5, "tokens_per_step": 96.25}}
+    )
+    assert "| x | 0.00 | 5 | 96.2 | 16.3% |" in table
     assert serve_profile.kernel_summary([])["busy_share"] == 0.0
 
 

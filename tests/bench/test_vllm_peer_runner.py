@@ -51,6 +51,8 @@ def test_flags_are_checked_before_anything_runs(run_vllm, tmp_path, capsys):
         (["--trace", str(tmp_path / "none.csv")], "no such file"),
         (["--mixed-arrival-lens", "512,0"], "--mixed-arrival-lens: expected positive integers"),
         (["--mixed-batch-sizes", "a"], "--mixed-batch-sizes: expected positive integers"),
+        (["--profile-at", "1"], "--profile-at: expected a share of the arrivals from 0"),
+        (["--profile-at", "-0.1"], "--profile-at: expected a share of the arrivals from 0"),
     ):
         with pytest.raises(SystemExit):
             run_vllm.parse_args(argv)
@@ -166,11 +168,11 @@ def test_profiles_of_both_servers_close_the_summary(run_vllm, tmp_path):
                                   ">1000us": 2e5},
                "kernels": [{"name": "gemm", "total_us": 1e6, "count": 800}]}  # fmt: skip
     for server, steps in (("parallm", 100), ("vllm-stock", 125)):
-        row = {"summary": summary, "steps": steps, "trace": "t"}
+        row = {"summary": summary, "steps": steps, "tokens_per_step": 2.0 * steps, "trace": "t"}
         (tmp_path / f"profile_serve_m_{server}.json").write_text(json.dumps(row))
     table = run_vllm.markdown(run_vllm.summarize(tmp_path))
-    assert "| m_parallm | 2.00 | 100 | 75.0% | 15.00 | 5.00 (3.00) |" in table
-    assert "| m_vllm-stock | 2.00 | 125 | 75.0% | 12.00 | 4.00 (2.40) |" in table
+    assert "| m_parallm | 2.00 | 100 | 200.0 | 75.0% | 15.00 | 5.00 (3.00) |" in table
+    assert "| m_vllm-stock | 2.00 | 125 | 250.0 | 75.0% | 12.00 | 4.00 (2.40) |" in table
     assert "  10.000     8.0x  gemm" in table
 
 
