@@ -271,9 +271,10 @@ def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Pa
         return False
     trace, events = found
     row = {"summary": serve_profile.kernel_summary(events), "trace": trace.name,
-           **_window(before, after)}  # fmt: skip
+           "step_shapes": serve_profile.step_shapes(events), **_window(before, after)}  # fmt: skip
     (args.work / f"profile_{name}.json").write_text(json.dumps(row, indent=2))
     print(serve_profile.per_step_table({name: row}))
+    print(serve_profile.step_shape_table({name: row}))
     for path in profiles.glob("*.pt.trace.json*"):
         path.unlink()
     return ok
@@ -499,7 +500,11 @@ def markdown(summary: dict[str, Any]) -> str:
                      + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} | "
                      + " | ".join(engine) + " |")  # fmt: skip
     if summary.get("profile"):
-        lines += ["", serve_profile.per_step_table(summary["profile"])]
+        lines += [
+            "",
+            serve_profile.per_step_table(summary["profile"]),
+            serve_profile.step_shape_table(summary["profile"]),
+        ]
     return "\n".join(lines) + "\n"
 
 

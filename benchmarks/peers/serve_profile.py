@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -30,6 +31,13 @@ from pathlib import Path
 from typing import Any
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# The device time of a host range: both engines name each step's range by its shape (vLLM's
+# execute_context_C(T)_generation_G(U); parallm.engine.profiler.step_label).
+RANGE_CATEGORY = "gpu_user_annotation"
+STEP_NAME = re.compile(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
+# Bands of the step tables: decode steps by sequences, steps with prompt tokens by those.
+DECODE_BAND = 16
+PROMPT_BANDS = (256, 1024, 2048, 4096, 8192, float("inf"))
 # Upper ends (µs) of the idle-gap bands: launch latency, short host work, a stalled host.
 GAP_BANDS_US = (10.0, 100.0, 1000.0, float("inf"))
 
@@ -78,17 +86,20 @@ def _post(url: str) -> bool:
 
 
 def device_events(trace: Path) -> list[dict[str, Any]]:
-    """The trace's device activity (kernels, copies, sets), in start order."""
+    """The trace's device activity (kernels, copies, sets) and the device spans of its host
+    ranges (``RANGE_CATEGORY``), in start order."""
     opener = gzip.open if trace.suffix == ".gz" else open
     with opener(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
-    found = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    wanted = (*DEVICE_CATEGORIES, RANGE_CATEGORY)
+    found = [e for e in events if e.get("cat") in wanted and "dur" in e]
     return sorted(found, key=lambda e: float(e["ts"]))
 
 
 def kernel_summary(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
     """Busy and idle time of the device over the events' span, idle gaps by length, and the
-    ``top`` kernels by total time (µs throughout)."""
+    ``top`` kernels by total time (µs throughout). Ranges are not device work: skipped."""
+    events = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
     if not events:
         return {"span_us": 0.0, "busy_us": 0.0, "busy_share": 0.0, "idle_us_by_gap": {},
                 "num_events": 0, "kernels": []}  # fmt: skip
@@ -115,6 +126,58 @@ def kernel_summary(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any
         "idle_us_by_gap": idle, "num_events": len(events),
         "kernels": [{"name": n, "total_us": t, "count": int(c)} for n, (t, c) in kernels],
     }  # fmt: skip
+
+
+def step_shapes(events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The device time of the steps in ``events`` by shape: pure decode steps by sequences
+    (bands of ``DECODE_BAND``) and steps with prompt tokens by those (``PROMPT_BANDS``), each
+    band's step count, mean device ms and mean sequences decoding."""
+    groups: dict[str, dict[str, list[float]]] = {"decode": defaultdict(list),
+                                                 "prompt": defaultdict(list)}  # fmt: skip
+    for e in events:
+        m = STEP_NAME.fullmatch(e.get("name", "")) if e.get("cat") == RANGE_CATEGORY else None
+        if m is None:
+            continue
+        ctx_tokens, gen = int(m[2]), int(m[3])
+        if int(m[1]) == 0:
+            low = (gen - 1) // DECODE_BAND * DECODE_BAND
+            key, group = f"{low + 1}-{low + DECODE_BAND}", "decode"
+        else:
+            bound = next(b for b in PROMPT_BANDS if ctx_tokens <= b)
+            key, group = ("<=" + f"{bound:g}") if bound != float("inf") else "more", "prompt"
+        groups[group][key].append((float(e["dur"]), gen))
+    return {group: {key: {"steps": len(v), "ms": sum(d for d, _ in v) / len(v) / 1e3,
+                          "decoding": sum(g for _, g in v) / len(v)}
+                    for key, v in sorted(found.items(), key=lambda kv: _band_order(kv[0]))}
+            for group, found in groups.items()}  # fmt: skip
+
+
+def _band_order(key: str) -> float:
+    if key == "more":
+        return float("inf")
+    return float(key.removeprefix("<=").split("-")[0])
+
+
+def step_shape_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per band of step shapes, each server's steps and mean device ms a step (and
+    for steps with prompt tokens, the sequences decoding beside them)."""
+    names = [n for n, row in rows.items() if row.get("step_shapes")]
+    if not names:
+        return ""
+    lines = []
+    for group, title in (("decode", "decode steps, sequences"),
+                         ("prompt", "steps with prompt tokens, prompt tokens")):  # fmt: skip
+        keys = {k for n in names for k in rows[n]["step_shapes"][group]}
+        lines += ["", f"| {title} | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]  # fmt: skip
+        for key in sorted(keys, key=_band_order):
+            cells = []
+            for n in names:
+                b = rows[n]["step_shapes"][group].get(key)
+                extra = f", {b['decoding']:.0f} decoding" if b and group == "prompt" else ""
+                cells.append(f"{b['steps']} x {b['ms']:.2f} ms{extra}" if b else "-")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _band_names() -> list[str]:
@@ -175,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="engine steps in the profiled window (per-step figures; unset: totals)")  # fmt: skip
     args = p.parse_args(argv)
-    rows = {t.name: {"summary": kernel_summary(device_events(t)), "steps": args.steps}
-            for t in args.traces}  # fmt: skip
+    rows = {}
+    for t in args.traces:
+        events = device_events(t)
+        rows[t.name] = {"summary": kernel_summary(events), "steps": args.steps,
+                        "step_shapes": step_shapes(events)}  # fmt: skip
     print(per_step_table(rows))
+    print(step_shape_table(rows))
     return 0
 
 

@@ -433,11 +433,13 @@ class LLMEngine:
         if self.profiler is None:
             raise ProfilerOff()
         self.profiler.start()
+        self.runner.annotate_steps = True
 
     def stop_profile(self) -> str:
         """Stop recording and write the profile; returns the trace's path."""
         if self.profiler is None:
             raise ProfilerOff()
+        self.runner.annotate_steps = False
         return self.profiler.stop()
 
     def step(self) -> list[RequestOutput]:

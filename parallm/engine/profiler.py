@@ -21,11 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from parallm.config_json import config_fields
+
+if TYPE_CHECKING:
+    from parallm.engine.scheduler import ScheduledBatch
 
 PROFILERS = ("torch",)
 
@@ -134,6 +137,19 @@ class EngineProfiler:
         table = profile.key_averages().table(sort_by=sort, row_limit=100)
         table_path(trace).write_text(table + "\n")
         return str(trace)
+
+
+def step_label(batch: ScheduledBatch) -> str:
+    """A step's name in a profile, vLLM's: ``execute_context_C(T)_generation_G(U)``, C
+    sequences computing prompt tokens (T of them) and G decoding (U tokens, drafts included).
+    The device time of each such range in either engine's trace is one step of that shape."""
+    ctx = ctx_tokens = gen = gen_tokens = 0
+    for item in batch.seqs:
+        if item.start < item.seq.num_prompt_tokens:
+            ctx, ctx_tokens = ctx + 1, ctx_tokens + item.num_scheduled_tokens
+        else:
+            gen, gen_tokens = gen + 1, gen_tokens + item.num_scheduled_tokens
+    return f"execute_context_{ctx}({ctx_tokens})_generation_{gen}({gen_tokens})"
 
 
 def table_path(trace: str | Path) -> Path:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from parallm.config import CacheConfig, ModelConfig, resolve_kv_cache_dtype
+from parallm.engine.profiler import step_label
 from parallm.engine.prompt_logprobs import (
     PromptScores,
     PromptSpan,
@@ -156,6 +157,9 @@ class ModelRunner:
         # Likewise with a graph-replayed decode step's arrays (``DecodeGraphs.run``'s), so that
         # the other ranks replay the same graph.
         self.graph_step_listener: Callable[..., None] | None = None
+        # While the engine's profiler runs, each step's launch is a range named by its shape
+        # (profiler.step_label), so a trace gives the device time of a step of each shape.
+        self.annotate_steps = False
         # Set by a drafter that reads the target's hidden states (Medusa): every step then runs
         # eagerly and its SamplerOutput carries each sampling sequence's last hidden state.
         self.keep_hidden = False
@@ -363,7 +367,11 @@ class ModelRunner:
 
     def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
         """Start a step and the copy of its tokens to the host, without waiting for either."""
-        result, scored = self.execute(batch, device_ids)
+        if self.annotate_steps:  # a profile is running: name the step by its shape
+            with torch.profiler.record_function(step_label(batch)):
+                result, scored = self.execute(batch, device_ids)
+        else:
+            result, scored = self.execute(batch, device_ids)
         if result is None or self.device.type != "cuda":
             host = None if result is None else result.token_ids
             return StepHandle(batch, result, host, prompt_logprobs=scored)

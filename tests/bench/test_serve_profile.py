@@ -48,6 +48,47 @@ def test_busy_time_is_the_union_and_idle_gaps_fall_in_their_bands(serve_profile)
     assert serve_profile.kernel_summary([])["busy_share"] == 0.0
 
 
+def test_steps_are_grouped_by_shape_from_their_named_ranges(serve_profile):
+    def step(ctx: int, ctx_tokens: int, gen: int, ts: float, dur: float) -> dict:
+        name = f"execute_context_{ctx}({ctx_tokens})_generation_{gen}({gen})"
+        return _kernel(name, ts, dur, cat="gpu_user_annotation")
+
+    events = [
+        step(0, 0, 97, 0.0, 11_000.0), step(0, 0, 112, 20_000.0, 13_000.0),  # one band
+        step(0, 0, 113, 40_000.0, 14_000.0), step(0, 0, 1, 60_000.0, 6_000.0),
+        step(1, 900, 80, 70_000.0, 30_000.0), step(2, 3000, 60, 100_000.0, 90_000.0),
+        _kernel("execute_context_0(0)_generation_5(5)", 0.0, 1.0, cat="user_annotation"),  # host
+        _kernel("gemm", 0.0, 9_000.0),
+    ]  # fmt: skip
+    shapes = serve_profile.step_shapes(events)
+    assert shapes["decode"] == {
+        "1-16": {"steps": 1, "ms": 6.0, "decoding": 1.0},
+        "97-112": {"steps": 2, "ms": 12.0, "decoding": 104.5},
+        "113-128": {"steps": 1, "ms": 14.0, "decoding": 113.0},
+    }
+    assert shapes["prompt"] == {"<=1024": {"steps": 1, "ms": 30.0, "decoding": 80.0},
+                                "<=4096": {"steps": 1, "ms": 90.0, "decoding": 60.0}}  # fmt: skip
+    # The ranges are not device work of their own: only the kernel is busy time.
+    assert serve_profile.kernel_summary(events)["busy_us"] == 9_000.0
+    row = {"summary": serve_profile.kernel_summary(events), "step_shapes": shapes}
+    table = serve_profile.step_shape_table(
+        {
+            "a": row,
+            "b": {
+                **row,
+                "step_shapes": {
+                    "decode": {"97-112": {"steps": 3, "ms": 10.0, "decoding": 100.0}},
+                    "prompt": {},
+                },
+            },
+        }
+    )
+    assert "| 97-112 | 2 x 12.00 ms | 3 x 10.00 ms |" in table
+    assert "| 1-16 | 1 x 6.00 ms | - |" in table
+    assert "| <=1024 | 1 x 30.00 ms, 80 decoding | - |" in table
+    assert serve_profile.step_shape_table({"a": {"summary": row["summary"]}}) == ""
+
+
 def test_the_trace_with_device_activity_is_picked(serve_profile, tmp_path):
     def write(name: str, events: list[dict]) -> None:
         with gzip.open(tmp_path / name, "wt") as f:

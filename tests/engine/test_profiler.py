@@ -80,8 +80,15 @@ def test_a_profile_holds_the_steps_between_start_and_stop(llm: LLM) -> None:
     names = [e.get("name", "") for e in _events(trace)]
     # Each generate call steps the engine; the model's matmuls ran inside the profile.
     assert any("aten::mm" in n or "aten::addmm" in n or "aten::linear" in n for n in names)
+    # Each step is a range named by its shape, as vLLM names its steps: the two prompts in one
+    # step (the first's 16-token block cached by the call before: 14 + 10 tokens computed),
+    # then three steps decoding both. None from before the start.
+    steps = [n for n in names if n.startswith("execute_context_")]
+    assert steps == ["execute_context_2(24)_generation_0(0)"] + [
+        "execute_context_0(0)_generation_2(2)"] * 3  # fmt: skip
     table = table_path(trace).read_text()
     assert "Self CPU" in table and "aten::" in table
+    assert not llm.engine.runner.annotate_steps  # none once the profile stopped
     # A second profile is a new pair of files; the first stays.
     llm.start_profile()
     second = llm.stop_profile()
@@ -150,6 +157,12 @@ def test_a_cuda_profile_records_the_kernels_of_captured_steps(traces: Path) -> N
         trace = llm.stop_profile()
     finally:
         llm.close()
-    kernels = [e for e in _events(trace) if e.get("cat") == "kernel"]
+    events = _events(trace)
+    kernels = [e for e in events if e.get("cat") == "kernel"]
     assert len(kernels) > 15 * 4  # 15 decode steps of the tiny model's kernels at least
+    # Each graph-replayed decode step's range spans its kernels on the device: a step's device
+    # time by shape, as serve_profile reads it.
+    decode = [e for e in events if e.get("cat") == "gpu_user_annotation"
+              and e.get("name") == "execute_context_0(0)_generation_4(4)"]  # fmt: skip
+    assert len(decode) == 15 and all(e["dur"] > 0 for e in decode)
     assert "Self CUDA" in table_path(trace).read_text()
