@@ -112,12 +112,10 @@ for c in "${calls[@]}"; do
   n=$((n + 1))
   echo "  $n. run(carry=[$c], command=\"bash benchmarks/peers/install_vllm.sh\")"
 done
-# What is left of issue 14 (benchmarks/peers/README.md says why each): the 8B at x4 and Qwen at
-# both loads, each server profiling itself under the load; parallm's decode graph sizes
-# against vLLM's on the 8B.
+# What is left of issue 14 (benchmarks/peers/README.md says why each): the 8B at x4 with both
+# engines' steps timed by shape in one phase of the load; Qwen at both loads, profiled too.
 for call in \
-  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,vllm-stock --time-scales 4 --profile-seconds 3" \
-  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,parallm-vllm-graphs --time-scales 4" \
+  "bash benchmarks/peers/run_peers.sh --models llama-3.1-8b --steps serve --servers parallm,vllm-stock --time-scales 4 --profile-seconds 6 --profile-at 0.5" \
   "bash benchmarks/peers/run_peers.sh --models qwen3-0.6b --steps serve --servers parallm,vllm-stock --profile-seconds 2"; do
   n=$((n + 1))
   echo "  $n. run(carry=[\"$PEERS_DIR/data\"], command=\"$call\", timeout_s=600)"

@@ -13,8 +13,7 @@ Run from the repository root after install_vllm.sh, with its environment
 - serve: ``vllm serve`` (each configuration) and ``parallm serve`` in turn on one port, each
   loaded by ``parallm bench serve`` replaying the Azure conversation trace at each time scale;
   ``parallm-vllm-limits`` (not in the default ``--servers``) is parallm with the scheduler
-  limits vLLM's defaults take on this GPU (``vllm_server_limits``), ``parallm-vllm-graphs``
-  parallm with vLLM's decode graph sizes (``vllm_capture_sizes``).
+  limits vLLM's defaults take on this GPU (``vllm_server_limits``).
   Both servers get a model folder with the config and parallm's id tokenizer (token i is the
   text ``<i>``), so both stream one non-empty piece per token and detokenize as they would
   with a real model;
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "benchmarks" / "configs"
 STEPS = ("smoke", "offline", "latency", "serve", "mixed")
 DEFAULT_SERVERS = ("parallm", "vllm-stock", "vllm-parallm-limits")
-SERVERS = (*DEFAULT_SERVERS, "parallm-vllm-limits", "parallm-vllm-graphs")
+SERVERS = (*DEFAULT_SERVERS, "parallm-vllm-limits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -359,14 +358,6 @@ def vllm_server_limits(total_memory: int, device_name: str) -> dict[str, int]:
             "max-num-batched-tokens": 8192 if large else 2048}  # fmt: skip
 
 
-def vllm_capture_sizes(max_size: int = 512) -> list[int]:
-    """The decode graphs' batch sizes vLLM 0.26.0 captures by default (1, 2, 4, then every 8
-    to 256, every 16 above), given to "parallm-vllm-graphs". Why: parallm's are coarser (97
-    sequences replay its graph of 128, vLLM's of 104), which a serving load at ~100 requests
-    decoding may pay for (the 8B at x4, twenty-fifth session)."""
-    return [1, 2, 4, *range(8, min(256, max_size + 1), 8), *range(256, max_size + 1, 16)]
-
-
 def gpu_memory_and_name() -> tuple[int, str]:
     import torch
 
@@ -384,10 +375,7 @@ def server_command(server: str, folder: Path, args: argparse.Namespace,
               "--seed", "0"]  # fmt: skip
     if server.startswith("parallm"):
         extra = peer_limits if server == "parallm-vllm-limits" else {}
-        cmd = parallm_cli("serve", "--model", str(folder), *common, *_flags(extra or {}))
-        if server == "parallm-vllm-graphs":
-            cmd += ["--cudagraph-capture-sizes", *map(str, vllm_capture_sizes())]
-        return cmd
+        return parallm_cli("serve", "--model", str(folder), *common, *_flags(extra or {}))
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *common]
     if server == "vllm-parallm-limits":
         cmd += _flags(limits)

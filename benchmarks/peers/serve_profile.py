@@ -63,15 +63,24 @@ def profiled_load(load: list[str], port: int, start_after_s: float, seconds: flo
     base = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
         proc = subprocess.Popen(load, stdout=out, stderr=subprocess.STDOUT)
+        began = time.monotonic()
         try:
             time.sleep(start_after_s)
             before = scrape()
+            asked = time.monotonic()
             ok = _post(base + "/start_profile")
+            started = time.monotonic()
             time.sleep(seconds)
             ok &= _post(base + "/stop_profile")
+            stopped = time.monotonic()
             after = scrape()
         finally:
             ok_load = proc.wait() == 0
+    # Where the window fell in the load: a slow start moves it later, into another phase.
+    print(
+        f"   profiled from {started - began:.1f} s into the load (/start_profile took "
+        f"{started - asked:.2f} s) for {stopped - started:.1f} s (/stop_profile included)"
+    )
     return ok and ok_load, before, after
 
 

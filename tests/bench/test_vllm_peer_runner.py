@@ -82,15 +82,6 @@ def test_server_commands_differ_only_where_the_configurations_do(run_vllm, tmp_p
     assert peer == {"max-num-seqs": 1024, "max-num-batched-tokens": 8192}
     admitted = run_vllm.server_command("parallm-vllm-limits", tmp_path, args, limits, peer)
     assert admitted == ours + ["--max-num-seqs", "1024", "--max-num-batched-tokens", "8192"]
-    graphs = run_vllm.server_command("parallm-vllm-graphs", tmp_path, args, limits)
-    sizes = [str(n) for n in [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]]
-    assert graphs == ours + ["--cudagraph-capture-sizes", *sizes] and len(sizes) == 51
-    # parallm takes them as it parses its own flags.
-    from parallm.cli import build_parser
-    from parallm.commands.engine_args import engine_kwargs
-
-    parsed = build_parser().parse_args(graphs[graphs.index("serve") :])
-    assert engine_kwargs(parsed)["cuda_graph_sizes"] == tuple(int(n) for n in sizes)
 
 
 def test_vllm_server_limits_follow_the_gpu(run_vllm):
