@@ -27,6 +27,7 @@ from parallm.engine.graph_inputs import GraphedSteps, InputRegion
 from parallm.engine.one_row_step import OneRowStep, supports_one_row_step
 from parallm.engine.tp_group import track_captured_collectives
 from parallm.kernels.argmax import DecodeInputs, advance_inputs_ref, triton_argmax
+from parallm.kernels.paged_decode import longest_first
 from parallm.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 
 # A step's inputs travel in one host-to-device copy (each copy costs a few microseconds of
@@ -68,16 +69,18 @@ class HostRing:
 
 class _Inputs:
     """The static inputs of one graph size, all views of one contiguous int32 region laid out
-    as ids, positions, slots (int64 each), seq_lens, then the block tables."""
+    as ids, positions, slots (int64 each), seq_lens, the order in which the rows' attention
+    starts (longest first: ``paged_decode.longest_first``), then the block tables. A replay
+    moves every row on by one token, which keeps that order."""
 
     def __init__(self, size: int, max_blocks: int, device: torch.device) -> None:
         self.size = size
-        self.layout = InputRegion(3, size, 1, size, max_blocks)
+        self.layout = InputRegion(3, size, 2, size, max_blocks)
         self.head_len = self.layout.head_words  # int32 words before the tables
         self.region = self.layout.allocate(device)
         tokens = self.layout.tokens(self.region)
         self.input_ids, self.positions, self.slot_mapping = tokens.unbind(0)
-        self.seq_lens = self.layout.per_seq(self.region)[0]
+        self.seq_lens, self.row_order = self.layout.per_seq(self.region).unbind(0)
         self.block_tables = self.layout.tables(self.region)
 
 
@@ -120,8 +123,9 @@ class DecodeGraphs(GraphedSteps):
 
     def _metadata(self, size: int) -> AttentionMetadata:
         query_start_loc = self.query_start_loc[: size + 1]
-        return self.static_metadata(self.inputs[size], query_start_loc, 1,
-                                    [self.max_seq_len] * size)  # fmt: skip
+        buf = self.inputs[size]
+        return self.static_metadata(buf, query_start_loc, 1, [self.max_seq_len] * size,
+                                    decode_order=buf.row_order)  # fmt: skip
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -131,6 +135,7 @@ class DecodeGraphs(GraphedSteps):
         for size in reversed(self.sizes):
             buf = self.inputs[size]
             buf.seq_lens.fill_(1)
+            buf.row_order.copy_(torch.arange(size, dtype=torch.int32))
             buf.slot_mapping.fill_(self.scratch_block * self.block_size)
             buf.block_tables.fill_(self.scratch_block)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
@@ -218,9 +223,10 @@ class DecodeGraphs(GraphedSteps):
         # its length, so table columns past `width` may hold stale ids.
         tokens[0:2, batch:] = 0
         tokens[2, batch:] = self.scratch_block * self.block_size
-        lens = buf.layout.per_seq(host)[0]
+        lens, order = buf.layout.per_seq(host).unbind(0)
         lens[:batch] = torch.from_numpy(seq_lens)
         lens[batch:] = 1
+        order.copy_(torch.from_numpy(longest_first(lens.numpy())))
         if one_copy:
             tables = buf.layout.tables(host)[:, :width]
             # Every word defined, so the region compares whole with the predicted one.

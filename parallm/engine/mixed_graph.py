@@ -264,18 +264,22 @@ class MixedGraphs(GraphedSteps):
         starts[: batch + 1] = inputs.query_start_loc
         starts[batch + 1 :] = total
         lens[:batch] = inputs.seq_lens
-        per_tile[2:6] = self._tiles(tokens, np.diff(inputs.query_start_loc), per_tile.shape[1])
+        per_tile[2:6] = self._tiles(tokens, np.diff(inputs.query_start_loc), inputs.seq_lens,
+                                    per_tile.shape[1])  # fmt: skip
         tables = torch.from_numpy(np.ascontiguousarray(inputs.block_tables, dtype=np.int32))
         if pinned:
             tables = tables.pin_memory()
         return head, tables, (starts.tolist(), lens.tolist())
 
-    def _tiles(self, tokens: int, query_lens: np.ndarray, width: int) -> np.ndarray:
-        """``[4, width]``: the size's tile table, then the short queries' one."""
+    def _tiles(
+        self, tokens: int, query_lens: np.ndarray, seq_lens: np.ndarray, width: int
+    ) -> np.ndarray:
+        """``[4, width]``: the size's tile table, then the short queries' one, each with the
+        tiles that see the most keys first."""
         from parallm.kernels.paged_prefill import split_prefill_tiles  # triton: when staged
 
         return np.concatenate(split_prefill_tiles(query_lens, self.tokens_per_tile[tokens],
-                                                  self.short_tokens, width))  # fmt: skip
+                                                  self.short_tokens, width, seq_lens))  # fmt: skip
 
 
 def _empty_step() -> StepInputs:

@@ -318,18 +318,26 @@ def prefill_tokens_per_tile(
     return cfg.block_m // groups
 
 
-def prefill_tiles(query_lens: np.ndarray, tokens_per_tile: int, num_tiles: int) -> np.ndarray:
+def prefill_tiles(
+    query_lens: np.ndarray, tokens_per_tile: int, num_tiles: int,
+    seq_lens: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """``[2, num_tiles]`` int32: the query tiles of sequences with ``query_lens`` new tokens
-    (row 0 the sequence, row 1 the tile's index in it), the tiles furthest down their
-    sequences first (they see the most keys: started first, they finish with the rest), then
-    ``-1`` rows (no work). ValueError when the step needs more than ``num_tiles`` tiles."""
-    counts = -(-np.asarray(query_lens, dtype=np.int64) // tokens_per_tile)
+    (row 0 the sequence, row 1 the tile's index in it), the tiles that see the most keys
+    first (started first, they finish with the rest), then ``-1`` rows (no work). A tile sees
+    its sequence's cached keys (``seq_lens`` minus the query, none where ``seq_lens`` is not
+    given) and its query's up to its last row. ValueError when the step needs more than
+    ``num_tiles`` tiles."""
+    lens = np.asarray(query_lens, dtype=np.int64)
+    counts = -(-lens // tokens_per_tile)
     if counts.sum() > num_tiles:
         raise ValueError(f"the step needs {int(counts.sum())} query tiles of {tokens_per_tile} "
                          f"tokens; the table holds {num_tiles}")  # fmt: skip
     seqs = np.repeat(np.arange(len(counts)), counts)
     blocks = np.arange(len(seqs)) - np.repeat(np.cumsum(counts) - counts, counts)
-    order = np.argsort(-blocks, kind="stable")
+    cached = 0 if seq_lens is None else (np.asarray(seq_lens, dtype=np.int64) - lens)[seqs]
+    keys = cached + np.minimum((blocks + 1) * tokens_per_tile, lens[seqs])
+    order = np.argsort(-keys, kind="stable")
     table = np.full((2, num_tiles), -1, dtype=np.int32)
     table[0, : len(seqs)] = seqs[order]
     table[1, : len(seqs)] = blocks[order]
@@ -337,8 +345,9 @@ def prefill_tiles(query_lens: np.ndarray, tokens_per_tile: int, num_tiles: int) 
 
 
 def split_prefill_tiles(
-    query_lens: np.ndarray, tokens_per_tile: int, short_tokens: int, num_tiles: int
-) -> tuple[np.ndarray, np.ndarray]:
+    query_lens: np.ndarray, tokens_per_tile: int, short_tokens: int, num_tiles: int,
+    seq_lens: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Two ``prefill_tiles`` tables for one step, launched one after the other into the same
     output: the sequences of more than ``short_tokens`` new tokens cut by ``tokens_per_tile``,
     and the others (decode rows, short drafts) cut by ``short_tokens``, the tile of the
@@ -349,5 +358,5 @@ def split_prefill_tiles(
     context; at long contexts and hundreds of decode rows that was most of a mixed step."""
     lens = np.asarray(query_lens, dtype=np.int64)
     short = lens <= short_tokens
-    return (prefill_tiles(np.where(short, 0, lens), tokens_per_tile, num_tiles),
-            prefill_tiles(np.where(short, lens, 0), short_tokens, num_tiles))  # fmt: skip
+    return (prefill_tiles(np.where(short, 0, lens), tokens_per_tile, num_tiles, seq_lens),
+            prefill_tiles(np.where(short, lens, 0), short_tokens, num_tiles, seq_lens))  # fmt: skip

@@ -43,6 +43,9 @@ class AttentionMetadata:
     # launch of the kernel's smallest row tile; ``prefill_tiles`` then names only the others.
     short_tiles: torch.Tensor | None = None
     short_query_len: int = 0
+    # A pure decode step's rows in the order their attention programs start, [B] int32
+    # (``paged_decode.longest_first``); None: row order.
+    decode_order: torch.Tensor | None = None
 
     @property
     def is_pure_decode(self) -> bool:

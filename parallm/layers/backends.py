@@ -54,7 +54,7 @@ class TritonAttention:
             return self.decode.paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
                 meta.max_seq_len, rope=new_token, split_counters=self.split_counters(q.device),
-                kv_scale=kv_scale,
+                kv_scale=kv_scale, row_order=meta.decode_order,
             )  # fmt: skip
         q = self.rope_store.rotary_and_store_kv(q, k, v, *tables, kv_cache, meta.slot_mapping,
                                                 kv_scale=kv_scale)  # fmt: skip

@@ -19,6 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from parallm.kernels import paged_decode, paged_kv, paged_prefill  # noqa: E402
 from parallm.kernels.paged_decode import (  # noqa: E402
     decode_num_splits,
+    longest_first,
     new_split_counters,
     paged_decode_attention,
 )
@@ -206,7 +207,8 @@ def check_split_tiles(lens, num_heads, num_kv_heads, head_dim, dtype, device, to
     shape = (q.shape[2], q.shape[1], num_kv_heads, q.dtype, q.device)
     per_tile, short = (prefill_tokens_per_tile(*shape, n) for n in (bound, 1))
     query_lens = [n for n, _ in lens]
-    tables = split_prefill_tiles(query_lens, per_tile, short, len(lens) + bound)
+    contexts = [n for _, n in lens]  # the tiles ordered by the keys they see, as mixed graphs do
+    tables = split_prefill_tiles(query_lens, per_tile, short, len(lens) + bound, contexts)
     long_tiles, short_tiles = (torch.from_numpy(t).to(device) for t in tables)
     got = paged_prefill_attention(*args, bound, case["scale"], out=_poisoned_like(q),
                                   tiles=long_tiles)  # fmt: skip
@@ -244,6 +246,17 @@ def check_decode(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
     assert _rel_err(out, ref) < tol
     # The in-kernel merge leaves its arrival counters at zero for the next call.
     assert int(counters[:used].count_nonzero()) == 0 and (counters[used:] == 7).all()
+    # Rows started in another order (longest first, or any permutation) are the same rows:
+    # each is computed alone, so bit for bit.
+    shuffled = np.random.default_rng(len(seq_lens)).permutation(len(seq_lens)).astype(np.int32)
+    for order in (longest_first(seq_lens), shuffled):
+        ordered = paged_decode_attention(
+            case["q"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"],
+            case["scale"], max(seq_lens), out=_poisoned_like(case["q"]), split_counters=counters,
+            row_order=torch.from_numpy(order).to(device),
+        )  # fmt: skip
+        torch.testing.assert_close(ordered, out, rtol=0, atol=0)
+    assert int(counters[:used].count_nonzero()) == 0
 
 
 def check_decode_rope(seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, tol):
@@ -311,11 +324,16 @@ def test_prefill_interpreter_multi_tile():
     check_prefill(lens, 2, 1, 32, 16, torch.float32, "cpu", 1e-3)
 
 
-def test_prefill_tiles_put_the_furthest_tiles_first():
+def test_prefill_tiles_put_the_tiles_that_see_the_most_keys_first():
     table = prefill_tiles([3, 70, 1, 0], tokens_per_tile=32, num_tiles=8)
     assert table.dtype == np.int32
-    assert table[0].tolist() == [1, 1, 0, 1, 2, -1, -1, -1]  # sequences (-1: idle tiles)
+    assert table[0].tolist() == [1, 1, 1, 0, 2, -1, -1, -1]  # sequences (-1: idle tiles)
     assert table[1].tolist() == [2, 1, 0, 0, 0, -1, -1, -1]  # each tile's index in its own
+    # With the contexts: cached keys count, so a decode row at 2,000 tokens and a 3-token
+    # query after 500 cached go before the 70-token prompt's tiles (70, 64 and 32 keys).
+    table = prefill_tiles([3, 70, 1, 0], 32, 8, seq_lens=[503, 70, 2001, 0])
+    assert table[0].tolist() == [2, 0, 1, 1, 1, -1, -1, -1]
+    assert table[1].tolist() == [0, 0, 2, 1, 0, -1, -1, -1]
     with pytest.raises(ValueError, match="needs 5 query tiles of 32 tokens; the table holds 4"):
         prefill_tiles([3, 70, 1], tokens_per_tile=32, num_tiles=4)
 
@@ -343,8 +361,11 @@ def test_split_prefill_tiles_give_short_queries_their_own_table():
                                                   short_tokens=4, num_tiles=6)  # fmt: skip
     assert long_tiles[0].tolist() == [1, 1, 1, 3, -1, -1]  # more than 4 tokens: 32-token tiles
     assert long_tiles[1].tolist() == [2, 1, 0, 0, -1, -1]
-    assert short_tiles[0].tolist() == [0, 2, -1, -1, -1, -1]  # at most 4: one 4-token tile
+    assert short_tiles[0].tolist() == [2, 0, -1, -1, -1, -1]  # at most 4: one 4-token tile
     assert short_tiles[1].tolist() == [0, 0, -1, -1, -1, -1]
+    # With the contexts, the decode row at 900 tokens goes first: its tile sees the most keys.
+    _, short_tiles = split_prefill_tiles([1, 70, 4, 5, 0], 32, 4, 6, seq_lens=[900, 70, 4, 5, 0])
+    assert short_tiles[0].tolist() == [0, 2, -1, -1, -1, -1]
 
 
 @interpreter_test
@@ -428,6 +449,16 @@ def test_decode_split_counters_are_checked(force_splits):
     for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(8, dtype=torch.int64)):
         with pytest.raises(ValueError, match="split_counters must be int32 on cpu with at least 4"):
             paged_decode_attention(*args, case["scale"], 300, split_counters=bad)
+
+
+def test_row_orders_are_checked_and_longest_first_sorts_stably():
+    case = make_paged_case([(1, 300), (1, 280)], 4, 2, 64, 16, torch.float32, "cpu")
+    args = (case["q"], case["k_cache"], case["v_cache"], case["block_tables"], case["seq_lens"])
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"row_order must be \[2\] int32"):
+            paged_decode_attention(*args, case["scale"], 300, row_order=bad)
+    order = longest_first(np.array([5, 900, 1, 900, 40]))
+    assert order.dtype == np.int32 and order.tolist() == [1, 3, 4, 0, 2]
 
 
 def test_new_split_counters_cover_every_split_launch():
