@@ -252,6 +252,13 @@ for step in "$@"; do
                   # (Qwen3-0.6B and Llama-3.1-8B heads) against the package's tile, SDPA and torch's
                   # FlashAttention varlen, contiguous and paged where this torch has them (~2 min)
                   python3 benchmarks/prefill_tile_sweep.py --out "$OUT/prefill_tiles.json" 2>&1 | tail -48 ;;
+    decodeorder) # issue 14: one layer's decode attention with its rows in batch order, longest first
+                 # (what the decode graphs stage) and shortest first, on the Azure trace's contexts
+                 # at batch 32-256 (Llama-3.1-8B heads; carry .peers/data; ~1 min)
+                 trace=${TRACE:-.peers/data/AzureLLMInferenceTrace_conv.csv}
+                 [[ -f $trace ]] || { echo "decodeorder: no $trace (carry .peers/data)"; continue; }
+                 python3 benchmarks/decode_order_bench.py --trace "$trace" \
+                   --out "$OUT/decode_order.json" 2>&1 | tail -9 ;;
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
                  # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;

@@ -1,0 +1,67 @@
+"""benchmarks/decode_order_bench.py: the contexts it draws from a trace, its refusals before
+any work, and (GPU) a whole small run, whose ordered outputs must equal the unordered ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import triton_interpreter  # noqa: F401  before triton: the other modules' interpreter tests
+from benchmark_module import load_benchmark
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("decode_order_bench")
+
+
+def _trace(path, rows):
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    + "".join(f"t,{p},{o}\n" for p, o in rows))  # fmt: skip
+    return path
+
+
+def test_contexts_are_consecutive_requests_part_way_through_their_outputs(bench, tmp_path):
+    rows = [(100 * (i + 1), 10) for i in range(40)] + [(9000, 0)]  # the last one capped
+    prompts, outputs = bench.trace_requests(_trace(tmp_path / "t.csv", rows))
+    assert prompts[-1] == bench.MAX_PROMPT and prompts[0] == 100 and outputs[0] == 10
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        contexts = bench.draw_contexts(prompts, outputs, 8, rng)
+        assert len(contexts) == 8
+        first = next(i for i, p in enumerate(prompts) if p <= contexts[0] < p + 10)
+        for i, c in enumerate(contexts):  # consecutive, each prompt plus at most its output
+            assert prompts[first + i] <= c <= prompts[first + i] + outputs[first + i]
+
+
+def test_bad_flags_are_refused_before_any_work(bench, tmp_path, capsys):
+    trace = _trace(tmp_path / "t.csv", [(10, 1)] * 4)
+    for argv, message in (
+        (["--trace", str(tmp_path / "none.csv")], "no such file"),
+        (["--trace", str(trace), "--batches", "32,x"], "--batches: expected positive integers"),
+        (["--trace", str(trace), "--batches", "0"], "--batches: expected positive integers"),
+        (["--trace", str(trace), "--draws", "0"], "--draws: expected at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert bench.parse_args(["--trace", str(trace), "--batches", "8,97"]).batches == [8, 97]
+
+
+@pytest.mark.gpu
+def test_a_small_run_times_every_order_on_the_same_rows(bench, tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [(int(p), int(o)) for p, o in zip(rng.integers(20, 3000, 200),
+                                             rng.integers(1, 400, 200), strict=True)]  # fmt: skip
+    out = tmp_path / "order.json"
+    argv = ["--trace", str(_trace(tmp_path / "t.csv", rows)), "--batches", "8,97",
+            "--draws", "2", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0  # time_orders checks each order's output bit for bit
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["rows"]] == [8, 97]
+    for row in report["rows"]:
+        assert set(row["us"]) == {"batch", "longest first", "shortest first"}
+        assert all(us > 0 for us in [*row["us"].values(), *row["control_us"].values()])
