@@ -6,9 +6,10 @@ A program's work grows with its row's context. Past about four programs an SM th
 splits, and the programs run in waves: under a serving load, whose contexts run from tens of
 tokens to thousands, a long row whose programs start in the last wave runs on alone after the
 others finish. Programs start in row order, so callers that know the lengths on the host give
-the rows longest first (``row_order``), as FlashAttention 3's scheduler sorts its batches;
-a list schedule of the Azure trace's contexts (twenty-sixth session) put the waves'
-makespan 1.2-1.6x over the sorted one at 54-128 rows.
+the rows longest first (``row_order``), as FlashAttention 3's varlen scheduler can sort its
+batches (``varlen_sort_batches``). A list schedule of the Azure trace's contexts
+(docs/PERF_NOTES.md, twenty-sixth session) put the waves' makespan in batch order 1.2-1.6x
+over longest first's at 54-128 rows.
 
 The cache layout, fp8 scales and shared-memory fitting are ``paged_kv``'s.
 """

@@ -65,3 +65,15 @@ def test_a_small_run_times_every_order_on_the_same_rows(bench, tmp_path):
     for row in report["rows"]:
         assert set(row["us"]) == {"batch", "longest first", "shortest first"}
         assert all(us > 0 for us in [*row["us"].values(), *row["control_us"].values()])
+
+
+def test_the_wave_model_schedules_in_order_and_longest_first_ends_no_later():
+    sim = load_benchmark("decode_wave_sim")
+    # Two slots: batch order runs the long program last, alone; longest first overlaps it.
+    assert sim.makespan([1.0, 1.0, 4.0], slots=2) == 5.0
+    assert sim.makespan([4.0, 1.0, 1.0], slots=2) == 4.0
+    assert sim.programs([256, 0], kv_heads=2) == [3.0, 3.0, 1.0, 1.0]  # KV heads fastest
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        work = list(rng.integers(1, 30, size=40).astype(float))
+        assert sim.makespan(sorted(work, reverse=True), 8) <= sim.makespan(work, 8) * 4 / 3
