@@ -8,8 +8,8 @@ tokens to thousands, a long row whose programs start in the last wave runs on al
 others finish. Programs start in row order, so callers that know the lengths on the host give
 the rows longest first (``row_order``), as FlashAttention 3's varlen scheduler can sort its
 batches (``varlen_sort_batches``). A list schedule of the Azure trace's contexts
-(docs/PERF_NOTES.md, twenty-sixth session) put the waves' makespan in batch order 1.2-1.6x
-over longest first's at 54-128 rows.
+(``benchmarks/decode_wave_sim.py``) puts the waves' makespan in batch order 1.15-1.45x over
+longest first's at 97-128 rows of 8 KV heads; ``benchmarks/decode_order_bench.py`` times it.
 
 The cache layout, fp8 scales and shared-memory fitting are ``paged_kv``'s.
 """
