@@ -90,8 +90,8 @@ def time_orders(contexts: list[int], heads: tuple[int, int, int], dtype: torch.d
     """Microseconds of one decode attention call per row order, checked bit for bit."""
     q, k_cache, v_cache, tables, _, seq_lens = make_cache([(1, c) for c in contexts], heads, dtype)
     args = (q, k_cache, v_cache, tables, seq_lens, heads[2] ** -0.5, max(contexts))
-    orders = {"batch": None, "longest first": longest_first(contexts),
-              "shortest first": longest_first(contexts)[::-1].copy()}  # fmt: skip
+    longest = longest_first(contexts)
+    orders = {"batch": None, "longest first": longest, "shortest first": longest[::-1].copy()}
     want = paged_decode_attention(*args)
     us = {}
     for name, order in orders.items():

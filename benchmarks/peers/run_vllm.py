@@ -256,8 +256,8 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
 def profile_server(args: argparse.Namespace, name: str, scale: str, profiles: Path) -> bool:
     """One more load at ``scale``, profiled by the server from ``--profile-at`` of its
     arrivals on for ``--profile-seconds``; the device's summary (``serve_profile``) with the
-    profiled engine steps and their tokens a step goes to profile_NAME.json. The traces are deleted once read (tens of MB; the tables
-    beside them stay)."""
+    profiled engine steps and their tokens a step goes to profile_NAME.json. The traces are
+    deleted once read (tens of MB; the tables beside them stay)."""
     arrivals_s = args.trace_duration_s / float(scale)
     ok, before, after = serve_profile.profiled_load(
         serve_load(args, scale, args.trace_duration_s, args.work / f"profiled_{name}.json"),

@@ -141,7 +141,7 @@ def step_shapes(events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
     """The device time of the steps in ``events`` by shape: pure decode steps by sequences
     (bands of ``DECODE_BAND``) and steps with prompt tokens by those (``PROMPT_BANDS``), each
     band's step count, mean device ms and mean sequences decoding."""
-    groups: dict[str, dict[str, list[float]]] = {"decode": defaultdict(list),
+    groups: dict[str, dict[str, list[tuple[float, int]]]] = {"decode": defaultdict(list),
                                                  "prompt": defaultdict(list)}  # fmt: skip
     for e in events:
         m = STEP_NAME.fullmatch(e.get("name", "")) if e.get("cat") == RANGE_CATEGORY else None
