@@ -18,7 +18,6 @@ must equal the unordered one bit for bit.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -31,11 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_bench import DTYPES, MODELS, bench, make_cache  # noqa: E402
+from trace_contexts import TRACE, draw_contexts, trace_requests  # noqa: E402
 
 from parallm.kernels.paged_decode import longest_first, paged_decode_attention  # noqa: E402
-
-TRACE = Path(".peers/data/AzureLLMInferenceTrace_conv.csv")
-MAX_PROMPT = 3500
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,23 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.draws < 1:
         p.error(f"--draws: expected at least 1, got {args.draws}")
     return args
-
-
-def trace_requests(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The trace's prompt (capped) and output lengths, in its order."""
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    prompts = np.minimum([int(r["ContextTokens"]) for r in rows], MAX_PROMPT)
-    return prompts, np.array([int(r["GeneratedTokens"]) for r in rows])
-
-
-def draw_contexts(prompts: np.ndarray, outputs: np.ndarray, batch: int,
-                  rng: np.random.Generator) -> list[int]:  # fmt: skip
-    """``batch`` consecutive requests of the trace from a random start, each part way through
-    its output."""
-    start = int(rng.integers(0, len(prompts) - batch))
-    done = rng.random(batch) * outputs[start : start + batch]
-    return [max(1, int(c)) for c in prompts[start : start + batch] + done]
 
 
 def time_orders(contexts: list[int], heads: tuple[int, int, int], dtype: torch.dtype) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_order_bench import TRACE, draw_contexts, trace_requests  # noqa: E402
+from trace_contexts import TRACE, draw_contexts, trace_requests  # noqa: E402
 
 KEY_TILE = 128
 

@@ -29,10 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trace_contexts import draw_contexts, trace_requests  # noqa: E402
 
 from parallm.bench.latency import batch_sizes as positive_ints  # noqa: E402
 
@@ -165,17 +170,29 @@ def profiled_steps(engine: Any, steps: int, arrival_len: int, rng: random.Random
             "kernels": kernels}  # fmt: skip
 
 
+def decode_contexts(args: argparse.Namespace, batch: int) -> list[int]:
+    """The decoding requests' prompt lengths: ``--context-len`` each, or drawn from the trace
+    (``--contexts-from``) and capped at it. The draws depend only on the seed and the batch, so
+    every engine and tree gets the same contexts."""
+    if args.contexts_from is None:
+        return [args.context_len] * batch
+    rng = np.random.default_rng([args.seed, batch])
+    return [min(c, args.context_len) for c in draw_contexts(*args.trace, batch, rng)]
+
+
 def measure(engine: Any, args: argparse.Namespace, batch: int, rng: random.Random) -> list[dict]:
     """One batch size: ``batch`` requests decoding, then each arrival length's rows."""
     running = [f"decode-{next(_ids)}" for _ in range(batch)]
-    for request_id in running:
-        engine.add(request_id, _prompt(rng, engine.vocab, args.context_len), args.max_tokens)
-    for _ in range(batch * args.context_len // 2048 + 4):  # every prompt in, decoding
+    lens = decode_contexts(args, batch)
+    for request_id, length in zip(running, lens, strict=True):
+        engine.add(request_id, _prompt(rng, engine.vocab, length), args.max_tokens)
+    for _ in range(sum(lens) // 2048 + 4):  # every prompt in, decoding
         engine.step()
     rows = []
     for arrival_len in args.arrival_lens:
         timed_steps(engine, args.warmup_steps, arrival_len, rng)  # new shapes compile here
         row = {"engine": engine.name, "batch_size": batch, "arrival_len": arrival_len,
+               "context_mean": sum(lens) / batch, "context_max": max(lens),
                "decode_ms": timed_steps(engine, args.steps, 0, rng),
                "mixed_ms": timed_steps(engine, args.steps, arrival_len, rng)}  # fmt: skip
         if args.profile_steps:
@@ -195,7 +212,8 @@ def measure(engine: Any, args: argparse.Namespace, batch: int, rng: random.Rando
 
 
 def _line(row: dict) -> str:
-    text = (f"{row['engine']:>8} batch {row['batch_size']:4d} arrival {row['arrival_len']:5d} "
+    text = (f"{row['engine']:>8} batch {row['batch_size']:4d} (contexts mean "
+            f"{row['context_mean']:.0f}, max {row['context_max']}) arrival {row['arrival_len']:5d} "
             f"tokens: decode {row['decode_ms']:7.3f} ms/step, mixed {row['mixed_ms']:7.3f} "
             f"({row['mixed_ms'] / row['decode_ms']:.2f}x)")  # fmt: skip
     if "launches_per_step" in row:
@@ -225,7 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoding, separated by commas")  # fmt: skip
     p.add_argument("--arrival-lens", type=positive_ints, default=positive_ints("32,512"),
                    help="prompt tokens of the request arriving before each mixed step")  # fmt: skip
-    p.add_argument("--context-len", type=int, default=128, help="the decoding requests' prompts")
+    p.add_argument("--context-len", type=int, default=128,
+                   help="the decoding requests' prompts (with --contexts-from, their cap)")  # fmt: skip
+    p.add_argument(
+        "--contexts-from",
+        type=Path,
+        default=None,
+        help="an Azure trace CSV (ContextTokens, GeneratedTokens): each batch's "
+        "decoding requests are consecutive requests of it, part way through their "
+        "outputs, as a serving batch holds them (default: one shared --context-len)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the draws from --contexts-from")
     p.add_argument("--steps", type=int, default=64, help="timed steps of each kind")
     p.add_argument("--warmup-steps", type=int, default=16, help="untimed mixed steps first")
     p.add_argument("--profile-steps", type=int, default=8,
@@ -244,6 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.profile_steps < 0:
         raise SystemExit("--profile-steps must be 0 or more")
+    if args.contexts_from is not None:
+        if not args.contexts_from.is_file():
+            raise SystemExit(f"--contexts-from: no file {args.contexts_from}")
+        args.trace = trace_requests(args.contexts_from)
+        if len(args.trace[0]) <= max(args.batch_sizes):
+            raise SystemExit(f"--contexts-from: {len(args.trace[0])} requests in "
+                             f"{args.contexts_from}, fewer than the largest batch")  # fmt: skip
     # The decoding requests must outlast every timed and profiled step of every arrival length.
     steps = len(args.arrival_lens) * (args.warmup_steps + 2 * args.steps + 2 * args.profile_steps)
     args.max_tokens = steps + max(args.batch_sizes) * args.context_len // 2048 + 16
@@ -261,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"config": args.config, "engine": args.engine,
                                         "vllm_config": args.vllm_config if args.engine == "vllm" else None,
+                                        "contexts_from": args.contexts_from and str(args.contexts_from),
                                         "rows": rows}, indent=1))  # fmt: skip
         print(f"wrote {args.out}")
     return 0

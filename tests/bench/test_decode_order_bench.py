@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import triton_interpreter  # noqa: F401  before triton: the other modules' interpreter tests
 from benchmark_module import load_benchmark
+from trace_files import write_trace
 
 pytest.importorskip("triton")
 
@@ -18,27 +19,8 @@ def bench():
     return load_benchmark("decode_order_bench")
 
 
-def _trace(path, rows):
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                    + "".join(f"t,{p},{o}\n" for p, o in rows))  # fmt: skip
-    return path
-
-
-def test_contexts_are_consecutive_requests_part_way_through_their_outputs(bench, tmp_path):
-    rows = [(100 * (i + 1), 10) for i in range(40)] + [(9000, 0)]  # the last one capped
-    prompts, outputs = bench.trace_requests(_trace(tmp_path / "t.csv", rows))
-    assert prompts[-1] == bench.MAX_PROMPT and prompts[0] == 100 and outputs[0] == 10
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        contexts = bench.draw_contexts(prompts, outputs, 8, rng)
-        assert len(contexts) == 8
-        first = next(i for i, p in enumerate(prompts) if p <= contexts[0] < p + 10)
-        for i, c in enumerate(contexts):  # consecutive, each prompt plus at most its output
-            assert prompts[first + i] <= c <= prompts[first + i] + outputs[first + i]
-
-
 def test_bad_flags_are_refused_before_any_work(bench, tmp_path, capsys):
-    trace = _trace(tmp_path / "t.csv", [(10, 1)] * 4)
+    trace = write_trace(tmp_path / "t.csv", [(10, 1)] * 4)
     with pytest.raises(SystemExit, match="none.csv: no such file"):
         bench.main(["--trace", str(tmp_path / "none.csv")])
     for argv, message in (
@@ -58,7 +40,7 @@ def test_a_small_run_times_every_order_on_the_same_rows(bench, tmp_path):
     rows = [(int(p), int(o)) for p, o in zip(rng.integers(20, 3000, 200),
                                              rng.integers(1, 400, 200), strict=True)]  # fmt: skip
     out = tmp_path / "order.json"
-    argv = ["--trace", str(_trace(tmp_path / "t.csv", rows)), "--batches", "8,97",
+    argv = ["--trace", str(write_trace(tmp_path / "t.csv", rows)), "--batches", "8,97",
             "--draws", "2", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0  # time_orders checks each order's output bit for bit
     report = json.loads(out.read_text())

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import mixed_step_bench as bench  # noqa: E402
+from trace_files import write_trace  # noqa: E402
 
 
 def test_rows_for_every_batch_and_arrival_length(tiny_model_dir, tmp_path, monkeypatch):
@@ -79,3 +80,53 @@ def test_kernel_lines_put_the_mixed_steps_kernels_beside_the_decode_steps():
     assert lines[0].split()[-3:] == ["1.500", "decode", "0.000"]
     assert lines[2].split()[-4:] == ["mixed", "0.000", "decode", "0.500"]
     assert bench._kernel_lines({}) == []
+
+
+def test_contexts_from_a_trace_are_the_same_for_every_engine_and_capped(tmp_path):
+    """Each batch's decoding prompts are consecutive trace requests part way through their
+    outputs, capped at --context-len; the draw depends on the seed and batch alone, so parallm,
+    vLLM and an older tree all decode the same contexts."""
+    rows = [(30 * (i + 1), 20) for i in range(60)]
+    argv = ["--config", "c.json", "--contexts-from", str(write_trace(tmp_path / "t.csv", rows)),
+            "--context-len", "1000", "--batch-sizes", "8,16"]  # fmt: skip
+    first, again = bench.parse_args(argv), bench.parse_args(argv)
+    for batch in (8, 16):
+        lens = bench.decode_contexts(first, batch)
+        assert lens == bench.decode_contexts(again, batch) and len(lens) == batch
+        assert max(lens) <= 1000 and len(set(lens)) > 1
+        start = next(i for i, (p, _) in enumerate(rows) if p <= lens[0] <= p + 20)
+        for i, n in enumerate(lens):
+            assert min(1000, rows[start + i][0]) <= n <= rows[start + i][0] + 20
+    other = bench.parse_args([*argv, "--seed", "1"])
+    assert bench.decode_contexts(other, 16) != bench.decode_contexts(first, 16)
+    assert bench.decode_contexts(bench.parse_args(["--config", "c.json"]), 3) == [128] * 3
+
+
+def test_contexts_from_is_checked_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--contexts-from: no file"):
+        bench.parse_args(["--config", "c.json", "--contexts-from", str(tmp_path / "none.csv")])
+    short = write_trace(tmp_path / "t.csv", [(10, 1)] * 5)
+    with pytest.raises(SystemExit, match="fewer than the largest batch"):
+        bench.parse_args(["--config", "c.json", "--contexts-from", str(short)])
+
+
+def test_a_run_decodes_the_drawn_contexts(tiny_model_dir, tmp_path, monkeypatch):
+    config = tiny_model_dir("llama3") / "config.json"
+    trace = write_trace(tmp_path / "t.csv", [(3 + i % 7, 4) for i in range(30)])
+    added: list[int] = []
+    real_add = bench.ParallmSteps.add
+
+    def counting_add(self, request_id, prompt, max_tokens):
+        if request_id.startswith("decode"):
+            added.append(len(prompt))
+        real_add(self, request_id, prompt, max_tokens)
+
+    monkeypatch.setattr(bench.ParallmSteps, "add", counting_add)
+    argv = ["--config", str(config), "--batch-sizes", "4", "--arrival-lens", "5",
+            "--contexts-from", str(trace), "--context-len", "8", "--steps", "2",
+            "--warmup-steps", "1", "--profile-steps", "0", "--max-model-len", "256",
+            "--out", str(tmp_path / "m.json")]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert added == bench.decode_contexts(bench.parse_args(argv), 4)
+    row = json.loads((tmp_path / "m.json").read_text())["rows"][0]
+    assert row["context_mean"] == sum(added) / 4 and row["context_max"] == max(added)
