@@ -189,3 +189,28 @@ def test_close_gives_back_the_device_memory_of_graphs_kv_and_drafter(tiny_model_
         torch.cuda.synchronize()
         left.append(torch.cuda.memory_allocated())
     assert left[1] - left[0] < 1 << 20
+
+
+def test_eager_decode_steps_start_the_longest_rows_first(tiny_model_dir, prompts, monkeypatch):
+    """An eager pure decode step hands the decode kernel its rows longest first, as the decode
+    graphs stage them: the order pays there too, and no unordered variant of the kernel is
+    left to compile under load (one did in the twenty-seventh session's serving run)."""
+    from parallm.kernels import paged_decode
+
+    seen: list[tuple[list[int], list[int]]] = []
+    real = paged_decode.paged_decode_attention
+
+    def recording(q, k_cache, v_cache, tables, seq_lens, *args, row_order=None, **kwargs):
+        assert row_order is not None, "an eager decode step ran unordered"
+        seen.append((seq_lens.tolist(), row_order.tolist()))
+        return real(q, k_cache, v_cache, tables, seq_lens, *args, row_order=row_order, **kwargs)
+
+    monkeypatch.setattr(paged_decode, "paged_decode_attention", recording)
+    path = str(tiny_model_dir("llama3"))
+    common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
+    eager = LLM(path, enforce_eager=True, **common)
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    assert _greedy(eager, prompts)[0] == _greedy(ref, prompts)[0]  # prompts of 1 to 150 tokens
+    assert seen and any(len(set(lens)) > 1 for lens, _ in seen)
+    for lens, order in seen:
+        assert order == paged_decode.longest_first(lens).tolist()
