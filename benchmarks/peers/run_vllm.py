@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -224,6 +225,11 @@ def step_serve(args: argparse.Namespace, model: str) -> bool:
         profiles = args.work / "profiles" / name
         if args.profile_seconds > 0:
             command += serve_profile.profiler_flags(profiles, vllm=server.startswith("vllm"))
+        if port_taken(args.port):  # its /health would pass for ours, and the load measure it
+            print(f"== {name}: port {args.port} is taken: a server left from an earlier run? "
+                  "Stop it or pick another --port")  # fmt: skip
+            ok = False
+            continue
         proc = start_server(command, log)
         try:
             wait_s = min(args.start_timeout_s, args.deadline - time.monotonic())
@@ -395,6 +401,20 @@ def start_server(cmd: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)  # fmt: skip
 
 
+def port_taken(port: int) -> bool:
+    """Whether something on this host accepts connections on ``port``."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, the device tool's limit) raises SystemExit, so that the servers'
+    ``finally`` stops them and the work is packed; by default Python dies at once and leaves
+    the server of its own session listening, for the next run to load by mistake."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -520,6 +540,7 @@ def pack(work: Path, out: Path, summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     args.work.mkdir(parents=True, exist_ok=True)
     args.deadline = time.monotonic() + args.budget_s
     steps = {"smoke": step_smoke, "offline": step_offline, "latency": step_latency,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from benchmark_module import load_benchmark
+from trace_files import write_trace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -220,3 +221,38 @@ def test_mixed_step_runs_the_bench_in_both_engines_with_flags_it_takes(run_vllm,
     assert (long.batch_sizes, long.arrival_lens, long.context_len) == ([128], [1024, 3500], 1024)
     assert {p.config for p in parsed} == {str(REPO / "benchmarks/configs/qwen3-0.6b.json")}
     assert all(p.max_model_len == args.max_model_len and p.out.parent == tmp_path for p in parsed)
+
+
+def test_a_taken_port_is_refused_before_a_server_starts(run_vllm, tmp_path, monkeypatch, capsys):
+    """A server left on the port (a run killed before its cleanup) would answer /health for
+    the new one, and the load would measure it: the twenty-seventh session's first A/B did."""
+    monkeypatch.setattr(run_vllm, "serving_model_dir", lambda config, folder: folder)
+    monkeypatch.setattr(run_vllm, "start_server", lambda *a: pytest.fail("a server started"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        trace = write_trace(tmp_path / "t.csv", [(10, 2)] * 3)  # parse_args wants a trace
+        args = run_vllm.parse_args(["--steps", "serve", "--servers", "parallm", "--port",
+                                    str(port), "--work", str(tmp_path), "--trace", str(trace)])  # fmt: skip
+        args.deadline = time.monotonic() + 60
+        assert run_vllm.step_serve(args, "qwen3-0.6b") is False
+    assert f"port {port} is taken" in capsys.readouterr().out
+    assert not run_vllm.port_taken(_free_port())
+
+
+def test_sigterm_runs_the_cleanup(run_vllm, tmp_path):
+    """``timeout`` sends SIGTERM: the run must still reach its ``finally`` (stop the server,
+    pack the work), which Python's default handler skips."""
+    script = ("import os, signal, sys, time\n"
+              f"sys.path[:0] = [{str(run_vllm.__file__.rsplit('/', 1)[0])!r}, {str(REPO)!r}]\n"
+              "import run_vllm\n"
+              "run_vllm.exit_on_sigterm()\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "finally:\n"
+              "    print('cleaned up', flush=True)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 128 + 15 and "cleaned up" in done.stdout
