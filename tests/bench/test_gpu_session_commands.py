@@ -607,9 +607,7 @@ def test_perf_notes_next_session_names_existing_steps(gpu_session_text):
     planned = perf_notes_steps(PERF_NOTES.read_text())
     # The plan changes every session; these are in this one's (the parser must find them, in
     # `VAR=x gpu_session.sh a b` spans and in bare ones).
-    assert {"tests", "decodeorder", "spectrain", "specsteps", "specreal", "quantvariants"} <= set(
-        planned
-    )
+    assert {"tests", "spectrain", "specsteps", "specreal", "quantvariants"} <= set(planned)
     cases = set(case_names(gpu_session_text))
     assert sorted(set(planned) - cases) == []
     assert {step: flags for step, flags in planned.items() if flags} == {}
