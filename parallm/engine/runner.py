@@ -251,9 +251,9 @@ class ModelRunner:
 
     def _decode_order(self, seq_lens: np.ndarray) -> torch.Tensor | None:
         """An eager pure decode step's rows longest first, as the decode graphs stage them: the
-        order pays here too, and the decode kernel then runs the variant the graphs' capture
-        compiled (an unordered one compiled under load, one Triton compile a stall of ~0.6 s:
-        TTFT p99 0.24 -> 0.71 s, twenty-seventh session). CUDA only: the CPU backends ignore it."""
+        order pays here too, and the decode kernel runs the variant the capture compiled (an
+        unordered variant would be compiled under load, stalling that step for most of a
+        second). CUDA only: the CPU backends ignore it."""
         if self.device.type != "cuda":
             return None
         from parallm.kernels.paged_decode import longest_first  # imports triton

@@ -221,9 +221,8 @@ def test_a_full_prefix_hit_admitted_beside_decodes_replays_the_decode_graph(
 ):
     """A prompt whose every block is cached leaves one token to compute: admitted into a
     decode step launched ahead, that step's decode rows take their ids from the device and
-    the prompt's from the host, in the decode graph (it ran eagerly before: 12.0 against 9.7
-    ms a step at the 8B's x4, twenty-seventh session). Every request's tokens stay the
-    reference's."""
+    the prompt's from the host, in the decode graph rather than eagerly. Every request's
+    tokens stay the reference's."""
     path = str(tiny_model_dir("llama3"))
     common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
     fast = LLM(path, **common)
