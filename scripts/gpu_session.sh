@@ -259,6 +259,25 @@ for step in "$@"; do
                  [[ -f $trace ]] || { echo "decodeorder: no $trace (carry .peers/data)"; continue; }
                  python3 benchmarks/decode_order_bench.py --trace "$trace" \
                    --out "$OUT/decode_order.json" 2>&1 | tail -9 ;;
+    serveab) # issue 14: the 8B served at x4 by parallm from each tree of .ab named in TREES
+             # (default: every one), then from this tree, one after the other on one port, each
+             # profiled PROFILE_S seconds (default 6) from half its load (carry .whl, .peers/data
+             # and .ab; ~150 s a tree, the first also writes the dummy weights)
+             server_wheels
+             trace=$PWD/.peers/data/AzureLLMInferenceTrace_conv.csv
+             [[ -f $trace ]] || { echo "serveab: no $trace (carry .peers/data)"; continue; }
+             for tree in ${TREES:-$(ls .ab 2>/dev/null)} .; do
+               dir=$PWD; name=main
+               [[ $tree != . ]] && dir=$PWD/.ab/$tree && name=$tree
+               [[ -d $dir/parallm ]] || { echo "serveab: no tree .ab/$tree"; continue; }
+               echo "=== $name ($(cat "$dir/.commit" 2>/dev/null || echo '?'))"
+               (cd "$dir" && source benchmarks/peers/vllm_env.sh || exit
+                 export PARALLM_COMMIT=$(cat .commit 2>/dev/null || echo unknown)
+                 python3 benchmarks/peers/run_vllm.py --models llama-3.1-8b --steps serve \
+                   --servers parallm --time-scales 4 --profile-seconds "${PROFILE_S:-6}" \
+                   --profile-at 0.5 --trace "$trace" --out "$OUT/serveab_$name" 2>&1 \
+                   | grep -v "^INFO\|WARN" | tail -22)
+             done ;;
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
                  # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
