@@ -237,7 +237,9 @@ def test_a_full_prefix_hit_admitted_beside_decodes_replays_the_decode_graph(
 
     graphs.run = recording
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    hit = [t for p in prompts for t in p][: 2 * engine.runner.block_size]
+    # Two full blocks and one token: a hit leaves only the last token (the last token is
+    # always computed, so a prompt of exactly two blocks would hit one and compute 16).
+    hit = [t for p in prompts for t in p][: 2 * engine.runner.block_size + 1]
     decoding = [p for p in prompts if len(p) > 4][:3]
     fast.generate([{"prompt_token_ids": hit}], params, use_tqdm=False)  # its blocks cached
     for i, p in enumerate(decoding):
