@@ -200,12 +200,16 @@ class DecodeGraphs(GraphedSteps):
         first ``len(input_ids)`` rows, and the same ids in pinned host memory (valid once the
         replay has finished; rewritten by the replay after next).
 
-        ``device_ids`` (already on the GPU) replaces ``input_ids`` when the previous step's
-        sampled tokens have not reached the host yet. When they are that replay's own greedy
-        ids, same graph and rows, the graph already wrote them into its input ids (the
-        forward's argmax does): they are neither copied nor staged.
+        ``device_ids`` (already on the GPU) replaces the first ``len(device_ids)`` of
+        ``input_ids`` when the previous step's sampled tokens have not reached the host yet;
+        rows past them (prompts admitted into a step launched ahead: their last token) take
+        the host's. When they are that replay's own greedy ids, same graph and rows, the graph
+        already wrote them into its input ids (the forward's argmax does): they are neither
+        copied nor staged.
         """
         batch = len(input_ids)
+        if device_ids is not None and len(device_ids) > batch:
+            raise ValueError(f"{len(device_ids)} device ids for a step of {batch} rows")
         size = self.padded_size(batch)
         buf = self.inputs[size]
         width = block_tables.shape[1]
@@ -247,8 +251,8 @@ class DecodeGraphs(GraphedSteps):
         self._expected[size] = self._advanced(staged, size) if one_copy else None
         if carried:
             self.num_carried_ids += 1
-        elif device_ids is not None:
-            buf.input_ids[:batch].copy_(device_ids)
+        elif device_ids is not None:  # after the region's copy, which staged every row's id
+            buf.input_ids[: len(device_ids)].copy_(device_ids)
         host_ids = self.host_rings[size].flip()[:batch]
         self.graphs[size].replay()
         logits, greedy = self.outputs[size]

@@ -373,9 +373,10 @@ class ModelRunner:
     def _use_graph(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or len(batch.seqs) > self.graphs.max_batch or self.keep_hidden:
             return False
-        # A step with drafts runs eagerly; so does one that admitted one-token prompts beside
-        # decode rows whose tokens are on the device (the graph takes all ids or none).
-        return batch.is_pure_decode and not batch.num_admitted
+        # A step with drafts runs eagerly. One that admitted one-token prompts (full prefix
+        # hits) beside decode rows whose tokens are on the device replays: the decode rows'
+        # ids come from the device, the prompts' from the host (``DecodeGraphs.run``).
+        return batch.is_pure_decode
 
     def launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> StepHandle:
         """Start a step and the copy of its tokens to the host, without waiting for either."""

@@ -221,6 +221,36 @@ def test_prompts_arriving_mid_decode_join_a_step_launched_ahead(pair, prompts):
     _assert_clean(fast)
 
 
+def test_a_full_prefix_hit_joins_a_step_launched_ahead_as_one_token_row(pair, prompts):
+    """A prompt whose full blocks are all cached arrives mid-decode: the step launched ahead
+    admits it as one more row of one token (its last), so the step stays a pure decode step
+    (the decode graph's shape on CUDA) with the decode rows' ids on the device and the
+    prompt's on the host. The outputs are the synchronous engine's."""
+    sync, fast = pair
+    block = fast.engine.kv.block_size
+    hit = [t for p in prompts for t in p][: 2 * block + 1]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for llm in pair:  # the hit's two full blocks cached, as a served conversation leaves them
+        llm.generate([{"prompt_token_ids": hit}], greedy, use_tqdm=False)
+    batches = []
+    real_launch = fast.engine.runner.launch
+
+    def recording(batch, device_ids=None):
+        batches.append((batch.is_pure_decode, batch.num_admitted, batch.known_on_device))
+        return real_launch(batch, device_ids=device_ids)
+
+    fast.engine.runner.launch = recording
+    try:
+        queue, at = [prompts[2], prompts[3], hit], [0, 0, 4]
+        want, _, _ = run_arrivals(sync, queue, [greedy] * 3, at)
+        got, _, _ = run_arrivals(fast, queue, [greedy] * 3, at)
+    finally:
+        del fast.engine.runner.launch
+    assert got == want
+    assert (True, 1, True) in batches, batches
+    _assert_clean(fast)
+
+
 def test_a_prompt_over_the_budget_is_admitted_ahead_in_chunks(tiny_model_dir, prompts):
     """Under a 32-token budget a long prompt arriving mid-decode is admitted ahead with the
     budget the decode rows leave; its later chunks wait for the step before (a chunk that

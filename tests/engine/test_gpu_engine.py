@@ -214,3 +214,46 @@ def test_eager_decode_steps_start_the_longest_rows_first(tiny_model_dir, prompts
     assert seen and any(len(set(lens)) > 1 for lens, _ in seen)
     for lens, order in seen:
         assert order == paged_decode.longest_first(lens).tolist()
+
+
+def test_a_full_prefix_hit_admitted_beside_decodes_replays_the_decode_graph(
+    tiny_model_dir, prompts
+):
+    """A prompt whose every block is cached leaves one token to compute: admitted into a
+    decode step launched ahead, that step's decode rows take their ids from the device and
+    the prompt's from the host, in the decode graph rather than eagerly. Every request's
+    tokens stay the reference's."""
+    path = str(tiny_model_dir("llama3"))
+    common = dict(dtype="float32", device="cuda", kv_cache_memory=64 << 20)
+    fast = LLM(path, **common)
+    engine, graphs = fast.engine, fast.engine.runner.graphs
+    assert engine.async_scheduling and graphs is not None
+    calls: list[tuple[int, int | None]] = []
+    real_run = graphs.run
+
+    def recording(input_ids, *arrays, device_ids=None):
+        calls.append((len(input_ids), None if device_ids is None else len(device_ids)))
+        return real_run(input_ids, *arrays, device_ids=device_ids)
+
+    graphs.run = recording
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    # Two full blocks and one token: a hit leaves only the last token (the last token is
+    # always computed, so a prompt of exactly two blocks would hit one and compute 16).
+    hit = [t for p in prompts for t in p][: 2 * engine.runner.block_size + 1]
+    decoding = [p for p in prompts if len(p) > 4][:3]
+    fast.generate([{"prompt_token_ids": hit}], params, use_tqdm=False)  # its blocks cached
+    for i, p in enumerate(decoding):
+        engine.add_request(f"d{i}", p, params)
+    outputs: dict[str, list[int]] = {}
+    for step in range(4 * NEW_TOKENS):
+        if step == 6:  # the decode rows run ahead by now
+            engine.add_request("hit", hit, params)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        if len(outputs) == len(decoding) + 1:
+            break
+    assert any(ids is not None and ids < batch for batch, ids in calls), calls
+    ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
+    want = _greedy(ref, [*decoding, hit])[0]
+    assert [outputs[f"d{i}"] for i in range(len(decoding))] + [outputs["hit"]] == want
