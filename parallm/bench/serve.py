@@ -236,6 +236,12 @@ def _report_args(r: argparse._ArgumentGroup) -> None:
         help="write the results as JSON to --result-dir/--result-filename",
     )
     r.add_argument(
+        "--save-detailed",
+        action="store_true",
+        help="the JSON (--out, --save-result) also holds each request's inter-token gaps "
+        "(itl_s), for benchmarks/serve_gaps.py",
+    )
+    r.add_argument(
         "--result-dir",
         type=Path,
         default=None,
@@ -471,7 +477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "args": safe_args,
         "summary": summary,
-        "requests": per_request(results),
+        "requests": per_request(results, detailed=args.save_detailed),
     }
     write_json(getattr(args, "out", None), payload)
     write_json(result_file(args, model), payload)

@@ -155,9 +155,10 @@ def print_report(summary: dict[str, Any]) -> None:
         print(f"error: {error}")
 
 
-def per_request(results: list[RequestResult]) -> list[dict[str, Any]]:
-    """One JSON row a request (ITL gaps summarised: they can be many)."""
-    return [
+def per_request(results: list[RequestResult], detailed: bool = False) -> list[dict[str, Any]]:
+    """One JSON row a request; ``detailed`` (``--save-detailed``) adds its inter-token gaps
+    (``itl_s``, seconds, in order), from which its every token's time follows."""
+    rows = [
         {
             "index": r.index,
             "status": r.status,
@@ -173,6 +174,10 @@ def per_request(results: list[RequestResult]) -> list[dict[str, Any]]:
         }  # fmt: skip
         for r in results
     ]
+    if detailed:
+        for row, r in zip(rows, results, strict=True):
+            row["itl_s"] = [round(gap, 6) for gap in r.itl_s]  # µs: the JSON stays small
+    return rows
 
 
 def plot(results: list[RequestResult], path: Path, title: str) -> None:

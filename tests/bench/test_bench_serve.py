@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from server_support import API_KEY, MODEL_NAME, running_server, tiny_model_path
 
-from parallm.bench import serve, serve_client
+from parallm.bench import serve, serve_client, serve_report
 from parallm.bench.serve_client import (
     ClientConfig,
     RequestResult,
@@ -197,6 +197,17 @@ def test_burstiness_shapes_the_gaps_around_the_same_rate() -> None:
         assert cv == pytest.approx(1 / math.sqrt(burstiness), rel=0.1), burstiness
     with pytest.raises(ValueError, match="--burstiness must be positive"):
         arrival_times(3, 1.0, 0.0, random.Random(0))
+
+
+def test_detailed_rows_hold_each_requests_gaps() -> None:
+    done = serve_client.RequestResult(index=0, expected_output_tokens=3, input_len=5,
+                                      status="ok", itl_s=[0.0123456789, 0.02])  # fmt: skip
+    failed = serve_client.RequestResult(index=1, expected_output_tokens=3, input_len=5)
+    plain = serve_report.per_request([done, failed])
+    assert [set(row) for row in plain] == [set(plain[0])] * 2 and "itl_s" not in plain[0]
+    detailed = serve_report.per_request([done, failed], detailed=True)
+    assert [row["itl_s"] for row in detailed] == [[0.012346, 0.02], []]
+    assert [{k: v for k, v in row.items() if k != "itl_s"} for row in detailed] == plain
 
 
 def test_random_range_ratio_spreads_lengths() -> None:
@@ -378,12 +389,15 @@ def test_default_random_dataset_needs_no_file(server: ServerThread, tmp_path: Pa
         server, tmp_path, "--num-prompts", "6", "--random-input-len", "24",
         "--random-output-len", "4", "--goodput", "ttft:5000", "e2el:20000",
         "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99.5",
-        "--save-result", "--result-dir", str(results),
+        "--save-result", "--result-dir", str(results), "--save-detailed",
     )  # fmt: skip
     s = _check_report(payload, 6, metrics=("ttft", "e2e"), percentiles=("p50", "p99.5"))
     reqs = payload["requests"]
     assert [r["prompt_tokens"] for r in reqs] == [24] * 6  # token ids: exact lengths
     assert [r["output_tokens"] for r in reqs] == [4] * 6
+    for r in reqs:  # --save-detailed: a gap before each chunk with text but the first
+        assert len(r["itl_s"]) <= 3 and all(gap >= 0 for gap in r["itl_s"]), r
+        assert r["ttft_s"] + sum(r["itl_s"]) <= r["e2e_s"] + 1e-5
     assert (s["slo_ttft_ms"], s["slo_tpot_ms"], s["slo_e2e_ms"]) == (5000, None, 20000)
     assert s["goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: all good
     (saved,) = results.iterdir()
@@ -403,6 +417,7 @@ def test_bursty_random_chat_with_a_tokenizer(server: ServerThread, tmp_path: Pat
         "--tokenizer", str(tiny_model_path()), "--slo-ttft-ms", "5000", "--slo-tpot-ms", "5000",
     )  # fmt: skip
     s = _check_report(payload, 8)
+    assert not any("itl_s" in r for r in payload["requests"])  # only with --save-detailed
     outputs = [r["output_tokens"] for r in payload["requests"]]
     assert all(3 <= n <= 8 for n in outputs) and len(set(outputs)) > 1  # 5 +- 50%
     assert s["goodput"] == pytest.approx(s["request_throughput"])
