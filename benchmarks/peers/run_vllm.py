@@ -44,6 +44,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: serve_gaps
+
+import serve_gaps
 import serve_profile
 import server_counters  # benchmarks/peers, this script's folder
 
@@ -315,12 +318,13 @@ def write_counters(path: Path, before: dict | None, after: dict | None, bench_js
 
 def serve_load(args: argparse.Namespace, scale: str, trace_s: float, out: Path) -> list[str]:
     """``parallm bench serve`` replaying ``trace_s`` seconds of the trace ``scale`` times faster
-    against the server on ``--port``."""
+    against the server on ``--port``; each request's gaps kept for ``serve_gaps.py``."""
     return parallm_cli(
         "bench", "serve", "--base-url", f"http://127.0.0.1:{args.port}", "--dataset-name",
         "trace", "--dataset-path", str(args.trace), "--time-scale", scale,
         "--trace-duration-s", str(trace_s), "--max-input-tokens", str(args.max_input_tokens),
-        "--goodput", *args.goodput.split(), "--no-progress", "--out", str(out),
+        "--goodput", *args.goodput.split(), "--no-progress", "--save-detailed", "--out",
+        str(out),
     )  # fmt: skip
 
 
@@ -470,6 +474,11 @@ def summarize(work: Path) -> dict[str, Any]:
             "output_token_throughput": s["output_token_throughput"],
             "itl_p50": s.get("itl_ms", {}).get("p50"), "itl_p90": s.get("itl_ms", {}).get("p90"),
         }  # fmt: skip
+        requests = json.loads(path.read_text()).get("requests") or []
+        if any("itl_s" in r for r in requests):  # `--save-detailed`: the stalls behind ITL p90
+            out.setdefault("stalls", {})[path.stem.removeprefix("serve_")] = serve_gaps.summarize(
+                path, STALL_BANDS_MS, STALL_MS, STALL_JOIN_MS
+            )
         counters = path.with_name(f"counters_{path.name}")
         if counters.is_file():
             c = json.loads(counters.read_text())
@@ -507,6 +516,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(cells)
                      + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} | "
                      + " | ".join(engine) + " |")  # fmt: skip
+    if summary.get("stalls"):
+        lines += ["", stall_table(summary["stalls"])]
     if summary.get("profile"):
         lines += [
             "",
@@ -514,6 +525,24 @@ def markdown(summary: dict[str, Any]) -> str:
             serve_profile.step_shape_table(summary["profile"]),
         ]
     return "\n".join(lines) + "\n"
+
+
+# The serving runs' stalls (benchmarks/serve_gaps.py): a gap of 25 ms or more is over 1.5
+# decode steps of the 8B at x4; stalls of different requests ending within 2 ms are one step.
+STALL_MS, STALL_JOIN_MS, STALL_BANDS_MS = 25.0, 2.0, [25.0, 50.0]
+
+
+def stall_table(stalls: dict[str, dict[str, Any]]) -> str:
+    """One row a serving run: its stall events and the ITL time they hold."""
+    lines = [f"| model, server, load | stall events (gaps >= {STALL_MS:g} ms) | a second | event "
+             "gap p50 / p90 ms | requests held up an event | ITL time in gaps 25-50 / >= 50 ms |",
+             "|---|---:|---:|---|---:|---|"]  # fmt: skip
+    for key, s in stalls.items():
+        mid, top = (f"{band['time_share']:.0%}" for band in s["bands"][1:])
+        lines.append(f"| {key} | {s['events']} | {s['events_per_s']:.2f} | "
+                     f"{_fmt(s['event_ms_p50'], '.1f')} / {_fmt(s['event_ms_p90'], '.1f')} | "
+                     f"{_fmt(s['requests_per_event'], '.1f')} | {mid} / {top} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -154,6 +154,27 @@ def test_summary_puts_engines_side_by_side(run_vllm, tmp_path):
     assert "| m | vllm 0.26.0 (stock) | 800 | 1.250 | 1.250 | - | - |" in table
 
 
+def test_detailed_serving_runs_add_their_stalls(run_vllm, tmp_path):
+    """Serving JSONs with each request's gaps (``--save-detailed``) get a row of stall events:
+    here one 60 ms step that held up both requests, and a 30 ms gap of one."""
+    pct = {"p50": 1.0, "p90": 2.0, "p99": 3.0}
+    s = {"ttft_ms": pct, "tpot_ms": pct, "itl_ms": pct, "goodput": 1.0, "completed": 2,
+         "failed": 0, "output_token_throughput": 9.0}  # fmt: skip
+    requests = [
+        {"status": "ok", "send_s": 0.0, "ttft_s": 0.1, "itl_s": [0.01, 0.06, 0.03]},
+        {"status": "ok", "send_s": 0.0, "ttft_s": 0.1005, "itl_s": [0.01, 0.06, 0.01]},
+    ]
+    (tmp_path / "serve_m_parallm_x4.json").write_text(
+        json.dumps({"summary": s, "requests": requests}))  # fmt: skip
+    (tmp_path / "serve_m_vllm-stock_x4.json").write_text(
+        json.dumps({"summary": s, "requests": [{"status": "ok", "send_s": 0.0, "ttft_s": 0.1}]})
+    )
+    summary = run_vllm.summarize(tmp_path)
+    assert list(summary["stalls"]) == ["m_parallm_x4"]  # the run without gaps has no row
+    table = run_vllm.markdown(summary)
+    assert "| m_parallm_x4 | 2 | 22.22 | 45.0 / 57.0 | 1.5 | 17% / 67% |" in table, table
+
+
 def test_profiles_of_both_servers_close_the_summary(run_vllm, tmp_path):
     summary = {"span_us": 2e6, "busy_us": 1.5e6, "busy_share": 0.75, "num_events": 9,
                "idle_us_by_gap": {"0-10us": 1e5, "10-100us": 1e5, "100-1000us": 1e5,
