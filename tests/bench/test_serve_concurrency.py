@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from trace_files import write_serve_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import serve_concurrency as sc  # noqa: E402
@@ -17,17 +18,11 @@ def _record(send: float, ttft: float, e2e: float, tpot: float | None, status: st
     return {"send_s": send, "ttft_s": ttft, "e2e_s": e2e, "tpot_s": tpot, "status": status}
 
 
-def _write(tmp_path: Path, name: str, records: list[dict]) -> Path:
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": "serve", "requests": records}))
-    return path
-
-
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     # Two requests decode together over [0.1, 1.1] s; a third decodes alone over [3.2, 4.2] s.
     # A failed request and a one-token one (no TPOT) must not count.
-    return _write(tmp_path, "run", [
+    return write_serve_json(tmp_path, "run", [
         _record(0.0, 0.1, 1.1, 0.010),
         _record(0.05, 0.05, 1.05, 0.020),
         _record(3.0, 0.2, 1.2, 0.005),

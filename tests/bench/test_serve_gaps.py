@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from trace_files import write_serve_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import serve_gaps as sg  # noqa: E402
@@ -18,18 +19,12 @@ def _record(send: float, ttft: float, itl: list[float], status: str = "ok") -> d
     return {"send_s": send, "ttft_s": ttft, "e2e_s": e2e, "status": status, "itl_s": itl}
 
 
-def _write(tmp_path: Path, name: str, records: list[dict]) -> Path:
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": "serve", "requests": records}))
-    return path
-
-
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     # Requests 0 and 1 decode side by side at 10 ms a token until one 60 ms step holds both
-    # up (their gaps end at 0.2 s and 0.2005 s: one event); request 2 stalls 30 ms alone much
+    # up (their gaps end at 0.18 s and 0.1805 s: one event); request 2 stalls 30 ms alone much
     # later (a second event). A failed request's gaps must not count.
-    return _write(tmp_path, "run", [
+    return write_serve_json(tmp_path, "run", [
         _record(0.0, 0.1, [0.01, 0.01, 0.06, 0.01]),
         _record(0.0005, 0.1, [0.01, 0.01, 0.06]),
         _record(2.0, 0.05, [0.01, 0.03, 0.01]),
@@ -65,7 +60,7 @@ def test_summary_bands_and_events(run: Path):
 
 
 def test_a_file_without_gaps_is_refused_with_the_flag_to_use(tmp_path: Path, capsys):
-    plain = _write(tmp_path, "plain", [{"send_s": 0.0, "ttft_s": 0.1, "e2e_s": 0.5,
+    plain = write_serve_json(tmp_path, "plain", [{"send_s": 0.0, "ttft_s": 0.1, "e2e_s": 0.5,
                                         "status": "ok"}])  # fmt: skip
     assert sg.main([str(plain)]) == 2
     assert "--save-detailed" in capsys.readouterr().err
