@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 
-def gaps(path: Path) -> np.ndarray:
+def gaps(path: Path, payload: dict[str, Any] | None = None) -> np.ndarray:
     """Rows ``(end s, gap s)``: every inter-token gap of the file's completed requests, on the
-    run's clock (a gap ends when its token arrives)."""
-    records = json.loads(path.read_text()).get("requests") or []
+    run's clock (a gap ends when its token arrives). ``payload``: the file already loaded."""
+    payload = json.loads(path.read_text()) if payload is None else payload
+    records = payload.get("requests") or []
     ok = [r for r in records if r.get("status") == "ok" and r.get("ttft_s") is not None]
     if ok and not any("itl_s" in r for r in ok):
         raise ValueError(f"{path}: no itl_s in its requests (run bench serve --save-detailed)")
@@ -52,8 +53,11 @@ def stall_events(rows: np.ndarray, long_s: float, join_s: float) -> list[np.ndar
     return np.split(stalls, cuts)
 
 
-def summarize(path: Path, bands_ms: list[float], long_ms: float, join_ms: float) -> dict:
-    rows = gaps(path)
+def summarize(
+    path: Path, bands_ms: list[float], long_ms: float, join_ms: float,
+    payload: dict[str, Any] | None = None,
+) -> dict:  # fmt: skip
+    rows = gaps(path, payload)
     ms = rows[:, 1] * 1e3
     edges = [0.0, *bands_ms, float("inf")]
     total = float(ms.sum()) or 1.0

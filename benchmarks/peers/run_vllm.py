@@ -466,7 +466,8 @@ def summarize(work: Path) -> dict[str, Any]:
             table.setdefault(r["engine"], {})[str(r["batch_size"])] = r["ms_per_token"]
         out["latency"][path.stem.removeprefix("latency_")] = table
     for path in sorted(work.glob("serve_*_x*.json")):
-        s = json.loads(path.read_text())["summary"]
+        payload = json.loads(path.read_text())
+        s = payload["summary"]
         out["serve"][path.stem.removeprefix("serve_")] = {
             "ttft_p50": s["ttft_ms"]["p50"], "ttft_p99": s["ttft_ms"]["p99"],
             "tpot_p50": s["tpot_ms"]["p50"], "tpot_p99": s["tpot_ms"]["p99"],
@@ -474,10 +475,10 @@ def summarize(work: Path) -> dict[str, Any]:
             "output_token_throughput": s["output_token_throughput"],
             "itl_p50": s.get("itl_ms", {}).get("p50"), "itl_p90": s.get("itl_ms", {}).get("p90"),
         }  # fmt: skip
-        requests = json.loads(path.read_text()).get("requests") or []
+        requests = payload.get("requests") or []
         if any("itl_s" in r for r in requests):  # `--save-detailed`: the stalls behind ITL p90
             out.setdefault("stalls", {})[path.stem.removeprefix("serve_")] = serve_gaps.summarize(
-                path, STALL_BANDS_MS, STALL_MS, STALL_JOIN_MS
+                path, STALL_BANDS_MS, STALL_MS, STALL_JOIN_MS, payload
             )
         counters = path.with_name(f"counters_{path.name}")
         if counters.is_file():
