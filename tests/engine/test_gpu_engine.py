@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from arrivals import run_arrivals
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from parallm import LLM, SamplingParams
@@ -240,20 +241,10 @@ def test_a_full_prefix_hit_admitted_beside_decodes_replays_the_decode_graph(
     # Two full blocks and one token: a hit leaves only the last token (the last token is
     # always computed, so a prompt of exactly two blocks would hit one and compute 16).
     hit = [t for p in prompts for t in p][: 2 * engine.runner.block_size + 1]
-    decoding = [p for p in prompts if len(p) > 4][:3]
+    queue = [*[p for p in prompts if len(p) > 4][:3], hit]
     fast.generate([{"prompt_token_ids": hit}], params, use_tqdm=False)  # its blocks cached
-    for i, p in enumerate(decoding):
-        engine.add_request(f"d{i}", p, params)
-    outputs: dict[str, list[int]] = {}
-    for step in range(4 * NEW_TOKENS):
-        if step == 6:  # the decode rows run ahead by now
-            engine.add_request("hit", hit, params)
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
-        if len(outputs) == len(decoding) + 1:
-            break
+    # The hit arrives at step 6, when the decode rows run ahead.
+    got, _, _ = run_arrivals(fast, queue, [params] * len(queue), [0, 0, 0, 6])
     assert any(ids is not None and ids < batch for batch, ids in calls), calls
     ref = LLM(path, attention_backend="reference", enforce_eager=True, **common)
-    want = _greedy(ref, [*decoding, hit])[0]
-    assert [outputs[f"d{i}"] for i in range(len(decoding))] + [outputs["hit"]] == want
+    assert [got[f"r{i}"][0] for i in range(len(queue))] == _greedy(ref, queue)[0]
