@@ -518,7 +518,7 @@ def markdown(summary: dict[str, Any]) -> str:
                      + f" | {_fmt(s['goodput'], '.2f')} | {s['completed']}/{s['failed']} | "
                      + " | ".join(engine) + " |")  # fmt: skip
     if summary.get("stalls"):
-        lines += ["", stall_table(summary["stalls"])]
+        lines += ["", serve_gaps.table(list(summary["stalls"].values()), STALL_MS)]
     if summary.get("profile"):
         lines += [
             "",
@@ -531,19 +531,6 @@ def markdown(summary: dict[str, Any]) -> str:
 # The serving runs' stalls (benchmarks/serve_gaps.py): a gap of 25 ms or more is over 1.5
 # decode steps of the 8B at x4; stalls of different requests ending within 2 ms are one step.
 STALL_MS, STALL_JOIN_MS, STALL_BANDS_MS = 25.0, 2.0, [25.0, 50.0]
-
-
-def stall_table(stalls: dict[str, dict[str, Any]]) -> str:
-    """One row a serving run: its stall events and the ITL time they hold."""
-    lines = [f"| model, server, load | stall events (gaps >= {STALL_MS:g} ms) | a second | event "
-             "gap p50 / p90 ms | requests held up an event | ITL time in gaps 25-50 / >= 50 ms |",
-             "|---|---:|---:|---|---:|---|"]  # fmt: skip
-    for key, s in stalls.items():
-        mid, top = (f"{band['time_share']:.0%}" for band in s["bands"][1:])
-        lines.append(f"| {key} | {s['events']} | {s['events_per_s']:.2f} | "
-                     f"{_fmt(s['event_ms_p50'], '.1f')} / {_fmt(s['event_ms_p90'], '.1f')} | "
-                     f"{_fmt(s['requests_per_event'], '.1f')} | {mid} / {top} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def _fmt(value: float | None, spec: str) -> str:
