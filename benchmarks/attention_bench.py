@@ -47,6 +47,9 @@ PREFILL_BATCHES = {
     "8x512": [(512, 512)] * 8,
     "4x512+1536prefix": [(512, 2048)] * 4,
     "mixed 4x256+60 decode@1k": [(256, 256)] * 4 + [(1, 1024)] * 60,
+    # The serving trace's long prompt beside the decoding batch (the 8B's longest steps).
+    "1x3521": [(3521, 3521)],
+    "mixed 3521+64 decode@1k": [(3521, 3521)] + [(1, 1024)] * 64,
 }
 # Decode rows of a mixed step as (batch, context), on these shapes (Qwen3-0.6B: 2 query heads a
 # KV head, the one mixed row that trails vLLM's, RESULTS sixteenth session).
@@ -257,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--rows-only", action="store_true",
                         help="only the decode rows of a mixed step (the rows kind)")  # fmt: skip
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="only the prefill kernel's batches (the prefill kind)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write results as JSON here")
     return parser
 
@@ -270,10 +275,11 @@ def main() -> int:
     batches, contexts = (
         ([1, 32], [512, 8192]) if args.quick else ([1, 8, 32, 128], [512, 2048, 8192])
     )
-    results = [r for model, heads in ROW_MODELS.items() for batch, ctx in ROW_CASES
+    rows = {} if args.prefill_only else ROW_MODELS
+    results = [r for model, heads in rows.items() for batch, ctx in ROW_CASES
                for r in bench_decode_rows(model, heads, batch, ctx, dtype)]  # fmt: skip
     for model, heads in {} if args.rows_only else MODELS.items():
-        for batch in batches:
+        for batch in [] if args.prefill_only else batches:
             for ctx in contexts:
                 results.append(bench_decode(model, heads, batch, ctx, dtype))
         for name, lens in PREFILL_BATCHES.items():
