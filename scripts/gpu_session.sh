@@ -278,6 +278,24 @@ for step in "$@"; do
                    --profile-at 0.5 --trace "$trace" --out "$OUT/serveab_$name" 2>&1 \
                    | grep -v "^INFO\|WARN" | tail -22)
              done ;;
+    mixedab) # issue 14: one mixed step (64 rows decoding at 1,024 tokens beside a new prompt of
+             # 1,100, 2,100 and 3,521 tokens) of the 8B, then of Qwen3-0.6B, in each tree of .ab
+             # named in TREES (default: every one) and in this tree; the start-up line says
+             # which graph sizes run eagerly (carry .ab; ~35 s a tree and model)
+             for config in llama-3.1-8b qwen3-0.6b; do
+               for tree in ${TREES:-$(ls .ab 2>/dev/null)} .; do
+                 dir=$PWD; name=main
+                 [[ $tree != . ]] && dir=$PWD/.ab/$tree && name=$tree
+                 [[ -d $dir/parallm ]] || { echo "mixedab: no tree .ab/$tree"; continue; }
+                 echo "=== $name $config ($(cat "$dir/.commit" 2>/dev/null || echo '?'))"
+                 log=$OUT/mixedab_${name}_$config.log
+                 (cd "$dir" && PYTHONPATH=$dir timeout 150 python3 benchmarks/mixed_step_bench.py \
+                   --config "benchmarks/configs/$config.json" --batch-sizes 64 \
+                   --arrival-lens 1100,2100,3521 --context-len 1024 --steps 16 --warmup-steps 4 \
+                   --profile-steps 2 --gpu-memory-utilization 0.85 > "$log" 2>&1)
+                 grep -o "CUDA graphs[^;]*" "$log" | head -1; grep "ms/step" "$log" || tail -3 "$log"
+               done
+             done ;;
     historyscan) # issue 15: the device tail's ring scan after a datastore of 1M, 16.8M and 103M
                  # tokens, batch 1 and 8, rows that scan and rows with drafts of their own
                  python3 benchmarks/history_scan_bench.py 2>&1 | tail -20 ;;
