@@ -57,6 +57,7 @@ class ParallmSteps:
         self.llm = LLM(args.config, load_format="dummy", max_model_len=args.max_model_len,
                        seed=0, gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
         self.engine = self.llm.engine
+        print(self.engine.summary(), file=sys.stderr)  # which steps replay graphs
         self.params = SamplingParams
         self.vocab = self.engine.model_config.vocab_size
 
