@@ -39,7 +39,7 @@ def gaps(path: Path, payload: dict[str, Any] | None = None) -> np.ndarray:
         itl = np.asarray(r.get("itl_s", []), dtype=np.float64)
         ends = r["send_s"] + r["ttft_s"] + np.cumsum(itl)
         rows.append(np.stack([ends, itl], axis=1))
-    return np.concatenate(rows) if rows else np.zeros((0, 2))
+    return np.concatenate(rows)  # ``ok`` is not empty: one block a request
 
 
 def stall_events(rows: np.ndarray, long_s: float, join_s: float) -> list[np.ndarray]:
